@@ -1,0 +1,159 @@
+// Epilogue expressions: the element-wise work around the expert GEMMs, written once as a tree
+// of small types that compose at compile time (Eigen's expression templates, CUTLASS's epilogue
+// visitor trees).
+//
+// A tree is evaluated two ways, and both must agree:
+//  * eval(ctx): one element at a time (MOE_HOST_DEVICE). The CUDA GEMM epilogues call this on
+//    the accumulator fragment they hold in registers.
+//  * eigen(ctx): a whole block at once, as an Eigen array expression. The CPU backend assigns it
+//    to the destination, so Eigen fuses the tree into one loop.
+//
+// Leaves read from the context: the accumulator (whole, or its gate/up half for gated
+// activations), the per-expert bias of the output column, and the per-row router weight.
+// Nodes combine: Plus, Times, Activate, GatedActivate, and RoundTo<T> (round to the storage
+// precision; the hook where quantization of the intermediate goes later).
+#pragma once
+
+#include "moe/activation.h"
+#include "moe/config.h"
+#include "moe/quant/numeric.h"
+
+namespace moe::epilogue {
+
+// Which part of a GEMM1 accumulator row a leaf reads.
+enum class Part { kAll, kGate, kUp };
+
+// ---- leaves -------------------------------------------------------------------------------
+template <Part P = Part::kAll>
+struct Accumulator {
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return c.template accumulator<P>(); }
+  template <class Ctx>
+  static auto eigen(const Ctx& c) { return c.template accumulator_block<P>(); }
+};
+
+template <Part P = Part::kAll>
+struct Bias {
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return c.template bias<P>(); }
+  template <class Ctx>
+  static auto eigen(const Ctx& c) { return c.template bias_block<P>(); }
+};
+
+struct RouterWeight {
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return c.router_weight(); }
+  template <class Ctx>
+  static auto eigen(const Ctx& c) { return c.router_weight_block(); }
+};
+
+// ---- nodes --------------------------------------------------------------------------------
+template <class L, class R>
+struct Plus {
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return L::eval(c) + R::eval(c); }
+  template <class Ctx>
+  static auto eigen(const Ctx& c) { return L::eigen(c) + R::eigen(c); }
+};
+
+template <class L, class R>
+struct Times {
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return L::eval(c) * R::eval(c); }
+  template <class Ctx>
+  static auto eigen(const Ctx& c) { return L::eigen(c) * R::eigen(c); }
+};
+
+// Functors carrying the activation's run-time Arguments into Eigen's unaryExpr / binaryExpr.
+template <class A>
+struct GatedFunctor {
+  typename A::Arguments args;
+  float operator()(float gate, float up) const { return apply_gated<A>(gate, up, args); }
+};
+template <class A>
+struct UngatedFunctor {
+  typename A::Arguments args;
+  float operator()(float x) const { return apply_ungated<A>(x, args); }
+};
+template <class T>
+struct RoundFunctor {
+  float operator()(float x) const { return round_to<T>(x); }
+};
+
+template <class A, class Gate, class Up>
+struct GatedActivate {
+  static_assert(A::kGated, "moe::epilogue::GatedActivate needs a gated activation (kGated = true)");
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) {
+    return apply_gated<A>(Gate::eval(c), Up::eval(c), c.template activation_arguments<A>());
+  }
+  template <class Ctx>
+  static auto eigen(const Ctx& c) {
+    return Gate::eigen(c).binaryExpr(Up::eigen(c), GatedFunctor<A>{c.template activation_arguments<A>()});
+  }
+};
+
+template <class A, class X>
+struct Activate {
+  static_assert(!A::kGated, "moe::epilogue::Activate needs an ungated activation (kGated = false)");
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) {
+    return apply_ungated<A>(X::eval(c), c.template activation_arguments<A>());
+  }
+  template <class Ctx>
+  static auto eigen(const Ctx& c) {
+    return X::eigen(c).unaryExpr(UngatedFunctor<A>{c.template activation_arguments<A>()});
+  }
+};
+
+template <class T, class X>
+struct RoundTo {
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return round_to<T>(X::eval(c)); }
+  template <class Ctx>
+  static auto eigen(const Ctx& c) {
+    if constexpr (std::is_same_v<T, float>) {
+      return X::eigen(c);
+    } else {
+      return X::eigen(c).unaryExpr(RoundFunctor<T>{});
+    }
+  }
+};
+
+// ---- the two epilogues of the experts stage ------------------------------------------------
+namespace detail {
+template <bool HasBias, Part P>
+struct MaybeBiased {
+  using type = Accumulator<P>;
+};
+template <Part P>
+struct MaybeBiased<true, P> {
+  using type = Plus<Accumulator<P>, Bias<P>>;
+};
+template <class A, bool HasBias>
+struct Gemm1Core {
+  using type = GatedActivate<A, typename MaybeBiased<HasBias, Part::kGate>::type,
+                             typename MaybeBiased<HasBias, Part::kUp>::type>;
+};
+template <class A, bool HasBias>
+  requires(!A::kGated)
+struct Gemm1Core<A, HasBias> {
+  using type = Activate<A, typename MaybeBiased<HasBias, Part::kAll>::type>;
+};
+}  // namespace detail
+
+// GEMM1: (accumulator + bias) -> activation -> rounded to the intermediate storage type.
+// Rounding points: the only rounding between the two GEMMs is this one.
+template <class Activation, class ElementIntermediate, bool HasBias>
+using Gemm1Epilogue =
+    RoundTo<ElementIntermediate, typename detail::Gemm1Core<Activation, HasBias>::type>;
+
+// GEMM2: (accumulator + bias) * router weight (unless it was applied to the input) -> rounded to
+// the output storage type, as vLLM's Triton kernel stores its weighted [M, k, H] cache.
+template <class ElementOut, bool HasBias, bool WeightOutput>
+using Gemm2Epilogue = RoundTo<
+    ElementOut, std::conditional_t<WeightOutput,
+                                   Times<typename detail::MaybeBiased<HasBias, Part::kAll>::type, RouterWeight>,
+                                   typename detail::MaybeBiased<HasBias, Part::kAll>::type>>;
+
+}  // namespace moe::epilogue

@@ -1,0 +1,108 @@
+// Storage number types shared by both backends: moe::bfloat16 and moe::half.
+//
+// Conversions from float round to nearest even, exactly as the GPU's cvt.rn instructions do, so
+// the CPU reference rounds bit-for-bit like the device wherever the algorithm allows. Arithmetic
+// is always done in float: these types only store.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+#include <type_traits>
+
+#include "moe/config.h"
+
+namespace moe {
+
+struct bfloat16 {
+  std::uint16_t bits = 0;
+
+  bfloat16() = default;
+  MOE_HOST_DEVICE explicit bfloat16(float x) : bits(from_float(x)) {}
+  MOE_HOST_DEVICE explicit operator float() const { return to_float(bits); }
+
+  MOE_HOST_DEVICE static bfloat16 from_bits(std::uint16_t b) {
+    bfloat16 v;
+    v.bits = b;
+    return v;
+  }
+  MOE_HOST_DEVICE static std::uint16_t from_float(float x) {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x0040u);  // quiet NaN
+    const std::uint32_t rounding_bias = 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<std::uint16_t>((u + rounding_bias) >> 16);
+  }
+  MOE_HOST_DEVICE static float to_float(std::uint16_t b) {
+    return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
+  }
+};
+
+struct half {
+  std::uint16_t bits = 0;
+
+  half() = default;
+  MOE_HOST_DEVICE explicit half(float x) : bits(from_float(x)) {}
+  MOE_HOST_DEVICE explicit operator float() const { return to_float(bits); }
+
+  MOE_HOST_DEVICE static half from_bits(std::uint16_t b) {
+    half v;
+    v.bits = b;
+    return v;
+  }
+  // IEEE binary16, round to nearest even, overflow to infinity, gradual underflow.
+  MOE_HOST_DEVICE static std::uint16_t from_float(float x) {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+    const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
+    const std::uint32_t abs = u & 0x7fffffffu;
+    if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN
+    if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+    if (abs >= 0x38800000u) {  // normal half range (>= 2^-14)
+      const std::uint32_t mant_round = abs + 0xfffu + ((abs >> 13) & 1u);
+      return static_cast<std::uint16_t>(sign | ((mant_round - 0x38000000u) >> 13));
+    }
+    if (abs < 0x33000000u) return sign;  // below half of the smallest subnormal (2^-25): zero
+    // Subnormal half: value = m * 2^-24, m = round_even(abs_value * 2^24).
+    const int exp = static_cast<int>(abs >> 23);                   // biased float exponent
+    const std::uint32_t mant = (abs & 0x7fffffu) | 0x800000u;     // with the implicit bit
+    const int shift = 126 - exp;                                   // 14..24 for this range
+    const std::uint32_t half_ulp = 1u << (shift - 1);
+    std::uint32_t m = mant >> shift;
+    const std::uint32_t rem = mant & ((1u << shift) - 1u);
+    if (rem > half_ulp || (rem == half_ulp && (m & 1u))) ++m;
+    return static_cast<std::uint16_t>(sign | m);
+  }
+  MOE_HOST_DEVICE static float to_float(std::uint16_t h) {
+    const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+    const std::uint32_t exp = (h >> 10) & 0x1fu;
+    const std::uint32_t mant = h & 0x3ffu;
+    if (exp == 0x1fu) return std::bit_cast<float>(sign | 0x7f800000u | (mant << 13));
+    if (exp != 0) return std::bit_cast<float>(sign | ((exp + 112u) << 23) | (mant << 13));
+    // Subnormal or zero: exact in float.
+    const float magnitude = static_cast<float>(mant) * 5.9604644775390625e-8f;  // 2^-24
+    return sign ? -magnitude : magnitude;
+  }
+};
+
+// Converts any storage type to float and back; float is its own storage type.
+template <class T>
+MOE_HOST_DEVICE float to_float(T x) {
+  return static_cast<float>(x);
+}
+template <class T>
+MOE_HOST_DEVICE T from_float(float x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    return T(x);
+  }
+}
+// Rounds a float to the precision of storage type T (identity for float).
+template <class T>
+MOE_HOST_DEVICE float round_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
+template <class T>
+inline constexpr bool is_storage_float_v =
+    std::is_same_v<T, float> || std::is_same_v<T, half> || std::is_same_v<T, bfloat16>;
+
+}  // namespace moe

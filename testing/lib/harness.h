@@ -150,8 +150,13 @@ struct Harness {
       for (std::size_t i = 0; i < v.size(); ++i) d[i] = moe::to_float(v[i]);
       return d;
     };
-    L.w13 = to_d(w13);
-    L.w2 = to_d(w2);
+    auto to_f = [](const auto& v) {
+      std::vector<float> f(v.size());
+      for (std::size_t i = 0; i < v.size(); ++i) f[i] = moe::to_float(v[i]);
+      return f;
+    };
+    L.w13 = to_f(w13);
+    L.w2 = to_f(w2);
     L.b13 = to_d(b13);
     L.b2 = to_d(b2);
     L.expert_map.assign(map.begin(), map.end());

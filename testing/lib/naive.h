@@ -131,8 +131,9 @@ struct Layer {
   bool interleaved = false;
   std::function<double(double, double)> gated_act;  // (gate, up)
   std::function<double(double)> act;                 // ungated
-  std::vector<double> w13;  // [E_local][N1][H]
-  std::vector<double> w2;   // [E_local][H][I]
+  // Weights are stored as float (every storage type converts to float exactly); sums are double.
+  std::vector<float> w13;  // [E_local][N1][H]
+  std::vector<float> w2;   // [E_local][H][I]
   std::vector<double> b13;  // [E_local][N1] or empty
   std::vector<double> b2;   // [E_local][H] or empty
   std::vector<int> expert_map;  // [E_global] or empty
@@ -161,8 +162,8 @@ inline std::vector<double> fused_moe(const Layer& L, const std::vector<double>& 
       }
       for (int r = 0; r < N1; ++r) {
         double s = 0;
-        const double* wr = &L.w13[(static_cast<std::size_t>(e) * N1 + r) * H];
-        for (int c = 0; c < H; ++c) s += wr[c] * x[c];
+        const float* wr = &L.w13[(static_cast<std::size_t>(e) * N1 + r) * H];
+        for (int c = 0; c < H; ++c) s += static_cast<double>(wr[c]) * x[c];
         if (!L.b13.empty()) s += L.b13[static_cast<std::size_t>(e) * N1 + r];
         g1[r] = s;
       }
@@ -177,8 +178,8 @@ inline std::vector<double> fused_moe(const Layer& L, const std::vector<double>& 
       }
       for (int c = 0; c < H; ++c) {
         double s = 0;
-        const double* wr = &L.w2[(static_cast<std::size_t>(e) * H + c) * I];
-        for (int i = 0; i < I; ++i) s += wr[i] * a[i];
+        const float* wr = &L.w2[(static_cast<std::size_t>(e) * H + c) * I];
+        for (int i = 0; i < I; ++i) s += static_cast<double>(wr[i]) * a[i];
         if (!L.b2.empty()) s += L.b2[static_cast<std::size_t>(e) * H + c];
         if (!L.weight_on_input) s *= w;
         acc[c] += round_io(s);

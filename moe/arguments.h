@@ -121,8 +121,9 @@ Status validate_shapes(const Arguments<Spec, Space>& a) {
   if (a.correction_bias) {
     if constexpr (!Routing::kAcceptsCorrectionBias) {
       return invalid_argument("correction_bias: routing policy ", Routing::kName, " does not use an e_score_correction_bias");
+    } else {
+      MOE_RETURN_IF_ERROR(detail::expect_shape(*a.correction_bias, "correction_bias", std::array<Dim, 1>{{{"E_global", p.num_experts}}}));
     }
-    MOE_RETURN_IF_ERROR(detail::expect_shape(*a.correction_bias, "correction_bias", std::array<Dim, 1>{{{"E_global", p.num_experts}}}));
   }
   MOE_RETURN_IF_ERROR(Routing::can_implement(a.routing, static_cast<int>(p.num_experts), a.top_k));
 

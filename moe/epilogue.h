@@ -120,6 +120,26 @@ struct RoundTo {
   }
 };
 
+// ---- element-wise evaluation context ------------------------------------------------------
+// What a GEMM epilogue knows about one output element: the accumulator (whole, or the gate and
+// up values that pair into it), the matching biases, the row's router weight, and the
+// activation's arguments. Used by the CUDA epilogues and by tests of the scalar path.
+template <class Activation>
+struct ElementContext {
+  float acc[3] = {0, 0, 0};   // indexed by Part: all, gate, up
+  float bias_[3] = {0, 0, 0};
+  float weight = 1.0f;
+  typename Activation::Arguments args{};
+
+  template <Part P>
+  MOE_HOST_DEVICE float accumulator() const { return acc[static_cast<int>(P)]; }
+  template <Part P>
+  MOE_HOST_DEVICE float bias() const { return bias_[static_cast<int>(P)]; }
+  MOE_HOST_DEVICE float router_weight() const { return weight; }
+  template <class A>
+  MOE_HOST_DEVICE const typename A::Arguments& activation_arguments() const { return args; }
+};
+
 // ---- the two epilogues of the experts stage ------------------------------------------------
 namespace detail {
 template <bool HasBias, Part P>

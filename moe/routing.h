@@ -37,7 +37,7 @@ struct TokenContext {
   float* weights;                 // out: [top_k]
 };
 // Scratch floats per expert that a TokenContext provides.
-inline constexpr int kScratchPerExpert = 3;
+inline constexpr int kScratchPerExpert = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Building blocks for built-in and user policies.
@@ -110,8 +110,7 @@ MOE_HOST_DEVICE void finish_weights(float* w, int k, bool renormalize, float rou
     float sum = 0.0f;
     for (int j = 0; j < k; ++j) sum += w[j];
     if (sum > 0.0f) {
-      const float inv = 1.0f / sum;
-      for (int j = 0; j < k; ++j) w[j] *= inv;
+      for (int j = 0; j < k; ++j) w[j] /= sum;
     }
   }
   if (routed_scaling_factor != 1.0f) {
@@ -243,7 +242,7 @@ struct GroupedTopK : TopKBase {
     }
     // Keep the topk_group best groups (ties: lower group); mask every other expert to -inf.
     std::int32_t* kept = t.index_scratch;
-    float* kept_keys = group_keys + groups;  // free space after the group keys (groups <= n)
+    float* kept_keys = group_keys + groups;  // groups + topk_group <= 2 * n floats after 2 * n
     select_topk(group_keys, groups, a.topk_group, kept, kept_keys);
     for (int g = 0; g < groups; ++g) {
       bool keep = false;

@@ -262,8 +262,16 @@ inline Status moe_align_block_size(HostView<const std::int32_t, 2> topk_ids, Ind
   const std::int32_t* map = nullptr;
   if (expert_map) {
     MOE_RETURN_IF_ERROR(detail::expect_shape(*expert_map, "expert_map", std::array<Dim, 1>{{{"E", num_experts}}}));
+    // A rank never owns more experts than exist: local ids are bounded by num_experts.
     Index max_local = 0;
-    for (Index g = 0; g < num_experts; ++g) max_local = std::max<Index>(max_local, (*expert_map)(g) + 1);
+    for (Index g = 0; g < num_experts; ++g) {
+      const std::int32_t l = (*expert_map)(g);
+      if (l < -1 || l >= num_experts) {
+        return invalid_argument("expert_map: entry ", g, " is ", l, "; expected -1 or a local expert id in [0, ",
+                                num_experts, ")");
+      }
+      max_local = std::max<Index>(max_local, Index{l} + 1);
+    }
     MOE_RETURN_IF_ERROR(validate_expert_map(*expert_map, std::max<Index>(max_local, 1)));
     map = expert_map->data();
   }

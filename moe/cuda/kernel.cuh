@@ -1,0 +1,319 @@
+// The CUDA backend: moe::Kernel<Spec, moe::cuda::Sm80 | Sm90>. Include only from .cu files.
+//
+// Forward, per chunk of at most Options::chunk_tokens tokens, all stream-ordered, with no host
+// synchronization and no allocation (the caller gives the workspace), so it can be captured in a
+// CUDA graph:
+//   route (generic: the policy's route_token per token) -> slot keys + per-expert counts ->
+//   stable CUB radix sort of (local expert, slot) -> offsets and m-tile prefix -> rows ->
+//   gather -> GEMM1 + fused epilogue 1 (bias, activation, rounding) -> GEMM2 + fused epilogue 2
+//   (bias, router weight, rounding) -> finalize (ascending slots, float, one rounding).
+// The row order within an expert is ascending slot, as on the CPU backend, so both compute the
+// same sums up to floating-point association inside the GEMMs.
+#pragma once
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include <algorithm>
+#include <span>
+#include <vector>
+
+#include "moe/arguments.h"
+#include "moe/cuda/arch.h"
+#include "moe/cuda/check.h"
+#include "moe/cuda/grouped_gemm.cuh"
+#include "moe/cuda/stages.cuh"
+#include "moe/expert_map.h"
+#include "moe/kernel.h"
+
+namespace moe {
+
+template <class Spec, cuda::ArchTag Arch>
+class Kernel<Spec, Arch> {
+ public:
+  using Arguments = moe::Arguments<Spec, DeviceSpace>;
+  using Routing = typename Spec::Routing;
+  using PF = typename Spec::PrepareFinalize;
+  using Activation = typename Spec::Activation;
+  using IO = typename Spec::ElementIO;
+  static_assert(std::is_same_v<IO, typename Spec::ElementWeight>,
+                "moe::Kernel<Spec, cuda::*>: this release runs the unquantized schemes (weights stored like activations)");
+  static constexpr bool kBatched = PF::kFormat == ActivationFormat::kBatchedExperts;
+  static constexpr cuda::detail::ColumnMode kMode1 =
+      !Activation::kGated ? cuda::detail::ColumnMode::kPlain
+      : Activation::kLayout == GateUpLayout::kInterleaved ? cuda::detail::ColumnMode::kGatedInterleaved
+                                                          : cuda::detail::ColumnMode::kGatedSplit;
+
+  explicit Kernel(cuda::Options options = {}) : options_(options) {}
+  const cuda::Options& options() const { return options_; }
+
+  Status can_implement(const Arguments& a) const {
+    if (options_.chunk_tokens < 1) return invalid_argument("options.chunk_tokens: expected >= 1, got ", options_.chunk_tokens);
+    MOE_RETURN_IF_ERROR(validate_shapes(a));
+    int device = 0, major = 0, minor = 0;
+    MOE_CUDA_TRY(cudaGetDevice(&device));
+    MOE_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    MOE_CUDA_TRY(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    if (10 * major + minor < Arch::kMinComputeCapability) {
+      return unsupported("device: ", Arch::kName, " needs compute capability >= ", Arch::kMinComputeCapability,
+                         ", device ", device, " has ", major, ".", minor);
+    }
+    const Problem p = Problem::from(a);
+    if (p.num_tokens * p.top_k > INT32_MAX) {
+      return invalid_argument("hidden_states: M*top_k = ", p.num_tokens * p.top_k, " exceeds the int32 slot range");
+    }
+    if (options_.check_device_inputs) MOE_RETURN_IF_ERROR(check_device_inputs(a, p));
+    return Status::ok();
+  }
+
+  std::size_t workspace_bytes(const Arguments& a) const { return layout(Problem::from(a), a).total; }
+
+  Status run(const Arguments& a, std::span<std::byte> workspace, cudaStream_t stream = nullptr) const {
+    MOE_RETURN_IF_ERROR(can_implement(a));
+    const Problem p = Problem::from(a);
+    const Layout l = layout(p, a);
+    if (workspace.size() < l.total) {
+      return make_status(StatusCode::kWorkspaceTooSmall, "workspace: expected at least ", l.total,
+                         " bytes (workspace_bytes()), got ", workspace.size());
+    }
+    if (p.num_tokens == 0) return Status::ok();
+    const Buffers b = carve(l, workspace.data());
+    for (Index m0 = 0; m0 < p.num_tokens; m0 += l.chunk) {
+      const Index m1 = std::min(p.num_tokens, m0 + l.chunk);
+      MOE_RETURN_IF_ERROR(run_chunk(a, p, l, b, m0, m1, stream));
+    }
+    return Status::ok();
+  }
+
+ private:
+  static constexpr int kThreads = 256;
+  static Index blocks(Index n, Index per) { return std::max<Index>(1, (n + per - 1) / per); }
+
+  struct Layout {
+    Index chunk = 0, slots = 0, rows = 0;
+    std::size_t cub_bytes = 0;
+    std::size_t ids, weights, scratch, iscratch, keys, slots_in, keys_sorted, slots_sorted, counts, sorted_start,
+        seg_begin, seg_count, tiles, slot_row, row_weight, rows_buf, inter, cub, total;
+  };
+  struct Buffers {
+    std::int32_t* ids;
+    float* weights;
+    float* scratch;
+    std::int32_t* iscratch;
+    std::int32_t *keys, *slots, *keys_sorted, *slots_sorted, *counts;
+    Index *sorted_start, *seg_begin, *seg_count, *tiles, *slot_row;
+    float* row_weight;
+    IO* rows;   // gathered inputs, then GEMM2 outputs (same region: the input is dead after GEMM1)
+    IO* inter;  // GEMM1 outputs (activated)
+    void* cub;
+  };
+
+  static int key_bits(Index num_local) {
+    int bits = 1;
+    while ((Index{1} << bits) <= num_local) ++bits;
+    return bits;
+  }
+
+  Layout layout(const Problem& p, const Arguments& a) const {
+    Layout l;
+    l.chunk = std::max<Index>(0, std::min(p.num_tokens, options_.chunk_tokens));
+    l.slots = l.chunk * p.top_k;
+    if constexpr (kBatched) {
+      l.rows = l.chunk == 0 ? 0 : p.num_local_experts * a.prepare_finalize.max_tokens_per_expert;
+    } else {
+      l.rows = l.slots;
+    }
+    if (l.slots > 0) {
+      // Size query only: no device work.
+      cub::DeviceRadixSort::SortPairs(nullptr, l.cub_bytes, static_cast<const std::int32_t*>(nullptr),
+                                      static_cast<std::int32_t*>(nullptr), static_cast<const std::int32_t*>(nullptr),
+                                      static_cast<std::int32_t*>(nullptr), static_cast<int>(l.slots), 0,
+                                      key_bits(p.num_local_experts));
+    }
+    std::size_t off = 0;
+    auto take = [&](std::size_t bytes) {
+      const std::size_t at = off;
+      off += (bytes + 255) / 256 * 256;
+      return at;
+    };
+    const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
+    const std::size_t S = n(l.slots), E = n(p.num_experts), L = n(p.num_local_experts), R = n(l.rows);
+    l.ids = take(S * 4);
+    l.weights = take(S * 4);
+    l.scratch = take(Routing::kUsesLogits ? n(l.chunk) * routing::kScratchPerExpert * E * 4 : 0);
+    l.iscratch = take(Routing::kUsesLogits ? n(l.chunk) * E * 4 : 0);
+    l.keys = take(S * 4);
+    l.slots_in = take(S * 4);
+    l.keys_sorted = take(S * 4);
+    l.slots_sorted = take(S * 4);
+    l.counts = take((L + 1) * 4);
+    l.sorted_start = take((L + 1) * 8);
+    l.seg_begin = take(L * 8);
+    l.seg_count = take(L * 8);
+    l.tiles = take((L + 1) * 8);
+    l.slot_row = take(S * 8);
+    l.row_weight = take(R * 4);
+    l.rows_buf = take(R * n(p.hidden) * sizeof(IO));
+    l.inter = take(R * n(p.intermediate) * sizeof(IO));
+    l.cub = take(l.cub_bytes);
+    l.total = off;
+    return l;
+  }
+
+  static Buffers carve(const Layout& l, std::byte* base) {
+    auto at = [&](std::size_t off) { return static_cast<void*>(base + off); };
+    Buffers b;
+    b.ids = static_cast<std::int32_t*>(at(l.ids));
+    b.weights = static_cast<float*>(at(l.weights));
+    b.scratch = static_cast<float*>(at(l.scratch));
+    b.iscratch = static_cast<std::int32_t*>(at(l.iscratch));
+    b.keys = static_cast<std::int32_t*>(at(l.keys));
+    b.slots = static_cast<std::int32_t*>(at(l.slots_in));
+    b.keys_sorted = static_cast<std::int32_t*>(at(l.keys_sorted));
+    b.slots_sorted = static_cast<std::int32_t*>(at(l.slots_sorted));
+    b.counts = static_cast<std::int32_t*>(at(l.counts));
+    b.sorted_start = static_cast<Index*>(at(l.sorted_start));
+    b.seg_begin = static_cast<Index*>(at(l.seg_begin));
+    b.seg_count = static_cast<Index*>(at(l.seg_count));
+    b.tiles = static_cast<Index*>(at(l.tiles));
+    b.slot_row = static_cast<Index*>(at(l.slot_row));
+    b.row_weight = static_cast<float*>(at(l.row_weight));
+    b.rows = static_cast<IO*>(at(l.rows_buf));
+    b.inter = static_cast<IO*>(at(l.inter));
+    b.cub = at(l.cub);
+    return b;
+  }
+
+  Status run_chunk(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index m1,
+                   cudaStream_t stream) const {
+    using namespace cuda::detail;
+    const Index C = m1 - m0, S = C * p.top_k;
+    const int E_local = static_cast<int>(p.num_local_experts);
+    // 1. Routing.
+    if constexpr (Routing::kUsesLogits) {
+      route_kernel<Routing><<<blocks(C, 128), 128, 0, stream>>>(
+          a.router_logits.data() + m0 * a.router_logits.stride(0), a.router_logits.stride(0), C,
+          static_cast<int>(p.num_experts), p.top_k, a.correction_bias ? a.correction_bias->data() : nullptr, a.routing,
+          b.scratch, b.iscratch, b.ids, b.weights);
+    } else {
+      copy_routing_kernel<<<blocks(S, kThreads), kThreads, 0, stream>>>(
+          a.topk_ids->data() + m0 * a.topk_ids->stride(0), a.topk_ids->stride(0),
+          a.topk_weights->data() + m0 * a.topk_weights->stride(0), a.topk_weights->stride(0), C, p.top_k, b.ids,
+          b.weights);
+    }
+    MOE_CUDA_CHECK_LAUNCH();
+    // 2. Keys and counts; 3. stable sort by local expert.
+    MOE_CUDA_TRY(cudaMemsetAsync(b.counts, 0, (E_local + 1) * sizeof(std::int32_t), stream));
+    slot_keys_kernel<<<blocks(S, kThreads), kThreads, 0, stream>>>(
+        b.ids, S, a.expert_map ? a.expert_map->data() : nullptr, p.num_experts, E_local, b.keys, b.slots, b.counts);
+    MOE_CUDA_CHECK_LAUNCH();
+    std::size_t cub_bytes = l.cub_bytes;
+    MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(b.cub, cub_bytes, b.keys, b.keys_sorted, b.slots, b.slots_sorted,
+                                                 static_cast<int>(S), 0, key_bits(E_local), stream));
+    // 4. Offsets, rows, gather.
+    Index capacity = 0;  // standard format: packed segments
+    if constexpr (kBatched) capacity = a.prepare_finalize.max_tokens_per_expert;
+    offsets_kernel<<<1, 32, 0, stream>>>(b.counts, E_local, capacity, kBM, b.sorted_start, b.seg_begin, b.seg_count,
+                                         b.tiles);
+    MOE_CUDA_CHECK_LAUNCH();
+    assign_rows_kernel<<<blocks(S, kThreads), kThreads, 0, stream>>>(b.keys_sorted, b.slots_sorted, S, E_local,
+                                                                     b.sorted_start, b.seg_begin, b.seg_count,
+                                                                     b.weights, b.slot_row, b.row_weight);
+    MOE_CUDA_CHECK_LAUNCH();
+    gather_kernel<IO, PF::kApplyWeightOnInput><<<static_cast<unsigned>(S), 128, 0, stream>>>(
+        a.hidden_states.data() + m0 * a.hidden_states.stride(0), a.hidden_states.stride(0), p.hidden, p.top_k,
+        b.slot_row, b.weights, b.rows);
+    MOE_CUDA_CHECK_LAUNCH();
+    // 5. GEMM1 + epilogue 1 -> inter; 6. GEMM2 + epilogue 2 -> rows.
+    const Index m_tiles = (l.rows + kBM - 1) / kBM + p.num_local_experts;
+    {
+      GroupedGemmParams<IO, Activation> g{};
+      g.a = b.rows;
+      g.lda = p.hidden;
+      g.w = a.w13.data();
+      g.w_expert_stride = a.w13.stride(0);
+      g.ldw = a.w13.stride(1);
+      g.bias = a.w13_bias ? a.w13_bias->data() : nullptr;
+      g.bias_expert_stride = a.w13_bias ? a.w13_bias->stride(0) : 0;
+      g.out = b.inter;
+      g.ldo = p.intermediate;
+      g.K = p.hidden;
+      g.n_out = p.intermediate;
+      g.n_total = p.gemm1_width;
+      g.seg_begin = b.seg_begin;
+      g.seg_count = b.seg_count;
+      g.tile_offsets = b.tiles;
+      g.num_experts = E_local;
+      g.activation = a.activation;
+      const dim3 grid(static_cast<unsigned>(m_tiles),
+                      static_cast<unsigned>(blocks(p.intermediate, kMode1 == ColumnMode::kPlain ? kBN : kBN / 2)));
+      if (g.bias) {
+        grouped_gemm_kernel<IO, kMode1, epilogue::Gemm1Epilogue<Activation, IO, true>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+      } else {
+        grouped_gemm_kernel<IO, kMode1, epilogue::Gemm1Epilogue<Activation, IO, false>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+      }
+      MOE_CUDA_CHECK_LAUNCH();
+    }
+    {
+      GroupedGemmParams<IO, Activation> g{};
+      g.a = b.inter;
+      g.lda = p.intermediate;
+      g.w = a.w2.data();
+      g.w_expert_stride = a.w2.stride(0);
+      g.ldw = a.w2.stride(1);
+      g.bias = a.w2_bias ? a.w2_bias->data() : nullptr;
+      g.bias_expert_stride = a.w2_bias ? a.w2_bias->stride(0) : 0;
+      g.row_weight = PF::kApplyWeightOnInput ? nullptr : b.row_weight;
+      g.out = b.rows;
+      g.ldo = p.hidden;
+      g.K = p.intermediate;
+      g.n_out = p.hidden;
+      g.n_total = p.hidden;
+      g.seg_begin = b.seg_begin;
+      g.seg_count = b.seg_count;
+      g.tile_offsets = b.tiles;
+      g.num_experts = E_local;
+      g.activation = a.activation;
+      const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(blocks(p.hidden, kBN)));
+      constexpr bool kWeighted = !PF::kApplyWeightOnInput;
+      if (g.bias) {
+        grouped_gemm_kernel<IO, ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, true, kWeighted>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+      } else {
+        grouped_gemm_kernel<IO, ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, false, kWeighted>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+      }
+      MOE_CUDA_CHECK_LAUNCH();
+    }
+    // 7. Finalize.
+    finalize_kernel<IO><<<static_cast<unsigned>(C), 256, 0, stream>>>(b.rows, p.hidden, p.top_k, b.slot_row, m0,
+                                                                      a.output.data(), a.output.stride(0));
+    MOE_CUDA_CHECK_LAUNCH();
+    return Status::ok();
+  }
+
+  // Checked mode: copies the expert map and precomputed ids to the host (synchronizing) and
+  // validates them as the CPU backend does.
+  Status check_device_inputs(const Arguments& a, const Problem& p) const {
+    if (a.expert_map) {
+      std::vector<std::int32_t> map(static_cast<std::size_t>(p.num_experts));
+      MOE_CUDA_TRY(cudaMemcpy(map.data(), a.expert_map->data(), map.size() * 4, cudaMemcpyDeviceToHost));
+      MOE_RETURN_IF_ERROR(validate_expert_map(HostView<const std::int32_t, 1>(map.data(), {p.num_experts}), p.num_local_experts));
+    }
+    if constexpr (!Routing::kUsesLogits) {
+      std::vector<std::int32_t> ids(static_cast<std::size_t>(p.num_tokens * p.top_k));
+      if (!ids.empty()) {
+        MOE_CUDA_TRY(cudaMemcpy2D(ids.data(), p.top_k * 4, a.topk_ids->data(), a.topk_ids->stride(0) * 4, p.top_k * 4,
+                                  p.num_tokens, cudaMemcpyDeviceToHost));
+      }
+      for (std::size_t s = 0; s < ids.size(); ++s) {
+        if (ids[s] < 0 || ids[s] >= p.num_experts) {
+          return invalid_argument("topk_ids: entry [", s / p.top_k, ", ", s % p.top_k, "] is ", ids[s],
+                                  "; expected an expert id in [0, ", p.num_experts, ")");
+        }
+      }
+    }
+    return Status::ok();
+  }
+
+  cuda::Options options_;
+};
+
+}  // namespace moe

@@ -1,0 +1,258 @@
+// CPU reference vs CUDA backend, end to end, for every policy family, on the same random inputs.
+//
+// Tolerances (relative to the largest |CPU| output), and why:
+//   bf16 2e-2, f16 4e-3: both backends round at the same points; GEMM accumulation order differs
+//     (tensor-core fp32 vs Eigen fp32), which can move a value across a rounding boundary of the
+//     intermediate or the output by one ulp (2^-8, 2^-11).
+//   f32 5e-3: the CUDA path multiplies in tf32 (10-bit mantissa), ~2^-11 relative per product.
+// Index outputs are compared exactly by the CPU/CUDA op tests; here the end-to-end output checks
+// that routing (ids and order) agreed, since any flipped expert changes the output by O(1).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "moe/cuda/kernel.cuh"
+#include "testing/lib/gpu.h"
+#include "testing/lib/harness.h"
+
+namespace {
+
+using moe::Index;
+using moe::testing::Case;
+using moe::testing::DeviceBuffer;
+using moe::testing::Harness;
+
+template <class T>
+moe::testing::Tolerance gpu_tolerance() {
+  if constexpr (std::is_same_v<T, float>) return {1e-4, 5e-3};
+  else return moe::testing::tolerance<T>();
+}
+
+// Device copies of a harness's inputs and the CUDA Arguments over them.
+template <class Spec>
+struct DeviceInputs {
+  using IO = typename Spec::ElementIO;
+  using W = typename Spec::ElementWeight;
+  using Args = moe::Arguments<Spec, moe::DeviceSpace>;
+  Harness<Spec>& h;
+  DeviceBuffer<IO> hidden, b13, b2, output;
+  DeviceBuffer<float> logits, bias, weights;
+  DeviceBuffer<std::int32_t> ids, map;
+  DeviceBuffer<W> w13, w2;
+
+  explicit DeviceInputs(Harness<Spec>& harness)
+      : h(harness), hidden(h.hidden), b13(h.b13), b2(h.b2), output(h.output.size()), logits(h.logits),
+        bias(h.correction_bias), weights(h.weights), ids(h.ids), map(h.map), w13(h.w13), w2(h.w2) {}
+
+  Args args() const {
+    const auto host = h.arguments();  // same optional fields, same shapes
+    Args a;
+    const auto& c = h.c;
+    a.hidden_states = moe::DeviceView<const IO, 2>(hidden.data(), {c.M, c.H});
+    a.router_logits = moe::DeviceView<const float, 2>(logits.data(), {c.M, c.E});
+    if (host.correction_bias) a.correction_bias = moe::DeviceView<const float, 1>(bias.data(), {c.E});
+    if (host.topk_ids) a.topk_ids = moe::DeviceView<const std::int32_t, 2>(ids.data(), {c.M, c.top_k});
+    if (host.topk_weights) a.topk_weights = moe::DeviceView<const float, 2>(weights.data(), {c.M, c.top_k});
+    a.top_k = c.top_k;
+    a.w13 = moe::DeviceView<const W, 3>(w13.data(), host.w13.extents());
+    a.w2 = moe::DeviceView<const W, 3>(w2.data(), host.w2.extents());
+    if (host.w13_bias) a.w13_bias = moe::DeviceView<const IO, 2>(b13.data(), host.w13_bias->extents());
+    if (host.w2_bias) a.w2_bias = moe::DeviceView<const IO, 2>(b2.data(), host.w2_bias->extents());
+    if (host.expert_map) a.expert_map = moe::DeviceView<const std::int32_t, 1>(map.data(), {c.E});
+    a.routing = host.routing;
+    a.activation = host.activation;
+    a.prepare_finalize = host.prepare_finalize;
+    a.output = moe::DeviceView<IO, 2>(output.data(), {c.M, c.H});
+    return a;
+  }
+};
+
+template <class IO>
+std::vector<float> to_floats(const std::vector<IO>& v) {
+  std::vector<float> f(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) f[i] = moe::to_float(v[i]);
+  return f;
+}
+
+// Runs the CPU and CUDA backends on `c`, compares, then checks bitwise reproducibility under
+// poisoned workspaces and under CUDA-graph capture.
+template <class Spec, class Setup = void (*)(Harness<Spec>&)>
+void check_case(Case c, Setup setup = [](Harness<Spec>&) {}) {
+  using IO = typename Spec::ElementIO;
+  Harness<Spec> h(c);
+  setup(h);
+  const moe::Status cpu = h.run();
+  ASSERT_TRUE(cpu.is_ok()) << cpu.to_string();
+  const std::vector<IO> reference = h.output;
+
+  DeviceInputs<Spec> d(h);
+  moe::cuda::Options options;
+  options.chunk_tokens = c.chunk_tokens;
+  moe::Kernel<Spec, moe::cuda::Sm90> kernel(options);
+  const auto args = d.args();
+  DeviceBuffer<std::byte> ws(kernel.workspace_bytes(args));
+  std::vector<IO> first;
+  for (unsigned char poison : {0xD5, 0x2A}) {
+    ws.fill_bytes(poison);
+    d.output.fill_bytes(0xFF);  // NaN in every float type: unwritten elements fail the comparison
+    const moe::Status s = kernel.run(args, std::span<std::byte>(ws.data(), ws.size()));
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<IO> out = d.output.download();
+    if (first.empty()) {
+      first = out;
+      EXPECT_TRUE(moe::testing::all_close(to_floats(out), to_floats(reference), gpu_tolerance<IO>()))
+          << "M=" << c.M << " E=" << c.E << " k=" << c.top_k;
+    } else {
+      EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(IO))) << "differs with workspace poison " << int(poison);
+    }
+  }
+  // The whole forward captured in a CUDA graph gives the same bits.
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  d.output.fill_bytes(0xFF);
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  const moe::Status captured = kernel.run(args, std::span<std::byte>(ws.data(), ws.size()), stream);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_TRUE(captured.is_ok()) << captured.to_string();
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  const std::vector<IO> graphed = d.output.download();
+  EXPECT_EQ(0, std::memcmp(first.data(), graphed.data(), graphed.size() * sizeof(IO))) << "graph replay differs";
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+template <class A, class Q = moe::quant::BF16, class R = moe::routing::Precomputed,
+          class PF = moe::StandardPrepareFinalize<>>
+using SpecOf = moe::Spec<R, PF, moe::Experts<A, Q>>;
+
+Case sized(Index M, Index E = 8, int k = 2, Index H = 72, Index I = 40) {
+  Case c;
+  c.M = M;
+  c.E = E;
+  c.top_k = k;
+  c.H = H;
+  c.I = I;
+  c.seed = static_cast<std::uint64_t>(M * 131 + E);
+  return c;
+}
+
+class Differential : public ::testing::Test {
+ protected:
+  void SetUp() override { MOE_SKIP_WITHOUT_GPU(); }
+};
+
+TEST_F(Differential, Bf16SiluSoftmaxAcrossBatchSizes) {
+  using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::SoftmaxTopK>;
+  for (Index M : {0, 1, 7, 64, 1000}) {
+    check_case<S>(sized(M, 16, 4), [](Harness<S>& h) { h.routing_args.renormalize = true; });
+  }
+}
+
+TEST_F(Differential, F16GeluWithBiases) {
+  Case c = sized(64);
+  c.bias = true;
+  check_case<SpecOf<moe::GeluAndMul, moe::quant::F16>>(c);
+}
+
+TEST_F(Differential, F32ThroughTf32) {
+  check_case<SpecOf<moe::SiluAndMul, moe::quant::F32>>(sized(100));
+}
+
+TEST_F(Differential, SwigluOaiInterleavedWithBiases) {
+  Case c = sized(64, 32, 4, 96, 64);
+  c.bias = true;
+  check_case<SpecOf<moe::SwigluOai>>(c);
+}
+
+TEST_F(Differential, UngatedRelu2AndGeluTanh) {
+  check_case<SpecOf<moe::Relu2>>(sized(65));
+  check_case<SpecOf<moe::GeluTanhAndMul>>(sized(65));
+}
+
+TEST_F(Differential, GroupedSigmoidWithCorrectionBias) {
+  using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::GroupedTopK<moe::routing::Sigmoid>>;
+  Case c = sized(200, 64, 8);
+  c.with_correction_bias = true;
+  check_case<S>(c, [](Harness<S>& h) { h.routing_args = {8, 4, true, 2.5f}; });
+}
+
+TEST_F(Differential, Llama4WeightOnInput) {
+  using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::Llama4TopK, moe::StandardPrepareFinalize<true>>;
+  check_case<S>(sized(128, 16, 1));
+}
+
+TEST_F(Differential, BatchedFormat) {
+  using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::Precomputed, moe::BatchedPrepareFinalize<>>;
+  check_case<S>(sized(90, 8, 2));
+}
+
+TEST_F(Differential, ExpertParallelRoundRobinRank) {
+  Case c = sized(120, 13, 3);
+  c.ep_size = 3;
+  c.ep_rank = 1;
+  c.placement = moe::ExpertPlacement::kRoundRobin;
+  check_case<SpecOf<moe::SiluAndMul>>(c);
+}
+
+TEST_F(Differential, ManyExpertsLargeTopK) {
+  using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::SoftmaxTopK>;
+  check_case<S>(sized(64, 512, 16, 64, 32));
+}
+
+TEST_F(Differential, AllTokensOnOneExpertAndEmptyExperts) {
+  Case c = sized(1000, 8, 2);
+  for (Index m = 0; m < c.M; ++m) c.ids.insert(c.ids.end(), {6, 1});
+  check_case<SpecOf<moe::SiluAndMul>>(c);
+}
+
+TEST_F(Differential, ChunkedForward) {
+  Case c = sized(333, 8, 2);
+  c.chunk_tokens = 100;
+  check_case<SpecOf<moe::SiluAndMul>>(c);
+}
+
+// A user activation runs on the GPU with no new kernel code.
+struct SquaredReluAndMul : moe::GatedActivation {
+  static constexpr std::string_view kName = "squared_relu_and_mul";
+  MOE_HOST_DEVICE static float apply(float gate, float up) {
+    const float r = moe::math::fmax(gate, 0.0f);
+    return r * r * up;
+  }
+  static double naive(double g, double u) { return (g > 0 ? g * g : 0.0) * u; }
+};
+
+TEST_F(Differential, UserActivation) {
+  check_case<SpecOf<SquaredReluAndMul>>(sized(64));
+}
+
+TEST_F(Differential, CheckedModeReportsInvalidIds) {
+  using S = SpecOf<moe::SiluAndMul>;
+  Case c = sized(16);
+  Harness<S> h(c);
+  h.ids[3] = 99;
+  DeviceInputs<S> d(h);
+  moe::cuda::Options o;
+  o.check_device_inputs = true;
+  moe::Kernel<S, moe::cuda::Sm90> kernel(o);
+  const auto args = d.args();
+  DeviceBuffer<std::byte> ws(kernel.workspace_bytes(args));
+  d.output.fill_bytes(0x77);
+  const moe::Status s = kernel.run(args, std::span<std::byte>(ws.data(), ws.size()));
+  EXPECT_EQ(s.code(), moe::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("topk_ids"), std::string::npos) << s.message();
+  for (auto v : d.output.download()) ASSERT_EQ(v.bits, 0x7777);
+  // Unchecked, the id contributes zero and never forms an address (compute-sanitizer run).
+  moe::Kernel<S, moe::cuda::Sm90> unchecked;
+  ASSERT_TRUE(unchecked.run(args, std::span<std::byte>(ws.data(), ws.size())).is_ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+}
+
+}  // namespace

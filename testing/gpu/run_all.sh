@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, inside the bundle made by run_on_device.sh: every CUDA test, the
+# end-to-end tests under compute-sanitizer (memcheck, racecheck) at small sizes, and the
+# benchmarks. Logs go to OUT_DIR (default: ./logs). Prints a summary last.
+set -uo pipefail
+cd "$(dirname "$0")"
+out=${1:-logs}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=.:${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
+summary=()
+for t in *_test; do
+  ./"$t" --gtest_brief=1 >"$out/$t.log" 2>&1
+  rc=$?
+  summary+=("$t: rc=$rc $(grep -E '^\[  (PASSED|FAILED) ' "$out/$t.log" | tr '\n' ' ')")
+done
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for tool in memcheck racecheck; do
+  for t in *_test; do
+    "$sanitizer" --tool "$tool" --error-exitcode 99 ./"$t" --gtest_filter='*Differential.Bf16*:*Differential.Swiglu*:*Differential.Batched*:*Differential.ExpertParallel*:*Differential.CheckedMode*' \
+      >"$out/$t.$tool.log" 2>&1
+    rc=$?
+    summary+=("$t under $tool: rc=$rc $(grep -E 'ERROR SUMMARY' "$out/$t.$tool.log" | tail -1)")
+  done
+done
+for b in *_benchmark; do
+  [ -x "$b" ] || continue
+  ./"$b" --benchmark_counters_tabular=true >"$out/$b.log" 2>&1
+  summary+=("$b: rc=$?")
+done
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds every CUDA test and benchmark here and copies the binaries into gpu_bundle/ (git-ignored),
+# with libbenchmark.so.1debian beside them and run_all.sh, so the folder can be copied to the GPU
+# machine as it is. There, one command runs everything:
+#   cd gpu_bundle && ./run_all.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+targets=$(tools/bazel query 'attr(tags, "gpu", kind("cc_test|cc_binary", //...))' 2>/dev/null)
+tools/bazel build $targets
+rm -rf gpu_bundle && mkdir -p gpu_bundle
+for t in $targets; do
+  path=bazel-bin/$(echo "${t#//}" | tr ':' '/')
+  cp -L "$path" gpu_bundle/
+done
+cp -L /usr/lib/x86_64-linux-gnu/libbenchmark.so.1debian gpu_bundle/
+cp -L "$(g++ -print-file-name=libgomp.so.1)" gpu_bundle/  # OpenMP runtime of the CPU reference
+cp testing/gpu/run_all.sh gpu_bundle/
+ls -la gpu_bundle

@@ -95,10 +95,7 @@ class Kernel<Spec, cpu::Eigen> {
     MOE_RETURN_IF_ERROR(can_implement(a));
     const Problem p = Problem::from(a);
     const Layout l = layout(p, a);
-    if (workspace.size() < l.total) {
-      return make_status(StatusCode::kWorkspaceTooSmall, "workspace: expected at least ", l.total,
-                         " bytes (workspace_bytes()), got ", workspace.size());
-    }
+    MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), l.total));
     if (p.num_tokens == 0) return Status::ok();
     Buffers b = carve(l, workspace.data());
     if constexpr (kBatched) MOE_RETURN_IF_ERROR(check_capacity(a, p, b));

@@ -71,10 +71,7 @@ class Kernel<Spec, Arch> {
     MOE_RETURN_IF_ERROR(can_implement(a));
     const Problem p = Problem::from(a);
     const Layout l = layout(p, a);
-    if (workspace.size() < l.total) {
-      return make_status(StatusCode::kWorkspaceTooSmall, "workspace: expected at least ", l.total,
-                         " bytes (workspace_bytes()), got ", workspace.size());
-    }
+    MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), l.total));
     if (p.num_tokens == 0) return Status::ok();
     const Buffers b = carve(l, workspace.data());
     for (Index m0 = 0; m0 < p.num_tokens; m0 += l.chunk) {
@@ -183,6 +180,32 @@ class Kernel<Spec, Arch> {
     return b;
   }
 
+  // One grouped GEMM over the chunk's expert segments: out = a x w[e]^T, K = a's width.
+  static cuda::detail::GroupedGemmParams<IO, Activation> gemm_params(
+      const Buffers& b, const IO* in, Index k, DeviceView<const IO, 3> w, const std::optional<DeviceView<const IO, 2>>& bias,
+      const float* row_weight, IO* out, Index n_out, Index n_total, const Arguments& a) {
+    cuda::detail::GroupedGemmParams<IO, Activation> g{};
+    g.a = in;
+    g.lda = k;
+    g.w = w.data();
+    g.w_expert_stride = w.stride(0);
+    g.ldw = w.stride(1);
+    g.bias = bias ? bias->data() : nullptr;
+    g.bias_expert_stride = bias ? bias->stride(0) : 0;
+    g.row_weight = row_weight;
+    g.out = out;
+    g.ldo = n_out;
+    g.K = k;
+    g.n_out = n_out;
+    g.n_total = n_total;
+    g.seg_begin = b.seg_begin;
+    g.seg_count = b.seg_count;
+    g.tile_offsets = b.tiles;
+    g.num_experts = static_cast<int>(w.extent(0));
+    g.activation = a.activation;
+    return g;
+  }
+
   Status run_chunk(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index m1,
                    cudaStream_t stream) const {
     using namespace cuda::detail;
@@ -223,29 +246,11 @@ class Kernel<Spec, Arch> {
         a.hidden_states.data() + m0 * a.hidden_states.stride(0), a.hidden_states.stride(0), p.hidden, p.top_k,
         b.slot_row, b.weights, b.rows);
     MOE_CUDA_CHECK_LAUNCH();
-    // 5. GEMM1 + epilogue 1 -> inter; 6. GEMM2 + epilogue 2 -> rows.
-    const Index m_tiles = (l.rows + kBM - 1) / kBM + p.num_local_experts;
+    // 5. GEMM1 + epilogue 1 -> inter; 6. GEMM2 + epilogue 2 -> rows (the gathered input is dead).
+    const unsigned m_tiles = static_cast<unsigned>((l.rows + kBM - 1) / kBM + p.num_local_experts);
     {
-      GroupedGemmParams<IO, Activation> g{};
-      g.a = b.rows;
-      g.lda = p.hidden;
-      g.w = a.w13.data();
-      g.w_expert_stride = a.w13.stride(0);
-      g.ldw = a.w13.stride(1);
-      g.bias = a.w13_bias ? a.w13_bias->data() : nullptr;
-      g.bias_expert_stride = a.w13_bias ? a.w13_bias->stride(0) : 0;
-      g.out = b.inter;
-      g.ldo = p.intermediate;
-      g.K = p.hidden;
-      g.n_out = p.intermediate;
-      g.n_total = p.gemm1_width;
-      g.seg_begin = b.seg_begin;
-      g.seg_count = b.seg_count;
-      g.tile_offsets = b.tiles;
-      g.num_experts = E_local;
-      g.activation = a.activation;
-      const dim3 grid(static_cast<unsigned>(m_tiles),
-                      static_cast<unsigned>(blocks(p.intermediate, kMode1 == ColumnMode::kPlain ? kBN : kBN / 2)));
+      const auto g = gemm_params(b, b.rows, p.hidden, a.w13, a.w13_bias, nullptr, b.inter, p.intermediate, p.gemm1_width, a);
+      const dim3 grid(m_tiles, static_cast<unsigned>(blocks(p.intermediate, kMode1 == ColumnMode::kPlain ? kBN : kBN / 2)));
       if (g.bias) {
         grouped_gemm_kernel<IO, kMode1, epilogue::Gemm1Epilogue<Activation, IO, true>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
       } else {
@@ -254,27 +259,10 @@ class Kernel<Spec, Arch> {
       MOE_CUDA_CHECK_LAUNCH();
     }
     {
-      GroupedGemmParams<IO, Activation> g{};
-      g.a = b.inter;
-      g.lda = p.intermediate;
-      g.w = a.w2.data();
-      g.w_expert_stride = a.w2.stride(0);
-      g.ldw = a.w2.stride(1);
-      g.bias = a.w2_bias ? a.w2_bias->data() : nullptr;
-      g.bias_expert_stride = a.w2_bias ? a.w2_bias->stride(0) : 0;
-      g.row_weight = PF::kApplyWeightOnInput ? nullptr : b.row_weight;
-      g.out = b.rows;
-      g.ldo = p.hidden;
-      g.K = p.intermediate;
-      g.n_out = p.hidden;
-      g.n_total = p.hidden;
-      g.seg_begin = b.seg_begin;
-      g.seg_count = b.seg_count;
-      g.tile_offsets = b.tiles;
-      g.num_experts = E_local;
-      g.activation = a.activation;
-      const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(blocks(p.hidden, kBN)));
       constexpr bool kWeighted = !PF::kApplyWeightOnInput;
+      const auto g = gemm_params(b, b.inter, p.intermediate, a.w2, a.w2_bias, kWeighted ? b.row_weight : nullptr, b.rows,
+                                 p.hidden, p.hidden, a);
+      const dim3 grid(m_tiles, static_cast<unsigned>(blocks(p.hidden, kBN)));
       if (g.bias) {
         grouped_gemm_kernel<IO, ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, true, kWeighted>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
       } else {

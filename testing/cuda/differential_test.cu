@@ -255,4 +255,84 @@ TEST_F(Differential, CheckedModeReportsInvalidIds) {
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 
+
+TEST_F(Differential, LargestBatchSize) {
+  check_case<SpecOf<moe::SiluAndMul>>(sized(65536, 16, 4, 40, 24));
+}
+
+// M*top_k*H > 2^31 elements addressed in one chunk (the gathered rows and GEMM2's output): checks
+// 64-bit offsets. Compares sampled tokens (including the last ones, whose rows sit at the far end)
+// against the naive forward.
+TEST_F(Differential, RowOffsetsBeyond32Bits) {
+  using S = SpecOf<moe::SiluAndMul>;
+  using Kernel = moe::Kernel<S, moe::cuda::Sm90>;
+  const Index M = 131072, H = 8320, I = 16, E = 4;
+  const int k = 2;
+  ASSERT_GT(M * k * H, Index{1} << 31);
+  std::vector<moe::bfloat16> hidden(M * H);
+  std::uint64_t state = 12345;
+  auto next = [&state] {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<float>(state >> 40) * (2.0f / 16777216.0f) - 1.0f;
+  };
+  for (auto& x : hidden) x = moe::bfloat16(next());
+  std::vector<moe::bfloat16> w13(E * 2 * I * H), w2(E * H * I);
+  for (auto& x : w13) x = moe::bfloat16(next() * 0.02f);
+  for (auto& x : w2) x = moe::bfloat16(next() * 0.25f);
+  std::vector<std::int32_t> ids(M * k);
+  std::vector<float> weights(M * k);
+  for (Index m = 0; m < M; ++m) {
+    ids[m * k] = static_cast<std::int32_t>(m % E);
+    ids[m * k + 1] = static_cast<std::int32_t>((m + 1 + (m / E) % (E - 1)) % E);  // offset 1..E-1: distinct
+    weights[m * k] = 0.75f;
+    weights[m * k + 1] = 0.25f;
+  }
+  DeviceBuffer<moe::bfloat16> d_hidden(hidden), d_w13(w13), d_w2(w2), d_out(M * H);
+  DeviceBuffer<std::int32_t> d_ids(ids);
+  DeviceBuffer<float> d_weights(weights);
+  Kernel::Arguments a;
+  a.hidden_states = moe::DeviceView<const moe::bfloat16, 2>(d_hidden.data(), {M, H});
+  a.topk_ids = moe::DeviceView<const std::int32_t, 2>(d_ids.data(), {M, k});
+  a.topk_weights = moe::DeviceView<const float, 2>(d_weights.data(), {M, k});
+  a.top_k = k;
+  a.w13 = moe::DeviceView<const moe::bfloat16, 3>(d_w13.data(), {E, 2 * I, H});
+  a.w2 = moe::DeviceView<const moe::bfloat16, 3>(d_w2.data(), {E, H, I});
+  a.output = moe::DeviceView<moe::bfloat16, 2>(d_out.data(), {M, H});
+  moe::cuda::Options o;
+  o.chunk_tokens = M;  // one chunk: every row of the 2^31+ element buffers in one launch
+  Kernel kernel(o);
+  DeviceBuffer<std::byte> ws(kernel.workspace_bytes(a));
+  d_out.fill_bytes(0xFF);
+  const moe::Status s = kernel.run(a, std::span<std::byte>(ws.data(), ws.size()));
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<moe::bfloat16> out = d_out.download();
+
+  moe::naive::Layer L;
+  L.hidden = static_cast<int>(H);
+  L.intermediate = static_cast<int>(I);
+  L.num_local_experts = L.num_experts = static_cast<int>(E);
+  L.gated_act = [](double g, double u) { return moe::naive::silu(g) * u; };
+  for (auto x : w13) L.w13.push_back(moe::to_float(x));
+  for (auto x : w2) L.w2.push_back(moe::to_float(x));
+  std::vector<Index> sample;
+  for (Index m = 0; m < 64; ++m) sample.push_back(m);
+  for (Index m = M - 64; m < M; ++m) sample.push_back(m);
+  for (Index m = 1; m < 64; ++m) sample.push_back(m * (M / 64) + 17);
+  std::vector<double> x;
+  std::vector<moe::naive::Routed> routed;
+  std::vector<float> got;
+  for (Index m : sample) {
+    for (Index c = 0; c < H; ++c) {
+      x.push_back(moe::to_float(hidden[m * H + c]));
+      got.push_back(moe::to_float(out[m * H + c]));
+    }
+    routed.push_back({{ids[m * k], ids[m * k + 1]}, {weights[m * k], weights[m * k + 1]}});
+  }
+  const auto round_bf16 = [](double v) { return static_cast<double>(moe::round_to<moe::bfloat16>(static_cast<float>(v))); };
+  const std::vector<double> ref = moe::naive::fused_moe(L, x, static_cast<int>(sample.size()), routed, round_bf16);
+  EXPECT_GT(moe::testing::max_abs(ref), 0.0);
+  EXPECT_TRUE(moe::testing::all_close(got, ref, moe::testing::tolerance<moe::bfloat16>()));
+}
+
 }  // namespace

@@ -144,6 +144,9 @@ Case sized(Index M, Index E = 8, int k = 2, Index H = 72, Index I = 40) {
   return c;
 }
 
+// The batch sizes every policy family is checked at (65536 and 2^31+ addressing have own tests).
+constexpr Index kBatchSizes[] = {0, 1, 7, 64, 1000};
+
 class Differential : public ::testing::Test {
  protected:
   void SetUp() override { MOE_SKIP_WITHOUT_GPU(); }
@@ -151,60 +154,73 @@ class Differential : public ::testing::Test {
 
 TEST_F(Differential, Bf16SiluSoftmaxAcrossBatchSizes) {
   using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::SoftmaxTopK>;
-  for (Index M : {0, 1, 7, 64, 1000}) {
+  for (Index M : kBatchSizes) {
     check_case<S>(sized(M, 16, 4), [](Harness<S>& h) { h.routing_args.renormalize = true; });
   }
 }
 
 TEST_F(Differential, F16GeluWithBiases) {
-  Case c = sized(64);
-  c.bias = true;
-  check_case<SpecOf<moe::GeluAndMul, moe::quant::F16>>(c);
+  for (Index M : kBatchSizes) {
+    Case c = sized(M);
+    c.bias = true;
+    check_case<SpecOf<moe::GeluAndMul, moe::quant::F16>>(c);
+  }
 }
 
 TEST_F(Differential, F32ThroughTf32) {
-  check_case<SpecOf<moe::SiluAndMul, moe::quant::F32>>(sized(100));
+  for (Index M : kBatchSizes) check_case<SpecOf<moe::SiluAndMul, moe::quant::F32>>(sized(M));
 }
 
 TEST_F(Differential, SwigluOaiInterleavedWithBiases) {
-  Case c = sized(64, 32, 4, 96, 64);
-  c.bias = true;
-  check_case<SpecOf<moe::SwigluOai>>(c);
+  for (Index M : kBatchSizes) {
+    Case c = sized(M, 32, 4, 96, 64);
+    c.bias = true;
+    check_case<SpecOf<moe::SwigluOai>>(c);
+  }
 }
 
 TEST_F(Differential, UngatedRelu2AndGeluTanh) {
-  check_case<SpecOf<moe::Relu2>>(sized(65));
-  check_case<SpecOf<moe::GeluTanhAndMul>>(sized(65));
+  for (Index M : kBatchSizes) {
+    check_case<SpecOf<moe::Relu2>>(sized(M));
+    check_case<SpecOf<moe::GeluTanhAndMul>>(sized(M));
+    check_case<SpecOf<moe::Silu, moe::quant::F16>>(sized(M));
+  }
 }
 
 TEST_F(Differential, GroupedSigmoidWithCorrectionBias) {
   using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::GroupedTopK<moe::routing::Sigmoid>>;
-  Case c = sized(200, 64, 8);
-  c.with_correction_bias = true;
-  check_case<S>(c, [](Harness<S>& h) { h.routing_args = {8, 4, true, 2.5f}; });
+  for (Index M : kBatchSizes) {
+    Case c = sized(M, 64, 8);
+    c.with_correction_bias = true;
+    check_case<S>(c, [](Harness<S>& h) { h.routing_args = {8, 4, true, 2.5f}; });
+  }
 }
 
 TEST_F(Differential, Llama4WeightOnInput) {
   using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::Llama4TopK, moe::StandardPrepareFinalize<true>>;
-  check_case<S>(sized(128, 16, 1));
+  for (Index M : kBatchSizes) check_case<S>(sized(M, 16, 1));
 }
 
 TEST_F(Differential, BatchedFormat) {
   using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::Precomputed, moe::BatchedPrepareFinalize<>>;
-  check_case<S>(sized(90, 8, 2));
+  for (Index M : kBatchSizes) check_case<S>(sized(M, 8, 2));
 }
 
 TEST_F(Differential, ExpertParallelRoundRobinRank) {
-  Case c = sized(120, 13, 3);
-  c.ep_size = 3;
-  c.ep_rank = 1;
-  c.placement = moe::ExpertPlacement::kRoundRobin;
-  check_case<SpecOf<moe::SiluAndMul>>(c);
+  for (Index M : kBatchSizes) {
+    for (auto placement : {moe::ExpertPlacement::kLinear, moe::ExpertPlacement::kRoundRobin}) {
+      Case c = sized(M, 13, 3);
+      c.ep_size = 3;
+      c.ep_rank = 1;
+      c.placement = placement;
+      check_case<SpecOf<moe::SiluAndMul>>(c);
+    }
+  }
 }
 
 TEST_F(Differential, ManyExpertsLargeTopK) {
   using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::SoftmaxTopK>;
-  check_case<S>(sized(64, 512, 16, 64, 32));
+  for (Index M : {1, 64, 1000}) check_case<S>(sized(M, 512, 16, 64, 32));
 }
 
 TEST_F(Differential, AllTokensOnOneExpertAndEmptyExperts) {
@@ -229,8 +245,23 @@ struct SquaredReluAndMul : moe::GatedActivation {
   static double naive(double g, double u) { return (g > 0 ? g * g : 0.0) * u; }
 };
 
+// A user routing rule runs on the GPU through the generic path: the k smallest logits, equal weights.
+struct ContrarianTopK : moe::routing::TopKBase {
+  static constexpr std::string_view kName = "contrarian";
+  struct Arguments {};
+  MOE_HOST_DEVICE static void route_token(const moe::routing::TokenContext& t, const Arguments&) {
+    for (int i = 0; i < t.num_experts; ++i) t.scratch[i] = -t.logits[i];
+    moe::routing::select_topk(t.scratch, t.num_experts, t.top_k, t.ids, t.weights);
+    for (int j = 0; j < t.top_k; ++j) t.weights[j] = 1.0f / static_cast<float>(t.top_k);
+  }
+};
+
+TEST_F(Differential, UserRoutingPolicy) {
+  for (Index M : kBatchSizes) check_case<SpecOf<moe::SiluAndMul, moe::quant::BF16, ContrarianTopK>>(sized(M, 12, 3));
+}
+
 TEST_F(Differential, UserActivation) {
-  check_case<SpecOf<SquaredReluAndMul>>(sized(64));
+  for (Index M : kBatchSizes) check_case<SpecOf<SquaredReluAndMul>>(sized(M));
 }
 
 TEST_F(Differential, CheckedModeReportsInvalidIds) {

@@ -20,7 +20,7 @@ for tool in memcheck racecheck; do
     "$sanitizer" --tool "$tool" --error-exitcode 99 ./"$t" --gtest_filter='*Differential.Bf16*:*Differential.Swiglu*:*Differential.Batched*:*Differential.ExpertParallel*:*Differential.CheckedMode*' \
       >"$out/$t.$tool.log" 2>&1
     rc=$?
-    summary+=("$t under $tool: rc=$rc $(grep -E 'ERROR SUMMARY' "$out/$t.$tool.log" | tail -1)")
+    summary+=("$t under $tool: rc=$rc $(grep -E '(ERROR|RACECHECK) SUMMARY' "$out/$t.$tool.log" | tail -1)")
   done
 done
 for b in *_benchmark; do

@@ -1,0 +1,300 @@
+#include "cli/commands.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <optional>
+#include <random>
+#include <sstream>
+
+#include "moe/io/safetensors.h"
+#include "moe/layer/moe_layer.h"
+
+namespace moe::cli {
+namespace {
+
+constexpr const char* kUsage =
+    "usage:\n"
+    "  moe run   --model-config CONFIG.json --weights FILE [--weights FILE ...] --layer-prefix PREFIX\n"
+    "            --inputs IN.safetensors --output OUT.safetensors [--backend cpu|cuda] [--dtype f32|bf16|f16]\n"
+    "            [--ep-size N --ep-rank R --expert-placement linear|round_robin] [--tp-size N --tp-rank R]\n"
+    "  moe info  --model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX [layout options]\n"
+    "  moe bench (--model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX | --shape NAME)\n"
+    "            [--tokens M] [--iterations N] [--dtype f32|bf16|f16] [layout options]\n"
+    "            shapes: qwen3_30b_a3b, gpt_oss_120b, mixtral_8x7b, deepseek_v3\n"
+    "IN holds hidden_states [M, H] and optionally router_logits [M, E] (f32, final logits).\n"
+    "OUT receives output [M, H], topk_ids [M, top_k] (i32, global ids), topk_weights [M, top_k] (f32).\n";
+
+struct Options {
+  std::string command;
+  std::string model_config, layer_prefix, inputs, output, backend = "cpu", dtype = "bf16", placement = "linear", shape;
+  std::vector<std::string> weights;
+  int ep_size = 1, ep_rank = 0, tp_size = 1, tp_rank = 0;
+  long tokens = 64, iterations = 10;
+};
+
+Status parse_int(const std::string& flag, const std::string& value, long lo, long* out) {
+  char* end = nullptr;
+  const long v = std::strtol(value.c_str(), &end, 10);
+  if (value.empty() || *end != '\0' || v < lo) {
+    return invalid_argument(flag, ": expected an integer >= ", lo, ", got \"", value, "\"");
+  }
+  *out = v;
+  return Status::ok();
+}
+
+Status parse_args(const std::vector<std::string>& args, Options* o) {
+  if (args.empty()) return invalid_argument("missing command (run, info or bench)");
+  o->command = args[0];
+  if (o->command != "run" && o->command != "info" && o->command != "bench") {
+    return invalid_argument("unknown command \"", o->command, "\" (run, info or bench)");
+  }
+  for (std::size_t i = 1; i < args.size(); ++i) {
+    const std::string& flag = args[i];
+    if (i + 1 >= args.size()) return invalid_argument(flag, ": missing value");
+    const std::string& v = args[++i];
+    long n = 0;
+    if (flag == "--model-config") o->model_config = v;
+    else if (flag == "--weights") o->weights.push_back(v);
+    else if (flag == "--layer-prefix") o->layer_prefix = v;
+    else if (flag == "--inputs") o->inputs = v;
+    else if (flag == "--output") o->output = v;
+    else if (flag == "--backend") o->backend = v;
+    else if (flag == "--dtype") o->dtype = v;
+    else if (flag == "--expert-placement") o->placement = v;
+    else if (flag == "--shape") o->shape = v;
+    else if (flag == "--ep-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, &n)); o->ep_size = static_cast<int>(n); }
+    else if (flag == "--ep-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, &n)); o->ep_rank = static_cast<int>(n); }
+    else if (flag == "--tp-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, &n)); o->tp_size = static_cast<int>(n); }
+    else if (flag == "--tp-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, &n)); o->tp_rank = static_cast<int>(n); }
+    else if (flag == "--tokens") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, &o->tokens)); }
+    else if (flag == "--iterations") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, &o->iterations)); }
+    else return invalid_argument("unknown option ", flag);
+  }
+  if (o->backend != "cpu" && o->backend != "cuda") return invalid_argument("--backend: expected cpu or cuda, got ", o->backend);
+  if (o->dtype != "f32" && o->dtype != "bf16" && o->dtype != "f16") {
+    return invalid_argument("--dtype: expected f32, bf16 or f16, got ", o->dtype);
+  }
+  if (o->placement != "linear" && o->placement != "round_robin") {
+    return invalid_argument("--expert-placement: expected linear or round_robin, got ", o->placement);
+  }
+  const bool from_checkpoint = !(o->command == "bench" && !o->shape.empty());
+  if (from_checkpoint) {
+    if (o->model_config.empty()) return invalid_argument("--model-config: required");
+    if (o->weights.empty()) return invalid_argument("--weights: required (a .safetensors file or an index .json)");
+    if (o->layer_prefix.empty()) return invalid_argument("--layer-prefix: required (e.g. model.layers.3)");
+  }
+  if (o->command == "run") {
+    if (o->inputs.empty()) return invalid_argument("--inputs: required");
+    if (o->output.empty()) return invalid_argument("--output: required");
+  }
+  return Status::ok();
+}
+
+DType dtype_of(const std::string& s) { return s == "f32" ? DType::kF32 : s == "f16" ? DType::kF16 : DType::kBF16; }
+
+layer::ParallelLayout layout_of(const Options& o) {
+  layer::ParallelLayout p;
+  p.tp_size = o.tp_size;
+  p.tp_rank = o.tp_rank;
+  p.ep_size = o.ep_size;
+  p.ep_rank = o.ep_rank;
+  p.placement = o.placement == "round_robin" ? ExpertPlacement::kRoundRobin : ExpertPlacement::kLinear;
+  return p;
+}
+
+Status check_backend(const Options& o) {
+  if (o.backend == "cuda") {
+    return unsupported("--backend cuda: this build of the tool runs the CPU backend only; the CUDA layer path is not "
+                       "built yet (use the library's moe::Kernel<Spec, moe::cuda::Sm90> directly)");
+  }
+  return Status::ok();
+}
+
+Status load_layer(const Options& o, io::Checkpoint* ckpt, layer::MoeLayer* l) {
+  layer::ModelConfig config;
+  MOE_RETURN_IF_ERROR(layer::load_model_config(o.model_config, &config));
+  MOE_RETURN_IF_ERROR(io::Checkpoint::open(o.weights, ckpt));
+  return layer::MoeLayer::load(config, layout_of(o), dtype_of(o.dtype), *ckpt, o.layer_prefix, l);
+}
+
+Status command_run(const Options& o, std::ostream& out) {
+  MOE_RETURN_IF_ERROR(check_backend(o));
+  io::Checkpoint ckpt;
+  layer::MoeLayer l;
+  MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l));
+  io::SafetensorsFile in;
+  MOE_RETURN_IF_ERROR(io::SafetensorsFile::open(o.inputs, &in));
+  AnyTensor hidden;
+  const Status hs = in.tensor("hidden_states", &hidden);
+  if (!hs.is_ok()) return make_status(hs.code(), o.inputs, ": ", hs.message());
+  std::optional<AnyTensor> logits;
+  if (in.contains("router_logits")) {
+    logits.emplace();
+    MOE_RETURN_IF_ERROR(in.tensor("router_logits", &*logits));
+  }
+  layer::MoeLayer::Result r;
+  const auto t0 = std::chrono::steady_clock::now();
+  const Status fs = l.forward(hidden, logits, &r);
+  if (!fs.is_ok()) return make_status(fs.code(), o.inputs, ": ", fs.message());
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const Index M = hidden.extents[0], k = l.config().top_k;
+  std::vector<io::NamedTensor> outs = {
+      {"output", r.output.dtype, r.output.shape, r.output.bytes.data()},
+      {"topk_ids", DType::kI32, {M, k}, r.topk_ids.data()},
+      {"topk_weights", DType::kF32, {M, k}, r.topk_weights.data()},
+  };
+  MOE_RETURN_IF_ERROR(io::write_safetensors(o.output, outs, {{"producer", "moe run"}}));
+  double sum_abs = 0;
+  for (Index i = 0; i < M * l.config().hidden; ++i) {
+    const float v = r.output.dtype == DType::kF32 ? reinterpret_cast<const float*>(r.output.bytes.data())[i]
+                    : r.output.dtype == DType::kBF16 ? to_float(reinterpret_cast<const bfloat16*>(r.output.bytes.data())[i])
+                                                     : to_float(reinterpret_cast<const half*>(r.output.bytes.data())[i]);
+    sum_abs += std::abs(v);
+  }
+  out << "moe run: " << l.config().architecture_name << ", " << M << " tokens, H=" << l.config().hidden
+      << ", E=" << l.config().num_experts << " (top_k " << k << ", " << l.num_local_experts() << " local), dtype "
+      << to_string(l.dtype()) << ", cpu backend: " << ms << " ms\n"
+      << "wrote " << o.output << ": output [" << M << ", " << l.config().hidden << "] (mean |x| "
+      << (M > 0 ? sum_abs / static_cast<double>(M * l.config().hidden) : 0.0) << "), topk_ids, topk_weights\n";
+  return Status::ok();
+}
+
+Status command_info(const Options& o, std::ostream& out) {
+  MOE_RETURN_IF_ERROR(check_backend(o));
+  io::Checkpoint ckpt;
+  layer::MoeLayer l;
+  MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l));
+  out << l.describe();
+  return Status::ok();
+}
+
+struct NamedShape {
+  const char* name;
+  Index E, H, I;
+  int top_k;
+};
+constexpr NamedShape kShapes[] = {{"qwen3_30b_a3b", 128, 2048, 768, 8},
+                                  {"gpt_oss_120b", 128, 2880, 2880, 4},
+                                  {"mixtral_8x7b", 8, 4096, 14336, 2},
+                                  {"deepseek_v3", 256, 7168, 2048, 8}};
+
+// Times `iterations` calls of `once`, showing progress on stderr when a run is long.
+template <class F>
+Status time_calls(long iterations, std::ostream& err, F once, std::vector<double>* ms) {
+  const auto start = std::chrono::steady_clock::now();
+  for (long i = 0; i < iterations; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    MOE_RETURN_IF_ERROR(once());
+    const auto t1 = std::chrono::steady_clock::now();
+    ms->push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    if (std::chrono::duration<double>(t1 - start).count() > 2.0) {
+      err << "\r  iteration " << (i + 1) << "/" << iterations << " (" << ms->back() << " ms)" << std::flush;
+    }
+  }
+  if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > 2.0) err << "\n";
+  return Status::ok();
+}
+
+void report(std::ostream& out, const std::string& what, Index M, Index H, Index I, int k, Index experts_hit,
+            std::size_t elem, std::vector<double> ms) {
+  std::sort(ms.begin(), ms.end());
+  const double med = ms[ms.size() / 2] * 1e-3;
+  const double flops = 6.0 * static_cast<double>(M) * k * H * I;
+  const double bytes = static_cast<double>(experts_hit) * 3 * H * I * elem + 2.0 * M * H * elem;
+  out << what << ": M=" << M << ", median of " << ms.size() << ": " << med * 1e6 << " us, " << flops / med * 1e-12
+      << " TFLOP/s, " << bytes / med * 1e-9 << " GB/s (cpu backend)\n";
+}
+
+Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
+  MOE_RETURN_IF_ERROR(check_backend(o));
+  const DType dt = dtype_of(o.dtype);
+  const Index M = o.tokens;
+  std::mt19937 gen(7);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  if (!o.shape.empty()) {  // random weights of a named shape, routing not timed
+    const NamedShape* s = nullptr;
+    for (const auto& c : kShapes) if (o.shape == c.name) s = &c;
+    if (!s) return invalid_argument("--shape: unknown \"", o.shape, "\" (qwen3_30b_a3b, gpt_oss_120b, mixtral_8x7b, deepseek_v3)");
+    layer::ForwardFn fn = nullptr;
+    MOE_RETURN_IF_ERROR(layer::find_kernel({layer::RoutingKind::kPrecomputed, layer::ActivationKind::kSiluAndMul, dt, false}, &fn));
+    const std::size_t elem = dt == DType::kF32 ? 4 : 2;
+    layer::Buffer w13{dt, {s->E, 2 * s->I, s->H}, std::vector<std::byte>(s->E * 2 * s->I * s->H * elem)};
+    layer::Buffer w2{dt, {s->E, s->H, s->I}, std::vector<std::byte>(s->E * s->H * s->I * elem)};
+    layer::Buffer x{dt, {M, s->H}, std::vector<std::byte>(M * s->H * elem)}, y{dt, {M, s->H}, std::vector<std::byte>(M * s->H * elem)};
+    err << "bench: generating " << (w13.bytes.size() + w2.bytes.size()) / (1 << 20) << " MiB of random weights\n";
+    for (layer::Buffer* b : {&w13, &w2, &x}) {
+      const Index n = static_cast<Index>(b->bytes.size() / elem);
+      const float scale = b == &x ? 1.0f : 0.02f;
+      for (Index i = 0; i < n; ++i) {
+        const float v = scale * nd(gen);
+        if (dt == DType::kF32) reinterpret_cast<float*>(b->bytes.data())[i] = v;
+        else if (dt == DType::kBF16) reinterpret_cast<bfloat16*>(b->bytes.data())[i] = bfloat16(v);
+        else reinterpret_cast<half*>(b->bytes.data())[i] = half(v);
+      }
+    }
+    std::vector<std::int32_t> ids(M * s->top_k);
+    std::vector<float> w(M * s->top_k, 1.0f / static_cast<float>(s->top_k));
+    std::vector<int> perm(s->E);
+    std::vector<bool> hit(s->E, false);
+    for (Index m = 0; m < M; ++m) {
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), gen);
+      for (int j = 0; j < s->top_k; ++j) hit[ids[m * s->top_k + j] = perm[j]] = true;
+    }
+    layer::ForwardRequest r;
+    r.hidden_states = x.tensor();
+    r.topk_ids = AnyTensor{ids.data(), DType::kI32, {M, s->top_k}, {}};
+    r.topk_weights = AnyTensor{w.data(), DType::kF32, {M, s->top_k}, {}};
+    r.top_k = s->top_k;
+    r.w13 = w13.tensor();
+    r.w2 = w2.tensor();
+    r.output = y.tensor();
+    std::vector<double> ms;
+    MOE_RETURN_IF_ERROR(fn(r));  // warm-up
+    MOE_RETURN_IF_ERROR(time_calls(o.iterations, err, [&] { return fn(r); }, &ms));
+    report(out, std::string("bench ") + s->name, M, s->H, s->I, s->top_k, std::count(hit.begin(), hit.end(), true), elem, ms);
+    return Status::ok();
+  }
+  io::Checkpoint ckpt;
+  layer::MoeLayer l;
+  MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l));
+  const Index H = l.config().hidden;
+  std::vector<float> x(M * H);
+  for (auto& v : x) v = nd(gen);
+  const AnyTensor hidden{x.data(), DType::kF32, {M, H}, {}};
+  layer::MoeLayer::Result r;
+  std::vector<double> ms;
+  MOE_RETURN_IF_ERROR(l.forward(hidden, std::nullopt, &r));
+  MOE_RETURN_IF_ERROR(time_calls(o.iterations, err, [&] { return l.forward(hidden, std::nullopt, &r); }, &ms));
+  std::vector<bool> hit(l.config().num_experts, false);
+  for (auto id : r.topk_ids) hit[id] = true;
+  report(out, "bench " + l.config().architecture_name, M, H, l.config().intermediate, l.config().top_k,
+         std::count(hit.begin(), hit.end(), true), dt == DType::kF32 ? 4 : 2, ms);
+  return Status::ok();
+}
+
+}  // namespace
+
+int run_tool(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  Options o;
+  const Status p = parse_args(args, &o);
+  if (!p.is_ok()) {
+    err << "moe: " << p.message() << "\n" << kUsage;
+    return 2;
+  }
+  Status s;
+  if (o.command == "run") s = command_run(o, out);
+  else if (o.command == "info") s = command_info(o, out);
+  else s = command_bench(o, out, err);
+  if (!s.is_ok()) {
+    std::string msg = s.message();
+    for (char& c : msg) if (c == '\n') c = ' ';
+    err << "moe " << o.command << ": " << msg << "\n";
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace moe::cli

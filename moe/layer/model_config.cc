@@ -1,0 +1,217 @@
+#include "moe/layer/model_config.h"
+
+#include <fstream>
+#include <sstream>
+
+namespace moe::layer {
+
+std::string_view to_string(Architecture a) {
+  switch (a) {
+    case Architecture::kMixtral: return "MixtralForCausalLM";
+    case Architecture::kQwen2Moe: return "Qwen2MoeForCausalLM";
+    case Architecture::kQwen3Moe: return "Qwen3MoeForCausalLM";
+    case Architecture::kDeepseekV2: return "DeepseekV2ForCausalLM";
+    case Architecture::kDeepseekV3: return "DeepseekV3ForCausalLM";
+    case Architecture::kGptOss: return "GptOssForCausalLM";
+    case Architecture::kLlama4: return "Llama4ForCausalLM";
+  }
+  return "?";
+}
+
+namespace {
+
+Status get_index(const io::Json& c, std::string_view key, Index* out) {
+  std::int64_t v = 0;
+  MOE_RETURN_IF_ERROR(io::get_int(c, key, &v, "config"));
+  if (v < 1) return invalid_argument("config.", key, ": expected a positive integer, got ", v);
+  *out = v;
+  return Status::ok();
+}
+
+Status get_float_or(const io::Json& c, std::string_view key, double def, float* out) {
+  double v = 0;
+  MOE_RETURN_IF_ERROR(io::get_double_or(c, key, def, &v, "config"));
+  *out = static_cast<float>(v);
+  return Status::ok();
+}
+
+void per_expert_names(ModelConfig& m, std::string gate, std::string up, std::string down) {
+  m.expert_layout = ExpertLayout::kPerExpertLinear;
+  m.gate_name = std::move(gate);
+  m.up_name = std::move(up);
+  m.down_name = std::move(down);
+}
+
+}  // namespace
+
+Status parse_model_config(const io::Json& root, ModelConfig* out) {
+  const io::Json* archs = nullptr;
+  MOE_RETURN_IF_ERROR(io::get_array(root, "architectures", &archs, "config"));
+  ModelConfig m;
+  bool found = false;
+  for (const io::Json& a : archs->as_array()) {
+    if (!a.is_string()) continue;
+    const std::string& n = a.as_string();
+    static const std::pair<std::string_view, Architecture> kKnown[] = {
+        {"MixtralForCausalLM", Architecture::kMixtral},       {"Qwen2MoeForCausalLM", Architecture::kQwen2Moe},
+        {"Qwen3MoeForCausalLM", Architecture::kQwen3Moe},     {"DeepseekV2ForCausalLM", Architecture::kDeepseekV2},
+        {"DeepseekV3ForCausalLM", Architecture::kDeepseekV3}, {"GptOssForCausalLM", Architecture::kGptOss},
+        {"Llama4ForCausalLM", Architecture::kLlama4},         {"Llama4ForConditionalGeneration", Architecture::kLlama4}};
+    for (const auto& [name, arch] : kKnown) {
+      if (n == name) {
+        m.architecture = arch;
+        m.architecture_name = n;
+        found = true;
+      }
+    }
+    if (found) break;
+  }
+  if (!found) {
+    return unsupported("config.architectures: ", archs->dump(),
+                       " names no supported architecture (MixtralForCausalLM, Qwen2MoeForCausalLM, "
+                       "Qwen3MoeForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, GptOssForCausalLM, "
+                       "Llama4ForCausalLM)");
+  }
+  // Llama-4's multimodal config nests the text model's keys.
+  const io::Json& c = (m.architecture == Architecture::kLlama4 && root.find("text_config")) ? *root.find("text_config") : root;
+  MOE_RETURN_IF_ERROR(get_index(c, "hidden_size", &m.hidden));
+  std::int64_t top_k = 0;
+  MOE_RETURN_IF_ERROR(io::get_int(c, "num_experts_per_tok", &top_k, "config"));
+  m.top_k = static_cast<int>(top_k);
+  std::int64_t n_shared = 0;
+
+  switch (m.architecture) {
+    case Architecture::kMixtral:
+      // softmax (fp32) -> top-k -> renormalize; experts w2(silu(w1 x) * w3 x).
+      MOE_RETURN_IF_ERROR(get_index(c, "num_local_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, "intermediate_size", &m.intermediate));
+      m.routing = RoutingKind::kSoftmax;
+      m.routing_params.renormalize = true;
+      m.module = "block_sparse_moe";
+      m.router_weight = "gate.weight";
+      per_expert_names(m, "w1", "w3", "w2");
+      break;
+    case Architecture::kQwen2Moe:
+    case Architecture::kQwen3Moe:
+      // softmax -> top-k -> renormalize iff norm_topk_prob. Qwen2-MoE adds
+      // sigmoid(shared_expert_gate(x)) * shared_expert(x).
+      MOE_RETURN_IF_ERROR(get_index(c, "num_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, "moe_intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", false, &m.routing_params.renormalize, "config"));
+      m.routing = RoutingKind::kSoftmax;
+      m.module = "mlp";
+      m.router_weight = "gate.weight";
+      per_expert_names(m, "gate_proj", "up_proj", "down_proj");
+      if (m.architecture == Architecture::kQwen2Moe) {
+        std::int64_t s = 0;
+        MOE_RETURN_IF_ERROR(io::get_int_or(c, "shared_expert_intermediate_size", 0, &s, "config"));
+        m.shared_intermediate = s;
+        m.shared_expert_gate = s > 0;
+        m.shared_prefix = "shared_expert";
+      }
+      break;
+    case Architecture::kDeepseekV2: {
+      // HF DeepseekV2: fp32 softmax scores; greedy top-k, or group_limited_greedy (group score =
+      // max); weights never renormalized, always times routed_scaling_factor.
+      MOE_RETURN_IF_ERROR(get_index(c, "n_routed_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, "moe_intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(get_float_or(c, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
+      std::string method;
+      MOE_RETURN_IF_ERROR(io::get_string_or(c, "topk_method", "greedy", &method, "config"));
+      if (method == "group_limited_greedy") {
+        std::int64_t g = 1, tg = 1;
+        MOE_RETURN_IF_ERROR(io::get_int(c, "n_group", &g, "config"));
+        MOE_RETURN_IF_ERROR(io::get_int(c, "topk_group", &tg, "config"));
+        m.routing = RoutingKind::kGroupedSoftmax;
+        m.routing_params.num_expert_group = static_cast<int>(g);
+        m.routing_params.topk_group = static_cast<int>(tg);
+      } else if (method == "greedy") {
+        m.routing = RoutingKind::kSoftmax;
+      } else {
+        return unsupported("config.topk_method: \"", method, "\" is not supported (greedy, group_limited_greedy)");
+      }
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_shared_experts", 0, &n_shared, "config"));
+      break;
+    }
+    case Architecture::kDeepseekV3: {
+      // HF DeepseekV3 (noaux_tc): fp32 sigmoid scores; selection on scores + correction bias,
+      // groups ranked by their top-2 biased sum, others masked; weights = unbiased scores,
+      // renormalized iff norm_topk_prob, then times routed_scaling_factor.
+      MOE_RETURN_IF_ERROR(get_index(c, "n_routed_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, "moe_intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(get_float_or(c, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
+      MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", true, &m.routing_params.renormalize, "config"));
+      std::int64_t g = 1, tg = 1;
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_group", 1, &g, "config"));
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "topk_group", 1, &tg, "config"));
+      m.routing = RoutingKind::kGroupedSigmoid;
+      m.routing_params.num_expert_group = static_cast<int>(g);
+      m.routing_params.topk_group = static_cast<int>(tg);
+      m.correction_bias = true;
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_shared_experts", 0, &n_shared, "config"));
+      break;
+    }
+    case Architecture::kGptOss:
+      // Router Linear with bias; softmax over the top-k logits (= softmax, top-k, renormalize);
+      // swigluoai on interleaved gate/up, biases on both GEMMs.
+      MOE_RETURN_IF_ERROR(get_index(c, "num_local_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, "intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(get_float_or(c, "swiglu_limit", 7.0, &m.activation_params.swiglu_limit));
+      MOE_RETURN_IF_ERROR(get_float_or(c, "swiglu_alpha", 1.702, &m.activation_params.swiglu_alpha));
+      m.routing = RoutingKind::kSoftmax;
+      m.routing_params.renormalize = true;
+      m.router_bias = true;
+      m.activation = ActivationKind::kSwigluOai;
+      m.expert_biases = true;
+      m.module = "mlp";
+      m.router_weight = "router.weight";
+      m.expert_layout = ExpertLayout::kFusedInterleaved;
+      break;
+    case Architecture::kLlama4:
+      // top-k (1) of the raw logits, sigmoid of the chosen logit scales the expert INPUT; the
+      // shared expert (same I) is added unweighted.
+      MOE_RETURN_IF_ERROR(get_index(c, "num_local_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, "intermediate_size", &m.intermediate));
+      m.routing = RoutingKind::kLlama4;
+      m.weight_on_input = true;
+      m.module = "feed_forward";
+      m.router_weight = "router.weight";
+      m.expert_layout = ExpertLayout::kFusedGateUp;
+      m.shared_intermediate = m.intermediate;
+      m.shared_prefix = "shared_expert";
+      break;
+  }
+  if (m.architecture == Architecture::kDeepseekV2 || m.architecture == Architecture::kDeepseekV3) {
+    m.module = "mlp";
+    m.router_weight = "gate.weight";
+    per_expert_names(m, "gate_proj", "up_proj", "down_proj");
+    m.shared_intermediate = n_shared * m.intermediate;
+    m.shared_prefix = "shared_experts";
+  }
+  std::string act;
+  MOE_RETURN_IF_ERROR(io::get_string_or(c, "hidden_act", "silu", &act, "config"));
+  if (m.architecture != Architecture::kGptOss && act != "silu") {
+    return unsupported("config.hidden_act: \"", act, "\" is not supported for ", m.architecture_name, " (silu)");
+  }
+  if (m.top_k < 1 || m.top_k > m.num_experts) {
+    return invalid_argument("config.num_experts_per_tok: expected 1 <= top_k <= num_experts=", m.num_experts, ", got ",
+                            m.top_k);
+  }
+  *out = std::move(m);
+  return Status::ok();
+}
+
+Status load_model_config(const std::string& path, ModelConfig* out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return invalid_argument("--model-config: cannot open ", path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  io::Json j;
+  const Status s = io::parse_json(ss.str(), &j);
+  if (!s.is_ok()) return make_status(s.code(), path, ": ", s.message());
+  const Status p = parse_model_config(j, out);
+  if (!p.is_ok()) return make_status(p.code(), path, ": ", p.message());
+  return Status::ok();
+}
+
+}  // namespace moe::layer

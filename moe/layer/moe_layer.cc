@@ -1,0 +1,436 @@
+#include "moe/layer/moe_layer.h"
+
+#include <Eigen/Core>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+#include "moe/cpu/ops.h"
+
+namespace moe::layer {
+namespace {
+
+// ---- element access on type-erased tensors ---------------------------------------------------
+
+float load_element(DType t, const void* base, Index i) {
+  switch (t) {
+    case DType::kF32: return static_cast<const float*>(base)[i];
+    case DType::kBF16: return to_float(static_cast<const bfloat16*>(base)[i]);
+    case DType::kF16: return to_float(static_cast<const half*>(base)[i]);
+    default: return 0.0f;  // callers check the dtype first
+  }
+}
+
+void store_element(Buffer& b, Index i, float v) {
+  switch (b.dtype) {
+    case DType::kF32: reinterpret_cast<float*>(b.bytes.data())[i] = v; break;
+    case DType::kBF16: reinterpret_cast<bfloat16*>(b.bytes.data())[i] = bfloat16(v); break;
+    case DType::kF16: reinterpret_cast<half*>(b.bytes.data())[i] = half(v); break;
+    default: break;
+  }
+}
+
+std::size_t element_size(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+Buffer make_buffer(DType dtype, std::vector<Index> shape) {
+  Buffer b;
+  b.dtype = dtype;
+  Index n = 1;
+  for (Index e : shape) n *= e;
+  b.shape = std::move(shape);
+  b.bytes.assign(static_cast<std::size_t>(n) * element_size(dtype), std::byte{0});
+  return b;
+}
+
+std::string shape_string(const std::vector<Index>& s) { return detail::format_shape(s); }
+
+// A checkpoint tensor of a float dtype and an exact shape, read element by element.
+struct Source {
+  AnyTensor t;
+  std::vector<Index> stride;
+  float operator()(Index i) const { return load_element(t.dtype, t.data, i); }
+  float at(Index a, Index b) const { return (*this)(a * stride[0] + b); }
+  float at(Index a, Index b, Index c) const { return (*this)(a * stride[0] + b * stride[1] + c); }
+};
+
+Status open_source(const io::Checkpoint& ckpt, const std::string& name, const std::vector<Index>& shape, Source* out,
+                   bool allow_u8 = false) {
+  AnyTensor t;
+  MOE_RETURN_IF_ERROR(ckpt.tensor(name, &t));
+  const bool float_type = t.dtype == DType::kF32 || t.dtype == DType::kBF16 || t.dtype == DType::kF16;
+  if (!float_type && !(allow_u8 && t.dtype == DType::kU8)) {
+    return invalid_argument("tensor ", name, ": expected dtype F32, BF16 or F16, got ", to_string(t.dtype));
+  }
+  if (t.extents != shape) {
+    return invalid_argument("tensor ", name, ": expected shape ", shape_string(shape), ", got ", shape_string(t.extents));
+  }
+  out->t = t;
+  out->stride.assign(shape.size(), 1);
+  for (int d = static_cast<int>(shape.size()) - 2; d >= 0; --d) out->stride[d] = out->stride[d + 1] * shape[d + 1];
+  return Status::ok();
+}
+
+// OCP MXFP4: 4-bit e2m1 codes, two per byte (low nibble = even element), one E8M0 scale per 32.
+float mxfp4_value(const std::uint8_t* blocks, const std::uint8_t* scales, Index row, Index col, Index cols) {
+  static constexpr float kLut[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                     -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+  const Index group = col / 32, within = col % 32;
+  const std::uint8_t byte = blocks[(row * (cols / 32) + group) * 16 + within / 2];
+  const int code = (within % 2 == 0) ? (byte & 0x0f) : (byte >> 4);
+  const int exponent = static_cast<int>(scales[row * (cols / 32) + group]) - 127;
+  return std::ldexp(kLut[code], exponent);
+}
+
+// gate/up/down of one expert as float, already sliced to this tensor-parallel rank.
+struct ExpertWeights {
+  std::vector<float> gate, up;  // [It, H]
+  std::vector<float> down;      // [H, It]
+  std::vector<float> gate_bias, up_bias, down_bias;  // [It], [It], [H] (gpt-oss)
+};
+
+}  // namespace
+
+Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DType dtype, const io::Checkpoint& ckpt,
+                      const std::string& prefix, MoeLayer* out) {
+  if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
+    return invalid_argument("dtype: expected f32, bf16 or f16, got ", to_string(dtype));
+  }
+  if (par.tp_size < 1 || par.tp_rank < 0 || par.tp_rank >= par.tp_size) {
+    return invalid_argument("tp_rank: expected 0 <= tp_rank < tp_size=", par.tp_size, ", got ", par.tp_rank);
+  }
+  const Index H = config.hidden, I = config.intermediate, E = config.num_experts;
+  if (I % par.tp_size != 0) {
+    return invalid_argument("tp_size: the expert intermediate size ", I, " is not divisible by tp_size=", par.tp_size);
+  }
+  if (config.shared_intermediate % par.tp_size != 0) {
+    return invalid_argument("tp_size: the shared expert intermediate size ", config.shared_intermediate,
+                            " is not divisible by tp_size=", par.tp_size);
+  }
+  ExpertMap em;
+  MOE_RETURN_IF_ERROR(determine_expert_map(par.ep_size, par.ep_rank, E, par.placement, &em));
+
+  MoeLayer l;
+  l.config_ = config;
+  l.parallel_ = par;
+  l.dtype_ = dtype;
+  l.local_experts_ = em.num_local_experts;
+  l.expert_map_ = em.map;
+  l.intermediate_tp_ = I / par.tp_size;
+  const Index It = l.intermediate_tp_;
+  const Index i0 = par.tp_rank * It;  // first intermediate index of this rank
+
+  // The block prefix: "<prefix>.<module>" when the router lives there, else `prefix` itself.
+  const std::string with_module = prefix + "." + config.module;
+  l.block_prefix_ = ckpt.contains(with_module + "." + config.router_weight) ? with_module : prefix;
+  const std::string& p = l.block_prefix_;
+
+  // Router (fp32), router bias, correction bias.
+  Source s;
+  MOE_RETURN_IF_ERROR(open_source(ckpt, p + "." + config.router_weight, {E, H}, &s));
+  l.router_.resize(static_cast<std::size_t>(E * H));
+  for (Index i = 0; i < E * H; ++i) l.router_[i] = s(i);
+  if (config.router_bias) {
+    MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".router.bias", {E}, &s));
+    for (Index i = 0; i < E; ++i) l.router_bias_.push_back(s(i));
+  }
+  if (config.correction_bias) {
+    MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".gate.e_score_correction_bias", {E}, &s));
+    for (Index i = 0; i < E; ++i) l.correction_bias_.push_back(s(i));
+  }
+
+  // Routed experts.
+  const bool interleaved = config.activation == ActivationKind::kSwigluOai;
+  const Index L = l.local_experts_;
+  l.w13_ = make_buffer(dtype, {L, 2 * It, H});
+  l.w2_ = make_buffer(dtype, {L, H, It});
+  if (config.expert_biases) {
+    l.w13_bias_ = make_buffer(dtype, {L, 2 * It});
+    if (par.tp_rank == 0) l.w2_bias_ = make_buffer(dtype, {L, H});  // added once across TP ranks
+  }
+  // Fused tensors are opened once.
+  Source gate_up, down, gate_up_bias, down_bias, gu_blocks, gu_scales, dn_blocks, dn_scales;
+  bool mxfp4 = false;
+  if (config.expert_layout != ExpertLayout::kPerExpertLinear) {
+    const std::string e = p + ".experts.";
+    mxfp4 = config.expert_layout == ExpertLayout::kFusedInterleaved && !ckpt.contains(e + "gate_up_proj") &&
+            ckpt.contains(e + "gate_up_proj_blocks");
+    if (mxfp4) {
+      if (H % 32 != 0 || I % 32 != 0) return invalid_argument("MXFP4 experts need H and I divisible by 32");
+      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj_blocks", {E, 2 * I, H / 32, 16}, &gu_blocks, true));
+      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj_scales", {E, 2 * I, H / 32}, &gu_scales, true));
+      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj_blocks", {E, H, I / 32, 16}, &dn_blocks, true));
+      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj_scales", {E, H, I / 32}, &dn_scales, true));
+      for (Source* u8 : {&gu_blocks, &gu_scales, &dn_blocks, &dn_scales}) {
+        if (u8->t.dtype != DType::kU8) return invalid_argument("MXFP4 tensors: expected dtype U8, got ", to_string(u8->t.dtype));
+      }
+    } else {
+      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj", {E, H, 2 * I}, &gate_up));
+      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj", {E, I, H}, &down));
+    }
+    if (config.expert_biases) {
+      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj_bias", {E, 2 * I}, &gate_up_bias));
+      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj_bias", {E, H}, &down_bias));
+    }
+  }
+
+  ExpertWeights w;
+  for (Index g = 0; g < E; ++g) {
+    const Index local = em.map.empty() ? g : em.map[g];
+    if (local < 0) continue;
+    w.gate.assign(It * H, 0.0f);
+    w.up.assign(It * H, 0.0f);
+    w.down.assign(H * It, 0.0f);
+    switch (config.expert_layout) {
+      case ExpertLayout::kPerExpertLinear: {
+        const std::string e = p + ".experts." + std::to_string(g) + ".";
+        Source gs, us, ds;
+        MOE_RETURN_IF_ERROR(open_source(ckpt, e + config.gate_name + ".weight", {I, H}, &gs));
+        MOE_RETURN_IF_ERROR(open_source(ckpt, e + config.up_name + ".weight", {I, H}, &us));
+        MOE_RETURN_IF_ERROR(open_source(ckpt, e + config.down_name + ".weight", {H, I}, &ds));
+        for (Index i = 0; i < It; ++i)
+          for (Index h = 0; h < H; ++h) {
+            w.gate[i * H + h] = gs.at(i0 + i, h);
+            w.up[i * H + h] = us.at(i0 + i, h);
+          }
+        for (Index h = 0; h < H; ++h)
+          for (Index i = 0; i < It; ++i) w.down[h * It + i] = ds.at(h, i0 + i);
+        break;
+      }
+      case ExpertLayout::kFusedGateUp:  // [E, H, 2I]: gate = [..., :I], up = [..., I:]
+        for (Index i = 0; i < It; ++i)
+          for (Index h = 0; h < H; ++h) {
+            w.gate[i * H + h] = gate_up.at(g, h, i0 + i);
+            w.up[i * H + h] = gate_up.at(g, h, I + i0 + i);
+          }
+        for (Index h = 0; h < H; ++h)
+          for (Index i = 0; i < It; ++i) w.down[h * It + i] = down.at(g, i0 + i, h);
+        break;
+      case ExpertLayout::kFusedInterleaved:  // gate = [..., 0::2], up = [..., 1::2]
+        if (mxfp4) {
+          const auto* gb = static_cast<const std::uint8_t*>(gu_blocks.t.data) + g * 2 * I * (H / 32) * 16;
+          const auto* gsc = static_cast<const std::uint8_t*>(gu_scales.t.data) + g * 2 * I * (H / 32);
+          const auto* db = static_cast<const std::uint8_t*>(dn_blocks.t.data) + g * H * (I / 32) * 16;
+          const auto* dsc = static_cast<const std::uint8_t*>(dn_scales.t.data) + g * H * (I / 32);
+          for (Index i = 0; i < It; ++i)
+            for (Index h = 0; h < H; ++h) {
+              w.gate[i * H + h] = mxfp4_value(gb, gsc, 2 * (i0 + i), h, H);
+              w.up[i * H + h] = mxfp4_value(gb, gsc, 2 * (i0 + i) + 1, h, H);
+            }
+          for (Index h = 0; h < H; ++h)
+            for (Index i = 0; i < It; ++i) w.down[h * It + i] = mxfp4_value(db, dsc, h, i0 + i, I);
+        } else {
+          for (Index i = 0; i < It; ++i)
+            for (Index h = 0; h < H; ++h) {
+              w.gate[i * H + h] = gate_up.at(g, h, 2 * (i0 + i));
+              w.up[i * H + h] = gate_up.at(g, h, 2 * (i0 + i) + 1);
+            }
+          for (Index h = 0; h < H; ++h)
+            for (Index i = 0; i < It; ++i) w.down[h * It + i] = down.at(g, i0 + i, h);
+        }
+        break;
+    }
+    // Pack into w13 ([gate; up] or interleaved) and w2.
+    for (Index i = 0; i < It; ++i) {
+      const Index gate_row = interleaved ? 2 * i : i, up_row = interleaved ? 2 * i + 1 : It + i;
+      for (Index h = 0; h < H; ++h) {
+        store_element(l.w13_, (local * 2 * It + gate_row) * H + h, w.gate[i * H + h]);
+        store_element(l.w13_, (local * 2 * It + up_row) * H + h, w.up[i * H + h]);
+      }
+      if (config.expert_biases) {
+        store_element(l.w13_bias_, local * 2 * It + gate_row, gate_up_bias.at(g, 2 * (i0 + i)));
+        store_element(l.w13_bias_, local * 2 * It + up_row, gate_up_bias.at(g, 2 * (i0 + i) + 1));
+      }
+    }
+    for (Index h = 0; h < H * It; ++h) store_element(l.w2_, local * H * It + h, w.down[h]);
+    if (config.expert_biases && par.tp_rank == 0) {
+      for (Index h = 0; h < H; ++h) store_element(l.w2_bias_, local * H + h, down_bias.at(g, h));
+    }
+  }
+
+  // Shared expert(s): one dense gated MLP, split over TP like the experts; rank 0 only under EP.
+  if (config.shared_intermediate > 0 && par.ep_rank == 0) {
+    const Index S = config.shared_intermediate, St = S / par.tp_size, s0 = par.tp_rank * St;
+    const std::string e = p + "." + config.shared_prefix + ".";
+    Source gs, us, ds;
+    MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_proj.weight", {S, H}, &gs));
+    MOE_RETURN_IF_ERROR(open_source(ckpt, e + "up_proj.weight", {S, H}, &us));
+    MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj.weight", {H, S}, &ds));
+    l.shared_tp_ = St;
+    l.shared_w13_ = make_buffer(dtype, {1, 2 * St, H});
+    l.shared_w2_ = make_buffer(dtype, {1, H, St});
+    for (Index i = 0; i < St; ++i)
+      for (Index h = 0; h < H; ++h) {
+        store_element(l.shared_w13_, i * H + h, gs.at(s0 + i, h));
+        store_element(l.shared_w13_, (St + i) * H + h, us.at(s0 + i, h));
+      }
+    for (Index h = 0; h < H; ++h)
+      for (Index i = 0; i < St; ++i) store_element(l.shared_w2_, h * St + i, ds.at(h, s0 + i));
+    if (config.shared_expert_gate) {
+      MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".shared_expert_gate.weight", {1, H}, &gs));
+      for (Index h = 0; h < H; ++h) l.shared_gate_.push_back(gs(h));
+    }
+  }
+  *out = std::move(l);
+  return Status::ok();
+}
+
+namespace {
+
+template <class Policy>
+Status route(const RoutingParams& rp, HostView<const float, 2> logits, int top_k, const std::vector<float>& bias,
+             HostView<std::int32_t, 2> ids, HostView<float, 2> weights) {
+  typename Policy::Arguments a{};
+  if constexpr (requires { a.renormalize; }) a.renormalize = rp.renormalize;
+  if constexpr (requires { a.routed_scaling_factor; }) a.routed_scaling_factor = rp.routed_scaling_factor;
+  if constexpr (requires { a.num_expert_group; }) a.num_expert_group = rp.num_expert_group;
+  if constexpr (requires { a.topk_group; }) a.topk_group = rp.topk_group;
+  std::optional<HostView<const float, 1>> b;
+  if (!bias.empty()) b = HostView<const float, 1>(bias.data(), {static_cast<Index>(bias.size())});
+  return cpu::select_experts<Policy>(logits, top_k, a, b, ids, weights);
+}
+
+}  // namespace
+
+Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>& router_logits, Result* out,
+                         const cpu::Options& options) const {
+  const Index H = config_.hidden, E = config_.num_experts;
+  const int k = config_.top_k;
+  if (hidden.extents.size() != 2 || hidden.extents[1] != H) {
+    return invalid_argument("hidden_states: expected shape [M, H=", H, "], got ", shape_string(hidden.extents));
+  }
+  if (hidden.dtype != DType::kF32 && hidden.dtype != DType::kBF16 && hidden.dtype != DType::kF16) {
+    return invalid_argument("hidden_states: expected dtype f32, bf16 or f16, got ", to_string(hidden.dtype));
+  }
+  if (!hidden.strides.empty()) return invalid_argument("hidden_states: expected a contiguous tensor");
+  const Index M = hidden.extents[0];
+  if (router_logits) {
+    HostView<const float, 2> v;
+    MOE_RETURN_IF_ERROR(bind(*router_logits, "router_logits", &v));
+    if (v.extent(0) != M || v.extent(1) != E) {
+      return invalid_argument("router_logits: expected shape [M=", M, ", E=", E, "], got ",
+                              shape_string(router_logits->extents));
+    }
+  }
+  // Inputs: float (router) and compute-dtype (experts) copies.
+  std::vector<float> xf(static_cast<std::size_t>(M * H));
+  for (Index i = 0; i < M * H; ++i) xf[i] = load_element(hidden.dtype, hidden.data, i);
+  Buffer x = make_buffer(dtype_, {M, H});
+  for (Index i = 0; i < M * H; ++i) store_element(x, i, xf[i]);
+
+  // Router logits in fp32.
+  std::vector<float> logits(static_cast<std::size_t>(M * E));
+  if (router_logits) {
+    std::memcpy(logits.data(), router_logits->data, logits.size() * sizeof(float));
+  } else if (M > 0) {
+    using RM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Eigen::Map<RM> lg(logits.data(), M, E);
+    lg.noalias() = Eigen::Map<const RM>(xf.data(), M, H) * Eigen::Map<const RM>(router_.data(), E, H).transpose();
+    if (!router_bias_.empty()) lg.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(router_bias_.data(), E);
+  }
+
+  Result r;
+  r.topk_ids.resize(static_cast<std::size_t>(M * k));
+  r.topk_weights.resize(static_cast<std::size_t>(M * k));
+  const HostView<const float, 2> lv(logits.data(), {M, E});
+  const HostView<std::int32_t, 2> ids(r.topk_ids.data(), {M, k});
+  const HostView<float, 2> wts(r.topk_weights.data(), {M, k});
+  switch (config_.routing) {
+    case RoutingKind::kSoftmax: MOE_RETURN_IF_ERROR(route<routing::SoftmaxTopK>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
+    case RoutingKind::kSigmoid: MOE_RETURN_IF_ERROR(route<routing::SigmoidTopK>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
+    case RoutingKind::kGroupedSoftmax: MOE_RETURN_IF_ERROR(route<routing::GroupedTopK<routing::Softmax>>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
+    case RoutingKind::kGroupedSigmoid: MOE_RETURN_IF_ERROR(route<routing::GroupedTopK<routing::Sigmoid>>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
+    case RoutingKind::kLlama4: MOE_RETURN_IF_ERROR(route<routing::Llama4TopK>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
+    case RoutingKind::kPrecomputed: return invalid_argument("routing: a model config cannot use precomputed routing");
+  }
+
+  // Routed experts (this rank's).
+  ForwardFn routed = nullptr;
+  MOE_RETURN_IF_ERROR(find_kernel({RoutingKind::kPrecomputed, config_.activation, dtype_, config_.weight_on_input}, &routed));
+  r.output = make_buffer(dtype_, {M, H});
+  ForwardRequest req;
+  req.hidden_states = x.tensor();
+  req.topk_ids = AnyTensor{r.topk_ids.data(), DType::kI32, {M, k}, {}};
+  req.topk_weights = AnyTensor{r.topk_weights.data(), DType::kF32, {M, k}, {}};
+  req.top_k = k;
+  req.w13 = w13_.tensor();
+  req.w2 = w2_.tensor();
+  if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
+  if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
+  std::vector<std::int32_t> map = expert_map_;
+  if (!map.empty()) req.expert_map = AnyTensor{map.data(), DType::kI32, {E}, {}};
+  req.activation = config_.activation_params;
+  req.output = r.output.tensor();
+  req.options = options;
+  MOE_RETURN_IF_ERROR(routed(req));
+
+  // Shared expert: weight 1, or sigmoid(shared_expert_gate . x) (Qwen2-MoE).
+  if (shared_tp_ > 0 && M > 0) {
+    ForwardFn shared = nullptr;
+    MOE_RETURN_IF_ERROR(find_kernel({RoutingKind::kPrecomputed, ActivationKind::kSiluAndMul, dtype_, false}, &shared));
+    std::vector<std::int32_t> zero_ids(static_cast<std::size_t>(M), 0);
+    std::vector<float> gate(static_cast<std::size_t>(M), 1.0f);
+    if (!shared_gate_.empty()) {
+      for (Index m = 0; m < M; ++m) {
+        double s = 0;
+        for (Index h = 0; h < H; ++h) s += static_cast<double>(xf[m * H + h]) * shared_gate_[h];
+        gate[m] = static_cast<float>(1.0 / (1.0 + std::exp(-s)));
+      }
+    }
+    Buffer so = make_buffer(dtype_, {M, H});
+    ForwardRequest sr;
+    sr.hidden_states = x.tensor();
+    sr.topk_ids = AnyTensor{zero_ids.data(), DType::kI32, {M, 1}, {}};
+    sr.topk_weights = AnyTensor{gate.data(), DType::kF32, {M, 1}, {}};
+    sr.top_k = 1;
+    sr.w13 = shared_w13_.tensor();
+    sr.w2 = shared_w2_.tensor();
+    sr.output = so.tensor();
+    sr.options = options;
+    MOE_RETURN_IF_ERROR(shared(sr));
+    for (Index i = 0; i < M * H; ++i) {
+      store_element(r.output, i, load_element(dtype_, r.output.bytes.data(), i) + load_element(dtype_, so.bytes.data(), i));
+    }
+  }
+  *out = std::move(r);
+  return Status::ok();
+}
+
+std::string MoeLayer::describe() const {
+  std::ostringstream os;
+  const ModelConfig& c = config_;
+  os << "architecture      " << c.architecture_name << "\n"
+     << "block             " << block_prefix_ << "\n"
+     << "dtype             " << to_string(dtype_) << "\n"
+     << "hidden            " << c.hidden << "\n"
+     << "experts           " << c.num_experts << " (top_k " << c.top_k << ")\n"
+     << "intermediate      " << c.intermediate << " per expert, " << intermediate_tp_ << " on this rank\n"
+     << "routing           " << to_string(c.routing) << " (renormalize " << (c.routing_params.renormalize ? "yes" : "no")
+     << ", routed_scaling_factor " << c.routing_params.routed_scaling_factor;
+  if (c.routing == RoutingKind::kGroupedSoftmax || c.routing == RoutingKind::kGroupedSigmoid) {
+    os << ", groups " << c.routing_params.num_expert_group << ", topk_group " << c.routing_params.topk_group;
+  }
+  os << (c.correction_bias ? ", correction bias" : "") << (c.router_bias ? ", router bias" : "") << ")\n"
+     << "activation        " << to_string(c.activation)
+     << (c.activation == ActivationKind::kSwigluOai ? " (alpha " + std::to_string(c.activation_params.swiglu_alpha) +
+                                                          ", limit " + std::to_string(c.activation_params.swiglu_limit) + ")"
+                                                    : std::string())
+     << "\n"
+     << "prepare/finalize  standard" << (c.weight_on_input ? ", router weight on input" : "") << "\n"
+     << "expert biases     " << (c.expert_biases ? "yes" : "no") << "\n"
+     << "shared expert     ";
+  if (c.shared_intermediate > 0) {
+    os << c.shared_intermediate << " intermediate" << (c.shared_expert_gate ? ", sigmoid gate" : "")
+       << (shared_tp_ > 0 ? ", computed on this rank" : ", on ep rank 0") << "\n";
+  } else {
+    os << "none\n";
+  }
+  os << "parallel          tp " << parallel_.tp_rank << "/" << parallel_.tp_size << ", ep " << parallel_.ep_rank << "/"
+     << parallel_.ep_size << " ("
+     << (parallel_.placement == ExpertPlacement::kLinear ? "linear" : "round_robin") << "), " << local_experts_
+     << " local experts\n"
+     << "kernel            " << KernelKey{RoutingKind::kPrecomputed, c.activation, dtype_, c.weight_on_input}.to_string()
+     << " on cpu_eigen\n";
+  return os.str();
+}
+
+}  // namespace moe::layer

@@ -1,0 +1,77 @@
+// A runtime MoE layer: built from a Hugging Face config and checkpoint, it owns the expert
+// weights (converted to the compute dtype and sharded for this rank), the router, shared
+// experts and the parallel layout, and runs the forward through the registry's prebuilt
+// kernels on the CPU backend.
+//
+// Parallel layout: tp_size/tp_rank split every expert's intermediate dimension (and the shared
+// expert's); ep_size/ep_rank keep only this rank's experts (expert_map, linear or round-robin).
+// A rank's output is its partial sum: routed experts of this rank only; what is not split (the
+// shared expert under EP, the second GEMM's bias under TP) is added on rank 0 only, so the outputs
+// of all ranks add up to the full layer.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "moe/expert_map.h"
+#include "moe/io/safetensors.h"
+#include "moe/layer/model_config.h"
+#include "moe/layer/registry.h"
+
+namespace moe::layer {
+
+struct ParallelLayout {
+  int tp_size = 1, tp_rank = 0;
+  int ep_size = 1, ep_rank = 0;
+  ExpertPlacement placement = ExpertPlacement::kLinear;
+};
+
+// Row-major storage of one dtype.
+struct Buffer {
+  DType dtype = DType::kF32;
+  std::vector<Index> shape;
+  std::vector<std::byte> bytes;
+  AnyTensor tensor() const { return AnyTensor{const_cast<std::byte*>(bytes.data()), dtype, shape, {}}; }
+};
+
+class MoeLayer {
+ public:
+  // `prefix` names the decoder layer ("model.layers.3") or the MoE block itself
+  // ("model.layers.3.mlp"); the block's module name is appended when the tensors live there.
+  static Status load(const ModelConfig& config, const ParallelLayout& parallel, DType dtype,
+                     const io::Checkpoint& checkpoint, const std::string& prefix, MoeLayer* out);
+
+  struct Result {
+    Buffer output;                       // [M, H] in dtype()
+    std::vector<std::int32_t> topk_ids;  // [M, top_k] global expert ids
+    std::vector<float> topk_weights;     // [M, top_k] weights applied (routed_scaling_factor included)
+  };
+  // hidden_states: [M, H] f32, bf16 or f16. router_logits: optional final logits [M, E] f32
+  // (any router bias included); when absent, logits = hidden . router^T (+ bias) in fp32.
+  Status forward(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits, Result* out,
+                 const cpu::Options& options = {}) const;
+
+  const ModelConfig& config() const { return config_; }
+  const ParallelLayout& parallel() const { return parallel_; }
+  DType dtype() const { return dtype_; }
+  Index num_local_experts() const { return local_experts_; }
+  // Policies, shapes and layout, for `moe info`.
+  std::string describe() const;
+
+ private:
+  ModelConfig config_;
+  ParallelLayout parallel_;
+  DType dtype_ = DType::kBF16;
+  std::string block_prefix_;
+  Index local_experts_ = 0, intermediate_tp_ = 0, shared_tp_ = 0;
+  std::vector<std::int32_t> expert_map_;  // [E]; empty when every expert is local
+  std::vector<float> router_;             // [E, H]
+  std::vector<float> router_bias_;        // [E] or empty
+  std::vector<float> correction_bias_;    // [E] or empty
+  Buffer w13_, w2_, w13_bias_, w2_bias_;  // biases empty (no shape) when absent
+  Buffer shared_w13_, shared_w2_;         // [1, 2*S, H], [1, H, S]
+  std::vector<float> shared_gate_;        // [H] or empty
+};
+
+}  // namespace moe::layer

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "moe/io/safetensors.h"
+#include "moe/layer/cuda_registry.h"
 #include "moe/layer/moe_layer.h"
 
 namespace moe::cli {
@@ -21,14 +22,15 @@ constexpr const char* kUsage =
     "            [--ep-size N --ep-rank R --expert-placement linear|round_robin] [--tp-size N --tp-rank R]\n"
     "  moe info  --model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX [layout options]\n"
     "  moe bench (--model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX | --shape NAME)\n"
-    "            [--tokens M] [--iterations N] [--dtype f32|bf16|f16] [layout options]\n"
+    "            [--tokens M] [--iterations N] [--dtype f32|bf16|f16] [--backend cpu|cuda] [layout options]\n"
+    "--backend defaults to cuda when a GPU (sm_90+) is present, else cpu.\n"
     "            shapes: qwen3_30b_a3b, gpt_oss_120b, mixtral_8x7b, deepseek_v3\n"
     "IN holds hidden_states [M, H] and optionally router_logits [M, E] (f32, final logits).\n"
     "OUT receives output [M, H], topk_ids [M, top_k] (i32, global ids), topk_weights [M, top_k] (f32).\n";
 
 struct Options {
   std::string command;
-  std::string model_config, layer_prefix, inputs, output, backend = "cpu", dtype = "bf16", placement = "linear", shape;
+  std::string model_config, layer_prefix, inputs, output, backend, dtype = "bf16", placement = "linear", shape;
   std::vector<std::string> weights;
   int ep_size = 1, ep_rank = 0, tp_size = 1, tp_rank = 0;
   long tokens = 64, iterations = 10;
@@ -72,6 +74,7 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     else if (flag == "--iterations") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, &o->iterations)); }
     else return invalid_argument("unknown option ", flag);
   }
+  if (o->backend.empty()) o->backend = layer::cuda_device_available() ? "cuda" : "cpu";  // cpu without a GPU
   if (o->backend != "cpu" && o->backend != "cuda") return invalid_argument("--backend: expected cpu or cuda, got ", o->backend);
   if (o->dtype != "f32" && o->dtype != "bf16" && o->dtype != "f16") {
     return invalid_argument("--dtype: expected f32, bf16 or f16, got ", o->dtype);
@@ -105,11 +108,14 @@ layer::ParallelLayout layout_of(const Options& o) {
 }
 
 Status check_backend(const Options& o) {
-  if (o.backend == "cuda") {
-    return unsupported("--backend cuda: this build of the tool runs the CPU backend only; the CUDA layer path is not "
-                       "built yet (use the library's moe::Kernel<Spec, moe::cuda::Sm90> directly)");
+  if (o.backend == "cuda" && !layer::cuda_device_available()) {
+    return unsupported("--backend cuda: no CUDA device with compute capability >= 9.0 is present (use --backend cpu)");
   }
   return Status::ok();
+}
+
+layer::MoeLayer::KernelFinder finder(const Options& o) {
+  return o.backend == "cuda" ? &layer::find_cuda_kernel : &layer::find_kernel;
 }
 
 Status load_layer(const Options& o, io::Checkpoint* ckpt, layer::MoeLayer* l) {
@@ -136,7 +142,7 @@ Status command_run(const Options& o, std::ostream& out) {
   }
   layer::MoeLayer::Result r;
   const auto t0 = std::chrono::steady_clock::now();
-  const Status fs = l.forward(hidden, logits, &r);
+  const Status fs = l.forward(hidden, logits, &r, {}, finder(o));
   if (!fs.is_ok()) return make_status(fs.code(), o.inputs, ": ", fs.message());
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const Index M = hidden.extents[0], k = l.config().top_k;
@@ -155,7 +161,7 @@ Status command_run(const Options& o, std::ostream& out) {
   }
   out << "moe run: " << l.config().architecture_name << ", " << M << " tokens, H=" << l.config().hidden
       << ", E=" << l.config().num_experts << " (top_k " << k << ", " << l.num_local_experts() << " local), dtype "
-      << to_string(l.dtype()) << ", cpu backend: " << ms << " ms\n"
+      << to_string(l.dtype()) << ", " << o.backend << " backend: " << ms << " ms\n"
       << "wrote " << o.output << ": output [" << M << ", " << l.config().hidden << "] (mean |x| "
       << (M > 0 ? sum_abs / static_cast<double>(M * l.config().hidden) : 0.0) << "), topk_ids, topk_weights\n";
   return Status::ok();
@@ -166,7 +172,7 @@ Status command_info(const Options& o, std::ostream& out) {
   io::Checkpoint ckpt;
   layer::MoeLayer l;
   MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l));
-  out << l.describe();
+  out << l.describe() << "backend           " << o.backend << "\n";
   return Status::ok();
 }
 
@@ -197,14 +203,15 @@ Status time_calls(long iterations, std::ostream& err, F once, std::vector<double
   return Status::ok();
 }
 
-void report(std::ostream& out, const std::string& what, Index M, Index H, Index I, int k, Index experts_hit,
-            std::size_t elem, std::vector<double> ms) {
+void report(std::ostream& out, const std::string& what, const std::string& backend, Index M, Index H, Index I, int k,
+            Index experts_hit, std::size_t elem, std::vector<double> ms) {
   std::sort(ms.begin(), ms.end());
   const double med = ms[ms.size() / 2] * 1e-3;
   const double flops = 6.0 * static_cast<double>(M) * k * H * I;
   const double bytes = static_cast<double>(experts_hit) * 3 * H * I * elem + 2.0 * M * H * elem;
   out << what << ": M=" << M << ", median of " << ms.size() << ": " << med * 1e6 << " us, " << flops / med * 1e-12
-      << " TFLOP/s, " << bytes / med * 1e-9 << " GB/s (cpu backend)\n";
+      << " TFLOP/s, " << bytes / med * 1e-9 << " GB/s (" << backend << " backend"
+      << (backend == "cuda" ? ", including host-device copies of weights and activations" : "") << ")\n";
 }
 
 Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
@@ -218,7 +225,7 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
     for (const auto& c : kShapes) if (o.shape == c.name) s = &c;
     if (!s) return invalid_argument("--shape: unknown \"", o.shape, "\" (qwen3_30b_a3b, gpt_oss_120b, mixtral_8x7b, deepseek_v3)");
     layer::ForwardFn fn = nullptr;
-    MOE_RETURN_IF_ERROR(layer::find_kernel({layer::RoutingKind::kPrecomputed, layer::ActivationKind::kSiluAndMul, dt, false}, &fn));
+    MOE_RETURN_IF_ERROR(finder(o)({layer::RoutingKind::kPrecomputed, layer::ActivationKind::kSiluAndMul, dt, false}, &fn));
     const std::size_t elem = dt == DType::kF32 ? 4 : 2;
     layer::Buffer w13{dt, {s->E, 2 * s->I, s->H}, std::vector<std::byte>(s->E * 2 * s->I * s->H * elem)};
     layer::Buffer w2{dt, {s->E, s->H, s->I}, std::vector<std::byte>(s->E * s->H * s->I * elem)};
@@ -254,7 +261,7 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
     std::vector<double> ms;
     MOE_RETURN_IF_ERROR(fn(r));  // warm-up
     MOE_RETURN_IF_ERROR(time_calls(o.iterations, err, [&] { return fn(r); }, &ms));
-    report(out, std::string("bench ") + s->name, M, s->H, s->I, s->top_k, std::count(hit.begin(), hit.end(), true), elem, ms);
+    report(out, std::string("bench ") + s->name, o.backend, M, s->H, s->I, s->top_k, std::count(hit.begin(), hit.end(), true), elem, ms);
     return Status::ok();
   }
   io::Checkpoint ckpt;
@@ -266,11 +273,11 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
   const AnyTensor hidden{x.data(), DType::kF32, {M, H}, {}};
   layer::MoeLayer::Result r;
   std::vector<double> ms;
-  MOE_RETURN_IF_ERROR(l.forward(hidden, std::nullopt, &r));
-  MOE_RETURN_IF_ERROR(time_calls(o.iterations, err, [&] { return l.forward(hidden, std::nullopt, &r); }, &ms));
+  MOE_RETURN_IF_ERROR(l.forward(hidden, std::nullopt, &r, {}, finder(o)));
+  MOE_RETURN_IF_ERROR(time_calls(o.iterations, err, [&] { return l.forward(hidden, std::nullopt, &r, {}, finder(o)); }, &ms));
   std::vector<bool> hit(l.config().num_experts, false);
   for (auto id : r.topk_ids) hit[id] = true;
-  report(out, "bench " + l.config().architecture_name, M, H, l.config().intermediate, l.config().top_k,
+  report(out, "bench " + l.config().architecture_name, o.backend, M, H, l.config().intermediate, l.config().top_k,
          std::count(hit.begin(), hit.end(), true), dt == DType::kF32 ? 4 : 2, ms);
   return Status::ok();
 }

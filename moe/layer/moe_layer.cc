@@ -292,7 +292,7 @@ Status route(const RoutingParams& rp, HostView<const float, 2> logits, int top_k
 }  // namespace
 
 Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>& router_logits, Result* out,
-                         const cpu::Options& options) const {
+                         const cpu::Options& options, KernelFinder find) const {
   const Index H = config_.hidden, E = config_.num_experts;
   const int k = config_.top_k;
   if (hidden.extents.size() != 2 || hidden.extents[1] != H) {
@@ -345,7 +345,7 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
 
   // Routed experts (this rank's).
   ForwardFn routed = nullptr;
-  MOE_RETURN_IF_ERROR(find_kernel({RoutingKind::kPrecomputed, config_.activation, dtype_, config_.weight_on_input}, &routed));
+  MOE_RETURN_IF_ERROR(find({RoutingKind::kPrecomputed, config_.activation, dtype_, config_.weight_on_input}, &routed));
   r.output = make_buffer(dtype_, {M, H});
   ForwardRequest req;
   req.hidden_states = x.tensor();
@@ -366,7 +366,7 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
   // Shared expert: weight 1, or sigmoid(shared_expert_gate . x) (Qwen2-MoE).
   if (shared_tp_ > 0 && M > 0) {
     ForwardFn shared = nullptr;
-    MOE_RETURN_IF_ERROR(find_kernel({RoutingKind::kPrecomputed, ActivationKind::kSiluAndMul, dtype_, false}, &shared));
+    MOE_RETURN_IF_ERROR(find({RoutingKind::kPrecomputed, ActivationKind::kSiluAndMul, dtype_, false}, &shared));
     std::vector<std::int32_t> zero_ids(static_cast<std::size_t>(M), 0);
     std::vector<float> gate(static_cast<std::size_t>(M), 1.0f);
     if (!shared_gate_.empty()) {
@@ -429,7 +429,7 @@ std::string MoeLayer::describe() const {
      << (parallel_.placement == ExpertPlacement::kLinear ? "linear" : "round_robin") << "), " << local_experts_
      << " local experts\n"
      << "kernel            " << KernelKey{RoutingKind::kPrecomputed, c.activation, dtype_, c.weight_on_input}.to_string()
-     << " on cpu_eigen\n";
+     << "\n";
   return os.str();
 }
 

@@ -49,8 +49,10 @@ class MoeLayer {
   };
   // hidden_states: [M, H] f32, bf16 or f16. router_logits: optional final logits [M, E] f32
   // (any router bias included); when absent, logits = hidden . router^T (+ bias) in fp32.
+  // `find` picks the backend: the CPU registry (find_kernel) or the CUDA one (find_cuda_kernel).
+  using KernelFinder = Status (*)(const KernelKey&, ForwardFn*);
   Status forward(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits, Result* out,
-                 const cpu::Options& options = {}) const;
+                 const cpu::Options& options = {}, KernelFinder find = &find_kernel) const;
 
   const ModelConfig& config() const { return config_; }
   const ParallelLayout& parallel() const { return parallel_; }

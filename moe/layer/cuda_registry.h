@@ -1,0 +1,16 @@
+// The registry's CUDA entries: the same prebuilt combinations on moe::Kernel<Spec, cuda::Sm90>.
+// Each entry takes host tensors (the ForwardRequest of registry.h), copies them to the device,
+// runs, and copies the output back: a convenience for the tool, not the way to serve a model
+// (which keeps weights resident and calls the kernel directly).
+#pragma once
+
+#include "moe/layer/registry.h"
+
+namespace moe::layer {
+
+// True when a CUDA device with compute capability >= 9.0 is present.
+bool cuda_device_available();
+
+Status find_cuda_kernel(const KernelKey& key, ForwardFn* out);
+
+}  // namespace moe::layer

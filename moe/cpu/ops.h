@@ -12,6 +12,7 @@
 #include "moe/cpu/router_stage.h"
 #include "moe/detail/validate.h"
 #include "moe/expert_map.h"
+#include "moe/op_sizes.h"
 #include "moe/quant/numeric.h"
 #include "moe/routing.h"
 #include "moe/tensor.h"
@@ -19,10 +20,14 @@
 namespace moe::cpu {
 
 using detail::Dim;
+using ::moe::AlignSizes;
+using ::moe::moe_align_block_size_sizes;
+using ::moe::moe_permute_rows;
+using ::moe::ReplicaChoice;
+using ::moe::round_up;
 template <class T, int R>
 using OptView = std::optional<HostView<T, R>>;
 
-inline Index round_up(Index x, Index m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------------------------
 // select_experts: router logits [M, E] -> topk_ids [M, k], topk_weights [M, k].
@@ -70,12 +75,6 @@ Status select_experts(HostView<const float, 2> router_logits, int top_k, const t
 // Rows that hold no local slot (padding, non-local) get hidden = 0, permuted_idx = M*k and
 // m_indices = fill_invalid_expert; m_indices of padding rows inside an expert's aligned segment
 // is that expert (DeepGEMM's contiguous layout).
-
-// Rows of the permuted outputs: M*k, or with alignment round_up(M*k + E_local*(A-1), A).
-inline Index moe_permute_rows(Index num_tokens, int top_k, Index num_local_experts, Index align_block_size) {
-  const Index slots = num_tokens * top_k;
-  return align_block_size > 0 ? round_up(slots + num_local_experts * (align_block_size - 1), align_block_size) : slots;
-}
 
 template <class T>
 struct PermuteOutputs {
@@ -234,17 +233,6 @@ Status moe_unpermute(HostView<const T, 2> permuted, HostView<const float, 2> top
 // must produce zeros). ignore_invalid_experts = true: slots whose expert is not local are dropped
 // and expert_ids hold local ids.
 
-struct AlignSizes {
-  Index max_num_tokens_padded;
-  Index num_blocks;
-};
-inline AlignSizes moe_align_block_size_sizes(Index num_slots, Index num_experts, Index block_size, bool pad_sorted_ids) {
-  Index n = num_slots + num_experts * (block_size - 1);
-  if (pad_sorted_ids) n = round_up(n, block_size);
-  if (num_slots < num_experts) n = std::min(num_slots * block_size, n);
-  return {n, (n + block_size - 1) / block_size};
-}
-
 inline Status moe_align_block_size(HostView<const std::int32_t, 2> topk_ids, Index block_size, Index num_experts,
                                    OptView<const std::int32_t, 1> expert_map, bool pad_sorted_ids,
                                    bool ignore_invalid_experts, HostView<std::int32_t, 1> sorted_token_ids,
@@ -339,11 +327,6 @@ Status moe_fused_mul_sum(HostView<const T, 3> inputs, HostView<const float, 2> t
 // ---------------------------------------------------------------------------------------------
 // EPLB: logical expert ids -> physical expert ids, choosing among each logical expert's
 // replicas, and optionally counting the tokens each physical expert receives.
-enum class ReplicaChoice {
-  kTokenHash,     // newest vLLM: replica = ((m * 2654435769) mod 2^32) mod count
-  kSlotPosition,  // older vLLM: replica = (m*k + j) mod count
-};
-
 inline Status eplb_logical_to_physical(HostView<const std::int32_t, 2> logical_ids,
                                        HostView<const std::int32_t, 2> logical_to_physical_map,
                                        HostView<const std::int32_t, 1> logical_replica_count, Index num_physical_experts,

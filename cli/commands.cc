@@ -1,6 +1,7 @@
 #include "cli/commands.h"
 
 #include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -296,6 +297,9 @@ int run_tool(const std::vector<std::string>& args, std::ostream& out, std::ostre
   else if (o.command == "info") s = command_info(o, out);
   else s = command_bench(o, out, err);
   if (!s.is_ok()) {
+    // OUT is written by rename only on success; a file there now is an earlier run's, which a
+    // caller could take for this run's results.
+    if (o.command == "run" && !o.output.empty()) std::remove(o.output.c_str());
     std::string msg = s.message();
     for (char& c : msg) if (c == '\n') c = ' ';
     err << "moe " << o.command << ": " << msg << "\n";

@@ -20,17 +20,18 @@ std::string_view to_string(Architecture a) {
 
 namespace {
 
-Status get_index(const io::Json& c, std::string_view key, Index* out) {
+// `where` prefixes key paths in messages: "config", or "config.text_config" (Llama-4's nested keys).
+Status get_index(const io::Json& c, std::string_view where, std::string_view key, Index* out) {
   std::int64_t v = 0;
-  MOE_RETURN_IF_ERROR(io::get_int(c, key, &v, "config"));
-  if (v < 1) return invalid_argument("config.", key, ": expected a positive integer, got ", v);
+  MOE_RETURN_IF_ERROR(io::get_int(c, key, &v, where));
+  if (v < 1) return invalid_argument(where, ".", key, ": expected a positive integer, got ", v);
   *out = v;
   return Status::ok();
 }
 
-Status get_float_or(const io::Json& c, std::string_view key, double def, float* out) {
+Status get_float_or(const io::Json& c, std::string_view where, std::string_view key, double def, float* out) {
   double v = 0;
-  MOE_RETURN_IF_ERROR(io::get_double_or(c, key, def, &v, "config"));
+  MOE_RETURN_IF_ERROR(io::get_double_or(c, key, def, &v, where));
   *out = static_cast<float>(v);
   return Status::ok();
 }
@@ -73,18 +74,20 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
                        "Llama4ForCausalLM)");
   }
   // Llama-4's multimodal config nests the text model's keys.
-  const io::Json& c = (m.architecture == Architecture::kLlama4 && root.find("text_config")) ? *root.find("text_config") : root;
-  MOE_RETURN_IF_ERROR(get_index(c, "hidden_size", &m.hidden));
+  const bool nested = m.architecture == Architecture::kLlama4 && root.find("text_config");
+  const io::Json& c = nested ? *root.find("text_config") : root;
+  const std::string w = nested ? "config.text_config" : "config";
+  MOE_RETURN_IF_ERROR(get_index(c, w, "hidden_size", &m.hidden));
   std::int64_t top_k = 0;
-  MOE_RETURN_IF_ERROR(io::get_int(c, "num_experts_per_tok", &top_k, "config"));
+  MOE_RETURN_IF_ERROR(io::get_int(c, "num_experts_per_tok", &top_k, w));
   m.top_k = static_cast<int>(top_k);
   std::int64_t n_shared = 0;
 
   switch (m.architecture) {
     case Architecture::kMixtral:
       // softmax (fp32) -> top-k -> renormalize; experts w2(silu(w1 x) * w3 x).
-      MOE_RETURN_IF_ERROR(get_index(c, "num_local_experts", &m.num_experts));
-      MOE_RETURN_IF_ERROR(get_index(c, "intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       m.routing = RoutingKind::kSoftmax;
       m.routing_params.renormalize = true;
       m.module = "block_sparse_moe";
@@ -95,16 +98,16 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kQwen3Moe:
       // softmax -> top-k -> renormalize iff norm_topk_prob. Qwen2-MoE adds
       // sigmoid(shared_expert_gate(x)) * shared_expert(x).
-      MOE_RETURN_IF_ERROR(get_index(c, "num_experts", &m.num_experts));
-      MOE_RETURN_IF_ERROR(get_index(c, "moe_intermediate_size", &m.intermediate));
-      MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", false, &m.routing_params.renormalize, "config"));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "num_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", false, &m.routing_params.renormalize, w));
       m.routing = RoutingKind::kSoftmax;
       m.module = "mlp";
       m.router_weight = "gate.weight";
       per_expert_names(m, "gate_proj", "up_proj", "down_proj");
       if (m.architecture == Architecture::kQwen2Moe) {
         std::int64_t s = 0;
-        MOE_RETURN_IF_ERROR(io::get_int_or(c, "shared_expert_intermediate_size", 0, &s, "config"));
+        MOE_RETURN_IF_ERROR(io::get_int_or(c, "shared_expert_intermediate_size", 0, &s, w));
         m.shared_intermediate = s;
         m.shared_expert_gate = s > 0;
         m.shared_prefix = "shared_expert";
@@ -113,15 +116,15 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kDeepseekV2: {
       // HF DeepseekV2: fp32 softmax scores; greedy top-k, or group_limited_greedy (group score =
       // max); weights never renormalized, always times routed_scaling_factor.
-      MOE_RETURN_IF_ERROR(get_index(c, "n_routed_experts", &m.num_experts));
-      MOE_RETURN_IF_ERROR(get_index(c, "moe_intermediate_size", &m.intermediate));
-      MOE_RETURN_IF_ERROR(get_float_or(c, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "n_routed_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
       std::string method;
-      MOE_RETURN_IF_ERROR(io::get_string_or(c, "topk_method", "greedy", &method, "config"));
+      MOE_RETURN_IF_ERROR(io::get_string_or(c, "topk_method", "greedy", &method, w));
       if (method == "group_limited_greedy") {
         std::int64_t g = 1, tg = 1;
-        MOE_RETURN_IF_ERROR(io::get_int(c, "n_group", &g, "config"));
-        MOE_RETURN_IF_ERROR(io::get_int(c, "topk_group", &tg, "config"));
+        MOE_RETURN_IF_ERROR(io::get_int(c, "n_group", &g, w));
+        MOE_RETURN_IF_ERROR(io::get_int(c, "topk_group", &tg, w));
         m.routing = RoutingKind::kGroupedSoftmax;
         m.routing_params.num_expert_group = static_cast<int>(g);
         m.routing_params.topk_group = static_cast<int>(tg);
@@ -130,34 +133,34 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       } else {
         return unsupported("config.topk_method: \"", method, "\" is not supported (greedy, group_limited_greedy)");
       }
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_shared_experts", 0, &n_shared, "config"));
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_shared_experts", 0, &n_shared, w));
       break;
     }
     case Architecture::kDeepseekV3: {
       // HF DeepseekV3 (noaux_tc): fp32 sigmoid scores; selection on scores + correction bias,
       // groups ranked by their top-2 biased sum, others masked; weights = unbiased scores,
       // renormalized iff norm_topk_prob, then times routed_scaling_factor.
-      MOE_RETURN_IF_ERROR(get_index(c, "n_routed_experts", &m.num_experts));
-      MOE_RETURN_IF_ERROR(get_index(c, "moe_intermediate_size", &m.intermediate));
-      MOE_RETURN_IF_ERROR(get_float_or(c, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
-      MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", true, &m.routing_params.renormalize, "config"));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "n_routed_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
+      MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", true, &m.routing_params.renormalize, w));
       std::int64_t g = 1, tg = 1;
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_group", 1, &g, "config"));
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "topk_group", 1, &tg, "config"));
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_group", 1, &g, w));
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "topk_group", 1, &tg, w));
       m.routing = RoutingKind::kGroupedSigmoid;
       m.routing_params.num_expert_group = static_cast<int>(g);
       m.routing_params.topk_group = static_cast<int>(tg);
       m.correction_bias = true;
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_shared_experts", 0, &n_shared, "config"));
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_shared_experts", 0, &n_shared, w));
       break;
     }
     case Architecture::kGptOss:
       // Router Linear with bias; softmax over the top-k logits (= softmax, top-k, renormalize);
       // swigluoai on interleaved gate/up, biases on both GEMMs.
-      MOE_RETURN_IF_ERROR(get_index(c, "num_local_experts", &m.num_experts));
-      MOE_RETURN_IF_ERROR(get_index(c, "intermediate_size", &m.intermediate));
-      MOE_RETURN_IF_ERROR(get_float_or(c, "swiglu_limit", 7.0, &m.activation_params.swiglu_limit));
-      MOE_RETURN_IF_ERROR(get_float_or(c, "swiglu_alpha", 1.702, &m.activation_params.swiglu_alpha));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_limit", 7.0, &m.activation_params.swiglu_limit));
+      MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_alpha", 1.702, &m.activation_params.swiglu_alpha));
       m.routing = RoutingKind::kSoftmax;
       m.routing_params.renormalize = true;
       m.router_bias = true;
@@ -170,8 +173,8 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kLlama4:
       // top-k (1) of the raw logits, sigmoid of the chosen logit scales the expert INPUT; the
       // shared expert (same I) is added unweighted.
-      MOE_RETURN_IF_ERROR(get_index(c, "num_local_experts", &m.num_experts));
-      MOE_RETURN_IF_ERROR(get_index(c, "intermediate_size", &m.intermediate));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       m.routing = RoutingKind::kLlama4;
       m.weight_on_input = true;
       m.module = "feed_forward";
@@ -189,12 +192,23 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     m.shared_prefix = "shared_experts";
   }
   std::string act;
-  MOE_RETURN_IF_ERROR(io::get_string_or(c, "hidden_act", "silu", &act, "config"));
+  MOE_RETURN_IF_ERROR(io::get_string_or(c, "hidden_act", "silu", &act, w));
   if (m.architecture != Architecture::kGptOss && act != "silu") {
     return unsupported("config.hidden_act: \"", act, "\" is not supported for ", m.architecture_name, " (silu)");
   }
+  if (m.routing == RoutingKind::kGroupedSoftmax || m.routing == RoutingKind::kGroupedSigmoid) {
+    const int g = m.routing_params.num_expert_group, tg = m.routing_params.topk_group;
+    if (g < 1 || m.num_experts % g != 0) {
+      return invalid_argument(w, ".n_group: expected a divisor of the expert count ", m.num_experts, ", got ", g);
+    }
+    if (tg < 1 || tg > g) return invalid_argument(w, ".topk_group: expected 1 <= topk_group <= n_group=", g, ", got ", tg);
+    if (m.top_k > tg * (m.num_experts / g)) {
+      return invalid_argument(w, ".num_experts_per_tok: expected <= topk_group * experts per group = ",
+                              tg * (m.num_experts / g), ", got ", m.top_k);
+    }
+  }
   if (m.top_k < 1 || m.top_k > m.num_experts) {
-    return invalid_argument("config.num_experts_per_tok: expected 1 <= top_k <= num_experts=", m.num_experts, ", got ",
+    return invalid_argument(w, ".num_experts_per_tok: expected 1 <= top_k <= num_experts=", m.num_experts, ", got ",
                             m.top_k);
   }
   *out = std::move(m);

@@ -121,7 +121,7 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
 
   // The block prefix: "<prefix>.<module>" when the router lives there, else `prefix` itself.
   const std::string with_module = prefix + "." + config.module;
-  l.block_prefix_ = ckpt.contains(with_module + "." + config.router_weight) ? with_module : prefix;
+  l.block_prefix_ = ckpt.contains(prefix + "." + config.router_weight) ? prefix : with_module;
   const std::string& p = l.block_prefix_;
 
   // Router (fp32), router bias, correction bias.
@@ -160,8 +160,12 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
       MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj_scales", {E, 2 * I, H / 32}, &gu_scales, true));
       MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj_blocks", {E, H, I / 32, 16}, &dn_blocks, true));
       MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj_scales", {E, H, I / 32}, &dn_scales, true));
-      for (Source* u8 : {&gu_blocks, &gu_scales, &dn_blocks, &dn_scales}) {
-        if (u8->t.dtype != DType::kU8) return invalid_argument("MXFP4 tensors: expected dtype U8, got ", to_string(u8->t.dtype));
+      const std::pair<const Source*, const char*> u8s[] = {{&gu_blocks, "gate_up_proj_blocks"}, {&gu_scales, "gate_up_proj_scales"},
+                                                           {&dn_blocks, "down_proj_blocks"}, {&dn_scales, "down_proj_scales"}};
+      for (const auto& [src, name] : u8s) {
+        if (src->t.dtype != DType::kU8) {
+          return invalid_argument("tensor ", e, name, ": expected dtype U8 (MXFP4), got ", to_string(src->t.dtype));
+        }
       }
     } else {
       MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj", {E, H, 2 * I}, &gate_up));
@@ -303,10 +307,10 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
   }
   if (!hidden.strides.empty()) return invalid_argument("hidden_states: expected a contiguous tensor");
   const Index M = hidden.extents[0];
+  HostView<const float, 2> given_logits;
   if (router_logits) {
-    HostView<const float, 2> v;
-    MOE_RETURN_IF_ERROR(bind(*router_logits, "router_logits", &v));
-    if (v.extent(0) != M || v.extent(1) != E) {
+    MOE_RETURN_IF_ERROR(bind(*router_logits, "router_logits", &given_logits));
+    if (given_logits.extent(0) != M || given_logits.extent(1) != E) {
       return invalid_argument("router_logits: expected shape [M=", M, ", E=", E, "], got ",
                               shape_string(router_logits->extents));
     }
@@ -319,8 +323,9 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
 
   // Router logits in fp32.
   std::vector<float> logits(static_cast<std::size_t>(M * E));
-  if (router_logits) {
-    std::memcpy(logits.data(), router_logits->data, logits.size() * sizeof(float));
+  if (router_logits) {  // through the view's strides: a column slice of a wider buffer is fine
+    for (Index m = 0; m < M; ++m)
+      for (Index e = 0; e < E; ++e) logits[m * E + e] = given_logits(m, e);
   } else if (M > 0) {
     using RM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     Eigen::Map<RM> lg(logits.data(), M, E);

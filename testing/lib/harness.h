@@ -98,7 +98,7 @@ struct Harness {
     weights = rng.uniform_vector<float>(c.M * c.top_k, 0.1f, 1.0f);
     output.assign(c.M * c.H, moe::from_float<IO>(12345.0f));
     if constexpr (Spec::PrepareFinalize::kFormat == moe::ActivationFormat::kBatchedExperts) {
-      pf_args.max_tokens_per_expert = c.M * c.top_k;
+      pf_args.max_tokens_per_expert = std::max<Index>(1, c.M * c.top_k);
     }
   }
 

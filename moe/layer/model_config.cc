@@ -191,6 +191,15 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     m.shared_intermediate = n_shared * m.intermediate;
     m.shared_prefix = "shared_experts";
   }
+  std::int64_t zero = 0;
+  MOE_RETURN_IF_ERROR(io::get_int_or(c, "zero_expert_num", 0, &zero, w));
+  if (zero < 0) return invalid_argument(w, ".zero_expert_num: expected >= 0, got ", zero);
+  if (zero > 0) {
+    std::string type;
+    MOE_RETURN_IF_ERROR(io::get_string_or(c, "zero_expert_type", "identity", &type, w));
+    if (type != "identity") return unsupported(w, ".zero_expert_type: \"", type, "\" is not supported (identity)");
+  }
+  m.num_zero_experts = zero;
   std::string act;
   MOE_RETURN_IF_ERROR(io::get_string_or(c, "hidden_act", "silu", &act, w));
   if (m.architecture != Architecture::kGptOss && act != "silu") {
@@ -207,7 +216,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
                               tg * (m.num_experts / g), ", got ", m.top_k);
     }
   }
-  if (m.top_k < 1 || m.top_k > m.num_experts) {
+  if (m.top_k < 1 || m.top_k > m.num_experts + m.num_zero_experts) {
     return invalid_argument(w, ".num_experts_per_tok: expected 1 <= top_k <= num_experts=", m.num_experts, ", got ",
                             m.top_k);
   }

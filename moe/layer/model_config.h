@@ -44,6 +44,11 @@ struct ModelConfig {
   bool weight_on_input = false;  // Llama-4
   bool expert_biases = false;    // gpt-oss
 
+  // Zero experts (LongCat-Flash's "identity" type, config keys zero_expert_num/zero_expert_type):
+  // routing covers num_experts + num_zero_experts; a slot routed to a zero expert adds
+  // weight * x to the output and runs no GEMM. The router has num_experts + num_zero_experts rows.
+  Index num_zero_experts = 0;
+
   Index shared_intermediate = 0;   // 0: no shared expert
   bool shared_expert_gate = false; // Qwen2-MoE: sigmoid(shared_expert_gate(x)) scales it
 

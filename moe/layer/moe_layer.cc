@@ -108,6 +108,8 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   }
   ExpertMap em;
   MOE_RETURN_IF_ERROR(determine_expert_map(par.ep_size, par.ep_rank, E, par.placement, &em));
+  const Index Z = config.num_zero_experts;
+  if (Z < 0) return invalid_argument("num_zero_experts: expected >= 0, got ", Z);
 
   MoeLayer l;
   l.config_ = config;
@@ -115,6 +117,12 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   l.dtype_ = dtype;
   l.local_experts_ = em.num_local_experts;
   l.expert_map_ = em.map;
+  if (Z > 0) {  // routing covers E + Z experts; the zero experts never reach the kernel
+    if (l.expert_map_.empty()) {
+      for (Index g = 0; g < E; ++g) l.expert_map_.push_back(static_cast<std::int32_t>(g));
+    }
+    l.expert_map_.resize(static_cast<std::size_t>(E + Z), -1);
+  }
   l.intermediate_tp_ = I / par.tp_size;
   const Index It = l.intermediate_tp_;
   const Index i0 = par.tp_rank * It;  // first intermediate index of this rank
@@ -126,16 +134,17 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
 
   // Router (fp32), router bias, correction bias.
   Source s;
-  MOE_RETURN_IF_ERROR(open_source(ckpt, p + "." + config.router_weight, {E, H}, &s));
-  l.router_.resize(static_cast<std::size_t>(E * H));
-  for (Index i = 0; i < E * H; ++i) l.router_[i] = s(i);
+  const Index ER = E + Z;  // router rows: real and zero experts
+  MOE_RETURN_IF_ERROR(open_source(ckpt, p + "." + config.router_weight, {ER, H}, &s));
+  l.router_.resize(static_cast<std::size_t>(ER * H));
+  for (Index i = 0; i < ER * H; ++i) l.router_[i] = s(i);
   if (config.router_bias) {
-    MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".router.bias", {E}, &s));
-    for (Index i = 0; i < E; ++i) l.router_bias_.push_back(s(i));
+    MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".router.bias", {ER}, &s));
+    for (Index i = 0; i < ER; ++i) l.router_bias_.push_back(s(i));
   }
   if (config.correction_bias) {
-    MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".gate.e_score_correction_bias", {E}, &s));
-    for (Index i = 0; i < E; ++i) l.correction_bias_.push_back(s(i));
+    MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".gate.e_score_correction_bias", {ER}, &s));
+    for (Index i = 0; i < ER; ++i) l.correction_bias_.push_back(s(i));
   }
 
   // Routed experts.
@@ -297,7 +306,7 @@ Status route(const RoutingParams& rp, HostView<const float, 2> logits, int top_k
 
 Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>& router_logits, Result* out,
                          const cpu::Options& options, KernelFinder find) const {
-  const Index H = config_.hidden, E = config_.num_experts;
+  const Index H = config_.hidden, E = routed_experts_total();
   const int k = config_.top_k;
   if (hidden.extents.size() != 2 || hidden.extents[1] != H) {
     return invalid_argument("hidden_states: expected shape [M, H=", H, "], got ", shape_string(hidden.extents));
@@ -306,6 +315,7 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
     return invalid_argument("hidden_states: expected dtype f32, bf16 or f16, got ", to_string(hidden.dtype));
   }
   if (!hidden.strides.empty()) return invalid_argument("hidden_states: expected a contiguous tensor");
+  if (options.chunk_tokens < 1) return invalid_argument("options.chunk_tokens: expected >= 1, got ", options.chunk_tokens);
   const Index M = hidden.extents[0];
   HostView<const float, 2> given_logits;
   if (router_logits) {
@@ -315,17 +325,35 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
                               shape_string(router_logits->extents));
     }
   }
+  Result r;
+  r.output = make_buffer(dtype_, {M, H});
+  r.topk_ids.resize(static_cast<std::size_t>(M * k));
+  r.topk_weights.resize(static_cast<std::size_t>(M * k));
+  // Chunks of tokens bound the memory of the per-token temporaries (input copies, logits).
+  for (Index m0 = 0; m0 < M; m0 += options.chunk_tokens) {
+    const Index m1 = std::min(M, m0 + options.chunk_tokens);
+    MOE_RETURN_IF_ERROR(forward_chunk(hidden, router_logits ? &given_logits : nullptr, m0, m1, &r, options, find));
+  }
+  *out = std::move(r);
+  return Status::ok();
+}
+
+Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const float, 2>* given_logits, Index m0, Index m1,
+                               Result* r, const cpu::Options& options, KernelFinder find) const {
+  const Index H = config_.hidden, E = routed_experts_total(), M = m1 - m0;
+  const int k = config_.top_k;
+  const std::size_t elem = element_size(dtype_);
   // Inputs: float (router) and compute-dtype (experts) copies.
   std::vector<float> xf(static_cast<std::size_t>(M * H));
-  for (Index i = 0; i < M * H; ++i) xf[i] = load_element(hidden.dtype, hidden.data, i);
+  for (Index i = 0; i < M * H; ++i) xf[i] = load_element(hidden.dtype, hidden.data, m0 * H + i);
   Buffer x = make_buffer(dtype_, {M, H});
   for (Index i = 0; i < M * H; ++i) store_element(x, i, xf[i]);
 
   // Router logits in fp32.
   std::vector<float> logits(static_cast<std::size_t>(M * E));
-  if (router_logits) {  // through the view's strides: a column slice of a wider buffer is fine
+  if (given_logits) {  // through the view's strides: a column slice of a wider buffer is fine
     for (Index m = 0; m < M; ++m)
-      for (Index e = 0; e < E; ++e) logits[m * E + e] = given_logits(m, e);
+      for (Index e = 0; e < E; ++e) logits[m * E + e] = (*given_logits)(m0 + m, e);
   } else if (M > 0) {
     using RM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     Eigen::Map<RM> lg(logits.data(), M, E);
@@ -333,12 +361,11 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
     if (!router_bias_.empty()) lg.rowwise() += Eigen::Map<const Eigen::RowVectorXf>(router_bias_.data(), E);
   }
 
-  Result r;
-  r.topk_ids.resize(static_cast<std::size_t>(M * k));
-  r.topk_weights.resize(static_cast<std::size_t>(M * k));
+  std::int32_t* id_ptr = r->topk_ids.data() + m0 * k;
+  float* w_ptr = r->topk_weights.data() + m0 * k;
   const HostView<const float, 2> lv(logits.data(), {M, E});
-  const HostView<std::int32_t, 2> ids(r.topk_ids.data(), {M, k});
-  const HostView<float, 2> wts(r.topk_weights.data(), {M, k});
+  const HostView<std::int32_t, 2> ids(id_ptr, {M, k});
+  const HostView<float, 2> wts(w_ptr, {M, k});
   switch (config_.routing) {
     case RoutingKind::kSoftmax: MOE_RETURN_IF_ERROR(route<routing::SoftmaxTopK>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
     case RoutingKind::kSigmoid: MOE_RETURN_IF_ERROR(route<routing::SigmoidTopK>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
@@ -348,14 +375,14 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
     case RoutingKind::kPrecomputed: return invalid_argument("routing: a model config cannot use precomputed routing");
   }
 
-  // Routed experts (this rank's).
+  // Routed experts (this rank's); zero experts and other ranks' experts map to -1.
   ForwardFn routed = nullptr;
   MOE_RETURN_IF_ERROR(find({RoutingKind::kPrecomputed, config_.activation, dtype_, config_.weight_on_input}, &routed));
-  r.output = make_buffer(dtype_, {M, H});
+  Buffer y = make_buffer(dtype_, {M, H});
   ForwardRequest req;
   req.hidden_states = x.tensor();
-  req.topk_ids = AnyTensor{r.topk_ids.data(), DType::kI32, {M, k}, {}};
-  req.topk_weights = AnyTensor{r.topk_weights.data(), DType::kF32, {M, k}, {}};
+  req.topk_ids = AnyTensor{id_ptr, DType::kI32, {M, k}, {}};
+  req.topk_weights = AnyTensor{w_ptr, DType::kF32, {M, k}, {}};
   req.top_k = k;
   req.w13 = w13_.tensor();
   req.w2 = w2_.tensor();
@@ -364,9 +391,11 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
   std::vector<std::int32_t> map = expert_map_;
   if (!map.empty()) req.expert_map = AnyTensor{map.data(), DType::kI32, {E}, {}};
   req.activation = config_.activation_params;
-  req.output = r.output.tensor();
+  req.output = y.tensor();
   req.options = options;
   MOE_RETURN_IF_ERROR(routed(req));
+  std::vector<float> total(static_cast<std::size_t>(M * H));
+  for (Index i = 0; i < M * H; ++i) total[i] = load_element(dtype_, y.bytes.data(), i);
 
   // Shared expert: weight 1, or sigmoid(shared_expert_gate . x) (Qwen2-MoE).
   if (shared_tp_ > 0 && M > 0) {
@@ -392,11 +421,23 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
     sr.output = so.tensor();
     sr.options = options;
     MOE_RETURN_IF_ERROR(shared(sr));
-    for (Index i = 0; i < M * H; ++i) {
-      store_element(r.output, i, load_element(dtype_, r.output.bytes.data(), i) + load_element(dtype_, so.bytes.data(), i));
+    for (Index i = 0; i < M * H; ++i) total[i] += load_element(dtype_, so.bytes.data(), i);
+  }
+  // Zero ("identity") experts: slot weight times the input, once (tp and ep rank 0).
+  if (config_.num_zero_experts > 0 && parallel_.tp_rank == 0 && parallel_.ep_rank == 0) {
+    for (Index m = 0; m < M; ++m) {
+      for (int j = 0; j < k; ++j) {
+        if (id_ptr[m * k + j] < config_.num_experts) continue;
+        const float w = w_ptr[m * k + j];
+        for (Index h = 0; h < H; ++h) total[m * H + h] += w * load_element(dtype_, x.bytes.data(), m * H + h);
+      }
     }
   }
-  *out = std::move(r);
+  // One rounding of the sum into the result rows [m0, m1).
+  Buffer rows{dtype_, {M, H}, {}};
+  rows.bytes.resize(static_cast<std::size_t>(M * H) * elem);
+  for (Index i = 0; i < M * H; ++i) store_element(rows, i, total[i]);
+  std::memcpy(r->output.bytes.data() + static_cast<std::size_t>(m0 * H) * elem, rows.bytes.data(), rows.bytes.size());
   return Status::ok();
 }
 
@@ -422,6 +463,7 @@ std::string MoeLayer::describe() const {
      << "\n"
      << "prepare/finalize  standard" << (c.weight_on_input ? ", router weight on input" : "") << "\n"
      << "expert biases     " << (c.expert_biases ? "yes" : "no") << "\n"
+     << "zero experts      " << c.num_zero_experts << (c.num_zero_experts > 0 ? " (identity)" : "") << "\n"
      << "shared expert     ";
   if (c.shared_intermediate > 0) {
     os << c.shared_intermediate << " intermediate" << (c.shared_expert_gate ? ", sigmoid gate" : "")

@@ -31,6 +31,10 @@ for tool in memcheck racecheck; do
     summary+=("$t under $tool: rc=$rc $(grep -E '(ERROR|RACECHECK) SUMMARY' "$out/$t.$tool.log" | tail -1)")
   done
 done
+if [ -x ./demo ]; then  # the main job; picks the CUDA backend on a GPU
+  ./demo >"$out/demo.log" 2>&1
+  summary+=("demo: rc=$? $(grep -E 'backend:' "$out/demo.log" | head -1)")
+fi
 for b in *_benchmark; do
   [ -x "$b" ] || continue
   ./"$b" --benchmark_counters_tabular=true >"$out/$b.log" 2>&1

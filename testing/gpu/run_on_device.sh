@@ -5,7 +5,7 @@
 #   cd gpu_bundle && ./run_all.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-targets=$(tools/bazel query 'attr(tags, "gpu", kind("cc_test|cc_binary", //...))' 2>/dev/null)
+targets="$(tools/bazel query 'attr(tags, "gpu", kind("cc_test|cc_binary", //...))' 2>/dev/null) //cli:demo"
 tools/bazel build $targets
 rm -rf gpu_bundle && mkdir -p gpu_bundle
 for t in $targets; do

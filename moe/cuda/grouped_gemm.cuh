@@ -76,6 +76,71 @@ __device__ __forceinline__ float load_float(const T* p) {
   return to_float(*p);
 }
 
+// ---- pieces shared by both mainloops -----------------------------------------------------------
+
+// The expert of m-tile `tile` (largest e with tile_offsets[e] <= tile), or -1 past the last tile.
+__device__ __forceinline__ int expert_of_tile(const Index* tile_offsets, int num_experts, int tile) {
+  if (tile >= tile_offsets[num_experts]) return -1;
+  int lo = 0, hi = num_experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tile_offsets[mid] <= tile) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Weight row read by each of the BN accumulator columns of a block (-1: past the end, zero-filled).
+template <ColumnMode Mode, int BN>
+__device__ __forceinline__ void fill_row_of_col(Index out0, Index n_out, Index* row_of_col) {
+  for (int c = threadIdx.x; c < BN; c += blockDim.x) {
+    Index r = -1;
+    if constexpr (Mode == ColumnMode::kPlain) {
+      r = out0 + c < n_out ? out0 + c : -1;
+    } else if constexpr (Mode == ColumnMode::kGatedSplit) {
+      const Index i = out0 + (c < BN / 2 ? c : c - BN / 2);
+      r = i < n_out ? (c < BN / 2 ? i : n_out + i) : -1;
+    } else {
+      const Index i = out0 + c / 2;
+      r = i < n_out ? 2 * out0 + c : -1;
+    }
+    row_of_col[c] = r;
+  }
+}
+
+// Epilogue over a [BM, BN] float accumulator tile in shared memory: one output element per
+// iteration through the expression tree's scalar path (moe/epilogue.h).
+template <class T, ColumnMode Mode, class Expr, class Activation, int BM, int BN>
+__device__ __forceinline__ void store_tile(const GroupedGemmParams<T, Activation>& p, const float* cs, int ldc,
+                                           const Index* row_of_col, int e, Index row0, Index row_end, Index out0) {
+  constexpr int kOutPerTile = Mode == ColumnMode::kPlain ? BN : BN / 2;
+  const T* bias = p.bias ? p.bias + static_cast<Index>(e) * p.bias_expert_stride : nullptr;
+  for (int idx = threadIdx.x; idx < BM * kOutPerTile; idx += blockDim.x) {
+    const int r = idx / kOutPerTile, c = idx % kOutPerTile;
+    const Index row = row0 + r, col = out0 + c;
+    if (row >= row_end || col >= p.n_out) continue;
+    epilogue::ElementContext<Activation> ctx;
+    ctx.args = p.activation;
+    if constexpr (Mode == ColumnMode::kPlain) {
+      ctx.acc[0] = cs[r * ldc + c];
+      if (bias) ctx.bias_[0] = load_float(bias + col);
+    } else {
+      const int gc = Mode == ColumnMode::kGatedSplit ? c : 2 * c;
+      const int uc = Mode == ColumnMode::kGatedSplit ? c + BN / 2 : 2 * c + 1;
+      ctx.acc[1] = cs[r * ldc + gc];
+      ctx.acc[2] = cs[r * ldc + uc];
+      if (bias) {
+        ctx.bias_[1] = load_float(bias + row_of_col[gc]);
+        ctx.bias_[2] = load_float(bias + row_of_col[uc]);
+      }
+    }
+    if (p.row_weight) ctx.weight = p.row_weight[row];
+    p.out[row * p.ldo + col] = from_float<T>(Expr::eval(ctx));
+  }
+}
+
+// ---- generic mainloop: any K and alignment, also tf32 -------------------------------------------
+
 template <class T, ColumnMode Mode, class Expr, class Activation>
 __global__ void __launch_bounds__(kGemmThreads) grouped_gemm_kernel(GroupedGemmParams<T, Activation> p) {
   using namespace nvcuda;
@@ -88,37 +153,16 @@ __global__ void __launch_bounds__(kGemmThreads) grouped_gemm_kernel(GroupedGemmP
   __shared__ __align__(32) float cs[kBM][kBN + 4];
   __shared__ Index s_row_of_col[kBN];
 
-  // Find this m-tile's expert.
   const int tile = blockIdx.x;
-  if (tile >= p.tile_offsets[p.num_experts]) return;
-  int lo = 0, hi = p.num_experts - 1;
-  while (lo < hi) {  // largest e with tile_offsets[e] <= tile
-    const int mid = (lo + hi + 1) / 2;
-    if (p.tile_offsets[mid] <= tile) lo = mid;
-    else hi = mid - 1;
-  }
-  const int e = lo;
+  const int e = expert_of_tile(p.tile_offsets, p.num_experts, tile);
+  if (e < 0) return;
   const Index row0 = p.seg_begin[e] + static_cast<Index>(tile - p.tile_offsets[e]) * kBM;
   const Index row_end = p.seg_begin[e] + p.seg_count[e];
   const T* w = p.w + static_cast<Index>(e) * p.w_expert_stride;
-
   constexpr int kOutPerTile = Mode == ColumnMode::kPlain ? kBN : kBN / 2;
   const Index out0 = static_cast<Index>(blockIdx.y) * kOutPerTile;
   if (out0 >= p.n_out) return;
-  // Weight row of each accumulator column (-1: past the end, zero-filled).
-  for (int c = threadIdx.x; c < kBN; c += kGemmThreads) {
-    Index r = -1;
-    if constexpr (Mode == ColumnMode::kPlain) {
-      r = out0 + c < p.n_out ? out0 + c : -1;
-    } else if constexpr (Mode == ColumnMode::kGatedSplit) {
-      const Index i = out0 + (c < kBN / 2 ? c : c - kBN / 2);
-      r = i < p.n_out ? (c < kBN / 2 ? i : p.n_out + i) : -1;
-    } else {
-      const Index i = out0 + c / 2;
-      r = i < p.n_out ? 2 * out0 + c : -1;
-    }
-    s_row_of_col[c] = r;
-  }
+  fill_row_of_col<Mode, kBN>(out0, p.n_out, s_row_of_col);
   __syncthreads();
 
   const int warp = threadIdx.x / 32;
@@ -171,30 +215,116 @@ __global__ void __launch_bounds__(kGemmThreads) grouped_gemm_kernel(GroupedGemmP
     for (int j = 0; j < 2; ++j)
       wmma::store_matrix_sync(&cs[wm + 16 * i][wn + 16 * j], acc[i][j], kBN + 4, wmma::mem_row_major);
   __syncthreads();
+  store_tile<T, Mode, Expr, Activation, kBM, kBN>(p, &cs[0][0], kBN + 4, s_row_of_col, e, row0, row_end, out0);
+}
 
-  // Epilogue: one output element per iteration, through the expression tree's scalar path.
-  const T* bias = p.bias ? p.bias + static_cast<Index>(e) * p.bias_expert_stride : nullptr;
-  for (int idx = threadIdx.x; idx < kBM * kOutPerTile; idx += kGemmThreads) {
-    const int r = idx / kOutPerTile, c = idx % kOutPerTile;
-    const Index row = row0 + r, col = out0 + c;
-    if (row >= row_end || col >= p.n_out) continue;
-    epilogue::ElementContext<Activation> ctx;
-    ctx.args = p.activation;
-    if constexpr (Mode == ColumnMode::kPlain) {
-      ctx.acc[0] = cs[r][c];
-      if (bias) ctx.bias_[0] = load_float(bias + col);
-    } else {
-      const int gc = Mode == ColumnMode::kGatedSplit ? c : 2 * c;
-      const int uc = Mode == ColumnMode::kGatedSplit ? c + kBN / 2 : 2 * c + 1;
-      ctx.acc[1] = cs[r][gc];
-      ctx.acc[2] = cs[r][uc];
-      if (bias) {
-        ctx.bias_[1] = load_float(bias + s_row_of_col[gc]);
-        ctx.bias_[2] = load_float(bias + s_row_of_col[uc]);
-      }
+// ---- pipelined mainloop: 16-bit operands, 16-byte aligned rows (K % 8 == 0) ---------------------
+// 64 x 128 x 32 tiles, 4 warps of 32 x 64, operands staged by cp.async (16-byte copies, zero-fill
+// past the end) through a 3-deep shared-memory pipeline so loads overlap the tensor-core math.
+
+constexpr int kFastBM = 64, kFastBN = 128, kFastBK = 32, kFastStages = 3, kFastThreads = 128;
+constexpr int kFastLd = kFastBK + 8;  // padded row (elements): 80 bytes, keeps 16-byte alignment
+constexpr int kFastStageElems = (kFastBM + kFastBN) * kFastLd;
+constexpr int kFastSmemBytes = kFastStages * kFastStageElems * 2;  // 46080
+static_assert(kFastSmemBytes >= kFastBM * (kFastBN + 4) * 4, "the epilogue tile reuses the pipeline's shared memory");
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;  // 0: fill the 16 bytes with zeros, read nothing
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <class T, ColumnMode Mode, class Expr, class Activation>
+__global__ void __launch_bounds__(kFastThreads) grouped_gemm_pipelined_kernel(GroupedGemmParams<T, Activation> p) {
+  static_assert(sizeof(T) == 2, "the pipelined mainloop takes 16-bit operands");
+  using namespace nvcuda;
+  using Frag = typename WmmaType<T>::type;
+  __shared__ __align__(128) std::uint16_t smem[kFastSmemBytes / 2];
+  __shared__ Index s_row_of_col[kFastBN];
+
+  const int tile = blockIdx.x;
+  const int e = expert_of_tile(p.tile_offsets, p.num_experts, tile);
+  if (e < 0) return;
+  const Index row0 = p.seg_begin[e] + static_cast<Index>(tile - p.tile_offsets[e]) * kFastBM;
+  const Index row_end = p.seg_begin[e] + p.seg_count[e];
+  const T* w = p.w + static_cast<Index>(e) * p.w_expert_stride;
+  constexpr int kOutPerTile = Mode == ColumnMode::kPlain ? kFastBN : kFastBN / 2;
+  const Index out0 = static_cast<Index>(blockIdx.y) * kOutPerTile;
+  if (out0 >= p.n_out) return;
+  fill_row_of_col<Mode, kFastBN>(out0, p.n_out, s_row_of_col);
+  __syncthreads();
+
+  // One k-tile into stage `s`: A is 64 rows x 4 chunks, B 128 rows x 4 chunks of 8 elements.
+  auto load_stage = [&](int s, Index k0) {
+    std::uint16_t* as = smem + s * kFastStageElems;
+    std::uint16_t* bs = as + kFastBM * kFastLd;
+    for (int idx = threadIdx.x; idx < kFastBM * 4; idx += kFastThreads) {
+      const int r = idx / 4, c = (idx % 4) * 8;
+      const Index row = row0 + r, k = k0 + c;
+      const bool ok = row < row_end && k < p.K;
+      cp_async_16(as + r * kFastLd + c, ok ? static_cast<const void*>(p.a + row * p.lda + k) : p.a, ok);
     }
-    if (p.row_weight) ctx.weight = p.row_weight[row];
-    p.out[row * p.ldo + col] = from_float<T>(Expr::eval(ctx));
+    for (int idx = threadIdx.x; idx < kFastBN * 4; idx += kFastThreads) {
+      const int r = idx / 4, c = (idx % 4) * 8;
+      const Index wr = s_row_of_col[r], k = k0 + c;
+      const bool ok = wr >= 0 && k < p.K;
+      cp_async_16(bs + r * kFastLd + c, ok ? static_cast<const void*>(w + wr * p.ldw + k) : w, ok);
+    }
+  };
+
+  const int warp = threadIdx.x / 32;
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 64;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  const int k_tiles = static_cast<int>((p.K + kFastBK - 1) / kFastBK);
+  for (int s = 0; s < kFastStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, static_cast<Index>(s) * kFastBK);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kFastStages - 2>();
+    __syncthreads();  // stage kt landed for every thread; stage kt-1 is free to refill
+    const int next = kt + kFastStages - 1;
+    if (next < k_tiles) load_stage(next % kFastStages, static_cast<Index>(next) * kFastBK);
+    cp_async_commit();
+    const std::uint16_t* as = smem + (kt % kFastStages) * kFastStageElems;
+    const std::uint16_t* bs = as + kFastBM * kFastLd;
+    for (int kk = 0; kk < kFastBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, Frag, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, Frag, wmma::col_major> fb[4];
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(fa[i], reinterpret_cast<const Frag*>(as + (wm + 16 * i) * kFastLd + kk), kFastLd);
+      for (int j = 0; j < 4; ++j)
+        wmma::load_matrix_sync(fb[j], reinterpret_cast<const Frag*>(bs + (wn + 16 * j) * kFastLd + kk), kFastLd);
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every stage consumed: the shared memory becomes the epilogue tile
+  float* cs = reinterpret_cast<float*>(smem);
+  constexpr int kLdc = kFastBN + 4;
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j)
+      wmma::store_matrix_sync(cs + (wm + 16 * i) * kLdc + wn + 16 * j, acc[i][j], kLdc, wmma::mem_row_major);
+  __syncthreads();
+  store_tile<T, Mode, Expr, Activation, kFastBM, kFastBN>(p, cs, kLdc, s_row_of_col, e, row0, row_end, out0);
+}
+
+// True when a GEMM's operands suit the pipelined mainloop: 16-bit, rows 16-byte aligned.
+template <class T, class Activation>
+bool pipelined_gemm_applies(const GroupedGemmParams<T, Activation>& p) {
+  if constexpr (sizeof(T) != 2) {
+    return false;
+  } else {
+    const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+    return p.K % 8 == 0 && p.lda % 8 == 0 && p.ldw % 8 == 0 && p.w_expert_stride % 8 == 0 && aligned(p.a) &&
+           aligned(p.w);
   }
 }
 

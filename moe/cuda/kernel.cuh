@@ -206,6 +206,28 @@ class Kernel<Spec, Arch> {
     return g;
   }
 
+  // Launches one grouped GEMM: the pipelined mainloop when the operands allow it (16-bit, rows
+  // 16-byte aligned), else the generic one. Both use 64-row m-tiles (the tile prefix's unit).
+  template <cuda::detail::ColumnMode Mode, class Expr>
+  static Status launch_gemm(const cuda::detail::GroupedGemmParams<IO, Activation>& g, unsigned m_tiles, cudaStream_t stream) {
+    using namespace cuda::detail;
+    static_assert(kFastBM == kBM, "both mainloops tile M by the tile prefix's unit");
+    if (pipelined_gemm_applies(g)) {
+      if constexpr (sizeof(IO) == 2) {
+        constexpr int kOut = Mode == ColumnMode::kPlain ? kFastBN : kFastBN / 2;
+        const dim3 grid(m_tiles, static_cast<unsigned>(blocks(g.n_out, kOut)));
+        grouped_gemm_pipelined_kernel<IO, Mode, Expr, Activation><<<grid, kFastThreads, 0, stream>>>(g);
+        MOE_CUDA_CHECK_LAUNCH();
+        return Status::ok();
+      }
+    }
+    constexpr int kOut = Mode == ColumnMode::kPlain ? kBN : kBN / 2;
+    const dim3 grid(m_tiles, static_cast<unsigned>(blocks(g.n_out, kOut)));
+    grouped_gemm_kernel<IO, Mode, Expr, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+    MOE_CUDA_CHECK_LAUNCH();
+    return Status::ok();
+  }
+
   Status run_chunk(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index m1,
                    cudaStream_t stream) const {
     using namespace cuda::detail;
@@ -250,25 +272,21 @@ class Kernel<Spec, Arch> {
     const unsigned m_tiles = static_cast<unsigned>((l.rows + kBM - 1) / kBM + p.num_local_experts);
     {
       const auto g = gemm_params(b, b.rows, p.hidden, a.w13, a.w13_bias, nullptr, b.inter, p.intermediate, p.gemm1_width, a);
-      const dim3 grid(m_tiles, static_cast<unsigned>(blocks(p.intermediate, kMode1 == ColumnMode::kPlain ? kBN : kBN / 2)));
       if (g.bias) {
-        grouped_gemm_kernel<IO, kMode1, epilogue::Gemm1Epilogue<Activation, IO, true>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+        MOE_RETURN_IF_ERROR((launch_gemm<kMode1, epilogue::Gemm1Epilogue<Activation, IO, true>>(g, m_tiles, stream)));
       } else {
-        grouped_gemm_kernel<IO, kMode1, epilogue::Gemm1Epilogue<Activation, IO, false>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+        MOE_RETURN_IF_ERROR((launch_gemm<kMode1, epilogue::Gemm1Epilogue<Activation, IO, false>>(g, m_tiles, stream)));
       }
-      MOE_CUDA_CHECK_LAUNCH();
     }
     {
       constexpr bool kWeighted = !PF::kApplyWeightOnInput;
       const auto g = gemm_params(b, b.inter, p.intermediate, a.w2, a.w2_bias, kWeighted ? b.row_weight : nullptr, b.rows,
                                  p.hidden, p.hidden, a);
-      const dim3 grid(m_tiles, static_cast<unsigned>(blocks(p.hidden, kBN)));
       if (g.bias) {
-        grouped_gemm_kernel<IO, ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, true, kWeighted>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+        MOE_RETURN_IF_ERROR((launch_gemm<ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, true, kWeighted>>(g, m_tiles, stream)));
       } else {
-        grouped_gemm_kernel<IO, ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, false, kWeighted>, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+        MOE_RETURN_IF_ERROR((launch_gemm<ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, false, kWeighted>>(g, m_tiles, stream)));
       }
-      MOE_CUDA_CHECK_LAUNCH();
     }
     // 7. Finalize.
     finalize_kernel<IO><<<static_cast<unsigned>(C), 256, 0, stream>>>(b.rows, p.hidden, p.top_k, b.slot_row, m0,

@@ -229,6 +229,16 @@ TEST_F(Differential, AllTokensOnOneExpertAndEmptyExperts) {
   check_case<SpecOf<moe::SiluAndMul>>(c);
 }
 
+// Widths that are not multiples of 8 take the generic mainloop (the pipelined one needs 16-byte rows).
+TEST_F(Differential, WidthsNotMultiplesOfEight) {
+  for (Index M : kBatchSizes) {
+    Case c = sized(M, 8, 2, 70, 30);
+    c.bias = true;
+    check_case<SpecOf<moe::SiluAndMul>>(c);
+    check_case<SpecOf<moe::SwigluOai, moe::quant::F16>>(c);
+  }
+}
+
 TEST_F(Differential, ChunkedForward) {
   Case c = sized(333, 8, 2);
   c.chunk_tokens = 100;

@@ -48,7 +48,7 @@ Status parse_int(const std::string& flag, const std::string& value, long lo, lon
 }
 
 Status parse_args(const std::vector<std::string>& args, Options* o) {
-  if (args.empty()) return invalid_argument("missing command (run, info or bench)");
+  if (args.empty()) return invalid_argument("missing command (run, info, bench or help)");
   o->command = args[0];
   if (o->command != "run" && o->command != "info" && o->command != "bench") {
     return invalid_argument("unknown command \"", o->command, "\" (run, info or bench)");
@@ -287,9 +287,13 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
 
 int run_tool(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
   Options o;
+  if (!args.empty() && (args[0] == "help" || args[0] == "--help" || args[0] == "-h")) {
+    out << kUsage;
+    return 0;
+  }
   const Status p = parse_args(args, &o);
-  if (!p.is_ok()) {
-    err << "moe: " << p.message() << "\n" << kUsage;
+  if (!p.is_ok()) {  // one line; the usage text is `moe help`
+    err << "moe: " << p.message() << " (see `moe help`)\n";
     return 2;
   }
   Status s;

@@ -51,6 +51,24 @@ Status to_device_optional(const std::optional<AnyTensor>& t, std::string_view na
   return Status::ok();
 }
 
+// A tensor that already lives on the device (a resident layer's weights): checks dtype and rank,
+// then views the device pointer.
+template <class T, int R>
+Status wrap_device(const AnyTensor& t, std::string_view name, DeviceView<const T, R>* out) {
+  HostView<const T, R> meta;  // shape and dtype only; never dereferenced here
+  MOE_RETURN_IF_ERROR(bind(t, name, &meta));
+  *out = DeviceView<const T, R>(meta.data(), meta.extents(), meta.strides());
+  return Status::ok();
+}
+template <class T, int R, class Opt>
+Status wrap_device_optional(const std::optional<AnyTensor>& t, std::string_view name, Opt* out) {
+  if (!t) return Status::ok();
+  DeviceView<const T, R> v;
+  MOE_RETURN_IF_ERROR((wrap_device<T, R>(*t, name, &v)));
+  *out = v;
+  return Status::ok();
+}
+
 template <class Activation, class T, bool WeightOnInput>
 Status forward(const ForwardRequest& r) {
   using Spec = moe::Spec<routing::Precomputed, StandardPrepareFinalize<WeightOnInput>, Experts<Activation, quant::None<T>>>;
@@ -60,11 +78,19 @@ Status forward(const ForwardRequest& r) {
   MOE_RETURN_IF_ERROR((to_device<T, 2>(r.hidden_states, "hidden_states", hidden, &a.hidden_states)));
   MOE_RETURN_IF_ERROR((to_device_optional<std::int32_t, 2>(r.topk_ids, "topk_ids", ids, &a.topk_ids)));
   MOE_RETURN_IF_ERROR((to_device_optional<float, 2>(r.topk_weights, "topk_weights", weights, &a.topk_weights)));
-  MOE_RETURN_IF_ERROR((to_device<T, 3>(r.w13, "w13", w13, &a.w13)));
-  MOE_RETURN_IF_ERROR((to_device<T, 3>(r.w2, "w2", w2, &a.w2)));
-  MOE_RETURN_IF_ERROR((to_device_optional<T, 2>(r.w13_bias, "w13_bias", b13, &a.w13_bias)));
-  MOE_RETURN_IF_ERROR((to_device_optional<T, 2>(r.w2_bias, "w2_bias", b2, &a.w2_bias)));
-  MOE_RETURN_IF_ERROR((to_device_optional<std::int32_t, 1>(r.expert_map, "expert_map", map, &a.expert_map)));
+  if (r.weights_on_device) {
+    MOE_RETURN_IF_ERROR((wrap_device<T, 3>(r.w13, "w13", &a.w13)));
+    MOE_RETURN_IF_ERROR((wrap_device<T, 3>(r.w2, "w2", &a.w2)));
+    MOE_RETURN_IF_ERROR((wrap_device_optional<T, 2>(r.w13_bias, "w13_bias", &a.w13_bias)));
+    MOE_RETURN_IF_ERROR((wrap_device_optional<T, 2>(r.w2_bias, "w2_bias", &a.w2_bias)));
+    MOE_RETURN_IF_ERROR((wrap_device_optional<std::int32_t, 1>(r.expert_map, "expert_map", &a.expert_map)));
+  } else {
+    MOE_RETURN_IF_ERROR((to_device<T, 3>(r.w13, "w13", w13, &a.w13)));
+    MOE_RETURN_IF_ERROR((to_device<T, 3>(r.w2, "w2", w2, &a.w2)));
+    MOE_RETURN_IF_ERROR((to_device_optional<T, 2>(r.w13_bias, "w13_bias", b13, &a.w13_bias)));
+    MOE_RETURN_IF_ERROR((to_device_optional<T, 2>(r.w2_bias, "w2_bias", b2, &a.w2_bias)));
+    MOE_RETURN_IF_ERROR((to_device_optional<std::int32_t, 1>(r.expert_map, "expert_map", map, &a.expert_map)));
+  }
   HostView<T, 2> host_out;
   MOE_RETURN_IF_ERROR(bind(r.output, "output", &host_out));
   if (!host_out.is_contiguous()) return invalid_argument("output: expected a contiguous tensor");
@@ -132,6 +158,22 @@ Status find_cuda_kernel(const KernelKey& key, ForwardFn* out) {
   os << "no prebuilt CUDA kernel for " << key.to_string() << "; built combinations:";
   for (const Entry& e : entries()) os << "\n  " << e.key.to_string();
   return unsupported(os.str());
+}
+
+namespace {
+Status upload(const void* host, std::size_t bytes, std::shared_ptr<void>* device) {
+  void* p = nullptr;
+  MOE_CUDA_TRY(cudaMalloc(&p, bytes > 0 ? bytes : 1));
+  std::shared_ptr<void> holder(p, [](void* q) { cudaFree(q); });
+  if (bytes > 0) MOE_CUDA_TRY(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
+  *device = std::move(holder);
+  return Status::ok();
+}
+}  // namespace
+
+Status make_layer_resident(MoeLayer* layer) {
+  if (!cuda_device_available()) return unsupported("make_layer_resident: no CUDA device with compute capability >= 9.0");
+  return layer->make_resident(&upload, &find_cuda_kernel);
 }
 
 }  // namespace moe::layer

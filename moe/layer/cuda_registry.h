@@ -4,6 +4,7 @@
 // (which keeps weights resident and calls the kernel directly).
 #pragma once
 
+#include "moe/layer/moe_layer.h"
 #include "moe/layer/registry.h"
 
 namespace moe::layer {
@@ -12,5 +13,9 @@ namespace moe::layer {
 bool cuda_device_available();
 
 Status find_cuda_kernel(const KernelKey& key, ForwardFn* out);
+
+// Copies a layer's weights to the device once; its forward then runs on the CUDA registry and
+// copies only activations per call.
+Status make_layer_resident(MoeLayer* layer);
 
 }  // namespace moe::layer

@@ -340,6 +340,7 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
 
 Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const float, 2>* given_logits, Index m0, Index m1,
                                Result* r, const cpu::Options& options, KernelFinder find) const {
+  if (resident_) find = resident_->find;  // resident weights run on the device registry
   const Index H = config_.hidden, E = routed_experts_total(), M = m1 - m0;
   const int k = config_.top_k;
   const std::size_t elem = element_size(dtype_);
@@ -384,12 +385,21 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   req.topk_ids = AnyTensor{id_ptr, DType::kI32, {M, k}, {}};
   req.topk_weights = AnyTensor{w_ptr, DType::kF32, {M, k}, {}};
   req.top_k = k;
-  req.w13 = w13_.tensor();
-  req.w2 = w2_.tensor();
-  if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
-  if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
   std::vector<std::int32_t> map = expert_map_;
-  if (!map.empty()) req.expert_map = AnyTensor{map.data(), DType::kI32, {E}, {}};
+  if (resident_) {
+    req.w13 = resident_->w13;
+    req.w2 = resident_->w2;
+    req.w13_bias = resident_->w13_bias;
+    req.w2_bias = resident_->w2_bias;
+    req.expert_map = resident_->expert_map;
+    req.weights_on_device = true;
+  } else {
+    req.w13 = w13_.tensor();
+    req.w2 = w2_.tensor();
+    if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
+    if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
+    if (!map.empty()) req.expert_map = AnyTensor{map.data(), DType::kI32, {E}, {}};
+  }
   req.activation = config_.activation_params;
   req.output = y.tensor();
   req.options = options;
@@ -416,8 +426,9 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     sr.topk_ids = AnyTensor{zero_ids.data(), DType::kI32, {M, 1}, {}};
     sr.topk_weights = AnyTensor{gate.data(), DType::kF32, {M, 1}, {}};
     sr.top_k = 1;
-    sr.w13 = shared_w13_.tensor();
-    sr.w2 = shared_w2_.tensor();
+    sr.w13 = resident_ ? resident_->shared_w13 : shared_w13_.tensor();
+    sr.w2 = resident_ ? resident_->shared_w2 : shared_w2_.tensor();
+    sr.weights_on_device = resident_ != nullptr;
     sr.output = so.tensor();
     sr.options = options;
     MOE_RETURN_IF_ERROR(shared(sr));
@@ -438,6 +449,33 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   rows.bytes.resize(static_cast<std::size_t>(M * H) * elem);
   for (Index i = 0; i < M * H; ++i) store_element(rows, i, total[i]);
   std::memcpy(r->output.bytes.data() + static_cast<std::size_t>(m0 * H) * elem, rows.bytes.data(), rows.bytes.size());
+  return Status::ok();
+}
+
+Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
+  auto r = std::make_shared<Resident>();
+  auto put = [&](const void* data, std::size_t bytes, DType dtype, const std::vector<Index>& shape, AnyTensor* out) {
+    std::shared_ptr<void> mem;
+    MOE_RETURN_IF_ERROR(upload(data, bytes, &mem));
+    *out = AnyTensor{mem.get(), dtype, shape, {}};
+    r->memory.push_back(std::move(mem));
+    return Status::ok();
+  };
+  auto put_buffer = [&](const Buffer& b, AnyTensor* out) { return put(b.bytes.data(), b.bytes.size(), b.dtype, b.shape, out); };
+  MOE_RETURN_IF_ERROR(put_buffer(w13_, &r->w13));
+  MOE_RETURN_IF_ERROR(put_buffer(w2_, &r->w2));
+  if (!w13_bias_.shape.empty()) MOE_RETURN_IF_ERROR(put_buffer(w13_bias_, &r->w13_bias.emplace()));
+  if (!w2_bias_.shape.empty()) MOE_RETURN_IF_ERROR(put_buffer(w2_bias_, &r->w2_bias.emplace()));
+  if (!expert_map_.empty()) {
+    MOE_RETURN_IF_ERROR(put(expert_map_.data(), expert_map_.size() * sizeof(std::int32_t), DType::kI32,
+                            {static_cast<Index>(expert_map_.size())}, &r->expert_map.emplace()));
+  }
+  if (shared_tp_ > 0) {
+    MOE_RETURN_IF_ERROR(put_buffer(shared_w13_, &r->shared_w13));
+    MOE_RETURN_IF_ERROR(put_buffer(shared_w2_, &r->shared_w2));
+  }
+  r->find = device_find;
+  resident_ = std::move(r);
   return Status::ok();
 }
 

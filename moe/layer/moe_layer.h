@@ -10,6 +10,7 @@
 // of all ranks add up to the full layer.
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -54,6 +55,13 @@ class MoeLayer {
   Status forward(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits, Result* out,
                  const cpu::Options& options = {}, KernelFinder find = &find_kernel) const;
 
+  // Copies the weights once with `upload` (device memory, freed with the layer) and runs every
+  // later forward through `device_find` (the CUDA registry) with weights_on_device set; see
+  // moe/layer/cuda_registry.h's make_layer_resident.
+  using UploadFn = Status (*)(const void* host, std::size_t bytes, std::shared_ptr<void>* device);
+  Status make_resident(UploadFn upload, KernelFinder device_find);
+  bool is_resident() const { return resident_ != nullptr; }
+
   const ModelConfig& config() const { return config_; }
   const ParallelLayout& parallel() const { return parallel_; }
   DType dtype() const { return dtype_; }
@@ -78,6 +86,15 @@ class MoeLayer {
   Buffer w13_, w2_, w13_bias_, w2_bias_;  // biases empty (no shape) when absent
   Buffer shared_w13_, shared_w2_;         // [1, 2*S, H], [1, H, S]
   std::vector<float> shared_gate_;        // [H] or empty
+
+  // Device copies of the weights (make_resident): tensors whose data are device pointers.
+  struct Resident {
+    std::vector<std::shared_ptr<void>> memory;
+    AnyTensor w13, w2, shared_w13, shared_w2;
+    std::optional<AnyTensor> w13_bias, w2_bias, expert_map;
+    KernelFinder find = nullptr;
+  };
+  std::shared_ptr<const Resident> resident_;
 };
 
 }  // namespace moe::layer

@@ -62,6 +62,12 @@ TEST_P(LayerBackends, CudaMatchesCpu) {
     ASSERT_TRUE(layer.forward(hidden, std::nullopt, &cpu).is_ok());
     const moe::Status gs = layer.forward(hidden, std::nullopt, &gpu, {}, &moe::layer::find_cuda_kernel);
     ASSERT_TRUE(gs.is_ok()) << gs.to_string();
+    // Resident weights (copied once) give the same bits as per-call copies.
+    moe::layer::MoeLayer resident = layer;
+    ASSERT_TRUE(moe::layer::make_layer_resident(&resident).is_ok());
+    moe::layer::MoeLayer::Result res;
+    ASSERT_TRUE(resident.forward(hidden, std::nullopt, &res).is_ok());
+    EXPECT_EQ(res.output.bytes, gpu.output.bytes);
     EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
     EXPECT_EQ(cpu.topk_weights, gpu.topk_weights);
     const moe::testing::Tolerance tol = dtype == moe::DType::kF32 ? moe::testing::Tolerance{1e-4, 5e-3}

@@ -15,7 +15,7 @@ namespace moe {
 enum class StatusCode {
   kOk = 0,
   kInvalidArgument,    // a shape, rank, dtype, value or combination the op does not accept
-  kUnsupported,        // valid in principle, but not built or not implemented for this backend
+  kUnsupported,        // valid in principle, but not available in this build or on this device
   kWorkspaceTooSmall,  // the caller's workspace is smaller than workspace_bytes()
   kCudaError,          // a CUDA API call or launch failed
   kInternal,

@@ -209,14 +209,25 @@ class Kernel<Spec, Arch> {
   // Launches one grouped GEMM: the pipelined mainloop when the operands allow it (16-bit, rows
   // 16-byte aligned), else the generic one. Both use 64-row m-tiles (the tile prefix's unit).
   template <cuda::detail::ColumnMode Mode, class Expr>
-  static Status launch_gemm(const cuda::detail::GroupedGemmParams<IO, Activation>& g, unsigned m_tiles, cudaStream_t stream) {
+  static Status launch_gemm(const cuda::detail::GroupedGemmParams<IO, Activation>& g, unsigned m_tiles, bool thin,
+                            cudaStream_t stream) {
     using namespace cuda::detail;
     static_assert(kFastBM == kBM, "both mainloops tile M by the tile prefix's unit");
     if (pipelined_gemm_applies(g)) {
       if constexpr (sizeof(IO) == 2) {
         constexpr int kOut = Mode == ColumnMode::kPlain ? kFastBN : kFastBN / 2;
         const dim3 grid(m_tiles, static_cast<unsigned>(blocks(g.n_out, kOut)));
-        grouped_gemm_pipelined_kernel<IO, Mode, Expr, Activation><<<grid, kFastThreads, 0, stream>>>(g);
+        // Thin expert tiles (decode: few rows per expert) stream weights: deeper K per stage.
+        if (thin) {
+          auto* kernel = &grouped_gemm_pipelined_kernel<IO, Mode, Expr, Activation, 64>;
+          constexpr int kBytes = PipelinedTile<64>::kSmemBytes;
+          MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+          kernel<<<grid, kFastThreads, kBytes, stream>>>(g);
+        } else {
+          auto* kernel = &grouped_gemm_pipelined_kernel<IO, Mode, Expr, Activation, 32>;
+          constexpr int kBytes = PipelinedTile<32>::kSmemBytes;
+          kernel<<<grid, kFastThreads, kBytes, stream>>>(g);
+        }
         MOE_CUDA_CHECK_LAUNCH();
         return Status::ok();
       }
@@ -270,12 +281,15 @@ class Kernel<Spec, Arch> {
     MOE_CUDA_CHECK_LAUNCH();
     // 5. GEMM1 + epilogue 1 -> inter; 6. GEMM2 + epilogue 2 -> rows (the gathered input is dead).
     const unsigned m_tiles = static_cast<unsigned>((l.rows + kBM - 1) / kBM + p.num_local_experts);
+    // Expected rows per local expert, known on the host without a sync: below one m-tile, the
+    // GEMMs stream weights (decode) rather than reuse them.
+    const bool thin = S < kBM * p.num_local_experts;
     {
       const auto g = gemm_params(b, b.rows, p.hidden, a.w13, a.w13_bias, nullptr, b.inter, p.intermediate, p.gemm1_width, a);
       if (g.bias) {
-        MOE_RETURN_IF_ERROR((launch_gemm<kMode1, epilogue::Gemm1Epilogue<Activation, IO, true>>(g, m_tiles, stream)));
+        MOE_RETURN_IF_ERROR((launch_gemm<kMode1, epilogue::Gemm1Epilogue<Activation, IO, true>>(g, m_tiles, thin, stream)));
       } else {
-        MOE_RETURN_IF_ERROR((launch_gemm<kMode1, epilogue::Gemm1Epilogue<Activation, IO, false>>(g, m_tiles, stream)));
+        MOE_RETURN_IF_ERROR((launch_gemm<kMode1, epilogue::Gemm1Epilogue<Activation, IO, false>>(g, m_tiles, thin, stream)));
       }
     }
     {
@@ -283,9 +297,9 @@ class Kernel<Spec, Arch> {
       const auto g = gemm_params(b, b.inter, p.intermediate, a.w2, a.w2_bias, kWeighted ? b.row_weight : nullptr, b.rows,
                                  p.hidden, p.hidden, a);
       if (g.bias) {
-        MOE_RETURN_IF_ERROR((launch_gemm<ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, true, kWeighted>>(g, m_tiles, stream)));
+        MOE_RETURN_IF_ERROR((launch_gemm<ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, true, kWeighted>>(g, m_tiles, thin, stream)));
       } else {
-        MOE_RETURN_IF_ERROR((launch_gemm<ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, false, kWeighted>>(g, m_tiles, stream)));
+        MOE_RETURN_IF_ERROR((launch_gemm<ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, false, kWeighted>>(g, m_tiles, thin, stream)));
       }
     }
     // 7. Finalize.

@@ -63,7 +63,7 @@ struct ExpertsStage {
   // and of its biases.
   static Index thread_scratch_floats(const Params& p) {
     const Index panels = kConvertWeights ? p.gemm1_width * p.hidden + p.hidden * p.intermediate : 0;
-    return panels + p.gemm1_width + p.hidden;
+    return panels + p.gemm1_width + p.hidden + single_row_scratch_floats(p);
   }
 
   // Rows [begin, begin + n) of `input` ([rows, H] float) belong to local expert e. Writes the
@@ -75,6 +75,24 @@ struct ExpertsStage {
                         float* thread_scratch) {
     if (n == 0) return;
     const Index H = p.hidden, I = p.intermediate, N1 = p.gemm1_width;
+    if (n == 1) {
+      // Eigen evaluates a one-row product as a matrix-vector product, whose summation order
+      // differs from its matrix-matrix kernel: run the row as a two-row block (the row twice)
+      // so a token's result does not depend on how many rows share its expert or chunk.
+      float* s = thread_scratch + thread_scratch_floats(p) - single_row_scratch_floats(p);
+      const Index ld = std::max(N1, H);
+      float* in2 = s;
+      float* acc2 = in2 + 2 * H;
+      float* inter2 = acc2 + 2 * ld;
+      float* w2row = inter2 + 2 * I;
+      std::copy_n(input + begin * H, H, in2);
+      std::copy_n(input + begin * H, H, in2 + H);
+      if (row_weight) w2row[0] = w2row[1] = row_weight[begin];
+      run_block(p, e, 0, 2, in2, acc2, inter2, acc2, ld, row_weight ? w2row : nullptr, thread_scratch);
+      std::copy_n(inter2, I, intermediate + begin * I);
+      std::copy_n(acc2, H, output + begin * ld_out);
+      return;
+    }
     float* bias13 = thread_scratch;
     float* bias2 = bias13 + N1;
     float* panel13 = bias2 + H;
@@ -115,6 +133,12 @@ struct ExpertsStage {
   }
 
  private:
+  // Scratch of the one-row case: two input rows, two accumulator rows, two intermediate rows
+  // and two router weights.
+  static Index single_row_scratch_floats(const Params& p) {
+    return 2 * p.hidden + 2 * std::max(p.gemm1_width, p.hidden) + 2 * p.intermediate + 2;
+  }
+
   // The expert's weight matrix as float: mapped in place for float storage, else dequantized into
   // the thread's panel.
   static ConstStridedMap weights(HostView<const W, 2> w, float* panel) {

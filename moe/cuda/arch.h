@@ -28,9 +28,11 @@ concept ArchTag = requires {
 // Options of the CUDA forward.
 struct Options {
   Index chunk_tokens = 16384;  // tokens per chunk; bounds the workspace
-  // Checked mode: before the forward, copy ids and the expert map to the host (a synchronization)
-  // and report out-of-range ids and malformed maps as errors. Off by default: unchecked, such ids
-  // contribute zero and never form an address.
+  // Checked mode: before the forward, copy ids and the expert map to the host (on the forward's
+  // stream, then a synchronization) and report out-of-range ids and malformed maps as errors.
+  // Off by default: unchecked, such ids contribute zero and never form an address. In the batched
+  // format, slots beyond max_tokens_per_expert are dropped in both modes (the counts are only
+  // known on the device).
   bool check_device_inputs = false;
 };
 

@@ -46,7 +46,8 @@ class Kernel<Spec, Arch> {
   explicit Kernel(cuda::Options options = {}) : options_(options) {}
   const cuda::Options& options() const { return options_; }
 
-  Status can_implement(const Arguments& a) const {
+  // With Options::check_device_inputs the data checks read device memory ordered on `stream`.
+  Status can_implement(const Arguments& a, cudaStream_t stream = nullptr) const {
     if (options_.chunk_tokens < 1) return invalid_argument("options.chunk_tokens: expected >= 1, got ", options_.chunk_tokens);
     MOE_RETURN_IF_ERROR(validate_shapes(a));
     int device = 0, major = 0, minor = 0;
@@ -61,14 +62,14 @@ class Kernel<Spec, Arch> {
     if (p.num_tokens * p.top_k > INT32_MAX) {
       return invalid_argument("hidden_states: M*top_k = ", p.num_tokens * p.top_k, " exceeds the int32 slot range");
     }
-    if (options_.check_device_inputs) MOE_RETURN_IF_ERROR(check_device_inputs(a, p));
+    if (options_.check_device_inputs) MOE_RETURN_IF_ERROR(check_device_inputs(a, p, stream));
     return Status::ok();
   }
 
   std::size_t workspace_bytes(const Arguments& a) const { return layout(Problem::from(a), a).total; }
 
   Status run(const Arguments& a, std::span<std::byte> workspace, cudaStream_t stream = nullptr) const {
-    MOE_RETURN_IF_ERROR(can_implement(a));
+    MOE_RETURN_IF_ERROR(can_implement(a, stream));
     const Problem p = Problem::from(a);
     const Layout l = layout(p, a);
     MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), l.total));
@@ -309,20 +310,28 @@ class Kernel<Spec, Arch> {
     return Status::ok();
   }
 
-  // Checked mode: copies the expert map and precomputed ids to the host (synchronizing) and
-  // validates them as the CPU backend does.
-  Status check_device_inputs(const Arguments& a, const Problem& p) const {
+  // Checked mode: copies the expert map and precomputed ids to the host on `stream` (then
+  // synchronizes it) and validates them as the CPU backend does.
+  Status check_device_inputs(const Arguments& a, const Problem& p, cudaStream_t stream) const {
     if (a.expert_map) {
       std::vector<std::int32_t> map(static_cast<std::size_t>(p.num_experts));
-      MOE_CUDA_TRY(cudaMemcpy(map.data(), a.expert_map->data(), map.size() * 4, cudaMemcpyDeviceToHost));
+      MOE_CUDA_TRY(cudaMemcpyAsync(map.data(), a.expert_map->data(), map.size() * 4, cudaMemcpyDeviceToHost, stream));
+      MOE_CUDA_TRY(cudaStreamSynchronize(stream));
       MOE_RETURN_IF_ERROR(validate_expert_map(HostView<const std::int32_t, 1>(map.data(), {p.num_experts}), p.num_local_experts));
     }
     if constexpr (!Routing::kUsesLogits) {
       std::vector<std::int32_t> ids(static_cast<std::size_t>(p.num_tokens * p.top_k));
-      if (!ids.empty()) {
-        MOE_CUDA_TRY(cudaMemcpy2D(ids.data(), p.top_k * 4, a.topk_ids->data(), a.topk_ids->stride(0) * 4, p.top_k * 4,
-                                  p.num_tokens, cudaMemcpyDeviceToHost));
+      const Index ld = a.topk_ids->stride(0);
+      if (!ids.empty() && ld >= p.top_k) {
+        MOE_CUDA_TRY(cudaMemcpy2DAsync(ids.data(), p.top_k * 4, a.topk_ids->data(), ld * 4, p.top_k * 4, p.num_tokens,
+                                       cudaMemcpyDeviceToHost, stream));
+      } else {  // rows closer than top_k apart (a valid view, e.g. M == 1 with any stride)
+        for (Index m = 0; m < p.num_tokens; ++m) {
+          MOE_CUDA_TRY(cudaMemcpyAsync(ids.data() + m * p.top_k, a.topk_ids->data() + m * ld, p.top_k * 4,
+                                       cudaMemcpyDeviceToHost, stream));
+        }
       }
+      MOE_CUDA_TRY(cudaStreamSynchronize(stream));
       for (std::size_t s = 0; s < ids.size(); ++s) {
         if (ids[s] < 0 || ids[s] >= p.num_experts) {
           return invalid_argument("topk_ids: entry [", s / p.top_k, ", ", s % p.top_k, "] is ", ids[s],

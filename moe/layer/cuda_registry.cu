@@ -143,8 +143,9 @@ bool cuda_device_available() {
     cudaGetLastError();  // clear the sticky "no device" error
     return false;
   }
+  // The build carries machine code for sm_90a (and sm_80) only, no PTX: Hopper is required.
   int major = 0;
-  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess && major >= 9;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess && major == 9;
 }
 
 Status find_cuda_kernel(const KernelKey& key, ForwardFn* out) {
@@ -160,8 +161,7 @@ Status find_cuda_kernel(const KernelKey& key, ForwardFn* out) {
   return unsupported(os.str());
 }
 
-namespace {
-Status upload(const void* host, std::size_t bytes, std::shared_ptr<void>* device) {
+Status upload_to_device(const void* host, std::size_t bytes, std::shared_ptr<void>* device) {
   void* p = nullptr;
   MOE_CUDA_TRY(cudaMalloc(&p, bytes > 0 ? bytes : 1));
   std::shared_ptr<void> holder(p, [](void* q) { cudaFree(q); });
@@ -169,11 +169,10 @@ Status upload(const void* host, std::size_t bytes, std::shared_ptr<void>* device
   *device = std::move(holder);
   return Status::ok();
 }
-}  // namespace
 
 Status make_layer_resident(MoeLayer* layer) {
   if (!cuda_device_available()) return unsupported("make_layer_resident: no CUDA device with compute capability >= 9.0");
-  return layer->make_resident(&upload, &find_cuda_kernel);
+  return layer->make_resident(&upload_to_device, &find_cuda_kernel);
 }
 
 }  // namespace moe::layer

@@ -9,7 +9,8 @@
 
 namespace moe::layer {
 
-// True when a CUDA device with compute capability >= 9.0 is present.
+// True when a Hopper GPU (compute capability 9.x) is present: the build carries machine code for
+// sm_90a and sm_80 and no PTX.
 bool cuda_device_available();
 
 Status find_cuda_kernel(const KernelKey& key, ForwardFn* out);
@@ -17,5 +18,8 @@ Status find_cuda_kernel(const KernelKey& key, ForwardFn* out);
 // Copies a layer's weights to the device once; its forward then runs on the CUDA registry and
 // copies only activations per call.
 Status make_layer_resident(MoeLayer* layer);
+
+// Device memory holding a copy of `bytes` bytes of `host`, freed when the last holder goes.
+Status upload_to_device(const void* host, std::size_t bytes, std::shared_ptr<void>* device);
 
 }  // namespace moe::layer

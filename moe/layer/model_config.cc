@@ -144,9 +144,9 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
       MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", true, &m.routing_params.renormalize, w));
-      std::int64_t g = 1, tg = 1;
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_group", 1, &g, w));
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "topk_group", 1, &tg, w));
+      std::int64_t g = 8, tg = 4;  // Hugging Face's DeepseekV3Config defaults
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_group", 8, &g, w));
+      MOE_RETURN_IF_ERROR(io::get_int_or(c, "topk_group", 4, &tg, w));
       m.routing = RoutingKind::kGroupedSigmoid;
       m.routing_params.num_expert_group = static_cast<int>(g);
       m.routing_params.topk_group = static_cast<int>(tg);
@@ -200,21 +200,22 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     if (type != "identity") return unsupported(w, ".zero_expert_type: \"", type, "\" is not supported (identity)");
   }
   m.num_zero_experts = zero;
+  if (m.routing == RoutingKind::kGroupedSoftmax || m.routing == RoutingKind::kGroupedSigmoid) {
+    const int g = m.routing_params.num_expert_group, tg = m.routing_params.topk_group;
+    const Index routed = m.num_experts + m.num_zero_experts;  // routing covers the zero experts too
+    if (g < 1 || routed % g != 0) {
+      return invalid_argument(w, ".n_group: expected a divisor of the routed expert count ", routed, ", got ", g);
+    }
+    if (tg < 1 || tg > g) return invalid_argument(w, ".topk_group: expected 1 <= topk_group <= n_group=", g, ", got ", tg);
+    if (m.top_k > tg * (routed / g)) {
+      return invalid_argument(w, ".num_experts_per_tok: expected <= topk_group * experts per group = ",
+                              tg * (routed / g), ", got ", m.top_k);
+    }
+  }
   std::string act;
   MOE_RETURN_IF_ERROR(io::get_string_or(c, "hidden_act", "silu", &act, w));
   if (m.architecture != Architecture::kGptOss && act != "silu") {
     return unsupported("config.hidden_act: \"", act, "\" is not supported for ", m.architecture_name, " (silu)");
-  }
-  if (m.routing == RoutingKind::kGroupedSoftmax || m.routing == RoutingKind::kGroupedSigmoid) {
-    const int g = m.routing_params.num_expert_group, tg = m.routing_params.topk_group;
-    if (g < 1 || m.num_experts % g != 0) {
-      return invalid_argument(w, ".n_group: expected a divisor of the expert count ", m.num_experts, ", got ", g);
-    }
-    if (tg < 1 || tg > g) return invalid_argument(w, ".topk_group: expected 1 <= topk_group <= n_group=", g, ", got ", tg);
-    if (m.top_k > tg * (m.num_experts / g)) {
-      return invalid_argument(w, ".num_experts_per_tok: expected <= topk_group * experts per group = ",
-                              tg * (m.num_experts / g), ", got ", m.top_k);
-    }
   }
   if (m.top_k < 1 || m.top_k > m.num_experts + m.num_zero_experts) {
     return invalid_argument(w, ".num_experts_per_tok: expected 1 <= top_k <= num_experts=", m.num_experts, ", got ",

@@ -384,6 +384,23 @@ TEST(KernelChunking, ChunkedEqualsUnchunkedBitwise) {
   }
 }
 
+// A token alone on its expert (a one-row block) gets the same bits as in a bigger block: the
+// one-row case must not fall to a matrix-vector product with another summation order.
+TEST(KernelChunking, SingleRowBlocksMatchTwoRowBlocksF32) {
+  using S = SpecOf<moe::SiluAndMul, moe::quant::F32>;
+  Case c;
+  c.M = 2;
+  c.top_k = 1;
+  c.ids = {3, 3};
+  Harness<S> whole(c);
+  ASSERT_TRUE(whole.run().is_ok());
+  Case one = c;
+  one.chunk_tokens = 1;
+  Harness<S> chunked(one);
+  ASSERT_TRUE(chunked.run().is_ok());
+  EXPECT_EQ(0, std::memcmp(whole.output.data(), chunked.output.data(), whole.output.size() * sizeof(float)));
+}
+
 TEST(KernelBatched, BatchedFormatMatchesStandardBitwise) {
   using Std = SpecOf<moe::SiluAndMul, moe::quant::BF16>;
   using Bat = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::Precomputed, moe::BatchedPrepareFinalize<>>;

@@ -45,8 +45,9 @@ Status select_experts(HostView<const float, 2> router_logits, int top_k, const t
   if (correction_bias) {
     if constexpr (!Routing::kAcceptsCorrectionBias) {
       return invalid_argument("correction_bias: routing policy ", Routing::kName, " does not use an e_score_correction_bias");
+    } else {
+      MOE_RETURN_IF_ERROR(detail::expect_shape(*correction_bias, "correction_bias", std::array<Dim, 1>{{{"E", E}}}));
     }
-    MOE_RETURN_IF_ERROR(detail::expect_shape(*correction_bias, "correction_bias", std::array<Dim, 1>{{{"E", E}}}));
   }
   MOE_RETURN_IF_ERROR(Routing::can_implement(args, static_cast<int>(E), top_k));
   std::vector<float> scratch(RouterStage<Routing>::scratch_floats(E));

@@ -252,8 +252,8 @@ struct SquaredReluAndMul : moe::GatedActivation {
     const float r = moe::math::fmax(gate, 0.0f);
     return r * r * up;
   }
-  static double naive(double g, double u) { return (g > 0 ? g * g : 0.0) * u; }
 };
+static_assert(moe::ActivationPolicy<SquaredReluAndMul> && SquaredReluAndMul::kName == "squared_relu_and_mul");
 
 // A user routing rule runs on the GPU through the generic path: the k smallest logits, equal weights.
 struct ContrarianTopK : moe::routing::TopKBase {

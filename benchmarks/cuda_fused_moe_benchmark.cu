@@ -3,7 +3,9 @@
 // Workload as in the anchors: bf16 hidden [M, H]; w13 [E, 2I, H]; w2 [E, H, I]; top-k ids drawn
 // uniformly without replacement per token; positive normalized weights (routing::Precomputed, so
 // routing itself is not timed); everything after it is. Median of CUDA-event timings over
-// repetitions after a warm-up, with a 256 MiB L2 flush before each repetition.
+// repetitions after a warm-up, with a 256 MiB L2 flush before each repetition. Two variants:
+// bf16_forward (eager launches on a stream) and bf16_forward_graph (the forward captured once in a
+// CUDA graph and replayed, as the anchors in reference/perf-anchors.md were timed).
 // Counters: us (median), TFLOP/s (6*M*k*H*I), weight GB/s (distinct experts hit * 3*H*I*2 bytes).
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
@@ -59,7 +61,7 @@ using Spec = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>
                        moe::Experts<moe::SiluAndMul, moe::quant::BF16>>;
 using Kernel = moe::Kernel<Spec, moe::cuda::Sm90>;
 
-void Forward(benchmark::State& state, Shape s) {
+void Forward(benchmark::State& state, Shape s, bool graph) {
   const moe::Index M = state.range(0);
   const std::size_t n13 = s.E * 2 * s.I * s.H, n2 = s.E * s.H * s.I;
   auto* w13 = device_alloc<moe::bfloat16>(n13);
@@ -107,14 +109,29 @@ void Forward(benchmark::State& state, Shape s) {
   cudaEvent_t start, stop;
   cuda_ok(cudaEventCreate(&start));
   cuda_ok(cudaEventCreate(&stop));
-  moe::check(kernel.run(a, std::span<std::byte>(ws, ws_bytes)));  // warm-up
-  cuda_ok(cudaDeviceSynchronize());
+  cudaStream_t stream;
+  cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraphExec_t exec = nullptr;
+  if (graph) {
+    cudaGraph_t g;
+    cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    moe::check(kernel.run(a, std::span<std::byte>(ws, ws_bytes), stream));
+    cuda_ok(cudaStreamEndCapture(stream, &g));
+    cuda_ok(cudaGraphInstantiate(&exec, g, 0));
+    cuda_ok(cudaGraphDestroy(g));
+  }
+  const auto launch = [&] {
+    if (graph) cuda_ok(cudaGraphLaunch(exec, stream));
+    else moe::check(kernel.run(a, std::span<std::byte>(ws, ws_bytes), stream));
+  };
+  launch();  // warm-up
+  cuda_ok(cudaStreamSynchronize(stream));
   std::vector<float> times;
   for (auto _ : state) {
-    cuda_ok(cudaMemsetAsync(flush, 0, flush_bytes));
-    cuda_ok(cudaEventRecord(start));
-    moe::check(kernel.run(a, std::span<std::byte>(ws, ws_bytes)));
-    cuda_ok(cudaEventRecord(stop));
+    cuda_ok(cudaMemsetAsync(flush, 0, flush_bytes, stream));
+    cuda_ok(cudaEventRecord(start, stream));
+    launch();
+    cuda_ok(cudaEventRecord(stop, stream));
     cuda_ok(cudaEventSynchronize(stop));
     float ms = 0;
     cuda_ok(cudaEventElapsedTime(&ms, start, stop));
@@ -133,13 +150,18 @@ void Forward(benchmark::State& state, Shape s) {
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+  if (exec) cudaGraphExecDestroy(exec);
+  cudaStreamDestroy(stream);
 }
 
 int register_all() {
-  for (const Shape& s : kShapes) {
-    benchmark::RegisterBenchmark((std::string("bf16_forward/") + s.name).c_str(), Forward, s)
-        ->Arg(1)->Arg(64)->Arg(1024)->Arg(4096)
-        ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+  for (const bool graph : {false, true}) {
+    for (const Shape& s : kShapes) {
+      const std::string name = std::string(graph ? "bf16_forward_graph/" : "bf16_forward/") + s.name;
+      benchmark::RegisterBenchmark(name.c_str(), Forward, s, graph)
+          ->Arg(1)->Arg(64)->Arg(1024)->Arg(4096)
+          ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+    }
   }
   return 0;
 }

@@ -108,6 +108,31 @@ __device__ __forceinline__ void fill_row_of_col(Index out0, Index n_out, Index* 
   }
 }
 
+// Where a block works: its expert, its rows [row0, row_end) and first output column; the weight
+// row of each accumulator column goes to `row_of_col`. False when the block has no work (past the
+// last m-tile or the last column); the caller returns before any barrier.
+template <class T, ColumnMode Mode, int BM, int BN>
+struct BlockTile {
+  int e;
+  Index row0, row_end, out0;
+  const T* w;
+
+  template <class Activation>
+  __device__ __forceinline__ bool locate(const GroupedGemmParams<T, Activation>& p, Index* row_of_col) {
+    const int tile = blockIdx.x;
+    e = expert_of_tile(p.tile_offsets, p.num_experts, tile);
+    if (e < 0) return false;
+    row0 = p.seg_begin[e] + static_cast<Index>(tile - p.tile_offsets[e]) * BM;
+    row_end = p.seg_begin[e] + p.seg_count[e];
+    w = p.w + static_cast<Index>(e) * p.w_expert_stride;
+    constexpr int kOutPerTile = Mode == ColumnMode::kPlain ? BN : BN / 2;
+    out0 = static_cast<Index>(blockIdx.y) * kOutPerTile;
+    if (out0 >= p.n_out) return false;
+    fill_row_of_col<Mode, BN>(out0, p.n_out, row_of_col);
+    return true;
+  }
+};
+
 // Epilogue over a [BM, BN] float accumulator tile in shared memory: one output element per
 // iteration through the expression tree's scalar path (moe/epilogue.h).
 template <class T, ColumnMode Mode, class Expr, class Activation, int BM, int BN>
@@ -153,16 +178,11 @@ __global__ void __launch_bounds__(kGemmThreads) grouped_gemm_kernel(GroupedGemmP
   __shared__ __align__(32) float cs[kBM][kBN + 4];
   __shared__ Index s_row_of_col[kBN];
 
-  const int tile = blockIdx.x;
-  const int e = expert_of_tile(p.tile_offsets, p.num_experts, tile);
-  if (e < 0) return;
-  const Index row0 = p.seg_begin[e] + static_cast<Index>(tile - p.tile_offsets[e]) * kBM;
-  const Index row_end = p.seg_begin[e] + p.seg_count[e];
-  const T* w = p.w + static_cast<Index>(e) * p.w_expert_stride;
-  constexpr int kOutPerTile = Mode == ColumnMode::kPlain ? kBN : kBN / 2;
-  const Index out0 = static_cast<Index>(blockIdx.y) * kOutPerTile;
-  if (out0 >= p.n_out) return;
-  fill_row_of_col<Mode, kBN>(out0, p.n_out, s_row_of_col);
+  BlockTile<T, Mode, kBM, kBN> bt;
+  if (!bt.locate(p, s_row_of_col)) return;
+  const int e = bt.e;
+  const Index row0 = bt.row0, row_end = bt.row_end, out0 = bt.out0;
+  const T* w = bt.w;
   __syncthreads();
 
   const int warp = threadIdx.x / 32;
@@ -253,16 +273,11 @@ __global__ void __launch_bounds__(kFastThreads) grouped_gemm_pipelined_kernel(Gr
   extern __shared__ __align__(128) std::uint16_t smem[];  // PipelinedTile<BK>::kSmemBytes
   __shared__ Index s_row_of_col[kFastBN];
 
-  const int tile = blockIdx.x;
-  const int e = expert_of_tile(p.tile_offsets, p.num_experts, tile);
-  if (e < 0) return;
-  const Index row0 = p.seg_begin[e] + static_cast<Index>(tile - p.tile_offsets[e]) * kFastBM;
-  const Index row_end = p.seg_begin[e] + p.seg_count[e];
-  const T* w = p.w + static_cast<Index>(e) * p.w_expert_stride;
-  constexpr int kOutPerTile = Mode == ColumnMode::kPlain ? kFastBN : kFastBN / 2;
-  const Index out0 = static_cast<Index>(blockIdx.y) * kOutPerTile;
-  if (out0 >= p.n_out) return;
-  fill_row_of_col<Mode, kFastBN>(out0, p.n_out, s_row_of_col);
+  BlockTile<T, Mode, kFastBM, kFastBN> bt;
+  if (!bt.locate(p, s_row_of_col)) return;
+  const int e = bt.e;
+  const Index row0 = bt.row0, row_end = bt.row_end, out0 = bt.out0;
+  const T* w = bt.w;
   __syncthreads();
 
   // One k-tile into stage `s`: A is 64 rows x 8 chunks, B 128 rows x 8 chunks of 8 elements.

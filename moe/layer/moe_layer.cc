@@ -385,7 +385,7 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   req.topk_ids = AnyTensor{id_ptr, DType::kI32, {M, k}, {}};
   req.topk_weights = AnyTensor{w_ptr, DType::kF32, {M, k}, {}};
   req.top_k = k;
-  std::vector<std::int32_t> map = expert_map_;
+  std::vector<std::int32_t> map;  // host copy for the request (AnyTensor holds a mutable pointer)
   if (resident_) {
     req.w13 = resident_->w13;
     req.w2 = resident_->w2;
@@ -398,6 +398,7 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     req.w2 = w2_.tensor();
     if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
     if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
+    map = expert_map_;
     if (!map.empty()) req.expert_map = AnyTensor{map.data(), DType::kI32, {E}, {}};
   }
   req.activation = config_.activation_params;

@@ -90,40 +90,8 @@ HostView<const T, 2> cview2(const std::vector<T>& v, Index a, Index b) { return 
   return ::testing::AssertionSuccess();
 }
 
-// Every element equal; reports the first mismatch and how many there are.
-template <class A>
-::testing::AssertionResult ExactlyEqual(const std::vector<A>& got, const std::vector<A>& want) {
-  if (got.size() != want.size()) return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
-  std::size_t bad = 0, first = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (!(got[i] == want[i])) {
-      if (bad++ == 0) first = i;
-    }
-  }
-  if (bad) {
-    return ::testing::AssertionFailure() << bad << " of " << got.size() << " elements differ; first at " << first
-                                         << ": got " << got[first] << ", expected " << want[first];
-  }
-  return ::testing::AssertionSuccess();
-}
-
-// Bitwise equality of storage values (float, bfloat16, half).
-template <class T>
-::testing::AssertionResult BitwiseEqual(const std::vector<T>& got, const std::vector<T>& want) {
-  if (got.size() != want.size()) return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
-  std::size_t bad = 0, first = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) {
-      if (bad++ == 0) first = i;
-    }
-  }
-  if (bad) {
-    return ::testing::AssertionFailure() << bad << " of " << got.size() << " elements differ bitwise; first at "
-                                         << first << ": got " << moe::to_float(got[first]) << ", expected "
-                                         << moe::to_float(want[first]);
-  }
-  return ::testing::AssertionSuccess();
-}
+using moe::testing::BitwiseEqual;
+using moe::testing::ExactlyEqual;
 
 template <class T>
 std::vector<float> to_floats(const std::vector<T>& v) {

@@ -146,34 +146,8 @@ template <class T>
 // ---------------------------------------------------------------------------------------------
 // Comparisons.
 
-template <class A>
-::testing::AssertionResult ExactlyEqual(const std::vector<A>& got, const std::vector<A>& want) {
-  if (got.size() != want.size()) return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
-  std::size_t bad = 0, first = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (!(got[i] == want[i]) && bad++ == 0) first = i;
-  }
-  if (bad) {
-    return ::testing::AssertionFailure() << bad << " of " << got.size() << " elements differ; first at " << first
-                                         << ": got " << got[first] << ", expected " << want[first];
-  }
-  return ::testing::AssertionSuccess();
-}
-
-template <class T>
-::testing::AssertionResult BitwiseEqual(const std::vector<T>& got, const std::vector<T>& want) {
-  if (got.size() != want.size()) return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
-  std::size_t bad = 0, first = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0 && bad++ == 0) first = i;
-  }
-  if (bad) {
-    return ::testing::AssertionFailure() << bad << " of " << got.size() << " elements differ bitwise; first at "
-                                         << first << ": got " << moe::to_float(got[first]) << ", expected "
-                                         << moe::to_float(want[first]);
-  }
-  return ::testing::AssertionSuccess();
-}
+using moe::testing::BitwiseEqual;
+using moe::testing::ExactlyEqual;
 
 // The CUDA op rejected the call exactly as the CPU op did: kInvalidArgument, the same message,
 // naming `name`.

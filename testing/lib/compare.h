@@ -4,9 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "moe/quant/numeric.h"
 
 namespace moe::testing {
 
@@ -38,6 +41,37 @@ template <class A, class B>
     return ::testing::AssertionFailure() << "element " << worst_i << ": got " << static_cast<double>(actual[worst_i])
                                          << ", expected " << static_cast<double>(expected[worst_i]) << " (diff " << worst
                                          << " > bound " << bound << ", max|ref| " << max_ref << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// Every element equal (operator==); reports how many differ and the first mismatch.
+template <class A>
+::testing::AssertionResult ExactlyEqual(const std::vector<A>& got, const std::vector<A>& want) {
+  if (got.size() != want.size()) return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
+  std::size_t bad = 0, first = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (!(got[i] == want[i]) && bad++ == 0) first = i;
+  }
+  if (bad) {
+    return ::testing::AssertionFailure() << bad << " of " << got.size() << " elements differ; first at " << first
+                                         << ": got " << got[first] << ", expected " << want[first];
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// Bitwise equality of storage values (float, bfloat16, half).
+template <class T>
+::testing::AssertionResult BitwiseEqual(const std::vector<T>& got, const std::vector<T>& want) {
+  if (got.size() != want.size()) return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
+  std::size_t bad = 0, first = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0 && bad++ == 0) first = i;
+  }
+  if (bad) {
+    return ::testing::AssertionFailure() << bad << " of " << got.size() << " elements differ bitwise; first at "
+                                         << first << ": got " << moe::to_float(got[first]) << ", expected "
+                                         << moe::to_float(want[first]);
   }
   return ::testing::AssertionSuccess();
 }

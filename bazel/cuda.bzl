@@ -38,6 +38,11 @@ def _cuda_library_impl(ctx):
     )
     nvcc = ctx.file._nvcc
     archs = ctx.attr._archs[CudaArchsInfo].archs
+    if ctx.attr.only_archs:
+        # Architecture-specific sources (sm_90a wgmma) compile only for their archs when the
+        # build targets them; otherwise for the build's archs, where their kernels are stubs.
+        kept = [a for a in archs if a in ctx.attr.only_archs]
+        archs = kept if kept else archs
     dep_contexts = [d[CcInfo].compilation_context for d in ctx.attr.deps if CcInfo in d]
     headers = depset(ctx.files.hdrs, transitive = [c.headers for c in dep_contexts])
     args_common = ["-std=c++20", "-O3", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -102,6 +107,7 @@ _cuda_library = rule(
         "hdrs": attr.label_list(allow_files = [".h", ".cuh"]),
         "deps": attr.label_list(providers = [CcInfo]),
         "copts": attr.string_list(),
+        "only_archs": attr.string_list(),
         "_nvcc": attr.label(default = "@local_cuda//:nvcc", allow_single_file = True),
         "_cuda_headers": attr.label(default = "@local_cuda//:headers_files"),
         "_archs": attr.label(default = "//bazel:cuda_archs"),

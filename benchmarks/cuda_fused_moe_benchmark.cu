@@ -1,20 +1,36 @@
-// bf16 forward of the CUDA backend for the four model shapes of reference/perf-anchors.md.
+// bf16 forward of the CUDA backend on the anchors' workload (../shared/reference/perf-anchors.md):
+// four model shapes x M in {1, 8, 64, 256, 1024, 4096, 16384}, and the two ceilings the roofline
+// uses, measured in the same binary.
 //
-// Workload as in the anchors: bf16 hidden [M, H]; w13 [E, 2I, H]; w2 [E, H, I]; top-k ids drawn
-// uniformly without replacement per token; positive normalized weights (routing::Precomputed, so
-// routing itself is not timed); everything after it is. Median of CUDA-event timings over
-// repetitions after a warm-up, with a 256 MiB L2 flush before each repetition. Two variants:
-// bf16_forward (eager launches on a stream) and bf16_forward_graph (the forward captured once in a
-// CUDA graph and replayed, as the anchors in reference/perf-anchors.md were timed).
-// Counters: us (median), TFLOP/s (6*M*k*H*I), weight GB/s (distinct experts hit * 3*H*I*2 bytes).
+// Workload: bf16 hidden [M, H]; w13 [E, 2I, H]; w2 [E, H, I]; top-k ids drawn uniformly without
+// replacement per token; positive normalized weights (routing::Precomputed: routing itself is not
+// timed, everything after it is). Median of CUDA-event timings with a 256 MiB L2 flush before each
+// repetition. bf16_forward_graph captures the forward once in a CUDA graph and replays it (as the
+// anchors were timed); bf16_forward launches eagerly.
+//
+// Counters per row, as perf-anchors.md defines them:
+//   FLOPs = 6*M*k*H*I; bytes = distinct experts hit*3*H*I*2 + 2*M*H*2;
+//   floor = max(FLOPs / gemm ceiling, bytes / copy ceiling); SOL% = floor / time.
+// Ceilings: ceiling/copy (device-to-device copy of 2 GiB, bytes read + written) and ceiling/gemm
+// (dense bf16 8192^3 through cuBLAS, loaded at run time: libcublas.so.13 from the toolkit or
+// PyTorch's wheel). Run the ceilings first (they are registered first); rows use the values measured
+// in the same process, else the anchors' (4245 GB/s, 673 TFLOP/s).
+//
+// Flags (before Google Benchmark's): --tune_tiles also registers every Hopper tile for every row
+// (bf16_tile/<tile>/<shape>/<M>), the run that regenerates the table in moe/cuda/gemm/schedule.h.
 #include <benchmark/benchmark.h>
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "moe/cuda/kernel.cuh"
@@ -31,6 +47,10 @@ constexpr Shape kShapes[] = {{"qwen3_30b_a3b", 128, 2048, 768, 8},
                              {"gpt_oss_120b", 128, 2880, 2880, 4},
                              {"mixtral_8x7b", 8, 4096, 14336, 2},
                              {"deepseek_v3", 256, 7168, 2048, 8}};
+constexpr moe::Index kTokens[] = {1, 8, 64, 256, 1024, 4096, 16384};
+
+double g_copy_gbps = 4245.0;   // replaced by ceiling/copy when it runs first
+double g_gemm_tflops = 673.0;  // replaced by ceiling/gemm
 
 void cuda_ok(cudaError_t e) {
   if (e != cudaSuccess) {
@@ -57,12 +77,123 @@ T* device_alloc(std::size_t n) {
   return static_cast<T*>(p);
 }
 
+// Median of `reps` event timings of `body`, each after an L2 flush, in seconds.
+template <class F>
+double median_seconds(benchmark::State& state, cudaStream_t stream, F body) {
+  const std::size_t flush_bytes = 256u << 20;
+  auto* flush = device_alloc<std::byte>(flush_bytes);
+  cudaEvent_t start, stop;
+  cuda_ok(cudaEventCreate(&start));
+  cuda_ok(cudaEventCreate(&stop));
+  body();  // warm-up
+  cuda_ok(cudaStreamSynchronize(stream));
+  std::vector<float> times;
+  for (auto _ : state) {
+    cuda_ok(cudaMemsetAsync(flush, 0, flush_bytes, stream));
+    cuda_ok(cudaEventRecord(start, stream));
+    body();
+    cuda_ok(cudaEventRecord(stop, stream));
+    cuda_ok(cudaEventSynchronize(stop));
+    float ms = 0;
+    cuda_ok(cudaEventElapsedTime(&ms, start, stop));
+    state.SetIterationTime(ms * 1e-3);
+    times.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaFree(flush);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2] * 1e-3;
+}
+
+// ---- ceilings ------------------------------------------------------------------------------------
+
+void CeilingCopy(benchmark::State& state) {
+  const std::size_t bytes = std::size_t{2} << 30;
+  auto* src = device_alloc<std::byte>(bytes);
+  auto* dst = device_alloc<std::byte>(bytes);
+  cuda_ok(cudaMemset(src, 1, bytes));
+  cudaStream_t stream;
+  cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const double s = median_seconds(state, stream, [&] { cuda_ok(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream)); });
+  g_copy_gbps = 2.0 * bytes / s * 1e-9;
+  state.counters["us"] = s * 1e6;
+  state.counters["GB/s"] = g_copy_gbps;
+  cudaFree(src);
+  cudaFree(dst);
+  cudaStreamDestroy(stream);
+}
+
+// cuBLAS through dlopen: the toolkit here ships no static cuBLAS, and the GPU machine has the shared
+// library in its CUDA image or PyTorch's wheel (LD_LIBRARY_PATH).
+struct Cublas {
+  decltype(&cublasCreate_v2) create = nullptr;
+  decltype(&cublasSetStream_v2) set_stream = nullptr;
+  using GemmEx = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                                    const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                                    cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+  GemmEx gemm = nullptr;
+  decltype(&cublasDestroy_v2) destroy = nullptr;
+  bool load() {
+    void* h = nullptr;
+    for (const char* lib : {"libcublas.so.13", "/usr/local/cuda/lib64/libcublas.so.13", "libcublas.so"}) {
+      if ((h = dlopen(lib, RTLD_NOW | RTLD_LOCAL))) break;
+    }
+    if (!h) return false;
+    create = reinterpret_cast<decltype(create)>(dlsym(h, "cublasCreate_v2"));
+    set_stream = reinterpret_cast<decltype(set_stream)>(dlsym(h, "cublasSetStream_v2"));
+    gemm = reinterpret_cast<decltype(gemm)>(dlsym(h, "cublasGemmEx"));
+    destroy = reinterpret_cast<decltype(destroy)>(dlsym(h, "cublasDestroy_v2"));
+    return create && set_stream && gemm && destroy;
+  }
+};
+
+void CeilingGemm(benchmark::State& state) {
+  Cublas blas;
+  if (!blas.load()) {
+    state.SkipWithError("libcublas.so.13 not found (add its folder to LD_LIBRARY_PATH)");
+    return;
+  }
+  const int n = 8192;
+  const std::size_t elems = std::size_t{n} * n;
+  auto* a = device_alloc<moe::bfloat16>(elems);
+  auto* b = device_alloc<moe::bfloat16>(elems);
+  auto* c = device_alloc<moe::bfloat16>(elems);
+  fill_random<<<1024, 256>>>(a, elems, 1.0f, 11);
+  fill_random<<<1024, 256>>>(b, elems, 1.0f, 12);
+  cuda_ok(cudaGetLastError());
+  cudaStream_t stream;
+  cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasHandle_t handle;
+  if (blas.create(&handle) != CUBLAS_STATUS_SUCCESS || blas.set_stream(handle, stream) != CUBLAS_STATUS_SUCCESS) {
+    state.SkipWithError("cublasCreate failed");
+    return;
+  }
+  const float one = 1.0f, zero = 0.0f;
+  const double s = median_seconds(state, stream, [&] {
+    if (blas.gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &zero, c,
+                  CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+      std::fprintf(stderr, "cublasGemmEx failed\n");
+      std::exit(1);
+    }
+  });
+  g_gemm_tflops = 2.0 * n * double(n) * n / s * 1e-12;
+  state.counters["us"] = s * 1e6;
+  state.counters["TFLOP/s"] = g_gemm_tflops;
+  blas.destroy(handle);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  cudaStreamDestroy(stream);
+}
+
+// ---- the forward ---------------------------------------------------------------------------------
+
 using Spec = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>,
                        moe::Experts<moe::SiluAndMul, moe::quant::BF16>>;
 using Kernel = moe::Kernel<Spec, moe::cuda::Sm90>;
 
-void Forward(benchmark::State& state, Shape s, bool graph) {
-  const moe::Index M = state.range(0);
+void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::optional<moe::cuda::gemm::Sm90Tile> tile) {
   const std::size_t n13 = s.E * 2 * s.I * s.H, n2 = s.E * s.H * s.I;
   auto* w13 = device_alloc<moe::bfloat16>(n13);
   auto* w2 = device_alloc<moe::bfloat16>(n2);
@@ -101,14 +232,11 @@ void Forward(benchmark::State& state, Shape s, bool graph) {
   a.w13 = moe::DeviceView<const moe::bfloat16, 3>(w13, {s.E, 2 * s.I, s.H});
   a.w2 = moe::DeviceView<const moe::bfloat16, 3>(w2, {s.E, s.H, s.I});
   a.output = moe::DeviceView<moe::bfloat16, 2>(out, {M, s.H});
-  Kernel kernel;
+  moe::cuda::Options options;
+  options.sm90_tile = tile;
+  Kernel kernel(options);
   const std::size_t ws_bytes = kernel.workspace_bytes(a);
   auto* ws = device_alloc<std::byte>(ws_bytes);
-  const std::size_t flush_bytes = 256u << 20;
-  auto* flush = device_alloc<std::byte>(flush_bytes);
-  cudaEvent_t start, stop;
-  cuda_ok(cudaEventCreate(&start));
-  cuda_ok(cudaEventCreate(&stop));
   cudaStream_t stream;
   cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cudaGraphExec_t exec = nullptr;
@@ -120,53 +248,65 @@ void Forward(benchmark::State& state, Shape s, bool graph) {
     cuda_ok(cudaGraphInstantiate(&exec, g, 0));
     cuda_ok(cudaGraphDestroy(g));
   }
-  const auto launch = [&] {
+  const double median_s = median_seconds(state, stream, [&] {
     if (graph) cuda_ok(cudaGraphLaunch(exec, stream));
     else moe::check(kernel.run(a, std::span<std::byte>(ws, ws_bytes), stream));
-  };
-  launch();  // warm-up
-  cuda_ok(cudaStreamSynchronize(stream));
-  std::vector<float> times;
-  for (auto _ : state) {
-    cuda_ok(cudaMemsetAsync(flush, 0, flush_bytes, stream));
-    cuda_ok(cudaEventRecord(start, stream));
-    launch();
-    cuda_ok(cudaEventRecord(stop, stream));
-    cuda_ok(cudaEventSynchronize(stop));
-    float ms = 0;
-    cuda_ok(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms * 1e-3);
-    times.push_back(ms);
-  }
-  std::sort(times.begin(), times.end());
-  const double median_s = times[times.size() / 2] * 1e-3;
+  });
   const double flops = 6.0 * M * s.top_k * s.H * s.I;
+  const double bytes = static_cast<double>(hit.size()) * 3 * s.H * s.I * 2 + 2.0 * M * s.H * 2;
+  const double floor_s = std::max(flops / (g_gemm_tflops * 1e12), bytes / (g_copy_gbps * 1e9));
   state.counters["us"] = median_s * 1e6;
   state.counters["TFLOP/s"] = flops / median_s * 1e-12;
-  state.counters["weight_GB/s"] = static_cast<double>(hit.size()) * 3 * s.H * s.I * 2 / median_s * 1e-9;
+  state.counters["GB/s"] = bytes / median_s * 1e-9;
+  state.counters["floor_us"] = floor_s * 1e6;
+  state.counters["SOL%"] = 100.0 * floor_s / median_s;
   for (void* p : {static_cast<void*>(w13), static_cast<void*>(w2), static_cast<void*>(hidden), static_cast<void*>(out),
-                  static_cast<void*>(d_ids), static_cast<void*>(d_w), static_cast<void*>(ws), static_cast<void*>(flush)}) {
+                  static_cast<void*>(d_ids), static_cast<void*>(d_w), static_cast<void*>(ws)}) {
     cudaFree(p);
   }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
   if (exec) cudaGraphExecDestroy(exec);
   cudaStreamDestroy(stream);
 }
 
-int register_all() {
-  for (const bool graph : {false, true}) {
+void register_all(bool tune) {
+  benchmark::RegisterBenchmark("ceiling/copy_2GiB", CeilingCopy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("ceiling/gemm_bf16_8192", CeilingGemm)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+  for (const bool graph : {true, false}) {
     for (const Shape& s : kShapes) {
-      const std::string name = std::string(graph ? "bf16_forward_graph/" : "bf16_forward/") + s.name;
-      benchmark::RegisterBenchmark(name.c_str(), Forward, s, graph)
-          ->Arg(1)->Arg(64)->Arg(1024)->Arg(4096)
-          ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+      for (const moe::Index M : kTokens) {
+        const std::string name = std::string(graph ? "bf16_forward_graph/" : "bf16_forward/") + s.name + "/" + std::to_string(M);
+        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, graph, std::nullopt)
+            ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+      }
     }
   }
-  return 0;
+  if (!tune) return;
+  using moe::cuda::gemm::Sm90Tile;
+  for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kSwap128x64,
+                           Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16}) {
+    for (const Shape& s : kShapes) {
+      for (const moe::Index M : kTokens) {
+        const std::string name = std::string("bf16_tile/") + moe::cuda::gemm::name(t) + "/" + s.name + "/" + std::to_string(M);
+        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, t)
+            ->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
+      }
+    }
+  }
 }
-const int registered = register_all();
 
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  bool tune = false;
+  std::vector<char*> rest;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--tune_tiles") == 0) tune = true;
+    else rest.push_back(argv[i]);
+  }
+  int n = static_cast<int>(rest.size());
+  register_all(tune);
+  benchmark::Initialize(&n, rest.data());
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -141,6 +141,13 @@ struct ElementContext {
 };
 
 // ---- the two epilogues of the experts stage ------------------------------------------------
+// Rounding points, the same on both backends and on every CUDA schedule: GEMM1's accumulators
+// (plus bias) are rounded to the intermediate storage type before the activation, as vLLM's
+// intermediate cache and Hugging Face's 16-bit projections round them; the activation's result
+// is rounded again. GEMM2's accumulator (plus bias) is rounded to the output type, then weighted
+// by the router weight and rounded once more, as vLLM's TopKWeightAndReduce weights a stored
+// expert output. So a schedule may store a GEMM's raw output in the storage type and apply the
+// rest of the tree in a later pass, and still match a schedule that fuses it all.
 namespace detail {
 template <bool HasBias, Part P>
 struct MaybeBiased {
@@ -150,30 +157,30 @@ template <Part P>
 struct MaybeBiased<true, P> {
   using type = Plus<Accumulator<P>, Bias<P>>;
 };
-template <class A, bool HasBias>
+template <class T, bool HasBias, Part P>
+using Stored = RoundTo<T, typename MaybeBiased<HasBias, P>::type>;
+
+template <class A, class T, bool HasBias>
 struct Gemm1Core {
-  using type = GatedActivate<A, typename MaybeBiased<HasBias, Part::kGate>::type,
-                             typename MaybeBiased<HasBias, Part::kUp>::type>;
+  using type = GatedActivate<A, Stored<T, HasBias, Part::kGate>, Stored<T, HasBias, Part::kUp>>;
 };
-template <class A, bool HasBias>
+template <class A, class T, bool HasBias>
   requires(!A::kGated)
-struct Gemm1Core<A, HasBias> {
-  using type = Activate<A, typename MaybeBiased<HasBias, Part::kAll>::type>;
+struct Gemm1Core<A, T, HasBias> {
+  using type = Activate<A, Stored<T, HasBias, Part::kAll>>;
 };
 }  // namespace detail
 
-// GEMM1: (accumulator + bias) -> activation -> rounded to the intermediate storage type.
-// Rounding points: the only rounding between the two GEMMs is this one.
+// GEMM1: (accumulator + bias), stored -> activation -> rounded to the intermediate storage type.
 template <class Activation, class ElementIntermediate, bool HasBias>
 using Gemm1Epilogue =
-    RoundTo<ElementIntermediate, typename detail::Gemm1Core<Activation, HasBias>::type>;
+    RoundTo<ElementIntermediate, typename detail::Gemm1Core<Activation, ElementIntermediate, HasBias>::type>;
 
-// GEMM2: (accumulator + bias) * router weight (unless it was applied to the input) -> rounded to
-// the output storage type, as vLLM's Triton kernel stores its weighted [M, k, H] cache.
+// GEMM2: (accumulator + bias), stored -> times the router weight (unless it was applied to the
+// input) -> rounded to the output storage type.
 template <class ElementOut, bool HasBias, bool WeightOutput>
-using Gemm2Epilogue = RoundTo<
-    ElementOut, std::conditional_t<WeightOutput,
-                                   Times<typename detail::MaybeBiased<HasBias, Part::kAll>::type, RouterWeight>,
-                                   typename detail::MaybeBiased<HasBias, Part::kAll>::type>>;
+using Gemm2Epilogue = std::conditional_t<
+    WeightOutput, RoundTo<ElementOut, Times<detail::Stored<ElementOut, HasBias, Part::kAll>, RouterWeight>>,
+    detail::Stored<ElementOut, HasBias, Part::kAll>>;
 
 }  // namespace moe::epilogue

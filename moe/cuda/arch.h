@@ -2,27 +2,45 @@
 // backend needs moe/cuda/kernel.cuh in a .cu file.
 #pragma once
 
+#include <optional>
 #include <string_view>
 
+#include "moe/cuda/gemm/schedule.h"
 #include "moe/tensor.h"
 
 namespace moe::cuda {
 
-struct Sm80 {
+// An architecture tag names the least compute capability the kernel runs on and the schedule of
+// its expert GEMMs (moe/cuda/gemm/schedule.h). cuda::Sm90 picks per problem (ScheduleAuto);
+// cuda::Sm90WithSchedule<gemm::Sm80CpAsync> pins the portable mainloop (tests compare both).
+template <class GemmSchedule = gemm::ScheduleAuto>
+struct Sm80WithSchedule {
+  static_assert(!std::is_base_of_v<gemm::Sm90TmaWarpSpecialized, GemmSchedule> &&
+                    !std::is_same_v<gemm::Sm90TmaWarpSpecialized, GemmSchedule>,
+                "moe::cuda::Sm80WithSchedule: an Sm90 schedule (wgmma, TMA) needs the Sm90 tag: "
+                "sm_80 devices lack those instructions");
   using Space = DeviceSpace;
+  using Schedule = GemmSchedule;
   static constexpr std::string_view kName = "cuda_sm80";
   static constexpr int kMinComputeCapability = 80;
 };
 
-struct Sm90 {
+template <class GemmSchedule = gemm::ScheduleAuto>
+struct Sm90WithSchedule {
+  static_assert(gemm::Schedule<GemmSchedule>, "moe::cuda::Sm90WithSchedule: not a schedule of moe/cuda/gemm/schedule.h");
   using Space = DeviceSpace;
+  using Schedule = GemmSchedule;
   static constexpr std::string_view kName = "cuda_sm90";
   static constexpr int kMinComputeCapability = 90;
 };
 
+using Sm80 = Sm80WithSchedule<>;
+using Sm90 = Sm90WithSchedule<>;
+
 template <class A>
 concept ArchTag = requires {
   { A::kMinComputeCapability } -> std::convertible_to<int>;
+  typename A::Schedule;
 } && std::is_same_v<typename A::Space, DeviceSpace>;
 
 // Options of the CUDA forward.
@@ -34,6 +52,8 @@ struct Options {
   // format, slots beyond max_tokens_per_expert are dropped in both modes (the counts are only
   // known on the device).
   bool check_device_inputs = false;
+  // The Hopper schedule's tile for every forward, instead of the table's choice (tuning, tests).
+  std::optional<gemm::Sm90Tile> sm90_tile;
 };
 
 }  // namespace moe::cuda

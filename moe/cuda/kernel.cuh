@@ -5,8 +5,12 @@
 // CUDA graph:
 //   route (generic: the policy's route_token per token) -> slot keys + per-expert counts ->
 //   stable CUB radix sort of (local expert, slot) -> offsets and m-tile prefix -> rows ->
-//   gather -> GEMM1 + fused epilogue 1 (bias, activation, rounding) -> GEMM2 + fused epilogue 2
-//   (bias, router weight, rounding) -> finalize (ascending slots, float, one rounding).
+//   gather, then the experts on the schedule of the Arch tag (moe/cuda/gemm/schedule.h):
+//     Sm80CpAsync: GEMM1 + fused epilogue 1 (bias, activation, rounding) -> GEMM2 + fused
+//       epilogue 2 (bias, router weight, rounding) -> finalize (ascending slots, float, one rounding);
+//     Sm90TmaWarpSpecialized: GEMM1 (stored) -> activation pass (epilogue 1) -> GEMM2 (stored) ->
+//       finalize applying epilogue 2 (router weight) and the sum. Same function: the epilogue trees'
+//       rounding points (moe/epilogue.h) make "store, then apply" exact.
 // The row order within an expert is ascending slot, as on the CPU backend, so both compute the
 // same sums up to floating-point association inside the GEMMs.
 #pragma once
@@ -20,6 +24,8 @@
 #include "moe/arguments.h"
 #include "moe/cuda/arch.h"
 #include "moe/cuda/check.h"
+#include "moe/cuda/gemm/schedule.h"
+#include "moe/cuda/gemm/sm90_grouped_gemm.h"
 #include "moe/cuda/grouped_gemm.cuh"
 #include "moe/cuda/stages.cuh"
 #include "moe/expert_map.h"
@@ -43,6 +49,19 @@ class Kernel<Spec, Arch> {
       : Activation::kLayout == GateUpLayout::kInterleaved ? cuda::detail::ColumnMode::kGatedInterleaved
                                                           : cuda::detail::ColumnMode::kGatedSplit;
 
+  // The expert GEMMs' schedule (moe/cuda/gemm/schedule.h). The Hopper schedule stores raw 16-bit
+  // GEMM outputs and applies the epilogue trees in the activation and finalize passes, which the
+  // trees' rounding points make exact (moe/epilogue.h).
+  using Schedule = typename Arch::Schedule;
+  static constexpr bool kArchHasSm90 = Arch::kMinComputeCapability >= 90;
+  static constexpr bool kForcedSm90 = std::is_base_of_v<cuda::gemm::Sm90TmaWarpSpecialized, Schedule> ||
+                                      std::is_same_v<cuda::gemm::Sm90TmaWarpSpecialized, Schedule>;
+  static_assert(!kForcedSm90 || sizeof(IO) == 2,
+                "moe::Kernel: the Sm90TmaWarpSpecialized schedule takes 16-bit operands (bf16, f16); use ScheduleAuto "
+                "or Sm80CpAsync for f32");
+  static constexpr bool kMaySm90 = kArchHasSm90 && sizeof(IO) == 2 &&
+                                   (kForcedSm90 || std::is_same_v<Schedule, cuda::gemm::ScheduleAuto>);
+
   explicit Kernel(cuda::Options options = {}) : options_(options) {}
   const cuda::Options& options() const { return options_; }
 
@@ -61,6 +80,9 @@ class Kernel<Spec, Arch> {
     const Problem p = Problem::from(a);
     if (p.num_tokens * p.top_k > INT32_MAX) {
       return invalid_argument("hidden_states: M*top_k = ", p.num_tokens * p.top_k, " exceeds the int32 slot range");
+    }
+    if constexpr (kForcedSm90) {
+      if (const char* why = sm90_refusal(p, a)) return unsupported("schedule Sm90TmaWarpSpecialized: ", why);
     }
     if (options_.check_device_inputs) MOE_RETURN_IF_ERROR(check_device_inputs(a, p, stream));
     return Status::ok();
@@ -88,8 +110,9 @@ class Kernel<Spec, Arch> {
 
   struct Layout {
     Index chunk = 0, slots = 0, rows = 0;
-    std::size_t cub_bytes = 0;
-    std::size_t ids, weights, scratch, iscratch, keys, slots_in, keys_sorted, slots_sorted, counts, sorted_start,
+    bool sm90 = false;  // the Hopper schedule runs the expert GEMMs
+    std::size_t cub_bytes = 0, gemm_ws_bytes = 0;
+    std::size_t gemm1_out, gemm_ws, ids, weights, scratch, iscratch, keys, slots_in, keys_sorted, slots_sorted, counts, sorted_start,
         seg_begin, seg_count, tiles, slot_row, row_weight, rows_buf, inter, cub, total;
   };
   struct Buffers {
@@ -102,6 +125,8 @@ class Kernel<Spec, Arch> {
     float* row_weight;
     IO* rows;   // gathered inputs, then GEMM2 outputs (same region: the input is dead after GEMM1)
     IO* inter;  // GEMM1 outputs (activated)
+    IO* gemm1_out;  // Hopper schedule: GEMM1's stored output [rows, gemm1_width]
+    std::byte* gemm_ws;
     void* cub;
   };
 
@@ -153,6 +178,10 @@ class Kernel<Spec, Arch> {
     l.rows_buf = take(R * n(p.hidden) * sizeof(IO));
     l.inter = take(R * n(p.intermediate) * sizeof(IO));
     l.cub = take(l.cub_bytes);
+    l.sm90 = sm90_refusal(p, a) == nullptr;
+    l.gemm1_out = take(l.sm90 ? R * n(p.gemm1_width) * sizeof(IO) : 0);
+    l.gemm_ws_bytes = l.sm90 && L > 0 ? cuda::gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(L)) : 0;
+    l.gemm_ws = take(l.gemm_ws_bytes);
     l.total = off;
     return l;
   }
@@ -178,7 +207,77 @@ class Kernel<Spec, Arch> {
     b.rows = static_cast<IO*>(at(l.rows_buf));
     b.inter = static_cast<IO*>(at(l.inter));
     b.cub = at(l.cub);
+    b.gemm1_out = static_cast<IO*>(at(l.gemm1_out));
+    b.gemm_ws = static_cast<std::byte*>(at(l.gemm_ws));
     return b;
+  }
+
+  // Why the Hopper schedule cannot run this forward, or nullptr when it can (decided from shapes,
+  // strides and alignment alone, so workspace_bytes and run agree).
+  const char* sm90_refusal(const Problem& p, const Arguments& a) const {
+    if constexpr (!kMaySm90) {
+      return "not selected for this architecture tag, schedule or element type";
+    } else {
+      const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+      if (a.w13_bias || a.w2_bias) return "expert biases are fused by the Sm80CpAsync epilogue only";
+      if (p.hidden % 8 != 0 || p.intermediate % 8 != 0) return "hidden and intermediate sizes must be multiples of 8";
+      if (a.w13.stride(1) % 8 != 0 || a.w13.stride(0) % 8 != 0 || a.w2.stride(1) % 8 != 0 || a.w2.stride(0) % 8 != 0 ||
+          !aligned(a.w13.data()) || !aligned(a.w2.data())) {
+        return "w13 and w2 need 16-byte aligned rows";
+      }
+      if (a.output.stride(0) % 8 != 0 || !aligned(a.output.data())) return "output needs 16-byte aligned rows";
+      if (p.gemm1_width > INT32_MAX || p.hidden > INT32_MAX) return "GEMM extents must fit int32";
+      return nullptr;
+    }
+  }
+
+  // Experts on the Hopper schedule: GEMM1 (raw, stored) -> activation pass (Gemm1 tree) ->
+  // GEMM2 (raw, stored) -> finalize with the Gemm2 tree (router weight) and the top-k sum.
+  Status run_sm90_experts(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index C,
+                          cudaStream_t stream) const {
+    using namespace cuda::gemm;
+    using namespace cuda::detail;
+    const Index S = C * p.top_k;
+    const int E_local = static_cast<int>(p.num_local_experts);
+    const Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
+                                             : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E_local));
+    const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
+    // out[rows, n] = in[rows, k] x w[e]^T over the expert segments.
+    const auto grouped_gemm = [&](const IO* in, Index k, DeviceView<const IO, 3> w, IO* out, Index n) {
+      Sm90GroupedGemmArgs g;
+      g.element = std::is_same_v<IO, bfloat16> ? Element16::kBF16 : Element16::kF16;
+      g.num_groups = E_local;
+      g.seg_begin = b.seg_begin;
+      g.seg_count = b.seg_count;
+      g.n = n;
+      g.k = k;
+      g.a = in;
+      g.lda = k;
+      g.w = w.data();
+      g.w_group_stride = w.stride(0);
+      g.ldw = w.stride(1);
+      g.d = out;
+      g.ldd = n;
+      return sm90_grouped_gemm(g, tile, ws, stream);
+    };
+    MOE_RETURN_IF_ERROR(grouped_gemm(b.rows, p.hidden, a.w13, b.gemm1_out, p.gemm1_width));
+    {
+      constexpr int kLayout = kMode1 == ColumnMode::kPlain ? 0 : kMode1 == ColumnMode::kGatedSplit ? 1 : 2;
+      using Expr = epilogue::Gemm1Epilogue<Activation, IO, false>;
+      activation_kernel<IO, Expr, Activation, kLayout><<<static_cast<unsigned>(S), 128, 0, stream>>>(
+          b.gemm1_out, p.gemm1_width, p.intermediate, b.slot_row, a.activation, b.inter);
+      MOE_CUDA_CHECK_LAUNCH();
+    }
+    // GEMM2 into the gathered rows' buffer (the inputs are dead).
+    MOE_RETURN_IF_ERROR(grouped_gemm(b.inter, p.intermediate, a.w2, b.rows, p.hidden));
+    {
+      using Expr = epilogue::Gemm2Epilogue<IO, false, !PF::kApplyWeightOnInput>;
+      const std::size_t smem = static_cast<std::size_t>(p.top_k) * (sizeof(Index) + sizeof(float));
+      finalize_epilogue_kernel<IO, Expr, Activation><<<static_cast<unsigned>(C), 256, smem, stream>>>(
+          b.rows, p.hidden, p.top_k, b.slot_row, b.weights, m0, a.output.data(), a.output.stride(0));
+      MOE_CUDA_CHECK_LAUNCH();
+    }
+    return Status::ok();
   }
 
   // One grouped GEMM over the chunk's expert segments: out = a x w[e]^T, K = a's width.
@@ -245,41 +344,48 @@ class Kernel<Spec, Arch> {
     using namespace cuda::detail;
     const Index C = m1 - m0, S = C * p.top_k;
     const int E_local = static_cast<int>(p.num_local_experts);
-    // 1. Routing.
+    // 1. Routing (precomputed ids are copied by the keys kernel).
+    const std::int32_t* ids_in = nullptr;
+    const float* weights_in = nullptr;
+    Index ld_ids = 0, ld_weights = 0;
     if constexpr (Routing::kUsesLogits) {
       route_kernel<Routing><<<blocks(C, 128), 128, 0, stream>>>(
           a.router_logits.data() + m0 * a.router_logits.stride(0), a.router_logits.stride(0), C,
           static_cast<int>(p.num_experts), p.top_k, a.correction_bias ? a.correction_bias->data() : nullptr, a.routing,
           b.scratch, b.iscratch, b.ids, b.weights);
+      MOE_CUDA_CHECK_LAUNCH();
     } else {
-      copy_routing_kernel<<<blocks(S, kThreads), kThreads, 0, stream>>>(
-          a.topk_ids->data() + m0 * a.topk_ids->stride(0), a.topk_ids->stride(0),
-          a.topk_weights->data() + m0 * a.topk_weights->stride(0), a.topk_weights->stride(0), C, p.top_k, b.ids,
-          b.weights);
+      ids_in = a.topk_ids->data() + m0 * a.topk_ids->stride(0);
+      ld_ids = a.topk_ids->stride(0);
+      weights_in = a.topk_weights->data() + m0 * a.topk_weights->stride(0);
+      ld_weights = a.topk_weights->stride(0);
     }
-    MOE_CUDA_CHECK_LAUNCH();
     // 2. Keys and counts; 3. stable sort by local expert.
     MOE_CUDA_TRY(cudaMemsetAsync(b.counts, 0, (E_local + 1) * sizeof(std::int32_t), stream));
-    slot_keys_kernel<<<blocks(S, kThreads), kThreads, 0, stream>>>(
-        b.ids, S, a.expert_map ? a.expert_map->data() : nullptr, p.num_experts, E_local, b.keys, b.slots, b.counts);
+    const bool shared_histogram = E_local < kMaxSharedHistogramExperts;
+    slot_keys_kernel<<<blocks(S, kThreads), kThreads, shared_histogram ? (E_local + 1) * 4 : 0, stream>>>(
+        ids_in, ld_ids, weights_in, ld_weights, p.top_k, b.ids, b.weights, S,
+        a.expert_map ? a.expert_map->data() : nullptr, p.num_experts, E_local, shared_histogram, b.keys, b.slots,
+        b.counts);
     MOE_CUDA_CHECK_LAUNCH();
     std::size_t cub_bytes = l.cub_bytes;
     MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(b.cub, cub_bytes, b.keys, b.keys_sorted, b.slots, b.slots_sorted,
                                                  static_cast<int>(S), 0, key_bits(E_local), stream));
-    // 4. Offsets, rows, gather.
+    // 4. Offsets; rows and gather.
     Index capacity = 0;  // standard format: packed segments
     if constexpr (kBatched) capacity = a.prepare_finalize.max_tokens_per_expert;
-    offsets_kernel<<<1, 32, 0, stream>>>(b.counts, E_local, capacity, kBM, b.sorted_start, b.seg_begin, b.seg_count,
-                                         b.tiles);
+    offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(b.counts, E_local, capacity, kBM, b.sorted_start, b.seg_begin,
+                                                      b.seg_count, b.tiles);
     MOE_CUDA_CHECK_LAUNCH();
     assign_rows_kernel<<<blocks(S, kThreads), kThreads, 0, stream>>>(b.keys_sorted, b.slots_sorted, S, E_local,
                                                                      b.sorted_start, b.seg_begin, b.seg_count,
                                                                      b.weights, b.slot_row, b.row_weight);
     MOE_CUDA_CHECK_LAUNCH();
-    gather_kernel<IO, PF::kApplyWeightOnInput><<<static_cast<unsigned>(S), 128, 0, stream>>>(
+    gather_kernel<IO, PF::kApplyWeightOnInput><<<static_cast<unsigned>(C), 256, 0, stream>>>(
         a.hidden_states.data() + m0 * a.hidden_states.stride(0), a.hidden_states.stride(0), p.hidden, p.top_k,
         b.slot_row, b.weights, b.rows);
     MOE_CUDA_CHECK_LAUNCH();
+    if (l.sm90) return run_sm90_experts(a, p, l, b, m0, C, stream);
     // 5. GEMM1 + epilogue 1 -> inter; 6. GEMM2 + epilogue 2 -> rows (the gathered input is dead).
     const unsigned m_tiles = static_cast<unsigned>((l.rows + kBM - 1) / kBM + p.num_local_experts);
     // Expected rows per local expert, known on the host without a sync: below one m-tile, the

@@ -3,8 +3,11 @@
 // they index anything.
 #pragma once
 
+#include <cub/block/block_scan.cuh>
+
 #include <cstdint>
 
+#include "moe/epilogue.h"
 #include "moe/expert_map.h"
 #include "moe/quant/numeric.h"
 #include "moe/routing.h"
@@ -31,47 +34,88 @@ __global__ void route_kernel(const float* logits, Index ld_logits, Index num_tok
   Routing::route_token(t, args);
 }
 
-__global__ void copy_routing_kernel(const std::int32_t* ids_in, Index ld_ids, const float* w_in, Index ld_w,
-                                    Index num_tokens, int top_k, std::int32_t* ids, float* weights) {
-  const Index s = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (s >= num_tokens * top_k) return;
-  const Index m = s / top_k, j = s % top_k;
-  ids[s] = ids_in[m * ld_ids + j];
-  weights[s] = w_in[m * ld_w + j];
-}
-
 // Sort key of each slot: its local expert, or E_local when the id is out of range or remote.
-__global__ void slot_keys_kernel(const std::int32_t* ids, Index num_slots, const std::int32_t* expert_map,
-                                 Index num_experts, int num_local, std::int32_t* keys, std::int32_t* slots,
-                                 std::int32_t* counts) {
+// Counts go through a block-local histogram in shared memory (one global atomic per block and
+// expert: at prefill, 10^5 slots on a few hundred counters would serialize on global atomics).
+// With `ids_in` (precomputed routing) the ids and weights are also copied into the workspace.
+__global__ void slot_keys_kernel(const std::int32_t* ids_in, Index ld_ids, const float* w_in, Index ld_w, int top_k,
+                                 std::int32_t* ids, float* weights, Index num_slots, const std::int32_t* expert_map,
+                                 Index num_experts, int num_local, bool shared_histogram, std::int32_t* keys,
+                                 std::int32_t* slots, std::int32_t* counts) {
+  extern __shared__ std::int32_t histogram[];  // [num_local + 1] when shared_histogram
+  if (shared_histogram) {
+    for (int e = threadIdx.x; e <= num_local; e += blockDim.x) histogram[e] = 0;
+    __syncthreads();
+  }
   const Index s = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (s >= num_slots) return;
-  std::int32_t l = local_expert_id(ids[s], expert_map, num_experts);
-  if (l < 0 || l >= num_local) l = num_local;
-  keys[s] = l;
-  slots[s] = static_cast<std::int32_t>(s);
-  atomicAdd(&counts[l], 1);
+  if (s < num_slots) {
+    std::int32_t id;
+    if (ids_in) {
+      const Index m = s / top_k, j = s % top_k;
+      id = ids_in[m * ld_ids + j];
+      ids[s] = id;
+      weights[s] = w_in[m * ld_w + j];
+    } else {
+      id = ids[s];
+    }
+    std::int32_t l = local_expert_id(id, expert_map, num_experts);
+    if (l < 0 || l >= num_local) l = num_local;
+    keys[s] = l;
+    slots[s] = static_cast<std::int32_t>(s);
+    atomicAdd(shared_histogram ? &histogram[l] : &counts[l], 1);
+  }
+  if (shared_histogram) {
+    __syncthreads();
+    for (int e = threadIdx.x; e <= num_local; e += blockDim.x) {
+      if (histogram[e] != 0) atomicAdd(&counts[e], histogram[e]);
+    }
+  }
 }
+// Experts whose histogram fits the default 48 KiB of shared memory.
+constexpr int kMaxSharedHistogramExperts = 8192;
 
 // Single block: offsets into the sorted slots, each expert's row segment (standard: packed;
-// batched: e * capacity, at most capacity rows) and the m-tile prefix for the GEMMs.
-__global__ void offsets_kernel(const std::int32_t* counts, int num_local, Index batched_capacity, int tile_m,
-                               Index* sorted_start, Index* seg_begin, Index* seg_count, Index* tile_offsets) {
-  if (threadIdx.x != 0) return;
-  Index start = 0, rows = 0, tiles = 0;
-  for (int e = 0; e < num_local; ++e) {
-    const Index c = counts[e];
-    sorted_start[e] = start;
-    start += c;
+// batched: e * capacity, at most capacity rows) and the m-tile prefix for the GEMMs. Block-wide
+// scans over chunks of kOffsetsThreads experts (a serial loop cost ~0.3 us per expert).
+constexpr int kOffsetsThreads = 512;
+__global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(const std::int32_t* counts, int num_local,
+                                                                  Index batched_capacity, int tile_m,
+                                                                  Index* sorted_start, Index* seg_begin,
+                                                                  Index* seg_count, Index* tile_offsets) {
+  using Scan = cub::BlockScan<Index, kOffsetsThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  __shared__ Index carry[3];  // sorted slots, rows, tiles before this chunk
+  if (threadIdx.x < 3) carry[threadIdx.x] = 0;
+  __syncthreads();
+  for (int base = 0; base < num_local; base += kOffsetsThreads) {
+    const int e = base + static_cast<int>(threadIdx.x);
+    const Index c = e < num_local ? counts[e] : 0;
     const Index n = batched_capacity > 0 ? (c < batched_capacity ? c : batched_capacity) : c;
-    seg_begin[e] = batched_capacity > 0 ? e * batched_capacity : rows;
-    seg_count[e] = n;
-    rows += n;
-    tile_offsets[e] = tiles;
-    tiles += (n + tile_m - 1) / tile_m;
+    const Index t = (n + tile_m - 1) / tile_m;
+    Index c_before, n_before, t_before, c_total, n_total, t_total;
+    Scan(temp).ExclusiveSum(c, c_before, c_total);
+    __syncthreads();
+    Scan(temp).ExclusiveSum(n, n_before, n_total);
+    __syncthreads();
+    Scan(temp).ExclusiveSum(t, t_before, t_total);
+    if (e < num_local) {
+      sorted_start[e] = carry[0] + c_before;
+      seg_begin[e] = batched_capacity > 0 ? e * batched_capacity : carry[1] + n_before;
+      seg_count[e] = n;
+      tile_offsets[e] = carry[2] + t_before;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      carry[0] += c_total;
+      carry[1] += n_total;
+      carry[2] += t_total;
+    }
+    __syncthreads();
   }
-  sorted_start[num_local] = start;
-  tile_offsets[num_local] = tiles;
+  if (threadIdx.x == 0) {
+    sorted_start[num_local] = carry[0];
+    tile_offsets[num_local] = carry[2];
+  }
 }
 
 // Sorted position p -> the slot's row (or -1), and each row's router weight.
@@ -91,21 +135,45 @@ __global__ void assign_rows_kernel(const std::int32_t* sorted_keys, const std::i
   if (row >= 0) row_weight[row] = weights[s];
 }
 
-// One block per slot: copies the token's hidden state to the slot's row (optionally times the
-// router weight, in the storage type, as vLLM's apply_router_weight_on_input).
+// One block per token: its hidden state is read once and copied to the rows of its top_k slots
+// (optionally times the router weight, in the storage type, as vLLM's
+// apply_router_weight_on_input). 16-byte copies when the rows allow them.
 template <class T, bool WeightOnInput>
 __global__ void gather_kernel(const T* hidden, Index ld_hidden, Index hidden_size, int top_k, const Index* slot_row,
                               const float* weights, T* rows) {
-  const Index s = blockIdx.x;
-  const Index row = slot_row[s];
-  if (row < 0) return;
-  const T* src = hidden + (s / top_k) * ld_hidden;
-  T* dst = rows + row * hidden_size;
+  const Index m = blockIdx.x;
+  const T* src = hidden + m * ld_hidden;
   if constexpr (WeightOnInput) {
-    const float w = round_to<T>(weights[s]);
-    for (Index c = threadIdx.x; c < hidden_size; c += blockDim.x) dst[c] = from_float<T>(to_float(src[c]) * w);
+    for (int j = 0; j < top_k; ++j) {
+      const Index row = slot_row[m * top_k + j];
+      if (row < 0) continue;
+      const float w = round_to<T>(weights[m * top_k + j]);
+      for (Index c = threadIdx.x; c < hidden_size; c += blockDim.x) {
+        rows[row * hidden_size + c] = from_float<T>(to_float(src[c]) * w);
+      }
+    }
   } else {
-    for (Index c = threadIdx.x; c < hidden_size; c += blockDim.x) dst[c] = src[c];
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vector = hidden_size % kVec == 0 && ld_hidden % kVec == 0 &&
+                        reinterpret_cast<std::uintptr_t>(hidden) % 16 == 0;
+    if (vector) {
+      const Index n = hidden_size / kVec;
+      for (Index c = threadIdx.x; c < n; c += blockDim.x) {
+        const uint4 v = reinterpret_cast<const uint4*>(src)[c];
+        for (int j = 0; j < top_k; ++j) {
+          const Index row = slot_row[m * top_k + j];
+          if (row >= 0) reinterpret_cast<uint4*>(rows + row * hidden_size)[c] = v;
+        }
+      }
+    } else {
+      for (Index c = threadIdx.x; c < hidden_size; c += blockDim.x) {
+        const T v = src[c];
+        for (int j = 0; j < top_k; ++j) {
+          const Index row = slot_row[m * top_k + j];
+          if (row >= 0) rows[row * hidden_size + c] = v;
+        }
+      }
+    }
   }
 }
 
@@ -122,6 +190,100 @@ __global__ void finalize_kernel(const T* y, Index hidden_size, int top_k, const 
       if (r >= 0) sum += to_float(y[r * hidden_size + c]);
     }
     out[(token_begin + m) * ld_out + c] = from_float<T>(sum);
+  }
+}
+
+// ---- passes of schedules whose GEMMs store raw outputs (Sm90TmaWarpSpecialized) ----------------
+// Both read and write 8 consecutive 16-bit columns per thread (16-byte accesses); the callers
+// check that every row width is a multiple of 8.
+
+template <class T>
+struct Vec8 {
+  T v[8];
+};
+static_assert(sizeof(Vec8<bfloat16>) == 16);
+
+// inter[row, i] = Gemm1 epilogue tree over GEMM1's stored output at the row of every slot:
+// [gate | up] halves (split), gate/up pairs (interleaved), or one value (ungated). One block per
+// slot, threads over 8-column groups.
+template <class T, class Expr, class Activation, int kLayoutMode>  // 0 plain, 1 split, 2 interleaved
+__global__ void __launch_bounds__(128) activation_kernel(const T* gemm1_out, Index n_total, Index inter_cols,
+                                                         const Index* slot_row, typename Activation::Arguments args,
+                                                         T* inter) {
+  const Index row = slot_row[blockIdx.x];
+  if (row < 0) return;
+  const T* in = gemm1_out + row * n_total;
+  T* dst = inter + row * inter_cols;
+  for (Index c0 = 8 * static_cast<Index>(threadIdx.x); c0 < inter_cols; c0 += 8 * static_cast<Index>(blockDim.x)) {
+    Vec8<T> out;
+    if constexpr (kLayoutMode == 0) {
+      const Vec8<T> x = *reinterpret_cast<const Vec8<T>*>(in + c0);
+      for (int j = 0; j < 8; ++j) {
+        epilogue::ElementContext<Activation> ctx;
+        ctx.args = args;
+        ctx.acc[0] = to_float(x.v[j]);
+        out.v[j] = from_float<T>(Expr::eval(ctx));
+      }
+    } else {
+      Vec8<T> g, u;
+      if constexpr (kLayoutMode == 1) {
+        g = *reinterpret_cast<const Vec8<T>*>(in + c0);
+        u = *reinterpret_cast<const Vec8<T>*>(in + inter_cols + c0);
+      } else {
+        const Vec8<T> a = *reinterpret_cast<const Vec8<T>*>(in + 2 * c0);
+        const Vec8<T> b = *reinterpret_cast<const Vec8<T>*>(in + 2 * c0 + 8);
+        for (int j = 0; j < 4; ++j) {
+          g.v[j] = a.v[2 * j];
+          u.v[j] = a.v[2 * j + 1];
+          g.v[j + 4] = b.v[2 * j];
+          u.v[j + 4] = b.v[2 * j + 1];
+        }
+      }
+      for (int j = 0; j < 8; ++j) {
+        epilogue::ElementContext<Activation> ctx;
+        ctx.args = args;
+        ctx.acc[1] = to_float(g.v[j]);
+        ctx.acc[2] = to_float(u.v[j]);
+        out.v[j] = from_float<T>(Expr::eval(ctx));
+      }
+    }
+    *reinterpret_cast<Vec8<T>*>(dst + c0) = out;
+  }
+}
+
+// out[m] = sum over slots j (ascending) of the Gemm2 epilogue tree applied to the slot's stored
+// GEMM2 output and router weight, in float, rounded once. One block per token: the rows and
+// weights of its slots are read once into shared memory, then each thread sums 8 columns.
+template <class T, class Expr, class Activation>
+__global__ void __launch_bounds__(256) finalize_epilogue_kernel(const T* y, Index hidden_size, int top_k,
+                                                                const Index* slot_row, const float* slot_weight,
+                                                                Index token_begin, T* out, Index ld_out) {
+  extern __shared__ unsigned char finalize_smem[];
+  Index* rows = reinterpret_cast<Index*>(finalize_smem);
+  float* w = reinterpret_cast<float*>(rows + top_k);
+  const Index m = blockIdx.x;
+  for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
+    rows[j] = slot_row[m * top_k + j];
+    w[j] = slot_weight[m * top_k + j];
+  }
+  __syncthreads();
+  for (Index c0 = 8 * static_cast<Index>(threadIdx.x); c0 < hidden_size; c0 += 8 * static_cast<Index>(blockDim.x)) {
+    float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll 4
+    for (int j = 0; j < top_k; ++j) {
+      const Index r = rows[j];
+      if (r < 0) continue;
+      const Vec8<T> x = *reinterpret_cast<const Vec8<T>*>(y + r * hidden_size + c0);
+      epilogue::ElementContext<Activation> ctx;
+      ctx.weight = w[j];
+      for (int c = 0; c < 8; ++c) {
+        ctx.acc[0] = to_float(x.v[c]);
+        sum[c] += Expr::eval(ctx);
+      }
+    }
+    Vec8<T> o;
+    for (int c = 0; c < 8; ++c) o.v[c] = from_float<T>(sum[c]);
+    *reinterpret_cast<Vec8<T>*>(out + (token_begin + m) * ld_out + c0) = o;
   }
 }
 

@@ -560,13 +560,13 @@ void check_gemm1(const Ref& reference, const typename A::Arguments& args = {}) {
         double expected;
         if constexpr (A::kGated) {
           const Index g = interleaved ? 2 * c : c, u = interleaved ? 2 * c + 1 : cols + c;
-          // accumulator + bias is a float addition (one rounding), then the activation.
-          const double gate = b.acc[r * b.ld + g] + (HasBias ? b.bias[g] : 0.0f);  // float + float
-          const double up = b.acc[r * b.ld + u] + (HasBias ? b.bias[u] : 0.0f);
+          // accumulator + bias is a float addition, stored in T, then the activation.
+          const double gate = moe::round_to<T>(b.acc[r * b.ld + g] + (HasBias ? b.bias[g] : 0.0f));
+          const double up = moe::round_to<T>(b.acc[r * b.ld + u] + (HasBias ? b.bias[u] : 0.0f));
           expected = reference(gate, up);
           exceeded_limit += gate > 7.0 || std::abs(up) > 7.0;
         } else {
-          const double x = b.acc[r * b.ld + c] + (HasBias ? b.bias[c] : 0.0f);  // float + float
+          const double x = moe::round_to<T>(b.acc[r * b.ld + c] + (HasBias ? b.bias[c] : 0.0f));
           expected = reference(x, 0.0);
         }
         const double got = values[r * cols + c];
@@ -615,17 +615,20 @@ TEST(Epilogue, Gemm1UserActivation) {
 }
 
 // The tree shapes: what the aliases expand to.
-static_assert(std::is_same_v<epilogue::Gemm1Epilogue<moe::SiluAndMul, moe::half, true>,
-                             epilogue::RoundTo<moe::half, epilogue::GatedActivate<
-                                                              moe::SiluAndMul,
-                                                              epilogue::Plus<epilogue::Accumulator<epilogue::Part::kGate>,
-                                                                             epilogue::Bias<epilogue::Part::kGate>>,
-                                                              epilogue::Plus<epilogue::Accumulator<epilogue::Part::kUp>,
-                                                                             epilogue::Bias<epilogue::Part::kUp>>>>>);
+static_assert(std::is_same_v<
+              epilogue::Gemm1Epilogue<moe::SiluAndMul, moe::half, true>,
+              epilogue::RoundTo<moe::half,
+                                epilogue::GatedActivate<
+                                    moe::SiluAndMul,
+                                    epilogue::RoundTo<moe::half, epilogue::Plus<epilogue::Accumulator<epilogue::Part::kGate>,
+                                                                                epilogue::Bias<epilogue::Part::kGate>>>,
+                                    epilogue::RoundTo<moe::half, epilogue::Plus<epilogue::Accumulator<epilogue::Part::kUp>,
+                                                                                epilogue::Bias<epilogue::Part::kUp>>>>>>);
 static_assert(std::is_same_v<epilogue::Gemm1Epilogue<moe::Relu2, float, false>,
-                             epilogue::RoundTo<float, epilogue::Activate<moe::Relu2, epilogue::Accumulator<>>>>);
+                             epilogue::RoundTo<float, epilogue::Activate<moe::Relu2, epilogue::RoundTo<float, epilogue::Accumulator<>>>>>);
 static_assert(std::is_same_v<epilogue::Gemm2Epilogue<moe::bfloat16, false, true>,
-                             epilogue::RoundTo<moe::bfloat16, epilogue::Times<epilogue::Accumulator<>, epilogue::RouterWeight>>>);
+                             epilogue::RoundTo<moe::bfloat16, epilogue::Times<epilogue::RoundTo<moe::bfloat16, epilogue::Accumulator<>>,
+                                                                              epilogue::RouterWeight>>>);
 
 template <class T, bool HasBias, bool WeightOutput>
 void check_gemm2() {
@@ -642,9 +645,10 @@ void check_gemm2() {
       for (Index c = 0; c < cols; ++c) {
         float x = b.acc[r * b.ld + c];
         if (HasBias) x = x + b.bias[c];
-        if (WeightOutput) x = x * b.weight[r];
-        // Exactly: float add, float multiply, one rounding to T.
-        ASSERT_EQ(std::bit_cast<std::uint32_t>(values[r * cols + c]), std::bit_cast<std::uint32_t>(moe::round_to<T>(x)))
+        x = moe::round_to<T>(x);  // stored GEMM2 output
+        if (WeightOutput) x = moe::round_to<T>(x * b.weight[r]);
+        // Exactly: float add, rounding to T, float multiply, rounding to T.
+        ASSERT_EQ(std::bit_cast<std::uint32_t>(values[r * cols + c]), std::bit_cast<std::uint32_t>(x))
             << what << " (" << r << ", " << c << ")";
       }
     }

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "moe/cuda/kernel.cuh"
@@ -78,8 +79,8 @@ std::vector<float> to_floats(const std::vector<IO>& v) {
 
 // Runs the CPU and CUDA backends on `c`, compares, then checks bitwise reproducibility under
 // poisoned workspaces and under CUDA-graph capture.
-template <class Spec, class Setup = void (*)(Harness<Spec>&)>
-void check_case(Case c, Setup setup = [](Harness<Spec>&) {}) {
+template <class Spec, class Arch = moe::cuda::Sm90, class Setup = void (*)(Harness<Spec>&)>
+void check_case(Case c, Setup setup = [](Harness<Spec>&) {}, std::optional<moe::cuda::gemm::Sm90Tile> tile = {}) {
   using IO = typename Spec::ElementIO;
   Harness<Spec> h(c);
   setup(h);
@@ -90,7 +91,8 @@ void check_case(Case c, Setup setup = [](Harness<Spec>&) {}) {
   DeviceInputs<Spec> d(h);
   moe::cuda::Options options;
   options.chunk_tokens = c.chunk_tokens;
-  moe::Kernel<Spec, moe::cuda::Sm90> kernel(options);
+  options.sm90_tile = tile;
+  moe::Kernel<Spec, Arch> kernel(options);
   const auto args = d.args();
   DeviceBuffer<std::byte> ws(kernel.workspace_bytes(args));
   std::vector<IO> first;
@@ -236,6 +238,29 @@ TEST_F(Differential, WidthsNotMultiplesOfEight) {
     c.bias = true;
     check_case<SpecOf<moe::SiluAndMul>>(c);
     check_case<SpecOf<moe::SwigluOai, moe::quant::F16>>(c);
+  }
+}
+
+// Every tile of the Hopper schedule (normal and swapped orientations) on bf16 and f16, at batch
+// sizes that leave experts empty, thin (a few rows) and spanning several 128- and 256-row tiles.
+TEST_F(Differential, Sm90EveryTile) {
+  using moe::cuda::gemm::Sm90Tile;
+  for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kSwap128x64,
+                           Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16}) {
+    for (Index M : kBatchSizes) {
+      SCOPED_TRACE(moe::cuda::gemm::name(t));
+      check_case<SpecOf<moe::SiluAndMul>>(sized(M, 8, 2, 136, 264), [](auto&) {}, t);
+      check_case<SpecOf<moe::SwigluOai, moe::quant::F16>>(sized(M, 6, 3, 64, 48), [](auto&) {}, t);
+    }
+  }
+}
+
+// The portable schedule pinned on the Sm90 tag computes the same function as the Hopper one.
+TEST_F(Differential, Sm80ScheduleOnHopper) {
+  using Arch = moe::cuda::Sm90WithSchedule<moe::cuda::gemm::Sm80CpAsync>;
+  for (Index M : kBatchSizes) {
+    check_case<SpecOf<moe::SiluAndMul>, Arch>(sized(M, 8, 2, 136, 264));
+    check_case<SpecOf<moe::Relu2, moe::quant::F16>, Arch>(sized(M));
   }
 }
 

@@ -171,9 +171,9 @@ inline std::vector<double> fused_moe(const Layer& L, const std::vector<double>& 
         if (L.gated) {
           const double gate = L.interleaved ? g1[2 * i] : g1[i];
           const double up = L.interleaved ? g1[2 * i + 1] : g1[I + i];
-          a[i] = round_io(L.gated_act(gate, up));
+          a[i] = round_io(L.gated_act(round_io(gate), round_io(up)));
         } else {
-          a[i] = round_io(L.act(g1[i]));
+          a[i] = round_io(L.act(round_io(g1[i])));
         }
       }
       for (int c = 0; c < H; ++c) {
@@ -181,8 +181,9 @@ inline std::vector<double> fused_moe(const Layer& L, const std::vector<double>& 
         const float* wr = &L.w2[(static_cast<std::size_t>(e) * H + c) * I];
         for (int i = 0; i < I; ++i) s += static_cast<double>(wr[i]) * a[i];
         if (!L.b2.empty()) s += L.b2[static_cast<std::size_t>(e) * H + c];
-        if (!L.weight_on_input) s *= w;
-        acc[c] += round_io(s);
+        s = round_io(s);  // the stored expert output
+        if (!L.weight_on_input) s = round_io(s * w);
+        acc[c] += s;
       }
     }
     for (int c = 0; c < H; ++c) out[static_cast<std::size_t>(m) * H + c] = round_io(acc[c]);

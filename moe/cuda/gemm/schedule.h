@@ -1,0 +1,80 @@
+// Schedules of the grouped expert GEMM: which mainloop runs, as types (CUTLASS 3's dispatch
+// policies), and the tile configurations of each, chosen per problem from a committed table.
+//
+//   Sm80CpAsync             cp.async multistage + mma.sync (WMMA): any architecture >= sm_80, any
+//                           16/32-bit operand, fused activation / router-weight epilogues.
+//   Sm90TmaWarpSpecialized  wgmma + TMA, a producer warp and two consumer warpgroups, persistent
+//                           over (expert, tile) pairs read from device-side row counts (sm_90a).
+//   ScheduleAuto            Sm90TmaWarpSpecialized where the device, operand type and alignment
+//                           allow it, else Sm80CpAsync; the tile comes from sm90_tile_for().
+//
+// A quantized schedule (FP8 block-scaled, say) derives from the one whose mainloop it extends and
+// adds its scale operands; a combination a schedule cannot run is a static_assert naming both.
+#pragma once
+
+#include <type_traits>
+
+#include "moe/tensor.h"
+
+namespace moe::cuda::gemm {
+
+struct Sm80CpAsync {
+  static constexpr int kMinComputeCapability = 80;
+};
+struct Sm90TmaWarpSpecialized {
+  static constexpr int kMinComputeCapability = 90;
+};
+struct ScheduleAuto {
+  static constexpr int kMinComputeCapability = 80;
+};
+
+template <class S>
+concept Schedule = std::is_same_v<S, Sm80CpAsync> || std::is_base_of_v<Sm80CpAsync, S> ||
+                   std::is_same_v<S, Sm90TmaWarpSpecialized> || std::is_base_of_v<Sm90TmaWarpSpecialized, S> ||
+                   std::is_same_v<S, ScheduleAuto>;
+
+// Tile configurations of the Hopper schedule. "Normal" tiles put the expert's token rows on the
+// MMA's M side (prefill: many rows per expert). "Swap" tiles compute the transposed product, the
+// weight rows on M (128) and the tokens on N (16..64): a decode expert with a handful of tokens
+// is not padded to 128 rows, and each weight byte is read once per token tile.
+enum class Sm90Tile : int {
+  kNormal128x256,
+  kSwap128x64,
+  kSwap128x32,
+  kSwap128x16,
+};
+
+inline const char* name(Sm90Tile t) {
+  switch (t) {
+    case Sm90Tile::kNormal128x256: return "normal_128x256x64";
+    case Sm90Tile::kSwap128x64: return "swap_128x64x64";
+    case Sm90Tile::kSwap128x32: return "swap_128x32x128";
+    case Sm90Tile::kSwap128x16: return "swap_128x16x128";
+  }
+  return "?";
+}
+
+// The tile for a grouped GEMM whose groups average `rows_per_group` rows (a host-side estimate:
+// slots / local experts; the real counts stay on the device). From the tuning run of 2026-12-01 on
+// the H200 (benchmarks/NOTES.md, "tile table"): every tile on the 28 benchmark rows, the fastest
+// kept. Regenerate: `cuda_fused_moe_benchmark --tune_tiles --benchmark_filter=bf16_tile` on the
+// GPU machine, then set each threshold between the averages where the winner changes.
+struct Sm90TileRule {
+  double max_rows_per_group;  // this rule applies below this average
+  Sm90Tile tile;
+};
+inline constexpr Sm90TileRule kSm90TileTable[] = {
+    {4.0, Sm90Tile::kSwap128x16},    // decode: <= 2 rows per expert (deepseek, gpt-oss, mixtral M <= 64)
+    {12.0, Sm90Tile::kSwap128x32},   // 8 rows per expert (deepseek, gpt-oss M = 256)
+    {48.0, Sm90Tile::kSwap128x64},   // 16-32 rows per expert
+    {1e300, Sm90Tile::kNormal128x256},  // >= 64 rows per expert: the tensor-core-bound shapes
+};
+
+inline Sm90Tile sm90_tile_for(double rows_per_group) {
+  for (const auto& r : kSm90TileTable) {
+    if (rows_per_group < r.max_rows_per_group) return r.tile;
+  }
+  return Sm90Tile::kNormal128x256;
+}
+
+}  // namespace moe::cuda::gemm

@@ -1,0 +1,9 @@
+// f16 instantiations of the Hopper grouped GEMM (see sm90_grouped_gemm_impl.cuh).
+#include "moe/cuda/gemm/sm90_grouped_gemm_impl.cuh"
+
+namespace moe::cuda::gemm::sm90_detail {
+Status dispatch_f16(const Sm90GroupedGemmArgs& a, Sm90Tile tile, std::span<std::byte> ws, cudaStream_t s) {
+  return Tiles<cutlass::half_t>::dispatch(a, tile, ws, s);
+}
+std::size_t workspace_f16(int groups, int sm_count) { return Tiles<cutlass::half_t>::workspace(groups, sm_count); }
+}  // namespace moe::cuda::gemm::sm90_detail

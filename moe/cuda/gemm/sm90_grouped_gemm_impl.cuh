@@ -1,0 +1,222 @@
+// CUTLASS 3 sm90 ptr-array grouped GEMM behind moe/cuda/gemm/sm90_grouped_gemm.h. Included by the
+// per-element-type translation units only (sm90_grouped_gemm_bf16.cu, _f16.cu): every CUTLASS
+// instantiation of the library lives there.
+//
+// Per launch: a one-thread-per-group kernel turns the device-side segments (seg_begin, seg_count)
+// into CUTLASS's per-group problem shapes, pointers and strides inside our workspace, then the
+// persistent warp-specialized kernel walks the (group, tile) pairs. Problem shapes stay on the
+// device (no host copy), so the tile scheduler reads them there.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "moe/cuda/check.h"
+#include "moe/cuda/gemm/sm90_grouped_gemm.h"
+
+namespace moe::cuda::gemm::sm90_detail {
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
+using RowMajor = cutlass::layout::RowMajor;
+using ColumnMajor = cutlass::layout::ColumnMajor;
+
+// One CUTLASS kernel type per (element, tile, orientation). Swap computes D^T = W * X^T: A is the
+// expert's weights, B the token rows, D written column-major, i.e. row-major [rows, n].
+template <class T, int TM, int TN, int TK, bool Swap>
+struct GemmType {
+  using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Int<TK>>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using LayoutA = RowMajor;                                   // both orientations: K contiguous
+  using LayoutB = ColumnMajor;                                // [N, K] with K contiguous
+  using LayoutD = std::conditional_t<Swap, ColumnMajor, RowMajor>;
+  static constexpr int kAlign = 8;                            // 16 bytes of 16-bit elements
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlign, T, LayoutD*, kAlign,
+      EpilogueSchedule, cutlass::epilogue::fusion::LinearCombination<T, float, void>>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA*, kAlign, T, LayoutB*, kAlign, float, TileShape,
+      ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+};
+
+// A stride whose one dynamic mode is the leading dimension `ld` (the other modes are static).
+template <class Stride>
+__device__ __forceinline__ Stride ld_stride(std::int64_t ld) {
+  Stride s{};
+  if constexpr (cute::is_static<cute::remove_cvref_t<decltype(cute::get<0>(s))>>::value) {
+    cute::get<1>(s) = ld;
+  } else {
+    cute::get<0>(s) = ld;
+  }
+  return s;
+}
+
+// Per-group descriptors inside the workspace.
+template <class G>
+struct Descriptors {
+  using T = typename G::Gemm::ElementA;
+  typename ProblemShape::UnderlyingProblemShape* shapes;
+  const T** ptr_a;
+  const T** ptr_b;
+  T** ptr_d;
+  typename G::StrideA* stride_a;
+  typename G::StrideB* stride_b;
+  typename G::StrideD* stride_d;
+};
+
+constexpr std::size_t kDescriptorBytesPerGroup = 12 + 3 * 8 + 3 * 24;  // shape, 3 pointers, 3 strides (<= 24 B)
+
+inline std::size_t align256(std::size_t v) { return (v + 255) / 256 * 256; }
+
+template <class G>
+Descriptors<G> carve(std::byte* base, int groups, std::size_t* used) {
+  std::size_t off = 0;
+  auto take = [&](std::size_t bytes) {
+    std::byte* p = base + off;
+    off += align256(bytes);
+    return static_cast<void*>(p);
+  };
+  Descriptors<G> d;
+  const auto n = static_cast<std::size_t>(groups);
+  d.shapes = static_cast<decltype(d.shapes)>(take(n * sizeof(*d.shapes)));
+  d.ptr_a = static_cast<decltype(d.ptr_a)>(take(n * sizeof(*d.ptr_a)));
+  d.ptr_b = static_cast<decltype(d.ptr_b)>(take(n * sizeof(*d.ptr_b)));
+  d.ptr_d = static_cast<decltype(d.ptr_d)>(take(n * sizeof(*d.ptr_d)));
+  d.stride_a = static_cast<decltype(d.stride_a)>(take(n * sizeof(*d.stride_a)));
+  d.stride_b = static_cast<decltype(d.stride_b)>(take(n * sizeof(*d.stride_b)));
+  d.stride_d = static_cast<decltype(d.stride_d)>(take(n * sizeof(*d.stride_d)));
+  *used = off;
+  return d;
+}
+
+template <class G, bool Swap>
+__global__ void describe_groups_kernel(Sm90GroupedGemmArgs args, Descriptors<G> d) {
+  using T = typename G::Gemm::ElementA;
+  const int g = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (g >= args.num_groups) return;
+  const Index begin = args.seg_begin[g];
+  const int rows = static_cast<int>(args.seg_count[g]);
+  const T* x = static_cast<const T*>(args.a) + begin * args.lda;
+  const T* w = static_cast<const T*>(args.w) + static_cast<Index>(g) * args.w_group_stride;
+  const int n = static_cast<int>(args.n), k = static_cast<int>(args.k);
+  if constexpr (Swap) {
+    d.shapes[g] = {n, rows, k};
+    d.ptr_a[g] = w;
+    d.ptr_b[g] = x;
+    d.stride_a[g] = ld_stride<typename G::StrideA>(args.ldw);
+    d.stride_b[g] = ld_stride<typename G::StrideB>(args.lda);
+  } else {
+    d.shapes[g] = {rows, n, k};
+    d.ptr_a[g] = x;
+    d.ptr_b[g] = w;
+    d.stride_a[g] = ld_stride<typename G::StrideA>(args.lda);
+    d.stride_b[g] = ld_stride<typename G::StrideB>(args.ldw);
+  }
+  d.ptr_d[g] = static_cast<T*>(args.d) + begin * args.ldd;
+  d.stride_d[g] = ld_stride<typename G::StrideD>(args.ldd);
+}
+
+inline int sm_count_of_current_device() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  return sms;
+}
+
+template <class G, bool Swap>
+typename G::Gemm::Arguments make_arguments(const Descriptors<G>& d, int groups, int sm_count) {
+  typename G::Gemm::Arguments args;
+  cutlass::KernelHardwareInfo hw;
+  cudaGetDevice(&hw.device_id);
+  hw.sm_count = sm_count;
+  decltype(args.epilogue.thread) fusion;
+  fusion.alpha = 1.0f;
+  fusion.beta = 0.0f;
+  args = typename G::Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGrouped,
+                                     {groups, d.shapes, nullptr},
+                                     {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b},
+                                     {fusion, nullptr, d.stride_d, d.ptr_d, d.stride_d},
+                                     hw};
+  return args;
+}
+
+template <class G, bool Swap>
+std::size_t workspace_bytes(int groups, int sm_count) {
+  std::size_t desc = 0;
+  alignas(256) static std::byte dummy[1];
+  const Descriptors<G> d = carve<G>(dummy, groups, &desc);  // sizes only, nothing written
+  return desc + align256(G::Gemm::get_workspace_size(make_arguments<G, Swap>(d, groups, sm_count)));
+}
+
+template <class G, bool Swap>
+Status run(const Sm90GroupedGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream) {
+  const int sm_count = sm_count_of_current_device();
+  if (sm_count <= 0) return make_status(StatusCode::kCudaError, "sm90_grouped_gemm: no device multiprocessor count");
+  std::size_t desc_bytes = 0;
+  const Descriptors<G> d = carve<G>(workspace.data(), a.num_groups, &desc_bytes);
+  auto args = make_arguments<G, Swap>(d, a.num_groups, sm_count);
+  const std::size_t need = desc_bytes + align256(G::Gemm::get_workspace_size(args));
+  if (workspace.size() < need) {
+    return invalid_argument("workspace: ", workspace.size(), " bytes, the sm90 grouped GEMM needs ", need);
+  }
+  describe_groups_kernel<G, Swap><<<(a.num_groups + 127) / 128, 128, 0, stream>>>(a, d);
+  MOE_CUDA_CHECK_LAUNCH();
+  typename G::Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
+    return unsupported("sm90_grouped_gemm: CUTLASS cannot run n=", a.n, " k=", a.k);
+  }
+  if (gemm.initialize(args, workspace.data() + desc_bytes, stream) != cutlass::Status::kSuccess) {
+    return make_status(StatusCode::kCudaError, "sm90_grouped_gemm: CUTLASS initialize failed");
+  }
+  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    return make_status(StatusCode::kCudaError, "sm90_grouped_gemm: CUTLASS launch failed: ",
+                       cudaGetErrorString(cudaGetLastError()));
+  }
+  MOE_CUDA_CHECK_LAUNCH();
+  return Status::ok();
+}
+
+// The tile table of schedule.h, for one element type.
+template <class T>
+struct Tiles {
+  using Normal128x256 = GemmType<T, 128, 256, 64, false>;
+  using Swap128x64 = GemmType<T, 128, 64, 64, true>;
+  using Swap128x32 = GemmType<T, 128, 32, 128, true>;
+  using Swap128x16 = GemmType<T, 128, 16, 128, true>;
+
+  static Status dispatch(const Sm90GroupedGemmArgs& a, Sm90Tile tile, std::span<std::byte> ws, cudaStream_t s) {
+    switch (tile) {
+      case Sm90Tile::kNormal128x256: return run<Normal128x256, false>(a, ws, s);
+      case Sm90Tile::kSwap128x64: return run<Swap128x64, true>(a, ws, s);
+      case Sm90Tile::kSwap128x32: return run<Swap128x32, true>(a, ws, s);
+      case Sm90Tile::kSwap128x16: return run<Swap128x16, true>(a, ws, s);
+    }
+    return invalid_argument("tile: unknown Sm90Tile ", static_cast<int>(tile));
+  }
+  static std::size_t workspace(int groups, int sm_count) {
+    return std::max({workspace_bytes<Normal128x256, false>(groups, sm_count),
+                     workspace_bytes<Swap128x64, true>(groups, sm_count),
+                     workspace_bytes<Swap128x32, true>(groups, sm_count),
+                     workspace_bytes<Swap128x16, true>(groups, sm_count)});
+  }
+};
+
+}  // namespace moe::cuda::gemm::sm90_detail

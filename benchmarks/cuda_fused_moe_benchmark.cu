@@ -283,7 +283,8 @@ void register_all(bool tune) {
   if (!tune) return;
   using moe::cuda::gemm::Sm90Tile;
   for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kSwap128x64,
-                           Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16}) {
+                           Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16, Sm90Tile::kFusedSwap128x64,
+                           Sm90Tile::kFusedSwap128x32, Sm90Tile::kFusedSwap128x16}) {
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         const std::string name = std::string("bf16_tile/") + moe::cuda::gemm::name(t) + "/" + s.name + "/" + std::to_string(M);

@@ -26,6 +26,7 @@
 #include "moe/cuda/check.h"
 #include "moe/cuda/gemm/schedule.h"
 #include "moe/cuda/gemm/sm90_grouped_gemm.h"
+#include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
 #include "moe/cuda/grouped_gemm.cuh"
 #include "moe/cuda/stages.cuh"
 #include "moe/expert_map.h"
@@ -239,8 +240,20 @@ class Kernel<Spec, Arch> {
     using namespace cuda::detail;
     const Index S = C * p.top_k;
     const int E_local = static_cast<int>(p.num_local_experts);
-    const Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
-                                             : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E_local));
+    Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
+                                       : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E_local));
+    if (is_fused(tile)) {
+      const bool applies = kMode1 != ColumnMode::kGatedInterleaved &&
+                           swap_detail::applies(a.w13, l.rows) && swap_detail::applies(a.w2, l.rows);
+      if (applies) {
+        switch (tile) {
+          case Sm90Tile::kFusedSwap128x16: return run_fused_swap<16>(a, p, l, b, m0, C, stream);
+          case Sm90Tile::kFusedSwap128x32: return run_fused_swap<32>(a, p, l, b, m0, C, stream);
+          default: return run_fused_swap<64>(a, p, l, b, m0, C, stream);
+        }
+      }
+      tile = unfused(tile);
+    }
     const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
     // out[rows, n] = in[rows, k] x w[e]^T over the expert segments.
     const auto grouped_gemm = [&](const IO* in, Index k, DeviceView<const IO, 3> w, IO* out, Index n) {
@@ -270,13 +283,34 @@ class Kernel<Spec, Arch> {
     }
     // GEMM2 into the gathered rows' buffer (the inputs are dead).
     MOE_RETURN_IF_ERROR(grouped_gemm(b.inter, p.intermediate, a.w2, b.rows, p.hidden));
-    {
-      using Expr = epilogue::Gemm2Epilogue<IO, false, !PF::kApplyWeightOnInput>;
-      const std::size_t smem = static_cast<std::size_t>(p.top_k) * (sizeof(Index) + sizeof(float));
-      finalize_epilogue_kernel<IO, Expr, Activation><<<static_cast<unsigned>(C), 256, smem, stream>>>(
-          b.rows, p.hidden, p.top_k, b.slot_row, b.weights, m0, a.output.data(), a.output.stride(0));
-      MOE_CUDA_CHECK_LAUNCH();
-    }
+    return finalize_stored(a, p, b, m0, C, stream);
+  }
+
+  // The experts on our own swap mainloop: GEMM1 with the activation fused (stored straight into
+  // the intermediate rows), GEMM2 stored raw, then the finalize pass.
+  template <int kTokens>
+  Status run_fused_swap(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index C,
+                        cudaStream_t stream) const {
+    using namespace cuda::gemm;
+    constexpr bool kGated = kMode1 == cuda::detail::ColumnMode::kGatedSplit;
+    using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
+    using Expr2 = epilogue::detail::Stored<IO, false, epilogue::Part::kAll>;
+    MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kGated, Expr1, Activation>(
+        a.w13, b.rows, l.rows, b.seg_begin, b.seg_count, p.intermediate, b.inter, p.intermediate, a.activation,
+        stream)));
+    MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, false, Expr2, Activation>(
+        a.w2, b.inter, l.rows, b.seg_begin, b.seg_count, p.hidden, b.rows, p.hidden, a.activation, stream)));
+    return finalize_stored(a, p, b, m0, C, stream);
+  }
+
+  // out = sum over each token's slots of the GEMM2 epilogue tree on the stored GEMM2 outputs.
+  Status finalize_stored(const Arguments& a, const Problem& p, const Buffers& b, Index m0, Index C,
+                         cudaStream_t stream) const {
+    using Expr = epilogue::Gemm2Epilogue<IO, false, !PF::kApplyWeightOnInput>;
+    const std::size_t smem = static_cast<std::size_t>(p.top_k) * (sizeof(Index) + sizeof(float));
+    cuda::detail::finalize_epilogue_kernel<IO, Expr, Activation><<<static_cast<unsigned>(C), 256, smem, stream>>>(
+        b.rows, p.hidden, p.top_k, b.slot_row, b.weights, m0, a.output.data(), a.output.stride(0));
+    MOE_CUDA_CHECK_LAUNCH();
     return Status::ok();
   }
 
@@ -385,7 +419,9 @@ class Kernel<Spec, Arch> {
         a.hidden_states.data() + m0 * a.hidden_states.stride(0), a.hidden_states.stride(0), p.hidden, p.top_k,
         b.slot_row, b.weights, b.rows);
     MOE_CUDA_CHECK_LAUNCH();
-    if (l.sm90) return run_sm90_experts(a, p, l, b, m0, C, stream);
+    if constexpr (kMaySm90) {
+      if (l.sm90) return run_sm90_experts(a, p, l, b, m0, C, stream);
+    }
     // 5. GEMM1 + epilogue 1 -> inter; 6. GEMM2 + epilogue 2 -> rows (the gathered input is dead).
     const unsigned m_tiles = static_cast<unsigned>((l.rows + kBM - 1) / kBM + p.num_local_experts);
     // Expected rows per local expert, known on the host without a sync: below one m-tile, the

@@ -246,7 +246,8 @@ TEST_F(Differential, WidthsNotMultiplesOfEight) {
 TEST_F(Differential, Sm90EveryTile) {
   using moe::cuda::gemm::Sm90Tile;
   for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kSwap128x64,
-                           Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16}) {
+                           Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16, Sm90Tile::kFusedSwap128x64,
+                           Sm90Tile::kFusedSwap128x32, Sm90Tile::kFusedSwap128x16}) {
     for (Index M : kBatchSizes) {
       SCOPED_TRACE(moe::cuda::gemm::name(t));
       check_case<SpecOf<moe::SiluAndMul>>(sized(M, 8, 2, 136, 264), [](auto&) {}, t);

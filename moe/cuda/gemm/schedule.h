@@ -42,7 +42,24 @@ enum class Sm90Tile : int {
   kSwap128x64,
   kSwap128x32,
   kSwap128x16,
+  // Our own swap mainloop (sm90_swap_mainloop.cuh): one TMA descriptor over all experts, gated
+  // GEMM1 with the activation on the accumulators. Split gate/up and ungated layouts; others
+  // run the CUTLASS swap tile of the same token width.
+  kFusedSwap128x64,
+  kFusedSwap128x32,
+  kFusedSwap128x16,
 };
+
+// The CUTLASS tile a fused one falls back to where the fused mainloop does not apply.
+inline Sm90Tile unfused(Sm90Tile t) {
+  switch (t) {
+    case Sm90Tile::kFusedSwap128x64: return Sm90Tile::kSwap128x64;
+    case Sm90Tile::kFusedSwap128x32: return Sm90Tile::kSwap128x32;
+    case Sm90Tile::kFusedSwap128x16: return Sm90Tile::kSwap128x16;
+    default: return t;
+  }
+}
+inline bool is_fused(Sm90Tile t) { return unfused(t) != t; }
 
 inline const char* name(Sm90Tile t) {
   switch (t) {
@@ -50,6 +67,9 @@ inline const char* name(Sm90Tile t) {
     case Sm90Tile::kSwap128x64: return "swap_128x64x64";
     case Sm90Tile::kSwap128x32: return "swap_128x32x128";
     case Sm90Tile::kSwap128x16: return "swap_128x16x128";
+    case Sm90Tile::kFusedSwap128x64: return "fused_swap_128x64x64";
+    case Sm90Tile::kFusedSwap128x32: return "fused_swap_128x32x64";
+    case Sm90Tile::kFusedSwap128x16: return "fused_swap_128x16x64";
   }
   return "?";
 }
@@ -64,9 +84,9 @@ struct Sm90TileRule {
   Sm90Tile tile;
 };
 inline constexpr Sm90TileRule kSm90TileTable[] = {
-    {4.0, Sm90Tile::kSwap128x16},    // decode: <= 2 rows per expert (deepseek, gpt-oss, mixtral M <= 64)
-    {12.0, Sm90Tile::kSwap128x32},   // 8 rows per expert (deepseek, gpt-oss M = 256)
-    {48.0, Sm90Tile::kSwap128x64},   // 16-32 rows per expert
+    {3.0, Sm90Tile::kFusedSwap128x16},  // decode: <= 2 rows per expert (M <= 64 on the big-expert shapes)
+    {24.0, Sm90Tile::kSwap128x32},      // 4-16 rows per expert
+    {48.0, Sm90Tile::kFusedSwap128x64}, // 32 rows per expert (deepseek, gpt-oss M = 1024)
     {1e300, Sm90Tile::kNormal128x256},  // >= 64 rows per expert: the tensor-core-bound shapes
 };
 

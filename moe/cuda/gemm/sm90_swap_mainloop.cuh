@@ -1,0 +1,370 @@
+// Hopper "swap" grouped expert GEMM with fused epilogues: our own mainloop for the decode shapes.
+//
+//   out[row0(e) + t, n] = Expr( sum_k w[e, n(+I), k] * x[row0(e) + t, k] )    t < rows of expert e
+//
+// The weights are the wgmma's M side (128 weight rows per tile) and the expert's tokens its N side
+// (kTokens = 16, 32 or 64 per tile), so a decode expert with a handful of tokens is not padded to
+// 128 rows and each weight byte is read once per token tile. What the CUTLASS ptr-array schedule
+// cannot do, and this one does:
+//  * one TMA descriptor over all experts' weights ([E * N_total, K], one 2-D tensor) and one over
+//    the gathered rows ([rows, K]): no per-expert descriptor rewrite when a CTA changes expert;
+//  * gated GEMM1 loads the gate rows [n0, n0 + 64) and the up rows [I + n0, I + n0 + 64) of the
+//    same expert into one 128-row A tile, so the thread that holds gate(n, t) also holds up(n, t)
+//    and the activation runs on the accumulators (no [rows, 2I] round trip through memory);
+//  * a persistent tile scheduler over (expert, n-tile, token-tile) triples built from the
+//    per-expert row counts on the device.
+//
+// Warp roles: warpgroup 0 is the producer (one thread issues TMA loads into a kStages-deep ring of
+// shared-memory stages, each completing on an mbarrier), warpgroup 1 the consumer (wgmma from
+// shared memory, 128B-swizzled K-major tiles, fp32 accumulators in registers, then the epilogue
+// tree of moe/epilogue.h per element).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+#include <cudaTypedefs.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "cute/arch/mma_sm90_gmma.hpp"
+#include "moe/cuda/check.h"
+#include "moe/epilogue.h"
+#include "moe/quant/numeric.h"
+#include "moe/tensor.h"
+
+namespace moe::cuda::gemm::swap_detail {
+
+constexpr int kBlockK = 64;                 // one 128-byte swizzle atom of 16-bit elements
+constexpr int kWeightRows = 128;            // M side of a tile: two m64 wgmma halves
+constexpr int kThreads = 256;               // producer warpgroup + consumer warpgroup
+constexpr int kMaxExperts = 1024;           // tile prefix kept in shared memory
+
+template <int kTokens>
+struct TileShape {
+  static constexpr int kABytes = kWeightRows * kBlockK * 2;  // 16 KiB
+  static constexpr int kBBytes = kTokens * kBlockK * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes;      // multiple of 1024
+  static constexpr int kStages = kTokens >= 64 ? 8 : 10;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + 1024: alignment slack
+};
+
+// Parameters; the tensor maps travel by value as __grid_constant__.
+struct SwapParams {
+  const Index* seg_begin;    // [E] first row of each expert in the gathered rows
+  const Index* seg_count;    // [E] rows of each expert
+  int num_experts;
+  int k;                     // reduction length
+  int n_out;                 // output columns (I for gated GEMM1)
+  int gate_up_offset;        // rows between a gate row and its up row (I), 0 when not gated
+  Index weight_rows_per_expert;  // N_total
+  void* out;                 // [rows, n_out], row stride ldo
+  Index ldo;
+};
+
+// ---- PTX helpers (sm_90a) --------------------------------------------------------------------
+__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(std::uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(std::uint64_t* bar, std::uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(void* smem, const CUtensorMap* map, std::uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          smem_addr(smem)),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+// wgmma shared-memory descriptor of a K-major tile with 128-byte rows, 128B swizzle: 8-row groups
+// 1024 bytes apart (stride byte offset), leading byte offset unused for this layout.
+__device__ __forceinline__ std::uint64_t smem_desc(const void* p) {
+  const std::uint64_t addr = smem_addr(p);
+  return ((addr & 0x3FFFF) >> 4) | (std::uint64_t{1} << 16) | (std::uint64_t{1024 >> 4} << 32) |
+         (std::uint64_t{1} << 62);
+}
+
+// wgmma m64 x kTokens x k16, both operands K-major in shared memory, fp32 accumulators.
+template <class T, int kTokens>
+struct Wgmma;
+#define MOE_SWAP_WGMMA(ELEM, N, OP)                                                                    \
+  template <>                                                                                          \
+  struct Wgmma<ELEM, N> {                                                                              \
+    using Op = cute::SM90::GMMA::OP<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;            \
+  };
+MOE_SWAP_WGMMA(bfloat16, 16, MMA_64x16x16_F32BF16BF16_SS)
+MOE_SWAP_WGMMA(bfloat16, 32, MMA_64x32x16_F32BF16BF16_SS)
+MOE_SWAP_WGMMA(bfloat16, 64, MMA_64x64x16_F32BF16BF16_SS)
+MOE_SWAP_WGMMA(half, 16, MMA_64x16x16_F32F16F16_SS)
+MOE_SWAP_WGMMA(half, 32, MMA_64x32x16_F32F16F16_SS)
+MOE_SWAP_WGMMA(half, 64, MMA_64x64x16_F32F16F16_SS)
+#undef MOE_SWAP_WGMMA
+
+template <class Op, int N, std::size_t... I>
+__device__ __forceinline__ void wgmma_call(std::uint64_t a, std::uint64_t b, float (&d)[N], bool accumulate,
+                                           std::index_sequence<I...>) {
+  Op::fma(a, b, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+}
+
+// Where tile `tile` lies: expert, first weight row of the n-tile, first token row, tokens in it.
+struct TileCoord {
+  int expert;
+  int n0;
+  Index row0;
+  int tokens;
+};
+
+template <int kTokens>
+__device__ __forceinline__ TileCoord locate(int tile, const int* prefix, int num_experts, int n_tiles,
+                                            const SwapParams& p) {
+  int lo = 0, hi = num_experts - 1;  // largest e with prefix[e] <= tile
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (prefix[mid] <= tile) lo = mid;
+    else hi = mid - 1;
+  }
+  const int local = tile - prefix[lo];
+  const int token_tile = local % ((prefix[lo + 1] - prefix[lo]) / n_tiles);
+  const int n_tile = local / ((prefix[lo + 1] - prefix[lo]) / n_tiles);
+  TileCoord c;
+  c.expert = lo;
+  c.n0 = n_tile * (p.gate_up_offset > 0 ? kWeightRows / 2 : kWeightRows);  // gated: 64 outputs per tile
+  c.row0 = p.seg_begin[lo] + static_cast<Index>(token_tile) * kTokens;
+  const Index left = p.seg_count[lo] - static_cast<Index>(token_tile) * kTokens;
+  c.tokens = static_cast<int>(left < kTokens ? left : kTokens);
+  return c;
+}
+
+template <class T, int kTokens, bool kGated, class Expr, class Activation>
+__global__ void __launch_bounds__(kThreads, 1)
+    swap_gemm_kernel(const __grid_constant__ CUtensorMap weights, const __grid_constant__ CUtensorMap rows,
+                     SwapParams p, typename Activation::Arguments act_args) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = TileShape<kTokens>;
+  constexpr int kStages = Shape::kStages;
+  constexpr int kAcc = kTokens / 2;  // fp32 accumulators per thread of one m64 x kTokens product
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
+  __shared__ std::uint64_t full[kStages], empty[kStages];
+  __shared__ int prefix[kMaxExperts + 1];
+
+  constexpr bool gated = kGated;
+  const int n_tiles = (p.n_out + (gated ? kWeightRows / 2 : kWeightRows) - 1) / (gated ? kWeightRows / 2 : kWeightRows);
+  // Tile prefix over experts: n_tiles x token tiles of each (block-wide serial scan in warp 0).
+  if (threadIdx.x < 32) {
+    int carry = 0;
+    for (int base = 0; base < p.num_experts; base += 32) {
+      const int e = base + static_cast<int>(threadIdx.x);
+      const int t = e < p.num_experts ? static_cast<int>((p.seg_count[e] + kTokens - 1) / kTokens) * n_tiles : 0;
+      int incl = t;
+      for (int d = 1; d < 32; d *= 2) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (static_cast<int>(threadIdx.x) >= d) incl += v;
+      }
+      if (e < p.num_experts) prefix[e] = carry + incl - t;
+      carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (threadIdx.x == 0) prefix[p.num_experts] = carry;
+  }
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 128);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int total = prefix[p.num_experts];
+  const int k_blocks = (p.k + kBlockK - 1) / kBlockK;
+
+  if (threadIdx.x < 128) {
+    // ---- producer: one thread issues every TMA load ----
+    if (threadIdx.x != 0) return;
+    int stage = 0;
+    std::uint32_t phase = 0;
+    for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, p);
+      const int w0 = static_cast<int>(c.expert * p.weight_rows_per_expert) + c.n0;
+      const int w1 = gated ? w0 + p.gate_up_offset : w0 + kWeightRows / 2;
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        mbar_wait(&empty[stage], phase ^ 1);
+        unsigned char* a = smem + stage * Shape::kStageBytes;
+        unsigned char* b = a + Shape::kABytes;
+        mbar_expect_tx(&full[stage], Shape::kStageBytes);
+        tma_load_2d(a, &weights, &full[stage], kb * kBlockK, w0);
+        tma_load_2d(a + Shape::kABytes / 2, &weights, &full[stage], kb * kBlockK, w1);
+        tma_load_2d(b, &rows, &full[stage], kb * kBlockK, static_cast<int>(c.row0));
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  } else {
+    // ---- consumer warpgroup: wgmma over the ring, then the epilogue ----
+    using Op = typename Wgmma<T, kTokens>::Op;
+    const int t = threadIdx.x - 128;
+    const int warp = t / 32, lane = t % 32;
+    int stage = 0;
+    std::uint32_t phase = 0;
+    float acc0[kAcc], acc1[kAcc];  // rows [0, 64) (gate) and [64, 128) (up) of the weight tile
+    for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, p);
+      for (int kb = 0; kb < k_blocks; ++kb) {
+        mbar_wait(&full[stage], phase);
+        const unsigned char* a = smem + stage * Shape::kStageBytes;
+        const unsigned char* b = a + Shape::kABytes;
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int k16 = 0; k16 < kBlockK / 16; ++k16) {
+          const bool accumulate = kb > 0 || k16 > 0;
+          const std::uint64_t db = smem_desc(b + 32 * k16);
+          wgmma_call<Op>(smem_desc(a + 32 * k16), db, acc0, accumulate, std::make_index_sequence<kAcc>{});
+          wgmma_call<Op>(smem_desc(a + Shape::kABytes / 2 + 32 * k16), db, acc1, accumulate,
+                         std::make_index_sequence<kAcc>{});
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        mbar_arrive(&empty[stage]);
+        if (++stage == kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      // Epilogue. Accumulator d[4c + 2i + j] holds weight row 16*warp + lane/4 + 8i of its half
+      // and token 8c + 2*(lane%4) + j.
+      T* out = static_cast<T*>(p.out);
+#pragma unroll
+      for (int cidx = 0; cidx < kTokens / 8; ++cidx) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int tok = 8 * cidx + 2 * (lane % 4) + j;
+            const int r = 16 * warp + lane / 4 + 8 * i;
+            const float v0 = acc0[4 * cidx + 2 * i + j], v1 = acc1[4 * cidx + 2 * i + j];
+            if (tok >= c.tokens) continue;
+            T* dst = out + (c.row0 + tok) * p.ldo;
+            epilogue::ElementContext<Activation> ctx;
+            ctx.args = act_args;
+            if constexpr (kGated) {
+              const int n = c.n0 + r;
+              if (n < p.n_out) {
+                ctx.acc[1] = v0;
+                ctx.acc[2] = v1;
+                dst[n] = from_float<T>(Expr::eval(ctx));
+              }
+            } else {
+              const int n = c.n0 + r, n1 = c.n0 + 64 + r;
+              if (n < p.n_out) {
+                ctx.acc[0] = v0;
+                dst[n] = from_float<T>(Expr::eval(ctx));
+              }
+              if (n1 < p.n_out) {
+                ctx.acc[0] = v1;
+                dst[n1] = from_float<T>(Expr::eval(ctx));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+#else
+  __trap();  // launched only after the host checked for an sm_90 device built with sm_90a
+#endif
+}
+
+// ---- host side ----------------------------------------------------------------------------------
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no link against libcuda).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A 2-D tensor map over a row-major [rows, k] 16-bit matrix (row stride ld elements), boxes of
+// kBlockK x box_rows, 128-byte swizzle, zero fill past the edges.
+template <class T>
+Status make_tensor_map(CUtensorMap* map, const T* base, Index rows, Index k, Index ld, int box_rows) {
+  const auto encode = tensor_map_encoder();
+  if (!encode) return make_status(StatusCode::kCudaError, "cuTensorMapEncodeTiled not available from the driver");
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * sizeof(T)};
+  const cuuint32_t box[2] = {kBlockK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(map, std::is_same_v<T, bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                            2, const_cast<T*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) return make_status(StatusCode::kCudaError, "cuTensorMapEncodeTiled failed: ", static_cast<int>(r));
+  return Status::ok();
+}
+
+// Whether this mainloop runs a GEMM over `w` [E, N, K]: experts packed back to back, 16-byte rows,
+// coordinates within int32, and few enough experts for the shared-memory tile prefix.
+template <class T>
+bool applies(DeviceView<const T, 3> w, Index rows) {
+  return w.extent(0) <= kMaxExperts && w.stride(0) == w.extent(1) * w.stride(1) && w.stride(1) % 8 == 0 &&
+         w.extent(2) % 8 == 0 && reinterpret_cast<std::uintptr_t>(w.data()) % 16 == 0 &&
+         w.extent(0) * w.extent(1) < INT32_MAX && rows < INT32_MAX;
+}
+
+// out[rows, n_out] = Expr(rows x w[e]^T) for the rows of each expert. Gated: w has 2 * n_out rows
+// per expert ([gate; up]). `x` is [num_rows, k] with row stride k.
+template <class T, int kTokens, bool kGated, class Expr, class Activation>
+Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index* seg_begin, const Index* seg_count,
+              Index n_out, T* out, Index ldo, const typename Activation::Arguments& act_args, cudaStream_t stream) {
+  using Shape = TileShape<kTokens>;
+  const Index experts = w.extent(0), n_total = w.extent(1), k = w.extent(2);
+  CUtensorMap wmap, xmap;
+  MOE_RETURN_IF_ERROR(make_tensor_map(&wmap, w.data(), experts * n_total, k, w.stride(1), kWeightRows / 2));
+  MOE_RETURN_IF_ERROR(make_tensor_map(&xmap, x, num_rows, k, k, kTokens));
+  SwapParams p{};
+  p.seg_begin = seg_begin;
+  p.seg_count = seg_count;
+  p.num_experts = static_cast<int>(experts);
+  p.k = static_cast<int>(k);
+  p.n_out = static_cast<int>(n_out);
+  p.gate_up_offset = kGated ? static_cast<int>(n_out) : 0;
+  p.weight_rows_per_expert = n_total;
+  p.out = out;
+  p.ldo = ldo;
+  int device = 0, sms = 0;
+  MOE_CUDA_TRY(cudaGetDevice(&device));
+  MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  auto* kernel = &swap_gemm_kernel<T, kTokens, kGated, Expr, Activation>;
+  MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
+  kernel<<<sms, kThreads, Shape::kSmemBytes, stream>>>(wmap, xmap, p, act_args);
+  MOE_CUDA_CHECK_LAUNCH();
+  return Status::ok();
+}
+
+}  // namespace moe::cuda::gemm::swap_detail

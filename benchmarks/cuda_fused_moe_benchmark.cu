@@ -193,7 +193,8 @@ using Spec = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>
                        moe::Experts<moe::SiluAndMul, moe::quant::BF16>>;
 using Kernel = moe::Kernel<Spec, moe::cuda::Sm90>;
 
-void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::optional<moe::cuda::gemm::Sm90Tile> tile) {
+void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::optional<moe::cuda::gemm::Sm90Tile> tile,
+             int max_k_splits) {
   const std::size_t n13 = s.E * 2 * s.I * s.H, n2 = s.E * s.H * s.I;
   auto* w13 = device_alloc<moe::bfloat16>(n13);
   auto* w2 = device_alloc<moe::bfloat16>(n2);
@@ -234,6 +235,7 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::op
   a.output = moe::DeviceView<moe::bfloat16, 2>(out, {M, s.H});
   moe::cuda::Options options;
   options.sm90_tile = tile;
+  options.max_k_splits = max_k_splits;
   Kernel kernel(options);
   const std::size_t ws_bytes = kernel.workspace_bytes(a);
   auto* ws = device_alloc<std::byte>(ws_bytes);
@@ -275,12 +277,19 @@ void register_all(bool tune) {
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         const std::string name = std::string(graph ? "bf16_forward_graph/" : "bf16_forward/") + s.name + "/" + std::to_string(M);
-        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, graph, std::nullopt)
+        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, graph, std::nullopt, 8)
             ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
       }
     }
   }
   if (!tune) return;
+  for (const Shape& s : kShapes) {  // split-K off, table tiles
+    for (const moe::Index M : kTokens) {
+      const std::string name = std::string("bf16_nosplit/") + s.name + "/" + std::to_string(M);
+      benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, std::nullopt, 1)
+          ->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
+    }
+  }
   using moe::cuda::gemm::Sm90Tile;
   for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kSwap128x64,
                            Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16, Sm90Tile::kFusedSwap128x64,
@@ -288,7 +297,7 @@ void register_all(bool tune) {
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         const std::string name = std::string("bf16_tile/") + moe::cuda::gemm::name(t) + "/" + s.name + "/" + std::to_string(M);
-        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, t)
+        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, t, 8)
             ->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
       }
     }

@@ -54,6 +54,8 @@ struct Options {
   bool check_device_inputs = false;
   // The Hopper schedule's tile for every forward, instead of the table's choice (tuning, tests).
   std::optional<gemm::Sm90Tile> sm90_tile;
+  // Most K splits of the Hopper swap mainloop (decode GEMMs with fewer tiles than SMs); 1: none.
+  int max_k_splits = 8;
 };
 
 }  // namespace moe::cuda

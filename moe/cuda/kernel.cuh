@@ -112,8 +112,10 @@ class Kernel<Spec, Arch> {
   struct Layout {
     Index chunk = 0, slots = 0, rows = 0;
     bool sm90 = false;  // the Hopper schedule runs the expert GEMMs
+    cuda::gemm::Sm90Tile tile = cuda::gemm::Sm90Tile::kNormal128x256;  // its tile (fused swap resolved)
+    int splits1 = 1, splits2 = 1;  // K splits of the fused swap GEMMs
     std::size_t cub_bytes = 0, gemm_ws_bytes = 0;
-    std::size_t gemm1_out, gemm_ws, ids, weights, scratch, iscratch, keys, slots_in, keys_sorted, slots_sorted, counts, sorted_start,
+    std::size_t gemm1_out, gemm_ws, partial, ids, weights, scratch, iscratch, keys, slots_in, keys_sorted, slots_sorted, counts, sorted_start,
         seg_begin, seg_count, tiles, slot_row, row_weight, rows_buf, inter, cub, total;
   };
   struct Buffers {
@@ -128,6 +130,7 @@ class Kernel<Spec, Arch> {
     IO* inter;  // GEMM1 outputs (activated)
     IO* gemm1_out;  // Hopper schedule: GEMM1's stored output [rows, gemm1_width]
     std::byte* gemm_ws;
+    float* partial;  // fused swap split-K partial sums
     void* cub;
   };
 
@@ -183,6 +186,9 @@ class Kernel<Spec, Arch> {
     l.gemm1_out = take(l.sm90 ? R * n(p.gemm1_width) * sizeof(IO) : 0);
     l.gemm_ws_bytes = l.sm90 && L > 0 ? cuda::gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(L)) : 0;
     l.gemm_ws = take(l.gemm_ws_bytes);
+    std::size_t partial_floats = 0;
+    if (l.sm90 && L > 0 && l.slots > 0) partial_floats = plan_sm90(p, a, l);
+    l.partial = take(partial_floats * sizeof(float));
     l.total = off;
     return l;
   }
@@ -210,6 +216,7 @@ class Kernel<Spec, Arch> {
     b.cub = at(l.cub);
     b.gemm1_out = static_cast<IO*>(at(l.gemm1_out));
     b.gemm_ws = static_cast<std::byte*>(at(l.gemm_ws));
+    b.partial = static_cast<float*>(at(l.partial));
     return b;
   }
 
@@ -232,6 +239,47 @@ class Kernel<Spec, Arch> {
     }
   }
 
+  // The Hopper tile of this forward (the pinned one, else the table's; a fused swap tile falls back
+  // to CUTLASS's where our mainloop does not apply) and, for fused swap tiles, the K splits that
+  // fill the last wave of CTAs. Returns the floats of split-K partial sums the workspace needs.
+  std::size_t plan_sm90(const Problem& p, const Arguments& a, Layout& l) const {
+    using namespace cuda::gemm;
+    const Index S = l.slots, E = p.num_local_experts;
+    Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
+                                       : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E));
+    if (is_fused(tile)) {
+      const bool applies = kMode1 != cuda::detail::ColumnMode::kGatedInterleaved &&
+                           swap_detail::applies(a.w13, l.rows) && swap_detail::applies(a.w2, l.rows);
+      if (!applies) tile = unfused(tile);
+    }
+    l.tile = tile;
+    if (!is_fused(tile)) return 0;
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 0;  // splits stay 1; run reports the device error
+    }
+    const int tokens = tile == Sm90Tile::kFusedSwap128x16 ? 16 : tile == Sm90Tile::kFusedSwap128x32 ? 32 : 64;
+    const Index experts_hit = std::min(E, S);  // an upper bound: the counts stay on the device
+    const Index token_tiles = std::max<Index>(1, (S / std::max<Index>(1, experts_hit) + tokens - 1) / tokens);
+    constexpr bool kGated = kMode1 == cuda::detail::ColumnMode::kGatedSplit;
+    const Index n_tiles1 = (p.intermediate + (kGated ? 63 : 127)) / (kGated ? 64 : 128);
+    const Index n_tiles2 = (p.hidden + 127) / 128;
+    l.splits1 = swap_detail::choose_splits(n_tiles1 * experts_hit * token_tiles,
+                                           static_cast<int>((p.hidden + 63) / 64), sms,
+                                           options_.max_k_splits);
+    l.splits2 = swap_detail::choose_splits(n_tiles2 * experts_hit * token_tiles,
+                                           static_cast<int>((p.intermediate + 63) / 64), sms,
+                                           options_.max_k_splits);
+    const auto floats = [&](int splits, Index width) {
+      return splits > 1 ? static_cast<std::size_t>(splits) * static_cast<std::size_t>(l.rows) * static_cast<std::size_t>(width) : 0;
+    };
+    constexpr std::size_t kMaxPartialFloats = std::size_t{64} << 20;  // 256 MiB: split-K is for decode
+    if (floats(l.splits1, (kGated ? 2 : 1) * p.intermediate) > kMaxPartialFloats) l.splits1 = 1;
+    if (floats(l.splits2, p.hidden) > kMaxPartialFloats) l.splits2 = 1;
+    return std::max(floats(l.splits1, (kGated ? 2 : 1) * p.intermediate), floats(l.splits2, p.hidden));
+  }
+
   // Experts on the Hopper schedule: GEMM1 (raw, stored) -> activation pass (Gemm1 tree) ->
   // GEMM2 (raw, stored) -> finalize with the Gemm2 tree (router weight) and the top-k sum.
   Status run_sm90_experts(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index C,
@@ -240,19 +288,12 @@ class Kernel<Spec, Arch> {
     using namespace cuda::detail;
     const Index S = C * p.top_k;
     const int E_local = static_cast<int>(p.num_local_experts);
-    Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
-                                       : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E_local));
-    if (is_fused(tile)) {
-      const bool applies = kMode1 != ColumnMode::kGatedInterleaved &&
-                           swap_detail::applies(a.w13, l.rows) && swap_detail::applies(a.w2, l.rows);
-      if (applies) {
-        switch (tile) {
-          case Sm90Tile::kFusedSwap128x16: return run_fused_swap<16>(a, p, l, b, m0, C, stream);
-          case Sm90Tile::kFusedSwap128x32: return run_fused_swap<32>(a, p, l, b, m0, C, stream);
-          default: return run_fused_swap<64>(a, p, l, b, m0, C, stream);
-        }
-      }
-      tile = unfused(tile);
+    const Sm90Tile tile = l.tile;
+    switch (tile) {
+      case Sm90Tile::kFusedSwap128x16: return run_fused_swap<16, 1>(a, p, l, b, m0, C, stream);
+      case Sm90Tile::kFusedSwap128x32: return run_fused_swap<32, 1>(a, p, l, b, m0, C, stream);
+      case Sm90Tile::kFusedSwap128x64: return run_fused_swap<64, 1>(a, p, l, b, m0, C, stream);
+      default: break;
     }
     const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
     // out[rows, n] = in[rows, k] x w[e]^T over the expert segments.
@@ -288,18 +329,20 @@ class Kernel<Spec, Arch> {
 
   // The experts on our own swap mainloop: GEMM1 with the activation fused (stored straight into
   // the intermediate rows), GEMM2 stored raw, then the finalize pass.
-  template <int kTokens>
+  template <int kTokens, int kAtoms>
   Status run_fused_swap(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index C,
                         cudaStream_t stream) const {
     using namespace cuda::gemm;
     constexpr bool kGated = kMode1 == cuda::detail::ColumnMode::kGatedSplit;
     using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
     using Expr2 = epilogue::detail::Stored<IO, false, epilogue::Part::kAll>;
-    MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kGated, Expr1, Activation>(
+    const Index S = C * p.top_k;
+    MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kAtoms, kGated, Expr1, Activation>(
         a.w13, b.rows, l.rows, b.seg_begin, b.seg_count, p.intermediate, b.inter, p.intermediate, a.activation,
-        stream)));
-    MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, false, Expr2, Activation>(
-        a.w2, b.inter, l.rows, b.seg_begin, b.seg_count, p.hidden, b.rows, p.hidden, a.activation, stream)));
+        l.splits1, b.partial, b.slot_row, S, stream)));
+    MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kAtoms, false, Expr2, Activation>(
+        a.w2, b.inter, l.rows, b.seg_begin, b.seg_count, p.hidden, b.rows, p.hidden, a.activation, l.splits2,
+        b.partial, b.slot_row, S, stream)));
     return finalize_stored(a, p, b, m0, C, stream);
   }
 

@@ -1,7 +1,8 @@
 // Storage number types shared by both backends: moe::bfloat16 and moe::half.
 //
 // Conversions from float round to nearest even, exactly as the GPU's cvt.rn instructions do, so
-// the CPU reference rounds bit-for-bit like the device wherever the algorithm allows. Arithmetic
+// the CPU reference rounds bit-for-bit like the device wherever the algorithm allows. On the
+// device the conversions are those instructions (NaNs keep the host's payload rule). Arithmetic
 // is always done in float: these types only store.
 #pragma once
 
@@ -10,6 +11,11 @@
 #include <type_traits>
 
 #include "moe/config.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
 
 namespace moe {
 
@@ -28,8 +34,12 @@ struct bfloat16 {
   MOE_HOST_DEVICE static std::uint16_t from_float(float x) {
     const std::uint32_t u = std::bit_cast<std::uint32_t>(x);
     if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x0040u);  // quiet NaN
+#if defined(__CUDA_ARCH__)
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));  // cvt.rn.bf16.f32: the same bits, one instruction
+#else
     const std::uint32_t rounding_bias = 0x7fffu + ((u >> 16) & 1u);
     return static_cast<std::uint16_t>((u + rounding_bias) >> 16);
+#endif
   }
   MOE_HOST_DEVICE static float to_float(std::uint16_t b) {
     return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
@@ -54,6 +64,9 @@ struct half {
     const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
     const std::uint32_t abs = u & 0x7fffffffu;
     if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN
+#if defined(__CUDA_ARCH__)
+    return __half_as_ushort(__float2half_rn(x));  // cvt.rn.f16.f32: the same bits, one instruction
+#else
     if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
     if (abs >= 0x38800000u) {  // normal half range (>= 2^-14)
       const std::uint32_t mant_round = abs + 0xfffu + ((abs >> 13) & 1u);
@@ -69,8 +82,12 @@ struct half {
     const std::uint32_t rem = mant & ((1u << shift) - 1u);
     if (rem > half_ulp || (rem == half_ulp && (m & 1u))) ++m;
     return static_cast<std::uint16_t>(sign | m);
+#endif
   }
   MOE_HOST_DEVICE static float to_float(std::uint16_t h) {
+#if defined(__CUDA_ARCH__)
+    if ((h & 0x7c00u) != 0x7c00u) return __half2float(__ushort_as_half(h));  // exact; inf/NaN below
+#endif
     const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
     const std::uint32_t exp = (h >> 10) & 0x1fu;
     const std::uint32_t mant = h & 0x3ffu;

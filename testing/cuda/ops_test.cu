@@ -1422,3 +1422,54 @@ TEST_F(CudaOps, GraphCaptureReplaysEagerResults) {
 }
 
 }  // namespace
+
+// ---- storage-type conversions: the device's cvt instructions vs the host's software rounding ----
+
+namespace numeric_check {
+
+__global__ void round_trip_kernel(const std::uint32_t* bits, std::size_t n, std::uint16_t* bf16, std::uint16_t* f16,
+                                  std::uint32_t* f16_back) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    const float x = std::bit_cast<float>(bits[i]);
+    bf16[i] = moe::bfloat16::from_float(x);
+    f16[i] = moe::half::from_float(x);
+    f16_back[i] = std::bit_cast<std::uint32_t>(moe::half::to_float(static_cast<std::uint16_t>(bits[i] & 0xffffu)));
+  }
+}
+
+}  // namespace numeric_check
+
+// Every float rounds to the same bf16 and f16 bits on both sides (random bit patterns plus the
+// edges: ties, subnormal boundaries, overflow, infinities, NaNs), and every f16 widens alike.
+TEST_F(CudaOps, StorageConversionsMatchTheHostBitForBit) {
+  std::vector<std::uint32_t> bits = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0xffc00001u,
+                                     0x7f7fffffu, 0x477fefffu, 0x477ff000u, 0x38800000u, 0x387fffffu, 0x33000000u,
+                                     0x33000001u, 0x32ffffffu, 0x3f808000u, 0x3f818000u, 0x00000001u, 0x3f800001u};
+  std::uint64_t z = 0x9e3779b97f4a7c15ull;
+  for (int i = 0; i < (1 << 20); ++i) {
+    z ^= z << 13, z ^= z >> 7, z ^= z << 17;
+    bits.push_back(static_cast<std::uint32_t>(z >> 16));
+  }
+  for (std::uint32_t h = 0; h < 0x10000u; ++h) bits.push_back(h);  // every f16 pattern, for to_float
+  DeviceBuffer<std::uint32_t> d_bits(bits);
+  DeviceBuffer<std::uint16_t> d_bf16(bits.size()), d_f16(bits.size());
+  DeviceBuffer<std::uint32_t> d_back(bits.size());
+  numeric_check::round_trip_kernel<<<256, 256>>>(d_bits.data(), bits.size(), d_bf16.data(), d_f16.data(), d_back.data());
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto bf16 = d_bf16.download(), f16 = d_f16.download();
+  const auto back = d_back.download();
+  int mismatches = 0;
+  for (std::size_t i = 0; i < bits.size() && mismatches < 5; ++i) {
+    const float x = std::bit_cast<float>(bits[i]);
+    const std::uint32_t host_back = std::bit_cast<std::uint32_t>(moe::half::to_float(static_cast<std::uint16_t>(bits[i] & 0xffffu)));
+    if (bf16[i] != moe::bfloat16::from_float(x) || f16[i] != moe::half::from_float(x) || back[i] != host_back) {
+      ++mismatches;
+      ADD_FAILURE() << std::hex << "float bits 0x" << bits[i] << ": device bf16 0x" << bf16[i] << " host 0x"
+                    << moe::bfloat16::from_float(x) << ", device f16 0x" << f16[i] << " host 0x"
+                    << moe::half::from_float(x) << ", f16->float device 0x" << back[i] << " host 0x" << host_back;
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
+}

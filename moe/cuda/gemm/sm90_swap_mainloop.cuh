@@ -25,6 +25,7 @@
 
 #include <cudaTypedefs.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -42,13 +43,20 @@ constexpr int kWeightRows = 128;            // M side of a tile: two m64 wgmma h
 constexpr int kThreads = 256;               // producer warpgroup + consumer warpgroup
 constexpr int kMaxExperts = 1024;           // tile prefix kept in shared memory
 
-template <int kTokens>
+// A stage holds kAtoms consecutive 64-wide K slices ("atoms", one 128-byte swizzle span each):
+// more atoms read longer contiguous runs of every weight row per stage. Measured on the H200
+// (benchmarks/NOTES.md, v5): 2 and 4 atoms stream no faster than 1 on any decode row, so the
+// schedule instantiates kAtoms = 1; the knob stays for other chips and FP8 (half the bytes/row).
+template <int kTokens, int kAtoms>
 struct TileShape {
-  static constexpr int kABytes = kWeightRows * kBlockK * 2;  // 16 KiB
-  static constexpr int kBBytes = kTokens * kBlockK * 2;
-  static constexpr int kStageBytes = kABytes + kBBytes;      // multiple of 1024
-  static constexpr int kStages = kTokens >= 64 ? 8 : 10;
+  static constexpr int kAtomABytes = kWeightRows * kBlockK * 2;  // 16 KiB: gate half, up half
+  static constexpr int kAtomBBytes = kTokens * kBlockK * 2;
+  static constexpr int kABytes = kAtoms * kAtomABytes;
+  static constexpr int kBBytes = kAtoms * kAtomBBytes;
+  static constexpr int kStageBytes = kABytes + kBBytes;  // multiple of 1024
+  static constexpr int kStages = (200 * 1024 / kStageBytes) < 10 ? (200 * 1024 / kStageBytes) : 10;
   static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + 1024: alignment slack
+  static_assert(kStages >= 2, "the stage ring needs two stages");
 };
 
 // Parameters; the tensor maps travel by value as __grid_constant__.
@@ -62,6 +70,13 @@ struct SwapParams {
   Index weight_rows_per_expert;  // N_total
   void* out;                 // [rows, n_out], row stride ldo
   Index ldo;
+  // Split-K: K blocks [split * k_blocks_per_split, ...) per tile; with splits > 1 each split writes
+  // fp32 partial sums to partial[split][row][width] (width: gate then up columns when gated) and
+  // reduce_splits_kernel applies the epilogue, summing the splits in order (deterministic).
+  int splits;
+  int k_blocks_per_split;
+  float* partial;
+  Index partial_rows;
 };
 
 // ---- PTX helpers (sm_90a) --------------------------------------------------------------------
@@ -125,12 +140,14 @@ __device__ __forceinline__ void wgmma_call(std::uint64_t a, std::uint64_t b, flo
   Op::fma(a, b, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
 
-// Where tile `tile` lies: expert, first weight row of the n-tile, first token row, tokens in it.
+// Where tile `tile` lies: expert, first weight row of the n-tile, first token row, tokens in it,
+// and its K split.
 struct TileCoord {
   int expert;
   int n0;
   Index row0;
   int tokens;
+  int split;
 };
 
 template <int kTokens>
@@ -142,11 +159,16 @@ __device__ __forceinline__ TileCoord locate(int tile, const int* prefix, int num
     if (prefix[mid] <= tile) lo = mid;
     else hi = mid - 1;
   }
+  // Within an expert: n-tile major, then split, then token tile (token tiles of one weight tile
+  // run on neighbouring CTAs at about the same time: the weight tile's second read hits L2).
   const int local = tile - prefix[lo];
-  const int token_tile = local % ((prefix[lo + 1] - prefix[lo]) / n_tiles);
-  const int n_tile = local / ((prefix[lo + 1] - prefix[lo]) / n_tiles);
+  const int token_tiles = (prefix[lo + 1] - prefix[lo]) / (n_tiles * p.splits);
+  const int token_tile = local % token_tiles;
+  const int split = (local / token_tiles) % p.splits;
+  const int n_tile = local / (token_tiles * p.splits);
   TileCoord c;
   c.expert = lo;
+  c.split = split;
   c.n0 = n_tile * (p.gate_up_offset > 0 ? kWeightRows / 2 : kWeightRows);  // gated: 64 outputs per tile
   c.row0 = p.seg_begin[lo] + static_cast<Index>(token_tile) * kTokens;
   const Index left = p.seg_count[lo] - static_cast<Index>(token_tile) * kTokens;
@@ -154,12 +176,12 @@ __device__ __forceinline__ TileCoord locate(int tile, const int* prefix, int num
   return c;
 }
 
-template <class T, int kTokens, bool kGated, class Expr, class Activation>
+template <class T, int kTokens, int kAtoms, bool kGated, class Expr, class Activation>
 __global__ void __launch_bounds__(kThreads, 1)
     swap_gemm_kernel(const __grid_constant__ CUtensorMap weights, const __grid_constant__ CUtensorMap rows,
                      SwapParams p, typename Activation::Arguments act_args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Shape = TileShape<kTokens>;
+  using Shape = TileShape<kTokens, kAtoms>;
   constexpr int kStages = Shape::kStages;
   constexpr int kAcc = kTokens / 2;  // fp32 accumulators per thread of one m64 x kTokens product
   extern __shared__ unsigned char smem_raw[];
@@ -174,7 +196,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     int carry = 0;
     for (int base = 0; base < p.num_experts; base += 32) {
       const int e = base + static_cast<int>(threadIdx.x);
-      const int t = e < p.num_experts ? static_cast<int>((p.seg_count[e] + kTokens - 1) / kTokens) * n_tiles : 0;
+      const int t =
+          e < p.num_experts ? static_cast<int>((p.seg_count[e] + kTokens - 1) / kTokens) * n_tiles * p.splits : 0;
       int incl = t;
       for (int d = 1; d < 32; d *= 2) {
         const int v = __shfl_up_sync(0xffffffffu, incl, d);
@@ -194,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   const int total = prefix[p.num_experts];
-  const int k_blocks = (p.k + kBlockK - 1) / kBlockK;
+  const int k_blocks = (p.k + kAtoms * kBlockK - 1) / (kAtoms * kBlockK);
 
   if (threadIdx.x < 128) {
     // ---- producer: one thread issues every TMA load ----
@@ -205,14 +228,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, p);
       const int w0 = static_cast<int>(c.expert * p.weight_rows_per_expert) + c.n0;
       const int w1 = gated ? w0 + p.gate_up_offset : w0 + kWeightRows / 2;
-      for (int kb = 0; kb < k_blocks; ++kb) {
+      const int kb_begin = c.split * p.k_blocks_per_split;
+      const int kb_end = min(k_blocks, kb_begin + p.k_blocks_per_split);
+      for (int kb = kb_begin; kb < kb_end; ++kb) {
         mbar_wait(&empty[stage], phase ^ 1);
         unsigned char* a = smem + stage * Shape::kStageBytes;
         unsigned char* b = a + Shape::kABytes;
         mbar_expect_tx(&full[stage], Shape::kStageBytes);
-        tma_load_2d(a, &weights, &full[stage], kb * kBlockK, w0);
-        tma_load_2d(a + Shape::kABytes / 2, &weights, &full[stage], kb * kBlockK, w1);
-        tma_load_2d(b, &rows, &full[stage], kb * kBlockK, static_cast<int>(c.row0));
+#pragma unroll
+        for (int atom = 0; atom < kAtoms; ++atom) {
+          const int k0 = (kb * kAtoms + atom) * kBlockK;
+          unsigned char* aa = a + atom * Shape::kAtomABytes;
+          tma_load_2d(aa, &weights, &full[stage], k0, w0);
+          tma_load_2d(aa + Shape::kAtomABytes / 2, &weights, &full[stage], k0, w1);
+          tma_load_2d(b + atom * Shape::kAtomBBytes, &rows, &full[stage], k0, static_cast<int>(c.row0));
+        }
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
@@ -229,18 +259,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc0[kAcc], acc1[kAcc];  // rows [0, 64) (gate) and [64, 128) (up) of the weight tile
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, p);
-      for (int kb = 0; kb < k_blocks; ++kb) {
+      const int kb_begin = c.split * p.k_blocks_per_split;
+      const int kb_end = min(k_blocks, kb_begin + p.k_blocks_per_split);
+      for (int kb = kb_begin; kb < kb_end; ++kb) {
         mbar_wait(&full[stage], phase);
         const unsigned char* a = smem + stage * Shape::kStageBytes;
         const unsigned char* b = a + Shape::kABytes;
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
-        for (int k16 = 0; k16 < kBlockK / 16; ++k16) {
-          const bool accumulate = kb > 0 || k16 > 0;
-          const std::uint64_t db = smem_desc(b + 32 * k16);
-          wgmma_call<Op>(smem_desc(a + 32 * k16), db, acc0, accumulate, std::make_index_sequence<kAcc>{});
-          wgmma_call<Op>(smem_desc(a + Shape::kABytes / 2 + 32 * k16), db, acc1, accumulate,
-                         std::make_index_sequence<kAcc>{});
+        for (int atom = 0; atom < kAtoms; ++atom) {
+          const unsigned char* aa = a + atom * Shape::kAtomABytes;
+          const unsigned char* bb = b + atom * Shape::kAtomBBytes;
+#pragma unroll
+          for (int k16 = 0; k16 < kBlockK / 16; ++k16) {
+            const bool accumulate = kb > kb_begin || atom > 0 || k16 > 0;
+            const std::uint64_t db = smem_desc(bb + 32 * k16);
+            wgmma_call<Op>(smem_desc(aa + 32 * k16), db, acc0, accumulate, std::make_index_sequence<kAcc>{});
+            wgmma_call<Op>(smem_desc(aa + Shape::kAtomABytes / 2 + 32 * k16), db, acc1, accumulate,
+                           std::make_index_sequence<kAcc>{});
+          }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -263,6 +300,18 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int r = 16 * warp + lane / 4 + 8 * i;
             const float v0 = acc0[4 * cidx + 2 * i + j], v1 = acc1[4 * cidx + 2 * i + j];
             if (tok >= c.tokens) continue;
+            if (p.splits > 1) {  // raw partial sums; reduce_splits_kernel applies the epilogue
+              const Index width = kGated ? 2 * static_cast<Index>(p.n_out) : p.n_out;
+              float* dst = p.partial + (static_cast<Index>(c.split) * p.partial_rows + c.row0 + tok) * width;
+              const int n = c.n0 + r;
+              if (n < p.n_out) dst[n] = v0;
+              if constexpr (kGated) {
+                if (n < p.n_out) dst[p.n_out + n] = v1;
+              } else {
+                if (c.n0 + 64 + r < p.n_out) dst[c.n0 + 64 + r] = v1;
+              }
+              continue;
+            }
             T* dst = out + (c.row0 + tok) * p.ldo;
             epilogue::ElementContext<Activation> ctx;
             ctx.args = act_args;
@@ -292,6 +341,51 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
   __trap();  // launched only after the host checked for an sm_90 device built with sm_90a
 #endif
+}
+
+// out[row, n] = Expr(sum over splits, in order, of the partial sums) for the row of every slot.
+template <class T, bool kGated, class Expr, class Activation>
+__global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial, Index partial_rows, int splits,
+                                                            int n_out, const Index* slot_row, T* out, Index ldo,
+                                                            typename Activation::Arguments act_args) {
+  const Index row = slot_row[blockIdx.x];
+  const int n = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);  // one column per thread:
+  if (row < 0 || n >= n_out) return;                                      // decode grids are tiny
+  const Index width = kGated ? 2 * static_cast<Index>(n_out) : n_out;
+  {
+    float a = 0.0f, b = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float* src = partial + (static_cast<Index>(s) * partial_rows + row) * width;
+      a += src[n];
+      if constexpr (kGated) b += src[n_out + n];
+    }
+    epilogue::ElementContext<Activation> ctx;
+    ctx.args = act_args;
+    if constexpr (kGated) {
+      ctx.acc[1] = a;
+      ctx.acc[2] = b;
+    } else {
+      ctx.acc[0] = a;
+    }
+    out[row * ldo + n] = from_float<T>(Expr::eval(ctx));
+  }
+}
+
+// K splits for a GEMM of about `tiles` tiles: the count (1..8, at most one per K block) whose work
+// items fill the last wave of `sms` CTAs best; ties go to fewer splits.
+inline int choose_splits(Index tiles, int k_blocks, int sms, int max_splits) {
+  int best = 1;
+  double best_fill = 0.0;
+  for (int s = 1; s <= max_splits && s <= k_blocks; ++s) {
+    const double items = static_cast<double>(tiles) * s;
+    const double waves = std::ceil(items / sms);
+    const double fill = items / (waves * sms);
+    if (fill > best_fill + 0.02) {
+      best = s;
+      best_fill = fill;
+    }
+  }
+  return best;
 }
 
 // ---- host side ----------------------------------------------------------------------------------
@@ -339,10 +433,13 @@ bool applies(DeviceView<const T, 3> w, Index rows) {
 
 // out[rows, n_out] = Expr(rows x w[e]^T) for the rows of each expert. Gated: w has 2 * n_out rows
 // per expert ([gate; up]). `x` is [num_rows, k] with row stride k.
-template <class T, int kTokens, bool kGated, class Expr, class Activation>
+// With splits > 1, `partial` holds splits * num_rows * (gated ? 2 : 1) * n_out floats and the
+// reduction runs over the rows named by `slot_row` (num_slots entries, -1 skipped).
+template <class T, int kTokens, int kAtoms, bool kGated, class Expr, class Activation>
 Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index* seg_begin, const Index* seg_count,
-              Index n_out, T* out, Index ldo, const typename Activation::Arguments& act_args, cudaStream_t stream) {
-  using Shape = TileShape<kTokens>;
+              Index n_out, T* out, Index ldo, const typename Activation::Arguments& act_args, int splits,
+              float* partial, const Index* slot_row, Index num_slots, cudaStream_t stream) {
+  using Shape = TileShape<kTokens, kAtoms>;
   const Index experts = w.extent(0), n_total = w.extent(1), k = w.extent(2);
   CUtensorMap wmap, xmap;
   MOE_RETURN_IF_ERROR(make_tensor_map(&wmap, w.data(), experts * n_total, k, w.stride(1), kWeightRows / 2));
@@ -357,13 +454,24 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
   p.weight_rows_per_expert = n_total;
   p.out = out;
   p.ldo = ldo;
+  const int k_blocks = static_cast<int>((k + kAtoms * kBlockK - 1) / (kAtoms * kBlockK));
+  p.k_blocks_per_split = (k_blocks + splits - 1) / splits;
+  p.splits = (k_blocks + p.k_blocks_per_split - 1) / p.k_blocks_per_split;  // every split non-empty
+  p.partial = partial;
+  p.partial_rows = num_rows;
   int device = 0, sms = 0;
   MOE_CUDA_TRY(cudaGetDevice(&device));
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  auto* kernel = &swap_gemm_kernel<T, kTokens, kGated, Expr, Activation>;
+  auto* kernel = &swap_gemm_kernel<T, kTokens, kAtoms, kGated, Expr, Activation>;
   MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
   kernel<<<sms, kThreads, Shape::kSmemBytes, stream>>>(wmap, xmap, p, act_args);
   MOE_CUDA_CHECK_LAUNCH();
+  if (p.splits > 1) {
+    const dim3 grid(static_cast<unsigned>(num_slots), static_cast<unsigned>((n_out + 255) / 256));
+    reduce_splits_kernel<T, kGated, Expr, Activation><<<grid, 256, 0, stream>>>(
+        partial, num_rows, p.splits, p.n_out, slot_row, out, ldo, act_args);
+    MOE_CUDA_CHECK_LAUNCH();
+  }
   return Status::ok();
 }
 

@@ -27,7 +27,7 @@
 #include "moe/cuda/gemm/schedule.h"
 #include "moe/cuda/gemm/sm90_grouped_gemm.h"
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
-#include "moe/cuda/grouped_gemm.cuh"
+#include "moe/cuda/gemm/sm80_mainloops.cuh"
 #include "moe/cuda/stages.cuh"
 #include "moe/expert_map.h"
 #include "moe/kernel.h"

@@ -1,4 +1,5 @@
-// Grouped expert GEMM on tensor cores (WMMA: HMMA on sm_80 and sm_90) with a fused epilogue.
+// The Sm80CpAsync schedule: grouped expert GEMMs on tensor cores (WMMA: HMMA on sm_80 and sm_90) with
+// the epilogue trees fused per element.
 //
 // out[row, n] = Epilogue( sum_k a[row, k] * w[e, b_row(n), k] ) for the rows of each expert's
 // segment. Blocks are scheduled over (m-tile, n-tile); an m-tile belongs to the expert found by

@@ -1,5 +1,7 @@
 #include "moe/io/safetensors.h"
 
+#include "moe/io/file.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -145,19 +147,9 @@ SafetensorsFile& SafetensorsFile::operator=(SafetensorsFile&& other) noexcept {
 }
 
 Status SafetensorsFile::open(const std::string& path, SafetensorsFile* out) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return invalid_argument(path, ": cannot open: ", errno_text(errno));
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return invalid_argument(path, ": cannot stat: ", errno_text(err));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return invalid_argument(path, ": not a regular file");
-  }
-  const std::size_t size = static_cast<std::size_t>(st.st_size);
+  int fd = -1;
+  std::size_t size = 0;
+  if (Status s = open_regular_file(path, "safetensors file", &fd, &size); !s.is_ok()) return s;
   if (size < 8) {
     ::close(fd);
     return invalid_argument(path, ": file is ", size,
@@ -450,27 +442,6 @@ bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
-Status read_text_file(const std::string& path, std::string* out) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return invalid_argument(path, ": cannot open: ", errno_text(errno));
-  std::string text;
-  char buf[1 << 16];
-  while (true) {
-    const ssize_t r = ::read(fd, buf, sizeof(buf));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      const int err = errno;
-      ::close(fd);
-      return invalid_argument(path, ": read failed: ", errno_text(err));
-    }
-    if (r == 0) break;
-    text.append(buf, static_cast<std::size_t>(r));
-  }
-  ::close(fd);
-  *out = std::move(text);
-  return Status::ok();
-}
-
 // A key identifying a file, so that one reached two ways is opened once.
 std::string file_key(const std::string& path) {
   std::error_code ec;
@@ -505,7 +476,7 @@ Status Checkpoint::open(const std::vector<std::string>& paths, Checkpoint* out) 
       continue;
     }
     std::string text;
-    MOE_RETURN_IF_ERROR(read_text_file(path, &text));
+    MOE_RETURN_IF_ERROR(read_text_file(path, "checkpoint index", kMaxJsonFileBytes, &text));
     Json index;
     if (Status s = parse_json(text, &index); !s.is_ok()) return invalid_argument(path, ": not valid JSON: ", s.message());
     const Json* weight_map = nullptr;
@@ -528,6 +499,10 @@ Status Checkpoint::open(const std::vector<std::string>& paths, Checkpoint* out) 
                                 Json::type_name(m.second.type()));
       }
       const std::string& shard = m.second.as_string();
+      if (!is_contained_relative_path(shard)) {
+        return invalid_argument(path, ": weight_map.", m.first, ": shard ", json_quoted(shard),
+                                " must be a relative path inside the index's folder (no absolute path, no \"..\")");
+      }
       auto it = shard_index.find(shard);
       if (it == shard_index.end()) {
         std::size_t file_index = 0;

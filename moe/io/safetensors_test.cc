@@ -4,6 +4,7 @@
 #include "moe/io/safetensors.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -16,6 +17,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include "moe/io/file.h"
 
 namespace {
 
@@ -316,7 +319,7 @@ TEST(Safetensors, MoveKeepsMappingValid) {
 TEST(SafetensorsErrors, MissingOrNotAFile) {
   const std::string dir = test_dir();
   expect_open_error(dir + "/absent.safetensors", {"cannot open", "No such file or directory"});
-  expect_open_error(dir, {"not a regular file"});
+  expect_open_error(dir, {"expected a regular file, found a directory"});
 }
 
 TEST(SafetensorsErrors, TruncatedFile) {
@@ -733,6 +736,14 @@ TEST_F(CheckpointTest, IndexErrors) {
   s = Checkpoint::open({dir_ + "/absent.index.json"}, &c);
   EXPECT_TRUE(contains(s.message(), dir_ + "/absent.index.json: cannot open")) << s.message();
 
+  // Shards named outside the index's folder are refused before anything is opened.
+  for (const char* shard : {"/etc/passwd", "../a.safetensors", "sub/../../a.safetensors", ".."}) {
+    s = open_index(std::string(R"({"weight_map": {"layers.0.w13": ")") + shard + R"("}})");
+    EXPECT_EQ(s.message(), index + ": weight_map.layers.0.w13: shard \"" + shard +
+                               "\" must be a relative path inside the index's folder (no absolute path, no \"..\")")
+        << shard;
+  }
+
   // A shard holding a tensor also held by another file given directly.
   s = open_index(R"({"weight_map": {"layers.0.w13": "a.safetensors"}})");
   ASSERT_TRUE(s.is_ok()) << s.to_string();
@@ -740,6 +751,71 @@ TEST_F(CheckpointTest, IndexErrors) {
   fs::copy_file(a_, copy);
   s = Checkpoint::open({index, copy}, &c);
   EXPECT_EQ(s.message(), "tensor \"layers.0.gate\" is in two files: " + a_ + " and " + copy);
+}
+
+// Files that are not regular are refused without blocking: a FIFO (opening one for reading would
+// wait for a writer forever), a character device such as /dev/zero (endless reads), a directory.
+// A test that hangs here fails by its Bazel timeout.
+TEST_F(CheckpointTest, NonRegularFilesNeverBlock) {
+  const std::string fifo = dir_ + "/fifo.safetensors";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  Checkpoint c;
+  Status s = Checkpoint::open({fifo}, &c);
+  EXPECT_EQ(s.message(), "safetensors file " + fifo + ": expected a regular file, found a FIFO");
+  const std::string fifo_index = dir_ + "/fifo.index.json";
+  ASSERT_EQ(::mkfifo(fifo_index.c_str(), 0600), 0);
+  s = Checkpoint::open({fifo_index}, &c);
+  EXPECT_EQ(s.message(), "checkpoint index " + fifo_index + ": expected a regular file, found a FIFO");
+  s = Checkpoint::open({"/dev/zero"}, &c);
+  EXPECT_EQ(s.message(), "safetensors file /dev/zero: expected a regular file, found a character device");
+  // A link to /dev/zero named like an index: links are followed, then the target is checked.
+  const std::string zero_index = dir_ + "/zero.index.json";
+  fs::create_symlink("/dev/zero", zero_index);
+  s = Checkpoint::open({zero_index}, &c);
+  EXPECT_EQ(s.message(), "checkpoint index " + zero_index + ": expected a regular file, found a character device");
+  // A shard that is a FIFO inside the folder.
+  write_bytes(dir_ + "/model.safetensors.index.json", R"({"weight_map": {"layers.0.w13": "fifo.safetensors"}})");
+  s = Checkpoint::open({dir_ + "/model.safetensors.index.json"}, &c);
+  EXPECT_TRUE(contains(s.message(), "expected a regular file, found a FIFO")) << s.message();
+}
+
+// The Hugging Face cache layout: every file of snapshots/<rev>/ is a link to ../../blobs/<hash>.
+// Links whose names stay in the folder keep working, wherever they point.
+TEST_F(CheckpointTest, HuggingFaceCacheLinksWork) {
+  const fs::path root = fs::path(dir_) / "hub";
+  fs::create_directories(root / "blobs");
+  fs::create_directories(root / "snapshots" / "rev");
+  fs::copy_file(a_, root / "blobs" / "0123abcd");
+  fs::create_symlink("../../blobs/0123abcd", root / "snapshots" / "rev" / "a.safetensors");
+  const std::string index = (root / "snapshots" / "rev" / "model.safetensors.index.json").string();
+  write_bytes((root / "blobs" / "4567ef01").string(), R"({"weight_map": {"layers.0.w13": "a.safetensors"}})");
+  fs::create_symlink("../../blobs/4567ef01", index);
+  Checkpoint c;
+  const Status s = Checkpoint::open({index}, &c);
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  EXPECT_TRUE(c.contains("layers.0.w13"));
+}
+
+// JSON files are read up to a cap; a larger one is refused by its size, before reading it.
+TEST(TextFiles, SizeCap) {
+  const std::string path = test_dir() + "/big.json";
+  write_bytes(path, std::string(1000, ' '));
+  std::string text;
+  EXPECT_TRUE(moe::io::read_text_file(path, "--model-config", 1000, &text).is_ok());
+  EXPECT_EQ(text.size(), 1000u);
+  EXPECT_EQ(moe::io::read_text_file(path, "--model-config", 999, &text).message(),
+            "--model-config " + path + ": 1000 bytes, more than the 999 accepted");
+}
+
+TEST(TextFiles, ContainedRelativePaths) {
+  using moe::io::is_contained_relative_path;
+  for (const char* ok : {"a.safetensors", "sub/a.safetensors", "..a", "a..", "./a", "a/./b"}) {
+    EXPECT_TRUE(is_contained_relative_path(ok)) << ok;
+  }
+  for (const char* bad : {"", "/a", "..", "../a", "a/..", "a/../b", "a/../../b"}) {
+    EXPECT_FALSE(is_contained_relative_path(bad)) << bad;
+  }
+  EXPECT_FALSE(is_contained_relative_path(std::string_view("a\0b", 3)));
 }
 
 }  // namespace

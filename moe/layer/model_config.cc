@@ -1,7 +1,8 @@
 #include "moe/layer/model_config.h"
 
-#include <fstream>
-#include <sstream>
+#include <string>
+
+#include "moe/io/file.h"
 
 namespace moe::layer {
 
@@ -226,12 +227,10 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
 }
 
 Status load_model_config(const std::string& path, ModelConfig* out) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return invalid_argument("--model-config: cannot open ", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
+  std::string text;
+  MOE_RETURN_IF_ERROR(io::read_text_file(path, "--model-config", io::kMaxJsonFileBytes, &text));
   io::Json j;
-  const Status s = io::parse_json(ss.str(), &j);
+  const Status s = io::parse_json(text, &j);
   if (!s.is_ok()) return make_status(s.code(), path, ": ", s.message());
   const Status p = parse_model_config(j, out);
   if (!p.is_ok()) return make_status(p.code(), path, ": ", p.message());

@@ -3,9 +3,11 @@
 // silently wrong layer, and its one-line message names what is wrong: the file, the tensor (with
 // the expected and actual shape or dtype), or the config key path.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cctype>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <filesystem>
@@ -15,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/io/file.h"
 #include "moe/io/json.h"
 #include "moe/io/safetensors.h"
 #include "moe/layer/model_config.h"
@@ -629,3 +632,31 @@ TEST_F(ForwardTest, RouterLogitsOfWrongShapeOrDtype) {
 
 }  // namespace
 }  // namespace moe
+
+namespace {
+
+// --model-config from a stranger: a FIFO or a device is refused without blocking, a huge file by
+// its size, before any of it is parsed.
+TEST(ModelConfigFile, NonRegularAndOversizedRefused) {
+  const std::string dir = moe::testing::hf::make_test_dir("loader_config_files");
+  const std::string fifo = dir + "/config.json";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  moe::layer::ModelConfig c;
+  EXPECT_EQ(moe::layer::load_model_config(fifo, &c).message(),
+            "--model-config " + fifo + ": expected a regular file, found a FIFO");
+  EXPECT_EQ(moe::layer::load_model_config("/dev/zero", &c).message(),
+            "--model-config /dev/zero: expected a regular file, found a character device");
+  const std::string big = dir + "/big.json";
+  {
+    std::FILE* f = std::fopen(big.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    ASSERT_EQ(std::fseek(f, static_cast<long>(moe::io::kMaxJsonFileBytes), SEEK_SET), 0);  // sparse
+    ASSERT_EQ(std::fputc(' ', f), ' ');
+    std::fclose(f);
+  }
+  EXPECT_EQ(moe::layer::load_model_config(big, &c).message(),
+            "--model-config " + big + ": " + std::to_string(moe::io::kMaxJsonFileBytes + 1) +
+                " bytes, more than the " + std::to_string(moe::io::kMaxJsonFileBytes) + " accepted");
+}
+
+}  // namespace

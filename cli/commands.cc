@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <memory>
 #include <cmath>
+#include <cerrno>
 #include <cstdlib>
 #include <map>
 #include <optional>
@@ -39,15 +40,24 @@ struct Options {
   long tokens = 64, iterations = 10;
 };
 
-Status parse_int(const std::string& flag, const std::string& value, long lo, long* out) {
+// An integer flag value in [lo, hi]: digits only (strtol's overflow, signs of other flags and
+// trailing text are errors), so nothing narrows silently on the way into an int.
+Status parse_int(const std::string& flag, const std::string& value, long lo, long hi, long* out) {
   char* end = nullptr;
+  errno = 0;
   const long v = std::strtol(value.c_str(), &end, 10);
-  if (value.empty() || *end != '\0' || v < lo) {
-    return invalid_argument(flag, ": expected an integer >= ", lo, ", got \"", value, "\"");
+  if (value.empty() || *end != '\0' || errno == ERANGE || v < lo || v > hi) {
+    return invalid_argument(flag, ": expected an integer in [", lo, ", ", hi, "], got \"", value, "\"");
   }
   *out = v;
   return Status::ok();
 }
+
+// Bounds of the integer flags: ranks and sizes fit an int; --tokens bounds the host buffers the
+// tool allocates (--tokens x hidden values), --iterations the time a benchmark may take.
+constexpr long kMaxRanks = 1 << 20;
+constexpr long kMaxTokens = 1 << 24;
+constexpr long kMaxIterations = 1 << 20;
 
 Status parse_args(const std::vector<std::string>& args, Options* o) {
   if (args.empty()) return invalid_argument("missing command (run, info, bench or help)");
@@ -69,12 +79,12 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     else if (flag == "--dtype") o->dtype = v;
     else if (flag == "--expert-placement") o->placement = v;
     else if (flag == "--shape") o->shape = v;
-    else if (flag == "--ep-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, &n)); o->ep_size = static_cast<int>(n); }
-    else if (flag == "--ep-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, &n)); o->ep_rank = static_cast<int>(n); }
-    else if (flag == "--tp-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, &n)); o->tp_size = static_cast<int>(n); }
-    else if (flag == "--tp-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, &n)); o->tp_rank = static_cast<int>(n); }
-    else if (flag == "--tokens") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, &o->tokens)); }
-    else if (flag == "--iterations") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, &o->iterations)); }
+    else if (flag == "--ep-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->ep_size = static_cast<int>(n); }
+    else if (flag == "--ep-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->ep_rank = static_cast<int>(n); }
+    else if (flag == "--tp-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->tp_size = static_cast<int>(n); }
+    else if (flag == "--tp-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->tp_rank = static_cast<int>(n); }
+    else if (flag == "--tokens") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxTokens, &o->tokens)); }
+    else if (flag == "--iterations") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxIterations, &o->iterations)); }
     else return invalid_argument("unknown option ", flag);
   }
   if (o->backend.empty()) o->backend = layer::cuda_device_available() ? "cuda" : "cpu";  // cpu without a GPU

@@ -1,5 +1,7 @@
 #include "moe/layer/model_config.h"
 
+#include <cstdint>
+#include <optional>
 #include <string>
 
 #include "moe/io/file.h"
@@ -21,18 +23,45 @@ std::string_view to_string(Architecture a) {
 
 namespace {
 
-// `where` prefixes key paths in messages: "config", or "config.text_config" (Llama-4's nested keys).
-Status get_index(const io::Json& c, std::string_view where, std::string_view key, Index* out) {
+// Largest values accepted from a config: far above any released model, small enough that every
+// product of them the layer forms (E * 2I * H elements, say) stays well inside int64.
+constexpr std::int64_t kMaxDimension = std::int64_t{1} << 20;  // hidden, intermediate sizes
+constexpr std::int64_t kMaxExperts = std::int64_t{1} << 16;    // routed, zero, shared experts, groups
+constexpr double kMaxScale = 1e6;                              // scaling factors, activation limits
+
+// An integer key within [lo, hi] (absent: `def` when given, else an error). `where` prefixes key
+// paths in messages: "config", or "config.text_config" (Llama-4's nested keys).
+Status get_int_in(const io::Json& c, std::string_view where, std::string_view key, std::optional<std::int64_t> def,
+                  std::int64_t lo, std::int64_t hi, std::int64_t* out) {
   std::int64_t v = 0;
-  MOE_RETURN_IF_ERROR(io::get_int(c, key, &v, where));
-  if (v < 1) return invalid_argument(where, ".", key, ": expected a positive integer, got ", v);
+  if (def) {
+    MOE_RETURN_IF_ERROR(io::get_int_or(c, key, *def, &v, where));
+  } else {
+    MOE_RETURN_IF_ERROR(io::get_int(c, key, &v, where));
+  }
+  if (v < lo || v > hi) return invalid_argument(where, ".", key, ": expected an integer in [", lo, ", ", hi, "], got ", v);
   *out = v;
   return Status::ok();
 }
 
+Status get_index(const io::Json& c, std::string_view where, std::string_view key, Index* out,
+                 std::int64_t hi = kMaxDimension) {
+  std::int64_t v = 0;
+  MOE_RETURN_IF_ERROR(io::get_int(c, key, &v, where));
+  if (v < 1) return invalid_argument(where, ".", key, ": expected a positive integer, got ", v);
+  if (v > hi) return invalid_argument(where, ".", key, ": expected at most ", hi, ", got ", v);
+  *out = v;
+  return Status::ok();
+}
+
+// A positive, finite number of sensible size (a float that overflows, or 1e308, would make every
+// output infinite).
 Status get_float_or(const io::Json& c, std::string_view where, std::string_view key, double def, float* out) {
   double v = 0;
   MOE_RETURN_IF_ERROR(io::get_double_or(c, key, def, &v, where));
+  if (!(v > 0.0 && v <= kMaxScale)) {
+    return invalid_argument(where, ".", key, ": expected a number in (0, ", kMaxScale, "], got ", v);
+  }
   *out = static_cast<float>(v);
   return Status::ok();
 }
@@ -80,14 +109,14 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
   const std::string w = nested ? "config.text_config" : "config";
   MOE_RETURN_IF_ERROR(get_index(c, w, "hidden_size", &m.hidden));
   std::int64_t top_k = 0;
-  MOE_RETURN_IF_ERROR(io::get_int(c, "num_experts_per_tok", &top_k, w));
+  MOE_RETURN_IF_ERROR(get_int_in(c, w, "num_experts_per_tok", std::nullopt, 1, kMaxExperts, &top_k));
   m.top_k = static_cast<int>(top_k);
   std::int64_t n_shared = 0;
 
   switch (m.architecture) {
     case Architecture::kMixtral:
       // softmax (fp32) -> top-k -> renormalize; experts w2(silu(w1 x) * w3 x).
-      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts, kMaxExperts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       m.routing = RoutingKind::kSoftmax;
       m.routing_params.renormalize = true;
@@ -99,7 +128,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kQwen3Moe:
       // softmax -> top-k -> renormalize iff norm_topk_prob. Qwen2-MoE adds
       // sigmoid(shared_expert_gate(x)) * shared_expert(x).
-      MOE_RETURN_IF_ERROR(get_index(c, w, "num_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "num_experts", &m.num_experts, kMaxExperts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", false, &m.routing_params.renormalize, w));
       m.routing = RoutingKind::kSoftmax;
@@ -108,7 +137,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       per_expert_names(m, "gate_proj", "up_proj", "down_proj");
       if (m.architecture == Architecture::kQwen2Moe) {
         std::int64_t s = 0;
-        MOE_RETURN_IF_ERROR(io::get_int_or(c, "shared_expert_intermediate_size", 0, &s, w));
+        MOE_RETURN_IF_ERROR(get_int_in(c, w, "shared_expert_intermediate_size", 0, 0, kMaxDimension, &s));
         m.shared_intermediate = s;
         m.shared_expert_gate = s > 0;
         m.shared_prefix = "shared_expert";
@@ -117,15 +146,15 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kDeepseekV2: {
       // HF DeepseekV2: fp32 softmax scores; greedy top-k, or group_limited_greedy (group score =
       // max); weights never renormalized, always times routed_scaling_factor.
-      MOE_RETURN_IF_ERROR(get_index(c, w, "n_routed_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "n_routed_experts", &m.num_experts, kMaxExperts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
       std::string method;
       MOE_RETURN_IF_ERROR(io::get_string_or(c, "topk_method", "greedy", &method, w));
       if (method == "group_limited_greedy") {
         std::int64_t g = 1, tg = 1;
-        MOE_RETURN_IF_ERROR(io::get_int(c, "n_group", &g, w));
-        MOE_RETURN_IF_ERROR(io::get_int(c, "topk_group", &tg, w));
+        MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_group", std::nullopt, 1, kMaxExperts, &g));
+        MOE_RETURN_IF_ERROR(get_int_in(c, w, "topk_group", std::nullopt, 1, kMaxExperts, &tg));
         m.routing = RoutingKind::kGroupedSoftmax;
         m.routing_params.num_expert_group = static_cast<int>(g);
         m.routing_params.topk_group = static_cast<int>(tg);
@@ -134,31 +163,31 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       } else {
         return unsupported("config.topk_method: \"", method, "\" is not supported (greedy, group_limited_greedy)");
       }
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_shared_experts", 0, &n_shared, w));
+      MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_shared_experts", 0, 0, kMaxExperts, &n_shared));
       break;
     }
     case Architecture::kDeepseekV3: {
       // HF DeepseekV3 (noaux_tc): fp32 sigmoid scores; selection on scores + correction bias,
       // groups ranked by their top-2 biased sum, others masked; weights = unbiased scores,
       // renormalized iff norm_topk_prob, then times routed_scaling_factor.
-      MOE_RETURN_IF_ERROR(get_index(c, w, "n_routed_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "n_routed_experts", &m.num_experts, kMaxExperts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
       MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", true, &m.routing_params.renormalize, w));
       std::int64_t g = 8, tg = 4;  // Hugging Face's DeepseekV3Config defaults
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_group", 8, &g, w));
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "topk_group", 4, &tg, w));
+      MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_group", 8, 1, kMaxExperts, &g));
+      MOE_RETURN_IF_ERROR(get_int_in(c, w, "topk_group", 4, 1, kMaxExperts, &tg));
       m.routing = RoutingKind::kGroupedSigmoid;
       m.routing_params.num_expert_group = static_cast<int>(g);
       m.routing_params.topk_group = static_cast<int>(tg);
       m.correction_bias = true;
-      MOE_RETURN_IF_ERROR(io::get_int_or(c, "n_shared_experts", 0, &n_shared, w));
+      MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_shared_experts", 0, 0, kMaxExperts, &n_shared));
       break;
     }
     case Architecture::kGptOss:
       // Router Linear with bias; softmax over the top-k logits (= softmax, top-k, renormalize);
       // swigluoai on interleaved gate/up, biases on both GEMMs.
-      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts, kMaxExperts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_limit", 7.0, &m.activation_params.swiglu_limit));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_alpha", 1.702, &m.activation_params.swiglu_alpha));
@@ -174,7 +203,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kLlama4:
       // top-k (1) of the raw logits, sigmoid of the chosen logit scales the expert INPUT; the
       // shared expert (same I) is added unweighted.
-      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts, kMaxExperts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       m.routing = RoutingKind::kLlama4;
       m.weight_on_input = true;
@@ -193,8 +222,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     m.shared_prefix = "shared_experts";
   }
   std::int64_t zero = 0;
-  MOE_RETURN_IF_ERROR(io::get_int_or(c, "zero_expert_num", 0, &zero, w));
-  if (zero < 0) return invalid_argument(w, ".zero_expert_num: expected >= 0, got ", zero);
+  MOE_RETURN_IF_ERROR(get_int_in(c, w, "zero_expert_num", 0, 0, kMaxExperts, &zero));
   if (zero > 0) {
     std::string type;
     MOE_RETURN_IF_ERROR(io::get_string_or(c, "zero_expert_type", "identity", &type, w));

@@ -354,6 +354,16 @@ TEST(Config, WrongTypesAndValuesNameTheKeyPath) {
       {"topk_method", io::Json(3), "config.topk_method"},
       {"hidden_act", io::Json("gelu"), "config.hidden_act"},
       {"n_shared_experts", io::Json("one"), "config.n_shared_experts"},
+      // Out of range: refused, never narrowed to int (4294967298 is 2 mod 2^32) or dropped.
+      {"num_experts_per_tok", io::Json(std::int64_t{4294967298}), "config.num_experts_per_tok"},
+      {"n_shared_experts", io::Json(-1), "config.n_shared_experts"},
+      {"n_shared_experts", io::Json(std::int64_t{4294967297}), "config.n_shared_experts"},
+      {"hidden_size", io::Json(std::int64_t{1} << 40), "config.hidden_size"},
+      {"n_routed_experts", io::Json(std::int64_t{4294967304}), "config.n_routed_experts"},
+      {"routed_scaling_factor", io::Json(1e308), "config.routed_scaling_factor"},
+      {"routed_scaling_factor", io::Json(0.0), "config.routed_scaling_factor"},
+      {"routed_scaling_factor", io::Json(-2.5), "config.routed_scaling_factor"},
+      {"zero_expert_num", io::Json(-3), "config.zero_expert_num"},
   };
   for (const Edit& e : edits) {
     SCOPED_TRACE(e.key + " = " + e.value.dump());
@@ -533,6 +543,31 @@ const GroupCase kBadGroups[] = {{3, 1, 2, "n_group"},    {0, 1, 2, "n_group"},  
 
 // n_group not dividing the experts, topk_group out of [1, n_group], or fewer experts in the kept
 // groups than top_k: refused (today only by the first forward, see the disabled test below).
+// The same for the keys of the other architectures: grouped routing's group counts (DeepSeek-V3
+// defaults them; 2^32 + 8 must not become 8) and Qwen2-MoE's shared expert size.
+TEST(Config, OutOfRangeIntegersOfOtherArchitecturesAreRefused) {
+  struct Edit {
+    std::string arch, key;
+    io::Json value;
+  };
+  const std::vector<Edit> edits = {
+      {"DeepseekV3ForCausalLM", "n_group", io::Json(std::int64_t{4294967304})},
+      {"DeepseekV3ForCausalLM", "topk_group", io::Json(-1)},
+      {"Qwen2MoeForCausalLM", "shared_expert_intermediate_size", io::Json(-64)},
+      {"Qwen2MoeForCausalLM", "shared_expert_intermediate_size", io::Json(std::int64_t{1} << 40)},
+      {"GptOssForCausalLM", "swiglu_limit", io::Json(1e300)},
+  };
+  for (const Edit& e : edits) {
+    SCOPED_TRACE(e.arch + " " + e.key + " = " + e.value.dump());
+    const Files f = write_model("range_" + e.key, spec_of(e.arch));
+    io::Json j = config_of(f);
+    j.set(e.key, e.value);
+    const std::string path = write_config(f, j);
+    layer::ModelConfig c;
+    EXPECT_TRUE(is_error(layer::load_model_config(path, &c), {path, "config." + e.key}));
+  }
+}
+
 TEST(Config, BadGroupedRoutingIsRefused) {
   for (const char* arch : {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}) {
     const Files f = write_model(std::string("groups_") + arch, spec_of(arch));

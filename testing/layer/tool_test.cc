@@ -387,6 +387,13 @@ TEST_F(BadInputTest, UsageErrorsExitTwo) {
   expect_failure(run_args() + std::vector<std::string>{"--tp-rank", ""}, 2, {"--tp-rank"});
   expect_failure(run_args() + std::vector<std::string>{"--tokens", "abc"}, 2, {"--tokens"});
   expect_failure(run_args() + std::vector<std::string>{"--iterations", "0"}, 2, {"--iterations"});
+  // Values past int (or past long) are errors, never narrowed: 4294967298 is 2 mod 2^32.
+  expect_failure(run_args() + std::vector<std::string>{"--ep-size", "4294967298", "--ep-rank", "4294967297"}, 2,
+                 {"--ep-size", "4294967298"});
+  expect_failure(run_args() + std::vector<std::string>{"--tp-rank", "4294967297"}, 2, {"--tp-rank", "4294967297"});
+  expect_failure(run_args() + std::vector<std::string>{"--tokens", "99999999999999999999"}, 2,
+                 {"--tokens", "99999999999999999999"});
+  expect_failure(run_args() + std::vector<std::string>{"--tokens", "1000000000000"}, 2, {"--tokens", "[0, 16777216]"});
   expect_failure({"run", "--weights", m_.weights, "--layer-prefix", m_.prefix, "--inputs", in_}, 2, {"--model-config"});
   expect_failure({"run", "--model-config", m_.config, "--layer-prefix", m_.prefix, "--inputs", in_}, 2, {"--weights"});
   expect_failure({"run", "--model-config", m_.config, "--weights", m_.weights, "--inputs", in_}, 2, {"--layer-prefix"});

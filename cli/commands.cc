@@ -1,5 +1,7 @@
 #include "cli/commands.h"
 
+#include <sys/stat.h>
+
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -7,6 +9,7 @@
 #include <cmath>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <random>
@@ -141,11 +144,37 @@ Status load_layer(const Options& o, io::Checkpoint* ckpt, layer::MoeLayer* l) {
   return Status::ok();
 }
 
+// --output must be a new path or a regular file, and must not be any file the run reads (the
+// config, the inputs, or any weights file, shards named by an index included): compared by
+// device and inode, so another spelling, a link or a hard link to an input is caught too.
+Status check_output(const Options& o, const io::Checkpoint& ckpt) {
+  struct stat out_st;
+  if (::stat(o.output.c_str(), &out_st) != 0) {
+    if (errno == ENOENT) return Status::ok();  // a new file
+    return invalid_argument("--output ", o.output, ": cannot stat: ", std::strerror(errno));
+  }
+  if (!S_ISREG(out_st.st_mode)) {
+    return invalid_argument("--output ", o.output, ": expected a regular file or a new path, found ",
+                            S_ISDIR(out_st.st_mode) ? "a directory" : "a special file");
+  }
+  std::vector<std::pair<std::string, std::string>> reads = {{"--model-config", o.model_config}, {"--inputs", o.inputs}};
+  for (const io::SafetensorsFile& f : ckpt.files()) reads.emplace_back("--weights file", f.path());
+  for (const auto& [role, path] : reads) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) == 0 && st.st_dev == out_st.st_dev && st.st_ino == out_st.st_ino) {
+      return invalid_argument("--output ", o.output, ": is the same file as ", role, " ", path,
+                              "; refusing to overwrite an input");
+    }
+  }
+  return Status::ok();
+}
+
 Status command_run(const Options& o, std::ostream& out) {
   MOE_RETURN_IF_ERROR(check_backend(o));
   io::Checkpoint ckpt;
   layer::MoeLayer l;
   MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l));
+  MOE_RETURN_IF_ERROR(check_output(o, ckpt));
   io::SafetensorsFile in;
   MOE_RETURN_IF_ERROR(io::SafetensorsFile::open(o.inputs, &in));
   AnyTensor hidden;
@@ -308,20 +337,6 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
   return Status::ok();
 }
 
-// True when `path` is one of the command's input files (never delete those).
-bool names_an_input(const Options& o, const std::string& path) {
-  std::error_code ec;
-  const auto canon = [&](const std::string& p) { return std::filesystem::weakly_canonical(p, ec); };
-  const auto target = canon(path);
-  std::vector<std::string> inputs = o.weights;
-  inputs.push_back(o.inputs);
-  inputs.push_back(o.model_config);
-  for (const std::string& in : inputs) {
-    if (!in.empty() && canon(in) == target) return true;
-  }
-  return false;
-}
-
 }  // namespace
 
 int run_tool(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
@@ -340,9 +355,8 @@ int run_tool(const std::vector<std::string>& args, std::ostream& out, std::ostre
   else if (o.command == "info") s = command_info(o, out);
   else s = command_bench(o, out, err);
   if (!s.is_ok()) {
-    // OUT is written by rename only on success; a file there now is an earlier run's, which a
-    // caller could take for this run's results.
-    if (o.command == "run" && !o.output.empty() && !names_an_input(o, o.output)) std::remove(o.output.c_str());
+    // OUT is written by rename only on success, so a failed run leaves whatever was there (an
+    // earlier run's file, or nothing) untouched: the tool deletes nothing but its own temporary.
     std::string msg = s.message();
     for (char& c : msg) if (c == '\n') c = ' ';
     err << "moe " << o.command << ": " << msg << "\n";

@@ -323,6 +323,20 @@ Status write_all(int fd, const void* data, std::size_t n, const std::string& tmp
   return Status::ok();
 }
 
+// The temporary file being written, for remove_pending_temporary_file (a signal handler). One at
+// a time: the tool writes one output; a second concurrent writer simply is not covered.
+char g_pending_temporary[4096];
+std::atomic<bool> g_pending{false};
+
+void register_pending(const std::string& tmp) {
+  if (tmp.size() + 1 > sizeof(g_pending_temporary) || g_pending.exchange(true)) return;
+  std::memcpy(g_pending_temporary, tmp.c_str(), tmp.size() + 1);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+}
+void clear_pending(const std::string& tmp) {
+  if (g_pending.load() && tmp == g_pending_temporary) g_pending.store(false);
+}
+
 // Creates `path + ".tmp-<random>"` exclusively; *fd and *tmp on success.
 Status create_temporary(const std::string& path, int* fd, std::string* tmp) {
   static std::atomic<std::uint64_t> counter{0};
@@ -345,6 +359,12 @@ Status create_temporary(const std::string& path, int* fd, std::string* tmp) {
 }
 
 }  // namespace
+
+bool remove_pending_temporary_file() {
+  if (!g_pending.exchange(false)) return false;
+  ::unlink(g_pending_temporary);
+  return true;
+}
 
 Status write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                          const std::map<std::string, std::string>& metadata) {
@@ -413,9 +433,11 @@ Status write_safetensors(const std::string& path, const std::vector<NamedTensor>
   int fd = -1;
   std::string tmp;
   MOE_RETURN_IF_ERROR(create_temporary(path, &fd, &tmp));
+  register_pending(tmp);
   auto fail = [&](Status s) {
     if (fd >= 0) ::close(fd);
     ::unlink(tmp.c_str());
+    clear_pending(tmp);
     return s;
   };
   if (Status s = write_all(fd, length, sizeof(length), tmp); !s.is_ok()) return fail(s);
@@ -430,6 +452,7 @@ Status write_safetensors(const std::string& path, const std::vector<NamedTensor>
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     return fail(invalid_argument(path, ": cannot rename ", tmp, " to it: ", errno_text(errno)));
   }
+  clear_pending(tmp);
   return Status::ok();
 }
 

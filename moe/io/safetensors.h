@@ -104,6 +104,11 @@ struct NamedTensor {
 // is aligned to its element size when the file is mapped. The file is written to
 // `path + ".tmp-<random>"`, synced, then renamed over `path`: a failure never leaves a partial
 // file at `path` (nor the temporary). Names must be unique, non-empty and not "__metadata__".
+// While write_safetensors writes, its temporary file ("<path>.tmp-<random>") is registered here, so
+// a signal handler can remove it (the tool's SIGINT/SIGTERM/SIGHUP handlers do). Async-signal-safe:
+// one unlink of a name held in static storage. Returns whether a file was registered.
+bool remove_pending_temporary_file();
+
 Status write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                          const std::map<std::string, std::string>& metadata = {});
 

@@ -509,21 +509,78 @@ TEST_F(BadInputTest, FailedRunLeavesNoPartialOutput) {
   }
 }
 
-// A failed `moe run` leaves no file at OUT: not a partial one, and not a stale one from an earlier
-// run that a caller could mistake for this run's results.
-TEST_F(BadInputTest, FailedRunLeavesNoStaleOutput) {
-  const std::string out_path = m_.dir + "/stale.safetensors";
+// A failed `moe run` leaves OUT as it found it, byte for byte: the tool deletes nothing but its
+// own temporary file (a caller tells a failed run by its exit code, not by a missing file).
+TEST_F(BadInputTest, FailedRunLeavesOutputUntouched) {
+  const std::string out_path = m_.dir + "/earlier.safetensors";
   ASSERT_EQ(tool(run_args() + std::vector<std::string>{"--output", out_path}).rc, 0);
+  const std::string before = testing::hf::read_text(out_path);
   for (const std::vector<std::string>& failing :
        {run_args() + std::vector<std::string>{"--backend", "cuda"},
         base_args("run", m_) + std::vector<std::string>{"--inputs", m_.dir + "/absent.safetensors"},
         run_args() + std::vector<std::string>{"--tp-size", "3"}}) {
-    ASSERT_EQ(tool(run_args() + std::vector<std::string>{"--output", out_path}).rc, 0);
     const std::vector<std::string> args = failing + std::vector<std::string>{"--output", out_path};
     const ToolResult r = tool(args);
     EXPECT_EQ(r.rc, 1) << describe(args, r);
-    EXPECT_FALSE(fs::exists(out_path)) << describe(args, r);
+    ASSERT_TRUE(fs::exists(out_path)) << describe(args, r);
+    EXPECT_EQ(testing::hf::read_text(out_path), before) << describe(args, r);
   }
+}
+
+// --output naming a file the run reads is refused before anything is written, however it is
+// spelled (another path to it, a symbolic link, a hard link), and so is a directory.
+TEST_F(BadInputTest, OutputAliasingAnInputIsRefused) {
+  const std::string config_before = testing::hf::read_text(m_.config);
+  const std::string inputs_before = testing::hf::read_text(in_);
+  const std::string weights_before = testing::hf::read_text(m_.weights);
+  const std::string link = m_.dir + "/link.safetensors", hard = m_.dir + "/hard.safetensors";
+  fs::create_symlink(in_, link);
+  fs::create_hard_link(m_.weights, hard);
+  const std::string respelled = m_.dir + "/./../" + fs::path(m_.dir).filename().string() + "/in.safetensors";
+  struct Case {
+    std::string out, expect;
+  };
+  for (const Case& c : {Case{in_, "--inputs"}, Case{respelled, "--inputs"}, Case{link, "--inputs"},
+                        Case{m_.config, "--model-config"}, Case{m_.weights, "--weights file"},
+                        Case{hard, "--weights file"}}) {
+    const std::vector<std::string> args = run_args() + std::vector<std::string>{"--output", c.out};
+    const ToolResult r = tool(args);
+    EXPECT_EQ(r.rc, 1) << describe(args, r);
+    EXPECT_NE(r.err.find("--output " + c.out + ": is the same file as " + c.expect), std::string::npos)
+        << describe(args, r);
+  }
+  EXPECT_EQ(testing::hf::read_text(m_.config), config_before);
+  EXPECT_EQ(testing::hf::read_text(in_), inputs_before);
+  EXPECT_EQ(testing::hf::read_text(m_.weights), weights_before);
+  const std::string dir_out = m_.dir + "/a_directory";
+  fs::create_directories(dir_out);
+  const ToolResult r = tool(run_args() + std::vector<std::string>{"--output", dir_out});
+  EXPECT_EQ(r.rc, 1);
+  EXPECT_NE(r.err.find("expected a regular file or a new path, found a directory"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::is_directory(dir_out));
+}
+
+// A shard named by an index is an input too.
+TEST(Run, OutputAliasingAnIndexShardIsRefused) {
+  const Model m = write_model("run_alias_shard", spec_of("MixtralForCausalLM"));
+  io::Json weight_map = io::Json::object();
+  const std::string shard = m.dir + "/model-00001-of-00001.safetensors";
+  ASSERT_TRUE(testing::hf::rewrite_safetensors(m.weights, shard, [&](testing::hf::EditableTensor& t) {
+                weight_map.set(t.name, "model-00001-of-00001.safetensors");
+              }).is_ok());
+  io::Json index = io::Json::object();
+  index.set("weight_map", weight_map);
+  const std::string index_path = m.dir + "/model.safetensors.index.json";
+  testing::hf::write_text(index_path, index.dump());
+  const std::string in_path = m.dir + "/in.safetensors";
+  write_inputs(in_path, 2, m.spec.hidden, 3);
+  const std::string before = testing::hf::read_text(shard);
+  const std::vector<std::string> args = {"run", "--model-config", m.config, "--weights", index_path, "--layer-prefix",
+                                         m.prefix, "--inputs", in_path, "--output", shard};
+  const ToolResult r = tool(args);
+  EXPECT_EQ(r.rc, 1) << describe(args, r);
+  EXPECT_NE(r.err.find("is the same file as --weights file " + shard), std::string::npos) << describe(args, r);
+  EXPECT_EQ(testing::hf::read_text(shard), before);
 }
 
 }  // namespace

@@ -250,6 +250,15 @@ TEST(Run, RouterLogitsAndBf16Inputs) {
   }
 }
 
+// A Hugging Face index (model.safetensors.index.json) in `dir` with this weight_map; its path.
+std::string write_index(const std::string& dir, const io::Json& weight_map) {
+  io::Json index = io::Json::object();
+  index.set("weight_map", weight_map);
+  const std::string path = dir + "/model.safetensors.index.json";
+  testing::hf::write_text(path, index.dump());
+  return path;
+}
+
 // Weights given as two --weights files, or as a Hugging Face index.
 TEST(Run, ShardedWeights) {
   const Model m = write_model("run_sharded", spec_of("MixtralForCausalLM"));
@@ -264,10 +273,7 @@ TEST(Run, ShardedWeights) {
                   if (!t.drop) weight_map.set(t.name, name);
                 }).is_ok());
   }
-  io::Json index = io::Json::object();
-  index.set("weight_map", weight_map);
-  const std::string index_path = m.dir + "/model.safetensors.index.json";
-  testing::hf::write_text(index_path, index.dump());
+  const std::string index_path = write_index(m.dir, weight_map);
   const std::string in_path = m.dir + "/in.safetensors";
   const Inputs in = write_inputs(in_path, M, H, 6);
   const MoeLayer::Result want = direct_forward(m, {}, DType::kBF16, in, M);
@@ -568,10 +574,7 @@ TEST(Run, OutputAliasingAnIndexShardIsRefused) {
   ASSERT_TRUE(testing::hf::rewrite_safetensors(m.weights, shard, [&](testing::hf::EditableTensor& t) {
                 weight_map.set(t.name, "model-00001-of-00001.safetensors");
               }).is_ok());
-  io::Json index = io::Json::object();
-  index.set("weight_map", weight_map);
-  const std::string index_path = m.dir + "/model.safetensors.index.json";
-  testing::hf::write_text(index_path, index.dump());
+  const std::string index_path = write_index(m.dir, weight_map);
   const std::string in_path = m.dir + "/in.safetensors";
   write_inputs(in_path, 2, m.spec.hidden, 3);
   const std::string before = testing::hf::read_text(shard);

@@ -6,10 +6,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <new>
 #include <cmath>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <optional>
 #include <random>
@@ -272,6 +274,13 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
     layer::ForwardFn fn = nullptr;
     MOE_RETURN_IF_ERROR(finder(o)({layer::RoutingKind::kPrecomputed, layer::ActivationKind::kSiluAndMul, dt, false}, &fn));
     const std::size_t elem = dt == DType::kF32 ? 4 : 2;
+    // Host buffers: the weights, and --tokens rows of inputs and outputs. Checked before allocating.
+    constexpr std::size_t kMaxBenchBytes = std::size_t{64} << 30;
+    const std::size_t bytes = (static_cast<std::size_t>(s->E) * 3 * s->I * s->H + 2 * static_cast<std::size_t>(M) * s->H) * elem;
+    if (bytes > kMaxBenchBytes) {
+      return invalid_argument("--tokens ", M, ": the benchmark would need ", bytes >> 20, " MiB of host memory, more than the ",
+                              kMaxBenchBytes >> 20, " MiB allowed");
+    }
     layer::Buffer w13{dt, {s->E, 2 * s->I, s->H}, std::vector<std::byte>(s->E * 2 * s->I * s->H * elem)};
     layer::Buffer w2{dt, {s->E, s->H, s->I}, std::vector<std::byte>(s->E * s->H * s->I * elem)};
     layer::Buffer x{dt, {M, s->H}, std::vector<std::byte>(M * s->H * elem)}, y{dt, {M, s->H}, std::vector<std::byte>(M * s->H * elem)};
@@ -351,9 +360,17 @@ int run_tool(const std::vector<std::string>& args, std::ostream& out, std::ostre
     return 2;
   }
   Status s;
-  if (o.command == "run") s = command_run(o, out);
-  else if (o.command == "info") s = command_info(o, out);
-  else s = command_bench(o, out, err);
+  // Every failure ends as the one-line error below, exceptions too (an allocation the machine
+  // cannot satisfy, say): the tool never aborts.
+  try {
+    if (o.command == "run") s = command_run(o, out);
+    else if (o.command == "info") s = command_info(o, out);
+    else s = command_bench(o, out, err);
+  } catch (const std::bad_alloc&) {
+    s = make_status(StatusCode::kInvalidArgument, "out of memory (the sizes asked for need more than this machine has)");
+  } catch (const std::exception& e) {
+    s = make_status(StatusCode::kInternal, "internal error: ", e.what());
+  }
   if (!s.is_ok()) {
     // OUT is written by rename only on success, so a failed run leaves whatever was there (an
     // earlier run's file, or nothing) untouched: the tool deletes nothing but its own temporary.

@@ -410,6 +410,12 @@ TEST_F(BadInputTest, UsageErrorsExitTwo) {
   expect_failure({"bench", "--shape", "mixtral_8x7b", "--tokens", "-1"}, 2, {"--tokens"}, false);
 }
 
+// Sizes that would need more memory than any machine has are refused before allocating.
+TEST_F(BadInputTest, HugeBenchIsRefusedBeforeAllocating) {
+  expect_failure({"bench", "--shape", "deepseek_v3", "--tokens", "16777216", "--iterations", "1", "--backend", "cpu"}, 1,
+                 {"--tokens 16777216", "MiB of host memory"}, false);
+}
+
 TEST_F(BadInputTest, FailedCommandsExitOne) {
   expect_failure(run_args() + std::vector<std::string>{"--backend", "cuda"}, 1, {"cuda"});
   expect_failure(base_args("info", m_) + std::vector<std::string>{"--backend", "cuda"}, 1, {"cuda"}, false);

@@ -1,6 +1,7 @@
 #include "moe/layer/model_config.h"
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -51,6 +52,27 @@ Status get_index(const io::Json& c, std::string_view where, std::string_view key
   if (v < 1) return invalid_argument(where, ".", key, ": expected a positive integer, got ", v);
   if (v > hi) return invalid_argument(where, ".", key, ": expected at most ", hi, ", got ", v);
   *out = v;
+  return Status::ok();
+}
+
+// The expert count under whichever of `keys` the config has: transformers' attribute maps let one
+// setting be written under two names (Qwen3-MoE and Mixtral write num_local_experts since 5.1 and
+// read num_experts, as Hub checkpoints have it; DeepSeek-V3 writes n_routed_experts and reads
+// num_local_experts). Both present with different values is an error naming both.
+Status get_experts(const io::Json& c, std::string_view where, std::initializer_list<std::string_view> keys, Index* out) {
+  std::string_view found;
+  for (std::string_view key : keys) {
+    if (c.find(key) == nullptr) continue;
+    Index v = 0;
+    MOE_RETURN_IF_ERROR(get_index(c, where, key, &v, kMaxExperts));
+    if (!found.empty() && v != *out) {
+      return invalid_argument(where, ".", found, " = ", *out, " and ", where, ".", key, " = ", v,
+                              " name the same setting with different values");
+    }
+    if (found.empty()) *out = v;
+    found = key;
+  }
+  if (found.empty()) return get_index(c, where, *keys.begin(), out, kMaxExperts);  // the missing-key error
   return Status::ok();
 }
 
@@ -116,7 +138,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
   switch (m.architecture) {
     case Architecture::kMixtral:
       // softmax (fp32) -> top-k -> renormalize; experts w2(silu(w1 x) * w3 x).
-      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts, kMaxExperts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_local_experts", "num_experts"}, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       m.routing = RoutingKind::kSoftmax;
       m.routing_params.renormalize = true;
@@ -128,7 +150,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kQwen3Moe:
       // softmax -> top-k -> renormalize iff norm_topk_prob. Qwen2-MoE adds
       // sigmoid(shared_expert_gate(x)) * shared_expert(x).
-      MOE_RETURN_IF_ERROR(get_index(c, w, "num_experts", &m.num_experts, kMaxExperts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_experts", "num_local_experts"}, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", false, &m.routing_params.renormalize, w));
       m.routing = RoutingKind::kSoftmax;
@@ -170,7 +192,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       // HF DeepseekV3 (noaux_tc): fp32 sigmoid scores; selection on scores + correction bias,
       // groups ranked by their top-2 biased sum, others masked; weights = unbiased scores,
       // renormalized iff norm_topk_prob, then times routed_scaling_factor.
-      MOE_RETURN_IF_ERROR(get_index(c, w, "n_routed_experts", &m.num_experts, kMaxExperts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"n_routed_experts", "num_local_experts"}, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
       MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", true, &m.routing_params.renormalize, w));

@@ -568,6 +568,49 @@ TEST(Config, OutOfRangeIntegersOfOtherArchitecturesAreRefused) {
   }
 }
 
+// A config without `key`, as a writer that spells it differently produces.
+io::Json without(const io::Json& j, std::string_view key) {
+  io::Json out = io::Json::object();
+  for (const auto& m : j.members()) {
+    if (m.first != key) out.set(m.first, m.second);
+  }
+  return out;
+}
+
+// Every spelling of the expert count that transformers writes loads the same layer: Hub
+// checkpoints and transformers < 5.1 write num_experts for Qwen3-MoE, 5.1+ writes
+// num_local_experts (its attribute_map); Mixtral the reverse; DeepSeek-V3 reads num_local_experts
+// for n_routed_experts. Both spellings with different values are refused, naming both.
+TEST(Config, ExpertCountSpellings) {
+  struct Case {
+    std::string arch, written, other;
+  };
+  for (const Case& k : {Case{"Qwen3MoeForCausalLM", "num_experts", "num_local_experts"},
+                        Case{"MixtralForCausalLM", "num_local_experts", "num_experts"},
+                        Case{"DeepseekV3ForCausalLM", "n_routed_experts", "num_local_experts"}}) {
+    SCOPED_TRACE(k.arch);
+    const Files f = write_model("spelling_" + k.other, spec_of(k.arch));
+    const io::Json original = config_of(f);
+    layer::ModelConfig want;
+    ASSERT_TRUE(layer::load_model_config(write_config(f, original), &want).is_ok());
+    const io::Json* n = original.find(k.written);
+    ASSERT_NE(n, nullptr);
+    io::Json renamed = without(original, k.written);
+    renamed.set(k.other, *n);
+    layer::ModelConfig got;
+    const Status s = layer::load_model_config(write_config(f, renamed), &got);
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+    EXPECT_EQ(got.num_experts, want.num_experts);
+    io::Json both = original;
+    both.set(k.other, *n);
+    EXPECT_TRUE(layer::load_model_config(write_config(f, both), &got).is_ok());
+    both.set(k.other, io::Json(n->as_int() + 1));
+    const std::string path = write_config(f, both);
+    EXPECT_TRUE(is_error(layer::load_model_config(path, &got), {"config." + k.written, "config." + k.other,
+                                                                "name the same setting with different values"}));
+  }
+}
+
 TEST(Config, BadGroupedRoutingIsRefused) {
   for (const char* arch : {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}) {
     const Files f = write_model(std::string("groups_") + arch, spec_of(arch));

@@ -196,6 +196,9 @@ Status bind(const AnyTensor& t, std::string_view name, TensorView<T, Rank, Space
   for (Index e : t.extents) {
     if (e < 0) return invalid_argument(name, ": negative extent in shape ", detail::format_shape(t.extents));
   }
+  if (reinterpret_cast<std::uintptr_t>(t.data) % alignof(T) != 0) {  // a typed view would read misaligned
+    return invalid_argument(name, ": data is not aligned to ", alignof(T), " bytes");
+  }
   std::array<Index, Rank> e{};
   for (int d = 0; d < Rank; ++d) e[d] = t.extents[d];
   T* data = static_cast<T*>(t.data);

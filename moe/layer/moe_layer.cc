@@ -12,11 +12,22 @@ namespace {
 
 // ---- element access on type-erased tensors ---------------------------------------------------
 
+// Element i of a tensor as float. Through memcpy: a legal safetensors file may place a tensor at
+// any byte offset (the header length need not be a multiple of 8), so the data can be misaligned.
 float load_element(DType t, const void* base, Index i) {
+  const auto* bytes = static_cast<const std::byte*>(base);
   switch (t) {
-    case DType::kF32: return static_cast<const float*>(base)[i];
-    case DType::kBF16: return to_float(static_cast<const bfloat16*>(base)[i]);
-    case DType::kF16: return to_float(static_cast<const half*>(base)[i]);
+    case DType::kF32: {
+      float v;
+      std::memcpy(&v, bytes + i * 4, 4);
+      return v;
+    }
+    case DType::kBF16:
+    case DType::kF16: {
+      std::uint16_t b;
+      std::memcpy(&b, bytes + i * 2, 2);
+      return t == DType::kBF16 ? bfloat16::to_float(b) : half::to_float(b);
+    }
     default: return 0.0f;  // callers check the dtype first
   }
 }
@@ -318,8 +329,17 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
   if (options.chunk_tokens < 1) return invalid_argument("options.chunk_tokens: expected >= 1, got ", options.chunk_tokens);
   const Index M = hidden.extents[0];
   HostView<const float, 2> given_logits;
+  std::vector<float> aligned_logits;  // a copy when the file placed the logits at an odd offset
   if (router_logits) {
-    MOE_RETURN_IF_ERROR(bind(*router_logits, "router_logits", &given_logits));
+    AnyTensor lt = *router_logits;
+    if (lt.dtype == DType::kF32 && lt.strides.empty() && reinterpret_cast<std::uintptr_t>(lt.data) % alignof(float) != 0) {
+      Index n = 1;
+      for (Index e : lt.extents) n *= e;
+      aligned_logits.resize(static_cast<std::size_t>(n));
+      std::memcpy(aligned_logits.data(), lt.data, aligned_logits.size() * sizeof(float));
+      lt.data = aligned_logits.data();
+    }
+    MOE_RETURN_IF_ERROR(bind(lt, "router_logits", &given_logits));
     if (given_logits.extent(0) != M || given_logits.extent(1) != E) {
       return invalid_argument("router_logits: expected shape [M=", M, ", E=", E, "], got ",
                               shape_string(router_logits->extents));

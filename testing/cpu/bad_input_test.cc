@@ -295,3 +295,21 @@ TEST(BadInput, BindAcceptsMatchingTensor) {
 }
 
 }  // namespace
+
+namespace {
+
+// A typed view over misaligned bytes (a tensor at an odd offset of a legal safetensors file) would
+// be undefined behaviour to read: bind refuses it, naming the tensor and the alignment.
+TEST(BadInput, BindRefusesMisalignedData) {
+  alignas(8) unsigned char bytes[64] = {};
+  moe::AnyTensor t;
+  t.dtype = moe::DType::kF32;
+  t.extents = {2, 3};
+  t.data = bytes + 2;
+  moe::HostView<const float, 2> v;
+  EXPECT_EQ(moe::bind(t, "router_logits", &v).message(), "router_logits: data is not aligned to 4 bytes");
+  t.data = bytes + 4;
+  EXPECT_TRUE(moe::bind(t, "router_logits", &v).is_ok());
+}
+
+}  // namespace

@@ -181,6 +181,40 @@ TEST_P(RunTest, OutputEqualsForward) {
   expect_output_file(out_path, direct_forward(m, {}, DType::kF32, in, M), M, H, m.spec.top_k);
 }
 
+// The same file with its data buffer moved to an odd byte offset (one more space in the JSON
+// header, which the format allows): every tensor is then misaligned.
+std::string misaligned_copy(const std::string& path) {
+  const std::string bytes = testing::hf::read_text(path);
+  std::uint64_t n = 0;
+  for (int k = 0; k < 8; ++k) n |= static_cast<std::uint64_t>(static_cast<unsigned char>(bytes[k])) << (8 * k);
+  std::string out(8, '\0');
+  for (int k = 0; k < 8; ++k) out[k] = static_cast<char>(((n + 1) >> (8 * k)) & 0xff);
+  out += bytes.substr(8, n) + " " + bytes.substr(8 + n);
+  const std::string copy = path + ".odd.safetensors";
+  testing::hf::write_text(copy, out);
+  return copy;
+}
+
+// Legal files may place tensors at any byte offset: hidden states and router logits read from
+// misaligned data give the same output as from aligned data (no misaligned typed reads).
+TEST(Run, MisalignedInputsReadLikeAligned) {
+  const Model m = write_model("run_misaligned", spec_of("Qwen3MoeForCausalLM"));
+  const Index M = 5, H = m.spec.hidden;
+  const std::string in_path = m.dir + "/in.safetensors";
+  write_inputs(in_path, M, H, 11, m.spec.num_experts);
+  const std::string odd = misaligned_copy(in_path);
+  std::string outs[2];
+  for (int i = 0; i < 2; ++i) {
+    const std::string out_path = m.dir + "/out" + std::to_string(i) + ".safetensors";
+    const std::vector<std::string> args =
+        base_args("run", m) + std::vector<std::string>{"--inputs", i == 0 ? in_path : odd, "--output", out_path, "--dtype", "f32"};
+    const ToolResult r = tool(args);
+    ASSERT_EQ(r.rc, 0) << describe(args, r);
+    outs[i] = testing::hf::read_text(out_path);
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+}
+
 INSTANTIATE_TEST_SUITE_P(Architectures, RunTest,
                          ::testing::Values("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                                            "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "GptOssForCausalLM",

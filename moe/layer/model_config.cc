@@ -130,8 +130,20 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
   const io::Json& c = nested ? *root.find("text_config") : root;
   const std::string w = nested ? "config.text_config" : "config";
   MOE_RETURN_IF_ERROR(get_index(c, w, "hidden_size", &m.hidden));
+  // Keys a config may omit take Hugging Face's defaults (transformers 5.1's config classes), so a
+  // config that leaves one out loads the layer transformers would build.
+  std::optional<std::int64_t> default_top_k;  // DeepSeek-V2 has none: the key is required
+  switch (m.architecture) {
+    case Architecture::kMixtral: default_top_k = 2; break;
+    case Architecture::kQwen2Moe: default_top_k = 4; break;
+    case Architecture::kQwen3Moe: default_top_k = 8; break;
+    case Architecture::kDeepseekV2: break;
+    case Architecture::kDeepseekV3: default_top_k = 8; break;
+    case Architecture::kGptOss: default_top_k = 4; break;
+    case Architecture::kLlama4: default_top_k = 1; break;
+  }
   std::int64_t top_k = 0;
-  MOE_RETURN_IF_ERROR(get_int_in(c, w, "num_experts_per_tok", std::nullopt, 1, kMaxExperts, &top_k));
+  MOE_RETURN_IF_ERROR(get_int_in(c, w, "num_experts_per_tok", default_top_k, 1, kMaxExperts, &top_k));
   m.top_k = static_cast<int>(top_k);
   std::int64_t n_shared = 0;
 
@@ -159,7 +171,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       per_expert_names(m, "gate_proj", "up_proj", "down_proj");
       if (m.architecture == Architecture::kQwen2Moe) {
         std::int64_t s = 0;
-        MOE_RETURN_IF_ERROR(get_int_in(c, w, "shared_expert_intermediate_size", 0, 0, kMaxDimension, &s));
+        MOE_RETURN_IF_ERROR(get_int_in(c, w, "shared_expert_intermediate_size", 5632, 0, kMaxDimension, &s));
         m.shared_intermediate = s;
         m.shared_expert_gate = s > 0;
         m.shared_prefix = "shared_expert";
@@ -185,7 +197,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       } else {
         return unsupported("config.topk_method: \"", method, "\" is not supported (greedy, group_limited_greedy)");
       }
-      MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_shared_experts", 0, 0, kMaxExperts, &n_shared));
+      MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_shared_experts", 2, 0, kMaxExperts, &n_shared));
       break;
     }
     case Architecture::kDeepseekV3: {
@@ -194,7 +206,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       // renormalized iff norm_topk_prob, then times routed_scaling_factor.
       MOE_RETURN_IF_ERROR(get_experts(c, w, {"n_routed_experts", "num_local_experts"}, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
-      MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
+      MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 2.5, &m.routing_params.routed_scaling_factor));
       MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", true, &m.routing_params.renormalize, w));
       std::int64_t g = 8, tg = 4;  // Hugging Face's DeepseekV3Config defaults
       MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_group", 8, 1, kMaxExperts, &g));
@@ -203,7 +215,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       m.routing_params.num_expert_group = static_cast<int>(g);
       m.routing_params.topk_group = static_cast<int>(tg);
       m.correction_bias = true;
-      MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_shared_experts", 0, 0, kMaxExperts, &n_shared));
+      MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_shared_experts", 1, 0, kMaxExperts, &n_shared));
       break;
     }
     case Architecture::kGptOss:

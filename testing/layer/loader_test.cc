@@ -320,7 +320,7 @@ TEST_P(MissingKeyTest, NamesTheKey) {
 
 INSTANTIATE_TEST_SUITE_P(
     Keys, MissingKeyTest,
-    ::testing::Values(KeyCase{"MixtralForCausalLM", "hidden_size"}, KeyCase{"MixtralForCausalLM", "num_experts_per_tok"},
+    ::testing::Values(KeyCase{"MixtralForCausalLM", "hidden_size"}, KeyCase{"DeepseekV2ForCausalLM", "num_experts_per_tok"},
                       KeyCase{"MixtralForCausalLM", "num_local_experts"},
                       KeyCase{"MixtralForCausalLM", "intermediate_size"}, KeyCase{"Qwen2MoeForCausalLM", "num_experts"},
                       KeyCase{"Qwen3MoeForCausalLM", "moe_intermediate_size"},
@@ -568,15 +568,6 @@ TEST(Config, OutOfRangeIntegersOfOtherArchitecturesAreRefused) {
   }
 }
 
-// A config without `key`, as a writer that spells it differently produces.
-io::Json without(const io::Json& j, std::string_view key) {
-  io::Json out = io::Json::object();
-  for (const auto& m : j.members()) {
-    if (m.first != key) out.set(m.first, m.second);
-  }
-  return out;
-}
-
 // Every spelling of the expert count that transformers writes loads the same layer: Hub
 // checkpoints and transformers < 5.1 write num_experts for Qwen3-MoE, 5.1+ writes
 // num_local_experts (its attribute_map); Mixtral the reverse; DeepSeek-V3 reads num_local_experts
@@ -608,6 +599,56 @@ TEST(Config, ExpertCountSpellings) {
     const std::string path = write_config(f, both);
     EXPECT_TRUE(is_error(layer::load_model_config(path, &got), {"config." + k.written, "config." + k.other,
                                                                 "name the same setting with different values"}));
+  }
+}
+
+// Keys a config may leave out take Hugging Face's defaults (transformers 5.1's config classes):
+// the parsed config equals the one with the default written out, per architecture.
+TEST(Config, OmittedKeysTakeHuggingFaceDefaults) {
+  struct Default {
+    std::string arch, key;
+    io::Json value;
+  };
+  const std::vector<Default> defaults = {
+      {"MixtralForCausalLM", "num_experts_per_tok", io::Json(2)},
+      {"Qwen2MoeForCausalLM", "num_experts_per_tok", io::Json(4)},
+      {"Qwen2MoeForCausalLM", "norm_topk_prob", io::Json(false)},
+      {"Qwen2MoeForCausalLM", "shared_expert_intermediate_size", io::Json(5632)},
+      {"Qwen3MoeForCausalLM", "num_experts_per_tok", io::Json(8)},
+      {"Qwen3MoeForCausalLM", "norm_topk_prob", io::Json(false)},
+      {"DeepseekV2ForCausalLM", "n_shared_experts", io::Json(2)},
+      {"DeepseekV2ForCausalLM", "routed_scaling_factor", io::Json(1.0)},
+      {"DeepseekV2ForCausalLM", "topk_method", io::Json("greedy")},
+      {"DeepseekV3ForCausalLM", "num_experts_per_tok", io::Json(8)},
+      {"DeepseekV3ForCausalLM", "n_shared_experts", io::Json(1)},
+      {"DeepseekV3ForCausalLM", "routed_scaling_factor", io::Json(2.5)},
+      {"DeepseekV3ForCausalLM", "norm_topk_prob", io::Json(true)},
+      {"DeepseekV3ForCausalLM", "n_group", io::Json(8)},
+      {"DeepseekV3ForCausalLM", "topk_group", io::Json(4)},
+      {"GptOssForCausalLM", "num_experts_per_tok", io::Json(4)},
+      {"GptOssForCausalLM", "swiglu_limit", io::Json(7.0)},
+      {"Llama4ForCausalLM", "num_experts_per_tok", io::Json(1)},
+  };
+  const auto same = [](const layer::ModelConfig& a, const layer::ModelConfig& b) {
+    return a.top_k == b.top_k && a.num_experts == b.num_experts && a.shared_intermediate == b.shared_intermediate &&
+           a.routing == b.routing && a.routing_params.renormalize == b.routing_params.renormalize &&
+           a.routing_params.routed_scaling_factor == b.routing_params.routed_scaling_factor &&
+           a.routing_params.num_expert_group == b.routing_params.num_expert_group &&
+           a.routing_params.topk_group == b.routing_params.topk_group &&
+           a.activation_params.swiglu_limit == b.activation_params.swiglu_limit;
+  };
+  for (const Default& d : defaults) {
+    SCOPED_TRACE(d.arch + " " + d.key);
+    HfLayerSpec spec = spec_of(d.arch);
+    if (d.arch == "DeepseekV3ForCausalLM") spec.num_experts = 16;  // n_group 8 must divide it
+    const Files f = write_model("default_" + d.key, spec);
+    io::Json explicit_config = config_of(f);
+    explicit_config.set(d.key, d.value);
+    layer::ModelConfig want, got;
+    ASSERT_TRUE(layer::load_model_config(write_config(f, explicit_config), &want).is_ok());
+    const Status s = layer::load_model_config(write_config(f, without(explicit_config, d.key)), &got);
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+    EXPECT_TRUE(same(want, got));
   }
 }
 

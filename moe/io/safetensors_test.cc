@@ -796,6 +796,21 @@ TEST_F(CheckpointTest, HuggingFaceCacheLinksWork) {
   EXPECT_TRUE(c.contains("layers.0.w13"));
 }
 
+// An index with 300,000 metadata keys (8 MB) loads in linear time: the merge once compared every
+// key with every earlier one (10^5 keys took 34 s), which would run into this test's timeout.
+TEST_F(CheckpointTest, HugeIndexMetadataIsLinear) {
+  std::string text = R"({"weight_map": {"layers.0.w13": "a.safetensors"}, "metadata": {)";
+  for (int i = 0; i < 300000; ++i) text += (i ? ",\"k" : "\"k") + std::to_string(i) + "\": " + std::to_string(i);
+  text += "}}";
+  const std::string index = dir_ + "/model.safetensors.index.json";
+  write_bytes(index, text);
+  Checkpoint c;
+  const Status s = Checkpoint::open({index}, &c);
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  ASSERT_EQ(c.index_metadata().members().size(), 300000u);
+  EXPECT_EQ(c.index_metadata().members().back().first, "k299999");
+}
+
 // JSON files are read up to a cap; a larger one is refused by its size, before reading it.
 TEST(TextFiles, SizeCap) {
   const std::string path = test_dir() + "/big.json";

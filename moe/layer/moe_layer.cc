@@ -3,6 +3,7 @@
 #include <Eigen/Core>
 #include <cmath>
 #include <cstring>
+#include <set>
 #include <sstream>
 
 #include "moe/cpu/ops.h"
@@ -142,19 +143,25 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   const std::string with_module = prefix + "." + config.module;
   l.block_prefix_ = ckpt.contains(prefix + "." + config.router_weight) ? prefix : with_module;
   const std::string& p = l.block_prefix_;
+  // Every tensor opened, so that what the block holds but the config leaves unused is caught.
+  std::set<std::string> used;
+  const auto open = [&](const std::string& name, const std::vector<Index>& shape, Source* src, bool allow_u8 = false) {
+    used.insert(name);
+    return open_source(ckpt, name, shape, src, allow_u8);
+  };
 
   // Router (fp32), router bias, correction bias.
   Source s;
   const Index ER = E + Z;  // router rows: real and zero experts
-  MOE_RETURN_IF_ERROR(open_source(ckpt, p + "." + config.router_weight, {ER, H}, &s));
+  MOE_RETURN_IF_ERROR(open(p + "." + config.router_weight, {ER, H}, &s));
   l.router_.resize(static_cast<std::size_t>(ER * H));
   for (Index i = 0; i < ER * H; ++i) l.router_[i] = s(i);
   if (config.router_bias) {
-    MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".router.bias", {ER}, &s));
+    MOE_RETURN_IF_ERROR(open(p + ".router.bias", {ER}, &s));
     for (Index i = 0; i < ER; ++i) l.router_bias_.push_back(s(i));
   }
   if (config.correction_bias) {
-    MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".gate.e_score_correction_bias", {ER}, &s));
+    MOE_RETURN_IF_ERROR(open(p + ".gate.e_score_correction_bias", {ER}, &s));
     for (Index i = 0; i < ER; ++i) l.correction_bias_.push_back(s(i));
   }
 
@@ -176,10 +183,10 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
             ckpt.contains(e + "gate_up_proj_blocks");
     if (mxfp4) {
       if (H % 32 != 0 || I % 32 != 0) return invalid_argument("MXFP4 experts need H and I divisible by 32");
-      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj_blocks", {E, 2 * I, H / 32, 16}, &gu_blocks, true));
-      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj_scales", {E, 2 * I, H / 32}, &gu_scales, true));
-      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj_blocks", {E, H, I / 32, 16}, &dn_blocks, true));
-      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj_scales", {E, H, I / 32}, &dn_scales, true));
+      MOE_RETURN_IF_ERROR(open(e + "gate_up_proj_blocks", {E, 2 * I, H / 32, 16}, &gu_blocks, true));
+      MOE_RETURN_IF_ERROR(open(e + "gate_up_proj_scales", {E, 2 * I, H / 32}, &gu_scales, true));
+      MOE_RETURN_IF_ERROR(open(e + "down_proj_blocks", {E, H, I / 32, 16}, &dn_blocks, true));
+      MOE_RETURN_IF_ERROR(open(e + "down_proj_scales", {E, H, I / 32}, &dn_scales, true));
       const std::pair<const Source*, const char*> u8s[] = {{&gu_blocks, "gate_up_proj_blocks"}, {&gu_scales, "gate_up_proj_scales"},
                                                            {&dn_blocks, "down_proj_blocks"}, {&dn_scales, "down_proj_scales"}};
       for (const auto& [src, name] : u8s) {
@@ -188,12 +195,12 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
         }
       }
     } else {
-      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj", {E, H, 2 * I}, &gate_up));
-      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj", {E, I, H}, &down));
+      MOE_RETURN_IF_ERROR(open(e + "gate_up_proj", {E, H, 2 * I}, &gate_up));
+      MOE_RETURN_IF_ERROR(open(e + "down_proj", {E, I, H}, &down));
     }
     if (config.expert_biases) {
-      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_up_proj_bias", {E, 2 * I}, &gate_up_bias));
-      MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj_bias", {E, H}, &down_bias));
+      MOE_RETURN_IF_ERROR(open(e + "gate_up_proj_bias", {E, 2 * I}, &gate_up_bias));
+      MOE_RETURN_IF_ERROR(open(e + "down_proj_bias", {E, H}, &down_bias));
     }
   }
 
@@ -208,9 +215,9 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
       case ExpertLayout::kPerExpertLinear: {
         const std::string e = p + ".experts." + std::to_string(g) + ".";
         Source gs, us, ds;
-        MOE_RETURN_IF_ERROR(open_source(ckpt, e + config.gate_name + ".weight", {I, H}, &gs));
-        MOE_RETURN_IF_ERROR(open_source(ckpt, e + config.up_name + ".weight", {I, H}, &us));
-        MOE_RETURN_IF_ERROR(open_source(ckpt, e + config.down_name + ".weight", {H, I}, &ds));
+        MOE_RETURN_IF_ERROR(open(e + config.gate_name + ".weight", {I, H}, &gs));
+        MOE_RETURN_IF_ERROR(open(e + config.up_name + ".weight", {I, H}, &us));
+        MOE_RETURN_IF_ERROR(open(e + config.down_name + ".weight", {H, I}, &ds));
         for (Index i = 0; i < It; ++i)
           for (Index h = 0; h < H; ++h) {
             w.gate[i * H + h] = gs.at(i0 + i, h);
@@ -276,9 +283,9 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     const Index S = config.shared_intermediate, St = S / par.tp_size, s0 = par.tp_rank * St;
     const std::string e = p + "." + config.shared_prefix + ".";
     Source gs, us, ds;
-    MOE_RETURN_IF_ERROR(open_source(ckpt, e + "gate_proj.weight", {S, H}, &gs));
-    MOE_RETURN_IF_ERROR(open_source(ckpt, e + "up_proj.weight", {S, H}, &us));
-    MOE_RETURN_IF_ERROR(open_source(ckpt, e + "down_proj.weight", {H, S}, &ds));
+    MOE_RETURN_IF_ERROR(open(e + "gate_proj.weight", {S, H}, &gs));
+    MOE_RETURN_IF_ERROR(open(e + "up_proj.weight", {S, H}, &us));
+    MOE_RETURN_IF_ERROR(open(e + "down_proj.weight", {H, S}, &ds));
     l.shared_tp_ = St;
     l.shared_w13_ = make_buffer(dtype, {1, 2 * St, H});
     l.shared_w2_ = make_buffer(dtype, {1, H, St});
@@ -290,9 +297,31 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     for (Index h = 0; h < H; ++h)
       for (Index i = 0; i < St; ++i) store_element(l.shared_w2_, h * St + i, ds.at(h, s0 + i));
     if (config.shared_expert_gate) {
-      MOE_RETURN_IF_ERROR(open_source(ckpt, p + ".shared_expert_gate.weight", {1, H}, &gs));
+      MOE_RETURN_IF_ERROR(open(p + ".shared_expert_gate.weight", {1, H}, &gs));
       for (Index h = 0; h < H; ++h) l.shared_gate_.push_back(gs(h));
     }
+  }
+  // A tensor of the block that the config does not use (a shared expert with n_shared_experts 0,
+  // say) would be ignored silently: an error naming it. Other ranks' experts are not ours to load.
+  const std::string scope = p + ".";
+  for (const std::string& name : ckpt.names()) {
+    if (name.compare(0, scope.size(), scope) != 0 || used.count(name)) continue;
+    const std::string rest = name.substr(scope.size());
+    // The shared expert is the config's but computed on expert-parallel rank 0 only.
+    const bool shared = config.shared_intermediate > 0 && (rest.rfind(config.shared_prefix + ".", 0) == 0 ||
+                                                         (config.shared_expert_gate && rest == "shared_expert_gate.weight"));
+    if (shared) continue;
+    if (rest.rfind("experts.", 0) == 0) {
+      const std::string idx = rest.substr(8, rest.find('.', 8) - 8);
+      const bool numbered = !idx.empty() && idx.find_first_not_of("0123456789") == std::string::npos && idx.size() < 10;
+      if (numbered) {
+        const Index g = std::stoll(idx);
+        const bool local = g < E && (l.expert_map_.empty() || l.expert_map_[static_cast<std::size_t>(g)] >= 0);
+        if (!local) continue;
+      }
+    }
+    return invalid_argument("tensor ", name, ": in the MoE block ", p, " but unused by the config (",
+                            config.architecture_name, "); a tensor the layer would ignore is an error");
   }
   *out = std::move(l);
   return Status::ok();

@@ -779,3 +779,30 @@ TEST(ModelConfigFile, NonRegularAndOversizedRefused) {
 }
 
 }  // namespace
+
+namespace moe {
+namespace {
+
+// A checkpoint whose block holds tensors the config does not use (its shared expert, with the
+// config saying there is none) is refused naming a tensor, never run without it.
+TEST(Config, TensorsTheConfigLeavesUnusedAreRefused) {
+  struct Case {
+    std::string arch, key, tensor;
+  };
+  for (const Case& k : {Case{"Qwen2MoeForCausalLM", "shared_expert_intermediate_size", "shared_expert."},
+                        Case{"DeepseekV3ForCausalLM", "n_shared_experts", "shared_experts."}}) {
+    SCOPED_TRACE(k.arch);
+    HfLayerSpec spec = spec_of(k.arch);
+    if (k.arch == "DeepseekV3ForCausalLM") spec.num_experts = 16;
+    const Files f = write_model("unused_" + k.key, spec);
+    ASSERT_TRUE(load_all(f.config, f.weights, f.prefix).is_ok());
+    io::Json j = config_of(f);
+    j.set(k.key, io::Json(0));
+    const std::string path = write_config(f, j);
+    const Status s = load_all(path, f.weights, f.prefix);
+    EXPECT_TRUE(is_error(s, {k.tensor, "unused by the config"}));
+  }
+}
+
+}  // namespace
+}  // namespace moe

@@ -40,7 +40,8 @@ def _cuda_library_impl(ctx):
     archs = ctx.attr._archs[CudaArchsInfo].archs
     if ctx.attr.only_archs:
         # Architecture-specific sources (sm_90a wgmma) compile only for their archs when the
-        # build targets them; otherwise for the build's archs, where their kernels are stubs.
+        # build targets them; otherwise for the build's archs (their kernels then cannot run, and
+        # the host code reports that).
         kept = [a for a in archs if a in ctx.attr.only_archs]
         archs = kept if kept else archs
     dep_contexts = [d[CcInfo].compilation_context for d in ctx.attr.deps if CcInfo in d]

@@ -183,12 +183,15 @@ class Kernel<Spec, Arch> {
     l.inter = take(R * n(p.intermediate) * sizeof(IO));
     l.cub = take(l.cub_bytes);
     l.sm90 = sm90_refusal(p, a) == nullptr;
-    l.gemm1_out = take(l.sm90 ? R * n(p.gemm1_width) * sizeof(IO) : 0);
-    l.gemm_ws_bytes = l.sm90 && L > 0 ? cuda::gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(L)) : 0;
-    l.gemm_ws = take(l.gemm_ws_bytes);
     std::size_t partial_floats = 0;
     if (l.sm90 && L > 0 && l.slots > 0) partial_floats = plan_sm90(p, a, l);
     l.partial = take(partial_floats * sizeof(float));
+    // CUTLASS tiles store GEMM1's raw output and need their descriptor workspace; fused swap
+    // tiles write the activated intermediate directly.
+    const bool cutlass_tile = l.sm90 && !cuda::gemm::is_fused(l.tile);
+    l.gemm1_out = take(cutlass_tile ? R * n(p.gemm1_width) * sizeof(IO) : 0);
+    l.gemm_ws_bytes = cutlass_tile && L > 0 ? cuda::gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(L)) : 0;
+    l.gemm_ws = take(l.gemm_ws_bytes);
     l.total = off;
     return l;
   }

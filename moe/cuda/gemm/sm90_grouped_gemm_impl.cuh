@@ -86,13 +86,15 @@ constexpr std::size_t kDescriptorBytesPerGroup = 12 + 3 * 8 + 3 * 24;  // shape,
 
 inline std::size_t align256(std::size_t v) { return (v + 255) / 256 * 256; }
 
+// The descriptors' places in a workspace at `base` (an address; 0 to size them only) and the
+// bytes they take.
 template <class G>
-Descriptors<G> carve(std::byte* base, int groups, std::size_t* used) {
+Descriptors<G> carve(std::uintptr_t base, int groups, std::size_t* used) {
   std::size_t off = 0;
   auto take = [&](std::size_t bytes) {
-    std::byte* p = base + off;
+    void* p = reinterpret_cast<void*>(base + off);
     off += align256(bytes);
-    return static_cast<void*>(p);
+    return p;
   };
   Descriptors<G> d;
   const auto n = static_cast<std::size_t>(groups);
@@ -161,8 +163,7 @@ typename G::Gemm::Arguments make_arguments(const Descriptors<G>& d, int groups, 
 template <class G, bool Swap>
 std::size_t workspace_bytes(int groups, int sm_count) {
   std::size_t desc = 0;
-  alignas(256) static std::byte dummy[1];
-  const Descriptors<G> d = carve<G>(dummy, groups, &desc);  // sizes only, nothing written
+  const Descriptors<G> d = carve<G>(0, groups, &desc);  // sizes only, nothing written
   return desc + align256(G::Gemm::get_workspace_size(make_arguments<G, Swap>(d, groups, sm_count)));
 }
 
@@ -171,7 +172,7 @@ Status run(const Sm90GroupedGemmArgs& a, std::span<std::byte> workspace, cudaStr
   const int sm_count = sm_count_of_current_device();
   if (sm_count <= 0) return make_status(StatusCode::kCudaError, "sm90_grouped_gemm: no device multiprocessor count");
   std::size_t desc_bytes = 0;
-  const Descriptors<G> d = carve<G>(workspace.data(), a.num_groups, &desc_bytes);
+  const Descriptors<G> d = carve<G>(reinterpret_cast<std::uintptr_t>(workspace.data()), a.num_groups, &desc_bytes);
   auto args = make_arguments<G, Swap>(d, a.num_groups, sm_count);
   const std::size_t need = desc_bytes + align256(G::Gemm::get_workspace_size(args));
   if (workspace.size() < need) {

@@ -58,7 +58,8 @@ Status get_index(const io::Json& c, std::string_view where, std::string_view key
 // The expert count under whichever of `keys` the config has: transformers' attribute maps let one
 // setting be written under two names (Qwen3-MoE and Mixtral write num_local_experts since 5.1 and
 // read num_experts, as Hub checkpoints have it; DeepSeek-V3 writes n_routed_experts and reads
-// num_local_experts). Both present with different values is an error naming both.
+// num_local_experts; 5.17 adds num_experts for DeepSeek-V2 and gpt-oss). Both present with
+// different values is an error naming both.
 Status get_experts(const io::Json& c, std::string_view where, std::initializer_list<std::string_view> keys, Index* out) {
   std::string_view found;
   for (std::string_view key : keys) {
@@ -180,7 +181,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kDeepseekV2: {
       // HF DeepseekV2: fp32 softmax scores; greedy top-k, or group_limited_greedy (group score =
       // max); weights never renormalized, always times routed_scaling_factor.
-      MOE_RETURN_IF_ERROR(get_index(c, w, "n_routed_experts", &m.num_experts, kMaxExperts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"n_routed_experts", "num_experts"}, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
       std::string method;
@@ -221,7 +222,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kGptOss:
       // Router Linear with bias; softmax over the top-k logits (= softmax, top-k, renormalize);
       // swigluoai on interleaved gate/up, biases on both GEMMs.
-      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts, kMaxExperts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_local_experts", "num_experts"}, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_limit", 7.0, &m.activation_params.swiglu_limit));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_alpha", 1.702, &m.activation_params.swiglu_alpha));

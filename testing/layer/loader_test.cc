@@ -571,14 +571,16 @@ TEST(Config, OutOfRangeIntegersOfOtherArchitecturesAreRefused) {
 // Every spelling of the expert count that transformers writes loads the same layer: Hub
 // checkpoints and transformers < 5.1 write num_experts for Qwen3-MoE, 5.1+ writes
 // num_local_experts (its attribute_map); Mixtral the reverse; DeepSeek-V3 reads num_local_experts
-// for n_routed_experts. Both spellings with different values are refused, naming both.
+// for n_routed_experts; transformers 5.17 reads num_experts for DeepSeek-V2 and gpt-oss. Both spellings with different values are refused, naming both.
 TEST(Config, ExpertCountSpellings) {
   struct Case {
     std::string arch, written, other;
   };
   for (const Case& k : {Case{"Qwen3MoeForCausalLM", "num_experts", "num_local_experts"},
                         Case{"MixtralForCausalLM", "num_local_experts", "num_experts"},
-                        Case{"DeepseekV3ForCausalLM", "n_routed_experts", "num_local_experts"}}) {
+                        Case{"DeepseekV3ForCausalLM", "n_routed_experts", "num_local_experts"},
+                        Case{"DeepseekV2ForCausalLM", "n_routed_experts", "num_experts"},
+                        Case{"GptOssForCausalLM", "num_local_experts", "num_experts"}}) {
     SCOPED_TRACE(k.arch);
     const Files f = write_model("spelling_" + k.other, spec_of(k.arch));
     const io::Json original = config_of(f);

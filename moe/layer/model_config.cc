@@ -59,8 +59,10 @@ Status get_index(const io::Json& c, std::string_view where, std::string_view key
 // setting be written under two names (Qwen3-MoE and Mixtral write num_local_experts since 5.1 and
 // read num_experts, as Hub checkpoints have it; DeepSeek-V3 writes n_routed_experts and reads
 // num_local_experts; 5.17 adds num_experts for DeepSeek-V2 and gpt-oss). Both present with
-// different values is an error naming both.
-Status get_experts(const io::Json& c, std::string_view where, std::initializer_list<std::string_view> keys, Index* out) {
+// different values is an error naming both. Absent, the count is transformers' default for the
+// architecture (the router's and experts' shapes are then checked against it at load).
+Status get_experts(const io::Json& c, std::string_view where, std::initializer_list<std::string_view> keys,
+                   Index default_count, Index* out) {
   std::string_view found;
   for (std::string_view key : keys) {
     if (c.find(key) == nullptr) continue;
@@ -73,7 +75,7 @@ Status get_experts(const io::Json& c, std::string_view where, std::initializer_l
     if (found.empty()) *out = v;
     found = key;
   }
-  if (found.empty()) return get_index(c, where, *keys.begin(), out, kMaxExperts);  // the missing-key error
+  if (found.empty()) *out = default_count;  // transformers' default; the tensors' shapes must agree
   return Status::ok();
 }
 
@@ -151,7 +153,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
   switch (m.architecture) {
     case Architecture::kMixtral:
       // softmax (fp32) -> top-k -> renormalize; experts w2(silu(w1 x) * w3 x).
-      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_local_experts", "num_experts"}, &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_local_experts", "num_experts"}, 8, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       m.routing = RoutingKind::kSoftmax;
       m.routing_params.renormalize = true;
@@ -163,7 +165,8 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kQwen3Moe:
       // softmax -> top-k -> renormalize iff norm_topk_prob. Qwen2-MoE adds
       // sigmoid(shared_expert_gate(x)) * shared_expert(x).
-      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_experts", "num_local_experts"}, &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_experts", "num_local_experts"},
+                                      m.architecture == Architecture::kQwen2Moe ? 60 : 128, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", false, &m.routing_params.renormalize, w));
       m.routing = RoutingKind::kSoftmax;
@@ -181,7 +184,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kDeepseekV2: {
       // HF DeepseekV2: fp32 softmax scores; greedy top-k, or group_limited_greedy (group score =
       // max); weights never renormalized, always times routed_scaling_factor.
-      MOE_RETURN_IF_ERROR(get_experts(c, w, {"n_routed_experts", "num_experts"}, &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"n_routed_experts", "num_experts"}, 64, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 1.0, &m.routing_params.routed_scaling_factor));
       std::string method;
@@ -205,7 +208,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       // HF DeepseekV3 (noaux_tc): fp32 sigmoid scores; selection on scores + correction bias,
       // groups ranked by their top-2 biased sum, others masked; weights = unbiased scores,
       // renormalized iff norm_topk_prob, then times routed_scaling_factor.
-      MOE_RETURN_IF_ERROR(get_experts(c, w, {"n_routed_experts", "num_local_experts"}, &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"n_routed_experts", "num_local_experts"}, 256, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "routed_scaling_factor", 2.5, &m.routing_params.routed_scaling_factor));
       MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", true, &m.routing_params.renormalize, w));
@@ -222,7 +225,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kGptOss:
       // Router Linear with bias; softmax over the top-k logits (= softmax, top-k, renormalize);
       // swigluoai on interleaved gate/up, biases on both GEMMs.
-      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_local_experts", "num_experts"}, &m.num_experts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_local_experts", "num_experts"}, 128, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_limit", 7.0, &m.activation_params.swiglu_limit));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_alpha", 1.702, &m.activation_params.swiglu_alpha));
@@ -238,7 +241,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     case Architecture::kLlama4:
       // top-k (1) of the raw logits, sigmoid of the chosen logit scales the expert INPUT; the
       // shared expert (same I) is added unweighted.
-      MOE_RETURN_IF_ERROR(get_index(c, w, "num_local_experts", &m.num_experts, kMaxExperts));
+      MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_local_experts"}, 16, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       m.routing = RoutingKind::kLlama4;
       m.weight_on_input = true;

@@ -321,13 +321,10 @@ TEST_P(MissingKeyTest, NamesTheKey) {
 INSTANTIATE_TEST_SUITE_P(
     Keys, MissingKeyTest,
     ::testing::Values(KeyCase{"MixtralForCausalLM", "hidden_size"}, KeyCase{"DeepseekV2ForCausalLM", "num_experts_per_tok"},
-                      KeyCase{"MixtralForCausalLM", "num_local_experts"},
-                      KeyCase{"MixtralForCausalLM", "intermediate_size"}, KeyCase{"Qwen2MoeForCausalLM", "num_experts"},
+                      KeyCase{"MixtralForCausalLM", "intermediate_size"},
                       KeyCase{"Qwen3MoeForCausalLM", "moe_intermediate_size"},
-                      KeyCase{"DeepseekV2ForCausalLM", "n_routed_experts"},
                       KeyCase{"DeepseekV2ForCausalLM", "n_group"}, KeyCase{"DeepseekV2ForCausalLM", "topk_group"},
                       KeyCase{"DeepseekV3ForCausalLM", "moe_intermediate_size"},
-                      KeyCase{"GptOssForCausalLM", "num_local_experts"},
                       KeyCase{"Llama4ForCausalLM", "intermediate_size"}),
     [](const ::testing::TestParamInfo<KeyCase>& i) {
       return i.param.arch.substr(0, i.param.arch.find("For")) + "_" + i.param.key;
@@ -630,6 +627,14 @@ TEST(Config, OmittedKeysTakeHuggingFaceDefaults) {
       {"GptOssForCausalLM", "num_experts_per_tok", io::Json(4)},
       {"GptOssForCausalLM", "swiglu_limit", io::Json(7.0)},
       {"Llama4ForCausalLM", "num_experts_per_tok", io::Json(1)},
+      // The expert counts (the checkpoint's shapes must then agree with them at load).
+      {"MixtralForCausalLM", "num_local_experts", io::Json(8)},
+      {"Qwen2MoeForCausalLM", "num_experts", io::Json(60)},
+      {"Qwen3MoeForCausalLM", "num_experts", io::Json(128)},
+      {"DeepseekV2ForCausalLM", "n_routed_experts", io::Json(64)},
+      {"DeepseekV3ForCausalLM", "n_routed_experts", io::Json(256)},
+      {"GptOssForCausalLM", "num_local_experts", io::Json(128)},
+      {"Llama4ForCausalLM", "num_local_experts", io::Json(16)},
   };
   const auto same = [](const layer::ModelConfig& a, const layer::ModelConfig& b) {
     return a.top_k == b.top_k && a.num_experts == b.num_experts && a.shared_intermediate == b.shared_intermediate &&

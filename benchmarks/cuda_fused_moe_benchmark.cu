@@ -193,8 +193,7 @@ using Spec = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>
                        moe::Experts<moe::SiluAndMul, moe::quant::BF16>>;
 using Kernel = moe::Kernel<Spec, moe::cuda::Sm90>;
 
-void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::optional<moe::cuda::gemm::Sm90Tile> tile,
-             int max_k_splits) {
+void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, moe::cuda::Options options) {
   const std::size_t n13 = s.E * 2 * s.I * s.H, n2 = s.E * s.H * s.I;
   auto* w13 = device_alloc<moe::bfloat16>(n13);
   auto* w2 = device_alloc<moe::bfloat16>(n2);
@@ -233,9 +232,6 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::op
   a.w13 = moe::DeviceView<const moe::bfloat16, 3>(w13, {s.E, 2 * s.I, s.H});
   a.w2 = moe::DeviceView<const moe::bfloat16, 3>(w2, {s.E, s.H, s.I});
   a.output = moe::DeviceView<moe::bfloat16, 2>(out, {M, s.H});
-  moe::cuda::Options options;
-  options.sm90_tile = tile;
-  options.max_k_splits = max_k_splits;
   Kernel kernel(options);
   const std::size_t ws_bytes = kernel.workspace_bytes(a);
   auto* ws = device_alloc<std::byte>(ws_bytes);
@@ -277,17 +273,22 @@ void register_all(bool tune) {
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         const std::string name = std::string(graph ? "bf16_forward_graph/" : "bf16_forward/") + s.name + "/" + std::to_string(M);
-        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, graph, std::nullopt, 8)
+        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, graph, moe::cuda::Options{})
             ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
       }
     }
   }
   if (!tune) return;
-  for (const Shape& s : kShapes) {  // split-K off, table tiles
-    for (const moe::Index M : kTokens) {
-      const std::string name = std::string("bf16_nosplit/") + s.name + "/" + std::to_string(M);
-      benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, std::nullopt, 1)
-          ->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
+  moe::cuda::Options no_split, serial;
+  no_split.max_k_splits = 1;
+  serial.programmatic_dependent_launch = false;
+  for (const auto& [variant, options] : {std::pair{"bf16_nosplit/", no_split}, std::pair{"bf16_serial/", serial}}) {
+    for (const Shape& s : kShapes) {  // table tiles, one option changed
+      for (const moe::Index M : kTokens) {
+        const std::string name = std::string(variant) + s.name + "/" + std::to_string(M);
+        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, options)
+            ->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
+      }
     }
   }
   using moe::cuda::gemm::Sm90Tile;
@@ -297,7 +298,9 @@ void register_all(bool tune) {
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         const std::string name = std::string("bf16_tile/") + moe::cuda::gemm::name(t) + "/" + s.name + "/" + std::to_string(M);
-        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, t, 8)
+        moe::cuda::Options pinned;
+        pinned.sm90_tile = t;
+        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, pinned)
             ->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
       }
     }

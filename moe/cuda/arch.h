@@ -56,6 +56,9 @@ struct Options {
   std::optional<gemm::Sm90Tile> sm90_tile;
   // Most K splits of the Hopper swap mainloop (decode GEMMs with fewer tiles than SMs); 1: none.
   int max_k_splits = 8;
+  // Sm90 tags: launch the forward's stage kernels with programmatic dependent launch, so each
+  // starts during the previous one's tail (moe/cuda/launch.h). Off: plain stream order.
+  bool programmatic_dependent_launch = true;
 };
 
 }  // namespace moe::cuda

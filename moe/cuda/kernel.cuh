@@ -107,6 +107,9 @@ class Kernel<Spec, Arch> {
 
  private:
   static constexpr int kThreads = 256;
+  // Programmatic dependent launch (moe/cuda/launch.h) for the stage kernels that keep its
+  // contract: on sm_90 tags (the device was checked), unless the options turn it off.
+  bool programmatic_launch() const { return kArchHasSm90 && options_.programmatic_dependent_launch; }
   static Index blocks(Index n, Index per) { return std::max<Index>(1, (n + per - 1) / per); }
 
   struct Layout {
@@ -321,9 +324,9 @@ class Kernel<Spec, Arch> {
     {
       constexpr int kLayout = kMode1 == ColumnMode::kPlain ? 0 : kMode1 == ColumnMode::kGatedSplit ? 1 : 2;
       using Expr = epilogue::Gemm1Epilogue<Activation, IO, false>;
-      activation_kernel<IO, Expr, Activation, kLayout><<<static_cast<unsigned>(S), 128, 0, stream>>>(
-          b.gemm1_out, p.gemm1_width, p.intermediate, b.slot_row, a.activation, b.inter);
-      MOE_CUDA_CHECK_LAUNCH();
+      MOE_RETURN_IF_ERROR(launch_kernel(&activation_kernel<IO, Expr, Activation, kLayout>, static_cast<unsigned>(S),
+                                        128, 0, stream, programmatic_launch(), b.gemm1_out, p.gemm1_width,
+                                        p.intermediate, b.slot_row, a.activation, b.inter));
     }
     // GEMM2 into the gathered rows' buffer (the inputs are dead).
     MOE_RETURN_IF_ERROR(grouped_gemm(b.inter, p.intermediate, a.w2, b.rows, p.hidden));
@@ -342,10 +345,10 @@ class Kernel<Spec, Arch> {
     const Index S = C * p.top_k;
     MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kAtoms, kGated, Expr1, Activation>(
         a.w13, b.rows, l.rows, b.seg_begin, b.seg_count, p.intermediate, b.inter, p.intermediate, a.activation,
-        l.splits1, b.partial, b.slot_row, S, stream)));
+        l.splits1, b.partial, b.slot_row, S, programmatic_launch(), stream)));
     MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kAtoms, false, Expr2, Activation>(
         a.w2, b.inter, l.rows, b.seg_begin, b.seg_count, p.hidden, b.rows, p.hidden, a.activation, l.splits2,
-        b.partial, b.slot_row, S, stream)));
+        b.partial, b.slot_row, S, programmatic_launch(), stream)));
     return finalize_stored(a, p, b, m0, C, stream);
   }
 
@@ -354,10 +357,12 @@ class Kernel<Spec, Arch> {
                          cudaStream_t stream) const {
     using Expr = epilogue::Gemm2Epilogue<IO, false, !PF::kApplyWeightOnInput>;
     const std::size_t smem = static_cast<std::size_t>(p.top_k) * (sizeof(Index) + sizeof(float));
-    cuda::detail::finalize_epilogue_kernel<IO, Expr, Activation><<<static_cast<unsigned>(C), 256, smem, stream>>>(
-        b.rows, p.hidden, p.top_k, b.slot_row, b.weights, m0, a.output.data(), a.output.stride(0));
-    MOE_CUDA_CHECK_LAUNCH();
-    return Status::ok();
+    constexpr int kFinalizeThreads = 128;
+    const dim3 grid(static_cast<unsigned>(C), cuda::detail::token_column_blocks(C, p.hidden / 8, kFinalizeThreads));
+    return cuda::detail::launch_kernel(&cuda::detail::finalize_epilogue_kernel<IO, Expr, Activation>, grid,
+                                       kFinalizeThreads, smem, stream, programmatic_launch(), b.rows,
+                                       p.hidden, p.top_k, b.slot_row, b.weights, m0, a.output.data(),
+                                       a.output.stride(0));
   }
 
   // One grouped GEMM over the chunk's expert segments: out = a x w[e]^T, K = a's width.
@@ -440,35 +445,45 @@ class Kernel<Spec, Arch> {
       weights_in = a.topk_weights->data() + m0 * a.topk_weights->stride(0);
       ld_weights = a.topk_weights->stride(0);
     }
-    // 2. Keys and counts; 3. stable sort by local expert.
-    MOE_CUDA_TRY(cudaMemsetAsync(b.counts, 0, (E_local + 1) * sizeof(std::int32_t), stream));
-    const bool shared_histogram = E_local < kMaxSharedHistogramExperts;
-    slot_keys_kernel<<<blocks(S, kThreads), kThreads, shared_histogram ? (E_local + 1) * 4 : 0, stream>>>(
-        ids_in, ld_ids, weights_in, ld_weights, p.top_k, b.ids, b.weights, S,
-        a.expert_map ? a.expert_map->data() : nullptr, p.num_experts, E_local, shared_histogram, b.keys, b.slots,
-        b.counts);
-    MOE_CUDA_CHECK_LAUNCH();
-    std::size_t cub_bytes = l.cub_bytes;
-    MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(b.cub, cub_bytes, b.keys, b.keys_sorted, b.slots, b.slots_sorted,
-                                                 static_cast<int>(S), 0, key_bits(E_local), stream));
-    // 4. Offsets; rows and gather.
     Index capacity = 0;  // standard format: packed segments
     if constexpr (kBatched) capacity = a.prepare_finalize.max_tokens_per_expert;
-    offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(b.counts, E_local, capacity, kBM, b.sorted_start, b.seg_begin,
-                                                      b.seg_count, b.tiles);
-    MOE_CUDA_CHECK_LAUNCH();
-    assign_rows_kernel<<<blocks(S, kThreads), kThreads, 0, stream>>>(b.keys_sorted, b.slots_sorted, S, E_local,
-                                                                     b.sorted_start, b.seg_begin, b.seg_count,
-                                                                     b.weights, b.slot_row, b.row_weight);
-    MOE_CUDA_CHECK_LAUNCH();
-    gather_kernel<IO, PF::kApplyWeightOnInput><<<static_cast<unsigned>(C), 256, 0, stream>>>(
-        a.hidden_states.data() + m0 * a.hidden_states.stride(0), a.hidden_states.stride(0), p.hidden, p.top_k,
-        b.slot_row, b.weights, b.rows);
-    MOE_CUDA_CHECK_LAUNCH();
+    const bool pdl = programmatic_launch();
+    if (S <= kSmallPrepSlots && E_local <= kSmallPrepExperts) {
+      // 2-4 in one block (decode).
+      MOE_RETURN_IF_ERROR(launch_kernel(&small_routing_prep_kernel, 1, kSmallPrepThreads,
+                                        static_cast<std::size_t>(E_local + 1) * 4, stream, pdl, ids_in, ld_ids,
+                                        weights_in, ld_weights, p.top_k, b.ids, b.weights, static_cast<int>(S),
+                                        a.expert_map ? a.expert_map->data() : nullptr, p.num_experts, E_local,
+                                        capacity, kBM, b.seg_begin, b.seg_count, b.tiles, b.slot_row, b.row_weight));
+    } else {
+      // 2. Keys and counts; 3. stable sort by local expert.
+      MOE_CUDA_TRY(cudaMemsetAsync(b.counts, 0, (E_local + 1) * sizeof(std::int32_t), stream));
+      const bool shared_histogram = E_local < kMaxSharedHistogramExperts;
+      slot_keys_kernel<<<blocks(S, kThreads), kThreads, shared_histogram ? (E_local + 1) * 4 : 0, stream>>>(
+          ids_in, ld_ids, weights_in, ld_weights, p.top_k, b.ids, b.weights, S,
+          a.expert_map ? a.expert_map->data() : nullptr, p.num_experts, E_local, shared_histogram, b.keys, b.slots,
+          b.counts);
+      MOE_CUDA_CHECK_LAUNCH();
+      std::size_t cub_bytes = l.cub_bytes;
+      MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(b.cub, cub_bytes, b.keys, b.keys_sorted, b.slots, b.slots_sorted,
+                                                   static_cast<int>(S), 0, key_bits(E_local), stream));
+      // 4. Offsets and rows.
+      offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(b.counts, E_local, capacity, kBM, b.sorted_start, b.seg_begin,
+                                                        b.seg_count, b.tiles);
+      MOE_CUDA_CHECK_LAUNCH();
+      assign_rows_kernel<<<blocks(S, kThreads), kThreads, 0, stream>>>(b.keys_sorted, b.slots_sorted, S, E_local,
+                                                                       b.sorted_start, b.seg_begin, b.seg_count,
+                                                                       b.weights, b.slot_row, b.row_weight);
+      MOE_CUDA_CHECK_LAUNCH();
+    }
+    // 5. Gather.
+    const dim3 gather_grid(static_cast<unsigned>(C), token_column_blocks(C, (p.hidden + 7) / 8, 256));
+    MOE_RETURN_IF_ERROR(launch_kernel(&gather_kernel<IO, PF::kApplyWeightOnInput>, gather_grid, 256, 0, stream, pdl, a.hidden_states.data() + m0 * a.hidden_states.stride(0),
+                                      a.hidden_states.stride(0), p.hidden, p.top_k, b.slot_row, b.weights, b.rows));
     if constexpr (kMaySm90) {
       if (l.sm90) return run_sm90_experts(a, p, l, b, m0, C, stream);
     }
-    // 5. GEMM1 + epilogue 1 -> inter; 6. GEMM2 + epilogue 2 -> rows (the gathered input is dead).
+    // 6. GEMM1 + epilogue 1 -> inter; 7. GEMM2 + epilogue 2 -> rows (the gathered input is dead).
     const unsigned m_tiles = static_cast<unsigned>((l.rows + kBM - 1) / kBM + p.num_local_experts);
     // Expected rows per local expert, known on the host without a sync: below one m-tile, the
     // GEMMs stream weights (decode) rather than reuse them.
@@ -491,11 +506,10 @@ class Kernel<Spec, Arch> {
         MOE_RETURN_IF_ERROR((launch_gemm<ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, false, kWeighted>>(g, m_tiles, thin, stream)));
       }
     }
-    // 7. Finalize.
-    finalize_kernel<IO><<<static_cast<unsigned>(C), 256, 0, stream>>>(b.rows, p.hidden, p.top_k, b.slot_row, m0,
-                                                                      a.output.data(), a.output.stride(0));
-    MOE_CUDA_CHECK_LAUNCH();
-    return Status::ok();
+    // 8. Finalize.
+    const dim3 finalize_grid(static_cast<unsigned>(C), token_column_blocks(C, p.hidden, 256));
+    return launch_kernel(&finalize_kernel<IO>, finalize_grid, 256, 0, stream, pdl, b.rows, p.hidden, p.top_k,
+                         b.slot_row, m0, a.output.data(), a.output.stride(0));
   }
 
   // Checked mode: copies the expert map and precomputed ids to the host on `stream` (then

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "moe/cuda/launch.h"
 #include "moe/epilogue.h"
 #include "moe/expert_map.h"
 #include "moe/quant/numeric.h"
@@ -74,22 +75,22 @@ __global__ void slot_keys_kernel(const std::int32_t* ids_in, Index ld_ids, const
 // Experts whose histogram fits the default 48 KiB of shared memory.
 constexpr int kMaxSharedHistogramExperts = 8192;
 
-// Single block: offsets into the sorted slots, each expert's row segment (standard: packed;
-// batched: e * capacity, at most capacity rows) and the m-tile prefix for the GEMMs. Block-wide
-// scans over chunks of kOffsetsThreads experts (a serial loop cost ~0.3 us per expert).
-constexpr int kOffsetsThreads = 512;
-__global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(const std::int32_t* counts, int num_local,
-                                                                  Index batched_capacity, int tile_m,
-                                                                  Index* sorted_start, Index* seg_begin,
-                                                                  Index* seg_count, Index* tile_offsets) {
-  using Scan = cub::BlockScan<Index, kOffsetsThreads>;
+// Block-wide (one block): from per-expert slot counts (`count_of(e)`), the offsets into the sorted
+// slots, each expert's row segment (standard: packed; batched: e * capacity, at most capacity
+// rows) and the m-tile prefix for the GEMMs, by scans over chunks of kThreads experts (a serial
+// loop cost ~0.3 us per expert). `sorted_start` may be null. Ends with a __syncthreads, after which
+// the block may read what it wrote.
+template <int kThreads, class CountOf>
+__device__ void expert_offsets(CountOf count_of, int num_local, Index batched_capacity, int tile_m, Index* sorted_start,
+                               Index* seg_begin, Index* seg_count, Index* tile_offsets) {
+  using Scan = cub::BlockScan<Index, kThreads>;
   __shared__ typename Scan::TempStorage temp;
   __shared__ Index carry[3];  // sorted slots, rows, tiles before this chunk
   if (threadIdx.x < 3) carry[threadIdx.x] = 0;
   __syncthreads();
-  for (int base = 0; base < num_local; base += kOffsetsThreads) {
+  for (int base = 0; base < num_local; base += kThreads) {
     const int e = base + static_cast<int>(threadIdx.x);
-    const Index c = e < num_local ? counts[e] : 0;
+    const Index c = e < num_local ? count_of(e) : 0;
     const Index n = batched_capacity > 0 ? (c < batched_capacity ? c : batched_capacity) : c;
     const Index t = (n + tile_m - 1) / tile_m;
     Index c_before, n_before, t_before, c_total, n_total, t_total;
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(const std::int
     __syncthreads();
     Scan(temp).ExclusiveSum(t, t_before, t_total);
     if (e < num_local) {
-      sorted_start[e] = carry[0] + c_before;
+      if (sorted_start) sorted_start[e] = carry[0] + c_before;
       seg_begin[e] = batched_capacity > 0 ? e * batched_capacity : carry[1] + n_before;
       seg_count[e] = n;
       tile_offsets[e] = carry[2] + t_before;
@@ -113,9 +114,20 @@ __global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(const std::int
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    sorted_start[num_local] = carry[0];
+    if (sorted_start) sorted_start[num_local] = carry[0];
     tile_offsets[num_local] = carry[2];
   }
+  __syncthreads();
+}
+
+// Single block: expert_offsets over the global counts of slot_keys_kernel.
+constexpr int kOffsetsThreads = 512;
+__global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(const std::int32_t* counts, int num_local,
+                                                                  Index batched_capacity, int tile_m,
+                                                                  Index* sorted_start, Index* seg_begin,
+                                                                  Index* seg_count, Index* tile_offsets) {
+  expert_offsets<kOffsetsThreads>([&](int e) { return Index{counts[e]}; }, num_local, batched_capacity, tile_m,
+                                  sorted_start, seg_begin, seg_count, tile_offsets);
 }
 
 // Sorted position p -> the slot's row (or -1), and each row's router weight.
@@ -135,12 +147,98 @@ __global__ void assign_rows_kernel(const std::int32_t* sorted_keys, const std::i
   if (row >= 0) row_weight[row] = weights[s];
 }
 
-// One block per token: its hidden state is read once and copied to the rows of its top_k slots
+// Decode batches (at most kSmallPrepSlots slots): slot keys, per-expert counts, the stable sort
+// by local expert, offsets, the m-tile prefix and the rows in one block, in place of the five
+// launches of the general path (counts memset, slot_keys_kernel, CUB radix sort, offsets_kernel,
+// assign_rows_kernel), whose launch gaps cost more than their work at M = 1..64. Same outputs for
+// the later stages (seg_begin, seg_count, tile_offsets, slot_row, row_weight; with `ids_in` also
+// ids and weights) and the same order: ascending slot within an expert. sorted_start is not
+// written (only assign_rows_kernel reads it). Shared memory: num_local + 1 counters.
+constexpr int kSmallPrepThreads = 1024;
+constexpr int kSmallPrepSlots = kSmallPrepThreads;  // one slot per thread
+constexpr int kSmallPrepExperts = 8192;             // 32 KiB of counters
+__global__ void __launch_bounds__(kSmallPrepThreads)
+    small_routing_prep_kernel(const std::int32_t* ids_in, Index ld_ids, const float* w_in, Index ld_w, int top_k,
+                              std::int32_t* ids, float* weights, int num_slots, const std::int32_t* expert_map,
+                              Index num_experts, int num_local, Index batched_capacity, int tile_m, Index* seg_begin,
+                              Index* seg_count, Index* tile_offsets, Index* slot_row, float* row_weight) {
+  extern __shared__ std::int32_t prep_count[];  // [num_local + 1]: slots per key, then slots ranked so far
+  grid_dependency_wait();
+  allow_dependents_launch();
+  for (int e = threadIdx.x; e <= num_local; e += blockDim.x) prep_count[e] = 0;
+  __syncthreads();
+  const int s = threadIdx.x;
+  const bool valid = s < num_slots;
+  int key = num_local;
+  float w = 0.0f;
+  if (valid) {
+    std::int32_t id;
+    if (ids_in) {
+      const Index m = s / top_k, j = s % top_k;
+      id = ids_in[m * ld_ids + j];
+      w = w_in[m * ld_w + j];
+      ids[s] = id;
+      weights[s] = w;
+    } else {
+      id = ids[s];
+      w = weights[s];
+    }
+    key = local_expert_id(id, expert_map, num_experts);
+    if (key < 0 || key >= num_local) key = num_local;
+    atomicAdd(&prep_count[key], 1);
+  }
+  __syncthreads();
+  expert_offsets<kSmallPrepThreads>([&](int e) { return Index{prep_count[e]}; }, num_local, batched_capacity, tile_m,
+                                    nullptr, seg_begin, seg_count, tile_offsets);
+  for (int e = threadIdx.x; e <= num_local; e += blockDim.x) prep_count[e] = 0;
+  __syncthreads();  // the block's seg_begin / seg_count writes are visible to it after expert_offsets
+  // Stable ranks: warps in slot order; inside a warp, lanes with the same key in lane order.
+  const int warp = s / 32, lane = s % 32;
+  const unsigned valid_lanes = __ballot_sync(0xffffffffu, valid);
+  Index rank = 0;
+  for (int turn = 0; turn * 32 < num_slots; ++turn) {
+    if (warp == turn && valid) {
+      const unsigned peers = __match_any_sync(valid_lanes, key);
+      const int leader = __ffs(peers) - 1;
+      int before = 0;
+      if (lane == leader) {
+        before = prep_count[key];
+        prep_count[key] = before + __popc(peers);
+      }
+      before = __shfl_sync(valid_lanes, before, leader);
+      rank = before + __popc(peers & ((1u << lane) - 1u));
+    }
+    __syncthreads();
+  }
+  if (valid) {
+    Index row = -1;
+    if (key < num_local && rank < seg_count[key]) row = seg_begin[key] + rank;
+    slot_row[s] = row;
+    if (row >= 0) row_weight[row] = w;
+  }
+}
+
+// Grid (tokens, column blocks): a token's columns are spread over gridDim.y blocks so that a decode
+// batch of a few tokens still occupies many SMs (token_column_blocks picks gridDim.y).
+__device__ __forceinline__ Index first_column() { return static_cast<Index>(blockIdx.y) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ Index column_stride() { return static_cast<Index>(gridDim.y) * blockDim.x; }
+// Column blocks for a per-token pass over `units` column units (16-byte vectors) with `threads`
+// per block: enough blocks for ~2 waves of 132 SMs, never more than the units need.
+inline unsigned token_column_blocks(Index tokens, Index units, int threads) {
+  const Index needed = (units + threads - 1) / threads;
+  const Index wanted = (264 + tokens - 1) / (tokens > 0 ? tokens : 1);
+  const Index y = needed < wanted ? needed : wanted;
+  return static_cast<unsigned>(y < 1 ? 1 : y > 65535 ? 65535 : y);
+}
+
+// Per token: its hidden state is read once and copied to the rows of its top_k slots
 // (optionally times the router weight, in the storage type, as vLLM's
 // apply_router_weight_on_input). 16-byte copies when the rows allow them.
 template <class T, bool WeightOnInput>
 __global__ void gather_kernel(const T* hidden, Index ld_hidden, Index hidden_size, int top_k, const Index* slot_row,
                               const float* weights, T* rows) {
+  grid_dependency_wait();
+  allow_dependents_launch();
   const Index m = blockIdx.x;
   const T* src = hidden + m * ld_hidden;
   if constexpr (WeightOnInput) {
@@ -148,7 +246,7 @@ __global__ void gather_kernel(const T* hidden, Index ld_hidden, Index hidden_siz
       const Index row = slot_row[m * top_k + j];
       if (row < 0) continue;
       const float w = round_to<T>(weights[m * top_k + j]);
-      for (Index c = threadIdx.x; c < hidden_size; c += blockDim.x) {
+      for (Index c = first_column(); c < hidden_size; c += column_stride()) {
         rows[row * hidden_size + c] = from_float<T>(to_float(src[c]) * w);
       }
     }
@@ -158,7 +256,7 @@ __global__ void gather_kernel(const T* hidden, Index ld_hidden, Index hidden_siz
                         reinterpret_cast<std::uintptr_t>(hidden) % 16 == 0;
     if (vector) {
       const Index n = hidden_size / kVec;
-      for (Index c = threadIdx.x; c < n; c += blockDim.x) {
+      for (Index c = first_column(); c < n; c += column_stride()) {
         const uint4 v = reinterpret_cast<const uint4*>(src)[c];
         for (int j = 0; j < top_k; ++j) {
           const Index row = slot_row[m * top_k + j];
@@ -166,7 +264,7 @@ __global__ void gather_kernel(const T* hidden, Index ld_hidden, Index hidden_siz
         }
       }
     } else {
-      for (Index c = threadIdx.x; c < hidden_size; c += blockDim.x) {
+      for (Index c = first_column(); c < hidden_size; c += column_stride()) {
         const T v = src[c];
         for (int j = 0; j < top_k; ++j) {
           const Index row = slot_row[m * top_k + j];
@@ -181,9 +279,11 @@ __global__ void gather_kernel(const T* hidden, Index ld_hidden, Index hidden_siz
 template <class T>
 __global__ void finalize_kernel(const T* y, Index hidden_size, int top_k, const Index* slot_row, Index token_begin,
                                 T* out, Index ld_out) {
+  grid_dependency_wait();
+  allow_dependents_launch();
   const Index m = blockIdx.x;
   const Index* rows = slot_row + m * top_k;
-  for (Index c = threadIdx.x; c < hidden_size; c += blockDim.x) {
+  for (Index c = first_column(); c < hidden_size; c += column_stride()) {
     float sum = 0.0f;
     for (int j = 0; j < top_k; ++j) {
       const Index r = rows[j];
@@ -210,6 +310,8 @@ template <class T, class Expr, class Activation, int kLayoutMode>  // 0 plain, 1
 __global__ void __launch_bounds__(128) activation_kernel(const T* gemm1_out, Index n_total, Index inter_cols,
                                                          const Index* slot_row, typename Activation::Arguments args,
                                                          T* inter) {
+  grid_dependency_wait();
+  allow_dependents_launch();
   const Index row = slot_row[blockIdx.x];
   if (row < 0) return;
   const T* in = gemm1_out + row * n_total;
@@ -252,12 +354,14 @@ __global__ void __launch_bounds__(128) activation_kernel(const T* gemm1_out, Ind
 }
 
 // out[m] = sum over slots j (ascending) of the Gemm2 epilogue tree applied to the slot's stored
-// GEMM2 output and router weight, in float, rounded once. One block per token: the rows and
-// weights of its slots are read once into shared memory, then each thread sums 8 columns.
+// GEMM2 output and router weight, in float, rounded once. Grid (tokens, column blocks): each block
+// reads the token's slot rows and weights into shared memory, then each thread sums 8 columns.
 template <class T, class Expr, class Activation>
 __global__ void __launch_bounds__(256) finalize_epilogue_kernel(const T* y, Index hidden_size, int top_k,
                                                                 const Index* slot_row, const float* slot_weight,
                                                                 Index token_begin, T* out, Index ld_out) {
+  grid_dependency_wait();
+  allow_dependents_launch();
   extern __shared__ unsigned char finalize_smem[];
   Index* rows = reinterpret_cast<Index*>(finalize_smem);
   float* w = reinterpret_cast<float*>(rows + top_k);
@@ -267,7 +371,7 @@ __global__ void __launch_bounds__(256) finalize_epilogue_kernel(const T* y, Inde
     w[j] = slot_weight[m * top_k + j];
   }
   __syncthreads();
-  for (Index c0 = 8 * static_cast<Index>(threadIdx.x); c0 < hidden_size; c0 += 8 * static_cast<Index>(blockDim.x)) {
+  for (Index c0 = 8 * first_column(); c0 < hidden_size; c0 += 8 * column_stride()) {
     float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll 4
     for (int j = 0; j < top_k; ++j) {

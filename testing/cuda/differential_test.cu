@@ -128,6 +128,16 @@ void check_case(Case c, Setup setup = [](Harness<Spec>&) {}, std::optional<moe::
   EXPECT_EQ(0, std::memcmp(first.data(), graphed.data(), graphed.size() * sizeof(IO))) << "graph replay differs";
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
+  // Programmatic dependent launch only moves when kernels start: plain stream order, same bits.
+  moe::cuda::Options serial = options;
+  serial.programmatic_dependent_launch = false;
+  d.output.fill_bytes(0xFF);
+  const moe::Status plain = moe::Kernel<Spec, Arch>(serial).run(args, std::span<std::byte>(ws.data(), ws.size()), stream);
+  ASSERT_TRUE(plain.is_ok()) << plain.to_string();
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  const std::vector<IO> serialized = d.output.download();
+  EXPECT_EQ(0, std::memcmp(first.data(), serialized.data(), serialized.size() * sizeof(IO)))
+      << "differs without programmatic dependent launch";
   cudaStreamDestroy(stream);
 }
 

@@ -12,7 +12,10 @@
 //    same expert into one 128-row A tile, so the thread that holds gate(n, t) also holds up(n, t)
 //    and the activation runs on the accumulators (no [rows, 2I] round trip through memory);
 //  * a persistent tile scheduler over (expert, n-tile, token-tile) triples built from the
-//    per-expert row counts on the device.
+//    per-expert row counts on the device;
+//  * launched programmatically (moe/cuda/launch.h), each CTA reads the counts and fills its stage
+//    ring with the first tile's weights while the previous kernel is still finishing, and waits for
+//    it only before loading the rows that kernel wrote.
 //
 // Warp roles: warpgroup 0 is the producer (one thread issues TMA loads into a kStages-deep ring of
 // shared-memory stages, each completing on an mbarrier), warpgroup 1 the consumer (wgmma from
@@ -32,6 +35,7 @@
 
 #include "cute/arch/mma_sm90_gmma.hpp"
 #include "moe/cuda/check.h"
+#include "moe/cuda/launch.h"
 #include "moe/epilogue.h"
 #include "moe/quant/numeric.h"
 #include "moe/tensor.h"
@@ -103,11 +107,25 @@ __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t pari
       "r"(parity)
       : "memory");
 }
-__device__ __forceinline__ void tma_load_2d(void* smem, const CUtensorMap* map, std::uint64_t* bar, int c0, int c1) {
+// L2 policies for TMA loads: expert weights are read once per forward (evict first), the gathered
+// rows are read by every n-tile of their expert (evict last), so the weight stream does not push
+// the rows out of L2.
+__device__ __forceinline__ std::uint64_t l2_evict_first_policy() {
+  std::uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ std::uint64_t l2_evict_last_policy() {
+  std::uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ void tma_load_2d(void* smem, const CUtensorMap* map, std::uint64_t* bar, int c0, int c1,
+                                            std::uint64_t l2_policy) {
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
-          smem_addr(smem)),
-      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, "
+      "%4}], [%2], %5;" ::"r"(smem_addr(smem)),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "l"(l2_policy)
       : "memory");
 }
 // wgmma shared-memory descriptor of a K-major tile with 128-byte rows, 128B swizzle: 8-row groups
@@ -170,8 +188,8 @@ __device__ __forceinline__ TileCoord locate(int tile, const int* prefix, int num
   c.expert = lo;
   c.split = split;
   c.n0 = n_tile * (p.gate_up_offset > 0 ? kWeightRows / 2 : kWeightRows);  // gated: 64 outputs per tile
-  c.row0 = p.seg_begin[lo] + static_cast<Index>(token_tile) * kTokens;
-  const Index left = p.seg_count[lo] - static_cast<Index>(token_tile) * kTokens;
+  c.row0 = __ldcg(p.seg_begin + lo) + static_cast<Index>(token_tile) * kTokens;
+  const Index left = __ldcg(p.seg_count + lo) - static_cast<Index>(token_tile) * kTokens;
   c.tokens = static_cast<int>(left < kTokens ? left : kTokens);
   return c;
 }
@@ -192,12 +210,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool gated = kGated;
   const int n_tiles = (p.n_out + (gated ? kWeightRows / 2 : kWeightRows) - 1) / (gated ? kWeightRows / 2 : kWeightRows);
   // Tile prefix over experts: n_tiles x token tiles of each (block-wide serial scan in warp 0).
+  // Before the grid dependency wait: the counts come from a kernel two or more launches back
+  // (read through L2: __ldcg), never from the one this launch may overlap.
   if (threadIdx.x < 32) {
     int carry = 0;
     for (int base = 0; base < p.num_experts; base += 32) {
       const int e = base + static_cast<int>(threadIdx.x);
       const int t =
-          e < p.num_experts ? static_cast<int>((p.seg_count[e] + kTokens - 1) / kTokens) * n_tiles * p.splits : 0;
+          e < p.num_experts ? static_cast<int>((__ldcg(p.seg_count + e) + kTokens - 1) / kTokens) * n_tiles * p.splits : 0;
       int incl = t;
       for (int d = 1; d < 32; d *= 2) {
         const int v = __shfl_up_sync(0xffffffffu, incl, d);
@@ -221,27 +241,60 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x < 128) {
     // ---- producer: one thread issues every TMA load ----
-    if (threadIdx.x != 0) return;
+    if (threadIdx.x != 0) {
+      cuda::detail::grid_dependency_wait();
+      cuda::detail::allow_dependents_launch();
+      return;
+    }
+    const std::uint64_t stream_policy = l2_evict_first_policy(), reuse_policy = l2_evict_last_policy();
+    // The first tile's first stages of weights go out before the wait (weights are constant); their
+    // stages complete when the rows, loaded after it, arrive (expect_tx counts both).
+    int prefetched = 0;
+    if (static_cast<int>(blockIdx.x) < total) {
+      const TileCoord c = locate<kTokens>(blockIdx.x, prefix, p.num_experts, n_tiles, p);
+      const int w0 = static_cast<int>(c.expert * p.weight_rows_per_expert) + c.n0;
+      const int w1 = gated ? w0 + p.gate_up_offset : w0 + kWeightRows / 2;
+      const int kb_begin = c.split * p.k_blocks_per_split;
+      const int kb_end = min(k_blocks, kb_begin + p.k_blocks_per_split);
+      for (int kb = kb_begin; kb < kb_end && prefetched < kStages; ++kb, ++prefetched) {
+        unsigned char* a = smem + prefetched * Shape::kStageBytes;
+        mbar_expect_tx(&full[prefetched], Shape::kStageBytes);
+#pragma unroll
+        for (int atom = 0; atom < kAtoms; ++atom) {
+          const int k0 = (kb * kAtoms + atom) * kBlockK;
+          unsigned char* aa = a + atom * Shape::kAtomABytes;
+          tma_load_2d(aa, &weights, &full[prefetched], k0, w0, stream_policy);
+          tma_load_2d(aa + Shape::kAtomABytes / 2, &weights, &full[prefetched], k0, w1, stream_policy);
+        }
+      }
+    }
+    cuda::detail::grid_dependency_wait();
+    cuda::detail::allow_dependents_launch();
     int stage = 0;
     std::uint32_t phase = 0;
+    int issued = 0;  // k-blocks issued so far by this CTA
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, p);
       const int w0 = static_cast<int>(c.expert * p.weight_rows_per_expert) + c.n0;
       const int w1 = gated ? w0 + p.gate_up_offset : w0 + kWeightRows / 2;
       const int kb_begin = c.split * p.k_blocks_per_split;
       const int kb_end = min(k_blocks, kb_begin + p.k_blocks_per_split);
-      for (int kb = kb_begin; kb < kb_end; ++kb) {
-        mbar_wait(&empty[stage], phase ^ 1);
+      for (int kb = kb_begin; kb < kb_end; ++kb, ++issued) {
         unsigned char* a = smem + stage * Shape::kStageBytes;
         unsigned char* b = a + Shape::kABytes;
-        mbar_expect_tx(&full[stage], Shape::kStageBytes);
+        if (issued >= prefetched) {
+          mbar_wait(&empty[stage], phase ^ 1);
+          mbar_expect_tx(&full[stage], Shape::kStageBytes);
+        }
 #pragma unroll
         for (int atom = 0; atom < kAtoms; ++atom) {
           const int k0 = (kb * kAtoms + atom) * kBlockK;
-          unsigned char* aa = a + atom * Shape::kAtomABytes;
-          tma_load_2d(aa, &weights, &full[stage], k0, w0);
-          tma_load_2d(aa + Shape::kAtomABytes / 2, &weights, &full[stage], k0, w1);
-          tma_load_2d(b + atom * Shape::kAtomBBytes, &rows, &full[stage], k0, static_cast<int>(c.row0));
+          if (issued >= prefetched) {
+            unsigned char* aa = a + atom * Shape::kAtomABytes;
+            tma_load_2d(aa, &weights, &full[stage], k0, w0, stream_policy);
+            tma_load_2d(aa + Shape::kAtomABytes / 2, &weights, &full[stage], k0, w1, stream_policy);
+          }
+          tma_load_2d(b + atom * Shape::kAtomBBytes, &rows, &full[stage], k0, static_cast<int>(c.row0), reuse_policy);
         }
         if (++stage == kStages) {
           stage = 0;
@@ -252,6 +305,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     // ---- consumer warpgroup: wgmma over the ring, then the epilogue ----
     using Op = typename Wgmma<T, kTokens>::Op;
+    cuda::detail::grid_dependency_wait();  // before any store: the outputs may be what the previous kernel reads
+    cuda::detail::allow_dependents_launch();
     const int t = threadIdx.x - 128;
     const int warp = t / 32, lane = t % 32;
     int stage = 0;
@@ -261,6 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, p);
       const int kb_begin = c.split * p.k_blocks_per_split;
       const int kb_end = min(k_blocks, kb_begin + p.k_blocks_per_split);
+      int previous = -1;  // the stage whose wgmmas may still be in flight
       for (int kb = kb_begin; kb < kb_end; ++kb) {
         mbar_wait(&full[stage], phase);
         const unsigned char* a = smem + stage * Shape::kStageBytes;
@@ -280,13 +336,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        mbar_arrive(&empty[stage]);
+        // Keep this stage's group in flight while the next stage's data is awaited; release the
+        // previous stage once its group has retired.
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        if (previous >= 0) mbar_arrive(&empty[previous]);
+        previous = stage;
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
         }
       }
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      if (previous >= 0) mbar_arrive(&empty[previous]);
       // Epilogue. Accumulator d[4c + 2i + j] holds weight row 16*warp + lane/4 + 8i of its half
       // and token 8c + 2*(lane%4) + j.
       T* out = static_cast<T*>(p.out);
@@ -348,6 +409,8 @@ template <class T, bool kGated, class Expr, class Activation>
 __global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial, Index partial_rows, int splits,
                                                             int n_out, const Index* slot_row, T* out, Index ldo,
                                                             typename Activation::Arguments act_args) {
+  cuda::detail::grid_dependency_wait();
+  cuda::detail::allow_dependents_launch();
   const Index row = slot_row[blockIdx.x];
   const int n = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);  // one column per thread:
   if (row < 0 || n >= n_out) return;                                      // decode grids are tiny
@@ -372,8 +435,12 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial
 }
 
 // K splits for a GEMM of about `tiles` tiles: the count (1..8, at most one per K block) whose work
-// items fill the last wave of `sms` CTAs best; ties go to fewer splits.
+// items fill the last wave of `sms` CTAs best; ties go to fewer splits. From 4 waves on, none:
+// the tail is at most a quarter of the time, `tiles` is only an upper bound (the experts hit are
+// known on the device alone), and the partial sums cost a store, a reduction and a launch
+// (deepseek_v3 M=8 split 3 ways on a bound of 64 experts where 59 were hit).
 inline int choose_splits(Index tiles, int k_blocks, int sms, int max_splits) {
+  if (tiles >= 4 * static_cast<Index>(sms)) return 1;
   int best = 1;
   double best_fill = 0.0;
   for (int s = 1; s <= max_splits && s <= k_blocks; ++s) {
@@ -438,7 +505,7 @@ bool applies(DeviceView<const T, 3> w, Index rows) {
 template <class T, int kTokens, int kAtoms, bool kGated, class Expr, class Activation>
 Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index* seg_begin, const Index* seg_count,
               Index n_out, T* out, Index ldo, const typename Activation::Arguments& act_args, int splits,
-              float* partial, const Index* slot_row, Index num_slots, cudaStream_t stream) {
+              float* partial, const Index* slot_row, Index num_slots, bool programmatic, cudaStream_t stream) {
   using Shape = TileShape<kTokens, kAtoms>;
   const Index experts = w.extent(0), n_total = w.extent(1), k = w.extent(2);
   CUtensorMap wmap, xmap;
@@ -464,13 +531,13 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   auto* kernel = &swap_gemm_kernel<T, kTokens, kAtoms, kGated, Expr, Activation>;
   MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
-  kernel<<<sms, kThreads, Shape::kSmemBytes, stream>>>(wmap, xmap, p, act_args);
-  MOE_CUDA_CHECK_LAUNCH();
+  MOE_RETURN_IF_ERROR(
+      cuda::detail::launch_kernel(kernel, sms, kThreads, Shape::kSmemBytes, stream, programmatic, wmap, xmap, p, act_args));
   if (p.splits > 1) {
     const dim3 grid(static_cast<unsigned>(num_slots), static_cast<unsigned>((n_out + 255) / 256));
-    reduce_splits_kernel<T, kGated, Expr, Activation><<<grid, 256, 0, stream>>>(
-        partial, num_rows, p.splits, p.n_out, slot_row, out, ldo, act_args);
-    MOE_CUDA_CHECK_LAUNCH();
+    MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(&reduce_splits_kernel<T, kGated, Expr, Activation>, grid, 256, 0,
+                                                    stream, programmatic, partial, num_rows, p.splits, p.n_out,
+                                                    slot_row, out, ldo, act_args));
   }
   return Status::ok();
 }

@@ -19,6 +19,7 @@
 
 #include "moe/io/safetensors.h"
 #include "moe/layer/cuda_registry.h"
+#include "moe/layer/device_layer.h"
 #include "moe/layer/moe_layer.h"
 
 namespace moe::cli {
@@ -32,6 +33,7 @@ constexpr const char* kUsage =
     "  moe info  --model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX [layout options]\n"
     "  moe bench (--model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX | --shape NAME)\n"
     "            [--tokens M] [--iterations N] [--dtype f32|bf16|f16] [--backend cpu|cuda] [layout options]\n"
+    "  moe bench --model-config CONFIG.json --weights random [--tokens M] (cuda: the device layer with random weights)\n"
     "--backend defaults to cuda when a GPU (sm_90+) is present, else cpu.\n"
     "            shapes: qwen3_30b_a3b, gpt_oss_120b, mixtral_8x7b, deepseek_v3\n"
     "IN holds hidden_states [M, H] and optionally router_logits [M, E] (f32, final logits).\n"
@@ -100,7 +102,15 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
   if (o->placement != "linear" && o->placement != "round_robin") {
     return invalid_argument("--expert-placement: expected linear or round_robin, got ", o->placement);
   }
-  const bool from_checkpoint = !(o->command == "bench" && !o->shape.empty());
+  const bool random_weights = o->weights.size() == 1 && o->weights[0] == "random";
+  if (random_weights) {
+    if (o->command != "bench" || o->backend != "cuda") {
+      return invalid_argument("--weights random: only for `moe bench` on the cuda backend (weights generated on the GPU)");
+    }
+    if (o->ep_size != 1 || o->tp_size != 1) return invalid_argument("--weights random: one rank only (no --ep-size/--tp-size)");
+  }
+  const bool from_checkpoint = !(o->command == "bench" && !o->shape.empty()) && !random_weights;
+  if (random_weights && o->model_config.empty()) return invalid_argument("--model-config: required");
   if (from_checkpoint) {
     if (o->model_config.empty()) return invalid_argument("--model-config: required");
     if (o->weights.empty()) return invalid_argument("--weights: required (a .safetensors file or an index .json)");
@@ -136,13 +146,13 @@ layer::MoeLayer::KernelFinder finder(const Options& o) {
   return o.backend == "cuda" ? &layer::find_cuda_kernel : &layer::find_kernel;
 }
 
-Status load_layer(const Options& o, io::Checkpoint* ckpt, layer::MoeLayer* l) {
+Status load_layer(const Options& o, io::Checkpoint* ckpt, layer::MoeLayer* l, bool make_resident = true) {
   layer::ModelConfig config;
   MOE_RETURN_IF_ERROR(layer::load_model_config(o.model_config, &config));
   MOE_RETURN_IF_ERROR(io::Checkpoint::open(o.weights, ckpt));
   MOE_RETURN_IF_ERROR(layer::MoeLayer::load(config, layout_of(o), dtype_of(o.dtype), *ckpt, o.layer_prefix, l));
   // On the GPU the weights are copied once and stay resident; each forward copies activations.
-  if (o.backend == "cuda") MOE_RETURN_IF_ERROR(layer::make_layer_resident(l));
+  if (o.backend == "cuda" && make_resident) MOE_RETURN_IF_ERROR(layer::make_layer_resident(l));
   return Status::ok();
 }
 
@@ -261,6 +271,23 @@ void report(std::ostream& out, const std::string& what, const std::string& backe
       << (backend == "cuda" ? ", weights resident, including host-device copies of the activations" : "") << ")\n";
 }
 
+// `moe bench` of a device layer: the layer forward and its experts stage alone, from CUDA graphs.
+Status report_device_layer(std::ostream& out, const layer::ModelConfig& c, const layer::DeviceLayer& dev, Index M,
+                           long iterations) {
+  layer::DeviceLayer::Timing t;
+  MOE_RETURN_IF_ERROR(dev.time_forward(M, static_cast<int>(std::min<long>(iterations, 1000)), &t));
+  const double elem = dev.dtype() == DType::kF32 ? 4 : 2, H = static_cast<double>(c.hidden);
+  const double I = static_cast<double>(c.intermediate), k = c.top_k;
+  const double bytes = static_cast<double>(t.experts_hit) * 3 * H * I * elem + 2.0 * M * H * elem;
+  out << "bench " << c.architecture_name << " (cuda backend, device layer, CUDA-graph replays, L2 flushed): M=" << M
+      << ", layer " << t.layer_us << " us, experts stage alone " << t.experts_us << " us, layer adds "
+      << t.layer_us - t.experts_us << " us (" << 100.0 * (t.layer_us - t.experts_us) / t.experts_us << "%); "
+      << 6.0 * M * k * H * I / (t.layer_us * 1e-6) * 1e-12 << " TFLOP/s, " << bytes / (t.layer_us * 1e-6) * 1e-9
+      << " GB/s of routed experts; shared experts "
+      << (c.shared_intermediate > 0 ? (dev.shared_experts_fused() ? "fused" : "apart") : "none") << "\n";
+  return Status::ok();
+}
+
 Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
   MOE_RETURN_IF_ERROR(check_backend(o));
   const DType dt = dtype_of(o.dtype);
@@ -326,10 +353,24 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
     report(out, std::string("bench ") + s->name, o.backend, M, s->H, s->I, s->top_k, std::count(hit.begin(), hit.end(), true), elem, ms);
     return Status::ok();
   }
+  layer::DeviceLayer::Options dopt;
+  dopt.max_tokens = std::max<Index>(M, 1);
+  std::unique_ptr<layer::DeviceLayer> dev;
+  if (o.weights.size() == 1 && o.weights[0] == "random") {  // model-sized layer without a checkpoint
+    if (M < 1) return invalid_argument("--tokens: expected >= 1 for --weights random");
+    layer::ModelConfig config;
+    MOE_RETURN_IF_ERROR(layer::load_model_config(o.model_config, &config));
+    MOE_RETURN_IF_ERROR(layer::DeviceLayer::create_random(config, dt, dopt, 7, &dev));
+    return report_device_layer(out, config, *dev, M, o.iterations);
+  }
   io::Checkpoint ckpt;
   layer::MoeLayer l;
-  MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l));
+  MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l, /*make_resident=*/o.backend != "cuda" || M < 1));
   const Index H = l.config().hidden;
+  if (o.backend == "cuda" && M >= 1) {  // the layer on the device: graph replays, beside its experts stage alone
+    MOE_RETURN_IF_ERROR(layer::DeviceLayer::create(l, dopt, &dev));
+    return report_device_layer(out, l.config(), *dev, M, o.iterations);
+  }
   std::vector<float> x(M * H);
   for (auto& v : x) v = nd(gen);
   const AnyTensor hidden{x.data(), DType::kF32, {M, H}, {}};

@@ -2,8 +2,8 @@
 
 #include <sstream>
 
-#include "moe/cuda/kernel.cuh"
-#include "moe/quant/none.h"
+#include "moe/cuda/check.h"
+#include "moe/layer/device_experts.h"
 
 namespace moe::layer {
 namespace {
@@ -32,83 +32,73 @@ class DeviceCopy {
   void* p_ = nullptr;
 };
 
-template <class T, int R>
-Status to_device(const AnyTensor& t, std::string_view name, DeviceCopy& mem, DeviceView<const T, R>* out) {
-  HostView<const T, R> h;
-  MOE_RETURN_IF_ERROR(bind(t, name, &h));
-  if (!h.is_contiguous()) return invalid_argument(name, ": expected a contiguous tensor");
-  MOE_RETURN_IF_ERROR(mem.upload(h.data(), static_cast<std::size_t>(h.size()) * sizeof(T)));
-  *out = DeviceView<const T, R>(static_cast<const T*>(mem.get()), h.extents());
+// A host tensor's contiguous bytes on the device; `expected` is the dtype the kernel takes.
+Status to_device(const AnyTensor& t, std::string_view name, DType expected, DeviceCopy& mem, AnyTensor* out) {
+  if (t.dtype != expected) return invalid_argument(name, ": expected dtype ", to_string(expected), ", got ", to_string(t.dtype));
+  if (!t.strides.empty()) return invalid_argument(name, ": expected a contiguous tensor");
+  Index n = 1;
+  for (Index e : t.extents) {
+    if (e < 0) return invalid_argument(name, ": negative extent in shape ", detail::format_shape(t.extents));
+    n *= e;
+  }
+  MOE_RETURN_IF_ERROR(mem.upload(t.data, static_cast<std::size_t>(n) * (expected == DType::kF32 || expected == DType::kI32 ? 4 : 2)));
+  *out = AnyTensor{mem.get(), t.dtype, t.extents, {}};
   return Status::ok();
 }
 
-template <class T, int R, class Opt>
-Status to_device_optional(const std::optional<AnyTensor>& t, std::string_view name, DeviceCopy& mem, Opt* out) {
+Status to_device_optional(const std::optional<AnyTensor>& t, std::string_view name, DType expected, DeviceCopy& mem,
+                          std::optional<AnyTensor>* out) {
   if (!t) return Status::ok();
-  DeviceView<const T, R> v;
-  MOE_RETURN_IF_ERROR((to_device<T, R>(*t, name, mem, &v)));
-  *out = v;
-  return Status::ok();
+  return to_device(*t, name, expected, mem, &out->emplace());
 }
 
-// A tensor that already lives on the device (a resident layer's weights): checks dtype and rank,
-// then views the device pointer.
-template <class T, int R>
-Status wrap_device(const AnyTensor& t, std::string_view name, DeviceView<const T, R>* out) {
-  HostView<const T, R> meta;  // shape and dtype only; never dereferenced here
-  MOE_RETURN_IF_ERROR(bind(t, name, &meta));
-  *out = DeviceView<const T, R>(meta.data(), meta.extents(), meta.strides());
-  return Status::ok();
-}
-template <class T, int R, class Opt>
-Status wrap_device_optional(const std::optional<AnyTensor>& t, std::string_view name, Opt* out) {
-  if (!t) return Status::ok();
-  DeviceView<const T, R> v;
-  MOE_RETURN_IF_ERROR((wrap_device<T, R>(*t, name, &v)));
-  *out = v;
-  return Status::ok();
-}
-
-template <class Activation, class T, bool WeightOnInput>
-Status forward(const ForwardRequest& r) {
-  using Spec = moe::Spec<routing::Precomputed, StandardPrepareFinalize<WeightOnInput>, Experts<Activation, quant::None<T>>>;
-  using Kernel = moe::Kernel<Spec, cuda::Sm90>;
-  typename Kernel::Arguments a;
+// Host tensors in, the routed experts on the device (moe/layer/device_experts.h), host tensor out.
+Status forward(const ForwardRequest& r, ActivationKind activation, bool weight_on_input) {
+  const DType dt = r.hidden_states.dtype;
+  DeviceExpertsCall c;
+  c.key = {RoutingKind::kPrecomputed, activation, dt, weight_on_input};
+  c.activation = r.activation;
+  if (r.hidden_states.extents.size() != 2) return invalid_argument("hidden_states: expected rank 2");
+  if (r.output.dtype != dt || r.output.extents != r.hidden_states.extents || !r.output.strides.empty()) {
+    return invalid_argument("output: expected a contiguous tensor of the shape and dtype of hidden_states");
+  }
+  if (!r.topk_ids || !r.topk_weights) return invalid_argument("topk_ids, topk_weights: required (precomputed routing)");
+  c.tokens = r.hidden_states.extents[0];
+  c.hidden_size = r.hidden_states.extents[1];
+  if (r.topk_ids->extents != std::vector<Index>{c.tokens, r.top_k} || r.topk_weights->extents != r.topk_ids->extents) {
+    return invalid_argument("topk_ids/topk_weights: expected shape [M, top_k=", r.top_k, "]");
+  }
+  c.top_k = r.top_k;
   DeviceCopy hidden, ids, weights, w13, w2, b13, b2, map, out, ws;
-  MOE_RETURN_IF_ERROR((to_device<T, 2>(r.hidden_states, "hidden_states", hidden, &a.hidden_states)));
-  MOE_RETURN_IF_ERROR((to_device_optional<std::int32_t, 2>(r.topk_ids, "topk_ids", ids, &a.topk_ids)));
-  MOE_RETURN_IF_ERROR((to_device_optional<float, 2>(r.topk_weights, "topk_weights", weights, &a.topk_weights)));
+  AnyTensor h, i, w;
+  MOE_RETURN_IF_ERROR(to_device(r.hidden_states, "hidden_states", dt, hidden, &h));
+  MOE_RETURN_IF_ERROR(to_device(*r.topk_ids, "topk_ids", DType::kI32, ids, &i));
+  MOE_RETURN_IF_ERROR(to_device(*r.topk_weights, "topk_weights", DType::kF32, weights, &w));
+  c.hidden = h.data;
+  c.topk_ids = static_cast<const std::int32_t*>(i.data);
+  c.topk_weights = static_cast<const float*>(w.data);
   if (r.weights_on_device) {
-    MOE_RETURN_IF_ERROR((wrap_device<T, 3>(r.w13, "w13", &a.w13)));
-    MOE_RETURN_IF_ERROR((wrap_device<T, 3>(r.w2, "w2", &a.w2)));
-    MOE_RETURN_IF_ERROR((wrap_device_optional<T, 2>(r.w13_bias, "w13_bias", &a.w13_bias)));
-    MOE_RETURN_IF_ERROR((wrap_device_optional<T, 2>(r.w2_bias, "w2_bias", &a.w2_bias)));
-    MOE_RETURN_IF_ERROR((wrap_device_optional<std::int32_t, 1>(r.expert_map, "expert_map", &a.expert_map)));
+    c.w13 = r.w13;
+    c.w2 = r.w2;
+    c.w13_bias = r.w13_bias;
+    c.w2_bias = r.w2_bias;
+    c.expert_map = r.expert_map;
   } else {
-    MOE_RETURN_IF_ERROR((to_device<T, 3>(r.w13, "w13", w13, &a.w13)));
-    MOE_RETURN_IF_ERROR((to_device<T, 3>(r.w2, "w2", w2, &a.w2)));
-    MOE_RETURN_IF_ERROR((to_device_optional<T, 2>(r.w13_bias, "w13_bias", b13, &a.w13_bias)));
-    MOE_RETURN_IF_ERROR((to_device_optional<T, 2>(r.w2_bias, "w2_bias", b2, &a.w2_bias)));
-    MOE_RETURN_IF_ERROR((to_device_optional<std::int32_t, 1>(r.expert_map, "expert_map", map, &a.expert_map)));
+    MOE_RETURN_IF_ERROR(to_device(r.w13, "w13", dt, w13, &c.w13));
+    MOE_RETURN_IF_ERROR(to_device(r.w2, "w2", dt, w2, &c.w2));
+    MOE_RETURN_IF_ERROR(to_device_optional(r.w13_bias, "w13_bias", dt, b13, &c.w13_bias));
+    MOE_RETURN_IF_ERROR(to_device_optional(r.w2_bias, "w2_bias", dt, b2, &c.w2_bias));
+    MOE_RETURN_IF_ERROR(to_device_optional(r.expert_map, "expert_map", DType::kI32, map, &c.expert_map));
   }
-  HostView<T, 2> host_out;
-  MOE_RETURN_IF_ERROR(bind(r.output, "output", &host_out));
-  if (!host_out.is_contiguous()) return invalid_argument("output: expected a contiguous tensor");
-  const std::size_t out_bytes = static_cast<std::size_t>(host_out.size()) * sizeof(T);
+  const std::size_t out_bytes = static_cast<std::size_t>(c.tokens * c.hidden_size) * (dt == DType::kF32 ? 4 : 2);
   MOE_RETURN_IF_ERROR(out.allocate(out_bytes));
-  a.output = DeviceView<T, 2>(static_cast<T*>(out.get()), host_out.extents());
-  a.top_k = r.top_k;
-  if constexpr (requires { a.activation.alpha; }) {
-    a.activation.alpha = r.activation.swiglu_alpha;
-    a.activation.limit = r.activation.swiglu_limit;
-  }
-  Kernel kernel;
-  MOE_RETURN_IF_ERROR(kernel.can_implement(a));
-  const std::size_t ws_bytes = kernel.workspace_bytes(a);
+  c.output = out.get();
+  std::size_t ws_bytes = 0;
+  MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(c, &ws_bytes));
   MOE_RETURN_IF_ERROR(ws.allocate(ws_bytes));
-  MOE_RETURN_IF_ERROR(kernel.run(a, std::span<std::byte>(static_cast<std::byte*>(ws.get()), ws_bytes)));
+  MOE_RETURN_IF_ERROR(run_device_experts(c, std::span<std::byte>(static_cast<std::byte*>(ws.get()), ws_bytes), nullptr));
   MOE_CUDA_TRY(cudaDeviceSynchronize());
-  if (out_bytes > 0) MOE_CUDA_TRY(cudaMemcpy(host_out.data(), out.get(), out_bytes, cudaMemcpyDeviceToHost));
+  if (out_bytes > 0) MOE_CUDA_TRY(cudaMemcpy(r.output.data, out.get(), out_bytes, cudaMemcpyDeviceToHost));
   return Status::ok();
 }
 
@@ -117,36 +107,30 @@ struct Entry {
   ForwardFn fn;
 };
 
-template <class Activation, bool WeightOnInput = false>
-void add_all_dtypes(std::vector<Entry>& v, ActivationKind ak) {
-  v.push_back({{RoutingKind::kPrecomputed, ak, DType::kF32, WeightOnInput}, &forward<Activation, float, WeightOnInput>});
-  v.push_back({{RoutingKind::kPrecomputed, ak, DType::kBF16, WeightOnInput}, &forward<Activation, bfloat16, WeightOnInput>});
-  v.push_back({{RoutingKind::kPrecomputed, ak, DType::kF16, WeightOnInput}, &forward<Activation, half, WeightOnInput>});
+template <ActivationKind A, bool WeightOnInput>
+Status forward_as(const ForwardRequest& r) {
+  return forward(r, A, WeightOnInput);
+}
+
+template <ActivationKind A, bool WeightOnInput = false>
+void add_all_dtypes(std::vector<Entry>& v) {
+  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    v.push_back({{RoutingKind::kPrecomputed, A, dt, WeightOnInput}, &forward_as<A, WeightOnInput>});
+  }
 }
 
 const std::vector<Entry>& entries() {
   static const std::vector<Entry> v = [] {
     std::vector<Entry> e;
-    add_all_dtypes<SiluAndMul>(e, ActivationKind::kSiluAndMul);
-    add_all_dtypes<SwigluOai>(e, ActivationKind::kSwigluOai);
-    add_all_dtypes<SiluAndMul, true>(e, ActivationKind::kSiluAndMul);
+    add_all_dtypes<ActivationKind::kSiluAndMul>(e);
+    add_all_dtypes<ActivationKind::kSwigluOai>(e);
+    add_all_dtypes<ActivationKind::kSiluAndMul, true>(e);
     return e;
   }();
   return v;
 }
 
 }  // namespace
-
-bool cuda_device_available() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    cudaGetLastError();  // clear the sticky "no device" error
-    return false;
-  }
-  // The build carries machine code for sm_90a (and sm_80) only, no PTX: Hopper is required.
-  int major = 0;
-  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess && major == 9;
-}
 
 Status find_cuda_kernel(const KernelKey& key, ForwardFn* out) {
   for (const Entry& e : entries()) {
@@ -159,15 +143,6 @@ Status find_cuda_kernel(const KernelKey& key, ForwardFn* out) {
   os << "no prebuilt CUDA kernel for " << key.to_string() << "; built combinations:";
   for (const Entry& e : entries()) os << "\n  " << e.key.to_string();
   return unsupported(os.str());
-}
-
-Status upload_to_device(const void* host, std::size_t bytes, std::shared_ptr<void>* device) {
-  void* p = nullptr;
-  MOE_CUDA_TRY(cudaMalloc(&p, bytes > 0 ? bytes : 1));
-  std::shared_ptr<void> holder(p, [](void* q) { cudaFree(q); });
-  if (bytes > 0) MOE_CUDA_TRY(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
-  *device = std::move(holder);
-  return Status::ok();
 }
 
 Status make_layer_resident(MoeLayer* layer) {

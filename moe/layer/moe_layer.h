@@ -70,6 +70,7 @@ class MoeLayer {
   std::string describe() const;
 
  private:
+  friend class DeviceLayer;  // reads the loaded weights to upload them
   Index routed_experts_total() const { return config_.num_experts + config_.num_zero_experts; }
   Status forward_chunk(const AnyTensor& hidden, const HostView<const float, 2>* logits, Index m0, Index m1, Result* r,
                        const cpu::Options& options, KernelFinder find) const;

@@ -1,0 +1,760 @@
+#include "moe/layer/device_layer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "moe/cuda/kernel.cuh"
+#include "moe/cuda/router.cuh"
+#include "moe/layer/device_experts.h"
+#include "moe/quant/none.h"
+
+namespace moe::layer {
+
+// ---- the routed experts on moe::Kernel<Spec, cuda::Sm90> ----------------------------------------
+namespace {
+
+template <class T, int R>
+Status device_view(const AnyTensor& t, std::string_view name, DeviceView<const T, R>* out) {
+  HostView<const T, R> meta;  // dtype, rank and shape checks only; never dereferenced
+  MOE_RETURN_IF_ERROR(bind(t, name, &meta));
+  *out = DeviceView<const T, R>(meta.data(), meta.extents(), meta.strides());
+  return Status::ok();
+}
+
+template <class T, int R, class Opt>
+Status optional_device_view(const std::optional<AnyTensor>& t, std::string_view name, Opt* out) {
+  if (!t) return Status::ok();
+  DeviceView<const T, R> v;
+  MOE_RETURN_IF_ERROR((device_view<T, R>(*t, name, &v)));
+  *out = v;
+  return Status::ok();
+}
+
+template <class Activation, class T, bool WeightOnInput>
+struct TypedExperts {
+  using Spec = moe::Spec<routing::Precomputed, StandardPrepareFinalize<WeightOnInput>, Experts<Activation, quant::None<T>>>;
+  using Kernel = moe::Kernel<Spec, cuda::Sm90>;
+
+  static Status arguments(const DeviceExpertsCall& c, typename Kernel::Arguments* a) {
+    a->hidden_states = DeviceView<const T, 2>(static_cast<const T*>(c.hidden), {c.tokens, c.hidden_size});
+    a->topk_ids = DeviceView<const std::int32_t, 2>(c.topk_ids, {c.tokens, c.top_k});
+    a->topk_weights = DeviceView<const float, 2>(c.topk_weights, {c.tokens, c.top_k});
+    a->top_k = c.top_k;
+    MOE_RETURN_IF_ERROR((device_view<T, 3>(c.w13, "w13", &a->w13)));
+    MOE_RETURN_IF_ERROR((device_view<T, 3>(c.w2, "w2", &a->w2)));
+    MOE_RETURN_IF_ERROR((optional_device_view<T, 2>(c.w13_bias, "w13_bias", &a->w13_bias)));
+    MOE_RETURN_IF_ERROR((optional_device_view<T, 2>(c.w2_bias, "w2_bias", &a->w2_bias)));
+    MOE_RETURN_IF_ERROR((optional_device_view<std::int32_t, 1>(c.expert_map, "expert_map", &a->expert_map)));
+    a->output = DeviceView<T, 2>(static_cast<T*>(c.output), {c.tokens, c.hidden_size});
+    if constexpr (requires { a->activation.alpha; }) {
+      a->activation.alpha = c.activation.swiglu_alpha;
+      a->activation.limit = c.activation.swiglu_limit;
+    }
+    return Status::ok();
+  }
+  static Kernel kernel(const DeviceExpertsCall& c) {
+    cuda::Options o;
+    o.chunk_tokens = c.chunk_tokens;
+    return Kernel(o);
+  }
+  static Status workspace(const DeviceExpertsCall& c, std::size_t* bytes) {
+    typename Kernel::Arguments a;
+    MOE_RETURN_IF_ERROR(arguments(c, &a));
+    *bytes = kernel(c).workspace_bytes(a);
+    return Status::ok();
+  }
+  static Status run(const DeviceExpertsCall& c, std::span<std::byte> ws, cudaStream_t stream) {
+    typename Kernel::Arguments a;
+    MOE_RETURN_IF_ERROR(arguments(c, &a));
+    return kernel(c).run(a, ws, stream);
+  }
+};
+
+struct ExpertsEntry {
+  ActivationKind activation;
+  DType dtype;
+  bool weight_on_input;
+  Status (*workspace)(const DeviceExpertsCall&, std::size_t*);
+  Status (*run)(const DeviceExpertsCall&, std::span<std::byte>, cudaStream_t);
+};
+
+template <class A, class T, bool W>
+ExpertsEntry entry(ActivationKind k) {
+  return {k, dtype_of<T>, W, &TypedExperts<A, T, W>::workspace, &TypedExperts<A, T, W>::run};
+}
+
+// The prebuilt combinations (the same as the CPU registry's precomputed-routing entries).
+Status find_experts(const KernelKey& key, const ExpertsEntry** out) {
+  static const std::vector<ExpertsEntry> entries = {
+      entry<SiluAndMul, float, false>(ActivationKind::kSiluAndMul),
+      entry<SiluAndMul, bfloat16, false>(ActivationKind::kSiluAndMul),
+      entry<SiluAndMul, half, false>(ActivationKind::kSiluAndMul),
+      entry<SwigluOai, float, false>(ActivationKind::kSwigluOai),
+      entry<SwigluOai, bfloat16, false>(ActivationKind::kSwigluOai),
+      entry<SwigluOai, half, false>(ActivationKind::kSwigluOai),
+      entry<SiluAndMul, float, true>(ActivationKind::kSiluAndMul),
+      entry<SiluAndMul, bfloat16, true>(ActivationKind::kSiluAndMul),
+      entry<SiluAndMul, half, true>(ActivationKind::kSiluAndMul),
+  };
+  for (const ExpertsEntry& e : entries) {
+    if (e.activation == key.activation && e.dtype == key.dtype && e.weight_on_input == key.weight_on_input) {
+      *out = &e;
+      return Status::ok();
+    }
+  }
+  std::string built;
+  for (const ExpertsEntry& e : entries) {
+    built += "\n  " + KernelKey{RoutingKind::kPrecomputed, e.activation, e.dtype, e.weight_on_input}.to_string();
+  }
+  return unsupported("no prebuilt CUDA kernel for ", key.to_string(), "; built combinations:", built);
+}
+
+}  // namespace
+
+Status device_experts_workspace_bytes(const DeviceExpertsCall& call, std::size_t* bytes) {
+  const ExpertsEntry* e = nullptr;
+  MOE_RETURN_IF_ERROR(find_experts(call.key, &e));
+  return e->workspace(call, bytes);
+}
+
+Status run_device_experts(const DeviceExpertsCall& call, std::span<std::byte> workspace, cudaStream_t stream) {
+  const ExpertsEntry* e = nullptr;
+  MOE_RETURN_IF_ERROR(find_experts(call.key, &e));
+  return e->run(call, workspace, stream);
+}
+
+// ---- DeviceLayer ---------------------------------------------------------------------------------
+
+bool cuda_device_available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return false;
+  }
+  int major = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess && major == 9;
+}
+
+Status upload_to_device(const void* host, std::size_t bytes, std::shared_ptr<void>* device) {
+  void* p = nullptr;
+  MOE_CUDA_TRY(cudaMalloc(&p, bytes > 0 ? bytes : 1));
+  std::shared_ptr<void> holder(p, [](void* q) { cudaFree(q); });
+  if (bytes > 0) MOE_CUDA_TRY(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
+  *device = std::move(holder);
+  return Status::ok();
+}
+
+namespace {
+
+std::size_t element_bytes(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+// Device memory freed with its owner.
+struct DeviceMemory {
+  std::shared_ptr<void> p;
+  std::size_t bytes = 0;
+  void* get() const { return p.get(); }
+};
+
+Status upload(const void* host, std::size_t bytes, DeviceMemory* out) {
+  MOE_RETURN_IF_ERROR(upload_to_device(host, bytes, &out->p));
+  out->bytes = bytes;
+  return Status::ok();
+}
+
+Status allocate(std::size_t bytes, DeviceMemory* out) {
+  void* p = nullptr;
+  MOE_CUDA_TRY(cudaMalloc(&p, bytes > 0 ? bytes : 1));
+  out->p = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+  out->bytes = bytes;
+  return Status::ok();
+}
+
+// Offsets of the per-forward buffers in the layer's workspace (256-byte aligned).
+struct WorkspaceLayout {
+  std::size_t logits = 0, ids = 0, weights = 0, gate = 0, routed_out = 0, shared_out = 0, zeros = 0, experts = 0;
+  std::size_t experts_bytes = 0, total = 0;
+};
+
+}  // namespace
+
+struct DeviceLayer::Impl {
+  ModelConfig config;
+  ParallelLayout parallel;
+  DType dtype = DType::kBF16;
+  Index H = 0, E_router = 0, L = 0, It = 0, St = 0;
+  int k = 1;
+  int appended = 0;         // fused shared-expert slots per token
+  bool shared_apart = false;  // shared expert as a second expert pass
+  bool zero_experts_here = false;
+  Options options;
+  DeviceMemory router, router_bias, correction_bias, shared_gate, w13, w2, w13_bias, w2_bias, expert_map, shared_w13,
+      shared_w2, workspace;
+  std::vector<Index> w13_shape, w2_shape;
+  WorkspaceLayout ws;
+
+  int slots() const { return k + appended; }
+  bool combine() const { return shared_apart || zero_experts_here; }
+
+  DeviceExpertsCall routed_call(const void* x, Index M, const std::int32_t* ids, const float* w, void* out) const {
+    DeviceExpertsCall c;
+    c.key = {RoutingKind::kPrecomputed, config.activation, dtype, config.weight_on_input};
+    c.activation = config.activation_params;
+    c.hidden = x;
+    c.tokens = M;
+    c.hidden_size = H;
+    c.topk_ids = ids;
+    c.topk_weights = w;
+    c.top_k = slots();
+    c.w13 = AnyTensor{w13.get(), dtype, w13_shape, {}};
+    c.w2 = AnyTensor{w2.get(), dtype, w2_shape, {}};
+    if (w13_bias.get()) c.w13_bias = AnyTensor{w13_bias.get(), dtype, {L, w13_shape[1]}, {}};
+    if (w2_bias.get()) c.w2_bias = AnyTensor{w2_bias.get(), dtype, {L, H}, {}};
+    if (expert_map.get()) {
+      c.expert_map = AnyTensor{expert_map.get(), DType::kI32, {static_cast<Index>(expert_map.bytes / 4)}, {}};
+    }
+    c.output = out;
+    c.chunk_tokens = options.max_tokens;
+    return c;
+  }
+  DeviceExpertsCall shared_call(const void* x, Index M, const std::int32_t* zeros, const float* gate, void* out) const {
+    DeviceExpertsCall c;
+    c.key = {RoutingKind::kPrecomputed, ActivationKind::kSiluAndMul, dtype, false};
+    c.hidden = x;
+    c.tokens = M;
+    c.hidden_size = H;
+    c.topk_ids = zeros;
+    c.topk_weights = gate;
+    c.top_k = 1;
+    c.w13 = AnyTensor{shared_w13.get(), dtype, {1, 2 * St, H}, {}};
+    c.w2 = AnyTensor{shared_w2.get(), dtype, {1, H, St}, {}};
+    c.output = out;
+    c.chunk_tokens = options.max_tokens;
+    return c;
+  }
+
+  template <class T>
+  Status forward_chunk(const T* x, Index M, T* out, std::byte* base, cudaStream_t stream) const;
+  // Shapes, routing support and the shared-expert plan from the config; then the workspace.
+  Status plan(const ModelConfig& c, const ParallelLayout& par, DType dt, Index local_experts, Index intermediate_tp,
+              Index shared_tp, const Options& o);
+  Status allocate_workspace();
+};
+
+namespace {
+
+// Median of `iterations` CUDA-event timings of a graph launch, each after an L2 flush, in us.
+Status time_graph(cudaGraphExec_t exec, cudaStream_t stream, void* flush, std::size_t flush_bytes, int iterations,
+                  double* us) {
+  cudaEvent_t start, stop;
+  MOE_CUDA_TRY(cudaEventCreate(&start));
+  MOE_CUDA_TRY(cudaEventCreate(&stop));
+  std::vector<float> ms;
+  Status s = Status::ok();
+  for (int i = 0; i < iterations + 2 && s.is_ok(); ++i) {  // two warm-up replays
+    float t = 0;
+    const auto step = [&]() -> Status {
+      MOE_CUDA_TRY(cudaMemsetAsync(flush, i, flush_bytes, stream));
+      MOE_CUDA_TRY(cudaEventRecord(start, stream));
+      MOE_CUDA_TRY(cudaGraphLaunch(exec, stream));
+      MOE_CUDA_TRY(cudaEventRecord(stop, stream));
+      MOE_CUDA_TRY(cudaEventSynchronize(stop));
+      MOE_CUDA_TRY(cudaEventElapsedTime(&t, start, stop));
+      return Status::ok();
+    };
+    s = step();
+    if (i >= 2) ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  MOE_RETURN_IF_ERROR(s);
+  std::sort(ms.begin(), ms.end());
+  *us = ms.empty() ? 0.0 : 1e3 * ms[ms.size() / 2];
+  return Status::ok();
+}
+
+// Captures `body` on `stream` into an executable graph.
+template <class F>
+Status capture(cudaStream_t stream, F body, cudaGraphExec_t* exec) {
+  cudaGraph_t graph;
+  MOE_CUDA_TRY(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  const Status s = body();
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  MOE_RETURN_IF_ERROR(s);
+  MOE_CUDA_TRY(end);
+  const cudaError_t inst = cudaGraphInstantiate(exec, graph, 0);
+  cudaGraphDestroy(graph);
+  MOE_CUDA_TRY(inst);
+  return Status::ok();
+}
+
+}  // namespace
+
+DeviceLayer::DeviceLayer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+DeviceLayer::~DeviceLayer() = default;
+DType DeviceLayer::dtype() const { return impl_->dtype; }
+Index DeviceLayer::hidden_size() const { return impl_->H; }
+int DeviceLayer::top_k() const { return impl_->k; }
+bool DeviceLayer::shared_experts_fused() const { return impl_->appended > 0; }
+std::size_t DeviceLayer::workspace_bytes() const { return impl_->ws.total; }
+
+Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, DType dt, Index local_experts,
+                               Index intermediate_tp, Index shared_tp, const Options& o) {
+  if (!cuda_device_available()) return unsupported("DeviceLayer: no CUDA device with compute capability 9.x");
+  if (o.max_tokens < 1 || o.max_tokens > (Index{1} << 20)) {
+    return invalid_argument("options.max_tokens: expected 1..2^20, got ", o.max_tokens);
+  }
+  config = c;
+  parallel = par;
+  dtype = dt;
+  options = o;
+  H = c.hidden;
+  E_router = c.num_experts + c.num_zero_experts;
+  L = local_experts;
+  It = intermediate_tp;
+  St = shared_tp;
+  k = c.top_k;
+  zero_experts_here = c.num_zero_experts > 0 && par.tp_rank == 0 && par.ep_rank == 0;
+  if (E_router > cuda::detail::kWarpRouteMaxExperts) {
+    return unsupported("DeviceLayer: routing over ", E_router, " experts; the device routing takes at most ",
+                       cuda::detail::kWarpRouteMaxExperts);
+  }
+  const bool grouped = c.routing == RoutingKind::kGroupedSoftmax || c.routing == RoutingKind::kGroupedSigmoid;
+  if (grouped && c.routing_params.num_expert_group > 32) {
+    return unsupported("DeviceLayer: ", c.routing_params.num_expert_group, " expert groups; the device routing takes at most 32");
+  }
+  if (c.routing == RoutingKind::kPrecomputed) return invalid_argument("routing: a model config cannot use precomputed routing");
+  // Shared experts fused as extra experts: same activation (SiluAndMul), no expert biases, a
+  // width that is a whole number of routed experts' widths, and the router weight applied at the
+  // output (Llama-4's weight on the input is defined for one slot per token only).
+  const bool has_shared = St > 0;
+  const bool fusable = has_shared && o.fuse_shared_experts && c.activation == ActivationKind::kSiluAndMul &&
+                       !c.expert_biases && !c.weight_on_input && It > 0 && St % It == 0;
+  appended = fusable ? static_cast<int>(St / It) : 0;
+  shared_apart = has_shared && !fusable;
+  w13_shape = {L + appended, 2 * It, H};
+  w2_shape = {L + appended, H, It};
+  return Status::ok();
+}
+
+__global__ void fill_normal_kernel(void* data, DType dtype, std::size_t n, float scale, std::uint64_t seed) {
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    // Irwin-Hall: the sum of four hashed uniforms, centred and scaled to unit variance.
+    float sum = 0.0f;
+    for (int j = 0; j < 4; ++j) {
+      std::uint64_t z = seed + (4 * i + j) * 0x9E3779B97F4A7C15ull;
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      z ^= z >> 31;
+      sum += static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+    }
+    const float v = scale * (sum - 2.0f) * 1.7320508f;
+    if (dtype == DType::kF32) static_cast<float*>(data)[i] = v;
+    else if (dtype == DType::kBF16) static_cast<bfloat16*>(data)[i] = from_float<bfloat16>(v);
+    else static_cast<half*>(data)[i] = from_float<half>(v);
+  }
+}
+
+Status fill_random(DeviceMemory* m, DType dtype, std::size_t count, float scale, std::uint64_t seed) {
+  MOE_RETURN_IF_ERROR(allocate(count * element_bytes(dtype), m));
+  fill_normal_kernel<<<1024, 256>>>(m->get(), dtype, count, scale, seed);
+  MOE_CUDA_CHECK_LAUNCH();
+  return Status::ok();
+}
+
+Status DeviceLayer::create_random(const ModelConfig& config, DType dtype, const Options& options, std::uint64_t seed,
+                                  std::unique_ptr<DeviceLayer>* out) {
+  if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
+    return invalid_argument("dtype: expected f32, bf16 or f16, got ", to_string(dtype));
+  }
+  auto impl = std::make_unique<Impl>();
+  Impl& d = *impl;
+  MOE_RETURN_IF_ERROR(d.plan(config, {}, dtype, config.num_experts, config.intermediate, config.shared_intermediate, options));
+  const auto count = [](const std::vector<Index>& shape) {
+    std::size_t n = 1;
+    for (Index e : shape) n *= static_cast<std::size_t>(e);
+    return n;
+  };
+  // Weights ~ N(0, 0.02^2) (fused shared pieces included), router ~ N(0, 1/H): logits of unit scale.
+  MOE_RETURN_IF_ERROR(fill_random(&d.w13, dtype, count(d.w13_shape), 0.02f, seed + 1));
+  MOE_RETURN_IF_ERROR(fill_random(&d.w2, dtype, count(d.w2_shape), 0.02f, seed + 2));
+  MOE_RETURN_IF_ERROR(fill_random(&d.router, DType::kF32, static_cast<std::size_t>(d.E_router * d.H),
+                                  1.0f / std::sqrt(static_cast<float>(d.H)), seed + 3));
+  if (config.expert_biases) {
+    MOE_RETURN_IF_ERROR(fill_random(&d.w13_bias, dtype, static_cast<std::size_t>(d.L * 2 * d.It), 0.02f, seed + 4));
+    MOE_RETURN_IF_ERROR(fill_random(&d.w2_bias, dtype, static_cast<std::size_t>(d.L * d.H), 0.02f, seed + 5));
+  }
+  if (config.router_bias) MOE_RETURN_IF_ERROR(fill_random(&d.router_bias, DType::kF32, d.E_router, 0.1f, seed + 6));
+  if (config.correction_bias) MOE_RETURN_IF_ERROR(fill_random(&d.correction_bias, DType::kF32, d.E_router, 0.1f, seed + 7));
+  if (d.shared_apart) {
+    MOE_RETURN_IF_ERROR(fill_random(&d.shared_w13, dtype, static_cast<std::size_t>(2 * d.St * d.H), 0.02f, seed + 8));
+    MOE_RETURN_IF_ERROR(fill_random(&d.shared_w2, dtype, static_cast<std::size_t>(d.H * d.St), 0.02f, seed + 9));
+  }
+  if (config.shared_expert_gate && d.St > 0) {
+    MOE_RETURN_IF_ERROR(fill_random(&d.shared_gate, DType::kF32, static_cast<std::size_t>(d.H), 0.02f, seed + 10));
+  }
+  if (config.num_zero_experts > 0 || d.appended > 0) {  // routed ids -> local ids, zero experts -> -1, pieces after
+    std::vector<std::int32_t> map(static_cast<std::size_t>(d.E_router + d.appended), -1);
+    for (Index e = 0; e < config.num_experts; ++e) map[static_cast<std::size_t>(e)] = static_cast<std::int32_t>(e);
+    for (int s = 0; s < d.appended; ++s) map[static_cast<std::size_t>(d.E_router + s)] = static_cast<std::int32_t>(d.L + s);
+    if (config.num_zero_experts > 0) MOE_RETURN_IF_ERROR(upload(map.data(), map.size() * 4, &d.expert_map));
+  }
+  MOE_RETURN_IF_ERROR(d.allocate_workspace());
+  out->reset(new DeviceLayer(std::move(impl)));
+  return Status::ok();
+}
+
+Status DeviceLayer::Impl::allocate_workspace() {
+  Impl& d = *this;
+  const std::size_t elem = element_bytes(d.dtype);
+  // Workspace: per-forward buffers for max_tokens, then the largest expert-kernel workspace over
+  // every chunk size (the kernel's tile and split choices depend on the token count).
+  const Index Mx = d.options.max_tokens;
+  std::size_t off = 0;
+  const auto take = [&](std::size_t bytes) {
+    const std::size_t at = off;
+    off += (bytes + 255) / 256 * 256;
+    return at;
+  };
+  d.ws.logits = take(static_cast<std::size_t>(Mx) * d.E_router * 4);
+  d.ws.ids = take(static_cast<std::size_t>(Mx) * d.slots() * 4);
+  d.ws.weights = take(static_cast<std::size_t>(Mx) * d.slots() * 4);
+  d.ws.gate = take(d.shared_apart ? static_cast<std::size_t>(Mx) * 4 : 0);
+  d.ws.routed_out = take(d.combine() ? static_cast<std::size_t>(Mx) * d.H * elem : 0);
+  d.ws.shared_out = take(d.shared_apart ? static_cast<std::size_t>(Mx) * d.H * elem : 0);
+  d.ws.zeros = take(d.shared_apart ? static_cast<std::size_t>(Mx) * 4 : 0);
+  std::size_t experts = 0;
+  for (Index M = 1; M <= Mx; ++M) {
+    std::size_t b = 0;
+    MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(d.routed_call(nullptr, M, nullptr, nullptr, nullptr), &b));
+    experts = std::max(experts, b);
+    if (d.shared_apart) {
+      MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(d.shared_call(nullptr, M, nullptr, nullptr, nullptr), &b));
+      experts = std::max(experts, b);
+    }
+  }
+  d.ws.experts_bytes = experts;
+  d.ws.experts = take(experts);
+  d.ws.total = off;
+  MOE_RETURN_IF_ERROR(allocate(d.ws.total, &d.workspace));
+  if (d.shared_apart) {  // the shared pass routes every token to its one expert: ids stay zero
+    MOE_CUDA_TRY(cudaMemset(static_cast<std::byte*>(d.workspace.get()) + d.ws.zeros, 0, static_cast<std::size_t>(Mx) * 4));
+  }
+  MOE_CUDA_TRY(cudaDeviceSynchronize());
+  return Status::ok();
+}
+
+Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::unique_ptr<DeviceLayer>* out) {
+  auto impl = std::make_unique<Impl>();
+  Impl& d = *impl;
+  MOE_RETURN_IF_ERROR(d.plan(layer.config_, layer.parallel_, layer.dtype_, layer.local_experts_,
+                             layer.intermediate_tp_, layer.shared_tp_, options));
+  const std::size_t elem = element_bytes(d.dtype);
+
+  // Routed (and fused shared) expert weights.
+  {
+    const std::size_t w13_routed = layer.w13_.bytes.size(), w2_routed = layer.w2_.bytes.size();
+    std::vector<std::byte> w13(w13_routed + static_cast<std::size_t>(d.appended) * 2 * d.It * d.H * elem);
+    std::vector<std::byte> w2(w2_routed + static_cast<std::size_t>(d.appended) * d.H * d.It * elem);
+    std::memcpy(w13.data(), layer.w13_.bytes.data(), w13_routed);
+    std::memcpy(w2.data(), layer.w2_.bytes.data(), w2_routed);
+    // Piece s of the shared expert: gate rows [s*It, (s+1)*It) and up rows [St + s*It, ...) of
+    // shared_w13 [2St, H]; columns [s*It, (s+1)*It) of shared_w2 [H, St].
+    const std::size_t row13 = static_cast<std::size_t>(d.H) * elem, row2 = static_cast<std::size_t>(d.It) * elem;
+    for (int s = 0; s < d.appended; ++s) {
+      std::byte* dst13 = w13.data() + w13_routed + static_cast<std::size_t>(s) * 2 * d.It * row13;
+      const std::byte* src = layer.shared_w13_.bytes.data();
+      std::memcpy(dst13, src + static_cast<std::size_t>(s) * d.It * row13, d.It * row13);
+      std::memcpy(dst13 + d.It * row13, src + static_cast<std::size_t>(d.St + s * d.It) * row13, d.It * row13);
+      std::byte* dst2 = w2.data() + w2_routed + static_cast<std::size_t>(s) * d.H * row2;
+      for (Index h = 0; h < d.H; ++h) {
+        std::memcpy(dst2 + h * row2, layer.shared_w2_.bytes.data() + (static_cast<std::size_t>(h) * d.St + s * d.It) * elem,
+                    row2);
+      }
+    }
+    MOE_RETURN_IF_ERROR(upload(w13.data(), w13.size(), &d.w13));
+    MOE_RETURN_IF_ERROR(upload(w2.data(), w2.size(), &d.w2));
+  }
+  if (!layer.w13_bias_.shape.empty()) MOE_RETURN_IF_ERROR(upload(layer.w13_bias_.bytes.data(), layer.w13_bias_.bytes.size(), &d.w13_bias));
+  if (!layer.w2_bias_.shape.empty()) MOE_RETURN_IF_ERROR(upload(layer.w2_bias_.bytes.data(), layer.w2_bias_.bytes.size(), &d.w2_bias));
+  // Expert map over the router's experts, extended by the fused shared pieces (ids E_router + s ->
+  // local L + s). Without a map, global ids are local ids (E_router == L) and the pieces follow.
+  if (!layer.expert_map_.empty()) {
+    std::vector<std::int32_t> map = layer.expert_map_;
+    for (int s = 0; s < d.appended; ++s) map.push_back(static_cast<std::int32_t>(d.L + s));
+    MOE_RETURN_IF_ERROR(upload(map.data(), map.size() * 4, &d.expert_map));
+  }
+  if (d.shared_apart) {
+    MOE_RETURN_IF_ERROR(upload(layer.shared_w13_.bytes.data(), layer.shared_w13_.bytes.size(), &d.shared_w13));
+    MOE_RETURN_IF_ERROR(upload(layer.shared_w2_.bytes.data(), layer.shared_w2_.bytes.size(), &d.shared_w2));
+  }
+  // Router (fp32) and its vectors.
+  MOE_RETURN_IF_ERROR(upload(layer.router_.data(), layer.router_.size() * 4, &d.router));
+  if (!layer.router_bias_.empty()) MOE_RETURN_IF_ERROR(upload(layer.router_bias_.data(), layer.router_bias_.size() * 4, &d.router_bias));
+  if (!layer.correction_bias_.empty()) {
+    MOE_RETURN_IF_ERROR(upload(layer.correction_bias_.data(), layer.correction_bias_.size() * 4, &d.correction_bias));
+  }
+  if (!layer.shared_gate_.empty() && d.St > 0) {
+    MOE_RETURN_IF_ERROR(upload(layer.shared_gate_.data(), layer.shared_gate_.size() * 4, &d.shared_gate));
+  }
+
+  MOE_RETURN_IF_ERROR(d.allocate_workspace());
+  MOE_CUDA_TRY(cudaDeviceSynchronize());
+  out->reset(new DeviceLayer(std::move(impl)));
+  return Status::ok();
+}
+
+template <class T>
+Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* base, cudaStream_t stream) const {
+  using namespace cuda::detail;
+  float* logits = reinterpret_cast<float*>(base + ws.logits);
+  auto* ids = reinterpret_cast<std::int32_t*>(base + ws.ids);
+  auto* weights = reinterpret_cast<float*>(base + ws.weights);
+  const float* bias = static_cast<const float*>(router_bias.get());
+  // 1. Router logits, fp32.
+  if (M <= kRouterSmallTokens) {
+    MOE_RETURN_IF_ERROR(launch_kernel(&router_logits_small_kernel<T>, static_cast<unsigned>((E_router + 7) / 8), 256, 0,
+                                      stream, true, x, static_cast<int>(M), H, static_cast<const float*>(router.get()),
+                                      bias, E_router, logits));
+  } else {
+    const dim3 grid(static_cast<unsigned>((M + kRouterTileM - 1) / kRouterTileM),
+                    static_cast<unsigned>((E_router + kRouterTileE - 1) / kRouterTileE));
+    MOE_RETURN_IF_ERROR(launch_kernel(&router_logits_tiled_kernel<T>, grid, 256, 0, stream, true, x, M, H,
+                                      static_cast<const float*>(router.get()), bias, E_router, logits));
+  }
+  // 2. Routing, with the fused shared slots appended.
+  WarpRouteParams rp{};
+  rp.logits = logits;
+  rp.M = M;
+  rp.E = static_cast<int>(E_router);
+  rp.top_k = k;
+  rp.correction_bias = static_cast<const float*>(correction_bias.get());
+  const bool grouped = config.routing == RoutingKind::kGroupedSoftmax || config.routing == RoutingKind::kGroupedSigmoid;
+  rp.groups = grouped ? config.routing_params.num_expert_group : 1;
+  rp.topk_group = config.routing_params.topk_group;
+  rp.renormalize = config.routing_params.renormalize;
+  rp.routed_scaling_factor = config.routing_params.routed_scaling_factor;
+  rp.appended = appended;
+  rp.appended_first_id = static_cast<int>(E_router);
+  rp.shared_gate = static_cast<const float*>(shared_gate.get());
+  rp.H = H;
+  rp.ids = ids;
+  rp.weights = weights;
+  rp.gate_out = shared_apart ? reinterpret_cast<float*>(base + ws.gate) : nullptr;
+  const unsigned route_blocks = static_cast<unsigned>((M + kWarpRouteWarps - 1) / kWarpRouteWarps);
+  switch (config.routing) {
+    case RoutingKind::kSoftmax:
+    case RoutingKind::kGroupedSoftmax:
+      MOE_RETURN_IF_ERROR(launch_kernel(&warp_route_kernel<WarpScoring::kSoftmax, T>, route_blocks, 32 * kWarpRouteWarps,
+                                        0, stream, true, rp, x));
+      break;
+    case RoutingKind::kSigmoid:
+    case RoutingKind::kGroupedSigmoid:
+      MOE_RETURN_IF_ERROR(launch_kernel(&warp_route_kernel<WarpScoring::kSigmoid, T>, route_blocks, 32 * kWarpRouteWarps,
+                                        0, stream, true, rp, x));
+      break;
+    case RoutingKind::kLlama4:
+      MOE_RETURN_IF_ERROR(launch_kernel(&warp_route_kernel<WarpScoring::kRawLlama4, T>, route_blocks,
+                                        32 * kWarpRouteWarps, 0, stream, true, rp, x));
+      break;
+    case RoutingKind::kPrecomputed: return invalid_argument("routing: precomputed");
+  }
+  // 3. Experts (and the fused shared experts).
+  const std::span<std::byte> experts_ws(base + ws.experts, ws.experts_bytes);
+  T* routed = combine() ? reinterpret_cast<T*>(base + ws.routed_out) : out;
+  MOE_RETURN_IF_ERROR(run_device_experts(routed_call(x, M, ids, weights, routed), experts_ws, stream));
+  // 4. A shared expert that could not be fused: its own pass, weight 1 or its gate.
+  T* shared = nullptr;
+  if (shared_apart) {
+    shared = reinterpret_cast<T*>(base + ws.shared_out);
+    MOE_RETURN_IF_ERROR(run_device_experts(
+        shared_call(x, M, reinterpret_cast<const std::int32_t*>(base + ws.zeros), reinterpret_cast<const float*>(base + ws.gate),
+                    shared),
+        experts_ws, stream));
+  }
+  // 5. Combine.
+  if (combine()) {
+    const Index n = M * H;
+    const int zero_first = zero_experts_here ? static_cast<int>(config.num_experts) : 0;
+    const int zero_last = zero_experts_here ? static_cast<int>(E_router) : 0;
+    MOE_RETURN_IF_ERROR(launch_kernel(&combine_kernel<T>, static_cast<unsigned>((n + 255) / 256), 256, 0, stream, true,
+                                      static_cast<const T*>(routed), static_cast<const T*>(shared), x,
+                                      static_cast<const std::int32_t*>(ids), static_cast<const float*>(weights), slots(),
+                                      k, zero_first, zero_last, M, H, out));
+  }
+  return Status::ok();
+}
+
+namespace {
+
+Status check_device_matrix(const AnyTensor& t, std::string_view name, DType dtype, Index cols, Index* rows) {
+  if (t.dtype != dtype) return invalid_argument(name, ": expected dtype ", to_string(dtype), ", got ", to_string(t.dtype));
+  if (t.extents.size() != 2 || t.extents[1] != cols) {
+    return invalid_argument(name, ": expected shape [M, ", cols, "], got ", detail::format_shape(t.extents));
+  }
+  if (!t.strides.empty() && !(t.strides.size() == 2 && t.strides[1] == 1 && t.strides[0] == cols)) {
+    return invalid_argument(name, ": expected a contiguous tensor");
+  }
+  if (t.extents[0] > 0 && t.data == nullptr) return invalid_argument(name, ": null data");
+  *rows = t.extents[0];
+  return Status::ok();
+}
+
+}  // namespace
+
+Status DeviceLayer::forward(const AnyTensor& hidden, const AnyTensor& output, cudaStream_t stream,
+                            const std::optional<AnyTensor>& topk_ids, const std::optional<AnyTensor>& topk_weights) const {
+  const Impl& d = *impl_;
+  Index M = 0, Mo = 0;
+  MOE_RETURN_IF_ERROR(check_device_matrix(hidden, "hidden_states", d.dtype, d.H, &M));
+  MOE_RETURN_IF_ERROR(check_device_matrix(output, "output", d.dtype, d.H, &Mo));
+  if (Mo != M) return invalid_argument("output: expected ", M, " rows (as hidden_states), got ", Mo);
+  Index Mi = M, Mw = M;
+  if (topk_ids) MOE_RETURN_IF_ERROR(check_device_matrix(*topk_ids, "topk_ids", DType::kI32, d.k, &Mi));
+  if (topk_weights) MOE_RETURN_IF_ERROR(check_device_matrix(*topk_weights, "topk_weights", DType::kF32, d.k, &Mw));
+  if (Mi != M || Mw != M) return invalid_argument("topk_ids/topk_weights: expected ", M, " rows (as hidden_states)");
+  const std::size_t elem = element_bytes(d.dtype), bytes = static_cast<std::size_t>(M) * d.H * elem;
+  const auto* in_lo = static_cast<const std::byte*>(hidden.data);
+  const auto* out_lo = static_cast<const std::byte*>(output.data);
+  if (M > 0 && in_lo < out_lo + bytes && out_lo < in_lo + bytes) {
+    return invalid_argument("output: overlaps hidden_states (the layer reads the input after writing the output)");
+  }
+  std::byte* base = static_cast<std::byte*>(d.workspace.get());
+  for (Index m0 = 0; m0 < M; m0 += d.options.max_tokens) {
+    const Index Mc = std::min(d.options.max_tokens, M - m0);
+    const std::size_t row_off = static_cast<std::size_t>(m0) * d.H * elem;
+    const void* x = in_lo + row_off;
+    void* y = static_cast<std::byte*>(output.data) + row_off;
+    switch (d.dtype) {
+      case DType::kBF16: MOE_RETURN_IF_ERROR(d.forward_chunk(static_cast<const bfloat16*>(x), Mc, static_cast<bfloat16*>(y), base, stream)); break;
+      case DType::kF16: MOE_RETURN_IF_ERROR(d.forward_chunk(static_cast<const half*>(x), Mc, static_cast<half*>(y), base, stream)); break;
+      case DType::kF32: MOE_RETURN_IF_ERROR(d.forward_chunk(static_cast<const float*>(x), Mc, static_cast<float*>(y), base, stream)); break;
+      default: return invalid_argument("dtype: ", to_string(d.dtype));
+    }
+    // The routed slots of the chunk, as MoeLayer::Result reports them.
+    if (topk_ids) {
+      MOE_CUDA_TRY(cudaMemcpy2DAsync(static_cast<std::int32_t*>(topk_ids->data) + m0 * d.k, d.k * 4, base + d.ws.ids,
+                                     d.slots() * 4, d.k * 4, Mc, cudaMemcpyDeviceToDevice, stream));
+    }
+    if (topk_weights) {
+      MOE_CUDA_TRY(cudaMemcpy2DAsync(static_cast<float*>(topk_weights->data) + m0 * d.k, d.k * 4, base + d.ws.weights,
+                                     d.slots() * 4, d.k * 4, Mc, cudaMemcpyDeviceToDevice, stream));
+    }
+  }
+  return Status::ok();
+}
+
+Status DeviceLayer::time_forward(Index tokens, int iterations, Timing* out) const {
+  const Impl& d = *impl_;
+  if (tokens < 1 || tokens > d.options.max_tokens) {
+    return invalid_argument("tokens: expected 1..max_tokens=", d.options.max_tokens, ", got ", tokens);
+  }
+  if (iterations < 1) return invalid_argument("iterations: expected >= 1, got ", iterations);
+  const std::size_t elem = element_bytes(d.dtype), n = static_cast<std::size_t>(tokens) * d.H;
+  std::vector<std::byte> x(n * elem);
+  std::uint64_t state = 0x9E3779B97F4A7C15ull;
+  for (std::size_t i = 0; i < n; ++i) {  // N(0, 1) by Box-Muller on a xorshift stream
+    const auto uniform = [&] {
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      return (static_cast<double>(state >> 11) + 0.5) / 9007199254740992.0;
+    };
+    const float v = static_cast<float>(std::sqrt(-2.0 * std::log(uniform())) * std::cos(6.283185307179586 * uniform()));
+    if (d.dtype == DType::kF32) std::memcpy(x.data() + i * 4, &v, 4);
+    else if (d.dtype == DType::kBF16) reinterpret_cast<bfloat16*>(x.data())[i] = bfloat16(v);
+    else reinterpret_cast<half*>(x.data())[i] = half(v);
+  }
+  constexpr std::size_t kFlushBytes = std::size_t{256} << 20;
+  DeviceMemory dx, dy, di, dw, flush;
+  MOE_RETURN_IF_ERROR(upload(x.data(), x.size(), &dx));
+  MOE_RETURN_IF_ERROR(allocate(n * elem, &dy));
+  MOE_RETURN_IF_ERROR(allocate(static_cast<std::size_t>(tokens) * d.k * 4, &di));
+  MOE_RETURN_IF_ERROR(allocate(static_cast<std::size_t>(tokens) * d.k * 4, &dw));
+  MOE_RETURN_IF_ERROR(allocate(kFlushBytes, &flush));
+  const AnyTensor hidden{dx.get(), d.dtype, {tokens, d.H}, {}}, output{dy.get(), d.dtype, {tokens, d.H}, {}};
+  const AnyTensor ids{di.get(), DType::kI32, {tokens, d.k}, {}}, weights{dw.get(), DType::kF32, {tokens, d.k}, {}};
+  cudaStream_t stream;
+  MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraphExec_t layer_graph = nullptr, experts_graph = nullptr;
+  std::byte* base = static_cast<std::byte*>(d.workspace.get());
+  const auto experts_only = [&]() -> Status {  // the routing of the last forward, in the workspace
+    const std::span<std::byte> experts_ws(base + d.ws.experts, d.ws.experts_bytes);
+    std::byte* scratch = base + (d.combine() ? d.ws.routed_out : 0);
+    void* y = d.combine() ? static_cast<void*>(scratch) : dy.get();
+    return run_device_experts(d.routed_call(dx.get(), tokens, reinterpret_cast<const std::int32_t*>(base + d.ws.ids),
+                                            reinterpret_cast<const float*>(base + d.ws.weights), y),
+                              experts_ws, stream);
+  };
+  Status s = capture(stream, [&] { return forward(hidden, output, stream, ids, weights); }, &layer_graph);
+  if (s.is_ok()) s = time_graph(layer_graph, stream, flush.get(), kFlushBytes, iterations, &out->layer_us);
+  if (s.is_ok()) s = capture(stream, experts_only, &experts_graph);
+  if (s.is_ok()) s = time_graph(experts_graph, stream, flush.get(), kFlushBytes, iterations, &out->experts_us);
+  std::vector<std::int32_t> chosen(static_cast<std::size_t>(tokens) * d.k);
+  if (s.is_ok() && cudaMemcpy(chosen.data(), di.get(), chosen.size() * 4, cudaMemcpyDeviceToHost) != cudaSuccess) {
+    s = make_status(StatusCode::kCudaError, "copying the routing back failed");
+  }
+  if (layer_graph) cudaGraphExecDestroy(layer_graph);
+  if (experts_graph) cudaGraphExecDestroy(experts_graph);
+  cudaStreamDestroy(stream);
+  MOE_RETURN_IF_ERROR(s);
+  std::vector<bool> hit(static_cast<std::size_t>(d.config.num_experts), false);
+  for (std::int32_t id : chosen) {
+    if (id >= 0 && id < d.config.num_experts) hit[static_cast<std::size_t>(id)] = true;
+  }
+  out->experts_hit = static_cast<Index>(std::count(hit.begin(), hit.end(), true));
+  return Status::ok();
+}
+
+Status DeviceLayer::forward_host(const AnyTensor& hidden, MoeLayer::Result* out) const {
+  const Impl& d = *impl_;
+  if (hidden.extents.size() != 2 || hidden.extents[1] != d.H) {
+    return invalid_argument("hidden_states: expected shape [M, H=", d.H, "], got ", detail::format_shape(hidden.extents));
+  }
+  if (hidden.dtype != DType::kF32 && hidden.dtype != DType::kBF16 && hidden.dtype != DType::kF16) {
+    return invalid_argument("hidden_states: expected dtype f32, bf16 or f16, got ", to_string(hidden.dtype));
+  }
+  if (!hidden.strides.empty()) return invalid_argument("hidden_states: expected a contiguous tensor");
+  const Index M = hidden.extents[0];
+  const std::size_t elem = element_bytes(d.dtype), n = static_cast<std::size_t>(M) * d.H;
+  // The input in the layer's dtype (element reads through memcpy: the file may misalign it).
+  std::vector<std::byte> x(n * elem);
+  const std::size_t in_elem = element_bytes(hidden.dtype);
+  for (std::size_t i = 0; i < n; ++i) {
+    float v;
+    if (hidden.dtype == DType::kF32) {
+      std::memcpy(&v, static_cast<const std::byte*>(hidden.data) + i * 4, 4);
+    } else {
+      std::uint16_t b;
+      std::memcpy(&b, static_cast<const std::byte*>(hidden.data) + i * in_elem, 2);
+      v = hidden.dtype == DType::kBF16 ? bfloat16::to_float(b) : half::to_float(b);
+    }
+    if (d.dtype == DType::kF32) std::memcpy(x.data() + i * 4, &v, 4);
+    else if (d.dtype == DType::kBF16) reinterpret_cast<bfloat16*>(x.data())[i] = bfloat16(v);
+    else reinterpret_cast<half*>(x.data())[i] = half(v);
+  }
+  MoeLayer::Result r;
+  r.output.dtype = d.dtype;
+  r.output.shape = {M, d.H};
+  r.output.bytes.resize(n * elem);
+  r.topk_ids.resize(static_cast<std::size_t>(M) * d.k);
+  r.topk_weights.resize(static_cast<std::size_t>(M) * d.k);
+  DeviceMemory dx, dy, di, dw;
+  MOE_RETURN_IF_ERROR(upload(x.data(), x.size(), &dx));
+  MOE_RETURN_IF_ERROR(allocate(n * elem, &dy));
+  MOE_RETURN_IF_ERROR(allocate(r.topk_ids.size() * 4, &di));
+  MOE_RETURN_IF_ERROR(allocate(r.topk_weights.size() * 4, &dw));
+  MOE_RETURN_IF_ERROR(forward(AnyTensor{dx.get(), d.dtype, {M, d.H}, {}}, AnyTensor{dy.get(), d.dtype, {M, d.H}, {}},
+                              nullptr, AnyTensor{di.get(), DType::kI32, {M, d.k}, {}},
+                              AnyTensor{dw.get(), DType::kF32, {M, d.k}, {}}));
+  MOE_CUDA_TRY(cudaStreamSynchronize(nullptr));
+  MOE_CUDA_TRY(cudaMemcpy(r.output.bytes.data(), dy.get(), r.output.bytes.size(), cudaMemcpyDeviceToHost));
+  MOE_CUDA_TRY(cudaMemcpy(r.topk_ids.data(), di.get(), r.topk_ids.size() * 4, cudaMemcpyDeviceToHost));
+  MOE_CUDA_TRY(cudaMemcpy(r.topk_weights.data(), dw.get(), r.topk_weights.size() * 4, cudaMemcpyDeviceToHost));
+  *out = std::move(r);
+  return Status::ok();
+}
+
+}  // namespace moe::layer

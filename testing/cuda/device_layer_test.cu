@@ -1,0 +1,216 @@
+// The layer on the GPU end to end (moe/layer/device_layer.h) against the CPU layer, for every
+// supported architecture and both ways of running shared experts: the same experts chosen, the
+// routing weights within float rounding (the softmax sums in another order), outputs within the
+// per-dtype tolerance of the differential test (the fused shared expert is summed before the one
+// rounding, where the CPU layer rounds routed and shared outputs apart). The device forward is
+// captured in a CUDA graph (capture fails on any host synchronization or allocation) and its
+// replays give the bits of the eager forward.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+
+#include "moe/layer/device_layer.h"
+#include "moe/layer/moe_layer.h"
+#include "testing/lib/compare.h"
+#include "testing/lib/gpu.h"
+#include "testing/lib/hf_checkpoint.h"
+
+namespace {
+
+using moe::Index;
+
+std::vector<float> floats(const moe::layer::Buffer& b) {
+  std::vector<float> v(b.bytes.size() / (b.dtype == moe::DType::kF32 ? 4 : 2));
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    v[i] = b.dtype == moe::DType::kF32 ? reinterpret_cast<const float*>(b.bytes.data())[i]
+           : b.dtype == moe::DType::kBF16 ? moe::to_float(reinterpret_cast<const moe::bfloat16*>(b.bytes.data())[i])
+                                          : moe::to_float(reinterpret_cast<const moe::half*>(b.bytes.data())[i]);
+  }
+  return v;
+}
+
+// Random hidden states already in the layer's dtype, so both backends' routers see the same values.
+moe::layer::Buffer random_hidden(moe::DType dtype, Index M, Index H, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  moe::layer::Buffer b;
+  b.dtype = dtype;
+  b.shape = {M, H};
+  b.bytes.resize(static_cast<std::size_t>(M * H) * (dtype == moe::DType::kF32 ? 4 : 2));
+  for (Index i = 0; i < M * H; ++i) {
+    const float v = nd(gen);
+    if (dtype == moe::DType::kF32) reinterpret_cast<float*>(b.bytes.data())[i] = v;
+    else reinterpret_cast<moe::bfloat16*>(b.bytes.data())[i] = moe::bfloat16(v);
+  }
+  return b;
+}
+
+void expect_same_layer(const moe::layer::MoeLayer::Result& cpu, const moe::layer::MoeLayer::Result& gpu,
+                       moe::DType dtype) {
+  EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
+  ASSERT_EQ(cpu.topk_weights.size(), gpu.topk_weights.size());
+  for (std::size_t i = 0; i < cpu.topk_weights.size(); ++i) {
+    EXPECT_NEAR(cpu.topk_weights[i], gpu.topk_weights[i], 1e-5f * (1.0f + std::fabs(cpu.topk_weights[i]))) << i;
+  }
+  const moe::testing::Tolerance tol = dtype == moe::DType::kF32 ? moe::testing::Tolerance{1e-4, 5e-3}
+                                                                : moe::testing::Tolerance{1e-3, 2e-2};
+  EXPECT_GT(moe::testing::max_abs(floats(cpu.output)), 0.0);
+  EXPECT_TRUE(moe::testing::all_close(floats(gpu.output), floats(cpu.output), tol)) << moe::to_string(dtype);
+}
+
+struct Layer {
+  moe::testing::HfLayerSpec spec;
+  moe::layer::ModelConfig config;
+  moe::io::Checkpoint ckpt;
+  std::string prefix;
+};
+
+void load(const std::string& arch, bool mxfp4, Layer* l) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::filesystem::path dir =
+      std::filesystem::path(tmp ? tmp : "/tmp") / ("device_layer_" + arch + (mxfp4 ? "_mxfp4" : ""));
+  std::filesystem::create_directories(dir);
+  l->spec.architecture = arch;
+  l->spec.mxfp4 = mxfp4;
+  l->spec.top_k = arch == "Llama4ForCausalLM" ? 1 : 2;
+  moe::testing::HfCheckpointWriter writer(l->spec);
+  ASSERT_TRUE(writer.write(dir.string()).is_ok());
+  l->prefix = writer.prefix();
+  ASSERT_TRUE(moe::layer::load_model_config((dir / "config.json").string(), &l->config).is_ok());
+  ASSERT_TRUE(moe::io::Checkpoint::open({(dir / "model.safetensors").string()}, &l->ckpt).is_ok());
+}
+
+class DeviceLayerTest : public ::testing::TestWithParam<std::tuple<std::string, bool>> {
+ protected:
+  void SetUp() override {
+    MOE_SKIP_WITHOUT_GPU();
+    if (!moe::layer::cuda_device_available()) GTEST_SKIP() << "the device layer needs compute capability 9.x";
+  }
+};
+
+TEST_P(DeviceLayerTest, MatchesCpuLayerAndReplaysFromAGraph) {
+  const auto [arch, mxfp4] = GetParam();
+  Layer l;
+  ASSERT_NO_FATAL_FAILURE(load(arch, mxfp4, &l));
+  for (moe::DType dtype : {moe::DType::kF32, moe::DType::kBF16}) {
+    SCOPED_TRACE(moe::to_string(dtype));
+    moe::layer::MoeLayer layer;
+    const moe::Status ls = moe::layer::MoeLayer::load(l.config, {}, dtype, l.ckpt, l.prefix, &layer);
+    ASSERT_TRUE(ls.is_ok()) << ls.to_string();
+    // 40 tokens: the tiled router GEMM; 5: the decode one. max_tokens 16 also splits 40 in chunks.
+    for (const Index M : {Index{40}, Index{5}}) {
+      const moe::layer::Buffer x = random_hidden(dtype, M, l.spec.hidden, 5 + static_cast<unsigned>(M));
+      moe::layer::MoeLayer::Result cpu;
+      ASSERT_TRUE(layer.forward(x.tensor(), std::nullopt, &cpu).is_ok());
+      for (const bool fuse : {true, false}) {
+        for (const Index max_tokens : {Index{64}, Index{16}}) {
+          SCOPED_TRACE(::testing::Message() << "M=" << M << " fuse=" << fuse << " max_tokens=" << max_tokens);
+          std::unique_ptr<moe::layer::DeviceLayer> dev;
+          const moe::Status cs = moe::layer::DeviceLayer::create(layer, {max_tokens, fuse}, &dev);
+          ASSERT_TRUE(cs.is_ok()) << cs.to_string();
+          moe::layer::MoeLayer::Result gpu;
+          const moe::Status fs = dev->forward_host(x.tensor(), &gpu);
+          ASSERT_TRUE(fs.is_ok()) << fs.to_string();
+          expect_same_layer(cpu, gpu, dtype);
+
+          // The device forward in a graph: capture succeeds (no sync, no allocation), replays
+          // give the eager bits.
+          const std::size_t bytes = x.bytes.size();
+          moe::testing::DeviceBuffer<std::byte> dx(bytes), dy(bytes);
+          ASSERT_EQ(cudaMemcpy(dx.data(), x.bytes.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+          const moe::AnyTensor hidden{dx.data(), dtype, {M, l.spec.hidden}, {}};
+          const moe::AnyTensor out{dy.data(), dtype, {M, l.spec.hidden}, {}};
+          cudaStream_t stream;
+          ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+          cudaGraph_t graph;
+          ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+          const moe::Status captured = dev->forward(hidden, out, stream);
+          ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+          ASSERT_TRUE(captured.is_ok()) << captured.to_string();
+          cudaGraphExec_t exec;
+          ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+          for (int replay = 0; replay < 2; ++replay) {
+            dy.fill_bytes(0xFF);
+            ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+            ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+            std::vector<std::byte> replayed(bytes);
+            ASSERT_EQ(cudaMemcpy(replayed.data(), dy.data(), bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+            EXPECT_EQ(replayed, gpu.output.bytes) << "replay " << replay;
+          }
+          cudaGraphExecDestroy(exec);
+          cudaGraphDestroy(graph);
+          cudaStreamDestroy(stream);
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Architectures, DeviceLayerTest,
+    ::testing::Values(std::make_tuple("MixtralForCausalLM", false), std::make_tuple("Qwen2MoeForCausalLM", false),
+                      std::make_tuple("Qwen3MoeForCausalLM", false), std::make_tuple("DeepseekV2ForCausalLM", false),
+                      std::make_tuple("DeepseekV3ForCausalLM", false), std::make_tuple("GptOssForCausalLM", false),
+                      std::make_tuple("Llama4ForCausalLM", false)),
+    [](const auto& info) { return std::get<0>(info.param) + (std::get<1>(info.param) ? "_mxfp4" : ""); });
+
+// Under expert parallelism each rank's device layer gives the CPU layer's partial sum (the shared
+// expert on rank 0 only, fused there as extra experts).
+TEST(DeviceLayerParallel, ExpertParallelRanksMatchCpu) {
+  MOE_SKIP_WITHOUT_GPU();
+  if (!moe::layer::cuda_device_available()) GTEST_SKIP() << "the device layer needs compute capability 9.x";
+  Layer l;
+  ASSERT_NO_FATAL_FAILURE(load("DeepseekV3ForCausalLM", false, &l));
+  const moe::layer::Buffer x = random_hidden(moe::DType::kBF16, 24, l.spec.hidden, 9);
+  for (int rank = 0; rank < 2; ++rank) {
+    for (const auto placement : {moe::ExpertPlacement::kLinear, moe::ExpertPlacement::kRoundRobin}) {
+      moe::layer::ParallelLayout par;
+      par.ep_size = 2;
+      par.ep_rank = rank;
+      par.placement = placement;
+      moe::layer::MoeLayer layer;
+      ASSERT_TRUE(moe::layer::MoeLayer::load(l.config, par, moe::DType::kBF16, l.ckpt, l.prefix, &layer).is_ok());
+      moe::layer::MoeLayer::Result cpu, gpu;
+      ASSERT_TRUE(layer.forward(x.tensor(), std::nullopt, &cpu).is_ok());
+      std::unique_ptr<moe::layer::DeviceLayer> dev;
+      ASSERT_TRUE(moe::layer::DeviceLayer::create(layer, {}, &dev).is_ok());
+      ASSERT_TRUE(dev->forward_host(x.tensor(), &gpu).is_ok());
+      SCOPED_TRACE(::testing::Message() << "rank " << rank);
+      expect_same_layer(cpu, gpu, moe::DType::kBF16);
+    }
+  }
+}
+
+TEST(DeviceLayerArguments, BadTensorsAreErrorsThatNameThem) {
+  MOE_SKIP_WITHOUT_GPU();
+  if (!moe::layer::cuda_device_available()) GTEST_SKIP() << "the device layer needs compute capability 9.x";
+  Layer l;
+  ASSERT_NO_FATAL_FAILURE(load("Qwen3MoeForCausalLM", false, &l));
+  moe::layer::MoeLayer layer;
+  ASSERT_TRUE(moe::layer::MoeLayer::load(l.config, {}, moe::DType::kBF16, l.ckpt, l.prefix, &layer).is_ok());
+  std::unique_ptr<moe::layer::DeviceLayer> dev;
+  EXPECT_FALSE(moe::layer::DeviceLayer::create(layer, {0, true}, &dev).is_ok());
+  ASSERT_TRUE(moe::layer::DeviceLayer::create(layer, {}, &dev).is_ok());
+  const Index H = l.spec.hidden;
+  moe::testing::DeviceBuffer<std::byte> a(8 * H * 2), b(8 * H * 2);
+  const moe::AnyTensor x{a.data(), moe::DType::kBF16, {8, H}, {}}, y{b.data(), moe::DType::kBF16, {8, H}, {}};
+  const auto message = [&](const moe::AnyTensor& in, const moe::AnyTensor& out) {
+    return dev->forward(in, out, nullptr).to_string();
+  };
+  EXPECT_NE(message({a.data(), moe::DType::kF32, {8, H}, {}}, y).find("hidden_states: expected dtype bf16"), std::string::npos);
+  EXPECT_NE(message(x, {b.data(), moe::DType::kBF16, {8, H + 1}, {}}).find("output: expected shape"), std::string::npos);
+  EXPECT_NE(message(x, {b.data(), moe::DType::kBF16, {7, H}, {}}).find("output: expected 8 rows"), std::string::npos);
+  EXPECT_NE(message(x, x).find("overlaps"), std::string::npos);
+  EXPECT_NE(message({a.data(), moe::DType::kBF16, {8, H}, {2 * H, 1}}, y).find("contiguous"), std::string::npos);
+  // Nothing was written by the refused calls.
+  b.fill_bytes(0x5A);
+  (void)message(x, {b.data(), moe::DType::kBF16, {7, H}, {}});
+  std::vector<std::byte> after(b.size());
+  ASSERT_EQ(cudaMemcpy(after.data(), b.data(), after.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (std::byte v : after) ASSERT_EQ(v, std::byte{0x5A});
+}
+
+}  // namespace

@@ -19,9 +19,7 @@
 // Flags (before Google Benchmark's): --tune_tiles also registers every Hopper tile for every row
 // (bf16_tile/<tile>/<shape>/<M>), the run that regenerates the table in moe/cuda/gemm/schedule.h.
 #include <benchmark/benchmark.h>
-#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -33,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/cuda/cublas_runtime.h"
 #include "moe/cuda/kernel.cuh"
 #include "moe/quant/none.h"
 
@@ -124,33 +123,9 @@ void CeilingCopy(benchmark::State& state) {
   cudaStreamDestroy(stream);
 }
 
-// cuBLAS through dlopen: the toolkit here ships no static cuBLAS, and the GPU machine has the shared
-// library in its CUDA image or PyTorch's wheel (LD_LIBRARY_PATH).
-struct Cublas {
-  decltype(&cublasCreate_v2) create = nullptr;
-  decltype(&cublasSetStream_v2) set_stream = nullptr;
-  using GemmEx = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
-                                    const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
-                                    cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
-  GemmEx gemm = nullptr;
-  decltype(&cublasDestroy_v2) destroy = nullptr;
-  bool load() {
-    void* h = nullptr;
-    for (const char* lib : {"libcublas.so.13", "/usr/local/cuda/lib64/libcublas.so.13", "libcublas.so"}) {
-      if ((h = dlopen(lib, RTLD_NOW | RTLD_LOCAL))) break;
-    }
-    if (!h) return false;
-    create = reinterpret_cast<decltype(create)>(dlsym(h, "cublasCreate_v2"));
-    set_stream = reinterpret_cast<decltype(set_stream)>(dlsym(h, "cublasSetStream_v2"));
-    gemm = reinterpret_cast<decltype(gemm)>(dlsym(h, "cublasGemmEx"));
-    destroy = reinterpret_cast<decltype(destroy)>(dlsym(h, "cublasDestroy_v2"));
-    return create && set_stream && gemm && destroy;
-  }
-};
-
 void CeilingGemm(benchmark::State& state) {
-  Cublas blas;
-  if (!blas.load()) {
+  const moe::cuda::CublasRuntime& blas = moe::cuda::CublasRuntime::get();
+  if (!blas.available()) {
     state.SkipWithError("libcublas.so.13 not found (add its folder to LD_LIBRARY_PATH)");
     return;
   }

@@ -17,88 +17,140 @@ namespace moe::cuda::detail {
 
 // ---- router logits: logits[m, e] = sum_h x[m, h] * w[e, h] (+ bias[e]), fp32 products and sums --
 
-// Decode: one warp per expert row, which it streams once for all (at most kRouterSmallTokens)
-// tokens; the row is the bulk of the bytes (E x H fp32).
-constexpr int kRouterSmallTokens = 8;
+// Decode and small batches: block (e, token block) streams expert row e once for its
+// kRouterTokensPerBlock tokens; its 8 warps split H (16-byte loads of the row), then a block
+// reduction. The row bytes (E x H fp32) dominate, so the blocks are many and short.
+constexpr int kRouterTokensPerBlock = 8;
+constexpr Index kRouterRowMaxTokens = 256;  // above: the tiled kernel
 template <class T>
-__global__ void __launch_bounds__(256) router_logits_small_kernel(const T* x, int tokens, Index H, const float* w,
-                                                                  const float* bias, Index E, float* logits) {
+__global__ void __launch_bounds__(256) router_logits_rows_kernel(const T* x, Index M, Index H, const float* w,
+                                                                 const float* bias, Index E, float* logits) {
+  __shared__ float partial[8][kRouterTokensPerBlock];
   grid_dependency_wait();
   allow_dependents_launch();
-  const Index e = static_cast<Index>(blockIdx.x) * 8 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (e >= E) return;
-  float acc[kRouterSmallTokens];
+  const Index e = blockIdx.x, m0 = static_cast<Index>(blockIdx.y) * kRouterTokensPerBlock;
+  const int tokens = static_cast<int>(M - m0 < kRouterTokensPerBlock ? M - m0 : kRouterTokensPerBlock);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float acc[kRouterTokensPerBlock];
 #pragma unroll
-  for (int m = 0; m < kRouterSmallTokens; ++m) acc[m] = 0.0f;
+  for (int m = 0; m < kRouterTokensPerBlock; ++m) acc[m] = 0.0f;
   const float* row = w + e * H;
-  for (Index h = lane; h < H; h += 32) {
-    const float wv = __ldg(row + h);
+  const T* xs = x + m0 * H;
+  const bool vector = H % 4 == 0 && reinterpret_cast<std::uintptr_t>(w) % 16 == 0;
+  if (vector) {
+#pragma unroll 4
+    for (Index h = 4 * static_cast<Index>(threadIdx.x); h < H; h += 4 * 256) {
+      const float4 wv = __ldg(reinterpret_cast<const float4*>(row + h));
 #pragma unroll
-    for (int m = 0; m < kRouterSmallTokens; ++m) {
-      if (m < tokens) acc[m] += to_float(x[m * H + h]) * wv;
+      for (int m = 0; m < kRouterTokensPerBlock; ++m) {
+        if (m < tokens) {
+          const T* xr = xs + m * H + h;
+          acc[m] += to_float(xr[0]) * wv.x + to_float(xr[1]) * wv.y + to_float(xr[2]) * wv.z + to_float(xr[3]) * wv.w;
+        }
+      }
+    }
+  } else {
+    for (Index h = threadIdx.x; h < H; h += 256) {
+      const float wv = __ldg(row + h);
+#pragma unroll
+      for (int m = 0; m < kRouterTokensPerBlock; ++m) {
+        if (m < tokens) acc[m] += to_float(xs[m * H + h]) * wv;
+      }
     }
   }
 #pragma unroll
-  for (int m = 0; m < kRouterSmallTokens; ++m) {
+  for (int m = 0; m < kRouterTokensPerBlock; ++m) {
     float v = acc[m];
     for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
-    if (lane == 0 && m < tokens) logits[m * E + e] = v + (bias ? bias[e] : 0.0f);
+    if (lane == 0) partial[warp][m] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < tokens) {
+    float v = 0.0f;
+    for (int q = 0; q < 8; ++q) v += partial[q][threadIdx.x];
+    logits[(m0 + threadIdx.x) * E + e] = v + (bias ? bias[e] : 0.0f);
   }
 }
 
-// Prefill: 128 tokens x 64 experts per block, K in steps of 16 through shared memory, 8 x 4
-// outputs per thread (a SIMT SGEMM: the router is fp32 as in the CPU layer).
-constexpr int kRouterTileM = 128, kRouterTileE = 64, kRouterTileK = 16;
+// Prefill: 64 tokens x 64 experts per block, K in steps of 16 through shared memory with the next
+// step's operands loaded into registers while this one computes, 4 x 4 outputs per thread (a SIMT
+// SGEMM: the router is fp32 as in the CPU layer).
+constexpr int kRouterTileM = 64, kRouterTileE = 64, kRouterTileK = 16;
 template <class T>
 __global__ void __launch_bounds__(256) router_logits_tiled_kernel(const T* x, Index M, Index H, const float* w,
                                                                   const float* bias, Index E, float* logits) {
-  __shared__ float xs[kRouterTileK][kRouterTileM];
-  __shared__ float ws[kRouterTileK][kRouterTileE];
+  __shared__ float xs[kRouterTileK][kRouterTileM + 4];
+  __shared__ float ws[kRouterTileK][kRouterTileE + 4];
   grid_dependency_wait();
   allow_dependents_launch();
   const Index m0 = static_cast<Index>(blockIdx.x) * kRouterTileM, e0 = static_cast<Index>(blockIdx.y) * kRouterTileE;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // experts tx*4.., tokens ty*8..
-  float acc[8][4];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // experts tx*4.., tokens ty*4..
+  // Each thread loads 4 elements of each operand per K step: row r = threadIdx.x / 4, columns
+  // 4 * (threadIdx.x % 4) .. + 3 (16-wide K step: 4 threads per row).
+  const int lr = threadIdx.x / 4, lc = 4 * (threadIdx.x % 4);
+  float xa[4], wa[4];
+  const auto load = [&](Index k0) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const Index k = k0 + lc + j;
+      xa[j] = m0 + lr < M && k < H ? to_float(x[(m0 + lr) * H + k]) : 0.0f;
+      wa[j] = e0 + lr < E && k < H ? w[(e0 + lr) * H + k] : 0.0f;
+    }
+  };
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  load(0);
   for (Index k0 = 0; k0 < H; k0 += kRouterTileK) {
-    for (int i = threadIdx.x; i < kRouterTileM * kRouterTileK; i += 256) {
-      const int r = i / kRouterTileK, c = i % kRouterTileK;
-      const Index m = m0 + r, k = k0 + c;
-      xs[c][r] = m < M && k < H ? to_float(x[m * H + k]) : 0.0f;
-    }
-    for (int i = threadIdx.x; i < kRouterTileE * kRouterTileK; i += 256) {
-      const int r = i / kRouterTileK, c = i % kRouterTileK;
-      const Index e = e0 + r, k = k0 + c;
-      ws[c][r] = e < E && k < H ? w[e * H + k] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      xs[lc + j][lr] = xa[j];
+      ws[lc + j][lr] = wa[j];
     }
     __syncthreads();
+    if (k0 + kRouterTileK < H) load(k0 + kRouterTileK);  // in flight during the products below
 #pragma unroll
     for (int k = 0; k < kRouterTileK; ++k) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&xs[k][ty * 8]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&xs[k][ty * 8 + 4]);
+      const float4 a = *reinterpret_cast<const float4*>(&xs[k][ty * 4]);
       const float4 b = *reinterpret_cast<const float4*>(&ws[k][tx * 4]);
-      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float bb[4] = {b.x, b.y, b.z, b.w};
+      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * bb[j];
+        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const Index m = m0 + ty * 8 + i;
+  for (int i = 0; i < 4; ++i) {
+    const Index m = m0 + ty * 4 + i;
     if (m >= M) continue;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const Index e = e0 + tx * 4 + j;
       if (e < E) logits[m * E + e] = acc[i][j] + (bias ? bias[e] : 0.0f);
     }
+  }
+}
+
+// Prefill through tensor cores: the fp32 router w is stored as three bf16 pieces (hi = bf16(w),
+// mid = bf16(w - hi), lo = bf16(w - hi - mid): together every bit of w's 24-bit significand), so
+// x . w = x . hi + x . mid + x . lo with bf16 x has exact products and fp32 sums (a bf16 GEMM of
+// N = 3E into fp32 logits, summed per expert by the routing kernel): the fp32 router at bf16
+// tensor-core speed. Pieces [3][E][H].
+__global__ void split_router_kernel(const float* w, std::size_t n, bfloat16* pieces) {
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    const float v = w[i];
+    const bfloat16 hi = from_float<bfloat16>(v);
+    const float r1 = v - to_float(hi);
+    const bfloat16 mid = from_float<bfloat16>(r1);
+    const float r2 = r1 - to_float(mid);
+    pieces[i] = hi;
+    pieces[n + i] = mid;
+    pieces[2 * n + i] = from_float<bfloat16>(r2);
   }
 }
 
@@ -118,7 +170,9 @@ constexpr int kWarpRouteMaxExperts = 1024;
 constexpr int kWarpRouteWarps = 4;
 
 struct WarpRouteParams {
-  const float* logits;  // [M, E]
+  const float* logits;  // [M, pieces * E]: logit e = sum over pieces p (in order) of [m, p * E + e]
+  int logit_pieces;     // 1, or 3 (split_router_kernel's pieces, before their router bias)
+  const float* router_bias;  // [E] or null: added to the summed pieces
   Index M;
   int E;
   int top_k;
@@ -147,9 +201,18 @@ __global__ void __launch_bounds__(32 * kWarpRouteWarps) warp_route_kernel(WarpRo
   if (m >= p.M) return;
   float* scores = scores_all[warp];
   float* keys = keys_all[warp];
-  const float* logits = p.logits + m * p.E;
-  const float inf = math::infinity();
   const int E = p.E;
+  const float inf = math::infinity();
+  if (p.logit_pieces > 1) {  // sum the pieces into the first E columns (this warp's row only)
+    float* row = const_cast<float*>(p.logits) + m * p.logit_pieces * E;
+    for (int i = lane; i < E; i += 32) {
+      float v = row[i];
+      for (int q = 1; q < p.logit_pieces; ++q) v += row[q * E + i];
+      row[i] = v + (p.router_bias ? p.router_bias[i] : 0.0f);
+    }
+    __syncwarp();
+  }
+  const float* logits = p.logits + m * p.logit_pieces * E;
   // Scores.
   if constexpr (kScoring == WarpScoring::kSoftmax) {
     float max_v = -inf;

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "moe/cuda/cublas_runtime.h"
 #include "moe/cuda/kernel.cuh"
 #include "moe/cuda/router.cuh"
 #include "moe/layer/device_experts.h"
@@ -189,6 +190,18 @@ struct DeviceLayer::Impl {
   bool shared_apart = false;  // shared expert as a second expert pass
   bool zero_experts_here = false;
   Options options;
+  // bf16 layers with cuBLAS present: the router as bf16 pieces for a tensor-core GEMM (router.cuh)
+  // above kTensorCoreRouterTokens tokens, through a handle with its own workspace (no allocation
+  // in the forward; one forward at a time per layer).
+  static constexpr Index kTensorCoreRouterTokens = 16;
+  static constexpr std::size_t kCublasWorkspaceBytes = std::size_t{32} << 20;
+  cublasHandle_t blas = nullptr;
+  DeviceMemory router_pieces, blas_workspace;
+  ~Impl() {
+    if (blas) cuda::CublasRuntime::get().destroy(blas);
+  }
+  Status prepare_router_pieces();
+  int logit_pieces() const { return router_pieces.get() ? 3 : 1; }
   DeviceMemory router, router_bias, correction_bias, shared_gate, w13, w2, w13_bias, w2_bias, expert_map, shared_w13,
       shared_w2, workspace;
   std::vector<Index> w13_shape, w2_shape;
@@ -401,8 +414,29 @@ Status DeviceLayer::create_random(const ModelConfig& config, DType dtype, const 
     for (int s = 0; s < d.appended; ++s) map[static_cast<std::size_t>(d.E_router + s)] = static_cast<std::int32_t>(d.L + s);
     if (config.num_zero_experts > 0) MOE_RETURN_IF_ERROR(upload(map.data(), map.size() * 4, &d.expert_map));
   }
+  MOE_RETURN_IF_ERROR(d.prepare_router_pieces());
   MOE_RETURN_IF_ERROR(d.allocate_workspace());
   out->reset(new DeviceLayer(std::move(impl)));
+  return Status::ok();
+}
+
+Status DeviceLayer::Impl::prepare_router_pieces() {
+  const cuda::CublasRuntime& cublas = cuda::CublasRuntime::get();
+  if (dtype != DType::kBF16 || !cublas.available()) return Status::ok();  // the SIMT router only
+  const std::size_t n = static_cast<std::size_t>(E_router) * H;
+  MOE_RETURN_IF_ERROR(allocate(3 * n * sizeof(bfloat16), &router_pieces));
+  cuda::detail::split_router_kernel<<<1024, 256>>>(static_cast<const float*>(router.get()), n,
+                                                   static_cast<bfloat16*>(router_pieces.get()));
+  MOE_CUDA_CHECK_LAUNCH();
+  MOE_RETURN_IF_ERROR(allocate(kCublasWorkspaceBytes, &blas_workspace));
+  if (cublas.create(&blas) != CUBLAS_STATUS_SUCCESS) {
+    blas = nullptr;
+    router_pieces = {};
+    return Status::ok();  // no handle: the SIMT router
+  }
+  if (cublas.set_workspace(blas, blas_workspace.get(), kCublasWorkspaceBytes) != CUBLAS_STATUS_SUCCESS) {
+    return make_status(StatusCode::kCudaError, "cublasSetWorkspace failed");
+  }
   return Status::ok();
 }
 
@@ -418,7 +452,7 @@ Status DeviceLayer::Impl::allocate_workspace() {
     off += (bytes + 255) / 256 * 256;
     return at;
   };
-  d.ws.logits = take(static_cast<std::size_t>(Mx) * d.E_router * 4);
+  d.ws.logits = take(static_cast<std::size_t>(Mx) * d.logit_pieces() * d.E_router * 4);
   d.ws.ids = take(static_cast<std::size_t>(Mx) * d.slots() * 4);
   d.ws.weights = take(static_cast<std::size_t>(Mx) * d.slots() * 4);
   d.ws.gate = take(d.shared_apart ? static_cast<std::size_t>(Mx) * 4 : 0);
@@ -500,6 +534,7 @@ Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::u
     MOE_RETURN_IF_ERROR(upload(layer.shared_gate_.data(), layer.shared_gate_.size() * 4, &d.shared_gate));
   }
 
+  MOE_RETURN_IF_ERROR(d.prepare_router_pieces());
   MOE_RETURN_IF_ERROR(d.allocate_workspace());
   MOE_CUDA_TRY(cudaDeviceSynchronize());
   out->reset(new DeviceLayer(std::move(impl)));
@@ -514,19 +549,34 @@ Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* 
   auto* weights = reinterpret_cast<float*>(base + ws.weights);
   const float* bias = static_cast<const float*>(router_bias.get());
   // 1. Router logits, fp32.
-  if (M <= kRouterSmallTokens) {
-    MOE_RETURN_IF_ERROR(launch_kernel(&router_logits_small_kernel<T>, static_cast<unsigned>((E_router + 7) / 8), 256, 0,
-                                      stream, true, x, static_cast<int>(M), H, static_cast<const float*>(router.get()),
-                                      bias, E_router, logits));
+  if (router_pieces.get() && M > kTensorCoreRouterTokens) {
+    // logits[M, 3E] (row-major) = x [M, H] . pieces [3E, H]^T; cuBLAS is column-major: the
+    // transposed product, pieces^T as op(A) and x^T as B.
+    const cuda::CublasRuntime& cublas = cuda::CublasRuntime::get();
+    const float one = 1.0f, zero = 0.0f;
+    const int n3 = static_cast<int>(3 * E_router);
+    if (cublas.set_stream(blas, stream) != CUBLAS_STATUS_SUCCESS ||
+        cublas.gemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, n3, static_cast<int>(M), static_cast<int>(H), &one,
+                    router_pieces.get(), CUDA_R_16BF, static_cast<int>(H), x, CUDA_R_16BF, static_cast<int>(H), &zero,
+                    logits, CUDA_R_32F, n3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+      return make_status(StatusCode::kCudaError, "cublasGemmEx (router logits) failed");
+    }
+  } else if (M <= kRouterRowMaxTokens) {
+    const dim3 grid(static_cast<unsigned>(E_router), static_cast<unsigned>((M + kRouterTokensPerBlock - 1) / kRouterTokensPerBlock));
+    MOE_RETURN_IF_ERROR(launch_kernel(&router_logits_rows_kernel<T>, grid, 256, 0, stream, true, x, M, H,
+                                      static_cast<const float*>(router.get()), bias, E_router, logits));
   } else {
     const dim3 grid(static_cast<unsigned>((M + kRouterTileM - 1) / kRouterTileM),
                     static_cast<unsigned>((E_router + kRouterTileE - 1) / kRouterTileE));
     MOE_RETURN_IF_ERROR(launch_kernel(&router_logits_tiled_kernel<T>, grid, 256, 0, stream, true, x, M, H,
                                       static_cast<const float*>(router.get()), bias, E_router, logits));
   }
+  const bool pieces = router_pieces.get() && M > kTensorCoreRouterTokens;
   // 2. Routing, with the fused shared slots appended.
   WarpRouteParams rp{};
   rp.logits = logits;
+  rp.logit_pieces = pieces ? 3 : 1;
+  rp.router_bias = pieces ? bias : nullptr;  // the SIMT kernels add it themselves
   rp.M = M;
   rp.E = static_cast<int>(E_router);
   rp.top_k = k;

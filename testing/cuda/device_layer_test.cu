@@ -100,13 +100,15 @@ TEST_P(DeviceLayerTest, MatchesCpuLayerAndReplaysFromAGraph) {
     moe::layer::MoeLayer layer;
     const moe::Status ls = moe::layer::MoeLayer::load(l.config, {}, dtype, l.ckpt, l.prefix, &layer);
     ASSERT_TRUE(ls.is_ok()) << ls.to_string();
-    // 40 tokens: the tiled router GEMM; 5: the decode one. max_tokens 16 also splits 40 in chunks.
-    for (const Index M : {Index{40}, Index{5}}) {
+    // (tokens, max_tokens): the row-streaming router (up to 256 tokens a chunk) in one chunk and in
+    // chunks of 16, a decode batch, and the tiled router GEMM (300 tokens in one chunk).
+    const std::pair<Index, Index> cases[] = {{40, 64}, {40, 16}, {5, 64}, {300, 512}};
+    for (const auto& [M, max_tokens] : cases) {
       const moe::layer::Buffer x = random_hidden(dtype, M, l.spec.hidden, 5 + static_cast<unsigned>(M));
       moe::layer::MoeLayer::Result cpu;
       ASSERT_TRUE(layer.forward(x.tensor(), std::nullopt, &cpu).is_ok());
       for (const bool fuse : {true, false}) {
-        for (const Index max_tokens : {Index{64}, Index{16}}) {
+        {
           SCOPED_TRACE(::testing::Message() << "M=" << M << " fuse=" << fuse << " max_tokens=" << max_tokens);
           std::unique_ptr<moe::layer::DeviceLayer> dev;
           const moe::Status cs = moe::layer::DeviceLayer::create(layer, {max_tokens, fuse}, &dev);

@@ -33,7 +33,8 @@ constexpr const char* kUsage =
     "  moe info  --model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX [layout options]\n"
     "  moe bench (--model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX | --shape NAME)\n"
     "            [--tokens M] [--iterations N] [--dtype f32|bf16|f16] [--backend cpu|cuda] [layout options]\n"
-    "  moe bench --model-config CONFIG.json --weights random [--tokens M] (cuda: the device layer with random weights)\n"
+    "  moe bench --model-config CONFIG.json --weights random [--tokens M] [--shared-experts fused|apart]\n"
+    "            (cuda: the device layer with random weights generated on the GPU)\n"
     "--backend defaults to cuda when a GPU (sm_90+) is present, else cpu.\n"
     "            shapes: qwen3_30b_a3b, gpt_oss_120b, mixtral_8x7b, deepseek_v3\n"
     "IN holds hidden_states [M, H] and optionally router_logits [M, E] (f32, final logits).\n"
@@ -42,6 +43,7 @@ constexpr const char* kUsage =
 struct Options {
   std::string command;
   std::string model_config, layer_prefix, inputs, output, backend, dtype = "bf16", placement = "linear", shape;
+  std::string shared_experts = "fused";  // device layer: fused as extra experts, or apart on a second stream
   std::vector<std::string> weights;
   int ep_size = 1, ep_rank = 0, tp_size = 1, tp_rank = 0;
   long tokens = 64, iterations = 10;
@@ -86,6 +88,7 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     else if (flag == "--dtype") o->dtype = v;
     else if (flag == "--expert-placement") o->placement = v;
     else if (flag == "--shape") o->shape = v;
+    else if (flag == "--shared-experts") o->shared_experts = v;
     else if (flag == "--ep-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->ep_size = static_cast<int>(n); }
     else if (flag == "--ep-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->ep_rank = static_cast<int>(n); }
     else if (flag == "--tp-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->tp_size = static_cast<int>(n); }
@@ -98,6 +101,9 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
   if (o->backend != "cpu" && o->backend != "cuda") return invalid_argument("--backend: expected cpu or cuda, got ", o->backend);
   if (o->dtype != "f32" && o->dtype != "bf16" && o->dtype != "f16") {
     return invalid_argument("--dtype: expected f32, bf16 or f16, got ", o->dtype);
+  }
+  if (o->shared_experts != "fused" && o->shared_experts != "apart") {
+    return invalid_argument("--shared-experts: expected fused or apart, got ", o->shared_experts);
   }
   if (o->placement != "linear" && o->placement != "round_robin") {
     return invalid_argument("--expert-placement: expected linear or round_robin, got ", o->placement);
@@ -355,6 +361,7 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
   }
   layer::DeviceLayer::Options dopt;
   dopt.max_tokens = std::max<Index>(M, 1);
+  dopt.fuse_shared_experts = o.shared_experts == "fused";
   std::unique_ptr<layer::DeviceLayer> dev;
   if (o.weights.size() == 1 && o.weights[0] == "random") {  // model-sized layer without a checkpoint
     if (M < 1) return invalid_argument("--tokens: expected >= 1 for --weights random");

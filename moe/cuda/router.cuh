@@ -272,6 +272,7 @@ __global__ void __launch_bounds__(32 * kWarpRouteWarps) warp_route_kernel(WarpRo
         group_key = best;
       }
     }
+    __syncwarp();  // every lane's group-key reads of `keys` before the masking writes below
     bool kept = false;
     bool taken = lane >= p.groups;
     for (int round = 0; round < p.topk_group; ++round) {

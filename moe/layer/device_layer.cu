@@ -174,8 +174,9 @@ Status allocate(std::size_t bytes, DeviceMemory* out) {
 
 // Offsets of the per-forward buffers in the layer's workspace (256-byte aligned).
 struct WorkspaceLayout {
-  std::size_t logits = 0, ids = 0, weights = 0, gate = 0, routed_out = 0, shared_out = 0, zeros = 0, experts = 0;
-  std::size_t experts_bytes = 0, total = 0;
+  std::size_t logits = 0, ids = 0, weights = 0, gate = 0, routed_out = 0, shared_out = 0, zeros = 0, experts = 0,
+      shared_experts = 0;
+  std::size_t experts_bytes = 0, shared_experts_bytes = 0, total = 0;
 };
 
 }  // namespace
@@ -197,8 +198,15 @@ struct DeviceLayer::Impl {
   static constexpr std::size_t kCublasWorkspaceBytes = std::size_t{32} << 20;
   cublasHandle_t blas = nullptr;
   DeviceMemory router_pieces, blas_workspace;
+  // An unfused shared expert runs on a second stream, overlapped with the routed experts: forked
+  // after the routing, joined before the combine (events, so graph capture keeps the fork).
+  cudaStream_t side = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
   ~Impl() {
     if (blas) cuda::CublasRuntime::get().destroy(blas);
+    if (side) cudaStreamDestroy(side);
+    if (fork) cudaEventDestroy(fork);
+    if (join) cudaEventDestroy(join);
   }
   Status prepare_router_pieces();
   int logit_pieces() const { return router_pieces.get() ? 3 : 1; }
@@ -264,21 +272,20 @@ Status time_graph(cudaGraphExec_t exec, cudaStream_t stream, void* flush, std::s
   MOE_CUDA_TRY(cudaEventCreate(&start));
   MOE_CUDA_TRY(cudaEventCreate(&stop));
   std::vector<float> ms;
-  Status s = Status::ok();
-  for (int i = 0; i < iterations + 2 && s.is_ok(); ++i) {  // two warm-up replays
-    float t = 0;
-    const auto step = [&]() -> Status {
+  const auto replays = [&]() -> Status {
+    for (int i = 0; i < iterations + 2; ++i) {  // two warm-up replays
+      float t = 0;
       MOE_CUDA_TRY(cudaMemsetAsync(flush, i, flush_bytes, stream));
       MOE_CUDA_TRY(cudaEventRecord(start, stream));
       MOE_CUDA_TRY(cudaGraphLaunch(exec, stream));
       MOE_CUDA_TRY(cudaEventRecord(stop, stream));
       MOE_CUDA_TRY(cudaEventSynchronize(stop));
       MOE_CUDA_TRY(cudaEventElapsedTime(&t, start, stop));
-      return Status::ok();
-    };
-    s = step();
-    if (i >= 2) ms.push_back(t);
-  }
+      if (i >= 2) ms.push_back(t);
+    }
+    return Status::ok();
+  };
+  const Status s = replays();
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
   MOE_RETURN_IF_ERROR(s);
@@ -459,22 +466,27 @@ Status DeviceLayer::Impl::allocate_workspace() {
   d.ws.routed_out = take(d.combine() ? static_cast<std::size_t>(Mx) * d.H * elem : 0);
   d.ws.shared_out = take(d.shared_apart ? static_cast<std::size_t>(Mx) * d.H * elem : 0);
   d.ws.zeros = take(d.shared_apart ? static_cast<std::size_t>(Mx) * 4 : 0);
-  std::size_t experts = 0;
+  std::size_t experts = 0, shared = 0;
   for (Index M = 1; M <= Mx; ++M) {
     std::size_t b = 0;
     MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(d.routed_call(nullptr, M, nullptr, nullptr, nullptr), &b));
     experts = std::max(experts, b);
     if (d.shared_apart) {
       MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(d.shared_call(nullptr, M, nullptr, nullptr, nullptr), &b));
-      experts = std::max(experts, b);
+      shared = std::max(shared, b);
     }
   }
   d.ws.experts_bytes = experts;
   d.ws.experts = take(experts);
+  d.ws.shared_experts_bytes = shared;  // its own: the two passes run concurrently
+  d.ws.shared_experts = take(shared);
   d.ws.total = off;
   MOE_RETURN_IF_ERROR(allocate(d.ws.total, &d.workspace));
   if (d.shared_apart) {  // the shared pass routes every token to its one expert: ids stay zero
     MOE_CUDA_TRY(cudaMemset(static_cast<std::byte*>(d.workspace.get()) + d.ws.zeros, 0, static_cast<std::size_t>(Mx) * 4));
+    MOE_CUDA_TRY(cudaStreamCreateWithFlags(&d.side, cudaStreamNonBlocking));
+    MOE_CUDA_TRY(cudaEventCreateWithFlags(&d.fork, cudaEventDisableTiming));
+    MOE_CUDA_TRY(cudaEventCreateWithFlags(&d.join, cudaEventDisableTiming));
   }
   MOE_CUDA_TRY(cudaDeviceSynchronize());
   return Status::ok();
@@ -611,19 +623,24 @@ Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* 
       break;
     case RoutingKind::kPrecomputed: return invalid_argument("routing: precomputed");
   }
-  // 3. Experts (and the fused shared experts).
-  const std::span<std::byte> experts_ws(base + ws.experts, ws.experts_bytes);
-  T* routed = combine() ? reinterpret_cast<T*>(base + ws.routed_out) : out;
-  MOE_RETURN_IF_ERROR(run_device_experts(routed_call(x, M, ids, weights, routed), experts_ws, stream));
-  // 4. A shared expert that could not be fused: its own pass, weight 1 or its gate.
+  // 3. A shared expert that could not be fused: its own pass (weight 1 or its gate) on the side
+  // stream, concurrent with 4.
   T* shared = nullptr;
   if (shared_apart) {
     shared = reinterpret_cast<T*>(base + ws.shared_out);
+    MOE_CUDA_TRY(cudaEventRecord(fork, stream));
+    MOE_CUDA_TRY(cudaStreamWaitEvent(side, fork, 0));
     MOE_RETURN_IF_ERROR(run_device_experts(
         shared_call(x, M, reinterpret_cast<const std::int32_t*>(base + ws.zeros), reinterpret_cast<const float*>(base + ws.gate),
                     shared),
-        experts_ws, stream));
+        std::span<std::byte>(base + ws.shared_experts, ws.shared_experts_bytes), side));
+    MOE_CUDA_TRY(cudaEventRecord(join, side));
   }
+  // 4. Experts (and the fused shared experts).
+  const std::span<std::byte> experts_ws(base + ws.experts, ws.experts_bytes);
+  T* routed = combine() ? reinterpret_cast<T*>(base + ws.routed_out) : out;
+  MOE_RETURN_IF_ERROR(run_device_experts(routed_call(x, M, ids, weights, routed), experts_ws, stream));
+  if (shared_apart) MOE_CUDA_TRY(cudaStreamWaitEvent(stream, join, 0));
   // 5. Combine.
   if (combine()) {
     const Index n = M * H;
@@ -738,14 +755,16 @@ Status DeviceLayer::time_forward(Index tokens, int iterations, Timing* out) cons
                                             reinterpret_cast<const float*>(base + d.ws.weights), y),
                               experts_ws, stream);
   };
-  Status s = capture(stream, [&] { return forward(hidden, output, stream, ids, weights); }, &layer_graph);
-  if (s.is_ok()) s = time_graph(layer_graph, stream, flush.get(), kFlushBytes, iterations, &out->layer_us);
-  if (s.is_ok()) s = capture(stream, experts_only, &experts_graph);
-  if (s.is_ok()) s = time_graph(experts_graph, stream, flush.get(), kFlushBytes, iterations, &out->experts_us);
   std::vector<std::int32_t> chosen(static_cast<std::size_t>(tokens) * d.k);
-  if (s.is_ok() && cudaMemcpy(chosen.data(), di.get(), chosen.size() * 4, cudaMemcpyDeviceToHost) != cudaSuccess) {
-    s = make_status(StatusCode::kCudaError, "copying the routing back failed");
-  }
+  const auto measure = [&]() -> Status {
+    MOE_RETURN_IF_ERROR(capture(stream, [&] { return forward(hidden, output, stream, ids, weights); }, &layer_graph));
+    MOE_RETURN_IF_ERROR(time_graph(layer_graph, stream, flush.get(), kFlushBytes, iterations, &out->layer_us));
+    MOE_RETURN_IF_ERROR(capture(stream, experts_only, &experts_graph));
+    MOE_RETURN_IF_ERROR(time_graph(experts_graph, stream, flush.get(), kFlushBytes, iterations, &out->experts_us));
+    MOE_CUDA_TRY(cudaMemcpy(chosen.data(), di.get(), chosen.size() * 4, cudaMemcpyDeviceToHost));
+    return Status::ok();
+  };
+  const Status s = measure();
   if (layer_graph) cudaGraphExecDestroy(layer_graph);
   if (experts_graph) cudaGraphExecDestroy(experts_graph);
   cudaStreamDestroy(stream);

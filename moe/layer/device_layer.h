@@ -7,8 +7,9 @@
 //
 //   router GEMM (fp32, as the CPU layer) -> routing (built-in policies, one warp per token) ->
 //   experts (moe::Kernel<Spec, cuda::Sm90>), shared experts fused in as always-selected extra
-//   experts where their width is a multiple of the routed experts' (else a second expert pass) ->
-//   combine (zero experts, an unfused shared expert), only where there is something to add.
+//   experts where their width is a multiple of the routed experts' (else their own expert pass on
+//   a second stream, overlapped with the routed experts) -> combine (zero experts, an unfused
+//   shared expert), only where there is something to add.
 //
 // The sum of routed and fused shared experts is one float sum rounded once; the CPU layer rounds
 // the routed and the shared outputs before adding them, so the two backends agree within the
@@ -37,7 +38,8 @@ class DeviceLayer {
  public:
   struct Options {
     Index max_tokens = 4096;           // tokens per internal chunk; bounds the workspace
-    bool fuse_shared_experts = true;   // shared experts as extra experts of the grouped GEMM
+    bool fuse_shared_experts = true;   // shared experts as extra experts of the grouped GEMM (false:
+                                       // their own pass on a second stream; measured in RESULTS.md)
   };
 
   // Uploads the layer's weights and allocates the workspace (the only allocations it makes).

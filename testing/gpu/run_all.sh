@@ -20,6 +20,7 @@ filter_for() {
   case "$1" in
     differential_test) echo '*Differential.Sm90*:*Differential.Bf16*:*Differential.Swiglu*:*Differential.Batched*:*Differential.ExpertParallel*:*Differential.CheckedMode*:*Differential.UserRouting*' ;;
     layer_backends_test) echo '*Mixtral*:*GptOss*' ;;
+    device_layer_test) echo '*DeepseekV3*:*Qwen2Moe*:*DeviceLayerArguments*' ;;
     *) echo '*' ;;
   esac
 }

@@ -5,7 +5,10 @@
 #   cd gpu_bundle && ./run_all.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-targets="$(tools/bazel query 'attr(tags, "gpu", kind("cc_test|cc_binary", //...))' 2>/dev/null) //cli:demo"
+# The device tool carries at most 64 MiB: the fat binaries (sm_90a + sm_80) of the tests and the
+# benchmark fit; the demo and the moe tool go in a second folder (MOE_GPU_TOOLS=1 adds them here).
+targets="$(tools/bazel query 'attr(tags, "gpu", kind("cc_test|cc_binary", //...))' 2>/dev/null)"
+if [ "${MOE_GPU_TOOLS:-0}" = 1 ]; then targets="$targets //cli:demo //cli:moe"; fi
 tools/bazel build $targets
 rm -rf gpu_bundle && mkdir -p gpu_bundle
 for t in $targets; do

@@ -5,7 +5,8 @@
 //    ([sum of tokens per expert, H]); finalize sums each token's k weighted expert outputs.
 //  * BatchedPrepareFinalize: the experts see [E_local, max_tokens_per_expert, H] plus
 //    expert_num_tokens [E_local] (the layout of DeepEP low-latency / pplx dispatch). A token count
-//    above max_tokens_per_expert is an error.
+//    above max_tokens_per_expert is an error on the CPU and a reported drop on the GPU
+//    (Arguments::dropped_slots).
 //
 // ApplyWeightOnInput multiplies each token's input by its router weight before GEMM1 and leaves
 // GEMM2's output unweighted (Llama-4); it is defined only for top_k == 1.
@@ -39,6 +40,12 @@ struct BatchedPrepareFinalize {
   static constexpr bool kOutputIsReduced = false;
   struct Arguments {
     std::int64_t max_tokens_per_expert = 0;  // capacity of each expert's batch (> 0)
+    // Optional, in the backend's memory (device memory for CUDA): after a forward, the number of
+    // slots that found their expert's batch full. The CUDA backend computes counts on the device
+    // only, so it drops such slots (they contribute nothing) and reports them here, written in the
+    // forward's stream order without a synchronization; the CPU backend refuses the forward
+    // instead (an error before any output is written) and writes 0 on success.
+    std::int64_t* dropped_slots = nullptr;
   };
 };
 

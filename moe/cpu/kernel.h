@@ -96,7 +96,12 @@ class Kernel<Spec, cpu::Eigen> {
     const Problem p = Problem::from(a);
     const Layout l = layout(p, a);
     MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), l.total));
-    if (p.num_tokens == 0) return Status::ok();
+    if (p.num_tokens == 0) {
+      if constexpr (kBatched) {
+        if (a.prepare_finalize.dropped_slots) *a.prepare_finalize.dropped_slots = 0;
+      }
+      return Status::ok();
+    }
     Buffers b = carve(l, workspace.data());
     if constexpr (kBatched) MOE_RETURN_IF_ERROR(check_capacity(a, p, b));
     for (Index m0 = 0; m0 < p.num_tokens; m0 += l.chunk) {
@@ -105,6 +110,9 @@ class Kernel<Spec, cpu::Eigen> {
       prepare(a, p, b, m0, m1);
       compute(a, p, l, b);
       finalize(a, p, l, b, m0, m1);
+    }
+    if constexpr (kBatched) {  // overflow was refused above: nothing dropped
+      if (a.prepare_finalize.dropped_slots) *a.prepare_finalize.dropped_slots = 0;
     }
     return Status::ok();
   }

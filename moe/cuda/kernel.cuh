@@ -28,6 +28,7 @@
 #include "moe/cuda/gemm/sm90_grouped_gemm.h"
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
 #include "moe/cuda/gemm/sm80_mainloops.cuh"
+#include "moe/cuda/radix_bits.h"
 #include "moe/cuda/stages.cuh"
 #include "moe/expert_map.h"
 #include "moe/kernel.h"
@@ -96,7 +97,14 @@ class Kernel<Spec, Arch> {
     const Problem p = Problem::from(a);
     const Layout l = layout(p, a);
     MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), l.total));
-    if (p.num_tokens == 0) return Status::ok();
+    if (p.num_tokens == 0) {
+      if constexpr (kBatched) {
+        if (a.prepare_finalize.dropped_slots) {
+          MOE_CUDA_TRY(cudaMemsetAsync(a.prepare_finalize.dropped_slots, 0, sizeof(std::int64_t), stream));
+        }
+      }
+      return Status::ok();
+    }
     const Buffers b = carve(l, workspace.data());
     for (Index m0 = 0; m0 < p.num_tokens; m0 += l.chunk) {
       const Index m1 = std::min(p.num_tokens, m0 + l.chunk);
@@ -137,12 +145,6 @@ class Kernel<Spec, Arch> {
     void* cub;
   };
 
-  static int key_bits(Index num_local) {
-    int bits = 1;
-    while ((Index{1} << bits) <= num_local) ++bits;
-    return bits;
-  }
-
   Layout layout(const Problem& p, const Arguments& a) const {
     Layout l;
     l.chunk = std::max<Index>(0, std::min(p.num_tokens, options_.chunk_tokens));
@@ -157,7 +159,7 @@ class Kernel<Spec, Arch> {
       cub::DeviceRadixSort::SortPairs(nullptr, l.cub_bytes, static_cast<const std::int32_t*>(nullptr),
                                       static_cast<std::int32_t*>(nullptr), static_cast<const std::int32_t*>(nullptr),
                                       static_cast<std::int32_t*>(nullptr), static_cast<int>(l.slots), 0,
-                                      key_bits(p.num_local_experts));
+                                      cuda::detail::radix_sort_bits(p.num_local_experts));  // keys in [0, E_local]
     }
     std::size_t off = 0;
     auto take = [&](std::size_t bytes) {
@@ -446,7 +448,12 @@ class Kernel<Spec, Arch> {
       ld_weights = a.topk_weights->stride(0);
     }
     Index capacity = 0;  // standard format: packed segments
-    if constexpr (kBatched) capacity = a.prepare_finalize.max_tokens_per_expert;
+    std::int64_t* dropped = nullptr;  // batched: slots beyond capacity, summed over the chunks
+    if constexpr (kBatched) {
+      capacity = a.prepare_finalize.max_tokens_per_expert;
+      dropped = a.prepare_finalize.dropped_slots;
+    }
+    const bool later_chunk = m0 > 0;
     const bool pdl = programmatic_launch();
     if (S <= kSmallPrepSlots && E_local <= kSmallPrepExperts) {
       // 2-4 in one block (decode).
@@ -454,7 +461,8 @@ class Kernel<Spec, Arch> {
                                         static_cast<std::size_t>(E_local + 1) * 4, stream, pdl, ids_in, ld_ids,
                                         weights_in, ld_weights, p.top_k, b.ids, b.weights, static_cast<int>(S),
                                         a.expert_map ? a.expert_map->data() : nullptr, p.num_experts, E_local,
-                                        capacity, kBM, b.seg_begin, b.seg_count, b.tiles, b.slot_row, b.row_weight));
+                                        capacity, kBM, b.seg_begin, b.seg_count, b.tiles, b.slot_row, b.row_weight,
+                                        dropped, later_chunk));
     } else {
       // 2. Keys and counts; 3. stable sort by local expert.
       MOE_CUDA_TRY(cudaMemsetAsync(b.counts, 0, (E_local + 1) * sizeof(std::int32_t), stream));
@@ -466,10 +474,10 @@ class Kernel<Spec, Arch> {
       MOE_CUDA_CHECK_LAUNCH();
       std::size_t cub_bytes = l.cub_bytes;
       MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(b.cub, cub_bytes, b.keys, b.keys_sorted, b.slots, b.slots_sorted,
-                                                   static_cast<int>(S), 0, key_bits(E_local), stream));
+                                                   static_cast<int>(S), 0, radix_sort_bits(E_local), stream));
       // 4. Offsets and rows.
       offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(b.counts, E_local, capacity, kBM, b.sorted_start, b.seg_begin,
-                                                        b.seg_count, b.tiles);
+                                                        b.seg_count, b.tiles, dropped, later_chunk);
       MOE_CUDA_CHECK_LAUNCH();
       assign_rows_kernel<<<blocks(S, kThreads), kThreads, 0, stream>>>(b.keys_sorted, b.slots_sorted, S, E_local,
                                                                        b.sorted_start, b.seg_begin, b.seg_count,

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "moe/cuda/check.h"
+#include "moe/cuda/radix_bits.h"
 #include "moe/detail/validate.h"
 #include "moe/expert_map.h"
 #include "moe/quant/numeric.h"
@@ -103,11 +104,6 @@ inline Status check_workspace(std::span<std::byte> workspace, std::size_t need, 
 }
 
 // Bits of a radix key whose values are in [0, num_keys).
-inline int key_bits(Index num_keys) {
-  int bits = 1;
-  while ((Index{1} << bits) < num_keys) ++bits;
-  return bits;
-}
 
 // CUB temp storage for a stable sort of n (uint32 key, int32 value) pairs on `bits` key bits.
 // A size query only: no device work.
@@ -520,7 +516,7 @@ inline Status permute_layout(Index num_tokens, int top_k, Index num_experts, Ind
   l->rows = std::max<Index>(0, moe_permute_rows(std::max<Index>(0, num_tokens), std::max(0, top_k),
                                                 std::max<Index>(0, num_local_experts), std::max<Index>(0, align_block_size)));
   l->num_keys = std::max<Index>(0, num_local_experts) + std::max<Index>(0, num_experts) + 1;
-  l->bits = key_bits(l->num_keys);
+  l->bits = detail::radix_sort_bits(l->num_keys - 1);  // keys in [0, num_keys)
   const Status st = sort_temp_bytes(l->slots, l->bits, &l->cub_bytes);
   Carve c;
   const std::size_t S = count_of(l->slots), K = count_of(l->num_keys), L = count_of(num_local_experts);
@@ -712,7 +708,7 @@ struct AlignLayout {
 inline Status align_layout(Index num_tokens, Index top_k, Index num_experts, AlignLayout* l) {
   l->slots = std::max<Index>(0, num_tokens) * std::max<Index>(0, top_k);
   const Index E = std::max<Index>(0, num_experts);
-  l->bits = key_bits(E + 1);
+  l->bits = detail::radix_sort_bits(E);  // keys in [0, E]
   const Status st = sort_temp_bytes(l->slots, l->bits, &l->cub_bytes);
   Carve c;
   const std::size_t S = count_of(l->slots), K = count_of(E + 1);

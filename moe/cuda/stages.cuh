@@ -78,11 +78,13 @@ constexpr int kMaxSharedHistogramExperts = 8192;
 // Block-wide (one block): from per-expert slot counts (`count_of(e)`), the offsets into the sorted
 // slots, each expert's row segment (standard: packed; batched: e * capacity, at most capacity
 // rows) and the m-tile prefix for the GEMMs, by scans over chunks of kThreads experts (a serial
-// loop cost ~0.3 us per expert). `sorted_start` may be null. Ends with a __syncthreads, after which
-// the block may read what it wrote.
+// loop cost ~0.3 us per expert). `sorted_start` may be null. `dropped` (optional): the slots beyond
+// the batched capacity, stored, or added when `accumulate` (later chunks of a forward). Ends with
+// a __syncthreads, after which the block may read what it wrote.
 template <int kThreads, class CountOf>
 __device__ void expert_offsets(CountOf count_of, int num_local, Index batched_capacity, int tile_m, Index* sorted_start,
-                               Index* seg_begin, Index* seg_count, Index* tile_offsets) {
+                               Index* seg_begin, Index* seg_count, Index* tile_offsets, std::int64_t* dropped = nullptr,
+                               bool accumulate = false) {
   using Scan = cub::BlockScan<Index, kThreads>;
   __shared__ typename Scan::TempStorage temp;
   __shared__ Index carry[3];  // sorted slots, rows, tiles before this chunk
@@ -116,6 +118,7 @@ __device__ void expert_offsets(CountOf count_of, int num_local, Index batched_ca
   if (threadIdx.x == 0) {
     if (sorted_start) sorted_start[num_local] = carry[0];
     tile_offsets[num_local] = carry[2];
+    if (dropped) *dropped = (accumulate ? *dropped : 0) + (carry[0] - carry[1]);
   }
   __syncthreads();
 }
@@ -125,9 +128,10 @@ constexpr int kOffsetsThreads = 512;
 __global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(const std::int32_t* counts, int num_local,
                                                                   Index batched_capacity, int tile_m,
                                                                   Index* sorted_start, Index* seg_begin,
-                                                                  Index* seg_count, Index* tile_offsets) {
+                                                                  Index* seg_count, Index* tile_offsets,
+                                                                  std::int64_t* dropped, bool accumulate) {
   expert_offsets<kOffsetsThreads>([&](int e) { return Index{counts[e]}; }, num_local, batched_capacity, tile_m,
-                                  sorted_start, seg_begin, seg_count, tile_offsets);
+                                  sorted_start, seg_begin, seg_count, tile_offsets, dropped, accumulate);
 }
 
 // Sorted position p -> the slot's row (or -1), and each row's router weight.
@@ -161,7 +165,8 @@ __global__ void __launch_bounds__(kSmallPrepThreads)
     small_routing_prep_kernel(const std::int32_t* ids_in, Index ld_ids, const float* w_in, Index ld_w, int top_k,
                               std::int32_t* ids, float* weights, int num_slots, const std::int32_t* expert_map,
                               Index num_experts, int num_local, Index batched_capacity, int tile_m, Index* seg_begin,
-                              Index* seg_count, Index* tile_offsets, Index* slot_row, float* row_weight) {
+                              Index* seg_count, Index* tile_offsets, Index* slot_row, float* row_weight,
+                              std::int64_t* dropped, bool accumulate) {
   extern __shared__ std::int32_t prep_count[];  // [num_local + 1]: slots per key, then slots ranked so far
   grid_dependency_wait();
   allow_dependents_launch();
@@ -189,7 +194,7 @@ __global__ void __launch_bounds__(kSmallPrepThreads)
   }
   __syncthreads();
   expert_offsets<kSmallPrepThreads>([&](int e) { return Index{prep_count[e]}; }, num_local, batched_capacity, tile_m,
-                                    nullptr, seg_begin, seg_count, tile_offsets);
+                                    nullptr, seg_begin, seg_count, tile_offsets, dropped, accumulate);
   for (int e = threadIdx.x; e <= num_local; e += blockDim.x) prep_count[e] = 0;
   __syncthreads();  // the block's seg_begin / seg_count writes are visible to it after expert_offsets
   // Stable ranks: warps in slot order; inside a warp, lanes with the same key in lane order.

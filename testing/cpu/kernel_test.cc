@@ -425,10 +425,17 @@ TEST(KernelBatched, CapacityExceededIsAnErrorAndWritesNothing) {
   h.pf_args.max_tokens_per_expert = 2;
   // Chunks [0,8) and [8,16) give each expert one token; [16,20) gives expert 3 three tokens.
   const auto before = h.output;
+  std::int64_t dropped = -7;
+  h.pf_args.dropped_slots = &dropped;
   const moe::Status s = h.run();
   EXPECT_EQ(s.code(), moe::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("max_tokens_per_expert"), std::string::npos) << s.message();
   EXPECT_EQ(0, std::memcmp(before.data(), h.output.data(), before.size() * sizeof(float)));
+  EXPECT_EQ(dropped, -7) << "a refused forward writes nothing, the drop count included";
+  // With room for every slot the forward succeeds and reports no drop.
+  h.pf_args.max_tokens_per_expert = 3;
+  ASSERT_TRUE(h.run().is_ok());
+  EXPECT_EQ(dropped, 0);
 }
 
 TEST(KernelWorkspace, PoisonedWorkspacesGiveBitIdenticalOutputs) {

@@ -77,6 +77,22 @@ std::vector<float> to_floats(const std::vector<IO>& v) {
   return f;
 }
 
+// Captures `run()` (a forward on `stream`) into a CUDA graph and replays it once, synchronized.
+template <class Run>
+void replay_from_graph(cudaStream_t stream, Run run) {
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  const moe::Status captured = run();
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_TRUE(captured.is_ok()) << captured.to_string();
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
 // Runs the CPU and CUDA backends on `c`, compares, then checks bitwise reproducibility under
 // poisoned workspaces and under CUDA-graph capture.
 template <class Spec, class Arch = moe::cuda::Sm90, class Setup = void (*)(Harness<Spec>&)>
@@ -115,19 +131,9 @@ void check_case(Case c, Setup setup = [](Harness<Spec>&) {}, std::optional<moe::
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
   d.output.fill_bytes(0xFF);
-  cudaGraph_t graph;
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-  const moe::Status captured = kernel.run(args, std::span<std::byte>(ws.data(), ws.size()), stream);
-  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  ASSERT_TRUE(captured.is_ok()) << captured.to_string();
-  cudaGraphExec_t exec;
-  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  ASSERT_NO_FATAL_FAILURE(replay_from_graph(stream, [&] { return kernel.run(args, std::span<std::byte>(ws.data(), ws.size()), stream); }));
   const std::vector<IO> graphed = d.output.download();
   EXPECT_EQ(0, std::memcmp(first.data(), graphed.data(), graphed.size() * sizeof(IO))) << "graph replay differs";
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
   // Programmatic dependent launch only moves when kernels start: plain stream order, same bits.
   moe::cuda::Options serial = options;
   serial.programmatic_dependent_launch = false;
@@ -216,6 +222,75 @@ TEST_F(Differential, Llama4WeightOnInput) {
 TEST_F(Differential, BatchedFormat) {
   using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::Precomputed, moe::BatchedPrepareFinalize<>>;
   for (Index M : kBatchSizes) check_case<S>(sized(M, 8, 2));
+}
+
+// Batched format with slots beyond an expert's capacity: the CPU refuses the forward; the GPU
+// drops them and counts them on the device (per chunk, summed over chunks), read back without a
+// synchronization inside the forward, the same count from a CUDA graph; every token whose slots
+// all fit gets the CPU's output for it (the CPU run on the fitting slots only).
+TEST_F(Differential, BatchedOverflowIsCountedOnTheDevice) {
+  using S = SpecOf<moe::SiluAndMul, moe::quant::BF16, moe::routing::Precomputed, moe::BatchedPrepareFinalize<>>;
+  const Index M = 100, capacity = 20;
+  for (const Index chunk : {Index{100}, Index{30}}) {
+    Case c = sized(M, 8, 2);
+    c.chunk_tokens = chunk;
+    for (Index m = 0; m < M; ++m) {  // expert 3 overflows in every chunk, the others fit
+      const std::int32_t first = m % 3 == 0 ? 3 : (m % 8 == 5 ? 6 : static_cast<std::int32_t>(m % 8));
+      c.ids.insert(c.ids.end(), {first, 5});
+    }
+    // Expected drops: per chunk and expert, the slots past `capacity` in slot order.
+    std::int64_t expected = 0;
+    std::vector<bool> fits(static_cast<std::size_t>(M), true);
+    for (Index m0 = 0; m0 < M; m0 += chunk) {
+      std::vector<Index> seen(8, 0);
+      for (Index m = m0; m < std::min(M, m0 + chunk); ++m) {
+        for (int j = 0; j < 2; ++j) {
+          if (++seen[static_cast<std::size_t>(c.ids[m * 2 + j])] > capacity) {
+            ++expected;
+            fits[static_cast<std::size_t>(m)] = false;
+          }
+        }
+      }
+    }
+    ASSERT_GT(expected, 0);
+    moe::testing::Harness<S> h(c);
+    h.pf_args.max_tokens_per_expert = capacity;
+    const moe::Status cpu = h.run();
+    EXPECT_FALSE(cpu.is_ok());
+    EXPECT_NE(cpu.to_string().find("max_tokens_per_expert"), std::string::npos) << cpu.to_string();
+
+    DeviceInputs<S> d(h);
+    DeviceBuffer<std::int64_t> dropped(1);
+    auto args = d.args();
+    args.prepare_finalize.dropped_slots = dropped.data();
+    moe::cuda::Options options;
+    options.chunk_tokens = chunk;
+    moe::Kernel<S, moe::cuda::Sm90> kernel(options);
+    DeviceBuffer<std::byte> ws(kernel.workspace_bytes(args));
+    dropped.fill_bytes(0x7F);
+    ASSERT_TRUE(kernel.run(args, std::span<std::byte>(ws.data(), ws.size())).is_ok());
+    EXPECT_EQ(dropped.download()[0], expected) << "chunk " << chunk;
+    const std::vector<moe::bfloat16> gpu = d.output.download();
+    // The same count from a graph replay.
+    cudaStream_t stream;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    dropped.fill_bytes(0x7F);
+    ASSERT_NO_FATAL_FAILURE(replay_from_graph(stream, [&] { return kernel.run(args, std::span<std::byte>(ws.data(), ws.size()), stream); }));
+    EXPECT_EQ(dropped.download()[0], expected);
+    cudaStreamDestroy(stream);
+    // Tokens whose slots all fit: the CPU's output with the capacity large enough.
+    h.pf_args.max_tokens_per_expert = M * 2;
+    ASSERT_TRUE(h.run().is_ok());
+    for (Index m = 0; m < M; ++m) {
+      if (!fits[static_cast<std::size_t>(m)]) continue;
+      std::vector<float> a, b;
+      for (Index x = 0; x < c.H; ++x) {
+        a.push_back(moe::to_float(gpu[m * c.H + x]));
+        b.push_back(moe::to_float(h.output[m * c.H + x]));
+      }
+      EXPECT_TRUE(moe::testing::all_close(a, b, gpu_tolerance<moe::bfloat16>())) << "token " << m;
+    }
+  }
 }
 
 TEST_F(Differential, ExpertParallelRoundRobinRank) {

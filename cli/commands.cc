@@ -40,10 +40,18 @@ constexpr const char* kUsage =
     "IN holds hidden_states [M, H] and optionally router_logits [M, E] (f32, final logits).\n"
     "OUT receives output [M, H], topk_ids [M, top_k] (i32, global ids), topk_weights [M, top_k] (f32).\n";
 
+enum class Backend { kCpu, kCuda };
+std::string_view to_string(Backend b) { return b == Backend::kCuda ? "cuda" : "cpu"; }
+
+// The parsed command line: every choice flag is an enum from here on (parsed once, in parse_args).
 struct Options {
   std::string command;
-  std::string model_config, layer_prefix, inputs, output, backend, dtype = "bf16", placement = "linear", shape;
-  std::string shared_experts = "fused";  // device layer: fused as extra experts, or apart on a second stream
+  std::string model_config, layer_prefix, inputs, output, shape;
+  std::optional<Backend> backend;  // defaulted in parse_args
+  DType dtype = DType::kBF16;
+  ExpertPlacement placement = ExpertPlacement::kLinear;
+  bool fuse_shared_experts = true;  // device layer: fused as extra experts, or apart on a second stream
+  bool random_weights = false;      // --weights random
   std::vector<std::string> weights;
   int ep_size = 1, ep_rank = 0, tp_size = 1, tp_rank = 0;
   long tokens = 64, iterations = 10;
@@ -68,6 +76,20 @@ constexpr long kMaxRanks = 1 << 20;
 constexpr long kMaxTokens = 1 << 24;
 constexpr long kMaxIterations = 1 << 20;
 
+// A choice flag: `value` must be one of the names; the error lists them.
+template <class T, std::size_t N>
+Status parse_choice(const std::string& flag, const std::string& value, const std::pair<const char*, T> (&choices)[N], T* out) {
+  std::string names;  // "a, b or c"
+  for (std::size_t i = 0; i < N; ++i) {
+    if (value == choices[i].first) {
+      *out = choices[i].second;
+      return Status::ok();
+    }
+    names += (i == 0 ? "" : i + 1 == N ? " or " : ", ") + std::string(choices[i].first);
+  }
+  return invalid_argument(flag, ": expected ", names, ", got ", value);
+}
+
 Status parse_args(const std::vector<std::string>& args, Options* o) {
   if (args.empty()) return invalid_argument("missing command (run, info, bench or help)");
   o->command = args[0];
@@ -84,11 +106,19 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     else if (flag == "--layer-prefix") o->layer_prefix = v;
     else if (flag == "--inputs") o->inputs = v;
     else if (flag == "--output") o->output = v;
-    else if (flag == "--backend") o->backend = v;
-    else if (flag == "--dtype") o->dtype = v;
-    else if (flag == "--expert-placement") o->placement = v;
-    else if (flag == "--shape") o->shape = v;
-    else if (flag == "--shared-experts") o->shared_experts = v;
+    else if (flag == "--backend") {
+      Backend b;
+      MOE_RETURN_IF_ERROR(parse_choice(flag, v, {{"cpu", Backend::kCpu}, {"cuda", Backend::kCuda}}, &b));
+      o->backend = b;
+    } else if (flag == "--dtype") {
+      MOE_RETURN_IF_ERROR(parse_choice(flag, v, {{"f32", DType::kF32}, {"bf16", DType::kBF16}, {"f16", DType::kF16}}, &o->dtype));
+    } else if (flag == "--expert-placement") {
+      MOE_RETURN_IF_ERROR(parse_choice(
+          flag, v, {{"linear", ExpertPlacement::kLinear}, {"round_robin", ExpertPlacement::kRoundRobin}}, &o->placement));
+    } else if (flag == "--shape") o->shape = v;
+    else if (flag == "--shared-experts") {
+      MOE_RETURN_IF_ERROR(parse_choice(flag, v, {{"fused", true}, {"apart", false}}, &o->fuse_shared_experts));
+    }
     else if (flag == "--ep-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->ep_size = static_cast<int>(n); }
     else if (flag == "--ep-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->ep_rank = static_cast<int>(n); }
     else if (flag == "--tp-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->tp_size = static_cast<int>(n); }
@@ -97,20 +127,11 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     else if (flag == "--iterations") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxIterations, &o->iterations)); }
     else return invalid_argument("unknown option ", flag);
   }
-  if (o->backend.empty()) o->backend = layer::cuda_device_available() ? "cuda" : "cpu";  // cpu without a GPU
-  if (o->backend != "cpu" && o->backend != "cuda") return invalid_argument("--backend: expected cpu or cuda, got ", o->backend);
-  if (o->dtype != "f32" && o->dtype != "bf16" && o->dtype != "f16") {
-    return invalid_argument("--dtype: expected f32, bf16 or f16, got ", o->dtype);
-  }
-  if (o->shared_experts != "fused" && o->shared_experts != "apart") {
-    return invalid_argument("--shared-experts: expected fused or apart, got ", o->shared_experts);
-  }
-  if (o->placement != "linear" && o->placement != "round_robin") {
-    return invalid_argument("--expert-placement: expected linear or round_robin, got ", o->placement);
-  }
-  const bool random_weights = o->weights.size() == 1 && o->weights[0] == "random";
+  if (!o->backend) o->backend = layer::cuda_device_available() ? Backend::kCuda : Backend::kCpu;  // cpu without a GPU
+  o->random_weights = o->weights.size() == 1 && o->weights[0] == "random";
+  const bool random_weights = o->random_weights;
   if (random_weights) {
-    if (o->command != "bench" || o->backend != "cuda") {
+    if (o->command != "bench" || o->backend != Backend::kCuda) {
       return invalid_argument("--weights random: only for `moe bench` on the cuda backend (weights generated on the GPU)");
     }
     if (o->ep_size != 1 || o->tp_size != 1) return invalid_argument("--weights random: one rank only (no --ep-size/--tp-size)");
@@ -129,7 +150,6 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
   return Status::ok();
 }
 
-DType dtype_of(const std::string& s) { return s == "f32" ? DType::kF32 : s == "f16" ? DType::kF16 : DType::kBF16; }
 
 layer::ParallelLayout layout_of(const Options& o) {
   layer::ParallelLayout p;
@@ -137,28 +157,28 @@ layer::ParallelLayout layout_of(const Options& o) {
   p.tp_rank = o.tp_rank;
   p.ep_size = o.ep_size;
   p.ep_rank = o.ep_rank;
-  p.placement = o.placement == "round_robin" ? ExpertPlacement::kRoundRobin : ExpertPlacement::kLinear;
+  p.placement = o.placement;
   return p;
 }
 
 Status check_backend(const Options& o) {
-  if (o.backend == "cuda" && !layer::cuda_device_available()) {
+  if (o.backend == Backend::kCuda && !layer::cuda_device_available()) {
     return unsupported("--backend cuda: no CUDA device with compute capability >= 9.0 is present (use --backend cpu)");
   }
   return Status::ok();
 }
 
 layer::MoeLayer::KernelFinder finder(const Options& o) {
-  return o.backend == "cuda" ? &layer::find_cuda_kernel : &layer::find_kernel;
+  return o.backend == Backend::kCuda ? &layer::find_cuda_kernel : &layer::find_kernel;
 }
 
 Status load_layer(const Options& o, io::Checkpoint* ckpt, layer::MoeLayer* l, bool make_resident = true) {
   layer::ModelConfig config;
   MOE_RETURN_IF_ERROR(layer::load_model_config(o.model_config, &config));
   MOE_RETURN_IF_ERROR(io::Checkpoint::open(o.weights, ckpt));
-  MOE_RETURN_IF_ERROR(layer::MoeLayer::load(config, layout_of(o), dtype_of(o.dtype), *ckpt, o.layer_prefix, l));
+  MOE_RETURN_IF_ERROR(layer::MoeLayer::load(config, layout_of(o), o.dtype, *ckpt, o.layer_prefix, l));
   // On the GPU the weights are copied once and stay resident; each forward copies activations.
-  if (o.backend == "cuda" && make_resident) MOE_RETURN_IF_ERROR(layer::make_layer_resident(l));
+  if (o.backend == Backend::kCuda && make_resident) MOE_RETURN_IF_ERROR(layer::make_layer_resident(l));
   return Status::ok();
 }
 
@@ -224,7 +244,7 @@ Status command_run(const Options& o, std::ostream& out) {
   }
   out << "moe run: " << l.config().architecture_name << ", " << M << " tokens, H=" << l.config().hidden
       << ", E=" << l.config().num_experts << " (top_k " << k << ", " << l.num_local_experts() << " local), dtype "
-      << to_string(l.dtype()) << ", " << o.backend << " backend: " << ms << " ms\n"
+      << to_string(l.dtype()) << ", " << to_string(*o.backend) << " backend: " << ms << " ms\n"
       << "wrote " << o.output << ": output [" << M << ", " << l.config().hidden << "] (mean |x| "
       << (M > 0 ? sum_abs / static_cast<double>(M * l.config().hidden) : 0.0) << "), topk_ids, topk_weights\n";
   return Status::ok();
@@ -235,7 +255,7 @@ Status command_info(const Options& o, std::ostream& out) {
   io::Checkpoint ckpt;
   layer::MoeLayer l;
   MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l));
-  out << l.describe() << "backend           " << o.backend << "\n";
+  out << l.describe() << "backend           " << to_string(*o.backend) << "\n";
   return Status::ok();
 }
 
@@ -266,15 +286,15 @@ Status time_calls(long iterations, std::ostream& err, F once, std::vector<double
   return Status::ok();
 }
 
-void report(std::ostream& out, const std::string& what, const std::string& backend, Index M, Index H, Index I, int k,
+void report(std::ostream& out, const std::string& what, Backend backend, Index M, Index H, Index I, int k,
             Index experts_hit, std::size_t elem, std::vector<double> ms) {
   std::sort(ms.begin(), ms.end());
   const double med = ms[ms.size() / 2] * 1e-3;
   const double flops = 6.0 * static_cast<double>(M) * k * H * I;
   const double bytes = static_cast<double>(experts_hit) * 3 * H * I * elem + 2.0 * M * H * elem;
   out << what << ": M=" << M << ", median of " << ms.size() << ": " << med * 1e6 << " us, " << flops / med * 1e-12
-      << " TFLOP/s, " << bytes / med * 1e-9 << " GB/s (" << backend << " backend"
-      << (backend == "cuda" ? ", weights resident, including host-device copies of the activations" : "") << ")\n";
+      << " TFLOP/s, " << bytes / med * 1e-9 << " GB/s (" << to_string(backend) << " backend"
+      << (backend == Backend::kCuda ? ", weights resident, including host-device copies of the activations" : "") << ")\n";
 }
 
 // `moe bench` of a device layer: the layer forward and its experts stage alone, from CUDA graphs.
@@ -296,7 +316,7 @@ Status report_device_layer(std::ostream& out, const layer::ModelConfig& c, const
 
 Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
   MOE_RETURN_IF_ERROR(check_backend(o));
-  const DType dt = dtype_of(o.dtype);
+  const DType dt = o.dtype;
   const Index M = o.tokens;
   std::mt19937 gen(7);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -339,7 +359,7 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
     }
     layer::ForwardRequest r;
     std::shared_ptr<void> d_w13, d_w2;
-    if (o.backend == "cuda") {  // weights uploaded once, as a resident layer's
+    if (o.backend == Backend::kCuda) {  // weights uploaded once, as a resident layer's
       MOE_RETURN_IF_ERROR(layer::upload_to_device(w13.bytes.data(), w13.bytes.size(), &d_w13));
       MOE_RETURN_IF_ERROR(layer::upload_to_device(w2.bytes.data(), w2.bytes.size(), &d_w2));
       w13.bytes.clear();
@@ -356,14 +376,14 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
     std::vector<double> ms;
     MOE_RETURN_IF_ERROR(fn(r));  // warm-up
     MOE_RETURN_IF_ERROR(time_calls(o.iterations, err, [&] { return fn(r); }, &ms));
-    report(out, std::string("bench ") + s->name, o.backend, M, s->H, s->I, s->top_k, std::count(hit.begin(), hit.end(), true), elem, ms);
+    report(out, std::string("bench ") + s->name, *o.backend, M, s->H, s->I, s->top_k, std::count(hit.begin(), hit.end(), true), elem, ms);
     return Status::ok();
   }
   layer::DeviceLayer::Options dopt;
   dopt.max_tokens = std::max<Index>(M, 1);
-  dopt.fuse_shared_experts = o.shared_experts == "fused";
+  dopt.fuse_shared_experts = o.fuse_shared_experts;
   std::unique_ptr<layer::DeviceLayer> dev;
-  if (o.weights.size() == 1 && o.weights[0] == "random") {  // model-sized layer without a checkpoint
+  if (o.random_weights) {  // model-sized layer without a checkpoint
     if (M < 1) return invalid_argument("--tokens: expected >= 1 for --weights random");
     layer::ModelConfig config;
     MOE_RETURN_IF_ERROR(layer::load_model_config(o.model_config, &config));
@@ -372,9 +392,9 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
   }
   io::Checkpoint ckpt;
   layer::MoeLayer l;
-  MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l, /*make_resident=*/o.backend != "cuda" || M < 1));
+  MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l, /*make_resident=*/o.backend != Backend::kCuda || M < 1));
   const Index H = l.config().hidden;
-  if (o.backend == "cuda" && M >= 1) {  // the layer on the device: graph replays, beside its experts stage alone
+  if (o.backend == Backend::kCuda && M >= 1) {  // the layer on the device: graph replays, beside its experts stage alone
     MOE_RETURN_IF_ERROR(layer::DeviceLayer::create(l, dopt, &dev));
     return report_device_layer(out, l.config(), *dev, M, o.iterations);
   }
@@ -389,7 +409,7 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
   for (auto id : r.topk_ids) {
     if (id < l.config().num_experts) hit[id] = true;  // zero experts (ids >= E) read no weights
   }
-  report(out, "bench " + l.config().architecture_name, o.backend, M, H, l.config().intermediate, l.config().top_k,
+  report(out, "bench " + l.config().architecture_name, *o.backend, M, H, l.config().intermediate, l.config().top_k,
          std::count(hit.begin(), hit.end(), true), dt == DType::kF32 ? 4 : 2, ms);
   return Status::ok();
 }

@@ -8,19 +8,19 @@
 
 namespace moe::cpu {
 
-using MatrixRM = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using ArrayRM = Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using StridedMap = Eigen::Map<MatrixRM, 0, Eigen::OuterStride<>>;
-using ConstStridedMap = Eigen::Map<const MatrixRM, 0, Eigen::OuterStride<>>;
+using MatrixRM = ::Eigen::Matrix<float, ::Eigen::Dynamic, ::Eigen::Dynamic, ::Eigen::RowMajor>;
+using ArrayRM = ::Eigen::Array<float, ::Eigen::Dynamic, ::Eigen::Dynamic, ::Eigen::RowMajor>;
+using StridedMap = ::Eigen::Map<MatrixRM, 0, ::Eigen::OuterStride<>>;
+using ConstStridedMap = ::Eigen::Map<const MatrixRM, 0, ::Eigen::OuterStride<>>;
 // A block whose columns may be spaced (interleaved gate/up): Stride<row stride, column step>.
-using ConstSpacedArray = Eigen::Map<const ArrayRM, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+using ConstSpacedArray = ::Eigen::Map<const ArrayRM, 0, ::Eigen::Stride<::Eigen::Dynamic, ::Eigen::Dynamic>>;
 
 // An Eigen map of a float matrix view (rows may be padded; columns contiguous).
 inline ConstStridedMap as_eigen(HostView<const float, 2> v) {
-  return ConstStridedMap(v.data(), v.extent(0), v.extent(1), Eigen::OuterStride<>(v.stride(0)));
+  return ConstStridedMap(v.data(), v.extent(0), v.extent(1), ::Eigen::OuterStride<>(v.stride(0)));
 }
 inline StridedMap as_eigen(HostView<float, 2> v) {
-  return StridedMap(v.data(), v.extent(0), v.extent(1), Eigen::OuterStride<>(v.stride(0)));
+  return StridedMap(v.data(), v.extent(0), v.extent(1), ::Eigen::OuterStride<>(v.stride(0)));
 }
 
 // Converts a [rows, cols] matrix of storage type T to dense float (row stride `cols`).

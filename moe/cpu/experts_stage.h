@@ -29,13 +29,13 @@ struct BlockContext {
   ConstSpacedArray accumulator_block() const { return part(acc, rows, ld, P); }
   template <epilogue::Part P>
   auto bias_block() const { return part(bias, 1, 0, P).replicate(rows, 1); }
-  auto router_weight_block() const { return Eigen::Map<const Eigen::ArrayXf>(weight, rows).replicate(1, cols); }
+  auto router_weight_block() const { return ::Eigen::Map<const ::Eigen::ArrayXf>(weight, rows).replicate(1, cols); }
   template <class A>
   const typename A::Arguments& activation_arguments() const { return *activation; }
 
  private:
   ConstSpacedArray part(const float* base, Index r, Index row_stride, epilogue::Part p) const {
-    using S = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
+    using S = ::Eigen::Stride<::Eigen::Dynamic, ::Eigen::Dynamic>;
     if (p == epilogue::Part::kAll) return ConstSpacedArray(base, r, cols, S(row_stride, 1));
     const bool up = p == epilogue::Part::kUp;
     if (interleaved) return ConstSpacedArray(base + (up ? 1 : 0), r, cols, S(row_stride, 2));
@@ -102,12 +102,12 @@ struct ExpertsStage {
 
     ConstStridedMap w13 = weights(p.w13[e], panel13);
     ConstStridedMap w2 = weights(p.w2[e], panel2);
-    Eigen::Map<const MatrixRM> a(input + begin * H, n, H);
+    ::Eigen::Map<const MatrixRM> a(input + begin * H, n, H);
 
     // GEMM1 + epilogue 1.
-    StridedMap c1(acc1 + begin * ld_out, n, N1, Eigen::OuterStride<>(ld_out));
+    StridedMap c1(acc1 + begin * ld_out, n, N1, ::Eigen::OuterStride<>(ld_out));
     c1.noalias() = a * w13.transpose();
-    Eigen::Map<ArrayRM> act(intermediate + begin * I, n, I);
+    ::Eigen::Map<ArrayRM> act(intermediate + begin * I, n, I);
     const BlockContext<Activation> ctx1{c1.data(), n, I, ld_out, Activation::kLayout == GateUpLayout::kInterleaved,
                                         bias13, nullptr, &p.activation};
     if (p.w13_bias) {
@@ -117,7 +117,7 @@ struct ExpertsStage {
     }
 
     // GEMM2 + epilogue 2 (in place: each element reads only its own accumulator).
-    StridedMap c2(output + begin * ld_out, n, H, Eigen::OuterStride<>(ld_out));
+    StridedMap c2(output + begin * ld_out, n, H, ::Eigen::OuterStride<>(ld_out));
     c2.noalias() = act.matrix() * w2.transpose();
     const BlockContext<Activation> ctx2{c2.data(), n, H, ld_out, false, bias2,
                                         row_weight ? row_weight + begin : nullptr, &p.activation};
@@ -148,9 +148,9 @@ struct ExpertsStage {
         float* dst = panel + r * w.extent(1);
         for (Index c = 0; c < w.extent(1); ++c) dst[c] = Quant::dequantize_weight(src[c], 1.0f);
       }
-      return ConstStridedMap(panel, w.extent(0), w.extent(1), Eigen::OuterStride<>(w.extent(1)));
+      return ConstStridedMap(panel, w.extent(0), w.extent(1), ::Eigen::OuterStride<>(w.extent(1)));
     } else {
-      return ConstStridedMap(w.data(), w.extent(0), w.extent(1), Eigen::OuterStride<>(w.stride(0)));
+      return ConstStridedMap(w.data(), w.extent(0), w.extent(1), ::Eigen::OuterStride<>(w.stride(0)));
     }
   }
 };

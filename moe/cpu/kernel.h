@@ -22,33 +22,11 @@
 
 #include "moe/arguments.h"
 #include "moe/cpu/experts_stage.h"
+#include "moe/cpu/options.h"
 #include "moe/cpu/parallel.h"
 #include "moe/cpu/router_stage.h"
 #include "moe/expert_map.h"
 #include "moe/kernel.h"
-
-namespace moe::cpu {
-
-// Backend tag.
-struct Eigen {
-  using Space = HostSpace;
-  static constexpr std::string_view kName = "cpu_eigen";
-};
-
-// What the CPU backend does with a precomputed top-k id outside [0, E_global).
-enum class InvalidIds {
-  kReject,  // error before anything is written (default)
-  kSkip,    // the slot contributes zero, as the unchecked CUDA path and vLLM's kernels do
-};
-
-struct Options {
-  Index chunk_tokens = 16384;  // tokens per chunk; bounds the workspace (vLLM's default chunk)
-  int num_threads = default_num_threads();
-  InvalidIds invalid_ids = InvalidIds::kReject;
-  Index row_block = 256;  // rows per parallel task
-};
-
-}  // namespace moe::cpu
 
 namespace moe {
 

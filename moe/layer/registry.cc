@@ -2,6 +2,7 @@
 
 #include <sstream>
 
+#include "moe/cpu/kernel.h"
 #include "moe/quant/none.h"
 
 namespace moe::layer {

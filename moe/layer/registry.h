@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "moe/cpu/kernel.h"
+#include "moe/cpu/options.h"
 #include "moe/status.h"
 #include "moe/tensor.h"
 

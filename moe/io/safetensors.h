@@ -25,6 +25,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moe/any_tensor.h"
 #include "moe/io/json.h"
 #include "moe/status.h"
 #include "moe/tensor.h"

@@ -23,6 +23,7 @@
 #include <memory>
 #include <optional>
 
+#include "moe/any_tensor.h"
 #include "moe/layer/moe_layer.h"
 
 namespace moe::layer {

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/any_tensor.h"
 #include "moe/cpu/options.h"
 #include "moe/status.h"
 #include "moe/tensor.h"

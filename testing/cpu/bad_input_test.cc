@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/any_tensor.h"
 #include "testing/lib/harness.h"
 
 namespace {

@@ -10,19 +10,19 @@
 
 #include "cli/commands.h"
 #include "moe/io/safetensors.h"
-#include "testing/lib/hf_checkpoint.h"
+#include "moe/io/synthetic_checkpoint.h"
 
 int main() {
   namespace fs = std::filesystem;
   const fs::path dir = fs::temp_directory_path() / ("moe_demo_" + std::to_string(::getpid()));
   fs::create_directories(dir);
-  moe::testing::HfLayerSpec spec;
+  moe::io::HfLayerSpec spec;
   spec.architecture = "Qwen3MoeForCausalLM";
   spec.hidden = 256;
   spec.intermediate = 128;
   spec.num_experts = 16;
   spec.top_k = 4;
-  moe::testing::HfCheckpointWriter writer(spec);
+  moe::io::HfCheckpointWriter writer(spec);
   moe::check(writer.write(dir.string()));
 
   const moe::Index M = 32;

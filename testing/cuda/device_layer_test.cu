@@ -16,7 +16,7 @@
 #include "moe/layer/moe_layer.h"
 #include "testing/lib/compare.h"
 #include "testing/lib/gpu.h"
-#include "testing/lib/hf_checkpoint.h"
+#include "moe/io/synthetic_checkpoint.h"
 
 namespace {
 
@@ -62,7 +62,7 @@ void expect_same_layer(const moe::layer::MoeLayer::Result& cpu, const moe::layer
 }
 
 struct Layer {
-  moe::testing::HfLayerSpec spec;
+  moe::io::HfLayerSpec spec;
   moe::layer::ModelConfig config;
   moe::io::Checkpoint ckpt;
   std::string prefix;
@@ -76,7 +76,7 @@ void load(const std::string& arch, bool mxfp4, Layer* l) {
   l->spec.architecture = arch;
   l->spec.mxfp4 = mxfp4;
   l->spec.top_k = arch == "Llama4ForCausalLM" ? 1 : 2;
-  moe::testing::HfCheckpointWriter writer(l->spec);
+  moe::io::HfCheckpointWriter writer(l->spec);
   ASSERT_TRUE(writer.write(dir.string()).is_ok());
   l->prefix = writer.prefix();
   ASSERT_TRUE(moe::layer::load_model_config((dir / "config.json").string(), &l->config).is_ok());

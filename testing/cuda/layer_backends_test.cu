@@ -11,7 +11,7 @@
 #include "moe/layer/moe_layer.h"
 #include "testing/lib/compare.h"
 #include "testing/lib/gpu.h"
-#include "testing/lib/hf_checkpoint.h"
+#include "moe/io/synthetic_checkpoint.h"
 
 namespace {
 
@@ -38,11 +38,11 @@ TEST_P(LayerBackends, CudaMatchesCpu) {
   const char* tmp = std::getenv("TEST_TMPDIR");
   const std::filesystem::path dir = std::filesystem::path(tmp ? tmp : "/tmp") / ("layer_" + arch + (mxfp4 ? "_mxfp4" : ""));
   std::filesystem::create_directories(dir);
-  moe::testing::HfLayerSpec spec;
+  moe::io::HfLayerSpec spec;
   spec.architecture = arch;
   spec.mxfp4 = mxfp4;
   spec.top_k = arch == "Llama4ForCausalLM" ? 1 : 2;
-  moe::testing::HfCheckpointWriter writer(spec);
+  moe::io::HfCheckpointWriter writer(spec);
   ASSERT_TRUE(writer.write(dir.string()).is_ok());
   moe::layer::ModelConfig config;
   ASSERT_TRUE(moe::layer::load_model_config((dir / "config.json").string(), &config).is_ok());

@@ -35,7 +35,7 @@
 #include "moe/layer/moe_layer.h"
 #include "testing/layer/hf_reference.h"
 #include "testing/lib/compare.h"
-#include "testing/lib/hf_checkpoint.h"
+#include "moe/io/synthetic_checkpoint.h"
 #include "testing/lib/random.h"
 
 namespace moe {
@@ -43,8 +43,8 @@ namespace {
 
 using layer::MoeLayer;
 using layer::ParallelLayout;
-using testing::HfCheckpointWriter;
-using testing::HfLayerSpec;
+using io::HfCheckpointWriter;
+using io::HfLayerSpec;
 
 constexpr double kF32Tol = 1e-4;
 constexpr double kBF16Tol = 2e-2;

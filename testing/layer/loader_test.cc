@@ -23,7 +23,7 @@
 #include "moe/layer/model_config.h"
 #include "moe/layer/moe_layer.h"
 #include "testing/layer/hf_reference.h"
-#include "testing/lib/hf_checkpoint.h"
+#include "moe/io/synthetic_checkpoint.h"
 #include "testing/lib/random.h"
 
 namespace moe {
@@ -31,8 +31,8 @@ namespace {
 
 using layer::MoeLayer;
 using layer::ParallelLayout;
-using testing::HfCheckpointWriter;
-using testing::HfLayerSpec;
+using io::HfCheckpointWriter;
+using io::HfLayerSpec;
 using testing::hf::EditableTensor;
 
 // The status is an error whose message is one line and contains every part.

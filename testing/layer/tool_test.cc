@@ -19,7 +19,7 @@
 #include "moe/layer/model_config.h"
 #include "moe/layer/moe_layer.h"
 #include "testing/layer/hf_reference.h"
-#include "testing/lib/hf_checkpoint.h"
+#include "moe/io/synthetic_checkpoint.h"
 #include "testing/lib/random.h"
 
 namespace moe {
@@ -28,8 +28,8 @@ namespace {
 namespace fs = std::filesystem;
 using layer::MoeLayer;
 using layer::ParallelLayout;
-using testing::HfCheckpointWriter;
-using testing::HfLayerSpec;
+using io::HfCheckpointWriter;
+using io::HfLayerSpec;
 
 struct ToolResult {
   int rc = -1;

@@ -1,6 +1,7 @@
-// Writes tiny random Hugging Face checkpoints (config.json + model.safetensors) of one MoE layer
-// for every supported architecture, in each model's own tensor names and layouts. Used by the
-// layer tests, the tool's tests and the demo.
+// Writes small random Hugging Face checkpoints (config.json + model.safetensors) of one MoE layer
+// for every supported architecture, in each model's own tensor names and layouts: the demo's
+// input (the README's main job), the layer's and the tool's tests, and a start for a user who
+// wants to try the tool without downloading a model.
 #pragma once
 
 #include <cmath>
@@ -16,7 +17,7 @@
 #include "moe/io/safetensors.h"
 #include "moe/quant/numeric.h"
 
-namespace moe::testing {
+namespace moe::io {
 
 struct HfLayerSpec {
   std::string architecture = "Qwen3MoeForCausalLM";
@@ -196,4 +197,4 @@ class HfCheckpointWriter {
   std::map<std::string, Stored> tensors_;
 };
 
-}  // namespace moe::testing
+}  // namespace moe::io

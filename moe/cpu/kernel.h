@@ -25,6 +25,7 @@
 #include "moe/cpu/options.h"
 #include "moe/cpu/parallel.h"
 #include "moe/cpu/router_stage.h"
+#include "moe/detail/workspace.h"
 #include "moe/expert_map.h"
 #include "moe/kernel.h"
 
@@ -40,6 +41,7 @@ class Kernel<Spec, cpu::Eigen> {
   using Stage = cpu::ExpertsStage<typename Spec::Experts, IO>;
   static constexpr bool kBatched = PF::kFormat == ActivationFormat::kBatchedExperts;
 
+  using Carver = detail::WorkspaceCarver<64>;  // the workspace: cache-line aligned regions
   explicit Kernel(cpu::Options options = {}) : options_(options) {}
   const cpu::Options& options() const { return options_; }
 
@@ -80,7 +82,7 @@ class Kernel<Spec, cpu::Eigen> {
       }
       return Status::ok();
     }
-    Buffers b = carve(l, workspace.data());
+    Buffers b = carve(l, Carver::aligned_base(workspace.data()));
     if constexpr (kBatched) MOE_RETURN_IF_ERROR(check_capacity(a, p, b));
     for (Index m0 = 0; m0 < p.num_tokens; m0 += l.chunk) {
       const Index m1 = std::min(p.num_tokens, m0 + l.chunk);
@@ -142,12 +144,8 @@ class Kernel<Spec, cpu::Eigen> {
     l.ld = std::max(p.gemm1_width, p.hidden);
     l.num_tasks = p.num_local_experts + (l.rows + options_.row_block - 1) / std::max<Index>(1, options_.row_block);
     l.thread_floats = Stage::thread_scratch_floats(stage_params(a, p));
-    std::size_t off = 0;
-    auto take = [&](std::size_t bytes) {
-      const std::size_t at = off;
-      off += (bytes + 63) / 64 * 64;
-      return at;
-    };
+    Carver carver;
+    const auto take = [&](std::size_t bytes) { return carver.take(bytes); };
     const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
     l.ids = take(n(l.slots) * sizeof(std::int32_t));
     l.weights = take(n(l.slots) * sizeof(float));
@@ -164,7 +162,7 @@ class Kernel<Spec, cpu::Eigen> {
     l.acc = take(n(l.rows) * n(l.ld) * sizeof(float));
     l.inter = take(n(l.rows) * n(p.intermediate) * sizeof(float));
     l.thread = take(n(options_.num_threads) * n(l.thread_floats) * sizeof(float));
-    l.total = off;
+    l.total = carver.total();
     return l;
   }
 

@@ -29,6 +29,7 @@
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
 #include "moe/cuda/gemm/sm80_mainloops.cuh"
 #include "moe/cuda/radix_bits.h"
+#include "moe/detail/workspace.h"
 #include "moe/cuda/stages.cuh"
 #include "moe/expert_map.h"
 #include "moe/kernel.h"
@@ -105,7 +106,7 @@ class Kernel<Spec, Arch> {
       }
       return Status::ok();
     }
-    const Buffers b = carve(l, workspace.data());
+    const Buffers b = carve(l, Carver::aligned_base(workspace.data()));
     for (Index m0 = 0; m0 < p.num_tokens; m0 += l.chunk) {
       const Index m1 = std::min(p.num_tokens, m0 + l.chunk);
       MOE_RETURN_IF_ERROR(run_chunk(a, p, l, b, m0, m1, stream));
@@ -115,6 +116,7 @@ class Kernel<Spec, Arch> {
 
  private:
   static constexpr int kThreads = 256;
+  using Carver = detail::WorkspaceCarver<256>;  // the workspace: 256-byte aligned regions
   // Programmatic dependent launch (moe/cuda/launch.h) for the stage kernels that keep its
   // contract: on sm_90 tags (the device was checked), unless the options turn it off.
   bool programmatic_launch() const { return kArchHasSm90 && options_.programmatic_dependent_launch; }
@@ -161,12 +163,8 @@ class Kernel<Spec, Arch> {
                                       static_cast<std::int32_t*>(nullptr), static_cast<int>(l.slots), 0,
                                       cuda::detail::radix_sort_bits(p.num_local_experts));  // keys in [0, E_local]
     }
-    std::size_t off = 0;
-    auto take = [&](std::size_t bytes) {
-      const std::size_t at = off;
-      off += (bytes + 255) / 256 * 256;
-      return at;
-    };
+    Carver carver;
+    const auto take = [&](std::size_t bytes) { return carver.take(bytes); };
     const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
     const std::size_t S = n(l.slots), E = n(p.num_experts), L = n(p.num_local_experts), R = n(l.rows);
     l.ids = take(S * 4);
@@ -197,7 +195,7 @@ class Kernel<Spec, Arch> {
     l.gemm1_out = take(cutlass_tile ? R * n(p.gemm1_width) * sizeof(IO) : 0);
     l.gemm_ws_bytes = cutlass_tile && L > 0 ? cuda::gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(L)) : 0;
     l.gemm_ws = take(l.gemm_ws_bytes);
-    l.total = off;
+    l.total = carver.total();
     return l;
   }
 

@@ -37,6 +37,7 @@
 
 #include "moe/cuda/check.h"
 #include "moe/cuda/radix_bits.h"
+#include "moe/detail/workspace.h"
 #include "moe/detail/validate.h"
 #include "moe/expert_map.h"
 #include "moe/quant/numeric.h"
@@ -74,21 +75,9 @@ MOE_HOST_DEVICE Index round_up_hd(Index x, Index m) { return (x + m - 1) / m * m
 MOE_DEVICE Index global_thread() { return static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; }
 MOE_DEVICE Index grid_threads() { return static_cast<Index>(gridDim.x) * blockDim.x; }
 
-// Workspace layout: 256-byte aligned regions from a base the op aligns itself (the total
-// includes kAlign bytes of slack, so any span of workspace_bytes() bytes works).
-struct Carve {
-  std::size_t off = 0;
-  std::size_t take(std::size_t bytes) {
-    const std::size_t at = off;
-    off += (bytes + kAlign - 1) / kAlign * kAlign;
-    return at;
-  }
-  std::size_t total() const { return off == 0 ? 0 : off + kAlign; }
-};
-inline std::byte* aligned_base(std::byte* p) {
-  const auto u = reinterpret_cast<std::uintptr_t>(p);
-  return p + (kAlign - u % kAlign) % kAlign;
-}
+// Workspace layout: 256-byte aligned regions from a base the op aligns itself (moe/detail/workspace.h).
+using Carve = moe::detail::WorkspaceCarver<kAlign>;
+inline std::byte* aligned_base(std::byte* p) { return Carve::aligned_base(p); }
 template <class T>
 T* at(std::byte* base, std::size_t off) {
   return reinterpret_cast<T*>(base + off);

@@ -453,12 +453,8 @@ Status DeviceLayer::Impl::allocate_workspace() {
   // Workspace: per-forward buffers for max_tokens, then the largest expert-kernel workspace over
   // every chunk size (the kernel's tile and split choices depend on the token count).
   const Index Mx = d.options.max_tokens;
-  std::size_t off = 0;
-  const auto take = [&](std::size_t bytes) {
-    const std::size_t at = off;
-    off += (bytes + 255) / 256 * 256;
-    return at;
-  };
+  detail::WorkspaceCarver<256> carver;  // cudaMalloc's base is aligned: no slack needed, total() has it
+  const auto take = [&](std::size_t bytes) { return carver.take(bytes); };
   d.ws.logits = take(static_cast<std::size_t>(Mx) * d.logit_pieces() * d.E_router * 4);
   d.ws.ids = take(static_cast<std::size_t>(Mx) * d.slots() * 4);
   d.ws.weights = take(static_cast<std::size_t>(Mx) * d.slots() * 4);
@@ -480,7 +476,7 @@ Status DeviceLayer::Impl::allocate_workspace() {
   d.ws.experts = take(experts);
   d.ws.shared_experts_bytes = shared;  // its own: the two passes run concurrently
   d.ws.shared_experts = take(shared);
-  d.ws.total = off;
+  d.ws.total = carver.total();
   MOE_RETURN_IF_ERROR(allocate(d.ws.total, &d.workspace));
   if (d.shared_apart) {  // the shared pass routes every token to its one expert: ids stay zero
     MOE_CUDA_TRY(cudaMemset(static_cast<std::byte*>(d.workspace.get()) + d.ws.zeros, 0, static_cast<std::size_t>(Mx) * 4));

@@ -170,7 +170,8 @@ constexpr int kWarpRouteMaxExperts = 1024;
 constexpr int kWarpRouteWarps = 4;
 
 struct WarpRouteParams {
-  const float* logits;  // [M, pieces * E]: logit e = sum over pieces p (in order) of [m, p * E + e]
+  float* logits;        // [M, pieces * E]: logit e = sum over pieces p (in order) of [m, p * E + e];
+                        // with pieces, the kernel writes the sums over the first E columns
   int logit_pieces;     // 1, or 3 (split_router_kernel's pieces, before their router bias)
   const float* router_bias;  // [E] or null: added to the summed pieces
   Index M;
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(32 * kWarpRouteWarps) warp_route_kernel(WarpRo
   const int E = p.E;
   const float inf = math::infinity();
   if (p.logit_pieces > 1) {  // sum the pieces into the first E columns (this warp's row only)
-    float* row = const_cast<float*>(p.logits) + m * p.logit_pieces * E;
+    float* row = p.logits + m * p.logit_pieces * E;
     for (int i = lane; i < E; i += 32) {
       float v = row[i];
       for (int q = 1; q < p.logit_pieces; ++q) v += row[q * E + i];

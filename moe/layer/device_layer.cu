@@ -358,6 +358,8 @@ Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, 
   return Status::ok();
 }
 
+namespace {
+
 __global__ void fill_normal_kernel(void* data, DType dtype, std::size_t n, float scale, std::uint64_t seed) {
   for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
@@ -383,6 +385,8 @@ Status fill_random(DeviceMemory* m, DType dtype, std::size_t count, float scale,
   MOE_CUDA_CHECK_LAUNCH();
   return Status::ok();
 }
+
+}  // namespace
 
 Status DeviceLayer::create_random(const ModelConfig& config, DType dtype, const Options& options, std::uint64_t seed,
                                   std::unique_ptr<DeviceLayer>* out) {

@@ -17,13 +17,16 @@
 // in the same process, else the anchors' (4245 GB/s, 673 TFLOP/s).
 //
 // Flags (before Google Benchmark's): --tune_tiles also registers every Hopper tile for every row
-// (bf16_tile/<tile>/<shape>/<M>), the run that regenerates the table in moe/cuda/gemm/schedule.h.
+// (bf16_tile/<tile>/<shape>/<M>), the run that regenerates the table in moe/cuda/gemm/schedule.h;
+// --ab_launch runs only bf16_ab_launch/<shape>/<M>: the programmatic launch modes of
+// cuda::Options, interleaved on the same allocations (counters us_every, us_fused_swap_only, us_off).
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -76,33 +79,46 @@ T* device_alloc(std::size_t n) {
   return static_cast<T*>(p);
 }
 
-// Median of `reps` event timings of `body`, each after an L2 flush, in seconds.
+// Median event timing of each of `bodies`, in seconds. Each repetition runs every body in turn,
+// each after an L2 flush, so variants compared in one row see the same allocations and the same
+// machine state; the benchmark's iteration time is the first body's.
 template <class F>
-double median_seconds(benchmark::State& state, cudaStream_t stream, F body) {
+std::vector<double> median_seconds(benchmark::State& state, cudaStream_t stream, const std::vector<F>& bodies) {
   const std::size_t flush_bytes = 256u << 20;
   auto* flush = device_alloc<std::byte>(flush_bytes);
   cudaEvent_t start, stop;
   cuda_ok(cudaEventCreate(&start));
   cuda_ok(cudaEventCreate(&stop));
-  body();  // warm-up
+  for (const F& body : bodies) body();  // warm-up
   cuda_ok(cudaStreamSynchronize(stream));
-  std::vector<float> times;
+  std::vector<std::vector<float>> times(bodies.size());
   for (auto _ : state) {
-    cuda_ok(cudaMemsetAsync(flush, 0, flush_bytes, stream));
-    cuda_ok(cudaEventRecord(start, stream));
-    body();
-    cuda_ok(cudaEventRecord(stop, stream));
-    cuda_ok(cudaEventSynchronize(stop));
-    float ms = 0;
-    cuda_ok(cudaEventElapsedTime(&ms, start, stop));
-    state.SetIterationTime(ms * 1e-3);
-    times.push_back(ms);
+    for (std::size_t v = 0; v < bodies.size(); ++v) {
+      cuda_ok(cudaMemsetAsync(flush, 0, flush_bytes, stream));
+      cuda_ok(cudaEventRecord(start, stream));
+      bodies[v]();
+      cuda_ok(cudaEventRecord(stop, stream));
+      cuda_ok(cudaEventSynchronize(stop));
+      float ms = 0;
+      cuda_ok(cudaEventElapsedTime(&ms, start, stop));
+      if (v == 0) state.SetIterationTime(ms * 1e-3);
+      times[v].push_back(ms);
+    }
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
   cudaFree(flush);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2] * 1e-3;
+  std::vector<double> medians;
+  for (std::vector<float>& t : times) {
+    std::sort(t.begin(), t.end());
+    medians.push_back(t[t.size() / 2] * 1e-3);
+  }
+  return medians;
+}
+
+template <class F>
+double median_seconds(benchmark::State& state, cudaStream_t stream, F body) {
+  return median_seconds(state, stream, std::vector<F>{std::move(body)})[0];
 }
 
 // ---- ceilings ------------------------------------------------------------------------------------
@@ -168,7 +184,16 @@ using Spec = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>
                        moe::Experts<moe::SiluAndMul, moe::quant::BF16>>;
 using Kernel = moe::Kernel<Spec, moe::cuda::Sm90>;
 
-void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, moe::cuda::Options options) {
+// A forward configuration compared in one row (see Forward).
+struct Variant {
+  std::string label;
+  moe::cuda::Options options;
+};
+
+// The forward of one shape at M tokens. With several variants (the --ab rows), each is captured in
+// its own graph over the same weights, inputs and workspace and timed interleaved with the others:
+// counter "us" is the first variant, "us_<label>" every variant.
+void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::vector<Variant> variants) {
   const std::size_t n13 = s.E * 2 * s.I * s.H, n2 = s.E * s.H * s.I;
   auto* w13 = device_alloc<moe::bfloat16>(n13);
   auto* w2 = device_alloc<moe::bfloat16>(n2);
@@ -207,24 +232,41 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, moe::cu
   a.w13 = moe::DeviceView<const moe::bfloat16, 3>(w13, {s.E, 2 * s.I, s.H});
   a.w2 = moe::DeviceView<const moe::bfloat16, 3>(w2, {s.E, s.H, s.I});
   a.output = moe::DeviceView<moe::bfloat16, 2>(out, {M, s.H});
-  Kernel kernel(options);
-  const std::size_t ws_bytes = kernel.workspace_bytes(a);
+  std::vector<Kernel> kernels;
+  std::size_t ws_bytes = 0;
+  for (const Variant& v : variants) {
+    kernels.emplace_back(v.options);
+    ws_bytes = std::max(ws_bytes, kernels.back().workspace_bytes(a));
+  }
   auto* ws = device_alloc<std::byte>(ws_bytes);
+  const std::span<std::byte> workspace(ws, ws_bytes);
   cudaStream_t stream;
   cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaGraphExec_t exec = nullptr;
+  std::vector<cudaGraphExec_t> execs;
   if (graph) {
-    cudaGraph_t g;
-    cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    moe::check(kernel.run(a, std::span<std::byte>(ws, ws_bytes), stream));
-    cuda_ok(cudaStreamEndCapture(stream, &g));
-    cuda_ok(cudaGraphInstantiate(&exec, g, 0));
-    cuda_ok(cudaGraphDestroy(g));
+    for (const Kernel& kernel : kernels) {
+      cudaGraph_t g;
+      cudaGraphExec_t exec;
+      cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+      moe::check(kernel.run(a, workspace, stream));
+      cuda_ok(cudaStreamEndCapture(stream, &g));
+      cuda_ok(cudaGraphInstantiate(&exec, g, 0));
+      cuda_ok(cudaGraphDestroy(g));
+      execs.push_back(exec);
+    }
   }
-  const double median_s = median_seconds(state, stream, [&] {
-    if (graph) cuda_ok(cudaGraphLaunch(exec, stream));
-    else moe::check(kernel.run(a, std::span<std::byte>(ws, ws_bytes), stream));
-  });
+  std::vector<std::function<void()>> bodies;
+  for (std::size_t v = 0; v < kernels.size(); ++v) {
+    bodies.push_back([&, v] {
+      if (graph) cuda_ok(cudaGraphLaunch(execs[v], stream));
+      else moe::check(kernels[v].run(a, workspace, stream));
+    });
+  }
+  const std::vector<double> medians = median_seconds(state, stream, bodies);
+  const double median_s = medians[0];
+  if (variants.size() > 1) {
+    for (std::size_t v = 0; v < variants.size(); ++v) state.counters["us_" + variants[v].label] = medians[v] * 1e6;
+  }
   const double flops = 6.0 * M * s.top_k * s.H * s.I;
   const double bytes = static_cast<double>(hit.size()) * 3 * s.H * s.I * 2 + 2.0 * M * s.H * 2;
   const double floor_s = std::max(flops / (g_gemm_tflops * 1e12), bytes / (g_copy_gbps * 1e9));
@@ -237,46 +279,58 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, moe::cu
                   static_cast<void*>(d_ids), static_cast<void*>(d_w), static_cast<void*>(ws)}) {
     cudaFree(p);
   }
-  if (exec) cudaGraphExecDestroy(exec);
+  for (cudaGraphExec_t exec : execs) cudaGraphExecDestroy(exec);
   cudaStreamDestroy(stream);
 }
 
-void register_all(bool tune) {
+void register_row(const std::string& name, Shape s, moe::Index M, bool graph, std::vector<Variant> variants,
+                  int iterations) {
+  benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, graph, std::move(variants))
+      ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
+}
+
+void register_all(bool tune, bool ab_launch) {
   benchmark::RegisterBenchmark("ceiling/copy_2GiB", CeilingCopy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("ceiling/gemm_bf16_8192", CeilingGemm)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+  const auto row_name = [](const char* family, const Shape& s, moe::Index M) {
+    return std::string(family) + "/" + s.name + "/" + std::to_string(M);
+  };
+  if (ab_launch) {  // only the A/B of the programmatic launch modes, same allocations per row
+    using moe::cuda::ProgrammaticLaunch;
+    std::vector<Variant> modes(3);
+    modes[0].label = "every";
+    modes[1].label = "fused_swap_only";
+    modes[1].options.programmatic_launch = ProgrammaticLaunch::kFusedSwapOnly;
+    modes[2].label = "off";
+    modes[2].options.programmatic_launch = ProgrammaticLaunch::kOff;
+    for (const Shape& s : kShapes) {
+      for (const moe::Index M : kTokens) register_row(row_name("bf16_ab_launch", s, M), s, M, true, modes, 15);
+    }
+    return;
+  }
   for (const bool graph : {true, false}) {
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
-        const std::string name = std::string(graph ? "bf16_forward_graph/" : "bf16_forward/") + s.name + "/" + std::to_string(M);
-        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, graph, moe::cuda::Options{})
-            ->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+        register_row(row_name(graph ? "bf16_forward_graph" : "bf16_forward", s, M), s, M, graph, {Variant{}}, 20);
       }
     }
   }
   if (!tune) return;
-  moe::cuda::Options no_split, serial;
-  no_split.max_k_splits = 1;
-  serial.programmatic_dependent_launch = false;
-  for (const auto& [variant, options] : {std::pair{"bf16_nosplit/", no_split}, std::pair{"bf16_serial/", serial}}) {
-    for (const Shape& s : kShapes) {  // table tiles, one option changed
-      for (const moe::Index M : kTokens) {
-        const std::string name = std::string(variant) + s.name + "/" + std::to_string(M);
-        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, options)
-            ->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
-      }
-    }
+  Variant no_split{"nosplit", {}};
+  no_split.options.max_k_splits = 1;
+  for (const Shape& s : kShapes) {  // table tiles, one option changed
+    for (const moe::Index M : kTokens) register_row(row_name("bf16_nosplit", s, M), s, M, true, {no_split}, 10);
   }
   using moe::cuda::gemm::Sm90Tile;
   for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kSwap128x64,
                            Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16, Sm90Tile::kFusedSwap128x64,
                            Sm90Tile::kFusedSwap128x32, Sm90Tile::kFusedSwap128x16}) {
+    Variant pinned;
+    pinned.options.sm90_tile = t;
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
-        const std::string name = std::string("bf16_tile/") + moe::cuda::gemm::name(t) + "/" + s.name + "/" + std::to_string(M);
-        moe::cuda::Options pinned;
-        pinned.sm90_tile = t;
-        benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, true, pinned)
-            ->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
+        register_row(std::string("bf16_tile/") + moe::cuda::gemm::name(t) + "/" + s.name + "/" + std::to_string(M), s, M,
+                     true, {pinned}, 10);
       }
     }
   }
@@ -285,14 +339,15 @@ void register_all(bool tune) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool tune = false;
+  bool tune = false, ab_launch = false;
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--tune_tiles") == 0) tune = true;
+    else if (std::strcmp(argv[i], "--ab_launch") == 0) ab_launch = true;
     else rest.push_back(argv[i]);
   }
   int n = static_cast<int>(rest.size());
-  register_all(tune);
+  register_all(tune, ab_launch);
   benchmark::Initialize(&n, rest.data());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -43,6 +43,13 @@ concept ArchTag = requires {
   typename A::Schedule;
 } && std::is_same_v<typename A::Space, DeviceSpace>;
 
+// Where the forward uses programmatic dependent launch.
+enum class ProgrammaticLaunch {
+  kOff,            // plain stream order everywhere
+  kFusedSwapOnly,  // the decode schedule (our fused swap mainloop), whose kernels all take part
+  kEverySchedule,  // also the CUTLASS schedule's stage kernels (its GEMMs launch plainly)
+};
+
 // Options of the CUDA forward.
 struct Options {
   Index chunk_tokens = 16384;  // tokens per chunk; bounds the workspace
@@ -56,9 +63,10 @@ struct Options {
   std::optional<gemm::Sm90Tile> sm90_tile;
   // Most K splits of the Hopper swap mainloop (decode GEMMs with fewer tiles than SMs); 1: none.
   int max_k_splits = 8;
-  // Sm90 tags: launch the forward's stage kernels with programmatic dependent launch, so each
-  // starts during the previous one's tail (moe/cuda/launch.h). Off: plain stream order.
-  bool programmatic_dependent_launch = true;
+  // Sm90 tags: which forwards launch their stage kernels with programmatic dependent launch, so
+  // each starts during the previous one's tail (moe/cuda/launch.h). Every choice gives the same
+  // bits; kOff is plain stream order. See ProgrammaticLaunch for the default's reason.
+  ProgrammaticLaunch programmatic_launch = ProgrammaticLaunch::kEverySchedule;
 };
 
 }  // namespace moe::cuda

@@ -117,9 +117,6 @@ class Kernel<Spec, Arch> {
  private:
   static constexpr int kThreads = 256;
   using Carver = detail::WorkspaceCarver<256>;  // the workspace: 256-byte aligned regions
-  // Programmatic dependent launch (moe/cuda/launch.h) for the stage kernels that keep its
-  // contract: on sm_90 tags (the device was checked), unless the options turn it off.
-  bool programmatic_launch() const { return kArchHasSm90 && options_.programmatic_dependent_launch; }
   static Index blocks(Index n, Index per) { return std::max<Index>(1, (n + per - 1) / per); }
 
   struct Layout {
@@ -131,6 +128,17 @@ class Kernel<Spec, Arch> {
     std::size_t gemm1_out, gemm_ws, partial, ids, weights, scratch, iscratch, keys, slots_in, keys_sorted, slots_sorted, counts, sorted_start,
         seg_begin, seg_count, tiles, slot_row, row_weight, rows_buf, inter, cub, total;
   };
+  // Programmatic dependent launch (moe/cuda/launch.h) for the stage kernels that keep its
+  // contract: on sm_90 tags (the device was checked), unless the options turn it off.
+  bool programmatic_launch(const Layout& l) const {
+    if (!kArchHasSm90) return false;
+    switch (options_.programmatic_launch) {
+      case cuda::ProgrammaticLaunch::kOff: return false;
+      case cuda::ProgrammaticLaunch::kFusedSwapOnly: return l.sm90 && cuda::gemm::is_fused(l.tile);
+      case cuda::ProgrammaticLaunch::kEverySchedule: return true;
+    }
+    return false;
+  }
   struct Buffers {
     std::int32_t* ids;
     float* weights;
@@ -325,12 +333,12 @@ class Kernel<Spec, Arch> {
       constexpr int kLayout = kMode1 == ColumnMode::kPlain ? 0 : kMode1 == ColumnMode::kGatedSplit ? 1 : 2;
       using Expr = epilogue::Gemm1Epilogue<Activation, IO, false>;
       MOE_RETURN_IF_ERROR(launch_kernel(&activation_kernel<IO, Expr, Activation, kLayout>, static_cast<unsigned>(S),
-                                        128, 0, stream, programmatic_launch(), b.gemm1_out, p.gemm1_width,
+                                        128, 0, stream, programmatic_launch(l), b.gemm1_out, p.gemm1_width,
                                         p.intermediate, b.slot_row, a.activation, b.inter));
     }
     // GEMM2 into the gathered rows' buffer (the inputs are dead).
     MOE_RETURN_IF_ERROR(grouped_gemm(b.inter, p.intermediate, a.w2, b.rows, p.hidden));
-    return finalize_stored(a, p, b, m0, C, stream);
+    return finalize_stored(a, p, l, b, m0, C, stream);
   }
 
   // The experts on our own swap mainloop: GEMM1 with the activation fused (stored straight into
@@ -345,22 +353,22 @@ class Kernel<Spec, Arch> {
     const Index S = C * p.top_k;
     MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kAtoms, kGated, Expr1, Activation>(
         a.w13, b.rows, l.rows, b.seg_begin, b.seg_count, p.intermediate, b.inter, p.intermediate, a.activation,
-        l.splits1, b.partial, b.slot_row, S, programmatic_launch(), stream)));
+        l.splits1, b.partial, b.slot_row, S, programmatic_launch(l), stream)));
     MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kAtoms, false, Expr2, Activation>(
         a.w2, b.inter, l.rows, b.seg_begin, b.seg_count, p.hidden, b.rows, p.hidden, a.activation, l.splits2,
-        b.partial, b.slot_row, S, programmatic_launch(), stream)));
-    return finalize_stored(a, p, b, m0, C, stream);
+        b.partial, b.slot_row, S, programmatic_launch(l), stream)));
+    return finalize_stored(a, p, l, b, m0, C, stream);
   }
 
   // out = sum over each token's slots of the GEMM2 epilogue tree on the stored GEMM2 outputs.
-  Status finalize_stored(const Arguments& a, const Problem& p, const Buffers& b, Index m0, Index C,
+  Status finalize_stored(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index C,
                          cudaStream_t stream) const {
     using Expr = epilogue::Gemm2Epilogue<IO, false, !PF::kApplyWeightOnInput>;
     const std::size_t smem = static_cast<std::size_t>(p.top_k) * (sizeof(Index) + sizeof(float));
     constexpr int kFinalizeThreads = 128;
     const dim3 grid(static_cast<unsigned>(C), cuda::detail::token_column_blocks(C, p.hidden / 8, kFinalizeThreads));
     return cuda::detail::launch_kernel(&cuda::detail::finalize_epilogue_kernel<IO, Expr, Activation>, grid,
-                                       kFinalizeThreads, smem, stream, programmatic_launch(), b.rows,
+                                       kFinalizeThreads, smem, stream, programmatic_launch(l), b.rows,
                                        p.hidden, p.top_k, b.slot_row, b.weights, m0, a.output.data(),
                                        a.output.stride(0));
   }
@@ -452,7 +460,7 @@ class Kernel<Spec, Arch> {
       dropped = a.prepare_finalize.dropped_slots;
     }
     const bool later_chunk = m0 > 0;
-    const bool pdl = programmatic_launch();
+    const bool pdl = programmatic_launch(l);
     if (S <= kSmallPrepSlots && E_local <= kSmallPrepExperts) {
       // 2-4 in one block (decode).
       MOE_RETURN_IF_ERROR(launch_kernel(&small_routing_prep_kernel, 1, kSmallPrepThreads,

@@ -134,16 +134,19 @@ void check_case(Case c, Setup setup = [](Harness<Spec>&) {}, std::optional<moe::
   ASSERT_NO_FATAL_FAILURE(replay_from_graph(stream, [&] { return kernel.run(args, std::span<std::byte>(ws.data(), ws.size()), stream); }));
   const std::vector<IO> graphed = d.output.download();
   EXPECT_EQ(0, std::memcmp(first.data(), graphed.data(), graphed.size() * sizeof(IO))) << "graph replay differs";
-  // Programmatic dependent launch only moves when kernels start: plain stream order, same bits.
-  moe::cuda::Options serial = options;
-  serial.programmatic_dependent_launch = false;
-  d.output.fill_bytes(0xFF);
-  const moe::Status plain = moe::Kernel<Spec, Arch>(serial).run(args, std::span<std::byte>(ws.data(), ws.size()), stream);
-  ASSERT_TRUE(plain.is_ok()) << plain.to_string();
-  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  const std::vector<IO> serialized = d.output.download();
-  EXPECT_EQ(0, std::memcmp(first.data(), serialized.data(), serialized.size() * sizeof(IO)))
-      << "differs without programmatic dependent launch";
+  // Programmatic dependent launch only moves when kernels start: every mode, same bits.
+  for (const auto mode : {moe::cuda::ProgrammaticLaunch::kOff, moe::cuda::ProgrammaticLaunch::kFusedSwapOnly,
+                          moe::cuda::ProgrammaticLaunch::kEverySchedule}) {
+    moe::cuda::Options launch_mode = options;
+    launch_mode.programmatic_launch = mode;
+    d.output.fill_bytes(0xFF);
+    const moe::Status run = moe::Kernel<Spec, Arch>(launch_mode).run(args, std::span<std::byte>(ws.data(), ws.size()), stream);
+    ASSERT_TRUE(run.is_ok()) << run.to_string();
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    const std::vector<IO> out = d.output.download();
+    EXPECT_EQ(0, std::memcmp(first.data(), out.data(), out.size() * sizeof(IO)))
+        << "differs with programmatic launch mode " << static_cast<int>(mode);
+  }
   cudaStreamDestroy(stream);
 }
 

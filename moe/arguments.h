@@ -142,12 +142,4 @@ Status validate_shapes(const Arguments<Spec, Space>& a) {
   return Status::ok();
 }
 
-inline Status check_workspace(std::size_t given, std::size_t needed) {
-  if (given < needed) {
-    return make_status(StatusCode::kWorkspaceTooSmall, "workspace: expected at least ", needed,
-                       " bytes (workspace_bytes()), got ", given);
-  }
-  return Status::ok();
-}
-
 }  // namespace moe

@@ -4,6 +4,7 @@
 // found; a failed validation happens before any output is written.
 #pragma once
 
+#include <cstddef>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -80,6 +81,15 @@ class Error : public std::runtime_error {
 // Throws moe::Error when `status` is not ok; for callers that prefer exceptions.
 inline void check(const Status& status) {
   if (!status.is_ok()) throw Error(status);
+}
+
+// The workspace a caller gave against the bytes workspace_bytes() asked for.
+inline Status check_workspace(std::size_t given, std::size_t needed) {
+  if (given < needed) {
+    return make_status(StatusCode::kWorkspaceTooSmall, "workspace: expected at least ", needed,
+                       " bytes (workspace_bytes()), got ", given);
+  }
+  return Status::ok();
 }
 
 }  // namespace moe

@@ -1,16 +1,22 @@
 // CPU experts stage: for one local expert and a block of its rows,
 //   GEMM1 (Eigen product) -> epilogue 1 (bias, activation, rounding) -> GEMM2 -> epilogue 2
 //   (bias, router weight, rounding).
-// Rows arrive already gathered as float (the prepare step); outputs stay in the workspace for the
-// finalize step. The epilogues are the expression trees of moe/epilogue.h, evaluated by Eigen.
+// Two entries: run_segments (the built-in kernel's: rows already gathered as float, outputs left
+// in its workspace for its finalize) and run (moe/stages.h's interface: rows of ElementIO in,
+// rows of ElementIO out, what a prepare/finalize written outside the library calls). The
+// epilogues are the expression trees of moe/epilogue.h, evaluated by Eigen.
 #pragma once
 
 #include <algorithm>
 #include <optional>
+#include <span>
 
 #include "moe/cpu/eigen_interop.h"
+#include "moe/cpu/options.h"
+#include "moe/detail/workspace.h"
 #include "moe/epilogue.h"
 #include "moe/experts.h"
+#include "moe/stages.h"
 #include "moe/tensor.h"
 
 namespace moe::cpu {
@@ -132,7 +138,96 @@ struct ExpertsStage {
     }
   }
 
+  // Every segment of rows through run_block, in parallel over (expert, block of row_block rows).
+  // Segment e is rows [begin[e], begin[e] + count[e]) of `input`; `tasks` holds 3 Index per task
+  // (at most task_bound(rows, E, row_block) tasks); `thread_scratch` thread_scratch_floats(p) per
+  // thread.
+  static Index task_bound(Index rows, Index num_local, Index row_block) {
+    return num_local + (rows + row_block - 1) / std::max<Index>(1, row_block);
+  }
+  static void run_segments(const Params& p, Index num_local, const Index* begin, const Index* count,
+                           const float* input, float* acc, float* intermediate, Index ld, const float* row_weight,
+                           Index* tasks, float* thread_scratch, const Options& options) {
+    Index num_tasks = 0;
+    for (Index e = 0; e < num_local; ++e) {
+      for (Index r = 0; r < count[e]; r += options.row_block) {
+        tasks[3 * num_tasks + 0] = e;
+        tasks[3 * num_tasks + 1] = begin[e] + r;
+        tasks[3 * num_tasks + 2] = std::min(options.row_block, count[e] - r);
+        ++num_tasks;
+      }
+    }
+    const Index scratch = thread_scratch_floats(p);
+    parallel_for(num_tasks, options.num_threads, [&](std::int64_t t, int thread) {
+      run_block(p, tasks[3 * t], tasks[3 * t + 1], tasks[3 * t + 2], input, acc, intermediate, acc, ld, row_weight,
+                thread_scratch + thread * scratch);
+    });
+  }
+
+  // ---- moe/stages.h's interface --------------------------------------------------------------
+  using Weights = ExpertWeights<Experts, ElementIO, HostSpace>;
+  using Rows = ExpertRows<ElementIO, HostSpace>;
+
+  static std::size_t workspace_bytes(const Weights& w, const Rows& r, const Options& options = {}) {
+    return layout(params_of(w), r.input.extent(0), options).total;
+  }
+
+  // output row r = GEMM2's output of input row r (unweighted, rounded to ElementIO) for every row
+  // of every segment; other rows are not written. Checks first: on an error nothing is written.
+  static Status run(const Weights& w, const Rows& r, std::span<std::byte> workspace, const Options& options = {}) {
+    if (options.num_threads < 1) return invalid_argument("options.num_threads: expected >= 1, got ", options.num_threads);
+    if (options.row_block < 1) return invalid_argument("options.row_block: expected >= 1, got ", options.row_block);
+    MOE_RETURN_IF_ERROR(validate_expert_rows(w, r));
+    const Params p = params_of(w);
+    const Index R = r.input.extent(0), E = w.num_local_experts(), H = p.hidden;
+    const StageLayout l = layout(p, R, options);
+    MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), l.total));
+    std::byte* base = detail::WorkspaceCarver<64>::aligned_base(workspace.data());
+    auto* begin = reinterpret_cast<Index*>(base + l.begin);
+    auto* count = reinterpret_cast<Index*>(base + l.count);
+    auto* input = reinterpret_cast<float*>(base + l.input);
+    auto* acc = reinterpret_cast<float*>(base + l.acc);
+    for (Index e = 0; e < E; ++e) {  // clamp to [0, R): a bad segment never addresses outside the rows
+      begin[e] = std::clamp<Index>(r.seg_begin(e), 0, R);
+      count[e] = std::clamp<Index>(r.seg_count(e), 0, R - begin[e]);
+      for (Index row = begin[e]; row < begin[e] + count[e]; ++row) {
+        for (Index c = 0; c < H; ++c) input[row * H + c] = to_float(r.input(row, c));
+      }
+    }
+    run_segments(p, E, begin, count, input, acc, reinterpret_cast<float*>(base + l.inter), l.ld, nullptr,
+                 reinterpret_cast<Index*>(base + l.tasks), reinterpret_cast<float*>(base + l.thread), options);
+    for (Index e = 0; e < E; ++e) {  // GEMM2's epilogue rounded each value to ElementIO: exact
+      for (Index row = begin[e]; row < begin[e] + count[e]; ++row) {
+        for (Index c = 0; c < H; ++c) r.output(row, c) = from_float<ElementIO>(acc[row * l.ld + c]);
+      }
+    }
+    return Status::ok();
+  }
+
  private:
+  struct StageLayout {
+    Index ld = 0;
+    std::size_t begin, count, input, acc, inter, tasks, thread, total;
+  };
+  static Params params_of(const Weights& w) {
+    return {w.w13, w.w2, w.w13_bias, w.w2_bias, w.activation, w.hidden(), w.intermediate(), w.w13.extent(1)};
+  }
+  static StageLayout layout(const Params& p, Index rows, const Options& options) {
+    detail::WorkspaceCarver<64> carver;
+    const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
+    const Index E = p.w13.extent(0);
+    StageLayout l;
+    l.ld = std::max(p.gemm1_width, p.hidden);
+    l.begin = carver.take(n(E) * sizeof(Index));
+    l.count = carver.take(n(E) * sizeof(Index));
+    l.input = carver.take(n(rows) * n(p.hidden) * sizeof(float));
+    l.acc = carver.take(n(rows) * n(l.ld) * sizeof(float));
+    l.inter = carver.take(n(rows) * n(p.intermediate) * sizeof(float));
+    l.tasks = carver.take(3 * n(task_bound(rows, E, options.row_block)) * sizeof(Index));
+    l.thread = carver.take(n(options.num_threads) * n(thread_scratch_floats(p)) * sizeof(float));
+    l.total = carver.total();
+    return l;
+  }
   // Scratch of the one-row case: two input rows, two accumulator rows, two intermediate rows
   // and two router weights.
   static Index single_row_scratch_floats(const Params& p) {

@@ -142,7 +142,7 @@ class Kernel<Spec, cpu::Eigen> {
       l.rows = l.slots;
     }
     l.ld = std::max(p.gemm1_width, p.hidden);
-    l.num_tasks = p.num_local_experts + (l.rows + options_.row_block - 1) / std::max<Index>(1, options_.row_block);
+    l.num_tasks = Stage::task_bound(l.rows, p.num_local_experts, options_.row_block);
     l.thread_floats = Stage::thread_scratch_floats(stage_params(a, p));
     Carver carver;
     const auto take = [&](std::size_t bytes) { return carver.take(bytes); };
@@ -265,23 +265,11 @@ class Kernel<Spec, cpu::Eigen> {
     }
   }
 
-  // 3. Experts, in parallel over (expert, block of rows).
+  // 3. Experts (cpu::ExpertsStage), in parallel over (expert, block of rows).
   void compute(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b) const {
-    Index num_tasks = 0;
-    for (Index e = 0; e < p.num_local_experts; ++e) {
-      for (Index r = 0; r < b.count[e]; r += options_.row_block) {
-        b.tasks[3 * num_tasks + 0] = e;
-        b.tasks[3 * num_tasks + 1] = b.begin[e] + r;
-        b.tasks[3 * num_tasks + 2] = std::min(options_.row_block, b.count[e] - r);
-        ++num_tasks;
-      }
-    }
-    const typename Stage::Params params = stage_params(a, p);
     const float* row_weight = PF::kApplyWeightOnInput ? nullptr : b.row_weight;
-    cpu::parallel_for(num_tasks, options_.num_threads, [&](std::int64_t t, int thread) {
-      Stage::run_block(params, b.tasks[3 * t], b.tasks[3 * t + 1], b.tasks[3 * t + 2], b.input, b.acc, b.inter, b.acc,
-                       l.ld, row_weight, b.thread + thread * l.thread_floats);
-    });
+    Stage::run_segments(stage_params(a, p), p.num_local_experts, b.begin, b.count, b.input, b.acc, b.inter, l.ld,
+                        row_weight, b.tasks, b.thread, options_);
   }
 
   // 4. Weighted rows back to tokens, ascending slot order, one rounding.

@@ -1,0 +1,455 @@
+// The CUDA experts stage: GEMM1 -> activation -> GEMM2 over rows grouped by local expert, on the
+// schedule of the Arch tag (moe/cuda/gemm/schedule.h):
+//   Sm80CpAsync: GEMM1 + fused epilogue 1 (bias, activation, rounding) -> GEMM2 + fused epilogue 2
+//     (bias, optional router weight, rounding);
+//   Sm90TmaWarpSpecialized, CUTLASS tiles: GEMM1 (stored raw) -> activation pass -> GEMM2 (stored);
+//   Sm90TmaWarpSpecialized, fused swap tiles (decode): our mainloop with the activation fused into
+//     GEMM1, then GEMM2 stored.
+// Same function on every schedule: the epilogue trees' rounding points (moe/epilogue.h) make
+// "store, then apply" exact.
+//
+// Two entries:
+//  * run(weights, rows, workspace, stream): moe/stages.h's interface. Derives everything from the
+//    segment arrays on the device (clamped to the rows) and leaves unweighted rows.
+//  * plan() + run_planned(): the built-in kernel's, which already has the m-tile prefix and the
+//    slot -> row map from its prepare, and may ask the Sm80 schedule to fold the router weight
+//    into GEMM2 (run_planned says whether it did).
+#pragma once
+
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <span>
+
+#include "moe/cuda/arch.h"
+#include "moe/cuda/check.h"
+#include "moe/cuda/gemm/schedule.h"
+#include "moe/cuda/gemm/sm80_mainloops.cuh"
+#include "moe/cuda/gemm/sm90_grouped_gemm.h"
+#include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
+#include "moe/cuda/launch.h"
+#include "moe/cuda/stages.cuh"
+#include "moe/detail/workspace.h"
+#include "moe/stages.h"
+
+namespace moe::cuda {
+
+namespace detail {
+
+// One block: segments clamped to [0, rows) and the prefix of their tile_m-row tiles.
+constexpr int kSegmentThreads = 512;
+__global__ void __launch_bounds__(kSegmentThreads) clamp_segments_kernel(const Index* begin_in, const Index* count_in,
+                                                                         int num_local, Index rows, int tile_m,
+                                                                         Index* begin, Index* count,
+                                                                         Index* tile_offsets) {
+  using Scan = cub::BlockScan<Index, kSegmentThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  __shared__ Index carry;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int base = 0; base < num_local; base += kSegmentThreads) {
+    const int e = base + static_cast<int>(threadIdx.x);
+    Index b = 0, c = 0;
+    if (e < num_local) {
+      b = begin_in[e] < 0 ? 0 : begin_in[e] > rows ? rows : begin_in[e];
+      c = count_in[e] < 0 ? 0 : count_in[e] > rows - b ? rows - b : count_in[e];
+    }
+    Index before = 0, total = 0;
+    Scan(temp).ExclusiveSum((c + tile_m - 1) / tile_m, before, total);
+    if (e < num_local) {
+      begin[e] = b;
+      count[e] = c;
+      tile_offsets[e] = carry + before;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) carry += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) tile_offsets[num_local] = carry;
+}
+
+// row_list[r] = r for every row of every segment (the rest was set to -1 before).
+__global__ void mark_segment_rows_kernel(const Index* begin, const Index* count, Index* row_list) {
+  const int e = static_cast<int>(blockIdx.x);
+  for (Index i = static_cast<Index>(blockIdx.y) * blockDim.x + threadIdx.x; i < count[e];
+       i += static_cast<Index>(gridDim.y) * blockDim.x) {
+    row_list[begin[e] + i] = begin[e] + i;
+  }
+}
+
+}  // namespace detail
+
+template <class Experts, class IO, ArchTag Arch>
+class ExpertsStage {
+ public:
+  using Activation = typename Experts::Activation;
+  using Weights = ExpertWeights<Experts, IO, DeviceSpace>;
+  using Rows = ExpertRows<IO, DeviceSpace>;
+  static_assert(std::is_same_v<IO, typename Experts::Quant::WeightElement>,
+                "moe::cuda::ExpertsStage: this release runs the unquantized schemes (weights stored like activations)");
+  static constexpr detail::ColumnMode kMode1 =
+      !Activation::kGated ? detail::ColumnMode::kPlain
+      : Activation::kLayout == GateUpLayout::kInterleaved ? detail::ColumnMode::kGatedInterleaved
+                                                          : detail::ColumnMode::kGatedSplit;
+  using Schedule = typename Arch::Schedule;
+  static constexpr bool kArchHasSm90 = Arch::kMinComputeCapability >= 90;
+  static constexpr bool kForcedSm90 = std::is_base_of_v<gemm::Sm90TmaWarpSpecialized, Schedule> ||
+                                      std::is_same_v<gemm::Sm90TmaWarpSpecialized, Schedule>;
+  static_assert(!kForcedSm90 || sizeof(IO) == 2,
+                "moe::cuda: the Sm90TmaWarpSpecialized schedule takes 16-bit operands (bf16, f16); use ScheduleAuto "
+                "or Sm80CpAsync for f32");
+  static constexpr bool kMaySm90 =
+      kArchHasSm90 && sizeof(IO) == 2 && (kForcedSm90 || std::is_same_v<Schedule, gemm::ScheduleAuto>);
+  static constexpr int kTileM = detail::kBM;  // rows per m-tile of the tile prefix
+
+  explicit ExpertsStage(Options options = {}) : options_(options) {}
+
+  // Where the rows are for the GEMMs (device memory).
+  struct Segments {
+    const Index* seg_begin = nullptr;     // [E_local]
+    const Index* seg_count = nullptr;     // [E_local]
+    const Index* tile_offsets = nullptr;  // [E_local + 1] prefix of kTileM-row tiles
+    const Index* row_list = nullptr;      // rows the row-wise passes visit, -1 skipped
+    Index row_list_size = 0;
+  };
+
+  // What one call does, decided on the host from shapes alone, and its workspace regions.
+  struct Plan {
+    Index rows = 0;       // R
+    Index live_rows = 0;  // a bound on the rows in segments (picks tiles and splits)
+    bool sm90 = false;    // the Hopper schedule runs the GEMMs
+    gemm::Sm90Tile tile = gemm::Sm90Tile::kNormal128x256;  // its tile (fused swap resolved)
+    int splits1 = 1, splits2 = 1;                          // K splits of the fused swap GEMMs
+    std::size_t gemm_ws_bytes = 0;
+    std::size_t inter = 0, gemm1_out = 0, gemm_ws = 0, partial = 0, total = 0;  // offsets, bytes
+  };
+
+  // Why the Hopper schedule cannot run these experts, or nullptr (shapes, strides and alignment).
+  const char* sm90_refusal(const Weights& w) const {
+    if constexpr (!kMaySm90) {
+      return "not selected for this architecture tag, schedule or element type";
+    } else {
+      const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+      if (w.w13_bias || w.w2_bias) return "expert biases are fused by the Sm80CpAsync epilogue only";
+      if (w.hidden() % 8 != 0 || w.intermediate() % 8 != 0) return "hidden and intermediate sizes must be multiples of 8";
+      if (w.w13.stride(1) % 8 != 0 || w.w13.stride(0) % 8 != 0 || w.w2.stride(1) % 8 != 0 || w.w2.stride(0) % 8 != 0 ||
+          !aligned(w.w13.data()) || !aligned(w.w2.data())) {
+        return "w13 and w2 need 16-byte aligned rows";
+      }
+      if (w.w13.extent(1) > INT32_MAX || w.hidden() > INT32_MAX) return "GEMM extents must fit int32";
+      return nullptr;
+    }
+  }
+
+  // `allow_sm90`: the caller's own conditions for the Hopper schedule (the built-in finalize
+  // writes the output with 16-byte stores).
+  Plan plan(const Weights& w, Index rows, Index live_rows, bool allow_sm90 = true) const {
+    Plan l;
+    l.rows = rows;
+    l.live_rows = live_rows;
+    const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
+    const Index E = w.num_local_experts();
+    moe::detail::WorkspaceCarver<256> carver;
+    l.inter = carver.take(n(rows) * n(w.intermediate()) * sizeof(IO));
+    l.sm90 = allow_sm90 && sm90_refusal(w) == nullptr;
+    std::size_t partial_floats = 0;
+    if (l.sm90 && E > 0 && live_rows > 0) partial_floats = plan_sm90(w, l);
+    l.partial = carver.take(partial_floats * sizeof(float));
+    // CUTLASS tiles store GEMM1's raw output and need their descriptor workspace; fused swap
+    // tiles write the activated intermediate directly.
+    const bool cutlass_tile = l.sm90 && !gemm::is_fused(l.tile);
+    l.gemm1_out = carver.take(cutlass_tile ? n(rows) * n(w.w13.extent(1)) * sizeof(IO) : 0);
+    l.gemm_ws_bytes = cutlass_tile && E > 0 ? gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(E)) : 0;
+    l.gemm_ws = carver.take(l.gemm_ws_bytes);
+    l.total = carver.total();
+    return l;
+  }
+
+  // Whether a forward on this plan launches programmatically (moe/cuda/launch.h).
+  bool programmatic_launch(const Plan& l) const {
+    if (!kArchHasSm90) return false;
+    switch (options_.programmatic_launch) {
+      case ProgrammaticLaunch::kOff: return false;
+      case ProgrammaticLaunch::kFusedSwapOnly: return l.sm90 && gemm::is_fused(l.tile);
+      case ProgrammaticLaunch::kEverySchedule: return true;
+    }
+    return false;
+  }
+
+  // output[row] = GEMM2's output of input[row] for the rows of the segments; `workspace` is
+  // plan.total bytes (any alignment). With `row_weight` the Sm80 schedule multiplies GEMM2's
+  // output by it (epilogue 2); *weighted says whether the rows came out weighted.
+  Status run_planned(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
+                     const float* row_weight, std::span<std::byte> workspace, cudaStream_t stream,
+                     bool* weighted) const {
+    *weighted = false;
+    if (l.rows == 0 || w.num_local_experts() == 0) return Status::ok();
+    std::byte* base = moe::detail::WorkspaceCarver<256>::aligned_base(workspace.data());
+    Buffers b{static_cast<IO*>(static_cast<void*>(base + l.inter)), static_cast<IO*>(static_cast<void*>(base + l.gemm1_out)),
+              base + l.gemm_ws, static_cast<float*>(static_cast<void*>(base + l.partial))};
+    if constexpr (kMaySm90) {
+      if (l.sm90) return run_sm90(l, w, input, output, s, b, stream);
+    }
+    *weighted = row_weight != nullptr;
+    return run_sm80(l, w, input, output, s, b, row_weight, stream);
+  }
+
+  // ---- moe/stages.h's interface --------------------------------------------------------------
+
+  std::size_t workspace_bytes(const Weights& w, const Rows& r) const { return derived_layout(w, r).total; }
+
+  // output row r = GEMM2's output of input row r (unweighted, rounded to IO) for every row of every
+  // segment; other rows are not written. Shape checks first: on an error nothing is launched.
+  Status run(const Weights& w, const Rows& r, std::span<std::byte> workspace, cudaStream_t stream = nullptr) const {
+    MOE_RETURN_IF_ERROR(validate_expert_rows(w, r));
+    const DerivedLayout d = derived_layout(w, r);
+    MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), d.total));
+    const Index R = r.input.extent(0), E = w.num_local_experts();
+    if (R == 0) return Status::ok();
+    std::byte* base = moe::detail::WorkspaceCarver<256>::aligned_base(workspace.data());
+    Segments s;
+    auto* begin = static_cast<Index*>(static_cast<void*>(base + d.begin));
+    auto* count = static_cast<Index*>(static_cast<void*>(base + d.count));
+    auto* tiles = static_cast<Index*>(static_cast<void*>(base + d.tiles));
+    auto* row_list = static_cast<Index*>(static_cast<void*>(base + d.row_list));
+    detail::clamp_segments_kernel<<<1, detail::kSegmentThreads, 0, stream>>>(
+        r.seg_begin.data(), r.seg_count.data(), static_cast<int>(E), R, kTileM, begin, count, tiles);
+    MOE_CUDA_CHECK_LAUNCH();
+    MOE_CUDA_TRY(cudaMemsetAsync(row_list, 0xFF, static_cast<std::size_t>(R) * sizeof(Index), stream));  // -1
+    const Index per_expert = r.max_rows_per_expert > 0 ? r.max_rows_per_expert : R;
+    const dim3 grid(static_cast<unsigned>(E), static_cast<unsigned>(std::clamp<Index>((per_expert + 255) / 256, 1, 65535)));
+    detail::mark_segment_rows_kernel<<<grid, 256, 0, stream>>>(begin, count, row_list);
+    MOE_CUDA_CHECK_LAUNCH();
+    s.seg_begin = begin;
+    s.seg_count = count;
+    s.tile_offsets = tiles;
+    s.row_list = row_list;
+    s.row_list_size = R;
+    bool weighted = false;
+    return run_planned(d.plan, w, r.input.data(), r.output.data(), s, nullptr,
+                       std::span<std::byte>(base + d.stage, d.plan.total), stream, &weighted);
+  }
+
+  const Options& options() const { return options_; }
+
+ private:
+  struct Buffers {
+    IO* inter;      // activated GEMM1 output [R, I]
+    IO* gemm1_out;  // CUTLASS tiles: GEMM1's raw output [R, gemm1 width]
+    std::byte* gemm_ws;
+    float* partial;  // fused swap split-K partial sums
+  };
+  struct DerivedLayout {
+    Plan plan;
+    std::size_t begin, count, tiles, row_list, stage, total;
+  };
+
+  static bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+  DerivedLayout derived_layout(const Weights& w, const Rows& r) const {
+    const Index R = r.input.extent(0), E = w.num_local_experts();
+    const Index per_expert = r.max_rows_per_expert > 0 ? r.max_rows_per_expert : R;
+    DerivedLayout d;
+    // The Hopper schedule reads and writes the rows with 16-byte accesses.
+    const bool rows_aligned = aligned16(r.input.data()) && aligned16(r.output.data());
+    d.plan = plan(w, R, std::min(R, per_expert * std::max<Index>(1, E)), rows_aligned);
+    const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
+    moe::detail::WorkspaceCarver<256> carver;
+    d.begin = carver.take(n(E) * sizeof(Index));
+    d.count = carver.take(n(E) * sizeof(Index));
+    d.tiles = carver.take((n(E) + 1) * sizeof(Index));
+    d.row_list = carver.take(n(R) * sizeof(Index));
+    d.stage = carver.take(d.plan.total);
+    d.total = carver.total();
+    return d;
+  }
+
+  // The Hopper tile (the pinned one, else the table's; a fused swap tile falls back to CUTLASS's
+  // where our mainloop does not apply) and, for fused swap tiles, the K splits that fill the last
+  // wave of CTAs. Returns the floats of split-K partial sums the workspace needs.
+  std::size_t plan_sm90(const Weights& w, Plan& l) const {
+    using namespace gemm;
+    const Index S = l.live_rows, E = w.num_local_experts();
+    Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
+                                       : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E));
+    if (is_fused(tile)) {
+      const bool applies = kMode1 != detail::ColumnMode::kGatedInterleaved && swap_detail::applies(w.w13, l.rows) &&
+                           swap_detail::applies(w.w2, l.rows);
+      if (!applies) tile = unfused(tile);
+    }
+    l.tile = tile;
+    if (!is_fused(tile)) return 0;
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 0;  // splits stay 1; run reports the device error
+    }
+    const int tokens = tile == Sm90Tile::kFusedSwap128x16 ? 16 : tile == Sm90Tile::kFusedSwap128x32 ? 32 : 64;
+    const Index experts_hit = std::min(E, S);  // an upper bound: the counts stay on the device
+    const Index token_tiles = std::max<Index>(1, (S / std::max<Index>(1, experts_hit) + tokens - 1) / tokens);
+    constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
+    const Index H = w.hidden(), I = w.intermediate();
+    const Index n_tiles1 = (I + (kGated ? 63 : 127)) / (kGated ? 64 : 128);
+    const Index n_tiles2 = (H + 127) / 128;
+    l.splits1 = swap_detail::choose_splits(n_tiles1 * experts_hit * token_tiles, static_cast<int>((H + 63) / 64), sms,
+                                           options_.max_k_splits);
+    l.splits2 = swap_detail::choose_splits(n_tiles2 * experts_hit * token_tiles, static_cast<int>((I + 63) / 64), sms,
+                                           options_.max_k_splits);
+    const auto floats = [&](int splits, Index width) {
+      return splits > 1 ? static_cast<std::size_t>(splits) * static_cast<std::size_t>(l.rows) * static_cast<std::size_t>(width) : 0;
+    };
+    constexpr std::size_t kMaxPartialFloats = std::size_t{64} << 20;  // 256 MiB: split-K is for decode
+    if (floats(l.splits1, (kGated ? 2 : 1) * I) > kMaxPartialFloats) l.splits1 = 1;
+    if (floats(l.splits2, H) > kMaxPartialFloats) l.splits2 = 1;
+    return std::max(floats(l.splits1, (kGated ? 2 : 1) * I), floats(l.splits2, H));
+  }
+
+  Status run_sm90(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s, const Buffers& b,
+                  cudaStream_t stream) const {
+    using namespace gemm;
+    const bool pdl = programmatic_launch(l);
+    const Index H = w.hidden(), I = w.intermediate(), N1 = w.w13.extent(1);
+    switch (l.tile) {
+      case Sm90Tile::kFusedSwap128x16: return run_fused_swap<16, 1>(l, w, input, output, s, b, pdl, stream);
+      case Sm90Tile::kFusedSwap128x32: return run_fused_swap<32, 1>(l, w, input, output, s, b, pdl, stream);
+      case Sm90Tile::kFusedSwap128x64: return run_fused_swap<64, 1>(l, w, input, output, s, b, pdl, stream);
+      default: break;
+    }
+    const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
+    // out[rows, n] = in[rows, k] x w[e]^T over the expert segments.
+    const auto grouped_gemm = [&](const IO* in, Index k, DeviceView<const IO, 3> wt, IO* out, Index n) {
+      Sm90GroupedGemmArgs g;
+      g.element = std::is_same_v<IO, bfloat16> ? Element16::kBF16 : Element16::kF16;
+      g.num_groups = static_cast<int>(w.num_local_experts());
+      g.seg_begin = s.seg_begin;
+      g.seg_count = s.seg_count;
+      g.n = n;
+      g.k = k;
+      g.a = in;
+      g.lda = k;
+      g.w = wt.data();
+      g.w_group_stride = wt.stride(0);
+      g.ldw = wt.stride(1);
+      g.d = out;
+      g.ldd = n;
+      return sm90_grouped_gemm(g, l.tile, ws, stream);
+    };
+    MOE_RETURN_IF_ERROR(grouped_gemm(input, H, w.w13, b.gemm1_out, N1));
+    {
+      constexpr int kLayout = kMode1 == detail::ColumnMode::kPlain ? 0 : kMode1 == detail::ColumnMode::kGatedSplit ? 1 : 2;
+      using Expr = epilogue::Gemm1Epilogue<Activation, IO, false>;
+      MOE_RETURN_IF_ERROR(detail::launch_kernel(&detail::activation_kernel<IO, Expr, Activation, kLayout>,
+                                                static_cast<unsigned>(s.row_list_size), 128, 0, stream, pdl,
+                                                b.gemm1_out, N1, I, s.row_list, w.activation, b.inter));
+    }
+    return grouped_gemm(b.inter, I, w.w2, output, H);
+  }
+
+  // Our swap mainloop: GEMM1 with the activation fused (stored straight into the intermediate
+  // rows), GEMM2 stored raw.
+  template <int kTokens, int kAtoms>
+  Status run_fused_swap(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
+                        const Buffers& b, bool pdl, cudaStream_t stream) const {
+    using namespace gemm;
+    constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
+    using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
+    using Expr2 = epilogue::detail::Stored<IO, false, epilogue::Part::kAll>;
+    const Index H = w.hidden(), I = w.intermediate();
+    MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kAtoms, kGated, Expr1, Activation>(
+        w.w13, input, l.rows, s.seg_begin, s.seg_count, I, b.inter, I, w.activation, l.splits1, b.partial, s.row_list,
+        s.row_list_size, pdl, stream)));
+    return swap_detail::launch<IO, kTokens, kAtoms, false, Expr2, Activation>(
+        w.w2, b.inter, l.rows, s.seg_begin, s.seg_count, H, output, H, w.activation, l.splits2, b.partial, s.row_list,
+        s.row_list_size, pdl, stream);
+  }
+
+  // One grouped GEMM of the Sm80 mainloops over the segments: out = a x w[e]^T, K = a's width.
+  static detail::GroupedGemmParams<IO, Activation> gemm_params(const Segments& s, const IO* in, Index k,
+                                                               DeviceView<const IO, 3> w,
+                                                               const std::optional<DeviceView<const IO, 2>>& bias,
+                                                               const float* row_weight, IO* out, Index n_out,
+                                                               Index n_total, const Weights& weights) {
+    detail::GroupedGemmParams<IO, Activation> g{};
+    g.a = in;
+    g.lda = k;
+    g.w = w.data();
+    g.w_expert_stride = w.stride(0);
+    g.ldw = w.stride(1);
+    g.bias = bias ? bias->data() : nullptr;
+    g.bias_expert_stride = bias ? bias->stride(0) : 0;
+    g.row_weight = row_weight;
+    g.out = out;
+    g.ldo = n_out;
+    g.K = k;
+    g.n_out = n_out;
+    g.n_total = n_total;
+    g.seg_begin = s.seg_begin;
+    g.seg_count = s.seg_count;
+    g.tile_offsets = s.tile_offsets;
+    g.num_experts = static_cast<int>(w.extent(0));
+    g.activation = weights.activation;
+    return g;
+  }
+
+  // Launches one grouped GEMM: the pipelined mainloop when the operands allow it (16-bit, rows
+  // 16-byte aligned), else the generic one. Both use kTileM-row m-tiles (the tile prefix's unit).
+  template <detail::ColumnMode Mode, class Expr>
+  static Status launch_gemm(const detail::GroupedGemmParams<IO, Activation>& g, unsigned m_tiles, bool thin,
+                            cudaStream_t stream) {
+    using namespace detail;
+    static_assert(kFastBM == kBM, "both mainloops tile M by the tile prefix's unit");
+    if (pipelined_gemm_applies(g)) {
+      if constexpr (sizeof(IO) == 2) {
+        constexpr int kOut = Mode == ColumnMode::kPlain ? kFastBN : kFastBN / 2;
+        const dim3 grid(m_tiles, static_cast<unsigned>((g.n_out + kOut - 1) / kOut));
+        // Thin expert tiles (decode: few rows per expert) stream weights: deeper K per stage.
+        if (thin) {
+          auto* kernel = &grouped_gemm_pipelined_kernel<IO, Mode, Expr, Activation, 64>;
+          constexpr int kBytes = PipelinedTile<64>::kSmemBytes;
+          MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+          kernel<<<grid, kFastThreads, kBytes, stream>>>(g);
+        } else {
+          auto* kernel = &grouped_gemm_pipelined_kernel<IO, Mode, Expr, Activation, 32>;
+          constexpr int kBytes = PipelinedTile<32>::kSmemBytes;
+          kernel<<<grid, kFastThreads, kBytes, stream>>>(g);
+        }
+        MOE_CUDA_CHECK_LAUNCH();
+        return Status::ok();
+      }
+    }
+    constexpr int kOut = Mode == ColumnMode::kPlain ? kBN : kBN / 2;
+    const dim3 grid(m_tiles, static_cast<unsigned>((g.n_out + kOut - 1) / kOut));
+    grouped_gemm_kernel<IO, Mode, Expr, Activation><<<grid, kGemmThreads, 0, stream>>>(g);
+    MOE_CUDA_CHECK_LAUNCH();
+    return Status::ok();
+  }
+
+  // GEMM1 + epilogue 1 -> inter; GEMM2 + epilogue 2 (router weight when given) -> output.
+  Status run_sm80(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s, const Buffers& b,
+                  const float* row_weight, cudaStream_t stream) const {
+    using detail::ColumnMode;
+    const Index E = w.num_local_experts(), H = w.hidden(), I = w.intermediate(), N1 = w.w13.extent(1);
+    const unsigned m_tiles = static_cast<unsigned>((l.rows + kTileM - 1) / kTileM + E);
+    // Expected rows per local expert, known on the host without a sync: below one m-tile, the
+    // GEMMs stream weights (decode) rather than reuse them.
+    const bool thin = l.live_rows < kTileM * E;
+    {
+      const auto g = gemm_params(s, input, H, w.w13, w.w13_bias, nullptr, b.inter, I, N1, w);
+      if (g.bias) {
+        MOE_RETURN_IF_ERROR((launch_gemm<kMode1, epilogue::Gemm1Epilogue<Activation, IO, true>>(g, m_tiles, thin, stream)));
+      } else {
+        MOE_RETURN_IF_ERROR((launch_gemm<kMode1, epilogue::Gemm1Epilogue<Activation, IO, false>>(g, m_tiles, thin, stream)));
+      }
+    }
+    const auto g = gemm_params(s, b.inter, I, w.w2, w.w2_bias, row_weight, output, H, H, w);
+    const auto second = [&]<bool kWeighted>() -> Status {
+      if (g.bias) return launch_gemm<ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, true, kWeighted>>(g, m_tiles, thin, stream);
+      return launch_gemm<ColumnMode::kPlain, epilogue::Gemm2Epilogue<IO, false, kWeighted>>(g, m_tiles, thin, stream);
+    };
+    return row_weight ? second.template operator()<true>() : second.template operator()<false>();
+  }
+
+  Options options_;
+};
+
+}  // namespace moe::cuda

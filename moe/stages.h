@@ -1,0 +1,92 @@
+// The stage interfaces both backends share (vLLM's modular kernel: routing -> prepare -> experts
+// -> finalize). moe::Kernel<Spec, Backend>::run is that sequence with the built-in prepare and
+// finalize; the experts stage is a type of its own on each backend (cpu::ExpertsStage,
+// cuda::ExpertsStage), so a prepare/finalize written elsewhere (an all-to-all dispatcher, the
+// simulated ranks in testing/ep/) hands it rows and gets rows back:
+//
+//   ExpertRows.input  [R, H]   rows grouped by local expert: expert e owns rows
+//                              [seg_begin[e], seg_begin[e] + seg_count[e])
+//   experts stage:      GEMM1 -> activation -> GEMM2, per row, with moe/epilogue.h's rounding points
+//   ExpertRows.output [R, H]   row r = GEMM2's output of input row r, rounded to IO and unweighted;
+//                              rows outside every segment are not written
+//
+// The finalize that follows weights and reduces (vLLM's TopKWeightAndReduce "contiguous"):
+//   out[m] = IO( sum over slots j ascending of IO(w[m, j] * output[row(m, j)]) )   (float sums)
+// which is what the built-in finalize computes, so a forward assembled from the stages gives the
+// built-in forward's bits.
+//
+// The batched layout a dispatcher delivers ([E_local, capacity, H] with per-expert counts) is the
+// special case seg_begin[e] = e * capacity.
+#pragma once
+
+#include <optional>
+
+#include "moe/detail/validate.h"
+#include "moe/experts.h"
+#include "moe/status.h"
+#include "moe/tensor.h"
+
+namespace moe {
+
+// The weights of this rank's local experts, PyTorch Linear layout (K contiguous).
+template <class Experts, class IO, class Space>
+struct ExpertWeights {
+  using W = typename Experts::Quant::WeightElement;
+  TensorView<const W, 3, Space> w13;  // [E_local, 2*I (gated) or I, H]
+  TensorView<const W, 3, Space> w2;   // [E_local, H, I]
+  std::optional<TensorView<const IO, 2, Space>> w13_bias;  // [E_local, 2*I or I]
+  std::optional<TensorView<const IO, 2, Space>> w2_bias;   // [E_local, H]
+  typename Experts::Activation::Arguments activation{};
+
+  Index num_local_experts() const { return w13.extent(0); }
+  Index hidden() const { return w2.extent(1); }
+  Index intermediate() const { return w2.extent(2); }
+};
+
+// Rows grouped by local expert, in the backend's memory (device memory for CUDA, including the
+// segment arrays). Segments must be disjoint; the backends clamp them to [0, R), so a bad segment
+// gives wrong rows, never an out-of-bounds access.
+template <class IO, class Space>
+struct ExpertRows {
+  TensorView<const IO, 2, Space> input;  // [R, H], rows contiguous
+  TensorView<IO, 2, Space> output;       // [R, H], rows contiguous; may be input's memory
+  TensorView<const Index, 1, Space> seg_begin;  // [E_local]
+  TensorView<const Index, 1, Space> seg_count;  // [E_local]
+  // A bound on the rows of any one expert, known on the host (the batched capacity, or the
+  // tokens a rank can receive); it picks the GEMM tiles. 0: R.
+  Index max_rows_per_expert = 0;
+};
+
+// The checks that shapes alone decide, with messages naming the argument.
+template <class Experts, class IO, class Space>
+Status validate_expert_rows(const ExpertWeights<Experts, IO, Space>& w, const ExpertRows<IO, Space>& r) {
+  using detail::Dim;
+  const Index E = w.num_local_experts(), H = w.hidden(), I = w.intermediate();
+  const Index N1 = Experts::kGated ? 2 * I : I;
+  if (E < 1) return invalid_argument("w13: expected at least one local expert, got shape ", detail::format_shape(w.w13.extents()));
+  if (H < 1 || I < 1) return invalid_argument("w2: expected H >= 1 and I >= 1, got shape ", detail::format_shape(w.w2.extents()));
+  MOE_RETURN_IF_ERROR(detail::expect_shape(w.w13, Experts::kGated ? "w13 (gated activation: 2*I rows)" : "w13 (ungated activation: I rows)",
+                                           std::array<Dim, 3>{{{"E_local", E}, {Experts::kGated ? "2*I" : "I", N1}, {"H", H}}}));
+  MOE_RETURN_IF_ERROR(detail::expect_shape(w.w13_bias, "w13_bias", std::array<Dim, 2>{{{"E_local", E}, {Experts::kGated ? "2*I" : "I", N1}}}));
+  MOE_RETURN_IF_ERROR(detail::expect_shape(w.w2_bias, "w2_bias", std::array<Dim, 2>{{{"E_local", E}, {"H", H}}}));
+  const Index R = r.input.extent(0);
+  MOE_RETURN_IF_ERROR(detail::expect_shape(r.input, "rows.input", std::array<Dim, 2>{{{"R", R}, {"H", H}}}));
+  MOE_RETURN_IF_ERROR(detail::expect_shape(r.output, "rows.output", std::array<Dim, 2>{{{"R", R}, {"H", H}}}));
+  if (R > 0 && (r.input.stride(0) != H || r.input.stride(1) != 1)) {
+    return invalid_argument("rows.input: expected contiguous rows (strides [H=", H, ", 1]), got strides [", r.input.stride(0),
+                            ", ", r.input.stride(1), "]");
+  }
+  if (R > 0 && (r.output.stride(0) != H || r.output.stride(1) != 1)) {
+    return invalid_argument("rows.output: expected contiguous rows (strides [H=", H, ", 1]), got strides [",
+                            r.output.stride(0), ", ", r.output.stride(1), "]");
+  }
+  MOE_RETURN_IF_ERROR(detail::expect_shape(r.seg_begin, "rows.seg_begin", std::array<Dim, 1>{{{"E_local", E}}}));
+  MOE_RETURN_IF_ERROR(detail::expect_shape(r.seg_count, "rows.seg_count", std::array<Dim, 1>{{{"E_local", E}}}));
+  if (r.max_rows_per_expert < 0 || r.max_rows_per_expert > R) {
+    return invalid_argument("rows.max_rows_per_expert: expected 0 (unknown) or a bound in [1, R=", R, "], got ",
+                            r.max_rows_per_expert);
+  }
+  return Status::ok();
+}
+
+}  // namespace moe

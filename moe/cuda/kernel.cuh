@@ -23,14 +23,9 @@
 #include "moe/arguments.h"
 #include "moe/cuda/arch.h"
 #include "moe/cuda/check.h"
-#include "moe/cuda/experts_stage.cuh"
-#include "moe/cuda/gemm/schedule.h"
-#include "moe/cuda/gemm/sm90_grouped_gemm.h"
-#include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
-#include "moe/cuda/gemm/sm80_mainloops.cuh"
+#include "moe/cuda/experts_stage.cuh"  // also the stage kernels (stages.cuh) and the m-tile unit kBM
 #include "moe/cuda/radix_bits.h"
 #include "moe/detail/workspace.h"
-#include "moe/cuda/stages.cuh"
 #include "moe/expert_map.h"
 #include "moe/kernel.h"
 
@@ -46,9 +41,7 @@ class Kernel<Spec, Arch> {
   using IO = typename Spec::ElementIO;
   // The experts stage (moe/cuda/experts_stage.cuh) on the Arch tag's schedule.
   using Stage = cuda::ExpertsStage<typename Spec::Experts, IO, Arch>;
-  static constexpr bool kArchHasSm90 = Stage::kArchHasSm90;
   static constexpr bool kForcedSm90 = Stage::kForcedSm90;
-  static constexpr bool kMaySm90 = Stage::kMaySm90;
   static constexpr bool kBatched = PF::kFormat == ActivationFormat::kBatchedExperts;
 
   explicit Kernel(cuda::Options options = {}) : options_(options), stage_(options) {}

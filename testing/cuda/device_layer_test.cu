@@ -16,21 +16,12 @@
 #include "moe/layer/moe_layer.h"
 #include "testing/lib/compare.h"
 #include "testing/lib/gpu.h"
-#include "moe/io/synthetic_checkpoint.h"
+#include "testing/lib/layer_fixture.h"
 
 namespace {
 
 using moe::Index;
-
-std::vector<float> floats(const moe::layer::Buffer& b) {
-  std::vector<float> v(b.bytes.size() / (b.dtype == moe::DType::kF32 ? 4 : 2));
-  for (std::size_t i = 0; i < v.size(); ++i) {
-    v[i] = b.dtype == moe::DType::kF32 ? reinterpret_cast<const float*>(b.bytes.data())[i]
-           : b.dtype == moe::DType::kBF16 ? moe::to_float(reinterpret_cast<const moe::bfloat16*>(b.bytes.data())[i])
-                                          : moe::to_float(reinterpret_cast<const moe::half*>(b.bytes.data())[i]);
-  }
-  return v;
-}
+using moe::testing::floats;
 
 // Random hidden states already in the layer's dtype, so both backends' routers see the same values.
 moe::layer::Buffer random_hidden(moe::DType dtype, Index M, Index H, unsigned seed) {
@@ -55,33 +46,14 @@ void expect_same_layer(const moe::layer::MoeLayer::Result& cpu, const moe::layer
   for (std::size_t i = 0; i < cpu.topk_weights.size(); ++i) {
     EXPECT_NEAR(cpu.topk_weights[i], gpu.topk_weights[i], 1e-5f * (1.0f + std::fabs(cpu.topk_weights[i]))) << i;
   }
-  const moe::testing::Tolerance tol = dtype == moe::DType::kF32 ? moe::testing::Tolerance{1e-4, 5e-3}
-                                                                : moe::testing::Tolerance{1e-3, 2e-2};
+  const moe::testing::Tolerance tol = moe::testing::layer_tolerance(dtype);
   EXPECT_GT(moe::testing::max_abs(floats(cpu.output)), 0.0);
   EXPECT_TRUE(moe::testing::all_close(floats(gpu.output), floats(cpu.output), tol)) << moe::to_string(dtype);
 }
 
-struct Layer {
-  moe::io::HfLayerSpec spec;
-  moe::layer::ModelConfig config;
-  moe::io::Checkpoint ckpt;
-  std::string prefix;
-};
+using Layer = moe::testing::SyntheticLayer;
 
-void load(const std::string& arch, bool mxfp4, Layer* l) {
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  const std::filesystem::path dir =
-      std::filesystem::path(tmp ? tmp : "/tmp") / ("device_layer_" + arch + (mxfp4 ? "_mxfp4" : ""));
-  std::filesystem::create_directories(dir);
-  l->spec.architecture = arch;
-  l->spec.mxfp4 = mxfp4;
-  l->spec.top_k = arch == "Llama4ForCausalLM" ? 1 : 2;
-  moe::io::HfCheckpointWriter writer(l->spec);
-  ASSERT_TRUE(writer.write(dir.string()).is_ok());
-  l->prefix = writer.prefix();
-  ASSERT_TRUE(moe::layer::load_model_config((dir / "config.json").string(), &l->config).is_ok());
-  ASSERT_TRUE(moe::io::Checkpoint::open({(dir / "model.safetensors").string()}, &l->ckpt).is_ok());
-}
+void load(const std::string& arch, bool mxfp4, Layer* l) { moe::testing::load_synthetic_layer("device_layer", arch, mxfp4, l); }
 
 class DeviceLayerTest : public ::testing::TestWithParam<std::tuple<std::string, bool>> {
  protected:

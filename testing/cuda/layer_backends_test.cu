@@ -11,19 +11,11 @@
 #include "moe/layer/moe_layer.h"
 #include "testing/lib/compare.h"
 #include "testing/lib/gpu.h"
-#include "moe/io/synthetic_checkpoint.h"
+#include "testing/lib/layer_fixture.h"
 
 namespace {
 
-std::vector<float> floats(const moe::layer::Buffer& b) {
-  std::vector<float> v(b.bytes.size() / (b.dtype == moe::DType::kF32 ? 4 : 2));
-  for (std::size_t i = 0; i < v.size(); ++i) {
-    v[i] = b.dtype == moe::DType::kF32 ? reinterpret_cast<const float*>(b.bytes.data())[i]
-           : b.dtype == moe::DType::kBF16 ? moe::to_float(reinterpret_cast<const moe::bfloat16*>(b.bytes.data())[i])
-                                          : moe::to_float(reinterpret_cast<const moe::half*>(b.bytes.data())[i]);
-  }
-  return v;
-}
+using moe::testing::floats;
 
 class LayerBackends : public ::testing::TestWithParam<std::tuple<std::string, bool>> {
  protected:
@@ -35,24 +27,13 @@ class LayerBackends : public ::testing::TestWithParam<std::tuple<std::string, bo
 
 TEST_P(LayerBackends, CudaMatchesCpu) {
   const auto [arch, mxfp4] = GetParam();
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  const std::filesystem::path dir = std::filesystem::path(tmp ? tmp : "/tmp") / ("layer_" + arch + (mxfp4 ? "_mxfp4" : ""));
-  std::filesystem::create_directories(dir);
-  moe::io::HfLayerSpec spec;
-  spec.architecture = arch;
-  spec.mxfp4 = mxfp4;
-  spec.top_k = arch == "Llama4ForCausalLM" ? 1 : 2;
-  moe::io::HfCheckpointWriter writer(spec);
-  ASSERT_TRUE(writer.write(dir.string()).is_ok());
-  moe::layer::ModelConfig config;
-  ASSERT_TRUE(moe::layer::load_model_config((dir / "config.json").string(), &config).is_ok());
-  moe::io::Checkpoint ckpt;
-  ASSERT_TRUE(moe::io::Checkpoint::open({(dir / "model.safetensors").string()}, &ckpt).is_ok());
+  moe::testing::SyntheticLayer l;
+  ASSERT_NO_FATAL_FAILURE(moe::testing::load_synthetic_layer("layer", arch, mxfp4, &l));
   for (moe::DType dtype : {moe::DType::kF32, moe::DType::kBF16}) {
     moe::layer::MoeLayer layer;
-    const moe::Status ls = moe::layer::MoeLayer::load(config, {}, dtype, ckpt, writer.prefix(), &layer);
+    const moe::Status ls = moe::layer::MoeLayer::load(l.config, {}, dtype, l.ckpt, l.prefix, &layer);
     ASSERT_TRUE(ls.is_ok()) << ls.to_string();
-    const moe::Index M = 40, H = spec.hidden;
+    const moe::Index M = 40, H = l.spec.hidden;
     std::mt19937 gen(5);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     std::vector<float> x(M * H);
@@ -70,8 +51,7 @@ TEST_P(LayerBackends, CudaMatchesCpu) {
     EXPECT_EQ(res.output.bytes, gpu.output.bytes);
     EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
     EXPECT_EQ(cpu.topk_weights, gpu.topk_weights);
-    const moe::testing::Tolerance tol = dtype == moe::DType::kF32 ? moe::testing::Tolerance{1e-4, 5e-3}
-                                                                  : moe::testing::Tolerance{1e-3, 2e-2};
+    const moe::testing::Tolerance tol = moe::testing::layer_tolerance(dtype);
     EXPECT_GT(moe::testing::max_abs(floats(cpu.output)), 0.0);
     EXPECT_TRUE(moe::testing::all_close(floats(gpu.output), floats(cpu.output), tol)) << moe::to_string(dtype);
   }

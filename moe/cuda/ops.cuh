@@ -38,6 +38,7 @@
 #include "moe/cuda/check.h"
 #include "moe/cuda/radix_bits.h"
 #include "moe/detail/workspace.h"
+#include "moe/detail/op_checks.h"
 #include "moe/detail/validate.h"
 #include "moe/expert_map.h"
 #include "moe/quant/numeric.h"
@@ -444,20 +445,8 @@ Status select_experts(DeviceView<const float, 2> router_logits, int top_k, const
                       DeviceView<float, 2> topk_weights, std::span<std::byte> workspace, cudaStream_t stream = nullptr) {
   using namespace ops_detail;
   static_assert(Routing::kUsesLogits, "moe::cuda::select_experts: the routing policy must route from logits");
+  MOE_RETURN_IF_ERROR(moe::detail::check_select_experts<Routing>(router_logits, top_k, args, correction_bias, topk_ids, topk_weights));
   const Index M = router_logits.extent(0), E = router_logits.extent(1);
-  if (E < 1) return invalid_argument("router_logits: expected at least one expert (dimension 1), got shape ", format_shape(router_logits.extents()));
-  MOE_RETURN_IF_ERROR(expect_shape(router_logits, "router_logits", std::array<Dim, 2>{{{"M", M}, {"E", E}}}));
-  if (top_k < 1 || top_k > E) return invalid_argument("top_k: expected 1 <= top_k <= num_experts=", E, ", got ", top_k);
-  MOE_RETURN_IF_ERROR(expect_shape(topk_ids, "topk_ids", std::array<Dim, 2>{{{"M", M}, {"top_k", top_k}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(topk_weights, "topk_weights", std::array<Dim, 2>{{{"M", M}, {"top_k", top_k}}}));
-  if (correction_bias) {
-    if constexpr (!Routing::kAcceptsCorrectionBias) {
-      return invalid_argument("correction_bias: routing policy ", Routing::kName, " does not use an e_score_correction_bias");
-    } else {
-      MOE_RETURN_IF_ERROR(expect_shape(*correction_bias, "correction_bias", std::array<Dim, 1>{{{"E", E}}}));
-    }
-  }
-  MOE_RETURN_IF_ERROR(Routing::can_implement(args, static_cast<int>(E), top_k));
   const std::size_t need = select_experts_workspace_bytes(M, E);
   MOE_RETURN_IF_ERROR(check_workspace(workspace, need, "select_experts_workspace_bytes"));
   if (M == 0) return Status::ok();
@@ -541,39 +530,16 @@ Status moe_permute(DeviceView<const T, 2> hidden, OptDeviceView<const float, 2> 
                    std::int32_t fill_invalid_expert, const PermuteOutputs<T>& out, std::span<std::byte> workspace,
                    cudaStream_t stream = nullptr, bool checked = false) {
   using namespace ops_detail;
+  Index R = 0;
+  MOE_RETURN_IF_ERROR(moe::detail::check_permute_shapes(hidden, scales, topk_ids, num_experts, num_local_experts,
+                                                        expert_map, align_block_size, out, &R));
+  if (expert_map && checked) {
+    std::vector<std::int32_t> map;
+    MOE_RETURN_IF_ERROR(copy_to_host(*expert_map, &map, stream));
+    MOE_CUDA_TRY(cudaStreamSynchronize(stream));
+    MOE_RETURN_IF_ERROR(validate_expert_map(HostView<const std::int32_t, 1>(map.data(), {num_experts}), num_local_experts));
+  }
   const Index M = hidden.extent(0), H = hidden.extent(1), k = topk_ids.extent(1);
-  if (num_experts < 1) return invalid_argument("num_experts: expected >= 1, got ", num_experts);
-  if (num_local_experts < 1 || num_local_experts > num_experts) {
-    return invalid_argument("num_local_experts: expected 1 <= num_local_experts <= num_experts=", num_experts, ", got ", num_local_experts);
-  }
-  if (!expert_map && num_local_experts != num_experts) {
-    return invalid_argument("expert_map: required when num_local_experts (", num_local_experts, ") != num_experts (", num_experts, ")");
-  }
-  if (align_block_size < 0) return invalid_argument("align_block_size: expected >= 0 (0: no alignment), got ", align_block_size);
-  if (k < 1) return invalid_argument("topk_ids: expected top_k >= 1 columns, got shape ", format_shape(topk_ids.extents()));
-  if (M * k > INT32_MAX) return invalid_argument("topk_ids: M*top_k = ", M * k, " exceeds the int32 index range");
-  const Index R = moe_permute_rows(M, static_cast<int>(k), num_local_experts, align_block_size);
-  MOE_RETURN_IF_ERROR(expect_shape(hidden, "hidden_states", std::array<Dim, 2>{{{"M", M}, {"H", H}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(topk_ids, "topk_ids", std::array<Dim, 2>{{{"M", M}, {"top_k", k}}}));
-  if (expert_map) {
-    MOE_RETURN_IF_ERROR(expect_shape(*expert_map, "expert_map", std::array<Dim, 1>{{{"E", num_experts}}}));
-    if (checked) {
-      std::vector<std::int32_t> map;
-      MOE_RETURN_IF_ERROR(copy_to_host(*expert_map, &map, stream));
-      MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-      MOE_RETURN_IF_ERROR(validate_expert_map(HostView<const std::int32_t, 1>(map.data(), {num_experts}), num_local_experts));
-    }
-  }
-  MOE_RETURN_IF_ERROR(expect_shape(out.permuted_hidden, "permuted_hidden_states", std::array<Dim, 2>{{{"R", R}, {"H", H}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(out.expert_first_token_offset, "expert_first_token_offset", std::array<Dim, 1>{{{"E_local+1", num_local_experts + 1}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(out.inv_permuted_idx, "inv_permuted_idx", std::array<Dim, 1>{{{"M*top_k", M * k}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(out.permuted_idx, "permuted_idx", std::array<Dim, 1>{{{"R", R}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(out.m_indices, "m_indices", std::array<Dim, 1>{{{"R", R}}}));
-  if (scales) {
-    MOE_RETURN_IF_ERROR(expect_shape(*scales, "a1q_scale", std::array<Dim, 2>{{{"M", M}, {"S", scales->extent(1)}}}));
-    if (!out.permuted_scales) return invalid_argument("permuted_scales: required when a1q_scale is given");
-    MOE_RETURN_IF_ERROR(expect_shape(*out.permuted_scales, "permuted_scales", std::array<Dim, 2>{{{"R", R}, {"S", scales->extent(1)}}}));
-  }
 
   PermuteLayout l;
   const Status query = permute_layout(M, static_cast<int>(k), num_experts, num_local_experts, align_block_size, &l);
@@ -727,34 +693,15 @@ inline Status moe_align_block_size(DeviceView<const std::int32_t, 2> topk_ids, I
                                    DeviceView<std::int32_t, 1> num_tokens_post_padded, std::span<std::byte> workspace,
                                    cudaStream_t stream = nullptr, bool checked = false) {
   using namespace ops_detail;
-  const Index M = topk_ids.extent(0), k = topk_ids.extent(1);
-  if (block_size < 1) return invalid_argument("block_size: expected >= 1, got ", block_size);
-  if (num_experts < 1) return invalid_argument("num_experts: expected >= 1, got ", num_experts);
-  MOE_RETURN_IF_ERROR(expect_shape(topk_ids, "topk_ids", std::array<Dim, 2>{{{"M", M}, {"top_k", k}}}));
-  const Index numel = M * k;
-  if (numel > INT32_MAX) return invalid_argument("topk_ids: M*top_k = ", numel, " exceeds the int32 index range");
+  MOE_RETURN_IF_ERROR(moe::detail::check_align_shapes(topk_ids, block_size, num_experts, expert_map, pad_sorted_ids,
+                                                      sorted_token_ids, expert_ids, num_tokens_post_padded));
+  const Index M = topk_ids.extent(0), k = topk_ids.extent(1), numel = M * k;
   const AlignSizes sz = moe_align_block_size_sizes(numel, num_experts, block_size, pad_sorted_ids);
-  MOE_RETURN_IF_ERROR(expect_shape(sorted_token_ids, "sorted_token_ids", std::array<Dim, 1>{{{"max_num_tokens_padded", sz.max_num_tokens_padded}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(expert_ids, "expert_ids", std::array<Dim, 1>{{{"num_blocks", sz.num_blocks}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(num_tokens_post_padded, "num_tokens_post_padded", std::array<Dim, 1>{{{"1", 1}}}));
-  if (expert_map) {
-    MOE_RETURN_IF_ERROR(expect_shape(*expert_map, "expert_map", std::array<Dim, 1>{{{"E", num_experts}}}));
-    if (checked) {
-      std::vector<std::int32_t> map;
-      MOE_RETURN_IF_ERROR(copy_to_host(*expert_map, &map, stream));
-      MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-      Index max_local = 0;
-      for (Index g = 0; g < num_experts; ++g) {
-        const std::int32_t l = map[static_cast<std::size_t>(g)];
-        if (l < -1 || l >= num_experts) {
-          return invalid_argument("expert_map: entry ", g, " is ", l, "; expected -1 or a local expert id in [0, ",
-                                  num_experts, ")");
-        }
-        max_local = std::max<Index>(max_local, Index{l} + 1);
-      }
-      MOE_RETURN_IF_ERROR(validate_expert_map(HostView<const std::int32_t, 1>(map.data(), {num_experts}),
-                                              std::max<Index>(max_local, 1)));
-    }
+  if (expert_map && checked) {
+    std::vector<std::int32_t> map;
+    MOE_RETURN_IF_ERROR(copy_to_host(*expert_map, &map, stream));
+    MOE_CUDA_TRY(cudaStreamSynchronize(stream));
+    MOE_RETURN_IF_ERROR(moe::detail::check_align_expert_map(HostView<const std::int32_t, 1>(map.data(), {num_experts}), num_experts));
   }
   // The CPU's kInternal check (padded total > buffer) cannot fire: each expert's padded run is
   // at most count + block_size - 1 and at most count * block_size. Writes are bounded anyway.
@@ -811,13 +758,8 @@ Status moe_fused_mul_sum(DeviceView<const T, 3> inputs, DeviceView<const float, 
                          OptDeviceView<const std::int32_t, 2> topk_ids, OptDeviceView<const std::int32_t, 1> expert_map,
                          cudaStream_t stream = nullptr) {
   using namespace ops_detail;
+  MOE_RETURN_IF_ERROR(moe::detail::check_fused_mul_sum_shapes(inputs, topk_weights, out, topk_ids, expert_map));
   const Index M = inputs.extent(0), k = inputs.extent(1), H = inputs.extent(2);
-  MOE_RETURN_IF_ERROR(expect_shape(inputs, "inputs", std::array<Dim, 3>{{{"M", M}, {"top_k", k}, {"H", H}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(topk_weights, "topk_weights", std::array<Dim, 2>{{{"M", M}, {"top_k", k}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(out, "output", std::array<Dim, 2>{{{"M", M}, {"H", H}}}));
-  if (expert_map && !topk_ids) return invalid_argument("topk_ids: required when expert_map is given");
-  MOE_RETURN_IF_ERROR(expect_shape(topk_ids, "topk_ids", std::array<Dim, 2>{{{"M", M}, {"top_k", k}}}));
-  if (expert_map) MOE_RETURN_IF_ERROR(expect_shape(*expert_map, "expert_map", std::array<Dim, 1>{{{"E", expert_map->extent(0)}}}));
   if (M == 0 || H == 0) return Status::ok();
   const bool mapped = expert_map.has_value();
   fused_mul_sum_kernel<T><<<grid_for(M, 1), kRowThreads, 0, stream>>>(
@@ -844,29 +786,16 @@ inline Status eplb_logical_to_physical(DeviceView<const std::int32_t, 2> logical
   using namespace ops_detail;
   const Index M = logical_ids.extent(0), k = logical_ids.extent(1);
   const Index L = logical_to_physical_map.extent(0), slots_per_expert = logical_to_physical_map.extent(1);
-  MOE_RETURN_IF_ERROR(expect_shape(logical_ids, "topk_ids", std::array<Dim, 2>{{{"M", M}, {"top_k", k}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(logical_to_physical_map, "logical_to_physical_map", std::array<Dim, 2>{{{"L", L}, {"max_replicas", slots_per_expert}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(logical_replica_count, "logical_replica_count", std::array<Dim, 1>{{{"L", L}}}));
-  MOE_RETURN_IF_ERROR(expect_shape(physical_ids, "physical_ids", std::array<Dim, 2>{{{"M", M}, {"top_k", k}}}));
-  if (num_physical_experts < 1) return invalid_argument("num_physical_experts: expected >= 1, got ", num_physical_experts);
-  MOE_RETURN_IF_ERROR(expect_shape(expert_load, "expert_load", std::array<Dim, 1>{{{"P", num_physical_experts}}}));
+  MOE_RETURN_IF_ERROR(moe::detail::check_eplb_shapes(logical_ids, logical_to_physical_map, logical_replica_count,
+                                                     num_physical_experts, physical_ids, expert_load));
   if (checked) {
     std::vector<std::int32_t> count, map;
     MOE_RETURN_IF_ERROR(copy_to_host(logical_replica_count, &count, stream));
     MOE_RETURN_IF_ERROR(copy_to_host(logical_to_physical_map, &map, stream));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-    for (Index e = 0; e < L; ++e) {
-      const std::int32_t c = count[static_cast<std::size_t>(e)];
-      if (c < 1 || c > slots_per_expert) {
-        return invalid_argument("logical_replica_count: entry ", e, " is ", c, "; expected 1 <= count <= max_replicas=", slots_per_expert);
-      }
-      for (std::int32_t r = 0; r < c; ++r) {
-        const std::int32_t p = map[static_cast<std::size_t>(e * slots_per_expert + r)];
-        if (p < 0 || p >= num_physical_experts) {
-          return invalid_argument("logical_to_physical_map: entry [", e, ", ", r, "] is ", p, "; expected a physical id in [0, ", num_physical_experts, ")");
-        }
-      }
-    }
+    MOE_RETURN_IF_ERROR(moe::detail::check_eplb_maps(HostView<const std::int32_t, 2>(map.data(), {L, slots_per_expert}),
+                                                     HostView<const std::int32_t, 1>(count.data(), {L}),
+                                                     num_physical_experts));
   }
   if (M * k == 0) return Status::ok();
   eplb_kernel<<<grid_for(M * k, kThreads), kThreads, 0, stream>>>(

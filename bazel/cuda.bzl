@@ -7,7 +7,15 @@ Names follow rules_cuda so a later switch is a rename:
   cuda_test      cuda_library + cc_test, linked with the static CUDA runtime.
   cuda_binary    cuda_library + cc_binary, likewise.
   cuda_archs     the target architectures, a command-line flag:
-                 --//bazel:cuda_archs=sm_90a,sm_80 (default). sm_90a is Hopper with wgmma.
+                 --//bazel:cuda_archs=sm_90a,sm_80 (default). sm_90a is Hopper with wgmma. A
+                 target may name its own (`archs`, replacing the flag's) or narrow the flag's to
+                 the ones its sources are written for (`only_archs`).
+Compilation follows the C++ rules: --compilation_mode opt gives -O3 -DNDEBUG, fastbuild -O1, dbg
+-O0 -g for host code (device code stays optimised: -G would serialise the Hopper mainloops); and
+the target-ISA flags of --copt/--cxxopt (-march=..., -m...) reach nvcc's host compiler, so a
+header compiled both by g++ and by nvcc (Eigen's, in the layer's CUDA registry) is built for one
+ISA and the one-definition rule holds. Other --copt flags (sanitizers, clang-only flags of the
+fuzz configuration) stay with the C++ rules.
 The toolkit comes from the repository rule in cuda_configure.bzl (CUDA_PATH, else /usr/local/cuda).
 """
 
@@ -37,7 +45,7 @@ def _cuda_library_impl(ctx):
         unsupported_features = ctx.disabled_features,
     )
     nvcc = ctx.file._nvcc
-    archs = ctx.attr._archs[CudaArchsInfo].archs
+    archs = ctx.attr.archs if ctx.attr.archs else ctx.attr._archs[CudaArchsInfo].archs
     if ctx.attr.only_archs:
         # Architecture-specific sources (sm_90a wgmma) compile only for their archs when the
         # build targets them; otherwise for the build's archs (their kernels then cannot run, and
@@ -46,7 +54,12 @@ def _cuda_library_impl(ctx):
         archs = kept if kept else archs
     dep_contexts = [d[CcInfo].compilation_context for d in ctx.attr.deps if CcInfo in d]
     headers = depset(ctx.files.hdrs, transitive = [c.headers for c in dep_contexts])
-    args_common = ["-std=c++20", "-O3", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo"]
+    mode = ctx.var["COMPILATION_MODE"]
+    optimisation = {"opt": ["-O3", "-DNDEBUG"], "fastbuild": ["-O1"], "dbg": ["-O0", "-g"]}[mode]
+    args_common = ["-std=c++20"] + optimisation + ["-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo"]
+    for flag in ctx.fragments.cpp.copts + ctx.fragments.cpp.cxxopts:
+        if flag.startswith("-m"):
+            args_common += ["-Xcompiler", flag]
     args_common += [_gencode(a) for a in archs]
     args_common += ["-I."]
     for c in dep_contexts:
@@ -108,6 +121,7 @@ _cuda_library = rule(
         "hdrs": attr.label_list(allow_files = [".h", ".cuh"]),
         "deps": attr.label_list(providers = [CcInfo]),
         "copts": attr.string_list(),
+        "archs": attr.string_list(),
         "only_archs": attr.string_list(),
         "_nvcc": attr.label(default = "@local_cuda//:nvcc", allow_single_file = True),
         "_cuda_headers": attr.label(default = "@local_cuda//:headers_files"),
@@ -121,11 +135,11 @@ _cuda_library = rule(
 def cuda_library(name, srcs = [], hdrs = [], deps = [], copts = [], **kwargs):
     _cuda_library(name = name, srcs = srcs, hdrs = hdrs, deps = deps + ["@local_cuda//:cudart_static"], copts = copts, **kwargs)
 
-def cuda_test(name, srcs, deps = [], copts = [], tags = [], **kwargs):
-    cuda_library(name = name + "_cu", srcs = srcs, deps = deps, copts = copts, testonly = True)
+def cuda_test(name, srcs, deps = [], copts = [], tags = [], archs = [], **kwargs):
+    cuda_library(name = name + "_cu", srcs = srcs, deps = deps, copts = copts, archs = archs, testonly = True)
     # Linked statically so the binary can be copied to a GPU machine on its own.
     native.cc_test(name = name, deps = [":" + name + "_cu"] + deps, tags = tags + ["cuda", "gpu"], linkstatic = True, **kwargs)
 
-def cuda_binary(name, srcs, deps = [], copts = [], tags = [], **kwargs):
-    cuda_library(name = name + "_cu", srcs = srcs, deps = deps, copts = copts)
+def cuda_binary(name, srcs, deps = [], copts = [], tags = [], archs = [], **kwargs):
+    cuda_library(name = name + "_cu", srcs = srcs, deps = deps, copts = copts, archs = archs)
     native.cc_binary(name = name, deps = [":" + name + "_cu"] + deps, tags = tags + ["cuda", "gpu"], linkstatic = True, **kwargs)

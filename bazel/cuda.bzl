@@ -135,8 +135,8 @@ _cuda_library = rule(
 def cuda_library(name, srcs = [], hdrs = [], deps = [], copts = [], **kwargs):
     _cuda_library(name = name, srcs = srcs, hdrs = hdrs, deps = deps + ["@local_cuda//:cudart_static"], copts = copts, **kwargs)
 
-def cuda_test(name, srcs, deps = [], copts = [], tags = [], archs = [], **kwargs):
-    cuda_library(name = name + "_cu", srcs = srcs, deps = deps, copts = copts, archs = archs, testonly = True)
+def cuda_test(name, srcs, hdrs = [], deps = [], copts = [], tags = [], archs = [], **kwargs):
+    cuda_library(name = name + "_cu", srcs = srcs, hdrs = hdrs, deps = deps, copts = copts, archs = archs, testonly = True)
     # Linked statically so the binary can be copied to a GPU machine on its own.
     native.cc_test(name = name, deps = [":" + name + "_cu"] + deps, tags = tags + ["cuda", "gpu"], linkstatic = True, **kwargs)
 

@@ -38,7 +38,7 @@ namespace detail {
 
 // One block: segments clamped to [0, rows) and the prefix of their tile_m-row tiles.
 constexpr int kSegmentThreads = 512;
-__global__ void __launch_bounds__(kSegmentThreads) clamp_segments_kernel(const Index* begin_in, const Index* count_in,
+static __global__ void __launch_bounds__(kSegmentThreads) clamp_segments_kernel(const Index* begin_in, const Index* count_in,
                                                                          int num_local, Index rows, int tile_m,
                                                                          Index* begin, Index* count,
                                                                          Index* tile_offsets) {
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kSegmentThreads) clamp_segments_kernel(const I
 }
 
 // row_list[r] = r for every row of every segment (the rest was set to -1 before).
-__global__ void mark_segment_rows_kernel(const Index* begin, const Index* count, Index* row_list) {
+static __global__ void mark_segment_rows_kernel(const Index* begin, const Index* count, Index* row_list) {
   const int e = static_cast<int>(blockIdx.x);
   for (Index i = static_cast<Index>(blockIdx.y) * blockDim.x + threadIdx.x; i < count[e];
        i += static_cast<Index>(gridDim.y) * blockDim.x) {

@@ -182,7 +182,7 @@ inline Index select_experts_threads(Index num_tokens, Index num_experts) {
 // Sort key of slot s (as the CPU's key_of): local id; else E_local + global id (non-local
 // experts, and locals whose map entry is out of [0, E_local) in unchecked mode); else E_local + E
 // (ids outside [0, E)).
-__global__ void permute_keys_kernel(const std::int32_t* ids, Index ld_ids, Index top_k, Index num_slots,
+static __global__ void permute_keys_kernel(const std::int32_t* ids, Index ld_ids, Index top_k, Index num_slots,
                                     const std::int32_t* expert_map, Index num_experts, Index num_local,
                                     std::uint32_t* keys, std::int32_t* slots, std::int32_t* counts) {
   for (Index s = global_thread(); s < num_slots; s += grid_threads()) {
@@ -199,7 +199,7 @@ __global__ void permute_keys_kernel(const std::int32_t* ids, Index ld_ids, Index
 
 // Single thread: where each key's run starts in the sorted order and in the rows, and
 // expert_first_token_offset (segment starts, seg_start[E_local] = the local total).
-__global__ void permute_offsets_kernel(const std::int32_t* counts, Index num_local, Index num_keys, Index align,
+static __global__ void permute_offsets_kernel(const std::int32_t* counts, Index num_local, Index num_keys, Index align,
                                        Index* sorted_start, Index* dest_start, Index* seg_start, std::int64_t* offsets,
                                        Index ld_offsets) {
   if (global_thread() != 0) return;
@@ -225,7 +225,7 @@ __global__ void permute_offsets_kernel(const std::int32_t* counts, Index num_loc
 }
 
 // Sorted position p -> destination row; inv_permuted_idx of every slot, row_slot of local rows.
-__global__ void permute_scatter_kernel(const std::uint32_t* sorted_keys, const std::int32_t* sorted_slots,
+static __global__ void permute_scatter_kernel(const std::uint32_t* sorted_keys, const std::int32_t* sorted_slots,
                                        Index num_slots, Index num_local, Index align, const Index* sorted_start,
                                        const Index* dest_start, const Index* seg_start, Index num_rows,
                                        std::int32_t* inv, Index ld_inv, std::int32_t* row_slot) {
@@ -325,7 +325,7 @@ __global__ void fused_mul_sum_kernel(const T* inputs, Index ld_token, Index ld_s
 // ---- moe_align_block_size ----------------------------------------------------------------------
 
 // Bucket of each slot as the CPU's (dropped slots: key E, sorted last and never written).
-__global__ void align_keys_kernel(const std::int32_t* ids, Index ld_ids, Index top_k, Index num_slots,
+static __global__ void align_keys_kernel(const std::int32_t* ids, Index ld_ids, Index top_k, Index num_slots,
                                   const std::int32_t* expert_map, Index num_experts, bool ignore_invalid_experts,
                                   std::uint32_t* keys, std::int32_t* slots, std::int32_t* counts) {
   for (Index s = global_thread(); s < num_slots; s += grid_threads()) {
@@ -344,7 +344,7 @@ __global__ void align_keys_kernel(const std::int32_t* ids, Index ld_ids, Index t
 }
 
 // Single thread: sorted starts, aligned starts (aligned_start[E] = total), num_tokens_post_padded.
-__global__ void align_offsets_kernel(const std::int32_t* counts, Index num_experts, Index block_size,
+static __global__ void align_offsets_kernel(const std::int32_t* counts, Index num_experts, Index block_size,
                                      Index* sorted_start, Index* aligned_start, std::int32_t* num_tokens_post_padded) {
   if (global_thread() != 0) return;
   Index sorted = 0, next = 0;
@@ -360,7 +360,7 @@ __global__ void align_offsets_kernel(const std::int32_t* counts, Index num_exper
 }
 
 // Sentinels everywhere in sorted_token_ids; each block's expert label (or -1).
-__global__ void align_fill_kernel(Index max_padded, Index num_blocks, Index block_size, Index numel,
+static __global__ void align_fill_kernel(Index max_padded, Index num_blocks, Index block_size, Index numel,
                                   const Index* aligned_start, Index num_experts, const std::int32_t* expert_map,
                                   bool ignore_invalid_experts, std::int32_t* sorted_ids, Index ld_sorted,
                                   std::int32_t* expert_ids, Index ld_expert_ids) {
@@ -380,7 +380,7 @@ __global__ void align_fill_kernel(Index max_padded, Index num_blocks, Index bloc
   }
 }
 
-__global__ void align_scatter_kernel(const std::uint32_t* sorted_keys, const std::int32_t* sorted_slots,
+static __global__ void align_scatter_kernel(const std::uint32_t* sorted_keys, const std::int32_t* sorted_slots,
                                      Index num_slots, Index num_experts, const Index* sorted_start,
                                      const Index* aligned_start, Index max_padded, std::int32_t* sorted_ids,
                                      Index ld_sorted) {
@@ -394,7 +394,7 @@ __global__ void align_scatter_kernel(const std::uint32_t* sorted_keys, const std
 
 // ---- eplb_logical_to_physical ------------------------------------------------------------------
 
-__global__ void eplb_kernel(const std::int32_t* logical_ids, Index ld_ids, Index num_tokens, Index top_k,
+static __global__ void eplb_kernel(const std::int32_t* logical_ids, Index ld_ids, Index num_tokens, Index top_k,
                             const std::int32_t* map, Index ld_map, Index num_logical, Index max_replicas,
                             const std::int32_t* replica_count, Index ld_count, Index num_physical, bool token_hash,
                             std::int32_t* physical_ids, Index ld_physical, std::int64_t* expert_load, Index ld_load,

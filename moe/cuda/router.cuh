@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(256) router_logits_tiled_kernel(const T* x, In
 // x . w = x . hi + x . mid + x . lo with bf16 x has exact products and fp32 sums (a bf16 GEMM of
 // N = 3E into fp32 logits, summed per expert by the routing kernel): the fp32 router at bf16
 // tensor-core speed. Pieces [3][E][H].
-__global__ void split_router_kernel(const float* w, std::size_t n, bfloat16* pieces) {
+static __global__ void split_router_kernel(const float* w, std::size_t n, bfloat16* pieces) {
   for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
     const float v = w[i];

@@ -39,7 +39,7 @@ __global__ void route_kernel(const float* logits, Index ld_logits, Index num_tok
 // Counts go through a block-local histogram in shared memory (one global atomic per block and
 // expert: at prefill, 10^5 slots on a few hundred counters would serialize on global atomics).
 // With `ids_in` (precomputed routing) the ids and weights are also copied into the workspace.
-__global__ void slot_keys_kernel(const std::int32_t* ids_in, Index ld_ids, const float* w_in, Index ld_w, int top_k,
+static __global__ void slot_keys_kernel(const std::int32_t* ids_in, Index ld_ids, const float* w_in, Index ld_w, int top_k,
                                  std::int32_t* ids, float* weights, Index num_slots, const std::int32_t* expert_map,
                                  Index num_experts, int num_local, bool shared_histogram, std::int32_t* keys,
                                  std::int32_t* slots, std::int32_t* counts) {
@@ -125,7 +125,7 @@ __device__ void expert_offsets(CountOf count_of, int num_local, Index batched_ca
 
 // Single block: expert_offsets over the global counts of slot_keys_kernel.
 constexpr int kOffsetsThreads = 512;
-__global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(const std::int32_t* counts, int num_local,
+static __global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(const std::int32_t* counts, int num_local,
                                                                   Index batched_capacity, int tile_m,
                                                                   Index* sorted_start, Index* seg_begin,
                                                                   Index* seg_count, Index* tile_offsets,
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(const std::int
 }
 
 // Sorted position p -> the slot's row (or -1), and each row's router weight.
-__global__ void assign_rows_kernel(const std::int32_t* sorted_keys, const std::int32_t* sorted_slots, Index num_slots,
+static __global__ void assign_rows_kernel(const std::int32_t* sorted_keys, const std::int32_t* sorted_slots, Index num_slots,
                                    int num_local, const Index* sorted_start, const Index* seg_begin,
                                    const Index* seg_count, const float* weights, Index* slot_row, float* row_weight) {
   const Index p = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -161,7 +161,7 @@ __global__ void assign_rows_kernel(const std::int32_t* sorted_keys, const std::i
 constexpr int kSmallPrepThreads = 1024;
 constexpr int kSmallPrepSlots = kSmallPrepThreads;  // one slot per thread
 constexpr int kSmallPrepExperts = 8192;             // 32 KiB of counters
-__global__ void __launch_bounds__(kSmallPrepThreads)
+static __global__ void __launch_bounds__(kSmallPrepThreads)
     small_routing_prep_kernel(const std::int32_t* ids_in, Index ld_ids, const float* w_in, Index ld_w, int top_k,
                               std::int32_t* ids, float* weights, int num_slots, const std::int32_t* expert_map,
                               Index num_experts, int num_local, Index batched_capacity, int tile_m, Index* seg_begin,

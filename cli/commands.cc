@@ -325,7 +325,7 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
     for (const auto& c : kShapes) if (o.shape == c.name) s = &c;
     if (!s) return invalid_argument("--shape: unknown \"", o.shape, "\" (qwen3_30b_a3b, gpt_oss_120b, mixtral_8x7b, deepseek_v3)");
     layer::ForwardFn fn = nullptr;
-    MOE_RETURN_IF_ERROR(finder(o)({layer::RoutingKind::kPrecomputed, layer::ActivationKind::kSiluAndMul, dt, false}, &fn));
+    MOE_RETURN_IF_ERROR(finder(o)({std::string(SiluAndMul::kName), dt, false}, &fn));
     const std::size_t elem = dt == DType::kF32 ? 4 : 2;
     // Host buffers: the weights, and --tokens rows of inputs and outputs. Checked before allocating.
     constexpr std::size_t kMaxBenchBytes = std::size_t{64} << 30;

@@ -121,10 +121,14 @@ MOE_HOST_DEVICE void finish_weights(float* w, int k, bool renormalize, float rou
 // Scoring functions for the scored policies.
 struct Softmax {
   static constexpr std::string_view kName = "softmax";
+  static constexpr std::string_view kTopKName = "softmax_topk";            // ScoredTopK<Softmax>
+  static constexpr std::string_view kGroupedName = "grouped_softmax_topk";  // GroupedTopK<Softmax>
   MOE_HOST_DEVICE static void score(const float* logits, int n, float* out) { softmax(logits, n, out); }
 };
 struct Sigmoid {
   static constexpr std::string_view kName = "sigmoid";
+  static constexpr std::string_view kTopKName = "sigmoid_topk";
+  static constexpr std::string_view kGroupedName = "grouped_sigmoid_topk";
   MOE_HOST_DEVICE static void score(const float* logits, int n, float* out) { sigmoid(logits, n, out); }
 };
 
@@ -148,7 +152,7 @@ struct TopKBase {
 // both are FusedTopKBiasRouter.
 template <class Scoring>
 struct ScoredTopK : TopKBase {
-  static constexpr std::string_view kName = Scoring::kName;
+  static constexpr std::string_view kName = Scoring::kTopKName;
   static constexpr bool kAcceptsCorrectionBias = true;
   struct Arguments {
     bool renormalize = false;
@@ -185,7 +189,7 @@ using SigmoidTopK = ScoredTopK<Sigmoid>;
 // silently falls back to plain top-k there; we report it instead).
 template <class Scoring>
 struct GroupedTopK : TopKBase {
-  static constexpr std::string_view kName = Scoring::kName == std::string_view("softmax") ? "grouped_softmax" : "grouped_sigmoid";
+  static constexpr std::string_view kName = Scoring::kGroupedName;
   static constexpr bool kAcceptsCorrectionBias = true;
   struct Arguments {
     int num_expert_group = 1;
@@ -262,7 +266,7 @@ struct GroupedTopK : TopKBase {
 // Llama-4: top-k (k = 1 in the model) on the raw logits; weight = sigmoid(chosen logit). No
 // softmax, no renormalization. Used with apply_router_weight_on_input.
 struct Llama4TopK : TopKBase {
-  static constexpr std::string_view kName = "llama4_sigmoid_top1";
+  static constexpr std::string_view kName = "llama4_top1_sigmoid";
   struct Arguments {};
   MOE_HOST_DEVICE static void route_token(const TokenContext& t, const Arguments&) {
     select_topk(t.logits, t.num_experts, t.top_k, t.ids, t.weights);

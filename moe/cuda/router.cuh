@@ -167,6 +167,30 @@ static __global__ void split_router_kernel(const float* w, std::size_t n, bfloat
 // that weight per token instead (a shared expert computed apart).
 enum class WarpScoring { kSoftmax, kSigmoid, kRawLlama4 };
 constexpr int kWarpRouteMaxExperts = 1024;
+
+// The warp-level fast path of a routing policy: WarpRouteOf<R>::kScoring. A policy without a
+// specialization has none (the device layer refuses it at compile time; moe::Kernel's generic
+// per-token route_kernel runs any policy). Grouping follows the policy's Arguments.
+template <class Routing>
+struct WarpRouteOf;
+template <>
+struct WarpRouteOf<routing::SoftmaxTopK> {
+  static constexpr WarpScoring kScoring = WarpScoring::kSoftmax;
+};
+template <>
+struct WarpRouteOf<routing::SigmoidTopK> {
+  static constexpr WarpScoring kScoring = WarpScoring::kSigmoid;
+};
+template <class Scoring>
+struct WarpRouteOf<routing::GroupedTopK<Scoring>> {
+  static constexpr WarpScoring kScoring = WarpRouteOf<routing::ScoredTopK<Scoring>>::kScoring;
+};
+template <>
+struct WarpRouteOf<routing::Llama4TopK> {
+  static constexpr WarpScoring kScoring = WarpScoring::kRawLlama4;
+};
+template <class Routing>
+concept HasWarpRoute = requires { WarpRouteOf<Routing>::kScoring; };
 constexpr int kWarpRouteWarps = 4;
 
 struct WarpRouteParams {

@@ -1,7 +1,5 @@
 #include "moe/layer/cuda_registry.h"
 
-#include <sstream>
-
 #include "moe/cuda/check.h"
 #include "moe/layer/device_experts.h"
 
@@ -53,10 +51,10 @@ Status to_device_optional(const std::optional<AnyTensor>& t, std::string_view na
 }
 
 // Host tensors in, the routed experts on the device (moe/layer/device_experts.h), host tensor out.
-Status forward(const ForwardRequest& r, ActivationKind activation, bool weight_on_input) {
+Status forward(const ForwardRequest& r, std::string_view activation, bool weight_on_input) {
   const DType dt = r.hidden_states.dtype;
   DeviceExpertsCall c;
-  c.key = {RoutingKind::kPrecomputed, activation, dt, weight_on_input};
+  c.key = {std::string(activation), dt, weight_on_input};
   c.activation = r.activation;
   if (r.hidden_states.extents.size() != 2) return invalid_argument("hidden_states: expected rank 2");
   if (r.output.dtype != dt || r.output.extents != r.hidden_states.extents || !r.output.strides.empty()) {
@@ -102,47 +100,16 @@ Status forward(const ForwardRequest& r, ActivationKind activation, bool weight_o
   return Status::ok();
 }
 
-struct Entry {
-  KernelKey key;
-  ForwardFn fn;
-};
-
-template <ActivationKind A, bool WeightOnInput>
+template <class Experts>
 Status forward_as(const ForwardRequest& r) {
-  return forward(r, A, WeightOnInput);
-}
-
-template <ActivationKind A, bool WeightOnInput = false>
-void add_all_dtypes(std::vector<Entry>& v) {
-  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
-    v.push_back({{RoutingKind::kPrecomputed, A, dt, WeightOnInput}, &forward_as<A, WeightOnInput>});
-  }
-}
-
-const std::vector<Entry>& entries() {
-  static const std::vector<Entry> v = [] {
-    std::vector<Entry> e;
-    add_all_dtypes<ActivationKind::kSiluAndMul>(e);
-    add_all_dtypes<ActivationKind::kSwigluOai>(e);
-    add_all_dtypes<ActivationKind::kSiluAndMul, true>(e);
-    return e;
-  }();
-  return v;
+  return forward(r, Experts::Activation::kName, Experts::kWeightOnInput);
 }
 
 }  // namespace
 
 Status find_cuda_kernel(const KernelKey& key, ForwardFn* out) {
-  for (const Entry& e : entries()) {
-    if (e.key == key) {
-      *out = e.fn;
-      return Status::ok();
-    }
-  }
-  std::ostringstream os;
-  os << "no prebuilt CUDA kernel for " << key.to_string() << "; built combinations:";
-  for (const Entry& e : entries()) os << "\n  " << e.key.to_string();
-  return unsupported(os.str());
+  static const KernelTable<ForwardFn> table([]<class E, class T>() -> ForwardFn { return &forward_as<E>; });
+  return table.find(key, "CUDA", out);
 }
 
 Status make_layer_resident(MoeLayer* layer) {

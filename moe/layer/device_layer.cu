@@ -33,9 +33,11 @@ Status optional_device_view(const std::optional<AnyTensor>& t, std::string_view 
   return Status::ok();
 }
 
-template <class Activation, class T, bool WeightOnInput>
+template <class ExpertsPolicies, class T>
 struct TypedExperts {
-  using Spec = moe::Spec<routing::Precomputed, StandardPrepareFinalize<WeightOnInput>, Experts<Activation, quant::None<T>>>;
+  using Activation = typename ExpertsPolicies::Activation;
+  using Spec = moe::Spec<routing::Precomputed, StandardPrepareFinalize<ExpertsPolicies::kWeightOnInput>,
+                         Experts<Activation, quant::None<T>>>;
   using Kernel = moe::Kernel<Spec, cuda::Sm90>;
 
   static Status arguments(const DeviceExpertsCall& c, typename Kernel::Arguments* a) {
@@ -49,10 +51,7 @@ struct TypedExperts {
     MOE_RETURN_IF_ERROR((optional_device_view<T, 2>(c.w2_bias, "w2_bias", &a->w2_bias)));
     MOE_RETURN_IF_ERROR((optional_device_view<std::int32_t, 1>(c.expert_map, "expert_map", &a->expert_map)));
     a->output = DeviceView<T, 2>(static_cast<T*>(c.output), {c.tokens, c.hidden_size});
-    if constexpr (requires { a->activation.alpha; }) {
-      a->activation.alpha = c.activation.swiglu_alpha;
-      a->activation.limit = c.activation.swiglu_limit;
-    }
+    a->activation = activation_arguments<Activation>(c.activation);
     return Status::ok();
   }
   static Kernel kernel(const DeviceExpertsCall& c) {
@@ -73,57 +72,31 @@ struct TypedExperts {
   }
 };
 
-struct ExpertsEntry {
-  ActivationKind activation;
-  DType dtype;
-  bool weight_on_input;
+struct ExpertsFns {
   Status (*workspace)(const DeviceExpertsCall&, std::size_t*);
   Status (*run)(const DeviceExpertsCall&, std::span<std::byte>, cudaStream_t);
 };
 
-template <class A, class T, bool W>
-ExpertsEntry entry(ActivationKind k) {
-  return {k, dtype_of<T>, W, &TypedExperts<A, T, W>::workspace, &TypedExperts<A, T, W>::run};
-}
-
-// The prebuilt combinations (the same as the CPU registry's precomputed-routing entries).
-Status find_experts(const KernelKey& key, const ExpertsEntry** out) {
-  static const std::vector<ExpertsEntry> entries = {
-      entry<SiluAndMul, float, false>(ActivationKind::kSiluAndMul),
-      entry<SiluAndMul, bfloat16, false>(ActivationKind::kSiluAndMul),
-      entry<SiluAndMul, half, false>(ActivationKind::kSiluAndMul),
-      entry<SwigluOai, float, false>(ActivationKind::kSwigluOai),
-      entry<SwigluOai, bfloat16, false>(ActivationKind::kSwigluOai),
-      entry<SwigluOai, half, false>(ActivationKind::kSwigluOai),
-      entry<SiluAndMul, float, true>(ActivationKind::kSiluAndMul),
-      entry<SiluAndMul, bfloat16, true>(ActivationKind::kSiluAndMul),
-      entry<SiluAndMul, half, true>(ActivationKind::kSiluAndMul),
-  };
-  for (const ExpertsEntry& e : entries) {
-    if (e.activation == key.activation && e.dtype == key.dtype && e.weight_on_input == key.weight_on_input) {
-      *out = &e;
-      return Status::ok();
-    }
-  }
-  std::string built;
-  for (const ExpertsEntry& e : entries) {
-    built += "\n  " + KernelKey{RoutingKind::kPrecomputed, e.activation, e.dtype, e.weight_on_input}.to_string();
-  }
-  return unsupported("no prebuilt CUDA kernel for ", key.to_string(), "; built combinations:", built);
+// The prebuilt combinations (the CPU registry's, moe/layer/built_policies.h).
+Status find_experts(const KernelKey& key, ExpertsFns* out) {
+  static const KernelTable<ExpertsFns> table([]<class E, class T>() {
+    return ExpertsFns{&TypedExperts<E, T>::workspace, &TypedExperts<E, T>::run};
+  });
+  return table.find(key, "CUDA", out);
 }
 
 }  // namespace
 
 Status device_experts_workspace_bytes(const DeviceExpertsCall& call, std::size_t* bytes) {
-  const ExpertsEntry* e = nullptr;
+  ExpertsFns e;
   MOE_RETURN_IF_ERROR(find_experts(call.key, &e));
-  return e->workspace(call, bytes);
+  return e.workspace(call, bytes);
 }
 
 Status run_device_experts(const DeviceExpertsCall& call, std::span<std::byte> workspace, cudaStream_t stream) {
-  const ExpertsEntry* e = nullptr;
+  ExpertsFns e;
   MOE_RETURN_IF_ERROR(find_experts(call.key, &e));
-  return e->run(call, workspace, stream);
+  return e.run(call, workspace, stream);
 }
 
 // ---- DeviceLayer ---------------------------------------------------------------------------------
@@ -220,7 +193,7 @@ struct DeviceLayer::Impl {
 
   DeviceExpertsCall routed_call(const void* x, Index M, const std::int32_t* ids, const float* w, void* out) const {
     DeviceExpertsCall c;
-    c.key = {RoutingKind::kPrecomputed, config.activation, dtype, config.weight_on_input};
+    c.key = {config.activation, dtype, config.weight_on_input};
     c.activation = config.activation_params;
     c.hidden = x;
     c.tokens = M;
@@ -241,7 +214,7 @@ struct DeviceLayer::Impl {
   }
   DeviceExpertsCall shared_call(const void* x, Index M, const std::int32_t* zeros, const float* gate, void* out) const {
     DeviceExpertsCall c;
-    c.key = {RoutingKind::kPrecomputed, ActivationKind::kSiluAndMul, dtype, false};
+    c.key = {std::string(SiluAndMul::kName), dtype, false};
     c.hidden = x;
     c.tokens = M;
     c.hidden_size = H;
@@ -340,16 +313,19 @@ Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, 
     return unsupported("DeviceLayer: routing over ", E_router, " experts; the device routing takes at most ",
                        cuda::detail::kWarpRouteMaxExperts);
   }
-  const bool grouped = c.routing == RoutingKind::kGroupedSoftmax || c.routing == RoutingKind::kGroupedSigmoid;
-  if (grouped && c.routing_params.num_expert_group > 32) {
+  MOE_RETURN_IF_ERROR(visit_policy(BuiltRoutings{}, "routing", c.routing, []<class R>() {
+    static_assert(cuda::detail::HasWarpRoute<R>,
+                  "every BuiltRoutings policy needs its warp fast path (WarpRouteOf in moe/cuda/router.cuh)");
+    return Status::ok();
+  }));
+  if (routes_by_group(c.routing) && c.routing_params.num_expert_group > 32) {
     return unsupported("DeviceLayer: ", c.routing_params.num_expert_group, " expert groups; the device routing takes at most 32");
   }
-  if (c.routing == RoutingKind::kPrecomputed) return invalid_argument("routing: a model config cannot use precomputed routing");
   // Shared experts fused as extra experts: same activation (SiluAndMul), no expert biases, a
   // width that is a whole number of routed experts' widths, and the router weight applied at the
   // output (Llama-4's weight on the input is defined for one slot per token only).
   const bool has_shared = St > 0;
-  const bool fusable = has_shared && o.fuse_shared_experts && c.activation == ActivationKind::kSiluAndMul &&
+  const bool fusable = has_shared && o.fuse_shared_experts && c.activation == SiluAndMul::kName &&
                        !c.expert_biases && !c.weight_on_input && It > 0 && St % It == 0;
   appended = fusable ? static_cast<int>(St / It) : 0;
   shared_apart = has_shared && !fusable;
@@ -593,8 +569,7 @@ Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* 
   rp.E = static_cast<int>(E_router);
   rp.top_k = k;
   rp.correction_bias = static_cast<const float*>(correction_bias.get());
-  const bool grouped = config.routing == RoutingKind::kGroupedSoftmax || config.routing == RoutingKind::kGroupedSigmoid;
-  rp.groups = grouped ? config.routing_params.num_expert_group : 1;
+  rp.groups = routes_by_group(config.routing) ? config.routing_params.num_expert_group : 1;
   rp.topk_group = config.routing_params.topk_group;
   rp.renormalize = config.routing_params.renormalize;
   rp.routed_scaling_factor = config.routing_params.routed_scaling_factor;
@@ -606,23 +581,10 @@ Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* 
   rp.weights = weights;
   rp.gate_out = shared_apart ? reinterpret_cast<float*>(base + ws.gate) : nullptr;
   const unsigned route_blocks = static_cast<unsigned>((M + kWarpRouteWarps - 1) / kWarpRouteWarps);
-  switch (config.routing) {
-    case RoutingKind::kSoftmax:
-    case RoutingKind::kGroupedSoftmax:
-      MOE_RETURN_IF_ERROR(launch_kernel(&warp_route_kernel<WarpScoring::kSoftmax, T>, route_blocks, 32 * kWarpRouteWarps,
-                                        0, stream, true, rp, x));
-      break;
-    case RoutingKind::kSigmoid:
-    case RoutingKind::kGroupedSigmoid:
-      MOE_RETURN_IF_ERROR(launch_kernel(&warp_route_kernel<WarpScoring::kSigmoid, T>, route_blocks, 32 * kWarpRouteWarps,
-                                        0, stream, true, rp, x));
-      break;
-    case RoutingKind::kLlama4:
-      MOE_RETURN_IF_ERROR(launch_kernel(&warp_route_kernel<WarpScoring::kRawLlama4, T>, route_blocks,
-                                        32 * kWarpRouteWarps, 0, stream, true, rp, x));
-      break;
-    case RoutingKind::kPrecomputed: return invalid_argument("routing: precomputed");
-  }
+  MOE_RETURN_IF_ERROR(visit_policy(BuiltRoutings{}, "routing", config.routing, [&]<class R>() {
+    return launch_kernel(&warp_route_kernel<WarpRouteOf<R>::kScoring, T>, route_blocks, 32 * kWarpRouteWarps, 0,
+                         stream, true, rp, x);
+  }));
   // 3. A shared expert that could not be fused: its own pass (weight 1 or its gate) on the side
   // stream, concurrent with 4.
   T* shared = nullptr;

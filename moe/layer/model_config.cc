@@ -155,7 +155,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       // softmax (fp32) -> top-k -> renormalize; experts w2(silu(w1 x) * w3 x).
       MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_local_experts", "num_experts"}, 8, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
-      m.routing = RoutingKind::kSoftmax;
+      m.routing = routing::SoftmaxTopK::kName;
       m.routing_params.renormalize = true;
       m.module = "block_sparse_moe";
       m.router_weight = "gate.weight";
@@ -169,7 +169,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
                                       m.architecture == Architecture::kQwen2Moe ? 60 : 128, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "moe_intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(io::get_bool_or(c, "norm_topk_prob", false, &m.routing_params.renormalize, w));
-      m.routing = RoutingKind::kSoftmax;
+      m.routing = routing::SoftmaxTopK::kName;
       m.module = "mlp";
       m.router_weight = "gate.weight";
       per_expert_names(m, "gate_proj", "up_proj", "down_proj");
@@ -193,11 +193,11 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
         std::int64_t g = 1, tg = 1;
         MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_group", std::nullopt, 1, kMaxExperts, &g));
         MOE_RETURN_IF_ERROR(get_int_in(c, w, "topk_group", std::nullopt, 1, kMaxExperts, &tg));
-        m.routing = RoutingKind::kGroupedSoftmax;
+        m.routing = routing::GroupedTopK<routing::Softmax>::kName;
         m.routing_params.num_expert_group = static_cast<int>(g);
         m.routing_params.topk_group = static_cast<int>(tg);
       } else if (method == "greedy") {
-        m.routing = RoutingKind::kSoftmax;
+        m.routing = routing::SoftmaxTopK::kName;
       } else {
         return unsupported("config.topk_method: \"", method, "\" is not supported (greedy, group_limited_greedy)");
       }
@@ -215,7 +215,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       std::int64_t g = 8, tg = 4;  // Hugging Face's DeepseekV3Config defaults
       MOE_RETURN_IF_ERROR(get_int_in(c, w, "n_group", 8, 1, kMaxExperts, &g));
       MOE_RETURN_IF_ERROR(get_int_in(c, w, "topk_group", 4, 1, kMaxExperts, &tg));
-      m.routing = RoutingKind::kGroupedSigmoid;
+      m.routing = routing::GroupedTopK<routing::Sigmoid>::kName;
       m.routing_params.num_expert_group = static_cast<int>(g);
       m.routing_params.topk_group = static_cast<int>(tg);
       m.correction_bias = true;
@@ -229,10 +229,10 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_limit", 7.0, &m.activation_params.swiglu_limit));
       MOE_RETURN_IF_ERROR(get_float_or(c, w, "swiglu_alpha", 1.702, &m.activation_params.swiglu_alpha));
-      m.routing = RoutingKind::kSoftmax;
+      m.routing = routing::SoftmaxTopK::kName;
       m.routing_params.renormalize = true;
       m.router_bias = true;
-      m.activation = ActivationKind::kSwigluOai;
+      m.activation = SwigluOai::kName;
       m.expert_biases = true;
       m.module = "mlp";
       m.router_weight = "router.weight";
@@ -243,7 +243,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
       // shared expert (same I) is added unweighted.
       MOE_RETURN_IF_ERROR(get_experts(c, w, {"num_local_experts"}, 16, &m.num_experts));
       MOE_RETURN_IF_ERROR(get_index(c, w, "intermediate_size", &m.intermediate));
-      m.routing = RoutingKind::kLlama4;
+      m.routing = routing::Llama4TopK::kName;
       m.weight_on_input = true;
       m.module = "feed_forward";
       m.router_weight = "router.weight";
@@ -267,7 +267,7 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
     if (type != "identity") return unsupported(w, ".zero_expert_type: \"", type, "\" is not supported (identity)");
   }
   m.num_zero_experts = zero;
-  if (m.routing == RoutingKind::kGroupedSoftmax || m.routing == RoutingKind::kGroupedSigmoid) {
+  if (routes_by_group(m.routing)) {
     const int g = m.routing_params.num_expert_group, tg = m.routing_params.topk_group;
     const Index routed = m.num_experts + m.num_zero_experts;  // routing covers the zero experts too
     if (g < 1 || routed % g != 0) {

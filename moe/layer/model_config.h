@@ -34,12 +34,12 @@ struct ModelConfig {
   Index num_experts = 0;
   int top_k = 0;
 
-  RoutingKind routing = RoutingKind::kSoftmax;
+  std::string routing = std::string(routing::SoftmaxTopK::kName);  // a BuiltRoutings kName
   RoutingParams routing_params;
   bool router_bias = false;      // gpt-oss: router Linear has a bias
   bool correction_bias = false;  // DeepSeek-V3: gate.e_score_correction_bias
 
-  ActivationKind activation = ActivationKind::kSiluAndMul;
+  std::string activation = std::string(SiluAndMul::kName);  // an activation of BuiltExperts
   ActivationParams activation_params;
   bool weight_on_input = false;  // Llama-4
   bool expert_biases = false;    // gpt-oss

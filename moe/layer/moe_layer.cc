@@ -166,7 +166,7 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   }
 
   // Routed experts.
-  const bool interleaved = config.activation == ActivationKind::kSwigluOai;
+  const bool interleaved = gate_up_layout(config.activation) == GateUpLayout::kInterleaved;
   const Index L = l.local_experts_;
   l.w13_ = make_buffer(dtype, {L, 2 * It, H});
   l.w2_ = make_buffer(dtype, {L, H, It});
@@ -332,11 +332,7 @@ namespace {
 template <class Policy>
 Status route(const RoutingParams& rp, HostView<const float, 2> logits, int top_k, const std::vector<float>& bias,
              HostView<std::int32_t, 2> ids, HostView<float, 2> weights) {
-  typename Policy::Arguments a{};
-  if constexpr (requires { a.renormalize; }) a.renormalize = rp.renormalize;
-  if constexpr (requires { a.routed_scaling_factor; }) a.routed_scaling_factor = rp.routed_scaling_factor;
-  if constexpr (requires { a.num_expert_group; }) a.num_expert_group = rp.num_expert_group;
-  if constexpr (requires { a.topk_group; }) a.topk_group = rp.topk_group;
+  const typename Policy::Arguments a = routing_arguments<Policy>(rp);
   std::optional<HostView<const float, 1>> b;
   if (!bias.empty()) b = HostView<const float, 1>(bias.data(), {static_cast<Index>(bias.size())});
   return cpu::select_experts<Policy>(logits, top_k, a, b, ids, weights);
@@ -416,18 +412,13 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   const HostView<const float, 2> lv(logits.data(), {M, E});
   const HostView<std::int32_t, 2> ids(id_ptr, {M, k});
   const HostView<float, 2> wts(w_ptr, {M, k});
-  switch (config_.routing) {
-    case RoutingKind::kSoftmax: MOE_RETURN_IF_ERROR(route<routing::SoftmaxTopK>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
-    case RoutingKind::kSigmoid: MOE_RETURN_IF_ERROR(route<routing::SigmoidTopK>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
-    case RoutingKind::kGroupedSoftmax: MOE_RETURN_IF_ERROR(route<routing::GroupedTopK<routing::Softmax>>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
-    case RoutingKind::kGroupedSigmoid: MOE_RETURN_IF_ERROR(route<routing::GroupedTopK<routing::Sigmoid>>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
-    case RoutingKind::kLlama4: MOE_RETURN_IF_ERROR(route<routing::Llama4TopK>(config_.routing_params, lv, k, correction_bias_, ids, wts)); break;
-    case RoutingKind::kPrecomputed: return invalid_argument("routing: a model config cannot use precomputed routing");
-  }
+  MOE_RETURN_IF_ERROR(visit_policy(BuiltRoutings{}, "routing", config_.routing, [&]<class R>() {
+    return route<R>(config_.routing_params, lv, k, correction_bias_, ids, wts);
+  }));
 
   // Routed experts (this rank's); zero experts and other ranks' experts map to -1.
   ForwardFn routed = nullptr;
-  MOE_RETURN_IF_ERROR(find({RoutingKind::kPrecomputed, config_.activation, dtype_, config_.weight_on_input}, &routed));
+  MOE_RETURN_IF_ERROR(find({config_.activation, dtype_, config_.weight_on_input}, &routed));
   Buffer y = make_buffer(dtype_, {M, H});
   ForwardRequest req;
   req.hidden_states = x.tensor();
@@ -460,7 +451,7 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   // Shared expert: weight 1, or sigmoid(shared_expert_gate . x) (Qwen2-MoE).
   if (shared_tp_ > 0 && M > 0) {
     ForwardFn shared = nullptr;
-    MOE_RETURN_IF_ERROR(find({RoutingKind::kPrecomputed, ActivationKind::kSiluAndMul, dtype_, false}, &shared));
+    MOE_RETURN_IF_ERROR(find({std::string(SiluAndMul::kName), dtype_, false}, &shared));
     std::vector<std::int32_t> zero_ids(static_cast<std::size_t>(M), 0);
     std::vector<float> gate(static_cast<std::size_t>(M), 1.0f);
     if (!shared_gate_.empty()) {
@@ -538,14 +529,14 @@ std::string MoeLayer::describe() const {
      << "hidden            " << c.hidden << "\n"
      << "experts           " << c.num_experts << " (top_k " << c.top_k << ")\n"
      << "intermediate      " << c.intermediate << " per expert, " << intermediate_tp_ << " on this rank\n"
-     << "routing           " << to_string(c.routing) << " (renormalize " << (c.routing_params.renormalize ? "yes" : "no")
+     << "routing           " << c.routing << " (renormalize " << (c.routing_params.renormalize ? "yes" : "no")
      << ", routed_scaling_factor " << c.routing_params.routed_scaling_factor;
-  if (c.routing == RoutingKind::kGroupedSoftmax || c.routing == RoutingKind::kGroupedSigmoid) {
+  if (routes_by_group(c.routing)) {
     os << ", groups " << c.routing_params.num_expert_group << ", topk_group " << c.routing_params.topk_group;
   }
   os << (c.correction_bias ? ", correction bias" : "") << (c.router_bias ? ", router bias" : "") << ")\n"
-     << "activation        " << to_string(c.activation)
-     << (c.activation == ActivationKind::kSwigluOai ? " (alpha " + std::to_string(c.activation_params.swiglu_alpha) +
+     << "activation        " << c.activation
+     << (c.activation == SwigluOai::kName ? " (alpha " + std::to_string(c.activation_params.swiglu_alpha) +
                                                           ", limit " + std::to_string(c.activation_params.swiglu_limit) + ")"
                                                     : std::string())
      << "\n"
@@ -563,7 +554,7 @@ std::string MoeLayer::describe() const {
      << parallel_.ep_size << " ("
      << (parallel_.placement == ExpertPlacement::kLinear ? "linear" : "round_robin") << "), " << local_experts_
      << " local experts\n"
-     << "kernel            " << KernelKey{RoutingKind::kPrecomputed, c.activation, dtype_, c.weight_on_input}.to_string()
+     << "kernel            " << KernelKey{c.activation, dtype_, c.weight_on_input}.to_string()
      << "\n";
   return os.str();
 }

@@ -1,9 +1,10 @@
-// Run-time selection of prebuilt policy combinations.
+// Run-time selection of the prebuilt routed-experts kernels.
 //
-// A model config decides routing, activation, dtype and weight-on-input only at run time; the
-// kernel type needs them at compile time. The registry maps a run-time KernelKey to one of the
-// combinations compiled into the library (registry.cc) and runs it on type-erased tensors. A
-// combination that is not built is an error that lists the ones that are.
+// A model config decides activation, dtype and weight-on-input only at run time; the kernel type
+// needs them at compile time. The registry maps a run-time KernelKey to one of the kernels built
+// from moe/layer/built_policies.h's BuiltExperts (registry.cc; the CUDA ones in cuda_registry.cu)
+// and runs it on type-erased tensors. A combination that is not built is an error that lists the
+// ones that are.
 #pragma once
 
 #include <optional>
@@ -12,52 +13,32 @@
 
 #include "moe/any_tensor.h"
 #include "moe/cpu/options.h"
+#include "moe/layer/built_policies.h"
 #include "moe/status.h"
 #include "moe/tensor.h"
 
 namespace moe::layer {
 
-enum class RoutingKind { kSoftmax, kSigmoid, kGroupedSoftmax, kGroupedSigmoid, kLlama4, kPrecomputed };
-enum class ActivationKind { kSiluAndMul, kGeluAndMul, kGeluTanhAndMul, kSwigluOai, kSilu, kGelu, kRelu2 };
-
-std::string_view to_string(RoutingKind k);
-std::string_view to_string(ActivationKind k);
-
+// A prebuilt routed-experts kernel (routing precomputed: the layer routes on its own): one entry
+// of BuiltExperts (moe/layer/built_policies.h) in one dtype.
 struct KernelKey {
-  RoutingKind routing = RoutingKind::kSoftmax;
-  ActivationKind activation = ActivationKind::kSiluAndMul;
+  std::string activation = std::string(SiluAndMul::kName);  // an activation policy's kName
   DType dtype = DType::kBF16;
   bool weight_on_input = false;
   bool operator==(const KernelKey&) const = default;
   std::string to_string() const;
 };
 
-// Routing parameters of every built-in policy; each policy reads the ones it has.
-struct RoutingParams {
-  bool renormalize = false;
-  float routed_scaling_factor = 1.0f;
-  int num_expert_group = 1;
-  int topk_group = 1;
-};
-
-struct ActivationParams {
-  float swiglu_alpha = 1.702f;
-  float swiglu_limit = 7.0f;
-};
-
 // One forward on type-erased host tensors. dtypes: hidden_states, w13, w2, biases and output in
-// KernelKey::dtype; router_logits / correction_bias / topk_weights f32; topk_ids / expert_map i32.
+// KernelKey::dtype; topk_weights f32; topk_ids / expert_map i32.
 struct ForwardRequest {
   AnyTensor hidden_states;                   // [M, H]
-  std::optional<AnyTensor> router_logits;    // [M, E] (routing from logits)
-  std::optional<AnyTensor> correction_bias;  // [E]
-  std::optional<AnyTensor> topk_ids;         // [M, k] (RoutingKind::kPrecomputed)
+  std::optional<AnyTensor> topk_ids;         // [M, k]
   std::optional<AnyTensor> topk_weights;     // [M, k]
   int top_k = 1;
   AnyTensor w13, w2;                         // [E_local, 2I|I, H], [E_local, H, I]
   std::optional<AnyTensor> w13_bias, w2_bias;
   std::optional<AnyTensor> expert_map;       // [E]
-  RoutingParams routing;
   ActivationParams activation;
   AnyTensor output;                          // [M, H]
   cpu::Options options;
@@ -68,8 +49,45 @@ struct ForwardRequest {
 
 using ForwardFn = Status (*)(const ForwardRequest&);
 
-// The prebuilt combinations, and lookup with an error that lists them.
-const std::vector<KernelKey>& built_kernels();
+// The CPU registry: lookup with an error that lists what is built.
 Status find_kernel(const KernelKey& key, ForwardFn* out);
+
+// A backend's table of prebuilt kernels: one entry per BuiltExperts entry and dtype, each made by
+// `make.template operator()<Experts, T>()` (Experts an ExpertsPolicies, T float/bfloat16/half).
+template <class Fn>
+class KernelTable {
+ public:
+  template <class Make>
+  explicit KernelTable(Make make) {
+    add_all(BuiltExperts{}, make);
+  }
+  const std::vector<std::pair<KernelKey, Fn>>& entries() const { return entries_; }
+  // The entry for `key`, or an error naming the backend and listing what is built.
+  Status find(const KernelKey& key, std::string_view backend, Fn* out) const {
+    for (const auto& [k, fn] : entries_) {
+      if (k == key) {
+        *out = fn;
+        return Status::ok();
+      }
+    }
+    std::string built;
+    for (const auto& e : entries_) built += "\n  " + e.first.to_string();
+    return unsupported("no prebuilt ", backend, " kernel for ", key.to_string(), "; built combinations:", built);
+  }
+
+ private:
+  template <class... E, class Make>
+  void add_all(PolicyList<E...>, Make& make) {
+    (add<E, float>(make), ...);
+    (add<E, bfloat16>(make), ...);
+    (add<E, half>(make), ...);
+  }
+  template <class E, class T, class Make>
+  void add(Make& make) {
+    entries_.emplace_back(KernelKey{std::string(E::Activation::kName), dtype_of<T>, E::kWeightOnInput},
+                          make.template operator()<E, T>());
+  }
+  std::vector<std::pair<KernelKey, Fn>> entries_;
+};
 
 }  // namespace moe::layer

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "moe/detail/validate.h"
+#include "moe/output_epilogue.h"
 #include "moe/spec.h"
 #include "moe/status.h"
 #include "moe/tensor.h"
@@ -43,6 +44,8 @@ struct Arguments {
   typename Spec::Activation::Arguments activation{};
   typename Spec::Quant::Arguments quant{};
   typename Spec::PrepareFinalize::Arguments prepare_finalize{};
+  // The run-time leaves of Spec::OutputEpilogue (moe/output_epilogue.h); unused by the default.
+  OutputEpilogueArguments<IO, Space> epilogue{};
 
   View<IO, 2> output;  // [M, H]
 };
@@ -139,6 +142,8 @@ Status validate_shapes(const Arguments<Spec, Space>& a) {
                               a.prepare_finalize.max_tokens_per_expert);
     }
   }
+  MOE_RETURN_IF_ERROR(
+      detail::validate_output_epilogue<typename Spec::OutputEpilogue>(a.epilogue, p.num_tokens, p.hidden));
   return Status::ok();
 }
 

@@ -10,8 +10,13 @@
 //
 // Leaves read from the context: the accumulator (whole, or its gate/up half for gated
 // activations), the per-expert bias of the output column, and the per-row router weight.
-// Nodes combine: Plus, Times, Activate, GatedActivate, and RoundTo<T> (round to the storage
-// precision; the hook where quantization of the intermediate goes later).
+// Nodes combine: Plus, Minus, Times, Min, Max, Activate, GatedActivate, and RoundTo<T> (round to
+// the storage precision; the hook where quantization of the intermediate goes later).
+//
+// Output epilogues (a Spec's fourth policy, moe/output_epilogue.h) are trees a user writes over
+// the finalize's fp32 top-k sum (Reduced) and run-time leaves bound through Arguments::epilogue:
+// Scalar<I>, ChannelVector<I> (one float per output column) and TokenTensor<I> (an [M, H] tensor
+// such as a residual). They are evaluated element by element (eval) on both backends.
 #pragma once
 
 #include "moe/activation.h"
@@ -47,6 +52,30 @@ struct RouterWeight {
   static auto eigen(const Ctx& c) { return c.router_weight_block(); }
 };
 
+// Leaves of output epilogues (moe/output_epilogue.h): evaluated with eval() only.
+struct Reduced {  // the token's weighted sum over its top-k expert outputs, fp32, not yet rounded
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return c.reduced(); }
+};
+template <int I>
+struct Scalar {  // Arguments::epilogue.scalars[I]
+  static_assert(I >= 0, "moe::epilogue::Scalar<I>: I must be >= 0");
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return c.scalar(I); }
+};
+template <int I>
+struct ChannelVector {  // Arguments::epilogue.channel_vectors[I] at the output column
+  static_assert(I >= 0, "moe::epilogue::ChannelVector<I>: I must be >= 0");
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return c.channel_vector(I); }
+};
+template <int I>
+struct TokenTensor {  // Arguments::epilogue.token_tensors[I] at the output token and column
+  static_assert(I >= 0, "moe::epilogue::TokenTensor<I>: I must be >= 0");
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return c.token_tensor(I); }
+};
+
 // ---- nodes --------------------------------------------------------------------------------
 template <class L, class R>
 struct Plus {
@@ -54,6 +83,27 @@ struct Plus {
   MOE_HOST_DEVICE static float eval(const Ctx& c) { return L::eval(c) + R::eval(c); }
   template <class Ctx>
   static auto eigen(const Ctx& c) { return L::eigen(c) + R::eigen(c); }
+};
+
+template <class L, class R>
+struct Minus {
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return L::eval(c) - R::eval(c); }
+  template <class Ctx>
+  static auto eigen(const Ctx& c) { return L::eigen(c) - R::eigen(c); }
+};
+
+// Min and Max are math::fmin/fmax (a < b ? a : b), the same on every backend; Min<Max<X, lo>, hi>
+// clamps X to [lo, hi].
+template <class L, class R>
+struct Min {
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return math::fmin(L::eval(c), R::eval(c)); }
+};
+template <class L, class R>
+struct Max {
+  template <class Ctx>
+  MOE_HOST_DEVICE static float eval(const Ctx& c) { return math::fmax(L::eval(c), R::eval(c)); }
 };
 
 template <class L, class R>

@@ -5,17 +5,21 @@
 //                            moe::Experts<moe::SiluAndMul, moe::quant::BF16>>;
 //   moe::Kernel<MySpec, moe::cpu::Eigen> kernel;   // moe/cpu/kernel.h
 //
+// An optional fourth policy is the output epilogue: an expression over the finalize's fp32 top-k
+// sum that gives the stored output (moe/output_epilogue.h; default: the sum itself).
+//
 // The policies are checked here, once, with messages that say what is missing.
 #pragma once
 
 #include "moe/activation.h"
+#include "moe/epilogue.h"
 #include "moe/experts.h"
 #include "moe/prepare_finalize.h"
 #include "moe/routing.h"
 
 namespace moe {
 
-template <class Routing_, class PrepareFinalize_, class Experts_>
+template <class Routing_, class PrepareFinalize_, class Experts_, class OutputEpilogue_ = epilogue::Reduced>
 struct Spec {
   static_assert(routing::RoutingPolicy<Routing_>,
                 "moe::Spec: Routing must satisfy moe::routing::RoutingPolicy: derive from moe::routing::TopKBase, "
@@ -29,6 +33,7 @@ struct Spec {
   using Routing = Routing_;
   using PrepareFinalize = PrepareFinalize_;
   using Experts = Experts_;
+  using OutputEpilogue = OutputEpilogue_;
   using Activation = typename Experts::Activation;
   using Quant = typename Experts::Quant;
   using ElementIO = typename Quant::ActElement;  // hidden states and output

@@ -272,10 +272,12 @@ class Kernel<Spec, cpu::Eigen> {
                         row_weight, b.tasks, b.thread, options_);
   }
 
-  // 4. Weighted rows back to tokens, ascending slot order, one rounding.
+  // 4. Weighted rows back to tokens, ascending slot order, then the output epilogue (the sum by
+  // default), one rounding.
   void finalize(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index m1) const {
     const Index H = p.hidden;
     const Index block = 64;
+    const auto epilogue = a.epilogue.params();
     cpu::parallel_for((m1 - m0 + block - 1) / block, options_.num_threads, [&](std::int64_t t, int) {
       for (Index m = m0 + t * block; m < std::min(m1, m0 + (t + 1) * block); ++m) {
         IO* out = &a.output(m, 0);
@@ -285,7 +287,7 @@ class Kernel<Spec, cpu::Eigen> {
           for (int j = 0; j < p.top_k; ++j) {
             if (rows[j] >= 0) sum += b.acc[rows[j] * l.ld + c];
           }
-          out[c] = from_float<IO>(sum);
+          out[c] = epilogue::store_output<typename Spec::OutputEpilogue>(epilogue, m, c, sum);
         }
       }
     });

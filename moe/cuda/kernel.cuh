@@ -203,17 +203,18 @@ class Kernel<Spec, Arch> {
     return nullptr;
   }
 
-  // out = sum over each token's slots of the GEMM2 epilogue tree on the stored GEMM2 outputs.
+  // out = the output epilogue over the sum of each token's slots of the GEMM2 epilogue tree on the
+  // stored GEMM2 outputs.
   Status finalize_stored(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index C,
                          cudaStream_t stream) const {
     using Expr = epilogue::Gemm2Epilogue<IO, false, !PF::kApplyWeightOnInput>;
     const std::size_t smem = static_cast<std::size_t>(p.top_k) * (sizeof(Index) + sizeof(float));
     constexpr int kFinalizeThreads = 128;
     const dim3 grid(static_cast<unsigned>(C), cuda::detail::token_column_blocks(C, p.hidden / 8, kFinalizeThreads));
-    return cuda::detail::launch_kernel(&cuda::detail::finalize_epilogue_kernel<IO, Expr, Activation>, grid,
-                                       kFinalizeThreads, smem, stream, programmatic_launch(l), b.rows,
-                                       p.hidden, p.top_k, b.slot_row, b.weights, m0, a.output.data(),
-                                       a.output.stride(0));
+    return cuda::detail::launch_kernel(
+        &cuda::detail::finalize_epilogue_kernel<IO, Expr, Activation, typename Spec::OutputEpilogue>, grid,
+        kFinalizeThreads, smem, stream, programmatic_launch(l), b.rows, p.hidden, p.top_k, b.slot_row, b.weights, m0,
+        a.output.data(), a.output.stride(0), a.epilogue.params());
   }
 
   Status run_chunk(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index m1,
@@ -287,8 +288,9 @@ class Kernel<Spec, Arch> {
     // 7. Finalize: the weights the experts stage did not apply, and the top-k sum.
     if (!weighted && l.experts.sm90) return finalize_stored(a, p, l, b, m0, C, stream);
     const dim3 finalize_grid(static_cast<unsigned>(C), token_column_blocks(C, p.hidden, 256));
-    return launch_kernel(&finalize_kernel<IO>, finalize_grid, 256, 0, stream, pdl, b.rows, p.hidden, p.top_k,
-                         b.slot_row, m0, a.output.data(), a.output.stride(0));
+    return launch_kernel(&finalize_kernel<IO, typename Spec::OutputEpilogue>, finalize_grid, 256, 0, stream, pdl,
+                         b.rows, p.hidden, p.top_k, b.slot_row, m0, a.output.data(), a.output.stride(0),
+                         a.epilogue.params());
   }
 
   // Checked mode: copies the expert map and precomputed ids to the host on `stream` (then

@@ -10,6 +10,7 @@
 #include "moe/cuda/launch.h"
 #include "moe/epilogue.h"
 #include "moe/expert_map.h"
+#include "moe/output_epilogue.h"
 #include "moe/quant/numeric.h"
 #include "moe/routing.h"
 #include "moe/tensor.h"
@@ -280,10 +281,10 @@ __global__ void gather_kernel(const T* hidden, Index ld_hidden, Index hidden_siz
   }
 }
 
-// out[m] = sum over slots j (ascending) of the slot's row, in float, rounded once.
-template <class T>
+// out[m] = OutExpr(sum over slots j (ascending) of the slot's row, in float), rounded once.
+template <class T, class OutExpr>
 __global__ void finalize_kernel(const T* y, Index hidden_size, int top_k, const Index* slot_row, Index token_begin,
-                                T* out, Index ld_out) {
+                                T* out, Index ld_out, epilogue::OutputEpilogueParams<T> out_epilogue) {
   grid_dependency_wait();
   allow_dependents_launch();
   const Index m = blockIdx.x;
@@ -294,7 +295,7 @@ __global__ void finalize_kernel(const T* y, Index hidden_size, int top_k, const 
       const Index r = rows[j];
       if (r >= 0) sum += to_float(y[r * hidden_size + c]);
     }
-    out[(token_begin + m) * ld_out + c] = from_float<T>(sum);
+    out[(token_begin + m) * ld_out + c] = epilogue::store_output<OutExpr>(out_epilogue, token_begin + m, c, sum);
   }
 }
 
@@ -358,13 +359,15 @@ __global__ void __launch_bounds__(128) activation_kernel(const T* gemm1_out, Ind
   }
 }
 
-// out[m] = sum over slots j (ascending) of the Gemm2 epilogue tree applied to the slot's stored
-// GEMM2 output and router weight, in float, rounded once. Grid (tokens, column blocks): each block
-// reads the token's slot rows and weights into shared memory, then each thread sums 8 columns.
-template <class T, class Expr, class Activation>
+// out[m] = OutExpr(sum over slots j (ascending) of the Gemm2 epilogue tree applied to the slot's
+// stored GEMM2 output and router weight, in float), rounded once. Grid (tokens, column blocks):
+// each block reads the token's slot rows and weights into shared memory, then each thread sums 8
+// columns.
+template <class T, class Expr, class Activation, class OutExpr>
 __global__ void __launch_bounds__(256) finalize_epilogue_kernel(const T* y, Index hidden_size, int top_k,
                                                                 const Index* slot_row, const float* slot_weight,
-                                                                Index token_begin, T* out, Index ld_out) {
+                                                                Index token_begin, T* out, Index ld_out,
+                                                                epilogue::OutputEpilogueParams<T> out_epilogue) {
   grid_dependency_wait();
   allow_dependents_launch();
   extern __shared__ unsigned char finalize_smem[];
@@ -391,7 +394,7 @@ __global__ void __launch_bounds__(256) finalize_epilogue_kernel(const T* y, Inde
       }
     }
     Vec8<T> o;
-    for (int c = 0; c < 8; ++c) o.v[c] = from_float<T>(sum[c]);
+    for (int c = 0; c < 8; ++c) o.v[c] = epilogue::store_output<OutExpr>(out_epilogue, token_begin + m, c0 + c, sum[c]);
     *reinterpret_cast<Vec8<T>*>(out + (token_begin + m) * ld_out + c0) = o;
   }
 }

@@ -42,10 +42,15 @@ struct DeviceInputs {
   DeviceBuffer<float> logits, bias, weights;
   DeviceBuffer<std::int32_t> ids, map;
   DeviceBuffer<W> w13, w2;
+  std::vector<DeviceBuffer<float>> channel_vectors;  // the output epilogue's leaves
+  std::vector<DeviceBuffer<IO>> token_tensors;
 
   explicit DeviceInputs(Harness<Spec>& harness)
       : h(harness), hidden(h.hidden), b13(h.b13), b2(h.b2), output(h.output.size()), logits(h.logits),
-        bias(h.correction_bias), weights(h.weights), ids(h.ids), map(h.map), w13(h.w13), w2(h.w2) {}
+        bias(h.correction_bias), weights(h.weights), ids(h.ids), map(h.map), w13(h.w13), w2(h.w2) {
+    for (const auto& v : h.channel_vectors) channel_vectors.emplace_back(v);
+    for (const auto& t : h.token_tensors) token_tensors.emplace_back(t);
+  }
 
   Args args() const {
     const auto host = h.arguments();  // same optional fields, same shapes
@@ -65,6 +70,13 @@ struct DeviceInputs {
     a.routing = host.routing;
     a.activation = host.activation;
     a.prepare_finalize = host.prepare_finalize;
+    a.epilogue.scalars = host.epilogue.scalars;
+    for (std::size_t i = 0; i < channel_vectors.size(); ++i) {
+      a.epilogue.channel_vectors[i] = moe::DeviceView<const float, 1>(channel_vectors[i].data(), {c.H});
+    }
+    for (std::size_t i = 0; i < token_tensors.size(); ++i) {
+      a.epilogue.token_tensors[i] = moe::DeviceView<const IO, 2>(token_tensors[i].data(), {c.M, c.H});
+    }
     a.output = moe::DeviceView<IO, 2>(output.data(), {c.M, c.H});
     return a;
   }
@@ -351,6 +363,33 @@ TEST_F(Differential, Sm80ScheduleOnHopper) {
     check_case<SpecOf<moe::SiluAndMul>, Arch>(sized(M, 8, 2, 136, 264));
     check_case<SpecOf<moe::Relu2, moe::quant::F16>, Arch>(sized(M));
   }
+}
+
+// A user output epilogue (moe/output_epilogue.h): out = clamp(residual + s0 * sum, s1, s2) * channel,
+// through both finalize kernels (the Hopper schedule's stored-output finalize at large M, the
+// weighted finalize after the fused swap schedule at small M and after the Sm80 schedule), with
+// chunking (token indices of the leaves are global).
+template <class Q>
+using SpecWithOutputEpilogue = moe::Spec<
+    moe::routing::Precomputed, moe::StandardPrepareFinalize<>, moe::Experts<moe::SiluAndMul, Q>,
+    moe::epilogue::Times<
+        moe::epilogue::Min<moe::epilogue::Max<moe::epilogue::Plus<moe::epilogue::TokenTensor<0>,
+                                                                  moe::epilogue::Times<moe::epilogue::Scalar<0>,
+                                                                                       moe::epilogue::Reduced>>,
+                                              moe::epilogue::Scalar<1>>,
+                           moe::epilogue::Scalar<2>>,
+        moe::epilogue::ChannelVector<0>>>;
+
+TEST_F(Differential, UserOutputEpilogue) {
+  auto bounds = [](auto& h) { h.epilogue_scalars = {0.75f, -1.5f, 1.5f, 0.0f}; };
+  using Bf16 = SpecWithOutputEpilogue<moe::quant::BF16>;
+  for (Index M : kBatchSizes) {
+    Case c = sized(M);
+    c.chunk_tokens = 300;
+    check_case<Bf16>(c, bounds);
+  }
+  check_case<Bf16, moe::cuda::Sm90WithSchedule<moe::cuda::gemm::Sm80CpAsync>>(sized(64), bounds);
+  check_case<SpecWithOutputEpilogue<moe::quant::F32>>(sized(100), bounds);
 }
 
 TEST_F(Differential, ChunkedForward) {

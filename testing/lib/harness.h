@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <functional>
 #include <optional>
@@ -76,6 +77,11 @@ struct Harness {
   std::vector<IO> output;
   typename Spec::Routing::Arguments routing_args{};
   typename Spec::PrepareFinalize::Arguments pf_args{};
+  // The leaves a user output epilogue reads (moe/output_epilogue.h), random, one per index used.
+  using EpilogueUse = moe::epilogue::LeafUse<typename Spec::OutputEpilogue>;
+  std::array<float, moe::kMaxEpilogueLeaves> epilogue_scalars{};
+  std::vector<std::vector<float>> channel_vectors;  // [H] each
+  std::vector<std::vector<IO>> token_tensors;       // [M, H] each
 
   explicit Harness(Case cs) : c(std::move(cs)) {
     Random rng(c.seed);
@@ -100,6 +106,9 @@ struct Harness {
     if constexpr (Spec::PrepareFinalize::kFormat == moe::ActivationFormat::kBatchedExperts) {
       pf_args.max_tokens_per_expert = std::max<Index>(1, c.M * c.top_k);
     }
+    for (int i = 0; i < EpilogueUse::kScalars; ++i) epilogue_scalars[i] = rng.uniform_vector<float>(1, -1.5f, 1.5f)[0];
+    for (int i = 0; i < EpilogueUse::kChannelVectors; ++i) channel_vectors.push_back(rng.uniform_vector<float>(c.H, -2.0f, 2.0f));
+    for (int i = 0; i < EpilogueUse::kTokenTensors; ++i) token_tensors.push_back(rng.normal_vector<IO>(c.M * c.H));
   }
 
   typename Kernel::Arguments arguments() {
@@ -122,6 +131,13 @@ struct Harness {
     if (!map.empty()) a.expert_map = moe::HostView<const std::int32_t, 1>(map.data(), {c.E});
     a.routing = routing_args;
     a.prepare_finalize = pf_args;
+    a.epilogue.scalars = epilogue_scalars;
+    for (std::size_t i = 0; i < channel_vectors.size(); ++i) {
+      a.epilogue.channel_vectors[i] = moe::HostView<const float, 1>(channel_vectors[i].data(), {c.H});
+    }
+    for (std::size_t i = 0; i < token_tensors.size(); ++i) {
+      a.epilogue.token_tensors[i] = moe::HostView<const IO, 2>(token_tensors[i].data(), {c.M, c.H});
+    }
     a.output = moe::HostView<IO, 2>(output.data(), {c.M, c.H});
     return a;
   }

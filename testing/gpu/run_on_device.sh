@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds every CUDA test and benchmark here and copies the binaries into gpu_bundle/ (git-ignored),
-# with libbenchmark.so.1debian beside them and run_all.sh, so the folder can be copied to the GPU
-# machine as it is. There, one command runs everything:
-#   cd gpu_bundle && ./run_all.sh [OUT_DIR]
+# with libbenchmark.so.1debian beside them and run_all.sh, and packs the folder into
+# gpu_bundle.tgz (git-ignored; the fat binaries outgrew the device tool's 64 MiB carry, the archive
+# is about a third of that). Carry gpu_bundle.tgz to the GPU machine; there, one command runs
+# everything:
+#   tar xzf gpu_bundle.tgz && cd gpu_bundle && ./run_all.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # The device tool carries at most 64 MiB: the fat binaries (sm_90a + sm_80) of the tests and the
@@ -18,4 +20,5 @@ done
 cp -L /usr/lib/x86_64-linux-gnu/libbenchmark.so.1debian gpu_bundle/
 cp -L "$(g++ -print-file-name=libgomp.so.1)" gpu_bundle/  # OpenMP runtime of the CPU reference
 cp testing/gpu/run_all.sh gpu_bundle/
-ls -la gpu_bundle
+tar czf gpu_bundle.tgz gpu_bundle
+ls -la gpu_bundle gpu_bundle.tgz

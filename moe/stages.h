@@ -1,8 +1,18 @@
 // The stage interfaces both backends share (vLLM's modular kernel: routing -> prepare -> experts
-// -> finalize). moe::Kernel<Spec, Backend>::run is that sequence with the built-in prepare and
-// finalize; the experts stage is a type of its own on each backend (cpu::ExpertsStage,
-// cuda::ExpertsStage), so a prepare/finalize written elsewhere (an all-to-all dispatcher, the
-// simulated ranks in testing/ep/) hands it rows and gets rows back:
+// -> finalize). moe::Kernel<Spec, Backend>::run is that sequence of stage types, each with its own
+// workspace region (the kernel's workspace is their sum):
+//
+//   RoutingStage<Routing>            a chunk's logits -> RoutedSlots (or the caller's precomputed
+//                                    topk_ids / topk_weights passed through)
+//   PrepareFinalizeStage<Spec>       prepare: RoutedSlots + hidden states -> rows grouped by local
+//                                    expert (ExpertRows) and the handle finalize needs; finalize:
+//                                    the experts' rows -> the weighted top-k sum -> the output
+//                                    epilogue -> output. The built-in standard and batched formats.
+//   ExpertsStage<Experts, IO>        GEMM1 -> activation -> GEMM2 on the rows
+//
+// on each backend (moe::cpu::, moe::cuda::). The experts stage is what a prepare/finalize written
+// elsewhere (an all-to-all dispatcher, the simulated ranks in testing/ep/) calls: it hands the
+// stage rows and gets rows back:
 //
 //   ExpertRows.input  [R, H]   rows grouped by local expert: expert e owns rows
 //                              [seg_begin[e], seg_begin[e] + seg_count[e])
@@ -19,6 +29,7 @@
 // special case seg_begin[e] = e * capacity.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 
 #include "moe/detail/validate.h"
@@ -27,6 +38,15 @@
 #include "moe/tensor.h"
 
 namespace moe {
+
+// The routing stage's output for a chunk of C tokens, in the backend's memory: ids [C, top_k]
+// (global expert ids) and weights [C, top_k], rows ld_ids / ld_weights elements apart.
+struct RoutedSlots {
+  const std::int32_t* ids = nullptr;
+  Index ld_ids = 0;
+  const float* weights = nullptr;
+  Index ld_weights = 0;
+};
 
 // The weights of this rank's local experts, PyTorch Linear layout (K contiguous).
 template <class Experts, class IO, class Space>

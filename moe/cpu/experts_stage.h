@@ -186,7 +186,6 @@ struct ExpertsStage {
     auto* begin = reinterpret_cast<Index*>(base + l.begin);
     auto* count = reinterpret_cast<Index*>(base + l.count);
     auto* input = reinterpret_cast<float*>(base + l.input);
-    auto* acc = reinterpret_cast<float*>(base + l.acc);
     for (Index e = 0; e < E; ++e) {  // clamp to [0, R): a bad segment never addresses outside the rows
       begin[e] = std::clamp<Index>(r.seg_begin(e), 0, R);
       count[e] = std::clamp<Index>(r.seg_count(e), 0, R - begin[e]);
@@ -194,20 +193,49 @@ struct ExpertsStage {
         for (Index c = 0; c < H; ++c) input[row * H + c] = to_float(r.input(row, c));
       }
     }
-    run_segments(p, E, begin, count, input, acc, reinterpret_cast<float*>(base + l.inter), l.ld, nullptr,
-                 reinterpret_cast<Index*>(base + l.tasks), reinterpret_cast<float*>(base + l.thread), options);
+    const float* acc = run_planned(l.core, p, E, begin, count, input, nullptr, base + l.core_base, options);
     for (Index e = 0; e < E; ++e) {  // GEMM2's epilogue rounded each value to ElementIO: exact
       for (Index row = begin[e]; row < begin[e] + count[e]; ++row) {
-        for (Index c = 0; c < H; ++c) r.output(row, c) = from_float<ElementIO>(acc[row * l.ld + c]);
+        for (Index c = 0; c < H; ++c) r.output(row, c) = from_float<ElementIO>(acc[row * l.core.ld + c]);
       }
     }
     return Status::ok();
   }
 
+  // The kernel's entry: rows already as float, segments already in bounds. Plan: the regions
+  // (offsets from an aligned base) of the accumulators, the intermediate, the task list and the
+  // per-thread scratch for up to `rows` rows.
+  struct Plan {
+    Index ld = 0;  // row stride of the accumulators: max(GEMM1 width, H)
+    std::size_t acc, inter, tasks, thread, total;
+  };
+  static Plan plan(const Params& p, Index rows, const Options& options) {
+    detail::WorkspaceCarver<64> carver;
+    const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
+    Plan l;
+    l.ld = std::max(p.gemm1_width, p.hidden);
+    l.acc = carver.take(n(rows) * n(l.ld) * sizeof(float));
+    l.inter = carver.take(n(rows) * n(p.intermediate) * sizeof(float));
+    l.tasks = carver.take(3 * n(task_bound(rows, p.w13.extent(0), options.row_block)) * sizeof(Index));
+    l.thread = carver.take(n(options.num_threads) * n(thread_scratch_floats(p)) * sizeof(float));
+    l.total = carver.total();
+    return l;
+  }
+  // GEMM2's outputs (times row_weight when given; rounded to ElementIO, stored as float) of every
+  // segment's rows of `input` ([rows, H]); returns them, row r at [r * plan.ld].
+  static const float* run_planned(const Plan& l, const Params& p, Index num_local, const Index* begin,
+                                  const Index* count, const float* input, const float* row_weight, std::byte* base,
+                                  const Options& options) {
+    auto* acc = reinterpret_cast<float*>(base + l.acc);
+    run_segments(p, num_local, begin, count, input, acc, reinterpret_cast<float*>(base + l.inter), l.ld, row_weight,
+                 reinterpret_cast<Index*>(base + l.tasks), reinterpret_cast<float*>(base + l.thread), options);
+    return acc;
+  }
+
  private:
   struct StageLayout {
-    Index ld = 0;
-    std::size_t begin, count, input, acc, inter, tasks, thread, total;
+    Plan core;
+    std::size_t begin, count, input, core_base, total;
   };
   static Params params_of(const Weights& w) {
     return {w.w13, w.w2, w.w13_bias, w.w2_bias, w.activation, w.hidden(), w.intermediate(), w.w13.extent(1)};
@@ -217,14 +245,11 @@ struct ExpertsStage {
     const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
     const Index E = p.w13.extent(0);
     StageLayout l;
-    l.ld = std::max(p.gemm1_width, p.hidden);
+    l.core = plan(p, rows, options);
     l.begin = carver.take(n(E) * sizeof(Index));
     l.count = carver.take(n(E) * sizeof(Index));
     l.input = carver.take(n(rows) * n(p.hidden) * sizeof(float));
-    l.acc = carver.take(n(rows) * n(l.ld) * sizeof(float));
-    l.inter = carver.take(n(rows) * n(p.intermediate) * sizeof(float));
-    l.tasks = carver.take(3 * n(task_bound(rows, E, options.row_block)) * sizeof(Index));
-    l.thread = carver.take(n(options.num_threads) * n(thread_scratch_floats(p)) * sizeof(float));
+    l.core_base = carver.take(l.core.total);
     l.total = carver.total();
     return l;
   }

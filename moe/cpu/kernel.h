@@ -1,14 +1,13 @@
 // The CPU backend: moe::Kernel<Spec, moe::cpu::Eigen>, the reference every other backend is
 // tested against.
 //
-// Forward, per chunk of at most Options::chunk_tokens tokens (same result as unchunked):
-//   1. route      RouterStage: logits -> ids/weights (or the caller's precomputed ones)
-//   2. prepare    each (token, slot) whose expert is local gets a row, grouped by local expert
-//                 in ascending (token, slot) order; rows are gathered as float (times the router
-//                 weight, rounded to ElementIO, when the weight is applied on the input)
-//   3. experts    ExpertsStage on blocks of rows, in parallel over (expert, row block)
-//   4. finalize   output[m] = sum over slots j (ascending) of the slot's GEMM2 row, in float,
-//                 rounded once; slots whose expert is not local contribute exactly zero.
+// Forward, per chunk of at most Options::chunk_tokens tokens (same result as unchunked), through
+// the stage types of moe/stages.h, each with its own workspace region:
+//   1. cpu::RoutingStage<Routing>       logits -> ids/weights (or the caller's precomputed ones)
+//   2. cpu::PrepareFinalizeStage<Spec>  prepare: rows grouped by local expert, gathered as float
+//   3. cpu::ExpertsStage                on blocks of rows, in parallel over (expert, row block)
+//   4. cpu::PrepareFinalizeStage<Spec>  finalize: ascending slots, float sums, the output
+//                                       epilogue, one rounding
 // Slots are never used to form an address unless their id is in [0, E_global) and maps to a
 // local expert.
 #pragma once
@@ -24,7 +23,8 @@
 #include "moe/cpu/experts_stage.h"
 #include "moe/cpu/options.h"
 #include "moe/cpu/parallel.h"
-#include "moe/cpu/router_stage.h"
+#include "moe/cpu/prepare_finalize_stage.h"
+#include "moe/cpu/routing_stage.h"
 #include "moe/detail/workspace.h"
 #include "moe/expert_map.h"
 #include "moe/kernel.h"
@@ -38,6 +38,8 @@ class Kernel<Spec, cpu::Eigen> {
   using Routing = typename Spec::Routing;
   using PF = typename Spec::PrepareFinalize;
   using IO = typename Spec::ElementIO;
+  using RoutingStage = cpu::RoutingStage<Routing>;
+  using PrepareFinalize = cpu::PrepareFinalizeStage<Spec>;
   using Stage = cpu::ExpertsStage<typename Spec::Experts, IO>;
   static constexpr bool kBatched = PF::kFormat == ActivationFormat::kBatchedExperts;
 
@@ -82,14 +84,22 @@ class Kernel<Spec, cpu::Eigen> {
       }
       return Status::ok();
     }
-    Buffers b = carve(l, Carver::aligned_base(workspace.data()));
-    if constexpr (kBatched) MOE_RETURN_IF_ERROR(check_capacity(a, p, b));
+    std::byte* base = Carver::aligned_base(workspace.data());
+    const typename PrepareFinalize::Handle h = PrepareFinalize::carve(l.pf, base + l.pf_ws);
+    if constexpr (kBatched) {  // every chunk's counts fit, or nothing is written
+      for (Index m0 = 0; m0 < p.num_tokens; m0 += l.chunk) {
+        const Index m1 = std::min(p.num_tokens, m0 + l.chunk);
+        const RoutedSlots slots = RoutingStage::run(l.routing, a, m0, m1, base + l.routing_ws);
+        MOE_RETURN_IF_ERROR(PrepareFinalize::check_capacity(h, a, slots, m0, m1));
+      }
+    }
     for (Index m0 = 0; m0 < p.num_tokens; m0 += l.chunk) {
       const Index m1 = std::min(p.num_tokens, m0 + l.chunk);
-      route(a, p, b, m0, m1);
-      prepare(a, p, b, m0, m1);
-      compute(a, p, l, b);
-      finalize(a, p, l, b, m0, m1);
+      const RoutedSlots slots = RoutingStage::run(l.routing, a, m0, m1, base + l.routing_ws);
+      PrepareFinalize::prepare(h, a, slots, m0, m1);
+      const float* y = Stage::run_planned(l.experts, stage_params(a, p), p.num_local_experts, h.begin, h.count, h.input,
+                                          PrepareFinalize::row_weight(h), base + l.experts_ws, options_);
+      PrepareFinalize::finalize(h, a, y, l.experts.ld, m0, m1, options_);
     }
     if constexpr (kBatched) {  // overflow was refused above: nothing dropped
       if (a.prepare_finalize.dropped_slots) *a.prepare_finalize.dropped_slots = 0;
@@ -105,27 +115,13 @@ class Kernel<Spec, cpu::Eigen> {
   }
 
  private:
+  // Each stage's plan and the offset of its region in the workspace.
   struct Layout {
-    Index chunk = 0, slots = 0, rows = 0, ld = 0, num_tasks = 0, thread_floats = 0;
-    std::size_t ids, weights, scratch, iscratch, slot_row, count, begin, cursor, row_weight, row_token, tasks, input,
-        acc, inter, thread, total;
-  };
-  struct Buffers {
-    std::int32_t* ids;
-    float* weights;
-    float* scratch;
-    std::int32_t* iscratch;
-    Index* slot_row;
-    Index* count;
-    Index* begin;
-    Index* cursor;
-    float* row_weight;
-    Index* row_token;
-    Index* tasks;
-    float* input;
-    float* acc;
-    float* inter;
-    float* thread;
+    Index chunk = 0;
+    typename RoutingStage::Plan routing;
+    typename PrepareFinalize::Plan pf;
+    typename Stage::Plan experts;
+    std::size_t routing_ws = 0, pf_ws = 0, experts_ws = 0, total = 0;
   };
 
   typename Stage::Params stage_params(const Arguments& a, const Problem& p) const {
@@ -135,162 +131,15 @@ class Kernel<Spec, cpu::Eigen> {
   Layout layout(const Problem& p, const Arguments& a) const {
     Layout l;
     l.chunk = std::max<Index>(0, std::min(p.num_tokens, options_.chunk_tokens));
-    l.slots = l.chunk * p.top_k;
-    if constexpr (kBatched) {
-      l.rows = l.chunk == 0 ? 0 : p.num_local_experts * a.prepare_finalize.max_tokens_per_expert;
-    } else {
-      l.rows = l.slots;
-    }
-    l.ld = std::max(p.gemm1_width, p.hidden);
-    l.num_tasks = Stage::task_bound(l.rows, p.num_local_experts, options_.row_block);
-    l.thread_floats = Stage::thread_scratch_floats(stage_params(a, p));
+    l.routing = RoutingStage::template plan<Carver>(l.chunk, p.top_k, p.num_experts);
+    l.pf = PrepareFinalize::template plan<Carver>(p, l.chunk, a.prepare_finalize);
+    l.experts = Stage::plan(stage_params(a, p), l.pf.rows, options_);
     Carver carver;
-    const auto take = [&](std::size_t bytes) { return carver.take(bytes); };
-    const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
-    l.ids = take(n(l.slots) * sizeof(std::int32_t));
-    l.weights = take(n(l.slots) * sizeof(float));
-    l.scratch = take(cpu::RouterStage<Routing>::scratch_floats(p.num_experts) * sizeof(float));
-    l.iscratch = take(cpu::RouterStage<Routing>::scratch_ints(p.num_experts) * sizeof(std::int32_t));
-    l.slot_row = take(n(l.slots) * sizeof(Index));
-    l.count = take(n(p.num_local_experts) * sizeof(Index));
-    l.begin = take(n(p.num_local_experts) * sizeof(Index));
-    l.cursor = take(n(p.num_local_experts) * sizeof(Index));
-    l.row_weight = take(n(l.rows) * sizeof(float));
-    l.row_token = take(n(l.rows) * sizeof(Index));
-    l.tasks = take(3 * n(l.num_tasks) * sizeof(Index));
-    l.input = take(n(l.rows) * n(p.hidden) * sizeof(float));
-    l.acc = take(n(l.rows) * n(l.ld) * sizeof(float));
-    l.inter = take(n(l.rows) * n(p.intermediate) * sizeof(float));
-    l.thread = take(n(options_.num_threads) * n(l.thread_floats) * sizeof(float));
+    l.routing_ws = carver.take(l.routing.total);
+    l.pf_ws = carver.take(l.pf.total);
+    l.experts_ws = carver.take(l.experts.total);
     l.total = carver.total();
     return l;
-  }
-
-  static Buffers carve(const Layout& l, std::byte* base) {
-    auto at = [&](std::size_t off) { return static_cast<void*>(base + off); };
-    return {static_cast<std::int32_t*>(at(l.ids)), static_cast<float*>(at(l.weights)),
-            static_cast<float*>(at(l.scratch)),    static_cast<std::int32_t*>(at(l.iscratch)),
-            static_cast<Index*>(at(l.slot_row)),   static_cast<Index*>(at(l.count)),
-            static_cast<Index*>(at(l.begin)),      static_cast<Index*>(at(l.cursor)),
-            static_cast<float*>(at(l.row_weight)), static_cast<Index*>(at(l.row_token)),
-            static_cast<Index*>(at(l.tasks)),      static_cast<float*>(at(l.input)),
-            static_cast<float*>(at(l.acc)),        static_cast<float*>(at(l.inter)),
-            static_cast<float*>(at(l.thread))};
-  }
-
-  // 1. Routing of tokens [m0, m1) into b.ids / b.weights (global ids).
-  void route(const Arguments& a, const Problem& p, const Buffers& b, Index m0, Index m1) const {
-    if constexpr (Routing::kUsesLogits) {
-      cpu::RouterStage<Routing>::run(a.routing, a.router_logits, a.correction_bias ? a.correction_bias->data() : nullptr,
-                                     m0, m1, p.top_k, b.scratch, b.iscratch, b.ids, b.weights);
-    } else {
-      for (Index m = m0; m < m1; ++m) {
-        for (int j = 0; j < p.top_k; ++j) {
-          b.ids[(m - m0) * p.top_k + j] = (*a.topk_ids)(m, j);
-          b.weights[(m - m0) * p.top_k + j] = (*a.topk_weights)(m, j);
-        }
-      }
-    }
-  }
-
-  std::int32_t local_id(const Arguments& a, const Problem& p, std::int32_t id) const {
-    return local_expert_id(id, a.expert_map ? a.expert_map->data() : nullptr, p.num_experts);
-  }
-
-  void count_rows(const Arguments& a, const Problem& p, const Buffers& b, Index slots) const {
-    std::fill(b.count, b.count + p.num_local_experts, Index{0});
-    for (Index s = 0; s < slots; ++s) {
-      const std::int32_t l = local_id(a, p, b.ids[s]);
-      if (l >= 0) ++b.count[l];
-    }
-  }
-
-  // Batched format: every chunk's per-expert count must fit max_tokens_per_expert. Checked for
-  // all chunks before any output is written.
-  Status check_capacity(const Arguments& a, const Problem& p, const Buffers& b) const {
-    const Index chunk = std::min(p.num_tokens, options_.chunk_tokens);
-    for (Index m0 = 0; m0 < p.num_tokens; m0 += chunk) {
-      const Index m1 = std::min(p.num_tokens, m0 + chunk);
-      route(a, p, b, m0, m1);
-      count_rows(a, p, b, (m1 - m0) * p.top_k);
-      for (Index e = 0; e < p.num_local_experts; ++e) {
-        if (b.count[e] > a.prepare_finalize.max_tokens_per_expert) {
-          return invalid_argument("prepare_finalize.max_tokens_per_expert: local expert ", e, " receives ", b.count[e],
-                                  " tokens in tokens [", m0, ", ", m1, "), more than max_tokens_per_expert=",
-                                  a.prepare_finalize.max_tokens_per_expert);
-        }
-      }
-    }
-    return Status::ok();
-  }
-
-  // 2. Row assignment and gather.
-  void prepare(const Arguments& a, const Problem& p, const Buffers& b, Index m0, Index m1) const {
-    const Index slots = (m1 - m0) * p.top_k;
-    count_rows(a, p, b, slots);
-    Index next = 0;
-    for (Index e = 0; e < p.num_local_experts; ++e) {
-      if constexpr (kBatched) {
-        b.begin[e] = e * a.prepare_finalize.max_tokens_per_expert;
-      } else {
-        b.begin[e] = next;
-        next += b.count[e];
-      }
-      b.cursor[e] = b.begin[e];
-    }
-    for (Index s = 0; s < slots; ++s) {
-      const std::int32_t l = local_id(a, p, b.ids[s]);
-      if (l < 0) {
-        b.slot_row[s] = -1;
-        continue;
-      }
-      const Index row = b.cursor[l]++;
-      b.slot_row[s] = row;
-      b.row_token[row] = m0 + s / p.top_k;
-      b.row_weight[row] = b.weights[s];
-    }
-    const Index H = p.hidden;
-    for (Index s = 0; s < slots; ++s) {
-      const Index row = b.slot_row[s];
-      if (row < 0) continue;
-      const IO* x = &a.hidden_states(b.row_token[row], 0);
-      float* dst = b.input + row * H;
-      if constexpr (PF::kApplyWeightOnInput) {
-        // vLLM: a1 * topk_weights.to(a1.dtype), computed in the activation dtype.
-        const float w = round_to<IO>(b.row_weight[row]);
-        for (Index c = 0; c < H; ++c) dst[c] = round_to<IO>(to_float(x[c]) * w);
-      } else {
-        for (Index c = 0; c < H; ++c) dst[c] = to_float(x[c]);
-      }
-    }
-  }
-
-  // 3. Experts (cpu::ExpertsStage), in parallel over (expert, block of rows).
-  void compute(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b) const {
-    const float* row_weight = PF::kApplyWeightOnInput ? nullptr : b.row_weight;
-    Stage::run_segments(stage_params(a, p), p.num_local_experts, b.begin, b.count, b.input, b.acc, b.inter, l.ld,
-                        row_weight, b.tasks, b.thread, options_);
-  }
-
-  // 4. Weighted rows back to tokens, ascending slot order, then the output epilogue (the sum by
-  // default), one rounding.
-  void finalize(const Arguments& a, const Problem& p, const Layout& l, const Buffers& b, Index m0, Index m1) const {
-    const Index H = p.hidden;
-    const Index block = 64;
-    const auto epilogue = a.epilogue.params();
-    cpu::parallel_for((m1 - m0 + block - 1) / block, options_.num_threads, [&](std::int64_t t, int) {
-      for (Index m = m0 + t * block; m < std::min(m1, m0 + (t + 1) * block); ++m) {
-        IO* out = &a.output(m, 0);
-        const Index* rows = b.slot_row + (m - m0) * p.top_k;
-        for (Index c = 0; c < H; ++c) {
-          float sum = 0.0f;
-          for (int j = 0; j < p.top_k; ++j) {
-            if (rows[j] >= 0) sum += b.acc[rows[j] * l.ld + c];
-          }
-          out[c] = epilogue::store_output<typename Spec::OutputEpilogue>(epilogue, m, c, sum);
-        }
-      }
-    });
   }
 
   cpu::Options options_;

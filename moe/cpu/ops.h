@@ -9,7 +9,7 @@
 #include <optional>
 #include <vector>
 
-#include "moe/cpu/router_stage.h"
+#include "moe/cpu/routing_stage.h"
 #include "moe/detail/op_checks.h"
 #include "moe/detail/validate.h"
 #include "moe/expert_map.h"
@@ -39,12 +39,12 @@ Status select_experts(HostView<const float, 2> router_logits, int top_k, const t
   static_assert(Routing::kUsesLogits, "moe::cpu::select_experts: the routing policy must route from logits");
   MOE_RETURN_IF_ERROR(detail::check_select_experts<Routing>(router_logits, top_k, args, correction_bias, topk_ids, topk_weights));
   const Index M = router_logits.extent(0), E = router_logits.extent(1);
-  std::vector<float> scratch(RouterStage<Routing>::scratch_floats(E));
-  std::vector<std::int32_t> iscratch(RouterStage<Routing>::scratch_ints(E));
+  std::vector<float> scratch(RoutingStage<Routing>::scratch_floats(E));
+  std::vector<std::int32_t> iscratch(RoutingStage<Routing>::scratch_ints(E));
   std::vector<std::int32_t> ids(static_cast<std::size_t>(top_k));
   std::vector<float> w(static_cast<std::size_t>(top_k));
   for (Index m = 0; m < M; ++m) {
-    RouterStage<Routing>::run(args, router_logits, correction_bias ? correction_bias->data() : nullptr, m, m + 1, top_k,
+    RoutingStage<Routing>::route(args, router_logits, correction_bias ? correction_bias->data() : nullptr, m, m + 1, top_k,
                               scratch.data(), iscratch.data(), ids.data(), w.data());
     for (int j = 0; j < top_k; ++j) {
       topk_ids(m, j) = ids[j];

@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <unordered_set>
+#include <iterator>
+#include <nlohmann/json.hpp>
 
 namespace moe::io {
 
@@ -25,25 +27,57 @@ std::size_t Json::size() const {
   return 0;
 }
 
-const Json* Json::find(std::string_view key) const {
-  if (!is_object()) return nullptr;
-  for (const Member& m : members()) {
+Json::Object::Object(const Object& other)
+    : items_(other.items_), index_(other.index_ ? std::make_unique<Index>(*other.index_) : nullptr) {}
+
+Json::Object& Json::Object::operator=(const Object& other) {
+  if (this != &other) *this = Object(other);  // copy first: `other` may live inside *this
+  return *this;
+}
+
+Json& Json::Object::emplace_back(std::string key, Json value) {
+  items_.emplace_back(std::move(key), std::move(value));
+  if (index_) {
+    index_->try_emplace(items_.back().first, items_.size() - 1);  // the first of a name wins
+  } else if (items_.size() >= kIndexFrom) {
+    index_ = std::make_unique<Index>();
+    for (std::size_t i = 0; i < items_.size(); ++i) index_->try_emplace(items_[i].first, i);
+  }
+  return items_.back().second;
+}
+
+const Json* Json::Object::find(std::string_view key) const {
+  if (index_) {
+    const auto it = index_->find(key);
+    return it == index_->end() ? nullptr : &items_[it->second].second;
+  }
+  for (const Member& m : items_) {
     if (m.first == key) return &m.second;
   }
   return nullptr;
 }
 
-Json* Json::find(std::string_view key) { return const_cast<Json*>(static_cast<const Json*>(this)->find(key)); }
+Json* Json::Object::find(std::string_view key) {
+  return const_cast<Json*>(static_cast<const Object*>(this)->find(key));
+}
+
+bool operator==(const Json::Object& a, const Json::Object& b) { return a.items_ == b.items_; }
+
+// Growing arrays and objects move their elements instead of copying them (and their indexes).
+static_assert(std::is_nothrow_move_constructible_v<Json>);
+
+const Json* Json::find(std::string_view key) const { return is_object() ? members().find(key) : nullptr; }
+
+Json* Json::find(std::string_view key) { return is_object() ? members().find(key) : nullptr; }
 
 Json& Json::set(std::string key, Json value) {
   if (is_null()) v_ = Object{};
-  if (Json* existing = find(key)) {
+  Object& o = members();
+  if (Json* existing = o.find(key)) {
     *existing = std::move(value);
     return *existing;
   }
-  Object& o = members();
-  o.emplace_back(std::move(key), std::move(value));
-  return o.back().second;
+  return o.emplace_back(std::move(key), std::move(value));
 }
 
 void Json::push_back(Json value) {
@@ -220,51 +254,238 @@ std::string Json::dump() const {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Parsing
+// Parsing: nlohmann-json's lexer and parser (fuzzed upstream) through its SAX interface, building
+// Json directly. The handler adds what the tool needs on top: duplicate keys, the depth limit,
+// exact integers and -0, and positions that count code points.
 
-class JsonParser {
+namespace {
+
+// The input as nlohmann's lexer reads it, a byte at a time. SAX events carry no position, so the
+// iterator records how far the lexer has read: at an event, up to the end of the token just read
+// (after a number, one byte more).
+class TrackingIterator {
  public:
-  explicit JsonParser(std::string_view text) : s_(text) {}
+  using iterator_category = std::input_iterator_tag;
+  using value_type = char;
+  using difference_type = std::ptrdiff_t;
+  using pointer = const char*;
+  using reference = const char&;
+
+  TrackingIterator(const char* p, const char** read_end) : p_(p), read_end_(read_end) {}
+  reference operator*() const { return *p_; }
+  TrackingIterator& operator++() {
+    *read_end_ = ++p_;
+    return *this;
+  }
+  TrackingIterator operator++(int) {
+    TrackingIterator old = *this;
+    ++*this;
+    return old;
+  }
+  friend bool operator==(const TrackingIterator& a, const TrackingIterator& b) { return a.p_ == b.p_; }
+
+ private:
+  const char* p_;
+  const char** read_end_;
+};
+
+// "0xNN".
+std::string hex_byte(char c) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  const unsigned char b = static_cast<unsigned char>(c);
+  return std::string("0x") + kHex[b >> 4] + kHex[b & 0xF];
+}
+
+void replace_once(std::string* s, std::string_view from, std::string_view to) {
+  if (const std::size_t p = s->find(from); p != std::string::npos) s->replace(p, from.size(), to);
+}
+
+// At most 40 characters of `s` for a message.
+std::string shorten(std::string s) {
+  if (s.size() > 40) s = s.substr(0, 37) + "...";
+  return s;
+}
+
+class JsonBuilder final : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  explicit JsonBuilder(std::string_view text) : text_(text), read_end_(text.data()) {}
 
   Status parse(Json* out) {
-    skip_ws();
-    Json v;
-    MOE_RETURN_IF_ERROR(parse_value(&v, 0));
-    skip_ws();
-    if (pos_ != s_.size()) return expected("end of input after the value");
-    *out = std::move(v);
+    // nlohmann skips a byte order mark (and reads any other leading 0xef as a broken one); JSON
+    // text must not start with one (RFC 8259), and Python's json refuses it too.
+    if (!text_.empty() && text_[0] == '\xef') {
+      fail(0, std::string("syntax error while parsing value - unexpected ") +
+                  (text_.substr(0, 3) == "\xef\xbb\xbf" ? "byte order mark" : "byte 0xef") +
+                  "; expected '[', '{', or a literal");
+      return error_;
+    }
+    const TrackingIterator first(text_.data(), &read_end_);
+    const TrackingIterator last(text_.data() + text_.size(), &read_end_);
+    if (!nlohmann::json::sax_parse(first, last, this)) {
+      return error_.is_ok() ? invalid_argument("invalid JSON") : error_;
+    }
+    // nlohmann ends its input at a NUL byte (as in a C string); here the text goes on after it.
+    if (const std::size_t nul = text_.find('\0'); nul != std::string_view::npos) {
+      fail(nul, "syntax error while parsing value - unexpected byte 0x00; expected end of input");
+      return error_;
+    }
+    *out = std::move(root_);
     return Status::ok();
   }
 
- private:
-  bool at_end() const { return pos_ >= s_.size(); }
-  char peek() const { return s_[pos_]; }
+  bool null() override { return put(Json()); }
+  bool boolean(bool b) override { return put(Json(b)); }
+  // nlohmann reports every integer from 0 up as unsigned, so a 0 here was written "-0": that
+  // stays the double -0.0.
+  bool number_integer(std::int64_t i) override { return put(i == 0 ? Json(-0.0) : Json(i)); }
+  // Above int64's range Json keeps the nearest double.
+  bool number_unsigned(std::uint64_t u) override { return put(Json(u)); }
+  bool number_float(double d, const std::string&) override { return put(Json(d)); }
+  bool string(std::string& s) override { return put(Json(std::move(s))); }
+  bool binary(binary_t&) override { return fail(read_pos(), "unexpected binary value"); }  // not in JSON text
 
-  void skip_ws() {
-    while (!at_end()) {
-      const char c = peek();
-      if (c != ' ' && c != '\t' && c != '\n' && c != '\r') break;
-      ++pos_;
+  bool start_object(std::size_t) override { return open(Json::object()); }
+  bool start_array(std::size_t) override { return open(Json::array()); }
+  bool end_object() override { return close(); }
+  bool end_array() override { return close(); }
+
+  bool key(std::string& k) override {
+    Json::Object& o = open_.back()->members();
+    if (o.find(k) != nullptr) {
+      std::string shown;
+      dump_string(k, &shown);
+      return fail(key_start(), "duplicate key " + shorten(std::move(shown)) + " in object");
     }
+    value_ = &o.emplace_back(std::move(k), Json());
+    return true;
   }
 
-  // What is at `at`, for messages: "end of input", "'x'", or "byte 0xNN".
+  // `position` counts the bytes read, an end of input as one more: the error is at the last.
+  bool parse_error(std::size_t position, const std::string& last_token,
+                   const nlohmann::detail::exception& ex) override {
+    std::size_t at = position == 0 ? 0 : position - 1;
+    if (ex.id == 406) {  // a number beyond double's range, the token just read
+      const std::size_t start = position > last_token.size() ? position - last_token.size() : 0;
+      return fail(start, "number " + shorten(last_token) + " is out of the range of a double");
+    }
+    // "[json.exception.parse_error.101] parse error at line L, column C: <what>": positions are
+    // counted here instead (in code points, and a newline ends its line).
+    std::string what = ex.what();
+    if (const std::size_t colon = what.find(": "); colon != std::string::npos) what.erase(0, colon + 2);
+    // A lexer error ends with what it read since the token began: raw bytes, and megabytes for an
+    // unterminated string. Name the bytes that stopped it instead.
+    const std::string last_read = "; last read: '" + last_token + "'";
+    if (const std::size_t p = what.find(last_read); p != std::string::npos) {
+      const std::string_view problem(what.data(), p);
+      std::string got;
+      if (problem.find("ill-formed UTF-8") != std::string_view::npos) {
+        at = utf8_sequence_start(at);  // e.g. Latin-1 "é" (0xe9) stops at the byte after it
+        const std::size_t end = std::min(position, text_.size());
+        got = end - at > 1 ? "; got bytes" : end - at == 1 ? "; got byte" : "; got";
+        for (std::size_t i = at; i < end; ++i) got += " " + hex_byte(text_[i]);
+        if (position > text_.size()) got += at < end ? ", then end of input" : " end of input";
+      } else if (problem.find("surrogate") == std::string_view::npos) {
+        got = "; got " + describe(at);  // (a surrogate message names the problem; its byte is a hex digit)
+      }
+      what.replace(p, last_read.size(), got);
+    } else if (at < text_.size() && text_[at] == '\0') {
+      // nlohmann takes a NUL byte for the end of the input.
+      replace_once(&what, "unexpected end of input", "unexpected byte 0x00");
+    }
+    // After an element or a member nlohmann names only the closing bracket; a comma fits too.
+    if (what.starts_with("syntax error while parsing array - ")) {
+      replace_once(&what, "; expected ']'", "; expected ',' or ']'");
+    } else if (what.starts_with("syntax error while parsing object - ")) {
+      replace_once(&what, "; expected '}'", "; expected ',' or '}'");
+    }
+    return fail(at, what);
+  }
+
+ private:
+  std::size_t read_pos() const { return static_cast<std::size_t>(read_end_ - text_.data()); }
+
+  // Where the next value goes: the root, a new element of the innermost array, or the value of the
+  // key just read. Only the innermost container grows, so the pointers in open_ stay valid.
+  Json* slot() {
+    if (open_.empty()) return &root_;
+    if (Json* top = open_.back(); top->is_array()) {
+      top->as_array().emplace_back();
+      return &top->as_array().back();
+    }
+    return value_;
+  }
+
+  bool put(Json v) {
+    *slot() = std::move(v);
+    return true;
+  }
+
+  bool open(Json container) {
+    // The lexer stopped right after the bracket.
+    if (open_.size() >= static_cast<std::size_t>(kMaxJsonDepth)) {
+      return fail(read_pos() - 1, "nesting deeper than " + std::to_string(kMaxJsonDepth) + " levels");
+    }
+    Json* s = slot();
+    *s = std::move(container);
+    open_.push_back(s);
+    return true;
+  }
+
+  bool close() {
+    open_.pop_back();
+    return true;
+  }
+
+  // The opening quote of the key just read (the lexer stopped at its closing quote). Inside a
+  // string a quote is escaped: an odd run of backslashes precedes it.
+  std::size_t key_start() const {
+    std::size_t i = read_pos() - 1;
+    while (i > 0) {
+      --i;
+      if (text_[i] != '"') continue;
+      std::size_t backslashes = 0;
+      while (backslashes < i && text_[i - 1 - backslashes] == '\\') ++backslashes;
+      if (backslashes % 2 == 0) return i;
+    }
+    return 0;
+  }
+
+  // What is at `at`, for messages: "end of input", "'x'", "U+00E9", "a newline", or "byte 0xNN".
   std::string describe(std::size_t at) const {
-    if (at >= s_.size()) return "end of input";
-    const unsigned char c = static_cast<unsigned char>(s_[at]);
+    if (at >= text_.size()) return "end of input";
+    const unsigned char c = static_cast<unsigned char>(text_[at]);
     if (c >= 0x20 && c < 0x7f) return std::string("'") + static_cast<char>(c) + "'";
-    static constexpr char kHex[] = "0123456789abcdef";
     if (c == '\n') return "a newline";
     if (c == '\t') return "a tab";
-    return std::string("byte 0x") + kHex[c >> 4] + kHex[c & 0xF];
+    if (const std::size_t n = utf8_sequence_length(text_, at); c >= 0x80 && n > 0) {
+      // By number: the character may be invisible or reorder the terminal's text.
+      std::uint32_t cp = c & (0x7Fu >> n);
+      for (std::size_t k = 1; k < n; ++k) cp = (cp << 6) | (static_cast<unsigned char>(text_[at + k]) & 0x3Fu);
+      char buf[16];
+      std::snprintf(buf, sizeof(buf), "U+%04X", static_cast<unsigned>(cp));
+      return buf;
+    }
+    return "byte " + hex_byte(text_[at]);
   }
 
-  // "line L, column C: <what>", C counting code points from 1.
-  Status error(std::size_t at, std::string_view what) const {
-    at = std::min(at, s_.size());
+  // Where the UTF-8 sequence that byte `at` broke began: at the lead byte before it when `at`
+  // falls inside the length that lead announces, else at `at`.
+  std::size_t utf8_sequence_start(std::size_t at) const {
+    for (std::size_t back = 1; back <= 3 && back <= at; ++back) {
+      const unsigned char c = static_cast<unsigned char>(text_[at - back]);
+      if ((c & 0xC0u) == 0x80u) continue;  // a continuation byte: look further back
+      const std::size_t length = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+      return back < length ? at - back : at;
+    }
+    return at;
+  }
+
+  // Records "line L, column C: <what>" (C counts code points from 1) and stops the parser.
+  bool fail(std::size_t at, std::string_view what) {
+    at = std::min(at, text_.size());
     std::size_t line = 1, column = 1;
     for (std::size_t i = 0; i < at; ++i) {
-      const unsigned char c = static_cast<unsigned char>(s_[i]);
+      const unsigned char c = static_cast<unsigned char>(text_[i]);
       if (c == '\n') {
         ++line;
         column = 1;
@@ -272,292 +493,21 @@ class JsonParser {
         ++column;
       }
     }
-    return invalid_argument("line ", line, ", column ", column, ": ", what);
-  }
-  Status expected(std::string_view what) const {
-    return error(pos_, std::string("expected ") + std::string(what) + ", got " + describe(pos_));
+    error_ = invalid_argument("line ", line, ", column ", column, ": ", what);
+    return false;
   }
 
-  Status parse_value(Json* out, int depth) {
-    if (at_end()) return expected("a value");
-    switch (peek()) {
-      case '{': return parse_object(out, depth + 1);
-      case '[': return parse_array(out, depth + 1);
-      case '"': {
-        std::string s;
-        MOE_RETURN_IF_ERROR(parse_string(&s));
-        out->v_ = std::move(s);
-        return Status::ok();
-      }
-      case 't': return parse_literal("true", Json(true), out);
-      case 'f': return parse_literal("false", Json(false), out);
-      case 'n': return parse_literal("null", Json(), out);
-      default:
-        if (peek() == '-' || (peek() >= '0' && peek() <= '9')) return parse_number(out);
-        return expected("a value (object, array, string, number, true, false or null)");
-    }
-  }
-
-  Status parse_literal(std::string_view word, Json value, Json* out) {
-    for (std::size_t k = 0; k < word.size(); ++k) {
-      if (pos_ + k >= s_.size() || s_[pos_ + k] != word[k]) {
-        return error(pos_ + k, std::string("invalid literal, expected '") + std::string(word) + "', got " +
-                                   describe(pos_ + k));
-      }
-    }
-    pos_ += word.size();
-    *out = std::move(value);
-    return Status::ok();
-  }
-
-  Status check_depth(int depth) const {
-    if (depth > kMaxJsonDepth) {
-      return error(pos_, "nesting deeper than " + std::to_string(kMaxJsonDepth) + " levels");
-    }
-    return Status::ok();
-  }
-
-  Status parse_array(Json* out, int depth) {
-    MOE_RETURN_IF_ERROR(check_depth(depth));
-    ++pos_;  // '['
-    Json::Array a;
-    skip_ws();
-    if (!at_end() && peek() == ']') {
-      ++pos_;
-      out->v_ = std::move(a);
-      return Status::ok();
-    }
-    while (true) {
-      skip_ws();
-      Json e;
-      if (at_end() || peek() == ']' || peek() == ',') return expected("a value in array");
-      MOE_RETURN_IF_ERROR(parse_value(&e, depth));
-      a.push_back(std::move(e));
-      skip_ws();
-      if (at_end() || (peek() != ',' && peek() != ']')) return expected("',' or ']' in array");
-      if (s_[pos_++] == ']') break;
-    }
-    out->v_ = std::move(a);
-    return Status::ok();
-  }
-
-  Status parse_object(Json* out, int depth) {
-    MOE_RETURN_IF_ERROR(check_depth(depth));
-    ++pos_;  // '{'
-    Json::Object o;
-    std::unordered_set<std::string> keys;
-    skip_ws();
-    if (!at_end() && peek() == '}') {
-      ++pos_;
-      out->v_ = std::move(o);
-      return Status::ok();
-    }
-    while (true) {
-      skip_ws();
-      if (at_end() || peek() != '"') return expected("a string key in object");
-      const std::size_t key_pos = pos_;
-      std::string key;
-      MOE_RETURN_IF_ERROR(parse_string(&key));
-      // Duplicate check: a linear scan for small objects, a hash set once they grow.
-      bool duplicate = false;
-      if (o.size() < 16) {
-        for (const Json::Member& m : o) duplicate = duplicate || m.first == key;
-      } else {
-        if (keys.empty()) {
-          for (const Json::Member& m : o) keys.insert(m.first);
-        }
-        duplicate = !keys.insert(key).second;
-      }
-      if (duplicate) {
-        std::string shown;
-        dump_string(key, &shown);
-        return error(key_pos, "duplicate key " + shown + " in object");
-      }
-      skip_ws();
-      if (at_end() || peek() != ':') return expected("':' after key in object");
-      ++pos_;
-      skip_ws();
-      Json v;
-      MOE_RETURN_IF_ERROR(parse_value(&v, depth));
-      o.emplace_back(std::move(key), std::move(v));
-      skip_ws();
-      if (at_end() || (peek() != ',' && peek() != '}')) return expected("',' or '}' in object");
-      if (s_[pos_++] == '}') break;
-    }
-    out->v_ = std::move(o);
-    return Status::ok();
-  }
-
-  static int hex_value(char c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-  }
-
-  // Reads the 4 hex digits after "\u" at pos_ (pointing at the backslash).
-  Status read_u_escape(std::uint32_t* out) {
-    std::uint32_t v = 0;
-    for (int k = 0; k < 4; ++k) {
-      const std::size_t at = pos_ + 2 + static_cast<std::size_t>(k);
-      const int h = at < s_.size() ? hex_value(s_[at]) : -1;
-      if (h < 0) return error(at, "expected 4 hex digits after \\u, got " + describe(at));
-      v = (v << 4) | static_cast<std::uint32_t>(h);
-    }
-    pos_ += 6;
-    *out = v;
-    return Status::ok();
-  }
-
-  static void append_utf8(std::uint32_t cp, std::string* out) {
-    if (cp < 0x80) {
-      out->push_back(static_cast<char>(cp));
-    } else if (cp < 0x800) {
-      out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else if (cp < 0x10000) {
-      out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else {
-      out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    }
-  }
-
-  Status parse_string(std::string* out) {
-    const std::size_t start = pos_;
-    ++pos_;  // opening quote
-    std::string s;
-    while (true) {
-      if (at_end()) return error(start, "unterminated string (expected '\"' before end of input)");
-      const unsigned char c = static_cast<unsigned char>(peek());
-      if (c == '"') {
-        ++pos_;
-        break;
-      }
-      if (c < 0x20) return error(pos_, "control character " + describe(pos_) + " in string (must be escaped)");
-      if (c >= 0x80) {
-        const std::size_t n = utf8_sequence_length(s_, pos_);
-        if (n == 0) return error(pos_, "invalid UTF-8 (" + describe(pos_) + ") in string");
-        s.append(s_.substr(pos_, n));
-        pos_ += n;
-        continue;
-      }
-      if (c != '\\') {
-        s.push_back(static_cast<char>(c));
-        ++pos_;
-        continue;
-      }
-      // Escape sequence.
-      if (pos_ + 1 >= s_.size()) return error(pos_ + 1, "expected an escape character after '\\', got end of input");
-      const char e = s_[pos_ + 1];
-      switch (e) {
-        case '"': s.push_back('"'); pos_ += 2; break;
-        case '\\': s.push_back('\\'); pos_ += 2; break;
-        case '/': s.push_back('/'); pos_ += 2; break;
-        case 'b': s.push_back('\b'); pos_ += 2; break;
-        case 'f': s.push_back('\f'); pos_ += 2; break;
-        case 'n': s.push_back('\n'); pos_ += 2; break;
-        case 'r': s.push_back('\r'); pos_ += 2; break;
-        case 't': s.push_back('\t'); pos_ += 2; break;
-        case 'u': {
-          const std::size_t esc = pos_;
-          std::uint32_t cp = 0;
-          MOE_RETURN_IF_ERROR(read_u_escape(&cp));
-          if (cp >= 0xDC00 && cp <= 0xDFFF) {
-            return error(esc, "unpaired low surrogate \\u" + std::string(s_.substr(esc + 2, 4)) + " in string");
-          }
-          if (cp >= 0xD800 && cp <= 0xDBFF) {
-            if (pos_ + 1 >= s_.size() || s_[pos_] != '\\' || s_[pos_ + 1] != 'u') {
-              return error(pos_, "expected a \\u low surrogate after high surrogate \\u" +
-                                     std::string(s_.substr(esc + 2, 4)) + ", got " + describe(pos_));
-            }
-            const std::size_t low_pos = pos_;
-            std::uint32_t low = 0;
-            MOE_RETURN_IF_ERROR(read_u_escape(&low));
-            if (low < 0xDC00 || low > 0xDFFF) {
-              return error(low_pos, "expected a low surrogate (\\udc00-\\udfff) after high surrogate \\u" +
-                                        std::string(s_.substr(esc + 2, 4)) + ", got \\u" +
-                                        std::string(s_.substr(low_pos + 2, 4)));
-            }
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-          }
-          append_utf8(cp, &s);
-          break;
-        }
-        default:
-          return error(pos_ + 1, "invalid escape, expected one of \"\\/bfnrtu after '\\', got " + describe(pos_ + 1));
-      }
-    }
-    *out = std::move(s);
-    return Status::ok();
-  }
-
-  static bool is_digit(char c) { return c >= '0' && c <= '9'; }
-
-  Status parse_number(Json* out) {
-    const std::size_t start = pos_;
-    bool integral = true;
-    if (peek() == '-') ++pos_;
-    if (at_end() || !is_digit(peek())) return expected("a digit after '-'");
-    if (peek() == '0') {
-      ++pos_;
-      if (!at_end() && is_digit(peek())) return error(pos_, "leading zeros are not allowed in numbers");
-    } else {
-      while (!at_end() && is_digit(peek())) ++pos_;
-    }
-    if (!at_end() && peek() == '.') {
-      integral = false;
-      ++pos_;
-      if (at_end() || !is_digit(peek())) return expected("a digit after '.' in number");
-      while (!at_end() && is_digit(peek())) ++pos_;
-    }
-    if (!at_end() && (peek() == 'e' || peek() == 'E')) {
-      integral = false;
-      ++pos_;
-      if (!at_end() && (peek() == '+' || peek() == '-')) ++pos_;
-      if (at_end() || !is_digit(peek())) return expected("a digit in the exponent of number");
-      while (!at_end() && is_digit(peek())) ++pos_;
-    }
-    const std::string_view text = s_.substr(start, pos_ - start);
-    const char* first = text.data();
-    const char* last = text.data() + text.size();
-    Json::Number n;
-    if (integral && text != "-0") {  // "-0" is kept as the double -0.0
-      std::int64_t i = 0;
-      const auto r = std::from_chars(first, last, i);
-      if (r.ec == std::errc() && r.ptr == last) {
-        n.is_int = true;
-        n.i = i;
-        n.d = static_cast<double>(i);
-        out->v_ = n;
-        return Status::ok();
-      }
-      // Out of int64's range: falls through to a double.
-    }
-    double d = 0;
-    const auto r = std::from_chars(first, last, d);
-    if (r.ec == std::errc::result_out_of_range) {
-      // Overflow or underflow; strtod tells which (its result is ±HUGE_VAL on overflow).
-      const std::string copy(text);
-      d = std::strtod(copy.c_str(), nullptr);
-      if (std::isinf(d)) return error(start, "number " + copy + " is out of the range of a double");
-    } else if (r.ec != std::errc() || r.ptr != last) {
-      return error(start, "invalid number " + std::string(text));
-    }
-    n.d = d;
-    out->v_ = n;
-    return Status::ok();
-  }
-
-  std::string_view s_;
-  std::size_t pos_ = 0;
+  std::string_view text_;
+  const char* read_end_;  // how far the lexer has read
+  Json root_;
+  std::vector<Json*> open_;  // the containers being filled, innermost last
+  Json* value_ = nullptr;    // the value of the key just read
+  Status error_ = Status::ok();
 };
 
-Status parse_json(std::string_view text, Json* out) { return JsonParser(text).parse(out); }
+}  // namespace
+
+Status parse_json(std::string_view text, Json* out) { return JsonBuilder(text).parse(out); }
 
 // ---------------------------------------------------------------------------------------------
 // Typed access

@@ -3,9 +3,11 @@
 // - Numbers are doubles. A number written without a fraction or an exponent that fits in int64
 //   also keeps its exact int64 value (is_integer()), so 64-bit offsets survive a round trip.
 // - Objects keep their keys in the order they were read or inserted. Duplicate keys are a parse
-//   error. Lookup (find) is a linear scan: iterate members() for large objects.
-// - Strings hold UTF-8. The parser decodes every escape, \uXXXX surrogate pairs included, and
-//   rejects invalid UTF-8, unpaired surrogates and raw control characters.
+//   error. Objects of more than a few members carry an index by key: find is O(log n), so
+//   parsing or merging 10^5 keys is n·log n, not n².
+// - Strings hold UTF-8. The parser (nlohmann-json's, fuzzed upstream, driven through its SAX
+//   interface) decodes every escape, \uXXXX surrogate pairs included, and rejects invalid UTF-8,
+//   unpaired surrogates, raw control characters and a byte order mark.
 // - parse_json's errors give the line and column (1-based, columns count code points) and what
 //   was expected there. Nesting deeper than kMaxJsonDepth is an error, not a stack overflow.
 // - dump() writes compact, valid JSON that parses back to an equal value: integral doubles get a
@@ -14,6 +16,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -32,7 +37,53 @@ class Json {
   enum class Type { kNull, kBool, kNumber, kString, kArray, kObject };
   using Array = std::vector<Json>;
   using Member = std::pair<std::string, Json>;
-  using Object = std::vector<Member>;
+
+  // An object's members in order, like a std::vector<Member> that only appends. Keys cannot be
+  // changed in place (iteration and indexing are const), which keeps the index by key right;
+  // values change through Json::find and Json::set.
+  class Object {
+   public:
+    using value_type = Member;
+    using const_iterator = std::vector<Member>::const_iterator;
+    using iterator = const_iterator;
+
+    Object() = default;
+    Object(const Object& other);
+    Object& operator=(const Object& other);
+    Object(Object&&) noexcept = default;
+    Object& operator=(Object&&) noexcept = default;
+    ~Object() = default;
+
+    std::size_t size() const { return items_.size(); }
+    bool empty() const { return items_.empty(); }
+    const_iterator begin() const { return items_.begin(); }
+    const_iterator end() const { return items_.end(); }
+    const Member& operator[](std::size_t i) const { return items_[i]; }
+    const Member& front() const { return items_.front(); }
+    const Member& back() const { return items_.back(); }
+    void reserve(std::size_t n) { items_.reserve(n); }
+
+    // Appends a member and returns its value. A key that is already present is appended all the
+    // same (as a vector would); find and set see the first member of that name.
+    Json& emplace_back(std::string key, Json value);
+
+    // The value of the first member named `key`, or nullptr.
+    const Json* find(std::string_view key) const;
+    Json* find(std::string_view key);
+
+    // Members in order.
+    friend bool operator==(const Object& a, const Object& b);
+
+   private:
+    // Smaller objects are scanned: cheaper than an index for the few keys of a config entry.
+    static constexpr std::size_t kIndexFrom = 16;
+    using Index = std::map<std::string, std::size_t, std::less<>>;
+
+    std::vector<Member> items_;
+    // Key -> position of its first member, once there are kIndexFrom members. A tree rather than
+    // a hash table: keys come from untrusted files, and no choice of keys makes a tree slow.
+    std::unique_ptr<Index> index_;
+  };
 
   Json() = default;  // null
   Json(std::nullptr_t) {}
@@ -76,7 +127,8 @@ class Json {
   std::size_t size() const;
   // An array's element.
   const Json& operator[](std::size_t i) const { return as_array()[i]; }
-  // An object's value for `key`, or nullptr when this is not an object or has no such key.
+  // An object's value for `key` (its first member of that name), or nullptr when this is not an
+  // object or has no such key.
   const Json* find(std::string_view key) const;
   Json* find(std::string_view key);
   // Objects: replaces the value of `key`, or appends it. Turns a null into an object first.
@@ -110,13 +162,12 @@ class Json {
       return Number{static_cast<double>(i), 0, false};
     }
   }
-  friend class JsonParser;
-
   std::variant<std::monostate, bool, Number, std::string, Array, Object> v_;
 };
 
 // Parses `text` (one JSON value, surrounded only by whitespace) into `*out`. On error `*out` is
-// unchanged and the message reads e.g. "line 3, column 14: expected ',' or '}' in object, got ']'".
+// unchanged and the message reads e.g. "line 3, column 14: syntax error while parsing object -
+// unexpected ']'; expected ',' or '}'" (nlohmann-json's wording after the position).
 Status parse_json(std::string_view text, Json* out);
 
 // Typed access to a member of an object. `where` names the object for messages (e.g.

@@ -1,13 +1,15 @@
-// moe::io::Json: parse/dump round trips, escapes, numbers, every parse error with its position,
-// and the typed accessors' messages.
+// moe::io::Json: parse/dump round trips, escapes, numbers, the index of large objects, every parse
+// error with its position, and the typed accessors' messages.
 #include "moe/io/json.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
+#include <utility>
 
 namespace {
 
@@ -116,6 +118,73 @@ TEST(Json, BuildAndDump) {
   EXPECT_EQ(Json(std::numeric_limits<double>::infinity()).dump(), "null");
 }
 
+// Objects of 10^5 keys: every key found, through the index. Parsing and looking up all of them
+// takes about 0.1 s here (a linear find made the lookups 12 s, n²); no time is asserted, the
+// index is what the test checks.
+TEST(Json, LargeObject) {
+  constexpr int kKeys = 100000;
+  std::string text = "{";
+  for (int i = 0; i < kKeys; ++i) text += (i == 0 ? "\"k" : ",\"k") + std::to_string(i) + "\":" + std::to_string(i);
+  text += "}";
+  const Json v = parse_ok(text);
+  ASSERT_EQ(v.size(), static_cast<std::size_t>(kKeys));
+  for (int i = 0; i < kKeys; ++i) {
+    const Json* found = v.find("k" + std::to_string(i));
+    ASSERT_NE(found, nullptr) << i;
+    ASSERT_EQ(found->as_int(), i);
+  }
+  EXPECT_EQ(v.find("k"), nullptr);
+  EXPECT_EQ(v.find("k100000"), nullptr);
+  EXPECT_EQ(v.find("k-1"), nullptr);
+  EXPECT_EQ(v.members()[0].first, "k0");  // order kept
+  EXPECT_EQ(v.members().back().first, "k99999");
+  EXPECT_EQ(v.dump(), text);
+
+  // A duplicate deep in it is found by the index too.
+  text.back() = ',';
+  expect_parse_error(text + "\"k77777\":0}",
+                     "line 1, column " + std::to_string(text.size() + 1) + ": duplicate key \"k77777\" in object");
+}
+
+// Objects built in code keep the index right through set, emplace_back and copies.
+TEST(Json, ObjectIndex) {
+  for (const int n : {3, 15, 16, 17, 1000}) {  // below, at and above the size that starts an index
+    Json o = Json::object();
+    for (int i = 0; i < n; ++i) o.set("k" + std::to_string(i), i);
+    ASSERT_EQ(o.size(), static_cast<std::size_t>(n));
+    o.set("k0", "first");  // replaces in place
+    o.members().emplace_back("k" + std::to_string(n - 1), "second of that name");
+    EXPECT_EQ(o.size(), static_cast<std::size_t>(n + 1));
+    EXPECT_EQ(o.find("k0")->as_string(), "first");
+    EXPECT_EQ(o.find("k" + std::to_string(n - 1))->as_int(), n - 1) << "the first of a name wins";
+    EXPECT_EQ(o.members()[0].second.as_string(), "first");
+    EXPECT_EQ(o.members().back().second.as_string(), "second of that name");
+
+    Json copy = o;
+    o.set("k1", "changed");
+    o.set("new", true);
+    EXPECT_EQ(copy.find("k1")->as_int(), 1) << n;
+    EXPECT_EQ(copy.find("new"), nullptr);
+    EXPECT_EQ(o.find("k1")->as_string(), "changed");
+    EXPECT_TRUE(o.find("new")->as_bool());
+    copy = o;
+    EXPECT_EQ(copy, o);
+    EXPECT_TRUE(copy.find("new")->as_bool());
+    Json moved = std::move(copy);
+    EXPECT_EQ(moved.find("k1")->as_string(), "changed");
+    *moved.find("k2") = Json(-2);  // values change in place
+    EXPECT_EQ(moved.find("k2")->as_int(), -2);
+    EXPECT_NE(moved, o);
+  }
+  // Self-assignment and assigning a member's copy to its own object.
+  Json o = parse_ok(R"({"a": {"b": 1}, "c": 2})");
+  Json& self = o;
+  o = self;
+  EXPECT_EQ(o.dump(), R"({"a":{"b":1},"c":2})");
+  o = *o.find("a");
+  EXPECT_EQ(o.dump(), R"({"b":1})");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Strings
 
@@ -168,6 +237,50 @@ TEST(Json, Integers) {
   EXPECT_FALSE(parse_ok("-9223372036854775809").is_integer());
 }
 
+// Every integer without fraction or exponent that fits keeps its exact int64 value, however deep;
+// one just outside the range is a double (the nearest), as are unsigned 64-bit values above it.
+TEST(Json, Int64Extremes) {
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  constexpr std::int64_t kMin = std::numeric_limits<std::int64_t>::min();
+  const Json v = parse_ok(R"({"max": 9223372036854775807, "max1": 9223372036854775806, "min": -9223372036854775808,
+                             "min1": -9223372036854775807, "a": [[-1, 0, 1, 4294967298, -4294967298]]})");
+  std::int64_t i = 0;
+  ASSERT_TRUE(get_int(v, "max", &i).is_ok());
+  EXPECT_EQ(i, kMax);
+  ASSERT_TRUE(get_int(v, "max1", &i).is_ok());
+  EXPECT_EQ(i, kMax - 1);
+  ASSERT_TRUE(get_int(v, "min", &i).is_ok());
+  EXPECT_EQ(i, kMin);
+  ASSERT_TRUE(get_int(v, "min1", &i).is_ok());
+  EXPECT_EQ(i, kMin + 1);
+  const Json& a = (*v.find("a"))[0];
+  EXPECT_EQ(a[0].as_int(), -1);
+  EXPECT_EQ(a[2].as_int(), 1);
+  EXPECT_EQ(a[3].as_int(), 4294967298);
+  EXPECT_EQ(a[4].as_int(), -4294967298);
+  for (std::size_t k = 0; k < a.size(); ++k) EXPECT_TRUE(a[k].is_integer()) << k;
+  EXPECT_EQ(v.dump(), R"({"max":9223372036854775807,"max1":9223372036854775806,"min":-9223372036854775808,)"
+                      R"("min1":-9223372036854775807,"a":[[-1,0,1,4294967298,-4294967298]]})");
+
+  // Outside int64 (nlohmann reads these as unsigned or, past 64 bits, as doubles): the nearest
+  // double. Those from 2^63 up are beyond what get_int accepts.
+  for (const char* text : {"9223372036854775808", "18446744073709551615", "18446744073709551616",
+                           "-9223372036854775809", "100000000000000000000000"}) {
+    const Json big = parse_ok(text);
+    EXPECT_TRUE(big.is_number()) << text;
+    EXPECT_FALSE(big.is_integer()) << text;
+    EXPECT_EQ(big.as_double(), std::strtod(text, nullptr)) << text;
+    if (text[0] != '-') {
+      EXPECT_FALSE(moe::io::as_int(big, "n", &i).is_ok()) << text;
+    }
+  }
+  EXPECT_EQ(parse_ok("18446744073709551615").dump(), "18446744073709551616.0");
+  EXPECT_EQ(parse_ok("9223372036854775808").dump(), "9223372036854775808.0");
+  EXPECT_EQ(parse_ok("-9223372036854775809").dump(), "-9223372036854775808.0");
+  EXPECT_EQ(moe::io::as_int(parse_ok("18446744073709551615"), "n", &i).message(),
+            "n: expected an integer, got number 18446744073709551616.0");
+}
+
 TEST(Json, DoublesAndExponents) {
   EXPECT_EQ(parse_ok("1e3").as_double(), 1000.0);
   EXPECT_FALSE(parse_ok("1e3").is_integer());
@@ -200,113 +313,176 @@ TEST(Json, NegativeZero) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Parse errors: each with its line and column
+// Parse errors: each with its line and column. After the position the wording is nlohmann-json's
+// (its syntax and lexer errors) except for "got ..." and our own checks (duplicate keys, depth,
+// numbers out of range, byte order mark, NUL bytes).
+
+// nlohmann's contexts, and its name for "a value".
+const std::string kValue = "syntax error while parsing value - ";
+const std::string kArray = "syntax error while parsing array - ";
+const std::string kObject = "syntax error while parsing object - ";
+const std::string kKey = "syntax error while parsing object key - ";
+const std::string kSeparator = "syntax error while parsing object separator - ";
+const std::string kString = kValue + "invalid string: ";
+const std::string kExpectedValue = "expected '[', '{', or a literal";
 
 TEST(JsonErrors, Structure) {
-  expect_parse_error("", "line 1, column 1: expected a value, got end of input");
-  expect_parse_error("   \n  ", "line 2, column 3: expected a value, got end of input");
-  expect_parse_error("{\n  \"a\": 1,\n  \"b\": 2 ]", "line 3, column 10: expected ',' or '}' in object, got ']'");
-  expect_parse_error("{\"a\": 1", "line 1, column 8: expected ',' or '}' in object, got end of input");
-  expect_parse_error("{\"a\" 1}", "line 1, column 6: expected ':' after key in object, got '1'");
-  expect_parse_error("{1: 2}", "line 1, column 2: expected a string key in object, got '1'");
-  expect_parse_error("{\"a\": 1,}", "line 1, column 9: expected a string key in object, got '}'");
-  expect_parse_error("{\"a\":}", "line 1, column 6: expected a value (object, array, string, number, true, false or null), got '}'");
-  expect_parse_error("{", "line 1, column 2: expected a string key in object, got end of input");
+  expect_parse_error("", "line 1, column 1: " + kValue + "unexpected end of input; " + kExpectedValue);
+  expect_parse_error("   \n  ", "line 2, column 3: " + kValue + "unexpected end of input; " + kExpectedValue);
+  expect_parse_error("{\n  \"a\": 1,\n  \"b\": 2 ]",
+                     "line 3, column 10: " + kObject + "unexpected ']'; expected ',' or '}'");
+  expect_parse_error("{\"a\": 1", "line 1, column 8: " + kObject + "unexpected end of input; expected ',' or '}'");
+  expect_parse_error("{\"a\" 1}", "line 1, column 6: " + kSeparator + "unexpected number literal; expected ':'");
+  expect_parse_error("{1: 2}", "line 1, column 2: " + kKey + "unexpected number literal; expected string literal");
+  expect_parse_error("{\"a\": 1,}", "line 1, column 9: " + kKey + "unexpected '}'; expected string literal");
+  expect_parse_error("{\"a\":}", "line 1, column 6: " + kValue + "unexpected '}'; " + kExpectedValue);
+  expect_parse_error("{", "line 1, column 2: " + kKey + "unexpected end of input; expected string literal");
   expect_parse_error("{\"a\": 1, \"a\": 2}", "line 1, column 10: duplicate key \"a\" in object");
   {
-    std::string many = "{";  // large objects check duplicates through a hash set
+    std::string many = "{";  // large objects check duplicates through their index
     for (int i = 0; i < 40; ++i) many += "\"k" + std::to_string(i) + "\":" + std::to_string(i) + ",";
     EXPECT_EQ(parse_ok(many + "\"last\":0}").size(), 41u);
-    expect_parse_error(many + "\"k3\":0}", "line 1, column " + std::to_string(many.size() + 1) + ": duplicate key \"k3\" in object");
+    expect_parse_error(many + "\"k3\":0}",
+                       "line 1, column " + std::to_string(many.size() + 1) + ": duplicate key \"k3\" in object");
     expect_parse_error(many.substr(0, 71) + "\"k0\":0}", "line 1, column 72: duplicate key \"k0\" in object");
   }
-  expect_parse_error("[1 2]", "line 1, column 4: expected ',' or ']' in array, got '2'");
-  expect_parse_error("[1,]", "line 1, column 4: expected a value in array, got ']'");
-  expect_parse_error("[1,\n\n   ,2]", "line 3, column 4: expected a value in array, got ','");
-  expect_parse_error("[", "line 1, column 2: expected a value in array, got end of input");
-  expect_parse_error("[1", "line 1, column 3: expected ',' or ']' in array, got end of input");
-  expect_parse_error("]", "line 1, column 1: expected a value (object, array, string, number, true, false or null), got ']'");
-  expect_parse_error("'a'", "line 1, column 1: expected a value (object, array, string, number, true, false or null), got '''");
-  expect_parse_error("\xef\xbb\xbf{}", "line 1, column 1: expected a value (object, array, string, number, true, false or null), got byte 0xef");
+  expect_parse_error("[1 2]", "line 1, column 4: " + kArray + "unexpected number literal; expected ',' or ']'");
+  expect_parse_error("[1,]", "line 1, column 4: " + kValue + "unexpected ']'; " + kExpectedValue);
+  expect_parse_error("[1,\n\n   ,2]", "line 3, column 4: " + kValue + "unexpected ','; " + kExpectedValue);
+  expect_parse_error("[", "line 1, column 2: " + kValue + "unexpected end of input; " + kExpectedValue);
+  expect_parse_error("[1", "line 1, column 3: " + kArray + "unexpected end of input; expected ',' or ']'");
+  expect_parse_error("]", "line 1, column 1: " + kValue + "unexpected ']'; " + kExpectedValue);
+  expect_parse_error("'a'", "line 1, column 1: " + kValue + "invalid literal; got '''");
+  // A byte order mark is refused (nlohmann would skip it), as Python's json.loads does.
+  expect_parse_error("\xef\xbb\xbf{}", "line 1, column 1: " + kValue + "unexpected byte order mark; " + kExpectedValue);
+  expect_parse_error("\xef{}", "line 1, column 1: " + kValue + "unexpected byte 0xef; " + kExpectedValue);
+  expect_parse_error(" \xef\xbb\xbf{}", "line 1, column 2: " + kValue + "invalid literal; got U+FEFF");
+}
+
+TEST(JsonErrors, DuplicateKeys) {
+  // Named and placed at the second key's opening quote, in any object however deep.
+  expect_parse_error(R"({"x": {"a": 1, "b": 2, "a": 3}})", "line 1, column 24: duplicate key \"a\" in object");
+  expect_parse_error("[{},\n {\"a\": [], \"a\": {}}]", "line 2, column 12: duplicate key \"a\" in object");
+  // Keys compare decoded: an escape and the character itself are the same key.
+  expect_parse_error(R"({"a": 1, "\u0061": 2})", "line 1, column 10: duplicate key \"a\" in object");
+  expect_parse_error(R"({"\"q\\": 1, "\"q\\": 2})", "line 1, column 14: duplicate key \"\\\"q\\\\\" in object");
+  // Long keys are cut in the message.
+  const std::string key(100, 'k');
+  expect_parse_error("{\"" + key + "\":1,\"" + key + "\":2}",
+                     "line 1, column 107: duplicate key \"" + std::string(36, 'k') + "... in object");
+  // The same key in different objects, or differing only in case, is fine.
+  EXPECT_EQ(parse_ok(R"({"a": {"a": 1}, "b": [{"a": 2}, {"a": 3}], "A": 4})").size(), 3u);
 }
 
 TEST(JsonErrors, TrailingGarbage) {
-  expect_parse_error("1 2", "line 1, column 3: expected end of input after the value, got '2'");
-  expect_parse_error("{} x", "line 1, column 4: expected end of input after the value, got 'x'");
-  expect_parse_error("[]]", "line 1, column 3: expected end of input after the value, got ']'");
-  expect_parse_error("null\n\n  ,", "line 3, column 3: expected end of input after the value, got ','");
-  expect_parse_error(std::string_view("0\0", 2), "line 1, column 2: expected end of input after the value, got byte 0x00");
+  expect_parse_error("1 2", "line 1, column 3: " + kValue + "unexpected number literal; expected end of input");
+  expect_parse_error("{} x", "line 1, column 4: " + kValue + "invalid literal; got 'x'; expected end of input");
+  expect_parse_error("[]]", "line 1, column 3: " + kValue + "unexpected ']'; expected end of input");
+  expect_parse_error("null\n\n  ,", "line 3, column 3: " + kValue + "unexpected ','; expected end of input");
+  // nlohmann stops at a NUL byte as at the end of a C string; the text goes on after it here.
+  expect_parse_error(std::string_view("0\0", 2),
+                     "line 1, column 2: " + kValue + "unexpected byte 0x00; expected end of input");
+  expect_parse_error(std::string_view("{}\0{}", 5),
+                     "line 1, column 3: " + kValue + "unexpected byte 0x00; expected end of input");
+  expect_parse_error(std::string_view("[1,\0 2]", 7),
+                     "line 1, column 4: " + kValue + "unexpected byte 0x00; " + kExpectedValue);
+  expect_parse_error(
+      std::string_view("\"a\0\"", 4),
+      "line 1, column 3: " + kString + "control character U+0000 (NUL) must be escaped to \\u0000; got byte 0x00");
   parse_ok(" \t\r\n{} \t\r\n");  // whitespace is fine
 }
 
 TEST(JsonErrors, Literals) {
-  expect_parse_error("tru", "line 1, column 4: invalid literal, expected 'true', got end of input");
-  expect_parse_error("trUe", "line 1, column 3: invalid literal, expected 'true', got 'U'");
-  expect_parse_error("[fals]", "line 1, column 6: invalid literal, expected 'false', got ']'");
-  expect_parse_error("nul", "line 1, column 4: invalid literal, expected 'null', got end of input");
-  expect_parse_error("[null, nan]", "line 1, column 9: invalid literal, expected 'null', got 'a'");
-  expect_parse_error("truex", "line 1, column 5: expected end of input after the value, got 'x'");
-  expect_parse_error("Infinity", "line 1, column 1: expected a value (object, array, string, number, true, false or null), got 'I'");
+  expect_parse_error("tru", "line 1, column 4: " + kValue + "invalid literal; got end of input");
+  expect_parse_error("trUe", "line 1, column 3: " + kValue + "invalid literal; got 'U'");
+  expect_parse_error("[fals]", "line 1, column 6: " + kValue + "invalid literal; got ']'");
+  expect_parse_error("nul", "line 1, column 4: " + kValue + "invalid literal; got end of input");
+  expect_parse_error("[null, nan]", "line 1, column 9: " + kValue + "invalid literal; got 'a'");
+  expect_parse_error("truex", "line 1, column 5: " + kValue + "invalid literal; got 'x'; expected end of input");
+  expect_parse_error("Infinity", "line 1, column 1: " + kValue + "invalid literal; got 'I'");
+  expect_parse_error("[\xc3\xa9]", "line 1, column 2: " + kValue + "invalid literal; got U+00E9");  // by number
 }
 
 TEST(JsonErrors, Numbers) {
-  expect_parse_error("01", "line 1, column 2: leading zeros are not allowed in numbers");
-  expect_parse_error("-01", "line 1, column 3: leading zeros are not allowed in numbers");
-  expect_parse_error("-", "line 1, column 2: expected a digit after '-', got end of input");
-  expect_parse_error("-x", "line 1, column 2: expected a digit after '-', got 'x'");
-  expect_parse_error("1.", "line 1, column 3: expected a digit after '.' in number, got end of input");
-  expect_parse_error("1.e5", "line 1, column 3: expected a digit after '.' in number, got 'e'");
-  expect_parse_error(".5", "line 1, column 1: expected a value (object, array, string, number, true, false or null), got '.'");
-  expect_parse_error("1e", "line 1, column 3: expected a digit in the exponent of number, got end of input");
-  expect_parse_error("1e+", "line 1, column 4: expected a digit in the exponent of number, got end of input");
-  expect_parse_error("[1E-x]", "line 1, column 5: expected a digit in the exponent of number, got 'x'");
-  expect_parse_error("+1", "line 1, column 1: expected a value (object, array, string, number, true, false or null), got '+'");
-  expect_parse_error("0x10", "line 1, column 2: expected end of input after the value, got 'x'");
+  // A leading zero is a whole number, and the digits after it another.
+  expect_parse_error("01", "line 1, column 2: " + kValue + "unexpected number literal; expected end of input");
+  expect_parse_error("-01", "line 1, column 3: " + kValue + "unexpected number literal; expected end of input");
+  expect_parse_error("[01]", "line 1, column 3: " + kArray + "unexpected number literal; expected ',' or ']'");
+  expect_parse_error("-", "line 1, column 2: " + kValue + "invalid number; expected digit after '-'; got end of input");
+  expect_parse_error("-x", "line 1, column 2: " + kValue + "invalid number; expected digit after '-'; got 'x'");
+  expect_parse_error("1.",
+                     "line 1, column 3: " + kValue + "invalid number; expected digit after '.'; got end of input");
+  expect_parse_error("1.e5", "line 1, column 3: " + kValue + "invalid number; expected digit after '.'; got 'e'");
+  expect_parse_error(".5", "line 1, column 1: " + kValue + "invalid literal; got '.'");
+  expect_parse_error("1e", "line 1, column 3: " + kValue +
+                               "invalid number; expected '+', '-', or digit after exponent; got end of input");
+  expect_parse_error(
+      "1e+", "line 1, column 4: " + kValue + "invalid number; expected digit after exponent sign; got end of input");
+  expect_parse_error("[1E-x]",
+                     "line 1, column 5: " + kValue + "invalid number; expected digit after exponent sign; got 'x'");
+  expect_parse_error("+1", "line 1, column 1: " + kValue + "invalid literal; got '+'");
+  expect_parse_error("0x10", "line 1, column 2: " + kValue + "invalid literal; got 'x'; expected end of input");
+  // Out of a double's range: the number is named, at most 40 characters of it.
+  expect_parse_error(std::string(400, '1'),
+                     "line 1, column 1: number " + std::string(37, '1') + "... is out of the range of a double");
 }
 
 TEST(JsonErrors, Strings) {
-  expect_parse_error("\"abc", "line 1, column 1: unterminated string (expected '\"' before end of input)");
-  expect_parse_error("[1,\n \"abc", "line 2, column 2: unterminated string (expected '\"' before end of input)");
-  expect_parse_error("\"a\nb\"", "line 1, column 3: control character a newline in string (must be escaped)");
-  expect_parse_error("\"a\tb\"", "line 1, column 3: control character a tab in string (must be escaped)");
-  expect_parse_error("\"\x01\"", "line 1, column 2: control character byte 0x01 in string (must be escaped)");
-  expect_parse_error(R"("\x")", "line 1, column 3: invalid escape, expected one of \"\\/bfnrtu after '\\', got 'x'");
-  expect_parse_error(R"("\')", "line 1, column 3: invalid escape, expected one of \"\\/bfnrtu after '\\', got '''");
-  expect_parse_error("\"\\", "line 1, column 3: expected an escape character after '\\', got end of input");
-  expect_parse_error(R"("\u12G4")", "line 1, column 6: expected 4 hex digits after \\u, got 'G'");
-  expect_parse_error(R"("\u12")", "line 1, column 6: expected 4 hex digits after \\u, got '\"'");
-  expect_parse_error("\"\\u1", "line 1, column 5: expected 4 hex digits after \\u, got end of input");
+  expect_parse_error("\"abc", "line 1, column 5: " + kString + "missing closing quote; got end of input");
+  expect_parse_error("[1,\n \"abc", "line 2, column 6: " + kString + "missing closing quote; got end of input");
+  expect_parse_error("\"a\nb\"", "line 1, column 3: " + kString +
+                                     "control character U+000A (LF) must be escaped to \\u000A or \\n; got a newline");
+  expect_parse_error("\"a\tb\"", "line 1, column 3: " + kString +
+                                     "control character U+0009 (HT) must be escaped to \\u0009 or \\t; got a tab");
+  expect_parse_error("\"\x01\"", "line 1, column 2: " + kString +
+                                     "control character U+0001 (SOH) must be escaped to \\u0001; got byte 0x01");
+  expect_parse_error(R"("\x")", "line 1, column 3: " + kString + "forbidden character after backslash; got 'x'");
+  expect_parse_error(R"("\')", "line 1, column 3: " + kString + "forbidden character after backslash; got '''");
+  expect_parse_error("\"\\", "line 1, column 3: " + kString + "forbidden character after backslash; got end of input");
+  expect_parse_error(R"("\u12G4")", "line 1, column 6: " + kString + "'\\u' must be followed by 4 hex digits; got 'G'");
+  expect_parse_error(R"("\u12")", "line 1, column 6: " + kString + "'\\u' must be followed by 4 hex digits; got '\"'");
+  expect_parse_error("\"\\u1",
+                     "line 1, column 5: " + kString + "'\\u' must be followed by 4 hex digits; got end of input");
+  // Short however long the string (nlohmann's own message quotes all of it).
+  expect_parse_error("\"" + std::string(100000, 'a'),
+                     "line 1, column 100002: " + kString + "missing closing quote; got end of input");
 }
 
 TEST(JsonErrors, Surrogates) {
-  expect_parse_error(R"("\udc00")", "line 1, column 2: unpaired low surrogate \\udc00 in string");
-  expect_parse_error(R"("x\ud800")",
-                     "line 1, column 9: expected a \\u low surrogate after high surrogate \\ud800, got '\"'");
-  expect_parse_error(R"("\ud800x")",
-                     "line 1, column 8: expected a \\u low surrogate after high surrogate \\ud800, got 'x'");
-  expect_parse_error(R"("\ud800\n")",
-                     "line 1, column 8: expected a \\u low surrogate after high surrogate \\ud800, got '\\'");
-  expect_parse_error(R"("\ud800\u0041")",
-                     "line 1, column 8: expected a low surrogate (\\udc00-\\udfff) after high surrogate \\ud800, got \\u0041");
-  expect_parse_error(R"("\ud800\ud800")",
-                     "line 1, column 8: expected a low surrogate (\\udc00-\\udfff) after high surrogate \\ud800, got \\ud800");
-  expect_parse_error(R"("\ud800\u00)", "line 1, column 12: expected 4 hex digits after \\u, got end of input");
+  // At the escape's last hex digit, where nlohmann sees the problem.
+  const std::string follow = kString + "surrogate U+DC00..U+DFFF must follow U+D800..U+DBFF";
+  const std::string followed = kString + "surrogate U+D800..U+DBFF must be followed by U+DC00..U+DFFF";
+  expect_parse_error(R"("\udc00")", "line 1, column 7: " + follow);
+  expect_parse_error(R"("x\ud800")", "line 1, column 9: " + followed);
+  expect_parse_error(R"("\ud800x")", "line 1, column 8: " + followed);
+  expect_parse_error(R"("\ud800\n")", "line 1, column 9: " + followed);
+  expect_parse_error(R"("\ud800\u0041")", "line 1, column 13: " + followed);
+  expect_parse_error(R"("\ud800\ud800")", "line 1, column 13: " + followed);
+  expect_parse_error(R"("\ud800\u00)",
+                     "line 1, column 12: " + kString + "'\\u' must be followed by 4 hex digits; got end of input");
 }
 
 TEST(JsonErrors, InvalidUtf8) {
-  expect_parse_error("\"\xff\"", "line 1, column 2: invalid UTF-8 (byte 0xff) in string");
-  expect_parse_error("\"\x80\"", "line 1, column 2: invalid UTF-8 (byte 0x80) in string");
-  expect_parse_error("\"\xc0\x80\"", "line 1, column 2: invalid UTF-8 (byte 0xc0) in string");          // overlong NUL
-  expect_parse_error("\"\xe0\x80\x80\"", "line 1, column 2: invalid UTF-8 (byte 0xe0) in string");      // overlong
-  expect_parse_error("\"\xed\xa0\x80\"", "line 1, column 2: invalid UTF-8 (byte 0xed) in string");      // surrogate
-  expect_parse_error("\"\xf4\x90\x80\x80\"", "line 1, column 2: invalid UTF-8 (byte 0xf4) in string");  // > U+10FFFF
-  expect_parse_error("\"\xc3\"", "line 1, column 2: invalid UTF-8 (byte 0xc3) in string");              // truncated
+  // At the first byte of the broken sequence, naming its bytes up to the one that broke it.
+  const std::string bad = kString + "ill-formed UTF-8 byte; got ";
+  expect_parse_error("\"\xff\"", "line 1, column 2: " + bad + "byte 0xff");
+  expect_parse_error("\"\x80\"", "line 1, column 2: " + bad + "byte 0x80");
+  expect_parse_error("\"\xc0\x80\"", "line 1, column 2: " + bad + "byte 0xc0");                // overlong NUL
+  expect_parse_error("\"\xe0\x80\x80\"", "line 1, column 2: " + bad + "bytes 0xe0 0x80");      // overlong
+  expect_parse_error("\"\xed\xa0\x80\"", "line 1, column 2: " + bad + "bytes 0xed 0xa0");      // surrogate
+  expect_parse_error("\"\xf4\x90\x80\x80\"", "line 1, column 2: " + bad + "bytes 0xf4 0x90");  // > U+10FFFF
+  expect_parse_error("\"\xc3\"", "line 1, column 2: " + bad + "bytes 0xc3 0x22");              // truncated
+  expect_parse_error("\"\xc3", "line 1, column 2: " + bad + "byte 0xc3, then end of input");
+  expect_parse_error("\"caf\xe9\"", "line 1, column 5: " + bad + "bytes 0xe9 0x22");  // Latin-1 "é"
+  expect_parse_error("\"\xc3\xa9\x80\"", "line 1, column 3: " + bad + "byte 0x80");   // after a whole "é"
 }
 
 TEST(JsonErrors, ColumnsCountCodePoints) {
   // "é" is two bytes but one column; "😀" is four bytes, one column.
-  expect_parse_error("[\"\xc3\xa9\" x]", "line 1, column 6: expected ',' or ']' in array, got 'x'");
-  expect_parse_error("{\"\xf0\x9f\x98\x80\": 1,\n\"\xc3\xa9\" 2}", "line 2, column 5: expected ':' after key in object, got '2'");
+  expect_parse_error("[\"\xc3\xa9\" x]",
+                     "line 1, column 6: " + kArray + "invalid literal; got 'x'; expected ',' or ']'");
+  expect_parse_error("{\"\xf0\x9f\x98\x80\": 1,\n\"\xc3\xa9\" 2}",
+                     "line 2, column 5: " + kSeparator + "unexpected number literal; expected ':'");
 }
 
 TEST(JsonErrors, DepthLimit) {
@@ -325,6 +501,15 @@ TEST(JsonErrors, DepthLimit) {
   std::string deep_objects;
   for (int i = 0; i < 100000; ++i) deep_objects += "{\"a\":";
   expect_parse_error(deep_objects, "line 1, column 2561: nesting deeper than 512 levels");
+  // Arrays and objects count together; closed siblings do not.
+  std::string mixed;
+  for (int i = 0; i < limit / 2; ++i) mixed += "[{\"k\":";
+  expect_parse_error(mixed + "[]",
+                     "line 1, column " + std::to_string(limit / 2 * 6 + 1) + ": nesting deeper than 512 levels");
+  const std::string siblings = "[" + std::string(limit - 1, '[') + std::string(limit - 1, ']') + "," +
+                               std::string(limit - 1, '[') + std::string(limit - 1, ']') + "]";
+  EXPECT_EQ(parse_ok(siblings).dump(), siblings);
+  expect_parse_error("\n\n  " + std::string(limit + 1, '['), "line 3, column 515: nesting deeper than 512 levels");
 }
 
 // ---------------------------------------------------------------------------------------------

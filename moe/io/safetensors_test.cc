@@ -374,9 +374,14 @@ TEST(SafetensorsErrors, HeaderLengthBeyondFile) {
 TEST(SafetensorsErrors, BadJsonHeader) {
   const std::string dir = test_dir();
   expect_header_error(dir, R"({"a": {"dtype": "F32",}})", "",
-                      {"header is not valid JSON: line 1, column 23: expected a string key in object, got '}'"});
-  expect_header_error(dir, "", "", {"header is not valid JSON: line 1, column 1: expected a value, got end of input"});
-  expect_header_error(dir, "{} x", "", {"header is not valid JSON: line 1, column 4: expected end of input"});
+                      {"header is not valid JSON: line 1, column 23: syntax error while parsing object key - "
+                       "unexpected '}'; expected string literal"});
+  expect_header_error(dir, "", "",
+                      {"header is not valid JSON: line 1, column 1: syntax error while parsing value - "
+                       "unexpected end of input; expected '[', '{', or a literal"});
+  expect_header_error(dir, "{} x", "",
+                      {"header is not valid JSON: line 1, column 4: syntax error while parsing value - "
+                       "invalid literal; got 'x'; expected end of input"});
   expect_header_error(dir, std::string_view("{}\0\0", 4), "", {"header is not valid JSON", "byte 0x00"});
   expect_header_error(dir, R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{}})", "x",
                       {"header is not valid JSON", "duplicate key \"a\""});
@@ -732,7 +737,8 @@ TEST_F(CheckpointTest, IndexErrors) {
   s = open_index(R"({"weight_map": {}, "metadata": "x"})");
   EXPECT_EQ(s.message(), index + ": metadata: expected an object, got string");
   s = open_index(R"({"weight_map": {},})");
-  EXPECT_EQ(s.message(), index + ": not valid JSON: line 1, column 19: expected a string key in object, got '}'");
+  EXPECT_EQ(s.message(), index + ": not valid JSON: line 1, column 19: syntax error while parsing object key - "
+                                 "unexpected '}'; expected string literal");
   s = Checkpoint::open({dir_ + "/absent.index.json"}, &c);
   EXPECT_TRUE(contains(s.message(), dir_ + "/absent.index.json: cannot open")) << s.message();
 

@@ -107,7 +107,7 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     else if (flag == "--inputs") o->inputs = v;
     else if (flag == "--output") o->output = v;
     else if (flag == "--backend") {
-      Backend b;
+      Backend b = Backend::kCpu;
       MOE_RETURN_IF_ERROR(parse_choice(flag, v, {{"cpu", Backend::kCpu}, {"cuda", Backend::kCuda}}, &b));
       o->backend = b;
     } else if (flag == "--dtype") {

@@ -89,8 +89,15 @@ std::string policy_names(PolicyList<P...>) {
 // kName is `name`. No match: an error that names `what` and lists the built names.
 template <class... P, class F>
 Status visit_policy(PolicyList<P...> list, std::string_view what, std::string_view name, F&& f) {
-  Status result = unsupported(what, ": \"", name, "\" is not a built-in policy (built: ", policy_names(list), ")");
-  (void)((P::kName == name ? (result = f.template operator()<P>(), true) : false) || ...);
+  bool found = false;
+  Status result = Status::ok();
+  const auto try_policy = [&]<class Policy>() {
+    if (found || Policy::kName != name) return;
+    found = true;
+    static_cast<void>(result = f.template operator()<Policy>());
+  };
+  (try_policy.template operator()<P>(), ...);
+  if (!found) return unsupported(what, ": \"", name, "\" is not a built-in policy (built: ", policy_names(list), ")");
   return result;
 }
 

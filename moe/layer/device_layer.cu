@@ -14,6 +14,13 @@ namespace moe::layer {
 
 // ---- DeviceLayer ---------------------------------------------------------------------------------
 
+template <class... R>
+constexpr bool every_routing_has_a_warp_route(PolicyList<R...>) {
+  return (cuda::detail::HasWarpRoute<R> && ...);
+}
+static_assert(every_routing_has_a_warp_route(BuiltRoutings{}),
+              "every BuiltRoutings policy needs its warp fast path (WarpRouteOf in moe/cuda/router.cuh)");
+
 bool cuda_device_available() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
@@ -226,11 +233,7 @@ Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, 
     return unsupported("DeviceLayer: routing over ", E_router, " experts; the device routing takes at most ",
                        cuda::detail::kWarpRouteMaxExperts);
   }
-  MOE_RETURN_IF_ERROR(visit_policy(BuiltRoutings{}, "routing", c.routing, []<class R>() {
-    static_assert(cuda::detail::HasWarpRoute<R>,
-                  "every BuiltRoutings policy needs its warp fast path (WarpRouteOf in moe/cuda/router.cuh)");
-    return Status::ok();
-  }));
+  MOE_RETURN_IF_ERROR(visit_policy(BuiltRoutings{}, "routing", c.routing, [&]<class R>() { return Status::ok(); }));
   if (routes_by_group(c.routing) && c.routing_params.num_expert_group > 32) {
     return unsupported("DeviceLayer: ", c.routing_params.num_expert_group, " expert groups; the device routing takes at most 32");
   }

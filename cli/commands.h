@@ -12,4 +12,11 @@ namespace moe::cli {
 // 0 on success, 1 on a failed command, 2 on bad usage.
 int run_tool(const std::vector<std::string>& args, std::ostream& out, std::ostream& err);
 
+// The tool's signal handling (main() installs it; testing/layer/signal_test.cc checks it):
+//  * SIGINT, SIGTERM, SIGHUP: remove the output's temporary file if one is being written, then
+//    die of the signal as the default action would (so the caller sees how the tool ended);
+//  * SIGBUS (a mapped checkpoint or input file shrank while being read: another process
+//    truncated it): remove the temporary file, print the tool's one-line error, exit 1.
+void install_signal_handlers();
+
 }  // namespace moe::cli

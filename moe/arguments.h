@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "moe/detail/validate.h"
+#include "moe/intermediate_epilogue.h"
 #include "moe/output_epilogue.h"
 #include "moe/spec.h"
 #include "moe/status.h"
@@ -142,6 +143,7 @@ Status validate_shapes(const Arguments<Spec, Space>& a) {
                               a.prepare_finalize.max_tokens_per_expert);
     }
   }
+  MOE_RETURN_IF_ERROR(detail::validate_intermediate_epilogue<typename Spec::Activation>(a.activation, p.intermediate));
   MOE_RETURN_IF_ERROR(
       detail::validate_output_epilogue<typename Spec::OutputEpilogue>(a.epilogue, p.num_tokens, p.hidden));
   return Status::ok();

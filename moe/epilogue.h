@@ -172,17 +172,19 @@ struct RoundTo {
 
 // ---- element-wise evaluation context ------------------------------------------------------
 // What a GEMM epilogue knows about one output element: the accumulator (whole, or the gate and
-// up values that pair into it), the matching biases, the row's router weight, and the
+// up values that pair into it), the matching biases, the row's router weight, its column, and the
 // activation's arguments. Used by the CUDA epilogues and by tests of the scalar path.
 template <class Activation>
 struct ElementContext {
   float acc[3] = {0, 0, 0};   // indexed by Part: all, gate, up
   float bias_[3] = {0, 0, 0};
   float weight = 1.0f;
+  Index col = 0;  // output column (the intermediate column in GEMM1): for column-indexed leaves
   typename Activation::Arguments args{};
 
   template <Part P>
   MOE_HOST_DEVICE float accumulator() const { return acc[static_cast<int>(P)]; }
+  MOE_HOST_DEVICE Index column() const { return col; }
   template <Part P>
   MOE_HOST_DEVICE float bias() const { return bias_[static_cast<int>(P)]; }
   MOE_HOST_DEVICE float router_weight() const { return weight; }

@@ -34,6 +34,7 @@
 
 #include "moe/detail/validate.h"
 #include "moe/experts.h"
+#include "moe/intermediate_epilogue.h"
 #include "moe/status.h"
 #include "moe/tensor.h"
 
@@ -102,6 +103,7 @@ Status validate_expert_rows(const ExpertWeights<Experts, IO, Space>& w, const Ex
   }
   MOE_RETURN_IF_ERROR(detail::expect_shape(r.seg_begin, "rows.seg_begin", std::array<Dim, 1>{{{"E_local", E}}}));
   MOE_RETURN_IF_ERROR(detail::expect_shape(r.seg_count, "rows.seg_count", std::array<Dim, 1>{{{"E_local", E}}}));
+  MOE_RETURN_IF_ERROR(detail::validate_intermediate_epilogue<typename Experts::Activation>(w.activation, I));
   if (r.max_rows_per_expert < 0 || r.max_rows_per_expert > R) {
     return invalid_argument("rows.max_rows_per_expert: expected 0 (unknown) or a bound in [1, R=", R, "], got ",
                             r.max_rows_per_expert);

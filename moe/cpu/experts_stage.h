@@ -24,6 +24,7 @@ namespace moe::cpu {
 // Eigen evaluation context of an epilogue over a [rows, cols] block.
 template <class Activation>
 struct BlockContext {
+  using EigenBlock = ::Eigen::Array<float, ::Eigen::Dynamic, ::Eigen::Dynamic, ::Eigen::RowMajor>;
   const float* acc;       // accumulator block, row stride `ld`
   Index rows, cols, ld;   // cols = output width (I after a gated activation)
   bool interleaved;       // gate/up interleaved (gate at even columns)

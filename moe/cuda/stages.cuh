@@ -329,6 +329,7 @@ __global__ void __launch_bounds__(128) activation_kernel(const T* gemm1_out, Ind
       for (int j = 0; j < 8; ++j) {
         epilogue::ElementContext<Activation> ctx;
         ctx.args = args;
+        ctx.col = c0 + j;
         ctx.acc[0] = to_float(x.v[j]);
         out.v[j] = from_float<T>(Expr::eval(ctx));
       }
@@ -350,6 +351,7 @@ __global__ void __launch_bounds__(128) activation_kernel(const T* gemm1_out, Ind
       for (int j = 0; j < 8; ++j) {
         epilogue::ElementContext<Activation> ctx;
         ctx.args = args;
+        ctx.col = c0 + j;
         ctx.acc[1] = to_float(g.v[j]);
         ctx.acc[2] = to_float(u.v[j]);
         out.v[j] = from_float<T>(Expr::eval(ctx));

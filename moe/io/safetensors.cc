@@ -360,6 +360,9 @@ Status create_temporary(const std::string& path, int* fd, std::string* tmp) {
 
 }  // namespace
 
+void (*g_temporary_created_hook)() = nullptr;
+void set_temporary_created_hook(void (*hook)()) { g_temporary_created_hook = hook; }
+
 bool remove_pending_temporary_file() {
   if (!g_pending.exchange(false)) return false;
   ::unlink(g_pending_temporary);
@@ -434,6 +437,7 @@ Status write_safetensors(const std::string& path, const std::vector<NamedTensor>
   std::string tmp;
   MOE_RETURN_IF_ERROR(create_temporary(path, &fd, &tmp));
   register_pending(tmp);
+  if (g_temporary_created_hook != nullptr) g_temporary_created_hook();
   auto fail = [&](Status s) {
     if (fd >= 0) ::close(fd);
     ::unlink(tmp.c_str());

@@ -110,6 +110,10 @@ struct NamedTensor {
 // one unlink of a name held in static storage. Returns whether a file was registered.
 bool remove_pending_temporary_file();
 
+// Test seam: when set, called by write_safetensors right after its temporary file exists and is
+// registered, before any data is written (a test raises a signal there to check the cleanup).
+void set_temporary_created_hook(void (*hook)());
+
 Status write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                          const std::map<std::string, std::string>& metadata = {});
 

@@ -44,12 +44,20 @@ struct DeviceInputs {
   DeviceBuffer<W> w13, w2;
   std::vector<DeviceBuffer<float>> channel_vectors;  // the output epilogue's leaves
   std::vector<DeviceBuffer<IO>> token_tensors;
+  std::vector<DeviceBuffer<float>> activation_channels;  // an intermediate epilogue's channel vectors
 
   explicit DeviceInputs(Harness<Spec>& harness)
       : h(harness), hidden(h.hidden), b13(h.b13), b2(h.b2), output(h.output.size()), logits(h.logits),
         bias(h.correction_bias), weights(h.weights), ids(h.ids), map(h.map), w13(h.w13), w2(h.w2) {
     for (const auto& v : h.channel_vectors) channel_vectors.emplace_back(v);
     for (const auto& t : h.token_tensors) token_tensors.emplace_back(t);
+    if constexpr (moe::kIsActivationThen<typename Spec::Activation>) {
+      const auto& e = h.activation_args.epilogue;
+      for (int i = 0; i < moe::kMaxEpilogueLeaves && e.channel_vectors[i] != nullptr; ++i) {
+        activation_channels.emplace_back(
+            std::vector<float>(e.channel_vectors[i], e.channel_vectors[i] + e.channel_vector_lengths[i]));
+      }
+    }
   }
 
   Args args() const {
@@ -69,6 +77,11 @@ struct DeviceInputs {
     if (host.expert_map) a.expert_map = moe::DeviceView<const std::int32_t, 1>(map.data(), {c.E});
     a.routing = host.routing;
     a.activation = host.activation;
+    if constexpr (moe::kIsActivationThen<typename Spec::Activation>) {
+      for (std::size_t i = 0; i < activation_channels.size(); ++i) {
+        a.activation.epilogue.channel_vectors[i] = activation_channels[i].data();
+      }
+    }
     a.prepare_finalize = host.prepare_finalize;
     a.epilogue.scalars = host.epilogue.scalars;
     for (std::size_t i = 0; i < channel_vectors.size(); ++i) {
@@ -390,6 +403,38 @@ TEST_F(Differential, UserOutputEpilogue) {
   }
   check_case<Bf16, moe::cuda::Sm90WithSchedule<moe::cuda::gemm::Sm80CpAsync>>(sized(64), bounds);
   check_case<SpecWithOutputEpilogue<moe::quant::F32>>(sized(100), bounds);
+}
+
+// A user intermediate epilogue (moe/intermediate_epilogue.h): inter = clamp(act * channel[i], -s0,
+// s0) fused into GEMM1's epilogue on every schedule: the fused swap mainloop (small M), its split-K
+// reduction (M = 1: few tiles), the CUTLASS schedule's activation pass (large M), the Sm80 mainloops.
+template <class A, class Q>
+using SpecWithIntermediateEpilogue = moe::Spec<
+    moe::routing::Precomputed, moe::StandardPrepareFinalize<>,
+    moe::Experts<moe::ActivationThen<A, moe::epilogue::Min<moe::epilogue::Max<moe::epilogue::Times<moe::epilogue::Activated,
+                                                                                                      moe::epilogue::ChannelVector<0>>,
+                                                                                moe::epilogue::Scalar<1>>,
+                                                            moe::epilogue::Scalar<0>>>,
+                 Q>>;
+
+TEST_F(Differential, UserIntermediateEpilogue) {
+  static std::vector<float> channel;
+  auto bind = [](auto& h) {
+    channel.resize(static_cast<std::size_t>(h.c.I));
+    for (std::size_t i = 0; i < channel.size(); ++i) channel[i] = 0.25f + 0.125f * static_cast<float>(i % 13);
+    auto& e = h.activation_args.epilogue;
+    e.scalars[0] = 0.05f;  // tight: a good share of the values is clamped on each side
+    e.scalars[1] = -0.05f;
+    e.channel_vectors[0] = channel.data();
+    e.channel_vector_lengths[0] = h.c.I;
+  };
+  using Bf16 = SpecWithIntermediateEpilogue<moe::SiluAndMul, moe::quant::BF16>;
+  for (Index M : kBatchSizes) check_case<Bf16>(sized(M), bind);
+  check_case<Bf16, moe::cuda::Sm90WithSchedule<moe::cuda::gemm::Sm80CpAsync>>(sized(64), bind);
+  Case biased = sized(64, 32, 4, 96, 64);
+  biased.bias = true;
+  check_case<SpecWithIntermediateEpilogue<moe::SwigluOai, moe::quant::BF16>>(biased, bind);
+  check_case<SpecWithIntermediateEpilogue<moe::SiluAndMul, moe::quant::F32>>(sized(100), bind);
 }
 
 TEST_F(Differential, ChunkedForward) {

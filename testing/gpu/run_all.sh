@@ -18,7 +18,7 @@ sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 # Small sizes under the sanitizers: a filter per test binary.
 filter_for() {
   case "$1" in
-    differential_test) echo '*Differential.Sm90*:*Differential.Bf16*:*Differential.Swiglu*:*Differential.Batched*:*Differential.ExpertParallel*:*Differential.CheckedMode*:*Differential.UserRouting*:*Differential.UserOutputEpilogue*' ;;
+    differential_test) echo '*Differential.Sm90*:*Differential.Bf16*:*Differential.Swiglu*:*Differential.Batched*:*Differential.ExpertParallel*:*Differential.CheckedMode*:*Differential.UserRouting*:*Differential.UserOutputEpilogue*:*Differential.UserIntermediateEpilogue*' ;;
     layer_backends_test) echo '*Mixtral*:*GptOss*' ;;
     device_layer_test) echo '*DeepseekV3*:*Qwen2Moe*:*DeviceLayerArguments*' ;;
     *) echo '*' ;;

@@ -76,6 +76,7 @@ struct Harness {
   std::vector<W> w13, w2;
   std::vector<IO> output;
   typename Spec::Routing::Arguments routing_args{};
+  typename Spec::Activation::Arguments activation_args{};
   typename Spec::PrepareFinalize::Arguments pf_args{};
   // The leaves a user output epilogue reads (moe/output_epilogue.h), random, one per index used.
   using EpilogueUse = moe::epilogue::LeafUse<typename Spec::OutputEpilogue>;
@@ -130,6 +131,7 @@ struct Harness {
     }
     if (!map.empty()) a.expert_map = moe::HostView<const std::int32_t, 1>(map.data(), {c.E});
     a.routing = routing_args;
+    a.activation = activation_args;
     a.prepare_finalize = pf_args;
     a.epilogue.scalars = epilogue_scalars;
     for (std::size_t i = 0; i < channel_vectors.size(); ++i) {

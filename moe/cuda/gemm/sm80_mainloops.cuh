@@ -147,6 +147,7 @@ __device__ __forceinline__ void store_tile(const GroupedGemmParams<T, Activation
     if (row >= row_end || col >= p.n_out) continue;
     epilogue::ElementContext<Activation> ctx;
     ctx.args = p.activation;
+    ctx.col = col;
     if constexpr (Mode == ColumnMode::kPlain) {
       ctx.acc[0] = cs[r * ldc + c];
       if (bias) ctx.bias_[0] = load_float(bias + col);

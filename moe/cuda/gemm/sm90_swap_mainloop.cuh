@@ -381,16 +381,19 @@ __global__ void __launch_bounds__(kThreads, 1)
               if (n < p.n_out) {
                 ctx.acc[1] = v0;
                 ctx.acc[2] = v1;
+                ctx.col = n;
                 dst[n] = from_float<T>(Expr::eval(ctx));
               }
             } else {
               const int n = c.n0 + r, n1 = c.n0 + 64 + r;
               if (n < p.n_out) {
                 ctx.acc[0] = v0;
+                ctx.col = n;
                 dst[n] = from_float<T>(Expr::eval(ctx));
               }
               if (n1 < p.n_out) {
                 ctx.acc[0] = v1;
+                ctx.col = n1;
                 dst[n1] = from_float<T>(Expr::eval(ctx));
               }
             }
@@ -424,6 +427,7 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial
     }
     epilogue::ElementContext<Activation> ctx;
     ctx.args = act_args;
+    ctx.col = n;
     if constexpr (kGated) {
       ctx.acc[1] = a;
       ctx.acc[2] = b;

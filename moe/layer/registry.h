@@ -61,7 +61,6 @@ class KernelTable {
   explicit KernelTable(Make make) {
     add_all(BuiltExperts{}, make);
   }
-  const std::vector<std::pair<KernelKey, Fn>>& entries() const { return entries_; }
   // The entry for `key`, or an error naming the backend and listing what is built.
   Status find(const KernelKey& key, std::string_view backend, Fn* out) const {
     for (const auto& [k, fn] : entries_) {

@@ -29,12 +29,15 @@
 // special case seg_begin[e] = e * capacity.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #include "moe/detail/validate.h"
 #include "moe/experts.h"
 #include "moe/intermediate_epilogue.h"
+#include "moe/prepare_finalize.h"
 #include "moe/status.h"
 #include "moe/tensor.h"
 
@@ -48,6 +51,38 @@ struct RoutedSlots {
   const float* weights = nullptr;
   Index ld_weights = 0;
 };
+
+// The workspace regions of a routing stage (offsets from an aligned base): the policy's scratch
+// and the ids and weights of a chunk's `slots` slots. Both backends' RoutingStage::plan.
+struct RoutingPlan {
+  std::size_t scratch = 0, iscratch = 0, ids = 0, weights = 0, total = 0;
+};
+template <class Carver>
+RoutingPlan plan_routing_regions(std::size_t scratch_floats, std::size_t scratch_ints, Index slots) {
+  const std::size_t n = static_cast<std::size_t>(slots > 0 ? slots : 0);
+  RoutingPlan l;
+  Carver c;
+  l.scratch = c.take(scratch_floats * sizeof(float));
+  l.iscratch = c.take(scratch_ints * sizeof(std::int32_t));
+  l.ids = c.take(n * sizeof(std::int32_t));
+  l.weights = c.take(n * sizeof(float));
+  l.total = c.total();
+  return l;
+}
+
+// The prepare/finalize policies both backends' PrepareFinalizeStage implement, and the rows a
+// chunk of `chunk` tokens takes in their format: one per slot, or E_local * capacity (batched).
+template <class PF>
+concept BuiltinPrepareFinalize = std::is_same_v<PF, StandardPrepareFinalize<PF::kApplyWeightOnInput>> ||
+                                 std::is_same_v<PF, BatchedPrepareFinalize<PF::kApplyWeightOnInput>>;
+template <BuiltinPrepareFinalize PF>
+Index prepared_rows(Index chunk, int top_k, Index num_local_experts, const typename PF::Arguments& args) {
+  if constexpr (PF::kFormat == ActivationFormat::kBatchedExperts) {
+    return chunk == 0 ? 0 : num_local_experts * args.max_tokens_per_expert;
+  } else {
+    return chunk * top_k;
+  }
+}
 
 // The weights of this rank's local experts, PyTorch Linear layout (K contiguous).
 template <class Experts, class IO, class Space>

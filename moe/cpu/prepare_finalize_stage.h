@@ -29,9 +29,7 @@ class PrepareFinalizeStage {
   using IO = typename Spec::ElementIO;
   using Arguments = moe::Arguments<Spec, HostSpace>;
   static constexpr bool kBatched = PF::kFormat == ActivationFormat::kBatchedExperts;
-  static_assert(std::is_same_v<PF, StandardPrepareFinalize<PF::kApplyWeightOnInput>> ||
-                    std::is_same_v<PF, BatchedPrepareFinalize<PF::kApplyWeightOnInput>>,
-                "moe::cpu::PrepareFinalizeStage implements the built-in prepare/finalize policies");
+  static_assert(BuiltinPrepareFinalize<PF>, "moe::cpu::PrepareFinalizeStage implements the built-in prepare/finalize policies");
 
   // Workspace regions (offsets from an aligned base) for chunks of at most `chunk` tokens.
   struct Plan {
@@ -54,11 +52,7 @@ class PrepareFinalizeStage {
     Plan l;
     l.chunk = chunk;
     l.slots = chunk * p.top_k;
-    if constexpr (kBatched) {
-      l.rows = chunk == 0 ? 0 : p.num_local_experts * pf.max_tokens_per_expert;
-    } else {
-      l.rows = l.slots;
-    }
+    l.rows = prepared_rows<PF>(chunk, p.top_k, p.num_local_experts, pf);
     Carver carver;
     const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
     l.slot_row = carver.take(n(l.slots) * sizeof(Index));

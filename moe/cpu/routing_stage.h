@@ -32,24 +32,13 @@ struct RoutingStage {
     }
   }
 
-  // Workspace regions (offsets from an aligned base) for chunks of at most `chunk` tokens: the
-  // policy's scratch and the ids and weights it writes. Empty for precomputed routing.
-  struct Plan {
-    std::size_t scratch = 0, iscratch = 0, ids = 0, weights = 0, total = 0;
-  };
+  // Workspace regions for chunks of at most `chunk` tokens (moe/stages.h); empty for precomputed
+  // routing. One token's scratch: tokens are routed one after another.
+  using Plan = RoutingPlan;
   template <class Carver>
   static Plan plan(Index chunk, int top_k, Index num_experts) {
-    Plan l;
-    if constexpr (Routing::kUsesLogits) {
-      const auto n = [](Index v) { return static_cast<std::size_t>(v > 0 ? v : 0); };
-      Carver c;
-      l.scratch = c.take(scratch_floats(num_experts) * sizeof(float));
-      l.iscratch = c.take(scratch_ints(num_experts) * sizeof(std::int32_t));
-      l.ids = c.take(n(chunk) * n(top_k) * sizeof(std::int32_t));
-      l.weights = c.take(n(chunk) * n(top_k) * sizeof(float));
-      l.total = c.total();
-    }
-    return l;
+    if constexpr (!Routing::kUsesLogits) return {};
+    else return plan_routing_regions<Carver>(scratch_floats(num_experts), scratch_ints(num_experts), chunk * top_k);
   }
 
   // The slots of tokens [m0, m1) of a forward's Arguments; `base` is the plan's aligned region.

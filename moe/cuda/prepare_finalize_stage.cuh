@@ -34,9 +34,7 @@ class PrepareFinalizeStage {
   using Activation = typename Spec::Activation;
   using Arguments = moe::Arguments<Spec, DeviceSpace>;
   static constexpr bool kBatched = PF::kFormat == ActivationFormat::kBatchedExperts;
-  static_assert(std::is_same_v<PF, StandardPrepareFinalize<PF::kApplyWeightOnInput>> ||
-                    std::is_same_v<PF, BatchedPrepareFinalize<PF::kApplyWeightOnInput>>,
-                "moe::cuda::PrepareFinalizeStage implements the built-in prepare/finalize policies");
+  static_assert(BuiltinPrepareFinalize<PF>, "moe::cuda::PrepareFinalizeStage implements the built-in prepare/finalize policies");
 
   // Workspace regions (offsets from an aligned base) for chunks of at most `chunk` tokens.
   struct Plan {
@@ -63,11 +61,7 @@ class PrepareFinalizeStage {
     Plan l;
     l.chunk = chunk;
     l.slots = chunk * p.top_k;
-    if constexpr (kBatched) {
-      l.rows = chunk == 0 ? 0 : p.num_local_experts * pf.max_tokens_per_expert;
-    } else {
-      l.rows = l.slots;
-    }
+    l.rows = prepared_rows<PF>(chunk, p.top_k, p.num_local_experts, pf);
     if (l.slots > 0) {  // size query only: no device work
       cub::DeviceRadixSort::SortPairs(nullptr, l.cub_bytes, static_cast<const std::int32_t*>(nullptr),
                                       static_cast<std::int32_t*>(nullptr), static_cast<const std::int32_t*>(nullptr),

@@ -19,24 +19,14 @@ class RoutingStage {
  public:
   static_assert(routing::RoutingPolicy<Routing>, "moe::cuda::RoutingStage: Routing must satisfy moe::routing::RoutingPolicy");
 
-  // Workspace regions (offsets from an aligned base) for chunks of at most `chunk` tokens: the
-  // policy's per-token scratch and the ids and weights it writes. Empty for precomputed routing.
-  struct Plan {
-    std::size_t scratch = 0, iscratch = 0, ids = 0, weights = 0, total = 0;
-  };
+  // Workspace regions for chunks of at most `chunk` tokens (moe/stages.h); empty for precomputed
+  // routing. Scratch for every token of the chunk: one thread routes each.
+  using Plan = RoutingPlan;
   template <class Carver>
   static Plan plan(Index chunk, int top_k, Index num_experts) {
-    Plan l;
-    if constexpr (Routing::kUsesLogits) {
-      const auto n = [](Index v) { return static_cast<std::size_t>(v > 0 ? v : 0); };
-      Carver c;
-      l.scratch = c.take(n(chunk) * routing::kScratchPerExpert * n(num_experts) * sizeof(float));
-      l.iscratch = c.take(n(chunk) * n(num_experts) * sizeof(std::int32_t));
-      l.ids = c.take(n(chunk) * n(top_k) * sizeof(std::int32_t));
-      l.weights = c.take(n(chunk) * n(top_k) * sizeof(float));
-      l.total = c.total();
-    }
-    return l;
+    if constexpr (!Routing::kUsesLogits) return {};
+    const std::size_t tokens = static_cast<std::size_t>(chunk > 0 ? chunk : 0), experts = static_cast<std::size_t>(num_experts);
+    return plan_routing_regions<Carver>(tokens * routing::kScratchPerExpert * experts, tokens * experts, chunk * top_k);
   }
 
   // The slots of tokens [m0, m0 + C) of a forward's Arguments (router_logits, correction_bias,

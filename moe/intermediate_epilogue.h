@@ -82,16 +82,20 @@ struct Activated {
 template <class Ctx, class Wrapper>
 struct InnerContext {
   const Ctx& c;
+  MOE_FORWARDING_HOST_DEVICE
   template <Part P>
   MOE_HOST_DEVICE float accumulator() const { return c.template accumulator<P>(); }
+  MOE_FORWARDING_HOST_DEVICE
   template <Part P>
   MOE_HOST_DEVICE float bias() const { return c.template bias<P>(); }
+  MOE_FORWARDING_HOST_DEVICE
   MOE_HOST_DEVICE float router_weight() const { return c.router_weight(); }
   template <Part P>
   auto accumulator_block() const { return c.template accumulator_block<P>(); }
   template <Part P>
   auto bias_block() const { return c.template bias_block<P>(); }
   auto router_weight_block() const { return c.router_weight_block(); }
+  MOE_FORWARDING_HOST_DEVICE
   template <class A>
   MOE_HOST_DEVICE const typename A::Arguments& activation_arguments() const {
     return c.template activation_arguments<Wrapper>().activation;
@@ -115,6 +119,7 @@ struct IntermediateContext {
 template <class Wrapper, class Core>
 struct Then {
   using Expr = typename Wrapper::Epilogue;
+  MOE_FORWARDING_HOST_DEVICE
   template <class Ctx>
   MOE_HOST_DEVICE static float eval(const Ctx& c) {
     const float v = Core::eval(InnerContext<Ctx, Wrapper>{c});

@@ -24,9 +24,13 @@ class RoutingStage {
   using Plan = RoutingPlan;
   template <class Carver>
   static Plan plan(Index chunk, int top_k, Index num_experts) {
-    if constexpr (!Routing::kUsesLogits) return {};
-    const std::size_t tokens = static_cast<std::size_t>(chunk > 0 ? chunk : 0), experts = static_cast<std::size_t>(num_experts);
-    return plan_routing_regions<Carver>(tokens * routing::kScratchPerExpert * experts, tokens * experts, chunk * top_k);
+    if constexpr (!Routing::kUsesLogits) {
+      return {};
+    } else {
+      const std::size_t tokens = static_cast<std::size_t>(chunk > 0 ? chunk : 0);
+      const std::size_t experts = static_cast<std::size_t>(num_experts);
+      return plan_routing_regions<Carver>(tokens * routing::kScratchPerExpert * experts, tokens * experts, chunk * top_k);
+    }
   }
 
   // The slots of tokens [m0, m0 + C) of a forward's Arguments (router_logits, correction_bias,

@@ -19,7 +19,10 @@
 // Flags (before Google Benchmark's): --tune_tiles also registers every Hopper tile for every row
 // (bf16_tile/<tile>/<shape>/<M>), the run that regenerates the table in moe/cuda/gemm/schedule.h;
 // --ab_launch runs only bf16_ab_launch/<shape>/<M>: the programmatic launch modes of
-// cuda::Options, interleaved on the same allocations (counters us_every, us_fused_swap_only, us_off).
+// cuda::Options, interleaved on the same allocations (counters us_every, us_fused_swap_only, us_off);
+// --ab_splits runs only bf16_ab_splits/<shape>/<M> for M <= 256: the fused swap GEMMs' split-K
+// chosen on the device against none (counters us_device_choice, us_nosplit).
+// --fresh_weights allocates the expert weights per row instead of once per shape (see weights_of).
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
@@ -180,6 +183,36 @@ void CeilingGemm(benchmark::State& state) {
 
 // ---- the forward ---------------------------------------------------------------------------------
 
+// The expert weights of one shape, allocated and filled when a row of another shape asks for them
+// and kept for every row of the same shape, as a serving process loads them once. Allocating
+// 3-22 GB per row instead (--fresh_weights, the tables before 2026-12-02 afternoon) puts rows in a
+// fast or a slow state by where the allocator placed them (benchmarks/NOTES.md).
+bool g_fresh_weights = false;
+struct ShapeWeights {
+  const char* shape = nullptr;
+  moe::bfloat16* w13 = nullptr;
+  moe::bfloat16* w2 = nullptr;
+  void release() {
+    cudaFree(w13);
+    cudaFree(w2);
+    *this = ShapeWeights{};
+  }
+};
+ShapeWeights g_weights;
+
+const ShapeWeights& weights_of(const Shape& s) {
+  if (g_weights.shape == s.name && !g_fresh_weights) return g_weights;
+  g_weights.release();
+  const std::size_t n13 = s.E * 2 * s.I * s.H, n2 = s.E * s.H * s.I;
+  g_weights.shape = s.name;
+  g_weights.w13 = device_alloc<moe::bfloat16>(n13);
+  g_weights.w2 = device_alloc<moe::bfloat16>(n2);
+  fill_random<<<1024, 256>>>(g_weights.w13, n13, 0.02f, 1);
+  fill_random<<<1024, 256>>>(g_weights.w2, n2, 0.02f, 2);
+  cuda_ok(cudaGetLastError());
+  return g_weights;
+}
+
 using Spec = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>,
                        moe::Experts<moe::SiluAndMul, moe::quant::BF16>>;
 using Kernel = moe::Kernel<Spec, moe::cuda::Sm90>;
@@ -194,13 +227,9 @@ struct Variant {
 // its own graph over the same weights, inputs and workspace and timed interleaved with the others:
 // counter "us" is the first variant, "us_<label>" every variant.
 void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::vector<Variant> variants) {
-  const std::size_t n13 = s.E * 2 * s.I * s.H, n2 = s.E * s.H * s.I;
-  auto* w13 = device_alloc<moe::bfloat16>(n13);
-  auto* w2 = device_alloc<moe::bfloat16>(n2);
+  const ShapeWeights& weights = weights_of(s);
   auto* hidden = device_alloc<moe::bfloat16>(M * s.H);
   auto* out = device_alloc<moe::bfloat16>(M * s.H);
-  fill_random<<<1024, 256>>>(w13, n13, 0.02f, 1);
-  fill_random<<<1024, 256>>>(w2, n2, 0.02f, 2);
   fill_random<<<1024, 256>>>(hidden, M * s.H, 1.0f, 3);
   cuda_ok(cudaGetLastError());
   std::mt19937 gen(4);
@@ -229,8 +258,8 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   a.topk_ids = moe::DeviceView<const std::int32_t, 2>(d_ids, {M, s.top_k});
   a.topk_weights = moe::DeviceView<const float, 2>(d_w, {M, s.top_k});
   a.top_k = s.top_k;
-  a.w13 = moe::DeviceView<const moe::bfloat16, 3>(w13, {s.E, 2 * s.I, s.H});
-  a.w2 = moe::DeviceView<const moe::bfloat16, 3>(w2, {s.E, s.H, s.I});
+  a.w13 = moe::DeviceView<const moe::bfloat16, 3>(weights.w13, {s.E, 2 * s.I, s.H});
+  a.w2 = moe::DeviceView<const moe::bfloat16, 3>(weights.w2, {s.E, s.H, s.I});
   a.output = moe::DeviceView<moe::bfloat16, 2>(out, {M, s.H});
   std::vector<Kernel> kernels;
   std::size_t ws_bytes = 0;
@@ -275,8 +304,7 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   state.counters["GB/s"] = bytes / median_s * 1e-9;
   state.counters["floor_us"] = floor_s * 1e6;
   state.counters["SOL%"] = 100.0 * floor_s / median_s;
-  for (void* p : {static_cast<void*>(w13), static_cast<void*>(w2), static_cast<void*>(hidden), static_cast<void*>(out),
-                  static_cast<void*>(d_ids), static_cast<void*>(d_w), static_cast<void*>(ws)}) {
+  for (void* p : {static_cast<void*>(hidden), static_cast<void*>(out), static_cast<void*>(d_ids), static_cast<void*>(d_w), static_cast<void*>(ws)}) {
     cudaFree(p);
   }
   for (cudaGraphExec_t exec : execs) cudaGraphExecDestroy(exec);
@@ -289,12 +317,24 @@ void register_row(const std::string& name, Shape s, moe::Index M, bool graph, st
       ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
 }
 
-void register_all(bool tune, bool ab_launch) {
+void register_all(bool tune, bool ab_launch, bool ab_splits) {
   benchmark::RegisterBenchmark("ceiling/copy_2GiB", CeilingCopy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("ceiling/gemm_bf16_8192", CeilingGemm)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   const auto row_name = [](const char* family, const Shape& s, moe::Index M) {
     return std::string(family) + "/" + s.name + "/" + std::to_string(M);
   };
+  if (ab_splits) {  // only the A/B of split-K, same allocations per row
+    std::vector<Variant> modes(2);
+    modes[0].label = "device_choice";
+    modes[1].label = "nosplit";
+    modes[1].options.max_k_splits = 1;
+    for (const Shape& s : kShapes) {
+      for (const moe::Index M : kTokens) {
+        if (M <= 256) register_row(row_name("bf16_ab_splits", s, M), s, M, true, modes, 21);
+      }
+    }
+    return;
+  }
   if (ab_launch) {  // only the A/B of the programmatic launch modes, same allocations per row
     using moe::cuda::ProgrammaticLaunch;
     std::vector<Variant> modes(3);
@@ -339,15 +379,17 @@ void register_all(bool tune, bool ab_launch) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool tune = false, ab_launch = false;
+  bool tune = false, ab_launch = false, ab_splits = false;
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--tune_tiles") == 0) tune = true;
     else if (std::strcmp(argv[i], "--ab_launch") == 0) ab_launch = true;
+    else if (std::strcmp(argv[i], "--ab_splits") == 0) ab_splits = true;
+    else if (std::strcmp(argv[i], "--fresh_weights") == 0) g_fresh_weights = true;
     else rest.push_back(argv[i]);
   }
   int n = static_cast<int>(rest.size());
-  register_all(tune, ab_launch);
+  register_all(tune, ab_launch, ab_splits);
   benchmark::Initialize(&n, rest.data());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

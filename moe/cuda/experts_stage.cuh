@@ -119,9 +119,9 @@ class ExpertsStage {
     Index live_rows = 0;  // a bound on the rows in segments (picks tiles and splits)
     bool sm90 = false;    // the Hopper schedule runs the GEMMs
     gemm::Sm90Tile tile = gemm::Sm90Tile::kNormal128x256;  // its tile (fused swap resolved)
-    int splits1 = 1, splits2 = 1;                          // K splits of the fused swap GEMMs
+    int max_splits1 = 1, max_splits2 = 1;  // most K splits of the fused swap GEMMs (chosen on the device)
     std::size_t gemm_ws_bytes = 0;
-    std::size_t inter = 0, gemm1_out = 0, gemm_ws = 0, partial = 0, total = 0;  // offsets, bytes
+    std::size_t inter = 0, gemm1_out = 0, gemm_ws = 0, partial = 0, splits_used = 0, total = 0;  // offsets, bytes
   };
 
   // Why the Hopper schedule cannot run these experts, or nullptr (shapes, strides and alignment).
@@ -155,6 +155,7 @@ class ExpertsStage {
     std::size_t partial_floats = 0;
     if (l.sm90 && E > 0 && live_rows > 0) partial_floats = plan_sm90(w, l);
     l.partial = carver.take(partial_floats * sizeof(float));
+    l.splits_used = carver.take(partial_floats > 0 ? 2 * sizeof(int) : 0);  // GEMM1's, GEMM2's
     // CUTLASS tiles store GEMM1's raw output and need their descriptor workspace; fused swap
     // tiles write the activated intermediate directly.
     const bool cutlass_tile = l.sm90 && !gemm::is_fused(l.tile);
@@ -186,7 +187,8 @@ class ExpertsStage {
     if (l.rows == 0 || w.num_local_experts() == 0) return Status::ok();
     std::byte* base = moe::detail::WorkspaceCarver<256>::aligned_base(workspace.data());
     Buffers b{static_cast<IO*>(static_cast<void*>(base + l.inter)), static_cast<IO*>(static_cast<void*>(base + l.gemm1_out)),
-              base + l.gemm_ws, static_cast<float*>(static_cast<void*>(base + l.partial))};
+              base + l.gemm_ws, static_cast<float*>(static_cast<void*>(base + l.partial)),
+              static_cast<int*>(static_cast<void*>(base + l.splits_used))};
     if constexpr (kMaySm90) {
       if (l.sm90) return run_sm90(l, w, input, output, s, b, stream);
     }
@@ -237,7 +239,8 @@ class ExpertsStage {
     IO* inter;      // activated GEMM1 output [R, I]
     IO* gemm1_out;  // CUTLASS tiles: GEMM1's raw output [R, gemm1 width]
     std::byte* gemm_ws;
-    float* partial;  // fused swap split-K partial sums
+    float* partial;    // fused swap split-K partial sums
+    int* splits_used;  // [2]: the split counts the fused swap GEMMs chose
   };
   struct DerivedLayout {
     Plan plan;
@@ -265,8 +268,8 @@ class ExpertsStage {
   }
 
   // The Hopper tile (the pinned one, else the table's; a fused swap tile falls back to CUTLASS's
-  // where our mainloop does not apply) and, for fused swap tiles, the K splits that fill the last
-  // wave of CTAs. Returns the floats of split-K partial sums the workspace needs.
+  // where our mainloop does not apply) and, for fused swap tiles, the most K splits each GEMM may
+  // choose on the device. Returns the floats of split-K partial sums the workspace needs.
   std::size_t plan_sm90(const Weights& w, Plan& l) const {
     using namespace gemm;
     const Index S = l.live_rows, E = w.num_local_experts();
@@ -279,29 +282,22 @@ class ExpertsStage {
     }
     l.tile = tile;
     if (!is_fused(tile)) return 0;
-    int device = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      return 0;  // splits stay 1; run reports the device error
-    }
-    const int tokens = tile == Sm90Tile::kFusedSwap128x16 ? 16 : tile == Sm90Tile::kFusedSwap128x32 ? 32 : 64;
-    const Index experts_hit = std::min(E, S);  // an upper bound: the counts stay on the device
-    const Index token_tiles = std::max<Index>(1, (S / std::max<Index>(1, experts_hit) + tokens - 1) / tokens);
     constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
     const Index H = w.hidden(), I = w.intermediate();
-    const Index n_tiles1 = (I + (kGated ? 63 : 127)) / (kGated ? 64 : 128);
-    const Index n_tiles2 = (H + 127) / 128;
-    l.splits1 = swap_detail::choose_splits(n_tiles1 * experts_hit * token_tiles, static_cast<int>((H + 63) / 64), sms,
-                                           options_.max_k_splits);
-    l.splits2 = swap_detail::choose_splits(n_tiles2 * experts_hit * token_tiles, static_cast<int>((I + 63) / 64), sms,
-                                           options_.max_k_splits);
+    // The bound is memory: split-K pays where few tiles leave SMs idle (decode, few rows), and the
+    // partial sums of many rows would cost more workspace than the tail they fill.
+    constexpr std::size_t kMaxPartialFloats = std::size_t{8} << 20;  // 32 MiB per GEMM
+    const auto most_splits = [&](Index width) {
+      const std::size_t per_split = static_cast<std::size_t>(l.rows) * static_cast<std::size_t>(width);
+      const std::size_t fit = per_split > 0 ? kMaxPartialFloats / per_split : 1;
+      return static_cast<int>(std::clamp<std::size_t>(fit, 1, static_cast<std::size_t>(std::max(1, options_.max_k_splits))));
+    };
+    l.max_splits1 = most_splits((kGated ? 2 : 1) * I);
+    l.max_splits2 = most_splits(H);
     const auto floats = [&](int splits, Index width) {
       return splits > 1 ? static_cast<std::size_t>(splits) * static_cast<std::size_t>(l.rows) * static_cast<std::size_t>(width) : 0;
     };
-    constexpr std::size_t kMaxPartialFloats = std::size_t{64} << 20;  // 256 MiB: split-K is for decode
-    if (floats(l.splits1, (kGated ? 2 : 1) * I) > kMaxPartialFloats) l.splits1 = 1;
-    if (floats(l.splits2, H) > kMaxPartialFloats) l.splits2 = 1;
-    return std::max(floats(l.splits1, (kGated ? 2 : 1) * I), floats(l.splits2, H));
+    return std::max(floats(l.max_splits1, (kGated ? 2 : 1) * I), floats(l.max_splits2, H));
   }
 
   Status run_sm90(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s, const Buffers& b,
@@ -356,10 +352,10 @@ class ExpertsStage {
     using Expr2 = epilogue::detail::Stored<IO, false, epilogue::Part::kAll>;
     const Index H = w.hidden(), I = w.intermediate();
     MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kAtoms, kGated, Expr1, Activation>(
-        w.w13, input, l.rows, s.seg_begin, s.seg_count, I, b.inter, I, w.activation, l.splits1, b.partial, s.row_list,
+        w.w13, input, l.rows, s.seg_begin, s.seg_count, I, b.inter, I, w.activation, l.max_splits1, b.partial, b.splits_used, s.row_list,
         s.row_list_size, pdl, stream)));
     return swap_detail::launch<IO, kTokens, kAtoms, false, Expr2, Activation>(
-        w.w2, b.inter, l.rows, s.seg_begin, s.seg_count, H, output, H, w.activation, l.splits2, b.partial, s.row_list,
+        w.w2, b.inter, l.rows, s.seg_begin, s.seg_count, H, output, H, w.activation, l.max_splits2, b.partial, b.splits_used + 1, s.row_list,
         s.row_list_size, pdl, stream);
   }
 

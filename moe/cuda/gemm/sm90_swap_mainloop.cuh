@@ -11,8 +11,9 @@
 //  * gated GEMM1 loads the gate rows [n0, n0 + 64) and the up rows [I + n0, I + n0 + 64) of the
 //    same expert into one 128-row A tile, so the thread that holds gate(n, t) also holds up(n, t)
 //    and the activation runs on the accumulators (no [rows, 2I] round trip through memory);
-//  * a persistent tile scheduler over (expert, n-tile, token-tile) triples built from the
-//    per-expert row counts on the device;
+//  * a persistent tile scheduler over (expert, n-tile, K split, token-tile) tuples built from the
+//    per-expert row counts on the device, where the K split count is chosen too (the experts hit
+//    are known there alone: a host bound would split too little or too much);
 //  * launched programmatically (moe/cuda/launch.h), each CTA reads the counts and fills its stage
 //    ring with the first tile's weights while the previous kernel is still finishing, and waits for
 //    it only before loading the rows that kernel wrote.
@@ -74,13 +75,51 @@ struct SwapParams {
   Index weight_rows_per_expert;  // N_total
   void* out;                 // [rows, n_out], row stride ldo
   Index ldo;
-  // Split-K: K blocks [split * k_blocks_per_split, ...) per tile; with splits > 1 each split writes
-  // fp32 partial sums to partial[split][row][width] (width: gate then up columns when gated) and
-  // reduce_splits_kernel applies the epilogue, summing the splits in order (deterministic).
-  int splits;
-  int k_blocks_per_split;
+  // Split-K: every CTA picks the same split count s <= max_splits from the real tile count
+  // (best_fill_splits) and CTA 0 records it in *splits_used. K blocks [split * per_split, ...) per
+  // tile; with s > 1 each split writes fp32 partial sums to partial[split][row][width] (width: gate
+  // then up columns when gated) and reduce_splits_kernel applies the epilogue, summing the splits
+  // in order (deterministic). With s = 1 the tiles store the epilogue's output themselves.
+  int max_splits;
+  int* splits_used;  // null when max_splits == 1
   float* partial;
   Index partial_rows;
+};
+
+// K splits for `tiles` equal work items on `ctas` persistent CTAs. None unless the tiles leave more
+// than half the CTAs idle: these GEMMs stream weights, and half the SMs with a full stage ring
+// each keep enough bytes in flight for the DRAM bandwidth; splitting costs partial sums, a
+// reduction and a launch (on the H200, 2026-12-02: splitting to fill the last wave made qwen3 and
+// gpt-oss M = 1..64 and deepseek M = 1 2-11% slower, mixtral M = 8 3% faster; benchmarks/NOTES.md).
+// Then the count (1..max_splits, at most one per K block) whose items fill the last wave best; a
+// count must fill it 2% better than a smaller one to win. The same on every CTA.
+MOE_HOST_DEVICE int best_fill_splits(int tiles, int k_blocks, int ctas, int max_splits) {
+  if (2 * static_cast<long long>(tiles) >= ctas) return 1;
+  int best = 1;
+  float best_fill = 0.0f;
+  for (int s = 1; s <= max_splits && s <= k_blocks; ++s) {
+    const long long items = static_cast<long long>(tiles) * s;
+    const long long waves = (items + ctas - 1) / ctas;
+    const float fill = waves > 0 ? static_cast<float>(items) / static_cast<float>(waves * ctas) : 1.0f;
+    if (fill > best_fill + 0.02f) {
+      best = s;
+      best_fill = fill;
+    }
+  }
+  return best;
+}
+
+// The K split of one launch: how many, and K blocks per split (every split non-empty).
+struct KSplit {
+  int count;
+  int k_blocks_per_split;
+  __device__ static KSplit of(int tiles, int k_blocks, int ctas, int max_splits) {
+    const int chosen = best_fill_splits(tiles, k_blocks, ctas, max_splits);
+    KSplit k;
+    k.k_blocks_per_split = (k_blocks + chosen - 1) / chosen;
+    k.count = (k_blocks + k.k_blocks_per_split - 1) / k.k_blocks_per_split;
+    return k;
+  }
 };
 
 // ---- PTX helpers (sm_90a) --------------------------------------------------------------------
@@ -168,25 +207,26 @@ struct TileCoord {
   int split;
 };
 
+// `prefix` counts each expert's tiles of one split; every tile runs `split.count` times.
 template <int kTokens>
-__device__ __forceinline__ TileCoord locate(int tile, const int* prefix, int num_experts, int n_tiles,
+__device__ __forceinline__ TileCoord locate(int tile, const int* prefix, int num_experts, int n_tiles, KSplit split,
                                             const SwapParams& p) {
-  int lo = 0, hi = num_experts - 1;  // largest e with prefix[e] <= tile
+  int lo = 0, hi = num_experts - 1;  // largest e with prefix[e] * splits <= tile
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (prefix[mid] <= tile) lo = mid;
+    if (prefix[mid] * split.count <= tile) lo = mid;
     else hi = mid - 1;
   }
   // Within an expert: n-tile major, then split, then token tile (token tiles of one weight tile
   // run on neighbouring CTAs at about the same time: the weight tile's second read hits L2).
-  const int local = tile - prefix[lo];
-  const int token_tiles = (prefix[lo + 1] - prefix[lo]) / (n_tiles * p.splits);
+  const int local = tile - prefix[lo] * split.count;
+  const int token_tiles = (prefix[lo + 1] - prefix[lo]) / n_tiles;
   const int token_tile = local % token_tiles;
-  const int split = (local / token_tiles) % p.splits;
-  const int n_tile = local / (token_tiles * p.splits);
+  const int k_split = (local / token_tiles) % split.count;
+  const int n_tile = local / (token_tiles * split.count);
   TileCoord c;
   c.expert = lo;
-  c.split = split;
+  c.split = k_split;
   c.n0 = n_tile * (p.gate_up_offset > 0 ? kWeightRows / 2 : kWeightRows);  // gated: 64 outputs per tile
   c.row0 = __ldcg(p.seg_begin + lo) + static_cast<Index>(token_tile) * kTokens;
   const Index left = __ldcg(p.seg_count + lo) - static_cast<Index>(token_tile) * kTokens;
@@ -209,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   constexpr bool gated = kGated;
   const int n_tiles = (p.n_out + (gated ? kWeightRows / 2 : kWeightRows) - 1) / (gated ? kWeightRows / 2 : kWeightRows);
-  // Tile prefix over experts: n_tiles x token tiles of each (block-wide serial scan in warp 0).
+  // Tile prefix over experts: n_tiles x token tiles of each, one K split (a scan in warp 0).
   // Before the grid dependency wait: the counts come from a kernel two or more launches back
   // (read through L2: __ldcg), never from the one this launch may overlap.
   if (threadIdx.x < 32) {
@@ -217,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int base = 0; base < p.num_experts; base += 32) {
       const int e = base + static_cast<int>(threadIdx.x);
       const int t =
-          e < p.num_experts ? static_cast<int>((__ldcg(p.seg_count + e) + kTokens - 1) / kTokens) * n_tiles * p.splits : 0;
+          e < p.num_experts ? static_cast<int>((__ldcg(p.seg_count + e) + kTokens - 1) / kTokens) * n_tiles : 0;
       int incl = t;
       for (int d = 1; d < 32; d *= 2) {
         const int v = __shfl_up_sync(0xffffffffu, incl, d);
@@ -236,8 +276,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  const int total = prefix[p.num_experts];
   const int k_blocks = (p.k + kAtoms * kBlockK - 1) / (kAtoms * kBlockK);
+  const KSplit split = KSplit::of(prefix[p.num_experts], k_blocks, static_cast<int>(gridDim.x), p.max_splits);
+  const int total = prefix[p.num_experts] * split.count;
 
   if (threadIdx.x < 128) {
     // ---- producer: one thread issues every TMA load ----
@@ -251,11 +292,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // stages complete when the rows, loaded after it, arrive (expect_tx counts both).
     int prefetched = 0;
     if (static_cast<int>(blockIdx.x) < total) {
-      const TileCoord c = locate<kTokens>(blockIdx.x, prefix, p.num_experts, n_tiles, p);
+      const TileCoord c = locate<kTokens>(blockIdx.x, prefix, p.num_experts, n_tiles, split, p);
       const int w0 = static_cast<int>(c.expert * p.weight_rows_per_expert) + c.n0;
       const int w1 = gated ? w0 + p.gate_up_offset : w0 + kWeightRows / 2;
-      const int kb_begin = c.split * p.k_blocks_per_split;
-      const int kb_end = min(k_blocks, kb_begin + p.k_blocks_per_split);
+      const int kb_begin = c.split * split.k_blocks_per_split;
+      const int kb_end = min(k_blocks, kb_begin + split.k_blocks_per_split);
       for (int kb = kb_begin; kb < kb_end && prefetched < kStages; ++kb, ++prefetched) {
         unsigned char* a = smem + prefetched * Shape::kStageBytes;
         mbar_expect_tx(&full[prefetched], Shape::kStageBytes);
@@ -274,11 +315,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     std::uint32_t phase = 0;
     int issued = 0;  // k-blocks issued so far by this CTA
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-      const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, p);
+      const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, split, p);
       const int w0 = static_cast<int>(c.expert * p.weight_rows_per_expert) + c.n0;
       const int w1 = gated ? w0 + p.gate_up_offset : w0 + kWeightRows / 2;
-      const int kb_begin = c.split * p.k_blocks_per_split;
-      const int kb_end = min(k_blocks, kb_begin + p.k_blocks_per_split);
+      const int kb_begin = c.split * split.k_blocks_per_split;
+      const int kb_end = min(k_blocks, kb_begin + split.k_blocks_per_split);
       for (int kb = kb_begin; kb < kb_end; ++kb, ++issued) {
         unsigned char* a = smem + stage * Shape::kStageBytes;
         unsigned char* b = a + Shape::kABytes;
@@ -307,15 +348,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     using Op = typename Wgmma<T, kTokens>::Op;
     cuda::detail::grid_dependency_wait();  // before any store: the outputs may be what the previous kernel reads
     cuda::detail::allow_dependents_launch();
+    if (blockIdx.x == 0 && threadIdx.x == 128 && p.splits_used != nullptr) *p.splits_used = split.count;
     const int t = threadIdx.x - 128;
     const int warp = t / 32, lane = t % 32;
     int stage = 0;
     std::uint32_t phase = 0;
     float acc0[kAcc], acc1[kAcc];  // rows [0, 64) (gate) and [64, 128) (up) of the weight tile
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-      const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, p);
-      const int kb_begin = c.split * p.k_blocks_per_split;
-      const int kb_end = min(k_blocks, kb_begin + p.k_blocks_per_split);
+      const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, split, p);
+      const int kb_begin = c.split * split.k_blocks_per_split;
+      const int kb_end = min(k_blocks, kb_begin + split.k_blocks_per_split);
       int previous = -1;  // the stage whose wgmmas may still be in flight
       for (int kb = kb_begin; kb < kb_end; ++kb) {
         mbar_wait(&full[stage], phase);
@@ -361,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int r = 16 * warp + lane / 4 + 8 * i;
             const float v0 = acc0[4 * cidx + 2 * i + j], v1 = acc1[4 * cidx + 2 * i + j];
             if (tok >= c.tokens) continue;
-            if (p.splits > 1) {  // raw partial sums; reduce_splits_kernel applies the epilogue
+            if (split.count > 1) {  // raw partial sums; reduce_splits_kernel applies the epilogue
               const Index width = kGated ? 2 * static_cast<Index>(p.n_out) : p.n_out;
               float* dst = p.partial + (static_cast<Index>(c.split) * p.partial_rows + c.row0 + tok) * width;
               const int n = c.n0 + r;
@@ -407,13 +449,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// out[row, n] = Expr(sum over splits, in order, of the partial sums) for the row of every slot.
+// out[row, n] = Expr(sum over splits, in order, of the partial sums) for the row of every slot;
+// nothing when the GEMM chose not to split (it stored the output itself).
 template <class T, bool kGated, class Expr, class Activation>
-__global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial, Index partial_rows, int splits,
-                                                            int n_out, const Index* slot_row, T* out, Index ldo,
-                                                            typename Activation::Arguments act_args) {
+__global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial, Index partial_rows,
+                                                            const int* splits_used, int n_out, const Index* slot_row,
+                                                            T* out, Index ldo, typename Activation::Arguments act_args) {
   cuda::detail::grid_dependency_wait();
   cuda::detail::allow_dependents_launch();
+  const int splits = *splits_used;
+  if (splits <= 1) return;
   const Index row = slot_row[blockIdx.x];
   const int n = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);  // one column per thread:
   if (row < 0 || n >= n_out) return;                                      // decode grids are tiny
@@ -436,27 +481,6 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial
     }
     out[row * ldo + n] = from_float<T>(Expr::eval(ctx));
   }
-}
-
-// K splits for a GEMM of about `tiles` tiles: the count (1..8, at most one per K block) whose work
-// items fill the last wave of `sms` CTAs best; ties go to fewer splits. From 4 waves on, none:
-// the tail is at most a quarter of the time, `tiles` is only an upper bound (the experts hit are
-// known on the device alone), and the partial sums cost a store, a reduction and a launch
-// (deepseek_v3 M=8 split 3 ways on a bound of 64 experts where 59 were hit).
-inline int choose_splits(Index tiles, int k_blocks, int sms, int max_splits) {
-  if (tiles >= 4 * static_cast<Index>(sms)) return 1;
-  int best = 1;
-  double best_fill = 0.0;
-  for (int s = 1; s <= max_splits && s <= k_blocks; ++s) {
-    const double items = static_cast<double>(tiles) * s;
-    const double waves = std::ceil(items / sms);
-    const double fill = items / (waves * sms);
-    if (fill > best_fill + 0.02) {
-      best = s;
-      best_fill = fill;
-    }
-  }
-  return best;
 }
 
 // ---- host side ----------------------------------------------------------------------------------
@@ -504,12 +528,13 @@ bool applies(DeviceView<const T, 3> w, Index rows) {
 
 // out[rows, n_out] = Expr(rows x w[e]^T) for the rows of each expert. Gated: w has 2 * n_out rows
 // per expert ([gate; up]). `x` is [num_rows, k] with row stride k.
-// With splits > 1, `partial` holds splits * num_rows * (gated ? 2 : 1) * n_out floats and the
-// reduction runs over the rows named by `slot_row` (num_slots entries, -1 skipped).
+// With max_splits > 1, `partial` holds max_splits * num_rows * (gated ? 2 : 1) * n_out floats,
+// `splits_used` one int, and the reduction runs over the rows named by `slot_row` (num_slots
+// entries, -1 skipped) when the kernel chose to split.
 template <class T, int kTokens, int kAtoms, bool kGated, class Expr, class Activation>
 Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index* seg_begin, const Index* seg_count,
-              Index n_out, T* out, Index ldo, const typename Activation::Arguments& act_args, int splits,
-              float* partial, const Index* slot_row, Index num_slots, bool programmatic, cudaStream_t stream) {
+              Index n_out, T* out, Index ldo, const typename Activation::Arguments& act_args, int max_splits,
+              float* partial, int* splits_used, const Index* slot_row, Index num_slots, bool programmatic, cudaStream_t stream) {
   using Shape = TileShape<kTokens, kAtoms>;
   const Index experts = w.extent(0), n_total = w.extent(1), k = w.extent(2);
   CUtensorMap wmap, xmap;
@@ -525,9 +550,8 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
   p.weight_rows_per_expert = n_total;
   p.out = out;
   p.ldo = ldo;
-  const int k_blocks = static_cast<int>((k + kAtoms * kBlockK - 1) / (kAtoms * kBlockK));
-  p.k_blocks_per_split = (k_blocks + splits - 1) / splits;
-  p.splits = (k_blocks + p.k_blocks_per_split - 1) / p.k_blocks_per_split;  // every split non-empty
+  p.max_splits = max_splits > 1 ? max_splits : 1;
+  p.splits_used = p.max_splits > 1 ? splits_used : nullptr;
   p.partial = partial;
   p.partial_rows = num_rows;
   int device = 0, sms = 0;
@@ -537,10 +561,10 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
   MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
   MOE_RETURN_IF_ERROR(
       cuda::detail::launch_kernel(kernel, sms, kThreads, Shape::kSmemBytes, stream, programmatic, wmap, xmap, p, act_args));
-  if (p.splits > 1) {
+  if (p.max_splits > 1) {
     const dim3 grid(static_cast<unsigned>(num_slots), static_cast<unsigned>((n_out + 255) / 256));
     MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(&reduce_splits_kernel<T, kGated, Expr, Activation>, grid, 256, 0,
-                                                    stream, programmatic, partial, num_rows, p.splits, p.n_out,
+                                                    stream, programmatic, partial, num_rows, splits_used, p.n_out,
                                                     slot_row, out, ldo, act_args));
   }
   return Status::ok();

@@ -294,6 +294,20 @@ class ExpertsStage {
     };
     l.max_splits1 = most_splits((kGated ? 2 : 1) * I);
     l.max_splits2 = most_splits(H);
+    // The device splits only where the tiles leave half the CTAs idle (best_fill_splits). Where the
+    // host's upper bound on the tiles rules that out, no reduction
+    // is launched: an idle one between the GEMMs would still hold GEMM2's early weight prefetch back
+    // until GEMM1 ends (2-20 µs on the decode rows).
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      sms = 0;  // no split; run reports the device error
+    }
+    const int tokens = tile == Sm90Tile::kFusedSwap128x16 ? 16 : tile == Sm90Tile::kFusedSwap128x32 ? 32 : 64;
+    const Index tiles_per_n_tile = std::min(E, S) + S / tokens;  // >= sum over experts of ceil(rows / tokens)
+    const auto may_split = [&](Index n_tiles) { return 2 * n_tiles * tiles_per_n_tile < sms; };
+    if (!may_split((I + (kGated ? 63 : 127)) / (kGated ? 64 : 128))) l.max_splits1 = 1;
+    if (!may_split((H + 127) / 128)) l.max_splits2 = 1;
     const auto floats = [&](int splits, Index width) {
       return splits > 1 ? static_cast<std::size_t>(splits) * static_cast<std::size_t>(l.rows) * static_cast<std::size_t>(width) : 0;
     };

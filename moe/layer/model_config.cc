@@ -284,6 +284,12 @@ Status parse_model_config(const io::Json& root, ModelConfig* out) {
   if (m.architecture != Architecture::kGptOss && act != "silu") {
     return unsupported("config.hidden_act: \"", act, "\" is not supported for ", m.architecture_name, " (silu)");
   }
+  // quantization_config sits at the top level, also for Llama-4's nested text_config.
+  MOE_RETURN_IF_ERROR(parse_quantization_config(root, "config", &m.quantization));
+  if (m.quantization.method == QuantMethod::kMxfp4 && m.architecture != Architecture::kGptOss) {
+    return unsupported("config.quantization_config.quant_method: \"mxfp4\" is supported for GptOssForCausalLM only, "
+                       "not ", m.architecture_name);
+  }
   if (m.top_k < 1 || m.top_k > m.num_experts + m.num_zero_experts) {
     return invalid_argument(w, ".num_experts_per_tok: expected 1 <= top_k <= num_experts=", m.num_experts, ", got ",
                             m.top_k);

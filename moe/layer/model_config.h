@@ -10,6 +10,7 @@
 #include <string>
 
 #include "moe/io/json.h"
+#include "moe/layer/quantization_config.h"
 #include "moe/layer/registry.h"
 #include "moe/status.h"
 
@@ -58,6 +59,8 @@ struct ModelConfig {
   ExpertLayout expert_layout = ExpertLayout::kPerExpertLinear;
   std::string gate_name, up_name, down_name;  // kPerExpertLinear: "w1"/"w3"/"w2" or "gate_proj"/...
   std::string shared_prefix;                  // "shared_expert" / "shared_experts"
+
+  QuantizationConfig quantization;  // config.quantization_config (absent: unquantized)
 };
 
 // Reads a parsed config.json. Errors name the key path (e.g. "config.num_experts_per_tok").

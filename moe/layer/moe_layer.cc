@@ -107,6 +107,11 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
     return invalid_argument("dtype: expected f32, bf16 or f16, got ", to_string(dtype));
   }
+  if (!config.quantization.runnable()) {
+    return unsupported("config.quantization_config: ", config.quantization.describe(),
+                       " is not supported by this build yet (it runs unquantized and gpt-oss MXFP4 checkpoints); "
+                       "refused rather than run the quantized tensors as if they were unscaled");
+  }
   if (par.tp_size < 1 || par.tp_rank < 0 || par.tp_rank >= par.tp_size) {
     return invalid_argument("tp_rank: expected 0 <= tp_rank < tp_size=", par.tp_size, ", got ", par.tp_rank);
   }
@@ -526,6 +531,7 @@ std::string MoeLayer::describe() const {
   os << "architecture      " << c.architecture_name << "\n"
      << "block             " << block_prefix_ << "\n"
      << "dtype             " << to_string(dtype_) << "\n"
+     << "quantization      " << c.quantization.describe() << "\n"
      << "hidden            " << c.hidden << "\n"
      << "experts           " << c.num_experts << " (top_k " << c.top_k << ")\n"
      << "intermediate      " << c.intermediate << " per expert, " << intermediate_tp_ << " on this rank\n"

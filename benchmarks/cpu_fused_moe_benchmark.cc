@@ -31,7 +31,7 @@ std::vector<T> random_vector(std::size_t n, float scale, std::uint64_t seed) {
 
 template <class Quant>
 void FusedMoE(benchmark::State& state) {
-  using IO = typename Quant::ActElement;
+  using IO = typename Quant::DefaultIO;
   using Spec = moe::Spec<moe::routing::SoftmaxTopK, moe::StandardPrepareFinalize<>, moe::Experts<moe::SiluAndMul, Quant>>;
   using Kernel = moe::Kernel<Spec, moe::cpu::Eigen>;
   const moe::Index M = state.range(0);

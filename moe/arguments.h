@@ -43,7 +43,7 @@ struct Arguments {
 
   typename Spec::Routing::Arguments routing{};
   typename Spec::Activation::Arguments activation{};
-  typename Spec::Quant::Arguments quant{};
+  typename Spec::Quant::template Arguments<Space> quant{};  // the scheme's scale tensors
   typename Spec::PrepareFinalize::Arguments prepare_finalize{};
   // The run-time leaves of Spec::OutputEpilogue (moe/output_epilogue.h); unused by the default.
   OutputEpilogueArguments<IO, Space> epilogue{};
@@ -143,6 +143,7 @@ Status validate_shapes(const Arguments<Spec, Space>& a) {
                               a.prepare_finalize.max_tokens_per_expert);
     }
   }
+  MOE_RETURN_IF_ERROR(a.quant.validate(p.num_local_experts, p.gemm1_width, p.hidden, p.intermediate));
   MOE_RETURN_IF_ERROR(detail::validate_intermediate_epilogue<typename Spec::Activation>(a.activation, p.intermediate));
   MOE_RETURN_IF_ERROR(
       detail::validate_output_epilogue<typename Spec::OutputEpilogue>(a.epilogue, p.num_tokens, p.hidden));

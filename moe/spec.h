@@ -36,7 +36,7 @@ struct Spec {
   using OutputEpilogue = OutputEpilogue_;
   using Activation = typename Experts::Activation;
   using Quant = typename Experts::Quant;
-  using ElementIO = typename Quant::ActElement;  // hidden states and output
+  using ElementIO = typename Experts::ElementIO;  // hidden states and output
   using ElementWeight = typename Quant::WeightElement;
   static constexpr bool kGated = Activation::kGated;
 };

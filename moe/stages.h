@@ -93,6 +93,7 @@ struct ExpertWeights {
   std::optional<TensorView<const IO, 2, Space>> w13_bias;  // [E_local, 2*I or I]
   std::optional<TensorView<const IO, 2, Space>> w2_bias;   // [E_local, H]
   typename Experts::Activation::Arguments activation{};
+  typename Experts::Quant::template Arguments<Space> quant{};  // the scheme's scale tensors
 
   Index num_local_experts() const { return w13.extent(0); }
   Index hidden() const { return w2.extent(1); }
@@ -138,6 +139,7 @@ Status validate_expert_rows(const ExpertWeights<Experts, IO, Space>& w, const Ex
   }
   MOE_RETURN_IF_ERROR(detail::expect_shape(r.seg_begin, "rows.seg_begin", std::array<Dim, 1>{{{"E_local", E}}}));
   MOE_RETURN_IF_ERROR(detail::expect_shape(r.seg_count, "rows.seg_count", std::array<Dim, 1>{{{"E_local", E}}}));
+  MOE_RETURN_IF_ERROR(w.quant.validate(E, N1, H, I));
   MOE_RETURN_IF_ERROR(detail::validate_intermediate_epilogue<typename Experts::Activation>(w.activation, I));
   if (r.max_rows_per_expert < 0 || r.max_rows_per_expert > R) {
     return invalid_argument("rows.max_rows_per_expert: expected 0 (unknown) or a bound in [1, R=", R, "], got ",

@@ -8,14 +8,18 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <optional>
 #include <span>
+#include <type_traits>
 
 #include "moe/cpu/eigen_interop.h"
 #include "moe/cpu/options.h"
 #include "moe/detail/workspace.h"
 #include "moe/epilogue.h"
 #include "moe/experts.h"
+#include "moe/quant/w8a8.h"
 #include "moe/stages.h"
 #include "moe/tensor.h"
 
@@ -63,14 +67,15 @@ struct ExpertsStage {
     HostView<const W, 3> w2;   // [E_local, H, I]
     std::optional<HostView<const ElementIO, 2>> w13_bias, w2_bias;
     typename Activation::Arguments activation;
+    typename Quant::template Arguments<HostSpace> quant;
     Index hidden, intermediate, gemm1_width;
   };
 
   // Per-thread scratch: float copies of one expert's weights (when stored narrower than float)
-  // and of its biases.
-  static Index thread_scratch_floats(const Params& p) {
-    const Index panels = kConvertWeights ? p.gemm1_width * p.hidden + p.hidden * p.intermediate : 0;
-    return panels + p.gemm1_width + p.hidden + single_row_scratch_floats(p);
+  // and of its biases, the one-row case's rows, and a quantized scheme's rows of one block of up
+  // to `row_block` rows.
+  static Index thread_scratch_floats(const Params& p, Index row_block) {
+    return quant_scratch_offset(p) + quant_scratch_floats(p, std::max<Index>(2, row_block));
   }
 
   // Rows [begin, begin + n) of `input` ([rows, H] float) belong to local expert e. Writes the
@@ -86,7 +91,7 @@ struct ExpertsStage {
       // Eigen evaluates a one-row product as a matrix-vector product, whose summation order
       // differs from its matrix-matrix kernel: run the row as a two-row block (the row twice)
       // so a token's result does not depend on how many rows share its expert or chunk.
-      float* s = thread_scratch + thread_scratch_floats(p) - single_row_scratch_floats(p);
+      float* s = thread_scratch + quant_scratch_offset(p) - single_row_scratch_floats(p);
       const Index ld = std::max(N1, H);
       float* in2 = s;
       float* acc2 = in2 + 2 * H;
@@ -113,7 +118,12 @@ struct ExpertsStage {
 
     // GEMM1 + epilogue 1.
     StridedMap c1(acc1 + begin * ld_out, n, N1, ::Eigen::OuterStride<>(ld_out));
-    c1.noalias() = a * w13.transpose();
+    [[maybe_unused]] float* qs = thread_scratch + quant_scratch_offset(p);
+    if constexpr (Quant::kQuantized) {
+      scaled_product(input + begin * H, n, H, w13, p.quant.w13_scale[e], static_scale(p.quant.a13_scale), c1, qs);
+    } else {
+      c1.noalias() = a * w13.transpose();
+    }
     ::Eigen::Map<ArrayRM> act(intermediate + begin * I, n, I);
     const BlockContext<Activation> ctx1{c1.data(), n, I, ld_out, Activation::kLayout == GateUpLayout::kInterleaved,
                                         bias13, nullptr, &p.activation};
@@ -125,7 +135,11 @@ struct ExpertsStage {
 
     // GEMM2 + epilogue 2 (in place: each element reads only its own accumulator).
     StridedMap c2(output + begin * ld_out, n, H, ::Eigen::OuterStride<>(ld_out));
-    c2.noalias() = act.matrix() * w2.transpose();
+    if constexpr (Quant::kQuantized) {
+      scaled_product(act.data(), n, I, w2, p.quant.w2_scale[e], static_scale(p.quant.a2_scale), c2, qs);
+    } else {
+      c2.noalias() = act.matrix() * w2.transpose();
+    }
     const BlockContext<Activation> ctx2{c2.data(), n, H, ld_out, false, bias2,
                                         row_weight ? row_weight + begin : nullptr, &p.activation};
     auto out = c2.array();
@@ -158,7 +172,7 @@ struct ExpertsStage {
         ++num_tasks;
       }
     }
-    const Index scratch = thread_scratch_floats(p);
+    const Index scratch = thread_scratch_floats(p, options.row_block);
     parallel_for(num_tasks, options.num_threads, [&](std::int64_t t, int thread) {
       run_block(p, tasks[3 * t], tasks[3 * t + 1], tasks[3 * t + 2], input, acc, intermediate, acc, ld, row_weight,
                 thread_scratch + thread * scratch);
@@ -218,7 +232,7 @@ struct ExpertsStage {
     l.acc = carver.take(n(rows) * n(l.ld) * sizeof(float));
     l.inter = carver.take(n(rows) * n(p.intermediate) * sizeof(float));
     l.tasks = carver.take(3 * n(task_bound(rows, p.w13.extent(0), options.row_block)) * sizeof(Index));
-    l.thread = carver.take(n(options.num_threads) * n(thread_scratch_floats(p)) * sizeof(float));
+    l.thread = carver.take(n(options.num_threads) * n(thread_scratch_floats(p, options.row_block)) * sizeof(float));
     l.total = carver.total();
     return l;
   }
@@ -239,7 +253,7 @@ struct ExpertsStage {
     std::size_t begin, count, input, core_base, total;
   };
   static Params params_of(const Weights& w) {
-    return {w.w13, w.w2, w.w13_bias, w.w2_bias, w.activation, w.hidden(), w.intermediate(), w.w13.extent(1)};
+    return {w.w13, w.w2, w.w13_bias, w.w2_bias, w.activation, w.quant, w.hidden(), w.intermediate(), w.w13.extent(1)};
   }
   static StageLayout layout(const Params& p, Index rows, const Options& options) {
     detail::WorkspaceCarver<64> carver;
@@ -254,6 +268,87 @@ struct ExpertsStage {
     l.total = carver.total();
     return l;
   }
+  // Where a quantized scheme's block scratch starts: after the biases, the weight panels and the
+  // one-row case's rows.
+  static Index quant_scratch_offset(const Params& p) {
+    const Index panels = kConvertWeights ? p.gemm1_width * p.hidden + p.hidden * p.intermediate : 0;
+    return p.gemm1_width + p.hidden + panels + single_row_scratch_floats(p);
+  }
+  // A quantized scheme's scratch for `rows` rows: their codes and scales, one K block's product
+  // and (INT8) its exact running sum as int32.
+  static Index quant_scratch_floats(const Params& p, Index rows) {
+    if constexpr (!Quant::kQuantized) {
+      return 0;
+    } else {
+      const Index k = std::max(p.hidden, p.intermediate), n = std::max(p.gemm1_width, p.hidden);
+      static_assert(sizeof(std::int32_t) == sizeof(float));
+      return rows * k + rows * Quant::k_blocks(k) + rows * n + (kExactIntegerSums ? rows * n : 0);
+    }
+  }
+
+  // ---- the quantized schemes' GEMM (moe/quant/w8a8.h spells out the arithmetic) ----------------
+  static constexpr bool kExactIntegerSums = std::is_integral_v<W>;
+  // INT8 products summed in float are exact while a partial sum stays below 2^24: chunks of 1024
+  // (1024 * 128 * 128 = 2^24), their sums added in int32: the int32 accumulation, exactly.
+  static constexpr Index kExactChunk = 1024;
+
+  static std::optional<float> static_scale(const std::optional<HostView<const float, 1>>& s) {
+    if constexpr (Quant::kStaticActivations) return s ? std::optional<float>((*s)(0)) : std::nullopt;
+    return std::nullopt;
+  }
+
+  // c [n, N] = the scheme's product of rows `x` ([n, K], IO-rounded floats) with the codes `w`
+  // ([N, K], as floats) under weight scales `ws` (this expert's [N or 1 or N-blocks, K-blocks]).
+  static void scaled_product(const float* x, Index n, Index K, const ConstStridedMap& w, HostView<const float, 2> ws,
+                             std::optional<float> static_scale, StridedMap& c, float* scratch) {
+    const Index N = w.rows(), kb = Quant::k_blocks(K), block_k = Quant::kBlockK > 0 ? Quant::kBlockK : K;
+    float* q = scratch;                        // [n, K] codes
+    float* qscale = q + n * K;                 // [n, kb]
+    float* partial = qscale + n * kb;          // [n, N]
+    auto* exact = reinterpret_cast<std::int32_t*>(partial + n * N);  // [n, N] (INT8)
+    for (Index r = 0; r < n; ++r) {
+      for (Index b = 0; b < kb; ++b) {
+        const Index k0 = b * block_k, k1 = std::min(K, k0 + block_k);
+        float s = 0.0f;
+        if (static_scale) {
+          s = *static_scale;
+        } else {
+          float amax = 0.0f;
+          for (Index k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[r * K + k]));
+          s = quant::dynamic_scale<W>(amax);
+        }
+        qscale[r * kb + b] = s;
+        for (Index k = k0; k < k1; ++k) q[r * K + k] = Quant::quantize(x[r * K + k], s);
+      }
+    }
+    const auto weight_scale = [&](Index col, Index b) {
+      if constexpr (Quant::kWeightScale == quant::ScaleGranularity::kPerTensor) return ws(0, 0);
+      else if constexpr (Quant::kWeightScale == quant::ScaleGranularity::kPerChannel) return ws(col, 0);
+      else return ws(col / Quant::kBlockN, b);
+    };
+    ::Eigen::Map<const MatrixRM> qa(q, n, K);
+    StridedMap part(partial, n, N, ::Eigen::OuterStride<>(N));
+    c.setZero();
+    for (Index b = 0; b < kb; ++b) {
+      const Index k0 = b * block_k, width = std::min(K, k0 + block_k) - k0;
+      if constexpr (kExactIntegerSums) {
+        std::fill_n(exact, n * N, 0);
+        for (Index c0 = 0; c0 < width; c0 += kExactChunk) {
+          const Index cw = std::min(kExactChunk, width - c0);
+          part.noalias() = qa.middleCols(k0 + c0, cw) * w.middleCols(k0 + c0, cw).transpose();
+          for (Index i = 0; i < n * N; ++i) exact[i] += static_cast<std::int32_t>(partial[i]);
+        }
+        for (Index i = 0; i < n * N; ++i) partial[i] = static_cast<float>(exact[i]);
+      } else {
+        part.noalias() = qa.middleCols(k0, width) * w.middleCols(k0, width).transpose();
+      }
+      for (Index r = 0; r < n; ++r) {
+        const float sx = qscale[r * kb + b];
+        for (Index col = 0; col < N; ++col) c(r, col) += partial[r * N + col] * sx * weight_scale(col, b);
+      }
+    }
+  }
+
   // Scratch of the one-row case: two input rows, two accumulator rows, two intermediate rows
   // and two router weights.
   static Index single_row_scratch_floats(const Params& p) {
@@ -267,7 +362,7 @@ struct ExpertsStage {
       for (Index r = 0; r < w.extent(0); ++r) {
         const W* src = &w(r, 0);
         float* dst = panel + r * w.extent(1);
-        for (Index c = 0; c < w.extent(1); ++c) dst[c] = Quant::dequantize_weight(src[c], 1.0f);
+        for (Index c = 0; c < w.extent(1); ++c) dst[c] = Quant::dequantize_weight(src[c]);
       }
       return ConstStridedMap(panel, w.extent(0), w.extent(1), ::Eigen::OuterStride<>(w.extent(1)));
     } else {

@@ -125,7 +125,7 @@ class Kernel<Spec, cpu::Eigen> {
   };
 
   typename Stage::Params stage_params(const Arguments& a, const Problem& p) const {
-    return {a.w13, a.w2, a.w13_bias, a.w2_bias, a.activation, p.hidden, p.intermediate, p.gemm1_width};
+    return {a.w13, a.w2, a.w13_bias, a.w2_bias, a.activation, a.quant, p.hidden, p.intermediate, p.gemm1_width};
   }
 
   Layout layout(const Problem& p, const Arguments& a) const {

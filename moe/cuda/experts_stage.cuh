@@ -85,8 +85,11 @@ class ExpertsStage {
   using Activation = typename Experts::Activation;
   using Weights = ExpertWeights<Experts, IO, DeviceSpace>;
   using Rows = ExpertRows<IO, DeviceSpace>;
+  static_assert(!Experts::Quant::kQuantized,
+                "moe::cuda::ExpertsStage: the quantized schemes (moe/quant/w8a8.h) run on the CPU backend only in "
+                "this release; their CUDA GEMMs are not built yet");
   static_assert(std::is_same_v<IO, typename Experts::Quant::WeightElement>,
-                "moe::cuda::ExpertsStage: this release runs the unquantized schemes (weights stored like activations)");
+                "moe::cuda::ExpertsStage: unquantized weights are stored like the activations");
   static constexpr detail::ColumnMode kMode1 =
       !Activation::kGated ? detail::ColumnMode::kPlain
       : Activation::kLayout == GateUpLayout::kInterleaved ? detail::ColumnMode::kGatedInterleaved

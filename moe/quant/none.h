@@ -1,5 +1,5 @@
-// The unquantized schemes: activations and weights stored as T (float, half or bfloat16),
-// products accumulated in float.
+// The unquantized schemes: weights stored as T (float, half or bfloat16), activations in the IO
+// type, products accumulated in float.
 #pragma once
 
 #include <string_view>
@@ -12,14 +12,17 @@ namespace moe::quant {
 template <class T>
 struct None {
   static_assert(is_storage_float_v<T>, "moe::quant::None<T>: T must be float, moe::half or moe::bfloat16");
-  using ActElement = T;
   using WeightElement = T;
-  struct Arguments {};
+  using DefaultIO = T;
+  template <class Space>
+  struct Arguments {
+    Status validate(Index, Index, Index, Index) const { return Status::ok(); }
+  };
   static constexpr std::string_view kName = std::is_same_v<T, float> ? "f32" : (std::is_same_v<T, half> ? "f16" : "bf16");
+  static constexpr bool kQuantized = false;
   static constexpr ScaleGranularity kActScale = ScaleGranularity::kNone;
   static constexpr ScaleGranularity kWeightScale = ScaleGranularity::kNone;
-  static constexpr bool kRequantizeIntermediate = false;
-  MOE_HOST_DEVICE static float dequantize_weight(T w, float /*scale*/) { return to_float(w); }
+  MOE_HOST_DEVICE static float dequantize_weight(T w) { return to_float(w); }
 };
 
 using F32 = None<float>;

@@ -1,4 +1,4 @@
-// Storage number types shared by both backends: moe::bfloat16 and moe::half.
+// Storage number types shared by both backends: moe::bfloat16, moe::half and moe::float8_e4m3.
 //
 // Conversions from float round to nearest even, exactly as the GPU's cvt.rn instructions do, so
 // the CPU reference rounds bit-for-bit like the device wherever the algorithm allows. On the
@@ -95,6 +95,54 @@ struct half {
     if (exp != 0) return std::bit_cast<float>(sign | ((exp + 112u) << 23) | (mant << 13));
     // Subnormal or zero: exact in float.
     const float magnitude = static_cast<float>(mant) * 5.9604644775390625e-8f;  // 2^-24
+    return sign ? -magnitude : magnitude;
+  }
+};
+
+// OCP FP8 E4M3 ("e4m3fn", torch.float8_e4m3fn, safetensors F8_E4M3): 1 sign, 4 exponent bits
+// (bias 7), 3 mantissa bits, no infinities, NaN = S.1111.111, largest finite 448. From float:
+// round to nearest even, saturating to +-448 (infinities too) as the quantizers of vLLM and the
+// GPU's cvt.rn.satfinite do; NaN stays NaN.
+struct float8_e4m3 {
+  std::uint8_t bits = 0;
+
+  static constexpr float kMax = 448.0f;
+
+  float8_e4m3() = default;
+  MOE_HOST_DEVICE explicit float8_e4m3(float x) : bits(from_float(x)) {}
+  MOE_HOST_DEVICE explicit operator float() const { return to_float(bits); }
+
+  MOE_HOST_DEVICE static float8_e4m3 from_bits(std::uint8_t b) {
+    float8_e4m3 v;
+    v.bits = b;
+    return v;
+  }
+  MOE_HOST_DEVICE static std::uint8_t from_float(float x) {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+    const std::uint8_t sign = static_cast<std::uint8_t>((u >> 24) & 0x80u);
+    const std::uint32_t abs = u & 0x7fffffffu;
+    if (abs > 0x7f800000u) return static_cast<std::uint8_t>(sign | 0x7fu);  // NaN
+    if (abs >= 0x43e00000u) return static_cast<std::uint8_t>(sign | 0x7eu);  // >= 448 (inf too): saturate
+    if (abs >= 0x3c800000u) {  // normal e4m3 (>= 2^-6): keep 3 of the 23 mantissa bits, round to even
+      const std::uint32_t r = abs + 0x7ffffu + ((abs >> 20) & 1u);
+      if (r >= 0x43e80000u) return static_cast<std::uint8_t>(sign | 0x7eu);  // rounds past 448
+      const std::uint32_t exp = (r >> 23) - 127u + 7u;
+      return static_cast<std::uint8_t>(sign | (exp << 3) | ((r >> 20) & 7u));
+    }
+    // Subnormal: m * 2^-9 with m = round_even(|x| * 2^9) in 0..8 (8 is the smallest normal, whose
+    // encoding is the same bits).
+    const float scaled = std::bit_cast<float>(abs) * 512.0f;  // exact: a power of two
+    std::uint32_t m = static_cast<std::uint32_t>(scaled);
+    const float rem = scaled - static_cast<float>(m);
+    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;
+    return static_cast<std::uint8_t>(sign | m);
+  }
+  MOE_HOST_DEVICE static float to_float(std::uint8_t b) {
+    const std::uint32_t sign = static_cast<std::uint32_t>(b & 0x80u) << 24;
+    const std::uint32_t exp = (b >> 3) & 0xfu, mant = b & 7u;
+    if (exp == 0xfu && mant == 7u) return std::bit_cast<float>(sign | 0x7fc00000u);  // NaN
+    if (exp != 0) return std::bit_cast<float>(sign | ((exp + 120u) << 23) | (mant << 20));
+    const float magnitude = static_cast<float>(mant) * 0.001953125f;  // 2^-9
     return sign ? -magnitude : magnitude;
   }
 };

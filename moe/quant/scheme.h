@@ -1,18 +1,27 @@
-// The quantization-scheme concept. A scheme names the element types of activations and weights,
-// the granularity of their scales, and the scalar quantize/dequantize both backends call.
+// The quantization-scheme concept: what the expert GEMMs multiply, in which storage, with which
+// scales. The element type of hidden states and output is not the scheme's: it is the Experts
+// policy's (moe::Experts<Activation, Scheme, IO>), so one scheme serves bf16, f16 and f32 models.
 //
-// This release ships the unquantized schemes (quant::None<T> for float, half, bfloat16). The
-// schemes to come satisfy the same concept: FP8 per-tensor / per-token x per-channel /
-// 128x128 block, INT8 W8A8, INT4/INT8 weight-only with group scales and zero points, MXFP4.
-// Their scale tensors travel in the scheme's Arguments; the CPU experts stage dequantizes
-// weights with Q::dequantize_weight into float panels, and the GEMM1 epilogue's RoundTo becomes
-// a quantize step where the scheme re-quantizes the intermediate.
+// A scheme declares
+//   WeightElement        storage of w13 / w2 (the IO type for the unquantized schemes, float8_e4m3
+//                        or int8 for W8A8)
+//   DefaultIO            the IO type when the Experts policy names none
+//   kQuantized           whether activations are quantized before each GEMM and scales applied
+//   kWeightScale         weight scale layout (kBlock: kBlockN x kBlockK blocks of [N, K])
+//   kActScale            activation quantizer: kPerTensor (static scales), kPerToken (dynamic, one per
+//                        row), kGroup (dynamic, one per row and kBlockK columns)
+//   Arguments<Space>     the scale tensors it adds to a forward's arguments, with
+//                        validate(E, N1, H, I) naming a tensor whose shape is wrong
+//   dequantize_weight    the stored weight as the float the GEMM multiplies (before scales)
+// Both backends implement the same arithmetic, written out in moe/quant/w8a8.h.
 #pragma once
 
 #include <concepts>
 #include <string_view>
 
 #include "moe/config.h"
+#include "moe/status.h"
+#include "moe/tensor.h"
 
 namespace moe::quant {
 
@@ -22,21 +31,23 @@ enum class ScaleGranularity {
   kPerTensor,  // one scale (per expert for weights)
   kPerToken,   // one per activation row
   kPerChannel, // one per weight output row
-  kBlock,      // one per (block_m x block_n) tile, e.g. 128x128 for DeepSeek fp8
-  kGroup,      // one per group of K elements (int4/int8 weight-only, MXFP4's 32)
+  kBlock,      // one per (block_n x block_k) tile of a weight, e.g. 128x128 for DeepSeek fp8
+  kGroup,      // one per group of K elements (per-token-group activations, weight-only groups)
 };
 
 template <class Q>
 concept QuantScheme = requires {
-  typename Q::ActElement;     // storage of hidden states fed to GEMM1
-  typename Q::WeightElement;  // storage of w13 / w2
-  typename Q::Arguments;      // scale and zero-point tensors, static activation scales
+  typename Q::WeightElement;
+  typename Q::DefaultIO;
+  typename Q::template Arguments<HostSpace>;
+  typename Q::template Arguments<DeviceSpace>;
   { Q::kName } -> std::convertible_to<std::string_view>;
+  { Q::kQuantized } -> std::convertible_to<bool>;
   { Q::kActScale } -> std::convertible_to<ScaleGranularity>;
   { Q::kWeightScale } -> std::convertible_to<ScaleGranularity>;
-  { Q::kRequantizeIntermediate } -> std::convertible_to<bool>;
-} && requires(typename Q::WeightElement w, float scale) {
-  { Q::dequantize_weight(w, scale) } -> std::convertible_to<float>;
+} && requires(typename Q::WeightElement w, const typename Q::template Arguments<HostSpace>& a, Index n) {
+  { Q::dequantize_weight(w) } -> std::convertible_to<float>;
+  { a.validate(n, n, n, n) } -> std::same_as<Status>;
 };
 
 }  // namespace moe::quant

@@ -120,7 +120,8 @@ struct ExpertsStage {
     StridedMap c1(acc1 + begin * ld_out, n, N1, ::Eigen::OuterStride<>(ld_out));
     [[maybe_unused]] float* qs = thread_scratch + quant_scratch_offset(p);
     if constexpr (Quant::kQuantized) {
-      scaled_product(input + begin * H, n, H, w13, p.quant.w13_scale[e], static_scale(p.quant.a13_scale), c1, qs);
+      scaled_product(input + begin * H, n, H, w13, p.quant.w13_scale[e], static_scale(p.quant.a13_scale), c1, qs,
+                     N1 == 2 * I ? I : 0);
     } else {
       c1.noalias() = a * w13.transpose();
     }
@@ -298,9 +299,10 @@ struct ExpertsStage {
   }
 
   // c [n, N] = the scheme's product of rows `x` ([n, K], IO-rounded floats) with the codes `w`
-  // ([N, K], as floats) under weight scales `ws` (this expert's [N or 1 or N-blocks, K-blocks]).
+  // ([N, K], as floats) under weight scales `ws` (this expert's [N or 1 or N-blocks, K-blocks];
+  // `half` > 0: a gated w13 whose halves are blocked separately).
   static void scaled_product(const float* x, Index n, Index K, const ConstStridedMap& w, HostView<const float, 2> ws,
-                             std::optional<float> static_scale, StridedMap& c, float* scratch) {
+                             std::optional<float> static_scale, StridedMap& c, float* scratch, Index half = 0) {
     const Index N = w.rows(), kb = Quant::k_blocks(K), block_k = Quant::kBlockK > 0 ? Quant::kBlockK : K;
     float* q = scratch;                        // [n, K] codes
     float* qscale = q + n * K;                 // [n, kb]
@@ -322,9 +324,7 @@ struct ExpertsStage {
       }
     }
     const auto weight_scale = [&](Index col, Index b) {
-      if constexpr (Quant::kWeightScale == quant::ScaleGranularity::kPerTensor) return ws(0, 0);
-      else if constexpr (Quant::kWeightScale == quant::ScaleGranularity::kPerChannel) return ws(col, 0);
-      else return ws(col / Quant::kBlockN, b);
+      return ws(Quant::weight_scale_row(col, half), Quant::kWeightScale == quant::ScaleGranularity::kBlock ? b : 0);
     };
     ::Eigen::Map<const MatrixRM> qa(q, n, K);
     StridedMap part(partial, n, N, ::Eigen::OuterStride<>(N));

@@ -5,7 +5,10 @@
 //                         (a13_scale, a2_scale: [1], the max over experts as vLLM loads them)
 //   Fp8PerTokenChannel    w scale per output channel [E, N, 1]; activations dynamic per token
 //   Fp8Block<BN, BK>      w scale per BN x BK block [E, ceil(N/BN), ceil(K/BK)] (DeepSeek-V3: 128x128,
-//                         `weight_scale_inv`); activations dynamic per token and BK columns
+//                         `weight_scale_inv`); a gated w13 ([gate; up]) is blocked per half, as
+//                         vLLM stores it: [E, 2 * ceil(I/BN), ceil(H/BK)], so an I that is not a
+//                         multiple of BN (192, or 320 per TP rank) is exact; activations dynamic per
+//                         token and BK columns
 //   Int8PerTokenChannel   INT8 weights, per-channel scales; activations dynamic per token (int8)
 //
 // The arithmetic, the same on every backend (and in the tests' independent reference):
@@ -101,11 +104,20 @@ struct W8A8 {
 
   // K blocks of a GEMM with reduction length k: the scale blocks along K.
   static constexpr Index k_blocks(Index k) { return BlockK > 0 ? (k + BlockK - 1) / BlockK : 1; }
-  // The weight scale tensor's shape for weights [E, n, k].
-  static std::array<Index, 3> weight_scale_shape(Index e, Index n, Index k) {
+  // The weight scale tensor's shape for weights [E, n, k]; `half` > 0: the rows are two halves of
+  // `half` rows each ([gate; up]), blocked separately.
+  static std::array<Index, 3> weight_scale_shape(Index e, Index n, Index k, Index half = 0) {
     if constexpr (WeightScale == ScaleGranularity::kPerTensor) return {e, 1, 1};
     else if constexpr (WeightScale == ScaleGranularity::kPerChannel) return {e, n, 1};
+    else if (half > 0) return {e, 2 * ((half + BlockN - 1) / BlockN), (k + BlockK - 1) / BlockK};
     else return {e, (n + BlockN - 1) / BlockN, (k + BlockK - 1) / BlockK};
+  }
+  // The scale row of weight row `n` (the scale tensor's dimension 1), `half` as above.
+  MOE_HOST_DEVICE static Index weight_scale_row(Index n, Index half = 0) {
+    if constexpr (WeightScale == ScaleGranularity::kPerTensor) return 0;
+    else if constexpr (WeightScale == ScaleGranularity::kPerChannel) return n;
+    else if (half > 0 && n >= half) return (half + BlockN - 1) / BlockN + (n - half) / BlockN;
+    else return n / BlockN;
   }
 
   template <class Space>
@@ -118,8 +130,9 @@ struct W8A8 {
     // The shapes against a forward's sizes; an error names the tensor, the expected and the
     // actual shape. (Finite, positive values are the caller's: they come with the checkpoint,
     // whose loader checks them.)
+    // `N1` = 2 * I: a gated w13, whose halves are blocked separately.
     Status validate(Index E, Index N1, Index H, Index I) const {
-      MOE_RETURN_IF_ERROR(check_scale("quant.w13_scale", w13_scale, weight_scale_shape(E, N1, H)));
+      MOE_RETURN_IF_ERROR(check_scale("quant.w13_scale", w13_scale, weight_scale_shape(E, N1, H, N1 == 2 * I ? I : 0)));
       MOE_RETURN_IF_ERROR(check_scale("quant.w2_scale", w2_scale, weight_scale_shape(E, H, I)));
       if constexpr (kStaticActivations) {
         if (!a13_scale || !a2_scale) {

@@ -115,24 +115,43 @@ struct QuantWeights {
   std::vector<float> a13{0.05f}, a2{0.02f};  // static activation scales (Fp8PerTensor)
 };
 
+// The scale blocks of rows [begin, end): a gated w13's halves (`half` rows each) are blocked
+// separately, as vLLM stores them.
+std::vector<std::pair<Index, Index>> row_blocks(Index N, Index bn, Index half) {
+  std::vector<std::pair<Index, Index>> out;
+  const auto add = [&](Index begin, Index end) {
+    for (Index r = begin; r < end; r += bn) out.push_back({r, std::min(end, r + bn)});
+  };
+  if (half > 0) {
+    add(0, half);
+    add(half, N);
+  } else {
+    add(0, N);
+  }
+  return out;
+}
+
 template <class Q>
-void quantize_weights(const std::vector<float>& w, Index E, Index N, Index K, std::vector<typename Q::WeightElement>* codes,
-                      std::vector<float>* scales) {
-  const auto shape = Q::weight_scale_shape(E, N, K);
+void quantize_weights(const std::vector<float>& w, Index E, Index N, Index K, Index half,
+                      std::vector<typename Q::WeightElement>* codes, std::vector<float>* scales) {
+  const auto shape = Q::weight_scale_shape(E, N, K, half);
   const Index bn = Q::kWeightScale == ScaleGranularity::kBlock ? Q::kBlockN : (Q::kWeightScale == ScaleGranularity::kPerChannel ? 1 : N);
   const Index bk = Q::kWeightScale == ScaleGranularity::kBlock ? Q::kBlockK : K;
+  const auto blocks = row_blocks(N, bn, Q::kWeightScale == ScaleGranularity::kBlock ? half : 0);
+  EXPECT_EQ(static_cast<Index>(blocks.size()), shape[1]);
   scales->assign(static_cast<std::size_t>(shape[0] * shape[1] * shape[2]), 0.0f);
   codes->resize(w.size());
   for (Index e = 0; e < E; ++e) {
     for (Index i = 0; i < shape[1]; ++i) {
+      const auto [n0, n1] = blocks[static_cast<std::size_t>(i)];
       for (Index j = 0; j < shape[2]; ++j) {
         double amax = 0;
-        for (Index n = i * bn; n < std::min(N, (i + 1) * bn); ++n) {
+        for (Index n = n0; n < n1; ++n) {
           for (Index k = j * bk; k < std::min(K, (j + 1) * bk); ++k) amax = std::max(amax, std::fabs(double(w[(e * N + n) * K + k])));
         }
         const float s = static_cast<float>(amax / Q::kMax);
         (*scales)[(e * shape[1] + i) * shape[2] + j] = s;
-        for (Index n = i * bn; n < std::min(N, (i + 1) * bn); ++n) {
+        for (Index n = n0; n < n1; ++n) {
           for (Index k = j * bk; k < std::min(K, (j + 1) * bk); ++k) {
             const double v = w[(e * N + n) * K + k] / s;
             if constexpr (std::is_same_v<typename Q::WeightElement, float8_e4m3>) {
@@ -165,8 +184,19 @@ std::vector<double> ref_product(const std::vector<double>& x, const QuantWeights
                                 Index K) {
   const auto& codes = first ? qw.w13 : qw.w2;
   const auto& scales = first ? qw.s13 : qw.s2;
-  const auto shape = Q::weight_scale_shape(1, N, K);
+  const Index half = first ? N / 2 : 0;
+  const auto shape = Q::weight_scale_shape(1, N, K, half);
   const Index bk = Q::kBlockK > 0 ? Q::kBlockK : K, kb = (K + bk - 1) / bk;
+  // The scale row of weight row n, found by this test's own block list.
+  const Index bn = Q::kWeightScale == ScaleGranularity::kBlock ? Q::kBlockN : 1;
+  const auto blocks = row_blocks(N, bn, Q::kWeightScale == ScaleGranularity::kBlock ? half : 0);
+  const auto scale_row = [&](Index n) {
+    if (Q::kWeightScale == ScaleGranularity::kPerTensor) return Index{0};
+    for (std::size_t i = 0; i < blocks.size(); ++i) {
+      if (n >= blocks[i].first && n < blocks[i].second) return static_cast<Index>(i);
+    }
+    return Index{-1};
+  };
   std::vector<double> q(x.size()), sx(static_cast<std::size_t>(kb));
   for (Index b = 0; b < kb; ++b) {
     double s = 0;
@@ -190,7 +220,7 @@ std::vector<double> ref_product(const std::vector<double>& x, const QuantWeights
     for (Index b = 0; b < kb; ++b) {
       double dot = 0;
       for (Index k = b * bk; k < std::min(K, (b + 1) * bk); ++k) dot += q[k] * to_float(codes[(e * N + n) * K + k]);
-      const Index si = Q::kWeightScale == ScaleGranularity::kPerTensor ? 0 : (Q::kWeightScale == ScaleGranularity::kPerChannel ? n : (n / Q::kBlockN) * shape[2] + b);
+      const Index si = scale_row(n) * shape[2] + (Q::kWeightScale == ScaleGranularity::kBlock ? b : 0);
       out[n] += dot * sx[b] * scales[e * shape[1] * shape[2] + si];
     }
   }
@@ -221,8 +251,8 @@ struct QuantCase {
       }
       for (int j = 0; j < p.top_k; ++j) weights[weights.size() - 1 - j] /= sum;
     }
-    quantize_weights<Q>(varied_weights(p.E, 2 * p.I, p.H, seed + 1), p.E, 2 * p.I, p.H, &qw.w13, &qw.s13);
-    quantize_weights<Q>(varied_weights(p.E, p.H, p.I, seed + 2), p.E, p.H, p.I, &qw.w2, &qw.s2);
+    quantize_weights<Q>(varied_weights(p.E, 2 * p.I, p.H, seed + 1), p.E, 2 * p.I, p.H, p.I, &qw.w13, &qw.s13);
+    quantize_weights<Q>(varied_weights(p.E, p.H, p.I, seed + 2), p.E, p.H, p.I, 0, &qw.w2, &qw.s2);
     out.assign(hidden.size(), bfloat16(-7.0f));
   }
 
@@ -235,7 +265,7 @@ struct QuantCase {
     using W = typename Q::WeightElement;
     a.w13 = HostView<const W, 3>(qw.w13.data(), {p.E, 2 * p.I, p.H});
     a.w2 = HostView<const W, 3>(qw.w2.data(), {p.E, p.H, p.I});
-    a.quant.w13_scale = HostView<const float, 3>(qw.s13.data(), Q::weight_scale_shape(p.E, 2 * p.I, p.H));
+    a.quant.w13_scale = HostView<const float, 3>(qw.s13.data(), Q::weight_scale_shape(p.E, 2 * p.I, p.H, p.I));
     a.quant.w2_scale = HostView<const float, 3>(qw.s2.data(), Q::weight_scale_shape(p.E, p.H, p.I));
     if constexpr (Q::kStaticActivations) {
       a.quant.a13_scale = HostView<const float, 1>(qw.a13.data(), {1});
@@ -357,9 +387,9 @@ TEST(W8A8, BadScaleTensorsAreNamedAndWriteNothing) {
     for (const std::string& part : parts) EXPECT_NE(s.message().find(part), std::string::npos) << s.to_string();
     for (const bfloat16& v : c.out) ASSERT_EQ(to_float(v), -7.0f) << "output written on error";
   };
-  // w13 [5, 384, 200]: scales [5, 3, 2]; w2 [5, 200, 192]: [5, 2, 2].
-  expect_error([&](auto& a) { a.quant.w13_scale = HostView<const float, 3>(big.data(), {5, 3, 1}); },
-               {"quant.w13_scale", "[5, 3, 2]", "[5, 3, 1]"});
+  // w13 [5, 384, 200] in halves of 192 rows: scales [5, 4, 2]; w2 [5, 200, 192]: [5, 2, 2].
+  expect_error([&](auto& a) { a.quant.w13_scale = HostView<const float, 3>(big.data(), {5, 3, 2}); },
+               {"quant.w13_scale", "[5, 4, 2]", "[5, 3, 2]"});
   expect_error([&](auto& a) { a.quant.w2_scale = HostView<const float, 3>(big.data(), {5, 2, 3}); },
                {"quant.w2_scale", "[5, 2, 2]", "[5, 2, 3]"});
   expect_error([&](auto& a) { a.quant.w2_scale = HostView<const float, 3>(big.data(), {4, 2, 2}); },

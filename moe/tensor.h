@@ -146,6 +146,7 @@ struct DTypeOf;
 template <> struct DTypeOf<float> { static constexpr DType value = DType::kF32; };
 template <> struct DTypeOf<half> { static constexpr DType value = DType::kF16; };
 template <> struct DTypeOf<bfloat16> { static constexpr DType value = DType::kBF16; };
+template <> struct DTypeOf<float8_e4m3> { static constexpr DType value = DType::kF8E4M3; };
 template <> struct DTypeOf<std::int8_t> { static constexpr DType value = DType::kI8; };
 template <> struct DTypeOf<std::uint8_t> { static constexpr DType value = DType::kU8; };
 template <> struct DTypeOf<std::int32_t> { static constexpr DType value = DType::kI32; };

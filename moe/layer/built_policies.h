@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "moe/activation.h"
+#include "moe/quant/w8a8.h"
 #include "moe/routing.h"
 #include "moe/status.h"
 
@@ -36,6 +37,24 @@ struct ExpertsPolicies {
 };
 using BuiltExperts = PolicyList<ExpertsPolicies<SiluAndMul>, ExpertsPolicies<SwigluOai>,
                                 ExpertsPolicies<SiluAndMul, /*WeightOnInput=*/true>>;
+
+// Quantized routed-experts kernels (the CPU backend; moe/quant/w8a8.h): each scheme of
+// BuiltSchemes for each entry of BuiltQuantizedExperts, in f32, bf16 and f16 IO. The layer keys
+// them by scheme_key: the checkpoints' formats (DeepSeek-V3 and Qwen3 FP8: 128x128 blocks).
+using BuiltSchemes = PolicyList<quant::Fp8Block<128, 128>>;
+using BuiltQuantizedExperts = PolicyList<ExpertsPolicies<SiluAndMul>>;
+
+// "none" for the unquantized schemes, else the scheme's name with its block sizes.
+template <class Q>
+std::string scheme_key() {
+  if constexpr (!Q::kQuantized) {
+    return "none";
+  } else if constexpr (Q::kWeightScale == quant::ScaleGranularity::kBlock) {
+    return std::string(Q::kName) + "_" + std::to_string(Q::kBlockN) + "x" + std::to_string(Q::kBlockK);
+  } else {
+    return std::string(Q::kName);
+  }
+}
 
 // ---- run-time parameters, read by whichever policy has them ---------------------------------
 

@@ -108,7 +108,7 @@ Status forward_as(const ForwardRequest& r) {
 }  // namespace
 
 Status find_cuda_kernel(const KernelKey& key, ForwardFn* out) {
-  static const KernelTable<ForwardFn> table([&]<class E, class T>() -> ForwardFn { return &forward_as<E>; });
+  static const KernelTable<ForwardFn> table([&]<class E, class T, class Q>() -> ForwardFn { return &forward_as<E>; });
   return table.find(key, "CUDA", out);
 }
 

@@ -72,7 +72,7 @@ struct ExpertsFns {
 
 // The prebuilt combinations (the CPU registry's, moe/layer/built_policies.h).
 Status find_experts(const KernelKey& key, ExpertsFns* out) {
-  static const KernelTable<ExpertsFns> table([&]<class E, class T>() {
+  static const KernelTable<ExpertsFns> table([&]<class E, class T, class Q>() {
     return ExpertsFns{&TypedExperts<E, T>::workspace, &TypedExperts<E, T>::run};
   });
   return table.find(key, "CUDA", out);

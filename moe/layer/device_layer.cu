@@ -385,6 +385,9 @@ Status DeviceLayer::Impl::allocate_workspace() {
 }
 
 Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::unique_ptr<DeviceLayer>* out) {
+  if (layer.weight_scheme() != "none") {
+    return unsupported("DeviceLayer: ", layer.weight_scheme(), " weights run on the CPU backend only in this build");
+  }
   auto impl = std::make_unique<Impl>();
   Impl& d = *impl;
   MOE_RETURN_IF_ERROR(d.plan(layer.config_, layer.parallel_, layer.dtype_, layer.local_experts_,

@@ -3,6 +3,7 @@
 #include <Eigen/Core>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <set>
 #include <sstream>
 
@@ -42,7 +43,7 @@ void store_element(Buffer& b, Index i, float v) {
   }
 }
 
-std::size_t element_size(DType t) { return t == DType::kF32 ? 4 : 2; }
+std::size_t element_size(DType t) { return t == DType::kF32 ? 4 : (t == DType::kF8E4M3 ? 1 : 2); }
 
 Buffer make_buffer(DType dtype, std::vector<Index> shape) {
   Buffer b;
@@ -93,6 +94,63 @@ float mxfp4_value(const std::uint8_t* blocks, const std::uint8_t* scales, Index 
   return std::ldexp(kLut[code], exponent);
 }
 
+// ---- FP8 block-scaled checkpoints (quant_method fp8 with weight_block_size: DeepSeek-V3, Qwen3) --
+//
+// A Linear's `<name>.weight` [N, K] holds F8_E4M3 codes and `<name>.weight_scale_inv` [ceil(N/128),
+// ceil(K/128)] (f32) the scale of each 128x128 block: value = code * scale. The codes are kept
+// (half the bytes of bf16) and the scales repacked into quant::Fp8Block's layout. A tensor-parallel
+// rank takes rows or columns [i0, i0 + It) of the intermediate dimension: exact when i0 is a
+// multiple of 128 (every rank's slice starts a block), refused otherwise.
+constexpr Index kFp8Block = 128;
+
+struct Fp8Linear {
+  AnyTensor codes;  // [N, K] F8_E4M3
+  Source scale;     // [ceil(N/128), ceil(K/128)]
+};
+
+Status open_fp8_linear(const std::function<Status(const std::string&, const std::vector<Index>&, Source*)>& open_float,
+                       std::set<std::string>& used, const io::Checkpoint& ckpt, const std::string& name, Index N, Index K,
+                       Fp8Linear* out) {
+  used.insert(name + ".weight");
+  MOE_RETURN_IF_ERROR(ckpt.tensor(name + ".weight", &out->codes));
+  if (out->codes.dtype != DType::kF8E4M3) {
+    return invalid_argument("tensor ", name, ".weight: expected dtype F8_E4M3 (quantization_config fp8), got ",
+                            to_string(out->codes.dtype));
+  }
+  if (out->codes.extents != std::vector<Index>{N, K}) {
+    return invalid_argument("tensor ", name, ".weight: expected shape ", shape_string({N, K}), ", got ",
+                            shape_string(out->codes.extents));
+  }
+  const Index nb = (N + kFp8Block - 1) / kFp8Block, kb = (K + kFp8Block - 1) / kFp8Block;
+  return open_float(name + ".weight_scale_inv", {nb, kb}, &out->scale);
+}
+
+std::uint8_t fp8_code(const Fp8Linear& l, Index r, Index c) {
+  return static_cast<const std::uint8_t*>(l.codes.data)[r * l.codes.extents[1] + c];
+}
+
+// One expert's slice [r0, r0 + n) of the intermediate dimension (r0 a multiple of 128): gate and up
+// rows into w13 [2n, H] ([gate; up]) and their scales into s13 [2 * nb, nbH] (each half blocked on
+// its own, quant::Fp8Block's layout); down columns into w2 [H, n] and scales into s2 [nbH, nb].
+void copy_fp8_expert(const Fp8Linear& gate, const Fp8Linear& up, const Fp8Linear& down, Index r0, Index n, Index H,
+                     std::uint8_t* w13, std::uint8_t* w2, float* s13, float* s2) {
+  const Index nb = (n + kFp8Block - 1) / kFp8Block, nbH = (H + kFp8Block - 1) / kFp8Block, b0 = r0 / kFp8Block;
+  for (Index i = 0; i < n; ++i)
+    for (Index h = 0; h < H; ++h) {
+      w13[i * H + h] = fp8_code(gate, r0 + i, h);
+      w13[(n + i) * H + h] = fp8_code(up, r0 + i, h);
+    }
+  for (Index h = 0; h < H; ++h)
+    for (Index i = 0; i < n; ++i) w2[h * n + i] = fp8_code(down, h, r0 + i);
+  for (Index b = 0; b < nb; ++b)
+    for (Index c = 0; c < nbH; ++c) {
+      s13[b * nbH + c] = gate.scale.at(b0 + b, c);
+      s13[(nb + b) * nbH + c] = up.scale.at(b0 + b, c);
+    }
+  for (Index r = 0; r < nbH; ++r)
+    for (Index b = 0; b < nb; ++b) s2[r * nb + b] = down.scale.at(r, b0 + b);
+}
+
 // gate/up/down of one expert as float, already sliced to this tensor-parallel rank.
 struct ExpertWeights {
   std::vector<float> gate, up;  // [It, H]
@@ -107,10 +165,17 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
     return invalid_argument("dtype: expected f32, bf16 or f16, got ", to_string(dtype));
   }
-  if (!config.quantization.runnable()) {
-    return unsupported("config.quantization_config: ", config.quantization.describe(),
-                       " is not supported by this build yet (it runs unquantized and gpt-oss MXFP4 checkpoints); "
-                       "refused rather than run the quantized tensors as if they were unscaled");
+  const QuantizationConfig& quant = config.quantization;
+  if (!quant.runnable()) {
+    return unsupported("config.quantization_config: ", quant.describe(),
+                       " is not supported by this build yet (it runs unquantized, gpt-oss MXFP4 and 128x128 "
+                       "block-scaled FP8 checkpoints); refused rather than run the quantized tensors as if they "
+                       "were unscaled");
+  }
+  const bool fp8 = quant.method == QuantMethod::kFp8;  // runnable(): 128x128 blocks, dynamic activations
+  if (fp8 && (config.expert_layout != ExpertLayout::kPerExpertLinear || config.expert_biases)) {
+    return unsupported("config.quantization_config: FP8 experts are read for per-expert Linear layouts "
+                       "(experts.{e}.<gate|up|down>_proj) without biases; ", config.architecture_name, " stores them otherwise");
   }
   if (par.tp_size < 1 || par.tp_rank < 0 || par.tp_rank >= par.tp_size) {
     return invalid_argument("tp_rank: expected 0 <= tp_rank < tp_size=", par.tp_size, ", got ", par.tp_rank);
@@ -122,6 +187,11 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   if (config.shared_intermediate % par.tp_size != 0) {
     return invalid_argument("tp_size: the shared expert intermediate size ", config.shared_intermediate,
                             " is not divisible by tp_size=", par.tp_size);
+  }
+  if (fp8 && par.tp_size > 1 && ((I / par.tp_size) % kFp8Block != 0 || (config.shared_intermediate / par.tp_size) % kFp8Block != 0)) {
+    return unsupported("tp_size: ", par.tp_size, " splits the intermediate size ", I, " (shared ", config.shared_intermediate,
+                       ") into slices that cut through the 128x128 FP8 scale blocks (weight_block_size); use a "
+                       "tp_size whose slices are multiples of 128");
   }
   ExpertMap em;
   MOE_RETURN_IF_ERROR(determine_expert_map(par.ep_size, par.ep_rank, E, par.placement, &em));
@@ -173,8 +243,18 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   // Routed experts.
   const bool interleaved = gate_up_layout(config.activation) == GateUpLayout::kInterleaved;
   const Index L = l.local_experts_;
-  l.w13_ = make_buffer(dtype, {L, 2 * It, H});
-  l.w2_ = make_buffer(dtype, {L, H, It});
+  const DType weight_dtype = fp8 ? DType::kF8E4M3 : dtype;
+  l.w13_ = make_buffer(weight_dtype, {L, 2 * It, H});
+  l.w2_ = make_buffer(weight_dtype, {L, H, It});
+  const Index nbI = (It + kFp8Block - 1) / kFp8Block, nbH = (H + kFp8Block - 1) / kFp8Block;
+  const auto open_float = [&](const std::string& name, const std::vector<Index>& shape, Source* src) {
+    return open(name, shape, src);
+  };
+  if (fp8) {
+    l.weight_scheme_ = scheme_key<quant::Fp8Block<128, 128>>();
+    l.w13_scale_ = make_buffer(DType::kF32, {L, 2 * nbI, nbH});
+    l.w2_scale_ = make_buffer(DType::kF32, {L, nbH, nbI});
+  }
   if (config.expert_biases) {
     l.w13_bias_ = make_buffer(dtype, {L, 2 * It});
     if (par.tp_rank == 0) l.w2_bias_ = make_buffer(dtype, {L, H});  // added once across TP ranks
@@ -213,6 +293,18 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   for (Index g = 0; g < E; ++g) {
     const Index local = em.map.empty() ? g : em.map[g];
     if (local < 0) continue;
+    if (fp8) {  // codes and scales copied as they are, sliced to this rank
+      const std::string e = p + ".experts." + std::to_string(g) + ".";
+      Fp8Linear gl, ul, dl;
+      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + config.gate_name, I, H, &gl));
+      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + config.up_name, I, H, &ul));
+      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + config.down_name, H, I, &dl));
+      copy_fp8_expert(gl, ul, dl, i0, It, H, reinterpret_cast<std::uint8_t*>(l.w13_.bytes.data()) + local * 2 * It * H,
+                      reinterpret_cast<std::uint8_t*>(l.w2_.bytes.data()) + local * H * It,
+                      reinterpret_cast<float*>(l.w13_scale_.bytes.data()) + local * 2 * nbI * nbH,
+                      reinterpret_cast<float*>(l.w2_scale_.bytes.data()) + local * nbH * nbI);
+      continue;
+    }
     w.gate.assign(It * H, 0.0f);
     w.up.assign(It * H, 0.0f);
     w.down.assign(H * It, 0.0f);
@@ -288,6 +380,22 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     const Index S = config.shared_intermediate, St = S / par.tp_size, s0 = par.tp_rank * St;
     const std::string e = p + "." + config.shared_prefix + ".";
     Source gs, us, ds;
+    if (fp8) {  // as the routed experts: one expert of St rows
+      Fp8Linear gl, ul, dl;
+      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + "gate_proj", S, H, &gl));
+      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + "up_proj", S, H, &ul));
+      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + "down_proj", H, S, &dl));
+      const Index nbS = (St + kFp8Block - 1) / kFp8Block;
+      l.shared_tp_ = St;
+      l.shared_w13_ = make_buffer(DType::kF8E4M3, {1, 2 * St, H});
+      l.shared_w2_ = make_buffer(DType::kF8E4M3, {1, H, St});
+      l.shared_w13_scale_ = make_buffer(DType::kF32, {1, 2 * nbS, nbH});
+      l.shared_w2_scale_ = make_buffer(DType::kF32, {1, nbH, nbS});
+      copy_fp8_expert(gl, ul, dl, s0, St, H, reinterpret_cast<std::uint8_t*>(l.shared_w13_.bytes.data()),
+                      reinterpret_cast<std::uint8_t*>(l.shared_w2_.bytes.data()),
+                      reinterpret_cast<float*>(l.shared_w13_scale_.bytes.data()),
+                      reinterpret_cast<float*>(l.shared_w2_scale_.bytes.data()));
+    } else {
     MOE_RETURN_IF_ERROR(open(e + "gate_proj.weight", {S, H}, &gs));
     MOE_RETURN_IF_ERROR(open(e + "up_proj.weight", {S, H}, &us));
     MOE_RETURN_IF_ERROR(open(e + "down_proj.weight", {H, S}, &ds));
@@ -301,6 +409,7 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
       }
     for (Index h = 0; h < H; ++h)
       for (Index i = 0; i < St; ++i) store_element(l.shared_w2_, h * St + i, ds.at(h, s0 + i));
+    }
     if (config.shared_expert_gate) {
       MOE_RETURN_IF_ERROR(open(p + ".shared_expert_gate.weight", {1, H}, &gs));
       for (Index h = 0; h < H; ++h) l.shared_gate_.push_back(gs(h));
@@ -423,7 +532,7 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
 
   // Routed experts (this rank's); zero experts and other ranks' experts map to -1.
   ForwardFn routed = nullptr;
-  MOE_RETURN_IF_ERROR(find({config_.activation, dtype_, config_.weight_on_input}, &routed));
+  MOE_RETURN_IF_ERROR(find({config_.activation, dtype_, config_.weight_on_input, weight_scheme_}, &routed));
   Buffer y = make_buffer(dtype_, {M, H});
   ForwardRequest req;
   req.hidden_states = x.tensor();
@@ -441,6 +550,10 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   } else {
     req.w13 = w13_.tensor();
     req.w2 = w2_.tensor();
+    if (weight_scheme_ != "none") {
+      req.w13_scale = w13_scale_.tensor();
+      req.w2_scale = w2_scale_.tensor();
+    }
     if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
     if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
     map = expert_map_;
@@ -456,7 +569,7 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   // Shared expert: weight 1, or sigmoid(shared_expert_gate . x) (Qwen2-MoE).
   if (shared_tp_ > 0 && M > 0) {
     ForwardFn shared = nullptr;
-    MOE_RETURN_IF_ERROR(find({std::string(SiluAndMul::kName), dtype_, false}, &shared));
+    MOE_RETURN_IF_ERROR(find({std::string(SiluAndMul::kName), dtype_, false, weight_scheme_}, &shared));
     std::vector<std::int32_t> zero_ids(static_cast<std::size_t>(M), 0);
     std::vector<float> gate(static_cast<std::size_t>(M), 1.0f);
     if (!shared_gate_.empty()) {
@@ -474,6 +587,10 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     sr.top_k = 1;
     sr.w13 = resident_ ? resident_->shared_w13 : shared_w13_.tensor();
     sr.w2 = resident_ ? resident_->shared_w2 : shared_w2_.tensor();
+    if (weight_scheme_ != "none") {
+      sr.w13_scale = shared_w13_scale_.tensor();
+      sr.w2_scale = shared_w2_scale_.tensor();
+    }
     sr.weights_on_device = resident_ != nullptr;
     sr.output = so.tensor();
     sr.options = options;
@@ -499,6 +616,9 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
 }
 
 Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
+  if (weight_scheme_ != "none") {
+    return unsupported("make_resident: ", weight_scheme_, " weights run on the CPU backend only in this build");
+  }
   auto r = std::make_shared<Resident>();
   auto put = [&](const void* data, std::size_t bytes, DType dtype, const std::vector<Index>& shape, AnyTensor* out) {
     std::shared_ptr<void> mem;
@@ -560,7 +680,7 @@ std::string MoeLayer::describe() const {
      << parallel_.ep_size << " ("
      << (parallel_.placement == ExpertPlacement::kLinear ? "linear" : "round_robin") << "), " << local_experts_
      << " local experts\n"
-     << "kernel            " << KernelKey{c.activation, dtype_, c.weight_on_input}.to_string()
+     << "kernel            " << KernelKey{c.activation, dtype_, c.weight_on_input, weight_scheme_}.to_string()
      << "\n";
   return os.str();
 }

@@ -65,6 +65,8 @@ class MoeLayer {
   const ModelConfig& config() const { return config_; }
   const ParallelLayout& parallel() const { return parallel_; }
   DType dtype() const { return dtype_; }
+  // How the expert weights are stored: "none" (in dtype()) or a scheme_key (built_policies.h).
+  const std::string& weight_scheme() const { return weight_scheme_; }
   Index num_local_experts() const { return local_experts_; }
   // Policies, shapes and layout, for `moe info`.
   std::string describe() const;
@@ -86,6 +88,10 @@ class MoeLayer {
   std::vector<float> correction_bias_;    // [E] or empty
   Buffer w13_, w2_, w13_bias_, w2_bias_;  // biases empty (no shape) when absent
   Buffer shared_w13_, shared_w2_;         // [1, 2*S, H], [1, H, S]
+  // Quantized weights (weight_scheme_ != "none"): w13_ / w2_ (and the shared ones) hold codes and
+  // these their f32 scales, in the scheme's layout (moe/quant/w8a8.h).
+  std::string weight_scheme_ = "none";
+  Buffer w13_scale_, w2_scale_, shared_w13_scale_, shared_w2_scale_;
   std::vector<float> shared_gate_;        // [H] or empty
 
   // Device copies of the weights (make_resident): tensors whose data are device pointers.

@@ -46,8 +46,12 @@ struct QuantizationConfig {
 
   // One line for `moe info`: the scheme and its scale layouts.
   std::string describe() const;
-  // Whether this build runs the routed experts of such a checkpoint.
-  bool runnable() const { return method == QuantMethod::kNone || method == QuantMethod::kMxfp4; }
+  // Whether this build runs the routed experts of such a checkpoint: unquantized, gpt-oss MXFP4
+  // (widened at load), and quant_method fp8 with 128x128 blocks (the CPU backend's Fp8Block).
+  bool runnable() const {
+    return method == QuantMethod::kNone || method == QuantMethod::kMxfp4 ||
+           (quant_method == "fp8" && weight_scale == WeightScaleLayout::kBlock && block_n == 128 && block_k == 128);
+  }
 };
 
 // Reads config.quantization_config (absent: unquantized). `where` prefixes key paths in errors.

@@ -6,7 +6,8 @@
 namespace moe::layer {
 
 std::string KernelKey::to_string() const {
-  return activation + " @ " + std::string(moe::to_string(dtype)) + (weight_on_input ? " (router weight on input)" : "");
+  return activation + " @ " + std::string(moe::to_string(dtype)) + (quant != "none" ? ", weights " + quant : "") +
+         (weight_on_input ? " (router weight on input)" : "");
 }
 
 namespace {
@@ -21,11 +22,11 @@ Status bind_optional(const std::optional<AnyTensor>& t, std::string_view name, s
 }
 
 // The one generic body behind every CPU registry entry: routing given as ids and weights.
-template <class ExpertsPolicies, class T>
+template <class ExpertsPolicies, class T, class Q>
 Status forward(const ForwardRequest& r) {
   using Activation = typename ExpertsPolicies::Activation;
   using Spec = moe::Spec<routing::Precomputed, StandardPrepareFinalize<ExpertsPolicies::kWeightOnInput>,
-                         Experts<Activation, quant::None<T>>>;
+                         Experts<Activation, Q, T>>;
   using Kernel = moe::Kernel<Spec, cpu::Eigen>;
   typename Kernel::Arguments a;
   MOE_RETURN_IF_ERROR(bind(r.hidden_states, "hidden_states", &a.hidden_states));
@@ -39,11 +40,19 @@ Status forward(const ForwardRequest& r) {
   MOE_RETURN_IF_ERROR((bind_optional<std::int32_t, 1>(r.expert_map, "expert_map", &a.expert_map)));
   a.top_k = r.top_k;
   a.activation = activation_arguments<Activation>(r.activation);
+  if constexpr (Q::kQuantized) {
+    if (!r.w13_scale || !r.w2_scale) return invalid_argument("w13_scale/w2_scale: required by ", scheme_key<Q>(), " weights");
+    MOE_RETURN_IF_ERROR(bind(*r.w13_scale, "w13_scale", &a.quant.w13_scale));
+    MOE_RETURN_IF_ERROR(bind(*r.w2_scale, "w2_scale", &a.quant.w2_scale));
+  } else if (r.w13_scale || r.w2_scale) {
+    return invalid_argument("w13_scale/w2_scale: given for unquantized weights");
+  }
   return Kernel(r.options).run(a);
 }
 
-const KernelTable<ForwardFn>& table() {
-  static const KernelTable<ForwardFn> t([]<class E, class T>() -> ForwardFn { return &forward<E, T>; });
+const KernelTable<ForwardFn, BuiltSchemes>& table() {
+  static const KernelTable<ForwardFn, BuiltSchemes> t(
+      []<class E, class T, class Q>() -> ForwardFn { return &forward<E, T, Q>; });
   return t;
 }
 

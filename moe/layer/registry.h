@@ -14,6 +14,7 @@
 #include "moe/any_tensor.h"
 #include "moe/cpu/options.h"
 #include "moe/layer/built_policies.h"
+#include "moe/quant/none.h"
 #include "moe/status.h"
 #include "moe/tensor.h"
 
@@ -23,8 +24,9 @@ namespace moe::layer {
 // of BuiltExperts (moe/layer/built_policies.h) in one dtype.
 struct KernelKey {
   std::string activation = std::string(SiluAndMul::kName);  // an activation policy's kName
-  DType dtype = DType::kBF16;
+  DType dtype = DType::kBF16;  // hidden states, output (and unquantized weights)
   bool weight_on_input = false;
+  std::string quant = "none";  // scheme_key of the weights' scheme (moe/layer/built_policies.h)
   bool operator==(const KernelKey&) const = default;
   std::string to_string() const;
 };
@@ -37,6 +39,7 @@ struct ForwardRequest {
   std::optional<AnyTensor> topk_weights;     // [M, k]
   int top_k = 1;
   AnyTensor w13, w2;                         // [E_local, 2I|I, H], [E_local, H, I]
+  std::optional<AnyTensor> w13_scale, w2_scale;  // quantized schemes: f32 scales (moe/quant/w8a8.h)
   std::optional<AnyTensor> w13_bias, w2_bias;
   std::optional<AnyTensor> expert_map;       // [E]
   ActivationParams activation;
@@ -52,14 +55,17 @@ using ForwardFn = Status (*)(const ForwardRequest&);
 // The CPU registry: lookup with an error that lists what is built.
 Status find_kernel(const KernelKey& key, ForwardFn* out);
 
-// A backend's table of prebuilt kernels: one entry per BuiltExperts entry and dtype, each made by
-// `make.template operator()<Experts, T>()` (Experts an ExpertsPolicies, T float/bfloat16/half).
-template <class Fn>
+// A backend's table of prebuilt kernels: one entry per BuiltExperts entry and dtype, and one per
+// scheme of `Schemes` (quantized) and BuiltQuantizedExperts entry and dtype, each made by
+// `make.template operator()<Experts, T, Scheme>()` (Experts an ExpertsPolicies, T the IO type:
+// float/bfloat16/half, Scheme quant::None<T> or one of Schemes).
+template <class Fn, class Schemes = PolicyList<>>
 class KernelTable {
  public:
   template <class Make>
   explicit KernelTable(Make make) {
     add_all(BuiltExperts{}, make);
+    add_quantized(Schemes{}, make);
   }
   // The entry for `key`, or an error naming the backend and listing what is built.
   Status find(const KernelKey& key, std::string_view backend, Fn* out) const {
@@ -77,14 +83,24 @@ class KernelTable {
  private:
   template <class... E, class Make>
   void add_all(PolicyList<E...>, Make& make) {
-    (add<E, float>(make), ...);
-    (add<E, bfloat16>(make), ...);
-    (add<E, half>(make), ...);
+    (add<E, float, quant::None<float>>(make), ...);
+    (add<E, bfloat16, quant::None<bfloat16>>(make), ...);
+    (add<E, half, quant::None<half>>(make), ...);
   }
-  template <class E, class T, class Make>
+  template <class... Q, class Make>
+  void add_quantized(PolicyList<Q...>, Make& make) {
+    (add_scheme<Q>(BuiltQuantizedExperts{}, make), ...);
+  }
+  template <class Q, class... E, class Make>
+  void add_scheme(PolicyList<E...>, Make& make) {
+    (add<E, float, Q>(make), ...);
+    (add<E, bfloat16, Q>(make), ...);
+    (add<E, half, Q>(make), ...);
+  }
+  template <class E, class T, class Q, class Make>
   void add(Make& make) {
-    entries_.emplace_back(KernelKey{std::string(E::Activation::kName), dtype_of<T>, E::kWeightOnInput},
-                          make.template operator()<E, T>());
+    entries_.emplace_back(KernelKey{std::string(E::Activation::kName), dtype_of<T>, E::kWeightOnInput, scheme_key<Q>()},
+                          make.template operator()<E, T, Q>());
   }
   std::vector<std::pair<KernelKey, Fn>> entries_;
 };

@@ -96,7 +96,12 @@ struct W8A8 {
   static constexpr bool kStaticActivations = ActScale == ScaleGranularity::kPerTensor;
   static constexpr int kBlockN = BlockN, kBlockK = BlockK;
   static constexpr float kMax = W8Traits<W>::kMax;
-  static constexpr std::string_view kName = W8Traits<W>::kName;
+  // fp8_block, fp8_per_token_channel, fp8_per_tensor, int8_per_token_channel (block sizes apart).
+  static constexpr std::string_view kName =
+      std::is_same_v<W, std::int8_t>                 ? "int8_per_token_channel"
+      : WeightScale == ScaleGranularity::kBlock      ? "fp8_block"
+      : WeightScale == ScaleGranularity::kPerChannel ? "fp8_per_token_channel"
+                                                     : "fp8_per_tensor";
 
   MOE_HOST_DEVICE static float dequantize_weight(W w) { return to_float(w); }
   // The code of value v at scale s, as a float (exact: every code is a float).

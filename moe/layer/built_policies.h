@@ -40,8 +40,10 @@ using BuiltExperts = PolicyList<ExpertsPolicies<SiluAndMul>, ExpertsPolicies<Swi
 
 // Quantized routed-experts kernels (the CPU backend; moe/quant/w8a8.h): each scheme of
 // BuiltSchemes for each entry of BuiltQuantizedExperts, in f32, bf16 and f16 IO. The layer keys
-// them by scheme_key: the checkpoints' formats (DeepSeek-V3 and Qwen3 FP8: 128x128 blocks).
-using BuiltSchemes = PolicyList<quant::Fp8Block<128, 128>>;
+// them by scheme_key: the checkpoints' formats (DeepSeek-V3 and Qwen3 FP8: 128x128 blocks;
+// compressed-tensors FP8 per channel or per tensor, INT8 per channel).
+using BuiltSchemes = PolicyList<quant::Fp8Block<128, 128>, quant::Fp8PerTokenChannel, quant::Fp8PerTensor,
+                                quant::Int8PerTokenChannel>;
 using BuiltQuantizedExperts = PolicyList<ExpertsPolicies<SiluAndMul>>;
 
 // "none" for the unquantized schemes, else the scheme's name with its block sizes.

@@ -94,61 +94,143 @@ float mxfp4_value(const std::uint8_t* blocks, const std::uint8_t* scales, Index 
   return std::ldexp(kLut[code], exponent);
 }
 
-// ---- FP8 block-scaled checkpoints (quant_method fp8 with weight_block_size: DeepSeek-V3, Qwen3) --
+// ---- W8A8 checkpoints ----------------------------------------------------------------------------
 //
-// A Linear's `<name>.weight` [N, K] holds F8_E4M3 codes and `<name>.weight_scale_inv` [ceil(N/128),
-// ceil(K/128)] (f32) the scale of each 128x128 block: value = code * scale. The codes are kept
-// (half the bytes of bf16) and the scales repacked into quant::Fp8Block's layout. A tensor-parallel
-// rank takes rows or columns [i0, i0 + It) of the intermediate dimension: exact when i0 is a
-// multiple of 128 (every rank's slice starts a block), refused otherwise.
-constexpr Index kFp8Block = 128;
+// How a quantized Linear `<name>` is stored (value = code * scale):
+//   quant_method fp8 (DeepSeek-V3, Qwen3-FP8): `.weight` F8_E4M3 [N, K] and `.weight_scale_inv` f32
+//     [ceil(N/128), ceil(K/128)], one scale per 128x128 block; without weight_block_size,
+//     `.weight_scale` [1] and `.input_scale` [1] (static activations);
+//   compressed-tensors: `.weight` F8_E4M3 or I8 [N, K] and `.weight_scale` [N, 1] (channel), [1]
+//     (tensor) or [ceil(N/128), ceil(K/128)] (block), plus `.input_scale` [1] with static
+//     activations.
+// The codes are kept (half the bytes of bf16) and the scales repacked into the scheme's layout
+// (moe/quant/w8a8.h). A tensor-parallel rank takes rows (gate, up) or columns (down) [i0, i0 + It)
+// of the intermediate dimension: exact for channel and tensor scales, and for blocks when i0 is a
+// multiple of 128 (refused otherwise). Per-tensor gate and up scales are merged as vLLM does: the
+// larger one for both, the other half's codes re-quantized to it; static input scales are the
+// largest over the rank's experts.
+constexpr Index kScaleBlock = 128;
 
-struct Fp8Linear {
-  AnyTensor codes;  // [N, K] F8_E4M3
-  Source scale;     // [ceil(N/128), ceil(K/128)]
+struct QuantFormat {
+  DType codes = DType::kF8E4M3;
+  const char* scale_suffix = ".weight_scale_inv";
+  WeightScaleLayout layout = WeightScaleLayout::kBlock;
+  bool static_inputs = false;
+  std::string scheme;  // scheme_key of the CPU kernel
 };
 
-Status open_fp8_linear(const std::function<Status(const std::string&, const std::vector<Index>&, Source*)>& open_float,
-                       std::set<std::string>& used, const io::Checkpoint& ckpt, const std::string& name, Index N, Index K,
-                       Fp8Linear* out) {
+// The stored format and kernel of a runnable quantization_config (QuantizationConfig::runnable).
+QuantFormat quant_format_of(const QuantizationConfig& q) {
+  QuantFormat f;
+  f.codes = q.method == QuantMethod::kInt8 ? DType::kI8 : DType::kF8E4M3;
+  // vLLM's Fp8 method names block scales weight_scale_inv, others weight_scale (compressed-tensors too).
+  f.scale_suffix = q.quant_method == "fp8" && q.weight_scale == WeightScaleLayout::kBlock ? ".weight_scale_inv" : ".weight_scale";
+  f.layout = q.weight_scale;
+  f.static_inputs = !q.dynamic_activations;
+  if (q.method == QuantMethod::kInt8) f.scheme = scheme_key<quant::Int8PerTokenChannel>();
+  else if (q.weight_scale == WeightScaleLayout::kBlock) f.scheme = scheme_key<quant::Fp8Block<128, 128>>();
+  else if (q.weight_scale == WeightScaleLayout::kPerChannel) f.scheme = scheme_key<quant::Fp8PerTokenChannel>();
+  else f.scheme = scheme_key<quant::Fp8PerTensor>();
+  return f;
+}
+
+struct QuantLinear {
+  AnyTensor codes;  // [N, K]
+  Source scale;     // per QuantFormat::layout
+  Source input_scale;
+};
+
+using OpenFloat = std::function<Status(const std::string&, const std::vector<Index>&, Source*)>;
+
+Status open_quant_linear(const OpenFloat& open_float, std::set<std::string>& used, const io::Checkpoint& ckpt,
+                         const QuantFormat& f, const std::string& name, Index N, Index K, QuantLinear* out) {
   used.insert(name + ".weight");
   MOE_RETURN_IF_ERROR(ckpt.tensor(name + ".weight", &out->codes));
-  if (out->codes.dtype != DType::kF8E4M3) {
-    return invalid_argument("tensor ", name, ".weight: expected dtype F8_E4M3 (quantization_config fp8), got ",
-                            to_string(out->codes.dtype));
+  if (out->codes.dtype != f.codes) {
+    return invalid_argument("tensor ", name, ".weight: expected dtype ", f.codes == DType::kI8 ? "I8" : "F8_E4M3",
+                            " (quantization_config), got ", to_string(out->codes.dtype));
   }
   if (out->codes.extents != std::vector<Index>{N, K}) {
     return invalid_argument("tensor ", name, ".weight: expected shape ", shape_string({N, K}), ", got ",
                             shape_string(out->codes.extents));
   }
-  const Index nb = (N + kFp8Block - 1) / kFp8Block, kb = (K + kFp8Block - 1) / kFp8Block;
-  return open_float(name + ".weight_scale_inv", {nb, kb}, &out->scale);
+  std::vector<Index> scale_shape{1};
+  if (f.layout == WeightScaleLayout::kBlock) {
+    scale_shape = {(N + kScaleBlock - 1) / kScaleBlock, (K + kScaleBlock - 1) / kScaleBlock};
+  } else if (f.layout == WeightScaleLayout::kPerChannel) {
+    scale_shape = {N, 1};
+  }
+  MOE_RETURN_IF_ERROR(open_float(name + f.scale_suffix, scale_shape, &out->scale));
+  Index scales = 1;
+  for (Index e : scale_shape) scales *= e;
+  for (Index i = 0; i < scales; ++i) {
+    const float v = out->scale(i);
+    if (!(v > 0.0f) || !std::isfinite(v)) {
+      return invalid_argument("tensor ", name, f.scale_suffix, ": expected finite positive scales, got ", v, " at ", i);
+    }
+  }
+  if (f.static_inputs) {
+    MOE_RETURN_IF_ERROR(open_float(name + ".input_scale", {1}, &out->input_scale));
+    const float v = out->input_scale(0);
+    if (!(v > 0.0f) || !std::isfinite(v)) return invalid_argument("tensor ", name, ".input_scale: expected a finite positive scale, got ", v);
+  }
+  return Status::ok();
 }
 
-std::uint8_t fp8_code(const Fp8Linear& l, Index r, Index c) {
+std::uint8_t code_at(const QuantLinear& l, Index r, Index c) {
   return static_cast<const std::uint8_t*>(l.codes.data)[r * l.codes.extents[1] + c];
 }
 
-// One expert's slice [r0, r0 + n) of the intermediate dimension (r0 a multiple of 128): gate and up
-// rows into w13 [2n, H] ([gate; up]) and their scales into s13 [2 * nb, nbH] (each half blocked on
-// its own, quant::Fp8Block's layout); down columns into w2 [H, n] and scales into s2 [nbH, nb].
-void copy_fp8_expert(const Fp8Linear& gate, const Fp8Linear& up, const Fp8Linear& down, Index r0, Index n, Index H,
-                     std::uint8_t* w13, std::uint8_t* w2, float* s13, float* s2) {
-  const Index nb = (n + kFp8Block - 1) / kFp8Block, nbH = (H + kFp8Block - 1) / kFp8Block, b0 = r0 / kFp8Block;
+// The scale tensors' shapes of `local` experts of n intermediate rows per rank.
+std::vector<Index> w13_scale_shape(const QuantFormat& f, Index local, Index n, Index H) {
+  if (f.layout == WeightScaleLayout::kBlock) return {local, 2 * ((n + kScaleBlock - 1) / kScaleBlock), (H + kScaleBlock - 1) / kScaleBlock};
+  if (f.layout == WeightScaleLayout::kPerChannel) return {local, 2 * n, 1};
+  return {local, 1, 1};
+}
+std::vector<Index> w2_scale_shape(const QuantFormat& f, Index local, Index n, Index H) {
+  if (f.layout == WeightScaleLayout::kBlock) return {local, (H + kScaleBlock - 1) / kScaleBlock, (n + kScaleBlock - 1) / kScaleBlock};
+  if (f.layout == WeightScaleLayout::kPerChannel) return {local, H, 1};
+  return {local, 1, 1};
+}
+
+// One expert's slice [r0, r0 + n) of the intermediate dimension: gate and up rows into w13
+// [2n, H] ([gate; up]), down columns into w2 [H, n], and their scales into s13 / s2 in the shapes
+// above (a gated w13's blocks per half: quant::Fp8Block's layout).
+void copy_quant_expert(const QuantFormat& f, const QuantLinear& gate, const QuantLinear& up, const QuantLinear& down,
+                       Index r0, Index n, Index H, std::uint8_t* w13, std::uint8_t* w2, float* s13, float* s2) {
+  // Per-tensor: one scale for both halves, the larger; the other half re-quantized to it.
+  const float sg = gate.scale(0), su = up.scale(0), merged = std::max(sg, su);
+  const bool per_tensor = f.layout == WeightScaleLayout::kPerTensor;
+  const auto requantized = [&](std::uint8_t code, float from) {
+    if (!per_tensor || from == merged) return code;
+    return float8_e4m3::from_float(float8_e4m3::to_float(code) * (from / merged));
+  };
   for (Index i = 0; i < n; ++i)
     for (Index h = 0; h < H; ++h) {
-      w13[i * H + h] = fp8_code(gate, r0 + i, h);
-      w13[(n + i) * H + h] = fp8_code(up, r0 + i, h);
+      w13[i * H + h] = requantized(code_at(gate, r0 + i, h), sg);
+      w13[(n + i) * H + h] = requantized(code_at(up, r0 + i, h), su);
     }
   for (Index h = 0; h < H; ++h)
-    for (Index i = 0; i < n; ++i) w2[h * n + i] = fp8_code(down, h, r0 + i);
-  for (Index b = 0; b < nb; ++b)
-    for (Index c = 0; c < nbH; ++c) {
-      s13[b * nbH + c] = gate.scale.at(b0 + b, c);
-      s13[(nb + b) * nbH + c] = up.scale.at(b0 + b, c);
+    for (Index i = 0; i < n; ++i) w2[h * n + i] = code_at(down, h, r0 + i);
+  if (per_tensor) {
+    s13[0] = merged;
+    s2[0] = down.scale(0);
+  } else if (f.layout == WeightScaleLayout::kPerChannel) {
+    for (Index i = 0; i < n; ++i) {
+      s13[i] = gate.scale.at(r0 + i, 0);
+      s13[n + i] = up.scale.at(r0 + i, 0);
     }
-  for (Index r = 0; r < nbH; ++r)
-    for (Index b = 0; b < nb; ++b) s2[r * nb + b] = down.scale.at(r, b0 + b);
+    for (Index h = 0; h < H; ++h) s2[h] = down.scale.at(h, 0);
+  } else {
+    const Index nb = (n + kScaleBlock - 1) / kScaleBlock, nbH = (H + kScaleBlock - 1) / kScaleBlock, b0 = r0 / kScaleBlock;
+    for (Index b = 0; b < nb; ++b)
+      for (Index c = 0; c < nbH; ++c) {
+        s13[b * nbH + c] = gate.scale.at(b0 + b, c);
+        s13[(nb + b) * nbH + c] = up.scale.at(b0 + b, c);
+      }
+    for (Index r = 0; r < nbH; ++r)
+      for (Index b = 0; b < nb; ++b) s2[r * nb + b] = down.scale.at(r, b0 + b);
+  }
 }
 
 // gate/up/down of one expert as float, already sliced to this tensor-parallel rank.
@@ -168,13 +250,14 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   const QuantizationConfig& quant = config.quantization;
   if (!quant.runnable()) {
     return unsupported("config.quantization_config: ", quant.describe(),
-                       " is not supported by this build yet (it runs unquantized, gpt-oss MXFP4 and 128x128 "
-                       "block-scaled FP8 checkpoints); refused rather than run the quantized tensors as if they "
-                       "were unscaled");
+                       " is not supported by this build yet (it runs unquantized, gpt-oss MXFP4, FP8 with 128x128 "
+                       "blocks, per-channel or static per-tensor scales, and INT8 per-channel checkpoints); refused "
+                       "rather than run the quantized tensors as if they were unscaled");
   }
-  const bool fp8 = quant.method == QuantMethod::kFp8;  // runnable(): 128x128 blocks, dynamic activations
-  if (fp8 && (config.expert_layout != ExpertLayout::kPerExpertLinear || config.expert_biases)) {
-    return unsupported("config.quantization_config: FP8 experts are read for per-expert Linear layouts "
+  const bool w8a8 = quant.method == QuantMethod::kFp8 || quant.method == QuantMethod::kInt8;  // runnable() ones
+  const QuantFormat qf = w8a8 ? quant_format_of(quant) : QuantFormat{};
+  if (w8a8 && (config.expert_layout != ExpertLayout::kPerExpertLinear || config.expert_biases)) {
+    return unsupported("config.quantization_config: W8A8 experts are read for per-expert Linear layouts "
                        "(experts.{e}.<gate|up|down>_proj) without biases; ", config.architecture_name, " stores them otherwise");
   }
   if (par.tp_size < 1 || par.tp_rank < 0 || par.tp_rank >= par.tp_size) {
@@ -188,9 +271,10 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     return invalid_argument("tp_size: the shared expert intermediate size ", config.shared_intermediate,
                             " is not divisible by tp_size=", par.tp_size);
   }
-  if (fp8 && par.tp_size > 1 && ((I / par.tp_size) % kFp8Block != 0 || (config.shared_intermediate / par.tp_size) % kFp8Block != 0)) {
+  if (w8a8 && qf.layout == WeightScaleLayout::kBlock && par.tp_size > 1 &&
+      ((I / par.tp_size) % kScaleBlock != 0 || (config.shared_intermediate / par.tp_size) % kScaleBlock != 0)) {
     return unsupported("tp_size: ", par.tp_size, " splits the intermediate size ", I, " (shared ", config.shared_intermediate,
-                       ") into slices that cut through the 128x128 FP8 scale blocks (weight_block_size); use a "
+                       ") into slices that cut through the 128x128 scale blocks (weight_block_size); use a "
                        "tp_size whose slices are multiples of 128");
   }
   ExpertMap em;
@@ -243,17 +327,20 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   // Routed experts.
   const bool interleaved = gate_up_layout(config.activation) == GateUpLayout::kInterleaved;
   const Index L = l.local_experts_;
-  const DType weight_dtype = fp8 ? DType::kF8E4M3 : dtype;
+  const DType weight_dtype = w8a8 ? qf.codes : dtype;
   l.w13_ = make_buffer(weight_dtype, {L, 2 * It, H});
   l.w2_ = make_buffer(weight_dtype, {L, H, It});
-  const Index nbI = (It + kFp8Block - 1) / kFp8Block, nbH = (H + kFp8Block - 1) / kFp8Block;
-  const auto open_float = [&](const std::string& name, const std::vector<Index>& shape, Source* src) {
+  const OpenFloat open_float = [&](const std::string& name, const std::vector<Index>& shape, Source* src) {
     return open(name, shape, src);
   };
-  if (fp8) {
-    l.weight_scheme_ = scheme_key<quant::Fp8Block<128, 128>>();
-    l.w13_scale_ = make_buffer(DType::kF32, {L, 2 * nbI, nbH});
-    l.w2_scale_ = make_buffer(DType::kF32, {L, nbH, nbI});
+  Index s13_per_expert = 0, s2_per_expert = 0;
+  float a13 = 0.0f, a2 = 0.0f;  // static input scales: the largest over this rank's experts
+  if (w8a8) {
+    l.weight_scheme_ = qf.scheme;
+    l.w13_scale_ = make_buffer(DType::kF32, w13_scale_shape(qf, L, It, H));
+    l.w2_scale_ = make_buffer(DType::kF32, w2_scale_shape(qf, L, It, H));
+    s13_per_expert = L > 0 ? static_cast<Index>(l.w13_scale_.bytes.size() / sizeof(float)) / L : 0;
+    s2_per_expert = L > 0 ? static_cast<Index>(l.w2_scale_.bytes.size() / sizeof(float)) / L : 0;
   }
   if (config.expert_biases) {
     l.w13_bias_ = make_buffer(dtype, {L, 2 * It});
@@ -293,16 +380,20 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   for (Index g = 0; g < E; ++g) {
     const Index local = em.map.empty() ? g : em.map[g];
     if (local < 0) continue;
-    if (fp8) {  // codes and scales copied as they are, sliced to this rank
+    if (w8a8) {  // codes and scales kept, sliced to this rank
       const std::string e = p + ".experts." + std::to_string(g) + ".";
-      Fp8Linear gl, ul, dl;
-      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + config.gate_name, I, H, &gl));
-      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + config.up_name, I, H, &ul));
-      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + config.down_name, H, I, &dl));
-      copy_fp8_expert(gl, ul, dl, i0, It, H, reinterpret_cast<std::uint8_t*>(l.w13_.bytes.data()) + local * 2 * It * H,
-                      reinterpret_cast<std::uint8_t*>(l.w2_.bytes.data()) + local * H * It,
-                      reinterpret_cast<float*>(l.w13_scale_.bytes.data()) + local * 2 * nbI * nbH,
-                      reinterpret_cast<float*>(l.w2_scale_.bytes.data()) + local * nbH * nbI);
+      QuantLinear gl, ul, dl;
+      MOE_RETURN_IF_ERROR(open_quant_linear(open_float, used, ckpt, qf, e + config.gate_name, I, H, &gl));
+      MOE_RETURN_IF_ERROR(open_quant_linear(open_float, used, ckpt, qf, e + config.up_name, I, H, &ul));
+      MOE_RETURN_IF_ERROR(open_quant_linear(open_float, used, ckpt, qf, e + config.down_name, H, I, &dl));
+      copy_quant_expert(qf, gl, ul, dl, i0, It, H, reinterpret_cast<std::uint8_t*>(l.w13_.bytes.data()) + local * 2 * It * H,
+                        reinterpret_cast<std::uint8_t*>(l.w2_.bytes.data()) + local * H * It,
+                        reinterpret_cast<float*>(l.w13_scale_.bytes.data()) + local * s13_per_expert,
+                        reinterpret_cast<float*>(l.w2_scale_.bytes.data()) + local * s2_per_expert);
+      if (qf.static_inputs) {
+        a13 = std::max({a13, gl.input_scale(0), ul.input_scale(0)});
+        a2 = std::max(a2, dl.input_scale(0));
+      }
       continue;
     }
     w.gate.assign(It * H, 0.0f);
@@ -375,26 +466,38 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     }
   }
 
+  if (w8a8 && qf.static_inputs) {
+    l.a13_scale_ = make_buffer(DType::kF32, {1});
+    l.a2_scale_ = make_buffer(DType::kF32, {1});
+    store_element(l.a13_scale_, 0, L > 0 ? a13 : 1.0f);  // no local expert: never read
+    store_element(l.a2_scale_, 0, L > 0 ? a2 : 1.0f);
+  }
+
   // Shared expert(s): one dense gated MLP, split over TP like the experts; rank 0 only under EP.
   if (config.shared_intermediate > 0 && par.ep_rank == 0) {
     const Index S = config.shared_intermediate, St = S / par.tp_size, s0 = par.tp_rank * St;
     const std::string e = p + "." + config.shared_prefix + ".";
     Source gs, us, ds;
-    if (fp8) {  // as the routed experts: one expert of St rows
-      Fp8Linear gl, ul, dl;
-      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + "gate_proj", S, H, &gl));
-      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + "up_proj", S, H, &ul));
-      MOE_RETURN_IF_ERROR(open_fp8_linear(open_float, used, ckpt, e + "down_proj", H, S, &dl));
-      const Index nbS = (St + kFp8Block - 1) / kFp8Block;
+    if (w8a8) {  // as the routed experts: one expert of St rows
+      QuantLinear gl, ul, dl;
+      MOE_RETURN_IF_ERROR(open_quant_linear(open_float, used, ckpt, qf, e + "gate_proj", S, H, &gl));
+      MOE_RETURN_IF_ERROR(open_quant_linear(open_float, used, ckpt, qf, e + "up_proj", S, H, &ul));
+      MOE_RETURN_IF_ERROR(open_quant_linear(open_float, used, ckpt, qf, e + "down_proj", H, S, &dl));
       l.shared_tp_ = St;
-      l.shared_w13_ = make_buffer(DType::kF8E4M3, {1, 2 * St, H});
-      l.shared_w2_ = make_buffer(DType::kF8E4M3, {1, H, St});
-      l.shared_w13_scale_ = make_buffer(DType::kF32, {1, 2 * nbS, nbH});
-      l.shared_w2_scale_ = make_buffer(DType::kF32, {1, nbH, nbS});
-      copy_fp8_expert(gl, ul, dl, s0, St, H, reinterpret_cast<std::uint8_t*>(l.shared_w13_.bytes.data()),
-                      reinterpret_cast<std::uint8_t*>(l.shared_w2_.bytes.data()),
-                      reinterpret_cast<float*>(l.shared_w13_scale_.bytes.data()),
-                      reinterpret_cast<float*>(l.shared_w2_scale_.bytes.data()));
+      l.shared_w13_ = make_buffer(qf.codes, {1, 2 * St, H});
+      l.shared_w2_ = make_buffer(qf.codes, {1, H, St});
+      l.shared_w13_scale_ = make_buffer(DType::kF32, w13_scale_shape(qf, 1, St, H));
+      l.shared_w2_scale_ = make_buffer(DType::kF32, w2_scale_shape(qf, 1, St, H));
+      copy_quant_expert(qf, gl, ul, dl, s0, St, H, reinterpret_cast<std::uint8_t*>(l.shared_w13_.bytes.data()),
+                        reinterpret_cast<std::uint8_t*>(l.shared_w2_.bytes.data()),
+                        reinterpret_cast<float*>(l.shared_w13_scale_.bytes.data()),
+                        reinterpret_cast<float*>(l.shared_w2_scale_.bytes.data()));
+      if (qf.static_inputs) {
+        l.shared_a13_scale_ = make_buffer(DType::kF32, {1});
+        l.shared_a2_scale_ = make_buffer(DType::kF32, {1});
+        store_element(l.shared_a13_scale_, 0, std::max(gl.input_scale(0), ul.input_scale(0)));
+        store_element(l.shared_a2_scale_, 0, dl.input_scale(0));
+      }
     } else {
     MOE_RETURN_IF_ERROR(open(e + "gate_proj.weight", {S, H}, &gs));
     MOE_RETURN_IF_ERROR(open(e + "up_proj.weight", {S, H}, &us));
@@ -553,6 +656,8 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     if (weight_scheme_ != "none") {
       req.w13_scale = w13_scale_.tensor();
       req.w2_scale = w2_scale_.tensor();
+      if (!a13_scale_.shape.empty()) req.a13_scale = a13_scale_.tensor();
+      if (!a2_scale_.shape.empty()) req.a2_scale = a2_scale_.tensor();
     }
     if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
     if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
@@ -590,6 +695,8 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     if (weight_scheme_ != "none") {
       sr.w13_scale = shared_w13_scale_.tensor();
       sr.w2_scale = shared_w2_scale_.tensor();
+      if (!shared_a13_scale_.shape.empty()) sr.a13_scale = shared_a13_scale_.tensor();
+      if (!shared_a2_scale_.shape.empty()) sr.a2_scale = shared_a2_scale_.tensor();
     }
     sr.weights_on_device = resident_ != nullptr;
     sr.output = so.tensor();

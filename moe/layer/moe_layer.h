@@ -92,6 +92,7 @@ class MoeLayer {
   // these their f32 scales, in the scheme's layout (moe/quant/w8a8.h).
   std::string weight_scheme_ = "none";
   Buffer w13_scale_, w2_scale_, shared_w13_scale_, shared_w2_scale_;
+  Buffer a13_scale_, a2_scale_, shared_a13_scale_, shared_a2_scale_;  // static activation scales [1], or empty
   std::vector<float> shared_gate_;        // [H] or empty
 
   // Device copies of the weights (make_resident): tensors whose data are device pointers.

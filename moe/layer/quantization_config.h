@@ -46,11 +46,24 @@ struct QuantizationConfig {
 
   // One line for `moe info`: the scheme and its scale layouts.
   std::string describe() const;
-  // Whether this build runs the routed experts of such a checkpoint: unquantized, gpt-oss MXFP4
-  // (widened at load), and quant_method fp8 with 128x128 blocks (the CPU backend's Fp8Block).
+  // Whether this build runs the routed experts of such a checkpoint (the W8A8 schemes of
+  // moe/layer/built_policies.h' BuiltSchemes, on the CPU backend): unquantized; gpt-oss MXFP4
+  // (widened at load); FP8 with 128x128 weight blocks and dynamic per-token-group(128) activations;
+  // FP8 per-channel weights with dynamic per-token activations; FP8 per-tensor weights with static
+  // per-tensor activations; INT8 per-channel weights with dynamic per-token activations.
   bool runnable() const {
-    return method == QuantMethod::kNone || method == QuantMethod::kMxfp4 ||
-           (quant_method == "fp8" && weight_scale == WeightScaleLayout::kBlock && block_n == 128 && block_k == 128);
+    if (method == QuantMethod::kNone || method == QuantMethod::kMxfp4) return true;
+    if (method == QuantMethod::kFp8 && weight_scale == WeightScaleLayout::kBlock) {
+      return block_n == 128 && block_k == 128 && activation_scale == ActivationScaleLayout::kPerTokenGroup;
+    }
+    if (method == QuantMethod::kFp8 && weight_scale == WeightScaleLayout::kPerChannel) {
+      return activation_scale == ActivationScaleLayout::kPerToken && dynamic_activations;
+    }
+    if (method == QuantMethod::kFp8 && weight_scale == WeightScaleLayout::kPerTensor) {
+      return activation_scale == ActivationScaleLayout::kPerTensor && !dynamic_activations;
+    }
+    return method == QuantMethod::kInt8 && weight_scale == WeightScaleLayout::kPerChannel &&
+           activation_scale == ActivationScaleLayout::kPerToken;
   }
 };
 

@@ -40,6 +40,7 @@ struct ForwardRequest {
   int top_k = 1;
   AnyTensor w13, w2;                         // [E_local, 2I|I, H], [E_local, H, I]
   std::optional<AnyTensor> w13_scale, w2_scale;  // quantized schemes: f32 scales (moe/quant/w8a8.h)
+  std::optional<AnyTensor> a13_scale, a2_scale;  // static activation scales: f32 [1]
   std::optional<AnyTensor> w13_bias, w2_bias;
   std::optional<AnyTensor> expert_map;       // [E]
   ActivationParams activation;

@@ -77,6 +77,9 @@ TEST(QuantizationConfig, PerTensorFp8StaticActivations) {
   EXPECT_EQ(c.weight_scale, WeightScaleLayout::kPerTensor);
   EXPECT_EQ(c.activation_scale, ActivationScaleLayout::kPerTensor);
   EXPECT_FALSE(c.dynamic_activations);
+  EXPECT_TRUE(c.runnable());
+  // Dynamic per-tensor activations (one amax over all tokens) are not built.
+  EXPECT_FALSE(read(R"({"quant_method": "fp8", "activation_scheme": "dynamic"})", &s).runnable());
 }
 
 TEST(QuantizationConfig, CompressedTensorsSchemes) {
@@ -90,22 +93,23 @@ TEST(QuantizationConfig, CompressedTensorsSchemes) {
     WeightScaleLayout w;
     ActivationScaleLayout a;
     bool dynamic;
+    bool runnable;  // a W8A8 scheme the CPU backend has (QuantizationConfig::runnable)
   };
   const Case cases[] = {
       {ct(R"({"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": false})",
           R"({"num_bits": 8, "type": "float", "strategy": "token", "dynamic": true})"),
-       QuantMethod::kFp8, WeightScaleLayout::kPerChannel, ActivationScaleLayout::kPerToken, true},
+       QuantMethod::kFp8, WeightScaleLayout::kPerChannel, ActivationScaleLayout::kPerToken, true, true},
       {ct(R"({"num_bits": 8, "type": "float", "strategy": "tensor"})",
           R"({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": false})"),
-       QuantMethod::kFp8, WeightScaleLayout::kPerTensor, ActivationScaleLayout::kPerTensor, false},
+       QuantMethod::kFp8, WeightScaleLayout::kPerTensor, ActivationScaleLayout::kPerTensor, false, true},
       {ct(R"({"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]})",
           R"({"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128, "dynamic": true})"),
-       QuantMethod::kFp8, WeightScaleLayout::kBlock, ActivationScaleLayout::kPerTokenGroup, true},
+       QuantMethod::kFp8, WeightScaleLayout::kBlock, ActivationScaleLayout::kPerTokenGroup, true, true},
       {ct(R"({"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": true})",
           R"({"num_bits": 8, "type": "int", "strategy": "token", "dynamic": true})"),
-       QuantMethod::kInt8, WeightScaleLayout::kPerChannel, ActivationScaleLayout::kPerToken, true},
+       QuantMethod::kInt8, WeightScaleLayout::kPerChannel, ActivationScaleLayout::kPerToken, true, true},
       {ct(R"({"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128})", "null"),
-       QuantMethod::kWeightOnlyPacked, WeightScaleLayout::kGroup, ActivationScaleLayout::kNone, false},
+       QuantMethod::kWeightOnlyPacked, WeightScaleLayout::kGroup, ActivationScaleLayout::kNone, false, false},
   };
   for (const Case& k : cases) {
     SCOPED_TRACE(k.q);
@@ -116,7 +120,7 @@ TEST(QuantizationConfig, CompressedTensorsSchemes) {
     EXPECT_EQ(c.weight_scale, k.w);
     EXPECT_EQ(c.activation_scale, k.a);
     EXPECT_EQ(c.dynamic_activations, k.dynamic);
-    EXPECT_FALSE(c.runnable());
+    EXPECT_EQ(c.runnable(), k.runnable);
     EXPECT_NE(c.describe().find("compressed-tensors"), std::string::npos) << c.describe();
   }
   // INT8 with static per-tensor activations: vLLM refuses it, and so do we.
@@ -165,7 +169,7 @@ TEST(QuantizationConfig, UnrunnableSchemeIsRefusedAtLoad) {
   io::HfCheckpointWriter w(spec);
   ASSERT_TRUE(w.write(dir).is_ok());
   io::Json j = parse(testing::hf::read_text(dir + "/config.json"));
-  j.set("quantization_config", parse(R"({"quant_method": "fp8", "activation_scheme": "static"})"));
+  j.set("quantization_config", parse(R"({"quant_method": "fp8", "activation_scheme": "dynamic"})"));  // per-tensor dynamic
   testing::hf::write_text(dir + "/config.json", j.dump());
   ModelConfig c;
   ASSERT_TRUE(load_model_config(dir + "/config.json", &c).is_ok());

@@ -43,7 +43,16 @@ void store_element(Buffer& b, Index i, float v) {
   }
 }
 
-std::size_t element_size(DType t) { return t == DType::kF32 ? 4 : (t == DType::kF8E4M3 ? 1 : 2); }
+std::size_t element_size(DType t) {
+  switch (t) {
+    case DType::kF32: return 4;
+    case DType::kBF16:
+    case DType::kF16: return 2;
+    case DType::kF8E4M3:
+    case DType::kI8: return 1;
+    default: return 0;  // the layer holds no other dtype
+  }
+}
 
 Buffer make_buffer(DType dtype, std::vector<Index> shape) {
   Buffer b;
@@ -752,6 +761,16 @@ Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
   return Status::ok();
 }
 
+std::size_t MoeLayer::weight_bytes() const {
+  std::size_t n = 0;
+  for (const Buffer* b : {&w13_, &w2_, &w13_bias_, &w2_bias_, &shared_w13_, &shared_w2_, &w13_scale_, &w2_scale_,
+                          &shared_w13_scale_, &shared_w2_scale_, &a13_scale_, &a2_scale_, &shared_a13_scale_,
+                          &shared_a2_scale_}) {
+    n += b->bytes.size();
+  }
+  return n;
+}
+
 std::string MoeLayer::describe() const {
   std::ostringstream os;
   const ModelConfig& c = config_;
@@ -759,6 +778,7 @@ std::string MoeLayer::describe() const {
      << "block             " << block_prefix_ << "\n"
      << "dtype             " << to_string(dtype_) << "\n"
      << "quantization      " << c.quantization.describe() << "\n"
+     << "expert weights    " << weight_bytes() << " bytes on this rank (as stored: codes and scales)\n"
      << "hidden            " << c.hidden << "\n"
      << "experts           " << c.num_experts << " (top_k " << c.top_k << ")\n"
      << "intermediate      " << c.intermediate << " per expert, " << intermediate_tp_ << " on this rank\n"

@@ -70,6 +70,8 @@ class MoeLayer {
   Index num_local_experts() const { return local_experts_; }
   // Policies, shapes and layout, for `moe info`.
   std::string describe() const;
+  // Bytes of the routed and shared expert weights as held (quantized: codes, scales).
+  std::size_t weight_bytes() const;
 
  private:
   friend class DeviceLayer;  // reads the loaded weights to upload them

@@ -227,6 +227,11 @@ TEST(Fp8Checkpoint, DeepSeekV3MatchesTheReferenceOnTheDequantizedTwin) {
   const std::string info = l.describe();
   EXPECT_NE(info.find(fc.info), std::string::npos) << info;
   EXPECT_NE(info.find(std::string("weights ") + fc.scheme), std::string::npos) << info;
+  // The codes are held as one byte each: the float twin's layer holds four.
+  MoeLayer twin_layer;
+  ASSERT_TRUE(load(m.float_config, m.float_weights, m.prefix, {}, &twin_layer).is_ok());
+  EXPECT_LT(l.weight_bytes() * 3, twin_layer.weight_bytes()) << l.weight_bytes() << " vs " << twin_layer.weight_bytes();
+  EXPECT_NE(info.find("expert weights    " + std::to_string(l.weight_bytes()) + " bytes"), std::string::npos) << info;
   std::vector<float> x = hidden_states(M, H);
   const std::vector<float> out = forward(l, x, M, H);
   io::Checkpoint twin;

@@ -182,7 +182,7 @@ class PrepareFinalizeStage {
     using OutExpr = typename Spec::OutputEpilogue;
     if (!weighted && stored_sm90) {
       using Expr = epilogue::Gemm2Epilogue<IO, false, !PF::kApplyWeightOnInput>;
-      const std::size_t smem = static_cast<std::size_t>(p.top_k) * (sizeof(Index) + sizeof(float));
+      const std::size_t smem = finalize_smem_bytes(p.top_k);
       constexpr int kFinalizeThreads = 128;
       const dim3 grid(static_cast<unsigned>(C), token_column_blocks(C, p.hidden / 8, kFinalizeThreads));
       return launch_kernel(&finalize_epilogue_kernel<IO, Expr, Activation, OutExpr>, grid, kFinalizeThreads, smem,

@@ -361,10 +361,18 @@ __global__ void __launch_bounds__(128) activation_kernel(const T* gemm1_out, Ind
   }
 }
 
+// Slots of finalize_epilogue_kernel's shared arrays: top_k rounded up to 4, the pad rows -1. The
+// slot loop is unrolled by 4 and nvcc may load two rows at once past the last slot (memcheck saw a
+// 16-byte read past a top_k = 1 array), so the arrays are padded to the unroll.
+MOE_HOST_DEVICE int finalize_slot_capacity(int top_k) { return (top_k + 3) / 4 * 4; }
+inline std::size_t finalize_smem_bytes(int top_k) {
+  return static_cast<std::size_t>(finalize_slot_capacity(top_k)) * (sizeof(Index) + sizeof(float));
+}
+
 // out[m] = OutExpr(sum over slots j (ascending) of the Gemm2 epilogue tree applied to the slot's
 // stored GEMM2 output and router weight, in float), rounded once. Grid (tokens, column blocks):
-// each block reads the token's slot rows and weights into shared memory, then each thread sums 8
-// columns.
+// each block reads the token's slot rows and weights into shared memory (finalize_smem_bytes),
+// then each thread sums 8 columns.
 template <class T, class Expr, class Activation, class OutExpr>
 __global__ void __launch_bounds__(256) finalize_epilogue_kernel(const T* y, Index hidden_size, int top_k,
                                                                 const Index* slot_row, const float* slot_weight,
@@ -373,12 +381,13 @@ __global__ void __launch_bounds__(256) finalize_epilogue_kernel(const T* y, Inde
   grid_dependency_wait();
   allow_dependents_launch();
   extern __shared__ unsigned char finalize_smem[];
+  const int capacity = finalize_slot_capacity(top_k);
   Index* rows = reinterpret_cast<Index*>(finalize_smem);
-  float* w = reinterpret_cast<float*>(rows + top_k);
+  float* w = reinterpret_cast<float*>(rows + capacity);
   const Index m = blockIdx.x;
-  for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
-    rows[j] = slot_row[m * top_k + j];
-    w[j] = slot_weight[m * top_k + j];
+  for (int j = threadIdx.x; j < capacity; j += blockDim.x) {
+    rows[j] = j < top_k ? slot_row[m * top_k + j] : Index{-1};
+    w[j] = j < top_k ? slot_weight[m * top_k + j] : 0.0f;
   }
   __syncthreads();
   for (Index c0 = 8 * first_column(); c0 < hidden_size; c0 += 8 * column_stride()) {

@@ -19,8 +19,8 @@ sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 filter_for() {
   case "$1" in
     differential_test) echo '*Differential.Sm90*:*Differential.Bf16*:*Differential.Swiglu*:*Differential.Batched*:*Differential.ExpertParallel*:*Differential.CheckedMode*:*Differential.UserRouting*:*Differential.UserOutputEpilogue*:*Differential.UserIntermediateEpilogue*' ;;
-    layer_backends_test) echo '*Mixtral*:*GptOss*' ;;
-    device_layer_test) echo '*DeepseekV3*:*Qwen2Moe*:*DeviceLayerArguments*' ;;
+    layer_backends_test) echo '*' ;;
+    device_layer_test) echo '*' ;;  # every architecture: Llama-4's top_k = 1 found a finalize overread
     *) echo '*' ;;
   esac
 }

@@ -19,6 +19,7 @@
 #include "moe/layer/model_config.h"
 #include "moe/layer/moe_layer.h"
 #include "testing/layer/hf_reference.h"
+#include "testing/layer/quantized_checkpoint.h"
 #include "moe/io/synthetic_checkpoint.h"
 #include "testing/lib/random.h"
 
@@ -348,6 +349,33 @@ TEST(Info, DescribesArchitectureAndRouting) {
     ASSERT_EQ(r.rc, 0) << describe(args, r);
     EXPECT_EQ(r.err, "");
     for (const std::string& e : c.expect) EXPECT_NE(r.out.find(e), std::string::npos) << "lacks \"" << e << "\"\n" << r.out;
+  }
+}
+
+// A block-scaled FP8 checkpoint (DeepSeek-V3's format) through the tool: `info` names the scheme,
+// `run --dtype` is the output dtype and writes what the layer computes.
+TEST(Run, Fp8BlockCheckpoint) {
+  HfLayerSpec spec = spec_of("DeepseekV3ForCausalLM");
+  spec.hidden = 128;
+  spec.intermediate = 128;
+  const testing::quantized::Fp8Model q = testing::quantized::write_fp8_model("tool", spec);
+  const Model m{q.dir, q.fp8_config, q.fp8_weights, q.prefix, spec};
+  const ToolResult info = tool(base_args("info", m));
+  ASSERT_EQ(info.rc, 0) << describe(base_args("info", m), info);
+  for (const char* e : {"fp8 e4m3 W8A8 [fp8], weight scales block 128x128", "weights fp8_block_128x128", "expert weights"}) {
+    EXPECT_NE(info.out.find(e), std::string::npos) << "lacks \"" << e << "\"\n" << info.out;
+  }
+  const Index M = 4, H = spec.hidden;
+  const std::string in_path = m.dir + "/in.safetensors";
+  const Inputs in = write_inputs(in_path, M, H, 6);
+  for (const std::string dtype : {"bf16", "f32"}) {
+    const std::string out_path = m.dir + "/out_" + dtype + ".safetensors";
+    const std::vector<std::string> args =
+        base_args("run", m) + std::vector<std::string>{"--inputs", in_path, "--output", out_path, "--dtype", dtype};
+    const ToolResult r = tool(args);
+    ASSERT_EQ(r.rc, 0) << describe(args, r);
+    SCOPED_TRACE(describe(args, r));
+    expect_output_file(out_path, direct_forward(m, {}, dtype_named(dtype), in, M), M, H, spec.top_k);
   }
 }
 

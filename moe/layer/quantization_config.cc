@@ -102,8 +102,8 @@ Status parse_compressed_tensors(const io::Json& q, std::string_view where, Quant
   const bool weight_only = acts == nullptr || acts->is_null();
   CtArgs a;
   if (!weight_only) MOE_RETURN_IF_ERROR(parse_ct_args(*acts, gw + ".input_activations", &a));
-  std::string format;
-  MOE_RETURN_IF_ERROR(io::get_string_or(q, "format", "", &format, where));
+  // `format` (float-quantized, int-quantized, naive-quantized, pack-quantized) follows from the
+  // args above and is not read.
   out->weight_bits = static_cast<int>(w.num_bits);
 
   if (weight_only) {  // W4A16 / W8A16 (the weight-only issue's formats)
@@ -161,7 +161,6 @@ Status parse_compressed_tensors(const io::Json& q, std::string_view where, Quant
   if (out->method == QuantMethod::kInt8 && out->activation_scale != ActivationScaleLayout::kPerToken) {
     return unsupported(gw, ".input_activations: INT8 W8A8 runs with dynamic per-token activations only (as vLLM)");
   }
-  (void)format;  // float-quantized / int-quantized / naive-quantized: the args above decide
   return Status::ok();
 }
 

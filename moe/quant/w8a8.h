@@ -48,13 +48,11 @@ struct W8Traits;
 template <>
 struct W8Traits<float8_e4m3> {
   static constexpr float kMax = 448.0f;
-  static constexpr std::string_view kName = "fp8";
   MOE_HOST_DEVICE static float code(float v) { return float8_e4m3::to_float(float8_e4m3::from_float(v)); }
 };
 template <>
 struct W8Traits<std::int8_t> {
   static constexpr float kMax = 127.0f;
-  static constexpr std::string_view kName = "int8";
   MOE_HOST_DEVICE static float code(float v) {
     if (!(v == v)) return 0.0f;  // NaN input: 0 (the scale is finite, so only a NaN element does this)
     const float r = v < 0.0f ? -std::floor(-v + 0.5f) : std::floor(v + 0.5f);  // half away from zero
@@ -146,7 +144,7 @@ struct W8A8 {
         }
         for (const auto& [name, v] : {std::pair{"quant.a13_scale", *a13_scale}, std::pair{"quant.a2_scale", *a2_scale}}) {
           if (v.extent(0) != 1 || v.data() == nullptr) {
-            return invalid_argument(name, ": expected shape [1], got ", detail_shape(v.extents()));
+            return invalid_argument(name, ": expected shape [1], got ", detail::format_shape(v.extents()));
           }
         }
       } else if (a13_scale || a2_scale) {
@@ -157,17 +155,11 @@ struct W8A8 {
     }
 
    private:
-    template <std::size_t R>
-    static std::string detail_shape(const std::array<Index, R>& e) {
-      std::string s = "[";
-      for (std::size_t i = 0; i < R; ++i) s += (i ? ", " : "") + std::to_string(e[i]);
-      return s + "]";
-    }
     static Status check_scale(const char* name, const TensorView<const float, 3, Space>& v,
                               const std::array<Index, 3>& expect) {
-      if (v.data() == nullptr) return invalid_argument(name, ": required, expected shape ", detail_shape(expect), ", not given");
+      if (v.data() == nullptr) return invalid_argument(name, ": required, expected shape ", detail::format_shape(expect), ", not given");
       if (v.extents() != expect) {
-        return invalid_argument(name, ": expected shape ", detail_shape(expect), ", got ", detail_shape(v.extents()));
+        return invalid_argument(name, ": expected shape ", detail::format_shape(expect), ", got ", detail::format_shape(v.extents()));
       }
       if (!v.is_contiguous()) return invalid_argument(name, ": expected a contiguous tensor");
       return Status::ok();

@@ -23,10 +23,14 @@
 // --ab_splits runs only bf16_ab_splits/<shape>/<M> for M <= 256: the fused swap GEMMs' split-K
 // chosen on the device against none (counters us_device_choice, us_nosplit).
 // --fresh_weights allocates the expert weights per row instead of once per shape (see weights_of).
+// --quantized adds the W8A8 rows beside bf16 (issue: FP8/INT8): fp8_block_forward_graph (DeepSeek's
+// 128x128 block scales, 1x128 dynamic activation groups) and fp8_per_tensor_forward_graph (static
+// scales), same workload with random codes; their bytes count one byte per weight.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -35,11 +39,13 @@
 #include <random>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moe/cuda/cublas_runtime.h"
 #include "moe/cuda/kernel.cuh"
 #include "moe/quant/none.h"
+#include "moe/quant/w8a8.h"
 
 namespace {
 
@@ -72,6 +78,20 @@ __global__ void fill_random(moe::bfloat16* p, std::size_t n, float scale, std::u
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     z ^= z >> 31;
     p[i] = moe::bfloat16((static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f) * scale);
+  }
+}
+
+// Random 8-bit codes: FP8 E4M3 of magnitude below 2 (no NaN code), or INT8 in [-64, 64].
+template <class W>
+__global__ void fill_codes(W* p, std::size_t n, std::uint64_t seed) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    std::uint64_t z = (i + 1) * 0x9e3779b97f4a7c15ull + seed;
+    z = (z ^ (z >> 31)) * 0xbf58476d1ce4e5b9ull;
+    z ^= z >> 29;
+    const auto byte = static_cast<std::uint8_t>(z >> 32);
+    if constexpr (std::is_same_v<W, moe::float8_e4m3>) p[i] = moe::float8_e4m3::from_bits((byte & 0x80) | (byte % 0x40));
+    else p[i] = static_cast<std::int8_t>(static_cast<int>(byte % 129) - 64);
   }
 }
 
@@ -190,8 +210,9 @@ void CeilingGemm(benchmark::State& state) {
 bool g_fresh_weights = false;
 struct ShapeWeights {
   const char* shape = nullptr;
-  moe::bfloat16* w13 = nullptr;
-  moe::bfloat16* w2 = nullptr;
+  std::size_t element_bytes = 0;
+  void* w13 = nullptr;
+  void* w2 = nullptr;
   void release() {
     cudaFree(w13);
     cudaFree(w2);
@@ -200,22 +221,59 @@ struct ShapeWeights {
 };
 ShapeWeights g_weights;
 
+// The weights of shape `s` stored as W (bf16, or the 8-bit codes of a W8A8 scheme).
+template <class W>
 const ShapeWeights& weights_of(const Shape& s) {
-  if (g_weights.shape == s.name && !g_fresh_weights) return g_weights;
+  if (g_weights.shape == s.name && g_weights.element_bytes == sizeof(W) && !g_fresh_weights) return g_weights;
   g_weights.release();
   const std::size_t n13 = s.E * 2 * s.I * s.H, n2 = s.E * s.H * s.I;
   g_weights.shape = s.name;
-  g_weights.w13 = device_alloc<moe::bfloat16>(n13);
-  g_weights.w2 = device_alloc<moe::bfloat16>(n2);
-  fill_random<<<1024, 256>>>(g_weights.w13, n13, 0.02f, 1);
-  fill_random<<<1024, 256>>>(g_weights.w2, n2, 0.02f, 2);
+  g_weights.element_bytes = sizeof(W);
+  W* w13 = device_alloc<W>(n13);
+  W* w2 = device_alloc<W>(n2);
+  if constexpr (std::is_same_v<W, moe::bfloat16>) {
+    fill_random<<<1024, 256>>>(w13, n13, 0.02f, 1);
+    fill_random<<<1024, 256>>>(w2, n2, 0.02f, 2);
+  } else {
+    fill_codes<<<1024, 256>>>(w13, n13, 1);
+    fill_codes<<<1024, 256>>>(w2, n2, 2);
+  }
   cuda_ok(cudaGetLastError());
+  g_weights.w13 = w13;
+  g_weights.w2 = w2;
   return g_weights;
 }
 
-using Spec = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>,
-                       moe::Experts<moe::SiluAndMul, moe::quant::BF16>>;
-using Kernel = moe::Kernel<Spec, moe::cuda::Sm90>;
+template <class Q>
+using SpecOf = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>,
+                         moe::Experts<moe::SiluAndMul, Q, moe::bfloat16>>;
+
+// A W8A8 scheme's scale tensors for shape `s` (constant values: the time does not depend on them).
+template <class Q>
+struct Scales {
+  std::vector<float*> owned;
+  typename Q::template Arguments<moe::DeviceSpace> args;
+  explicit Scales(const Shape& s) {
+    if constexpr (Q::kQuantized) {
+      const auto tensor = [&](std::array<moe::Index, 3> shape, float value) {
+        std::vector<float> host(static_cast<std::size_t>(shape[0] * shape[1] * shape[2]), value);
+        float* d = device_alloc<float>(host.size());
+        cuda_ok(cudaMemcpy(d, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+        owned.push_back(d);
+        return moe::DeviceView<const float, 3>(d, shape);
+      };
+      args.w13_scale = tensor(Q::weight_scale_shape(s.E, 2 * s.I, s.H, s.I), 1e-3f);
+      args.w2_scale = tensor(Q::weight_scale_shape(s.E, s.H, s.I), 1e-3f);
+      if constexpr (Q::kStaticActivations) {
+        args.a13_scale = moe::DeviceView<const float, 1>(tensor({1, 1, 1}, 0.01f).data(), {1});
+        args.a2_scale = moe::DeviceView<const float, 1>(tensor({1, 1, 1}, 0.01f).data(), {1});
+      }
+    }
+  }
+  ~Scales() {
+    for (float* p : owned) cudaFree(p);
+  }
+};
 
 // A forward configuration compared in one row (see Forward).
 struct Variant {
@@ -226,8 +284,12 @@ struct Variant {
 // The forward of one shape at M tokens. With several variants (the --ab rows), each is captured in
 // its own graph over the same weights, inputs and workspace and timed interleaved with the others:
 // counter "us" is the first variant, "us_<label>" every variant.
+template <class Q>
 void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::vector<Variant> variants) {
-  const ShapeWeights& weights = weights_of(s);
+  using W = typename Q::WeightElement;
+  using Kernel = moe::Kernel<SpecOf<Q>, moe::cuda::Sm90>;
+  const ShapeWeights& weights = weights_of<W>(s);
+  const Scales<Q> scales(s);
   auto* hidden = device_alloc<moe::bfloat16>(M * s.H);
   auto* out = device_alloc<moe::bfloat16>(M * s.H);
   fill_random<<<1024, 256>>>(hidden, M * s.H, 1.0f, 3);
@@ -253,13 +315,14 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   cuda_ok(cudaMemcpy(d_ids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
   cuda_ok(cudaMemcpy(d_w, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
 
-  Kernel::Arguments a;
+  typename Kernel::Arguments a;
   a.hidden_states = moe::DeviceView<const moe::bfloat16, 2>(hidden, {M, s.H});
   a.topk_ids = moe::DeviceView<const std::int32_t, 2>(d_ids, {M, s.top_k});
   a.topk_weights = moe::DeviceView<const float, 2>(d_w, {M, s.top_k});
   a.top_k = s.top_k;
-  a.w13 = moe::DeviceView<const moe::bfloat16, 3>(weights.w13, {s.E, 2 * s.I, s.H});
-  a.w2 = moe::DeviceView<const moe::bfloat16, 3>(weights.w2, {s.E, s.H, s.I});
+  a.w13 = moe::DeviceView<const W, 3>(static_cast<const W*>(weights.w13), {s.E, 2 * s.I, s.H});
+  a.w2 = moe::DeviceView<const W, 3>(static_cast<const W*>(weights.w2), {s.E, s.H, s.I});
+  a.quant = scales.args;
   a.output = moe::DeviceView<moe::bfloat16, 2>(out, {M, s.H});
   std::vector<Kernel> kernels;
   std::size_t ws_bytes = 0;
@@ -297,7 +360,7 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
     for (std::size_t v = 0; v < variants.size(); ++v) state.counters["us_" + variants[v].label] = medians[v] * 1e6;
   }
   const double flops = 6.0 * M * s.top_k * s.H * s.I;
-  const double bytes = static_cast<double>(hit.size()) * 3 * s.H * s.I * 2 + 2.0 * M * s.H * 2;
+  const double bytes = static_cast<double>(hit.size()) * 3 * s.H * s.I * sizeof(W) + 2.0 * M * s.H * 2;
   const double floor_s = std::max(flops / (g_gemm_tflops * 1e12), bytes / (g_copy_gbps * 1e9));
   state.counters["us"] = median_s * 1e6;
   state.counters["TFLOP/s"] = flops / median_s * 1e-12;
@@ -311,13 +374,14 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   cudaStreamDestroy(stream);
 }
 
+template <class Q = moe::quant::BF16>
 void register_row(const std::string& name, Shape s, moe::Index M, bool graph, std::vector<Variant> variants,
                   int iterations) {
-  benchmark::RegisterBenchmark(name.c_str(), Forward, s, M, graph, std::move(variants))
+  benchmark::RegisterBenchmark(name.c_str(), Forward<Q>, s, M, graph, std::move(variants))
       ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
 }
 
-void register_all(bool tune, bool ab_launch, bool ab_splits) {
+void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized) {
   benchmark::RegisterBenchmark("ceiling/copy_2GiB", CeilingCopy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("ceiling/gemm_bf16_8192", CeilingGemm)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   const auto row_name = [](const char* family, const Shape& s, moe::Index M) {
@@ -355,6 +419,14 @@ void register_all(bool tune, bool ab_launch, bool ab_splits) {
       }
     }
   }
+  if (quantized) {  // after bf16: each shape's codes are allocated once for both schemes
+    for (const Shape& s : kShapes) {
+      for (const moe::Index M : kTokens) {
+        register_row<moe::quant::Fp8Block<128, 128>>(row_name("fp8_block_forward_graph", s, M), s, M, true, {Variant{}}, 20);
+        register_row<moe::quant::Fp8PerTensor>(row_name("fp8_per_tensor_forward_graph", s, M), s, M, true, {Variant{}}, 20);
+      }
+    }
+  }
   if (!tune) return;
   Variant no_split{"nosplit", {}};
   no_split.options.max_k_splits = 1;
@@ -379,17 +451,18 @@ void register_all(bool tune, bool ab_launch, bool ab_splits) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool tune = false, ab_launch = false, ab_splits = false;
+  bool tune = false, ab_launch = false, ab_splits = false, quantized = false;
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--tune_tiles") == 0) tune = true;
     else if (std::strcmp(argv[i], "--ab_launch") == 0) ab_launch = true;
     else if (std::strcmp(argv[i], "--ab_splits") == 0) ab_splits = true;
     else if (std::strcmp(argv[i], "--fresh_weights") == 0) g_fresh_weights = true;
+    else if (std::strcmp(argv[i], "--quantized") == 0) quantized = true;
     else rest.push_back(argv[i]);
   }
   int n = static_cast<int>(rest.size());
-  register_all(tune, ab_launch, ab_splits);
+  register_all(tune, ab_launch, ab_splits, quantized);
   benchmark::Initialize(&n, rest.data());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -5,6 +5,9 @@
 //   Sm90TmaWarpSpecialized, CUTLASS tiles: GEMM1 (stored raw) -> activation pass -> GEMM2 (stored);
 //   Sm90TmaWarpSpecialized, fused swap tiles (decode): our mainloop with the activation fused into
 //     GEMM1, then GEMM2 stored.
+//   W8A8 schemes (moe/quant/w8a8.h; Sm90 only): rows quantized (moe/cuda/quant/quantize_rows.cuh)
+//     -> our swap mainloop on 8-bit operands with the activation fused -> intermediate quantized
+//     -> GEMM2 stored. Every batch size runs the swap tiles for now (no 8-bit prefill mainloop yet).
 // Same function on every schedule: the epilogue trees' rounding points (moe/epilogue.h) make
 // "store, then apply" exact.
 //
@@ -28,6 +31,7 @@
 #include "moe/cuda/gemm/sm90_grouped_gemm.h"
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
 #include "moe/cuda/launch.h"
+#include "moe/cuda/quant/quantize_rows.cuh"
 #include "moe/cuda/stages.cuh"
 #include "moe/detail/workspace.h"
 #include "moe/stages.h"
@@ -85,10 +89,10 @@ class ExpertsStage {
   using Activation = typename Experts::Activation;
   using Weights = ExpertWeights<Experts, IO, DeviceSpace>;
   using Rows = ExpertRows<IO, DeviceSpace>;
-  static_assert(!Experts::Quant::kQuantized,
-                "moe::cuda::ExpertsStage: the quantized schemes (moe/quant/w8a8.h) run on the CPU backend only in "
-                "this release; their CUDA GEMMs are not built yet");
-  static_assert(std::is_same_v<IO, typename Experts::Quant::WeightElement>,
+  using Quant = typename Experts::Quant;
+  using W = typename Quant::WeightElement;
+  static constexpr bool kQuantized = Quant::kQuantized;
+  static_assert(kQuantized || std::is_same_v<IO, W>,
                 "moe::cuda::ExpertsStage: unquantized weights are stored like the activations");
   static constexpr detail::ColumnMode kMode1 =
       !Activation::kGated ? detail::ColumnMode::kPlain
@@ -103,6 +107,26 @@ class ExpertsStage {
                 "or Sm80CpAsync for f32");
   static constexpr bool kMaySm90 =
       kArchHasSm90 && sizeof(IO) == 2 && (kForcedSm90 || std::is_same_v<Schedule, gemm::ScheduleAuto>);
+  // The 8-bit GEMMs are wgmma with 8-bit operands: Hopper's.
+  static_assert(!kQuantized || kMaySm90,
+                "moe::cuda::ExpertsStage: the W8A8 schemes run on the Sm90 tag (wgmma on FP8/INT8 operands) with "
+                "bf16 or f16 hidden states; sm_80 has no FP8 tensor cores. Run them on the CPU backend there");
+  static constexpr bool block_shape_runs() {
+    if constexpr (kQuantized && Quant::kWeightScale == quant::ScaleGranularity::kBlock) {
+      return Quant::kBlockN == 128 && Quant::kBlockK == 128;
+    } else {
+      return true;
+    }
+  }
+  static_assert(block_shape_runs(),
+                "moe::cuda::ExpertsStage: block-scaled FP8 runs with 128x128 blocks (one 128-wide K block per "
+                "stage of the swap mainloop)");
+  static_assert(!kQuantized || Activation::kLayout != GateUpLayout::kInterleaved || !Activation::kGated,
+                "moe::cuda::ExpertsStage: the W8A8 schemes take w13 as [gate; up] halves (vLLM's layout)");
+  static constexpr gemm::swap_detail::ScaleMode kScaleMode =
+      !kQuantized ? gemm::swap_detail::ScaleMode::kNone
+      : Quant::kWeightScale == quant::ScaleGranularity::kBlock ? gemm::swap_detail::ScaleMode::kBlockPerStage
+                                                                : gemm::swap_detail::ScaleMode::kPerRowAtEnd;
   static constexpr int kTileM = detail::kBM;  // rows per m-tile of the tile prefix
 
   explicit ExpertsStage(Options options = {}) : options_(options) {}
@@ -125,6 +149,7 @@ class ExpertsStage {
     int max_splits1 = 1, max_splits2 = 1;  // most K splits of the fused swap GEMMs (chosen on the device)
     std::size_t gemm_ws_bytes = 0;
     std::size_t inter = 0, gemm1_out = 0, gemm_ws = 0, partial = 0, splits_used = 0, total = 0;  // offsets, bytes
+    std::size_t codes1 = 0, codes2 = 0, scales1 = 0, scales2 = 0;  // W8A8: GEMM inputs as codes + scales
   };
 
   // Why the Hopper schedule cannot run these experts, or nullptr (shapes, strides and alignment).
@@ -134,6 +159,15 @@ class ExpertsStage {
     } else {
       const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
       if (w.w13_bias || w.w2_bias) return "expert biases are fused by the Sm80CpAsync epilogue only";
+      if constexpr (kQuantized) {
+        if (w.hidden() % 16 != 0 || w.intermediate() % 16 != 0) {
+          return "8-bit GEMMs need hidden and intermediate sizes that are multiples of 16 (16-byte rows of codes)";
+        }
+        if (!gemm::swap_detail::applies(w.w13, 1) || !gemm::swap_detail::applies(w.w2, 1)) {
+          return "8-bit GEMMs need packed expert weights (contiguous [E, N, K]), 16-byte aligned, at most 1024 local "
+                 "experts and E * N below 2^31";
+        }
+      }
       if (w.hidden() % 8 != 0 || w.intermediate() % 8 != 0) return "hidden and intermediate sizes must be multiples of 8";
       if (w.w13.stride(1) % 8 != 0 || w.w13.stride(0) % 8 != 0 || w.w2.stride(1) % 8 != 0 || w.w2.stride(0) % 8 != 0 ||
           !aligned(w.w13.data()) || !aligned(w.w2.data())) {
@@ -155,6 +189,13 @@ class ExpertsStage {
     moe::detail::WorkspaceCarver<256> carver;
     l.inter = carver.take(n(rows) * n(w.intermediate()) * sizeof(IO));
     l.sm90 = allow_sm90 && sm90_refusal(w) == nullptr;
+    if constexpr (kQuantized) {  // codes and activation scales of both GEMMs' inputs
+      const Index H = w.hidden(), I = w.intermediate();
+      l.codes1 = carver.take(n(rows) * n(H) * sizeof(W));
+      l.codes2 = carver.take(n(rows) * n(I) * sizeof(W));
+      l.scales1 = carver.take(n(rows) * n(act_scale_groups(H)) * sizeof(float));
+      l.scales2 = carver.take(n(rows) * n(act_scale_groups(I)) * sizeof(float));
+    }
     std::size_t partial_floats = 0;
     if (l.sm90 && E > 0 && live_rows > 0) partial_floats = plan_sm90(w, l);
     l.partial = carver.take(partial_floats * sizeof(float));
@@ -192,11 +233,19 @@ class ExpertsStage {
     Buffers b{static_cast<IO*>(static_cast<void*>(base + l.inter)), static_cast<IO*>(static_cast<void*>(base + l.gemm1_out)),
               base + l.gemm_ws, static_cast<float*>(static_cast<void*>(base + l.partial)),
               static_cast<int*>(static_cast<void*>(base + l.splits_used))};
-    if constexpr (kMaySm90) {
-      if (l.sm90) return run_sm90(l, w, input, output, s, b, stream);
+    if constexpr (kQuantized) {
+      if (!l.sm90) {
+        const char* why = sm90_refusal(w);
+        return unsupported("experts (", Quant::kName, "): ", why ? why : "the output rows are not 16-byte aligned");
+      }
+      return run_quantized(l, w, input, output, s, b, base, stream);
+    } else {
+      if constexpr (kMaySm90) {
+        if (l.sm90) return run_sm90(l, w, input, output, s, b, stream);
+      }
+      *weighted = row_weight != nullptr;
+      return run_sm80(l, w, input, output, s, b, row_weight, stream);
     }
-    *weighted = row_weight != nullptr;
-    return run_sm80(l, w, input, output, s, b, row_weight, stream);
   }
 
   // ---- moe/stages.h's interface --------------------------------------------------------------
@@ -211,6 +260,12 @@ class ExpertsStage {
     MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), d.total));
     const Index R = r.input.extent(0), E = w.num_local_experts();
     if (R == 0) return Status::ok();
+    if constexpr (kQuantized) {  // refused before any launch
+      if (!d.plan.sm90) {
+        const char* why = sm90_refusal(w);
+        return unsupported("experts (", Quant::kName, "): ", why ? why : "rows need 16-byte alignment");
+      }
+    }
     std::byte* base = moe::detail::WorkspaceCarver<256>::aligned_base(workspace.data());
     Segments s;
     auto* begin = static_cast<Index*>(static_cast<void*>(base + d.begin));
@@ -278,7 +333,12 @@ class ExpertsStage {
     const Index S = l.live_rows, E = w.num_local_experts();
     Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
                                        : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E));
-    if (is_fused(tile)) {
+    if constexpr (kQuantized) {
+      // Only our swap mainloop takes 8-bit operands: the nearest fused tile (64 tokens for prefill).
+      tile = tile == Sm90Tile::kSwap128x16 || tile == Sm90Tile::kFusedSwap128x16   ? Sm90Tile::kFusedSwap128x16
+             : tile == Sm90Tile::kSwap128x32 || tile == Sm90Tile::kFusedSwap128x32 ? Sm90Tile::kFusedSwap128x32
+                                                                                   : Sm90Tile::kFusedSwap128x64;
+    } else if (is_fused(tile)) {
       const bool applies = kMode1 != detail::ColumnMode::kGatedInterleaved && swap_detail::applies(w.w13, l.rows) &&
                            swap_detail::applies(w.w2, l.rows);
       if (!applies) tile = unfused(tile);
@@ -323,9 +383,14 @@ class ExpertsStage {
     const bool pdl = programmatic_launch(l);
     const Index H = w.hidden(), I = w.intermediate(), N1 = w.w13.extent(1);
     switch (l.tile) {
-      case Sm90Tile::kFusedSwap128x16: return run_fused_swap<16, 1>(l, w, input, output, s, b, pdl, stream);
-      case Sm90Tile::kFusedSwap128x32: return run_fused_swap<32, 1>(l, w, input, output, s, b, pdl, stream);
-      case Sm90Tile::kFusedSwap128x64: return run_fused_swap<64, 1>(l, w, input, output, s, b, pdl, stream);
+      case Sm90Tile::kFusedSwap128x16:
+      case Sm90Tile::kFusedSwap128x32:
+      case Sm90Tile::kFusedSwap128x64: {
+        const auto none = [] { return Status::ok(); };
+        if (l.tile == Sm90Tile::kFusedSwap128x16) return run_fused_swap<16, 1>(l, w, input, {}, b.inter, {}, output, s, b, pdl, stream, none);
+        if (l.tile == Sm90Tile::kFusedSwap128x32) return run_fused_swap<32, 1>(l, w, input, {}, b.inter, {}, output, s, b, pdl, stream, none);
+        return run_fused_swap<64, 1>(l, w, input, {}, b.inter, {}, output, s, b, pdl, stream, none);
+      }
       default: break;
     }
     const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
@@ -358,22 +423,87 @@ class ExpertsStage {
     return grouped_gemm(b.inter, I, w.w2, output, H);
   }
 
-  // Our swap mainloop: GEMM1 with the activation fused (stored straight into the intermediate
-  // rows), GEMM2 stored raw.
-  template <int kTokens, int kAtoms>
-  Status run_fused_swap(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
-                        const Buffers& b, bool pdl, cudaStream_t stream) const {
+  // Our swap mainloop: GEMM1 over `x1` with the activation fused (stored straight into the
+  // intermediate rows), then `between` (the W8A8 schemes quantize the intermediate into `x2`), then
+  // GEMM2 over `x2`, stored raw. Unquantized: x1 = input, x2 = the intermediate, no scales.
+  template <int kTokens, int kAtoms, class Between>
+  Status run_fused_swap(const Plan& l, const Weights& w, const W* x1, const gemm::swap_detail::SwapScales& scales1,
+                        const W* x2, const gemm::swap_detail::SwapScales& scales2, IO* output, const Segments& s,
+                        const Buffers& b, bool pdl, cudaStream_t stream, Between&& between) const {
     using namespace gemm;
     constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
     using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
     using Expr2 = epilogue::detail::Stored<IO, false, epilogue::Part::kAll>;
     const Index H = w.hidden(), I = w.intermediate();
-    MOE_RETURN_IF_ERROR((swap_detail::launch<IO, kTokens, kAtoms, kGated, Expr1, Activation>(
-        w.w13, input, l.rows, s.seg_begin, s.seg_count, I, b.inter, I, w.activation, l.max_splits1, b.partial, b.splits_used, s.row_list,
-        s.row_list_size, pdl, stream)));
-    return swap_detail::launch<IO, kTokens, kAtoms, false, Expr2, Activation>(
-        w.w2, b.inter, l.rows, s.seg_begin, s.seg_count, H, output, H, w.activation, l.max_splits2, b.partial, b.splits_used + 1, s.row_list,
-        s.row_list_size, pdl, stream);
+    MOE_RETURN_IF_ERROR((swap_detail::launch<W, IO, kTokens, kAtoms, kGated, kScaleMode, Expr1, Activation>(
+        w.w13, x1, l.rows, s.seg_begin, s.seg_count, I, b.inter, I, w.activation, scales1, l.max_splits1, b.partial,
+        b.splits_used, s.row_list, s.row_list_size, pdl, stream)));
+    MOE_RETURN_IF_ERROR(between());
+    return swap_detail::launch<W, IO, kTokens, kAtoms, false, kScaleMode, Expr2, Activation>(
+        w.w2, x2, l.rows, s.seg_begin, s.seg_count, H, output, H, w.activation, scales2, l.max_splits2, b.partial,
+        b.splits_used + 1, s.row_list, s.row_list_size, pdl, stream);
+  }
+
+  // ---- the W8A8 schemes -------------------------------------------------------------------------
+
+  // Activation scale groups of a row of k columns: K blocks for per-group scales, else one (a
+  // static scheme's one is not stored, but the region stays simple).
+  static Index act_scale_groups(Index k) { return Quant::kActScale == quant::ScaleGranularity::kGroup ? Quant::k_blocks(k) : 1; }
+
+  // The scales of one GEMM: weights `ws` ([E, scale rows, scale cols]), `half` rows per half of a
+  // gated w13 (0 otherwise); activations per row in `xs` ([groups][rows]) or the static `fixed`.
+  gemm::swap_detail::SwapScales swap_scales(DeviceView<const float, 3> ws, Index half, const float* xs, Index rows,
+                                            const float* fixed) const {
+    gemm::swap_detail::SwapScales sc;
+    sc.w = ws.data();
+    sc.w_rows = static_cast<int>(ws.extent(1));
+    sc.w_cols = static_cast<int>(ws.extent(2));
+    sc.w_row_block = Quant::kWeightScale == quant::ScaleGranularity::kBlock        ? Quant::kBlockN
+                     : Quant::kWeightScale == quant::ScaleGranularity::kPerChannel ? 1
+                                                                                   : 0;
+    sc.w_half = Quant::kWeightScale == quant::ScaleGranularity::kBlock ? static_cast<int>(half) : 0;
+    if constexpr (Quant::kStaticActivations) {
+      sc.x = fixed;
+      sc.x_block_stride = 0;
+      sc.x_row_step = 0;
+    } else {
+      sc.x = xs;
+      sc.x_block_stride = rows;
+      sc.x_row_step = 1;
+    }
+    return sc;
+  }
+
+  // Quantize the rows -> 8-bit GEMM1 (activation fused) -> quantize the intermediate -> 8-bit GEMM2.
+  Status run_quantized(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s, const Buffers& b,
+                       std::byte* base, cudaStream_t stream) const {
+    const bool pdl = programmatic_launch(l);
+    const Index H = w.hidden(), I = w.intermediate(), R = l.rows;
+    auto* codes1 = static_cast<W*>(static_cast<void*>(base + l.codes1));
+    auto* codes2 = static_cast<W*>(static_cast<void*>(base + l.codes2));
+    auto* scales1 = static_cast<float*>(static_cast<void*>(base + l.scales1));
+    auto* scales2 = static_cast<float*>(static_cast<void*>(base + l.scales2));
+    const float* a13 = nullptr;
+    const float* a2 = nullptr;
+    if constexpr (Quant::kStaticActivations) {
+      a13 = w.quant.a13_scale->data();
+      a2 = w.quant.a2_scale->data();
+    }
+    MOE_RETURN_IF_ERROR((quant_detail::quantize_rows<Quant, IO>(input, H, s.row_list, s.row_list_size, codes1, scales1, R,
+                                                                a13, pdl, stream)));
+    constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
+    const auto sc1 = swap_scales(w.quant.w13_scale, kGated ? I : 0, scales1, R, a13);
+    const auto sc2 = swap_scales(w.quant.w2_scale, 0, scales2, R, a2);
+    const auto between = [&] {
+      return quant_detail::quantize_rows<Quant, IO>(b.inter, I, s.row_list, s.row_list_size, codes2, scales2, R, a2, pdl,
+                                                    stream);
+    };
+    using gemm::Sm90Tile;
+    switch (l.tile) {
+      case Sm90Tile::kFusedSwap128x16: return run_fused_swap<16, 1>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
+      case Sm90Tile::kFusedSwap128x32: return run_fused_swap<32, 1>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
+      default: return run_fused_swap<64, 1>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
+    }
   }
 
   // One grouped GEMM of the Sm80 mainloops over the segments: out = a x w[e]^T, K = a's width.

@@ -67,6 +67,9 @@ class Kernel<Spec, Arch> {
     if constexpr (kForcedSm90) {
       if (const char* why = sm90_refusal(a)) return unsupported("schedule Sm90TmaWarpSpecialized: ", why);
     }
+    if constexpr (Stage::kQuantized) {  // the 8-bit GEMMs have no other schedule to fall back on
+      if (const char* why = sm90_refusal(a)) return unsupported("experts (", Spec::Quant::kName, "): ", why);
+    }
     if (options_.check_device_inputs) MOE_RETURN_IF_ERROR(check_device_inputs(a, p, stream));
     return Status::ok();
   }
@@ -124,7 +127,7 @@ class Kernel<Spec, Arch> {
   }
 
   typename Stage::Weights weights_of(const Arguments& a) const {
-    return {a.w13, a.w2, a.w13_bias, a.w2_bias, a.activation};
+    return {a.w13, a.w2, a.w13_bias, a.w2_bias, a.activation, a.quant};
   }
   // Why the Hopper schedule cannot run this forward, or nullptr when it can (decided from shapes,
   // strides and alignment alone, so workspace_bytes and run agree).

@@ -104,6 +104,11 @@ struct W8A8 {
   MOE_HOST_DEVICE static float dequantize_weight(W w) { return to_float(w); }
   // The code of value v at scale s, as a float (exact: every code is a float).
   MOE_HOST_DEVICE static float quantize(float v, float s) { return W8Traits<W>::code(v / s); }
+  // The same code in storage (what the GPU's GEMMs read).
+  MOE_HOST_DEVICE static W encode(float v, float s) {
+    if constexpr (std::is_same_v<W, float8_e4m3>) return float8_e4m3::from_bits(float8_e4m3::from_float(v / s));
+    else return static_cast<std::int8_t>(W8Traits<W>::code(v / s));
+  }
 
   // K blocks of a GEMM with reduction length k: the scale blocks along K.
   static constexpr Index k_blocks(Index k) { return BlockK > 0 ? (k + BlockK - 1) / BlockK : 1; }

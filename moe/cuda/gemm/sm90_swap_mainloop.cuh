@@ -18,6 +18,15 @@
 //    ring with the first tile's weights while the previous kernel is still finishing, and waits for
 //    it only before loading the rows that kernel wrote.
 //
+// Operands: 16-bit (bf16, f16) or 8-bit codes (FP8 E4M3, INT8) of the W8A8 schemes
+// (moe/quant/w8a8.h). A stage is one 128-byte swizzle atom per row either way: 64 16-bit or 128
+// 8-bit elements of K. 8-bit GEMMs apply their scales (SwapScales): FP8 with block scales
+// multiplies each stage's partial sums by s_x[token, K block] * s_w[row block, K block] as they are
+// added into the fp32 accumulators (the stage is the 128-wide scale block; DeepGEMM's
+// "promotion", which also keeps the FP8 wgmma's narrower internal accumulation to 128 products);
+// FP8 with per-channel or per-tensor scales promotes each stage unscaled and scales at the end;
+// INT8 accumulates exactly in int32 and scales at the end.
+//
 // Warp roles: warpgroup 0 is the producer (one thread issues TMA loads into a kStages-deep ring of
 // shared-memory stages, each completing on an mbarrier), warpgroup 1 the consumer (wgmma from
 // shared memory, 128B-swizzled K-major tiles, fp32 accumulators in registers, then the epilogue
@@ -43,7 +52,7 @@
 
 namespace moe::cuda::gemm::swap_detail {
 
-constexpr int kBlockK = 64;                 // one 128-byte swizzle atom of 16-bit elements
+constexpr int kAtomBytes = 128;             // one 128-byte swizzle atom of K per row
 constexpr int kWeightRows = 128;            // M side of a tile: two m64 wgmma halves
 constexpr int kThreads = 256;               // producer warpgroup + consumer warpgroup
 constexpr int kMaxExperts = 1024;           // tile prefix kept in shared memory
@@ -52,16 +61,50 @@ constexpr int kMaxExperts = 1024;           // tile prefix kept in shared memory
 // more atoms read longer contiguous runs of every weight row per stage. Measured on the H200
 // (benchmarks/NOTES.md, v5): 2 and 4 atoms stream no faster than 1 on any decode row, so the
 // schedule instantiates kAtoms = 1; the knob stays for other chips and FP8 (half the bytes/row).
+// K elements of one atom: 64 16-bit or 128 8-bit.
+template <class T>
+inline constexpr int kAtomK = kAtomBytes / static_cast<int>(sizeof(T));
+
 template <int kTokens, int kAtoms>
 struct TileShape {
-  static constexpr int kAtomABytes = kWeightRows * kBlockK * 2;  // 16 KiB: gate half, up half
-  static constexpr int kAtomBBytes = kTokens * kBlockK * 2;
+  static constexpr int kAtomABytes = kWeightRows * kAtomBytes;  // 16 KiB: gate half, up half
+  static constexpr int kAtomBBytes = kTokens * kAtomBytes;
   static constexpr int kABytes = kAtoms * kAtomABytes;
   static constexpr int kBBytes = kAtoms * kAtomBBytes;
   static constexpr int kStageBytes = kABytes + kBBytes;  // multiple of 1024
   static constexpr int kStages = (200 * 1024 / kStageBytes) < 10 ? (200 * 1024 / kStageBytes) : 10;
   static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + 1024: alignment slack
   static_assert(kStages >= 2, "the stage ring needs two stages");
+};
+
+// How an 8-bit GEMM's sums become values (moe/quant/w8a8.h writes the arithmetic out).
+enum class ScaleMode {
+  kNone,            // 16-bit operands: the fp32 sums are the values
+  kBlockPerStage,   // FP8, 128x128 weight blocks, 1x128 activation groups: scaled per stage
+  kPerRowAtEnd,     // FP8 or INT8 with per-channel or per-tensor weight scales: scaled once
+};
+
+// The scales of one 8-bit GEMM. Weight scale of (expert e, weight row n, K block b):
+//   w[(e * w_rows + scale_row(n)) * w_cols + (w_cols > 1 ? b : 0)]
+// Activation scale of (gathered row r, K block b): x[b * x_block_stride + r * x_row_step]
+// (x_row_step = 0: one static scale for every row).
+struct SwapScales {
+  const float* w = nullptr;
+  int w_rows = 0, w_cols = 0;  // per expert
+  int w_row_block = 0;         // weight rows per scale row: 128 (blocks), 1 (channels), 0 (per tensor)
+  int w_half = 0;              // gated w13: rows per half; the halves are blocked separately
+  const float* x = nullptr;
+  Index x_block_stride = 0, x_row_step = 0;
+
+  // The scale row of weight row n (moe::quant::W8A8::weight_scale_row, the same layout).
+  MOE_HOST_DEVICE int scale_row(int n) const {
+    if (w_row_block == 0) return 0;
+    if (w_half > 0 && n >= w_half) return (w_half + w_row_block - 1) / w_row_block + (n - w_half) / w_row_block;
+    return n / w_row_block;
+  }
+  MOE_HOST_DEVICE const float* weight(int e, int n) const {
+    return w + (static_cast<Index>(e) * w_rows + scale_row(n)) * w_cols;
+  }
 };
 
 // Parameters; the tensor maps travel by value as __grid_constant__.
@@ -84,6 +127,7 @@ struct SwapParams {
   int* splits_used;  // null when max_splits == 1
   float* partial;
   Index partial_rows;
+  SwapScales scales;  // 8-bit operands only
 };
 
 // K splits for `tiles` equal work items on `ctas` persistent CTAs. None unless the tiles leave more
@@ -175,26 +219,43 @@ __device__ __forceinline__ std::uint64_t smem_desc(const void* p) {
          (std::uint64_t{1} << 62);
 }
 
-// wgmma m64 x kTokens x k16, both operands K-major in shared memory, fp32 accumulators.
+// wgmma m64 x kTokens x (32 bytes of K), both operands K-major in shared memory: k16 for 16-bit
+// operands, k32 for 8-bit ones, fp32 accumulators (int32 for INT8, held in uint32 registers).
 template <class T, int kTokens>
 struct Wgmma;
-#define MOE_SWAP_WGMMA(ELEM, N, OP)                                                                    \
+#define MOE_SWAP_WGMMA(ELEM, N, OP, ACC)                                                                \
   template <>                                                                                          \
   struct Wgmma<ELEM, N> {                                                                              \
-    using Op = cute::SM90::GMMA::OP<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;            \
+    using Op = OP;                                                                                     \
+    using Acc = ACC;                                                                                   \
   };
-MOE_SWAP_WGMMA(bfloat16, 16, MMA_64x16x16_F32BF16BF16_SS)
-MOE_SWAP_WGMMA(bfloat16, 32, MMA_64x32x16_F32BF16BF16_SS)
-MOE_SWAP_WGMMA(bfloat16, 64, MMA_64x64x16_F32BF16BF16_SS)
-MOE_SWAP_WGMMA(half, 16, MMA_64x16x16_F32F16F16_SS)
-MOE_SWAP_WGMMA(half, 32, MMA_64x32x16_F32F16F16_SS)
-MOE_SWAP_WGMMA(half, 64, MMA_64x64x16_F32F16F16_SS)
+#define MOE_SWAP_WGMMA_K(OP) cute::SM90::GMMA::OP<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>
+MOE_SWAP_WGMMA(bfloat16, 16, MOE_SWAP_WGMMA_K(MMA_64x16x16_F32BF16BF16_SS), float)
+MOE_SWAP_WGMMA(bfloat16, 32, MOE_SWAP_WGMMA_K(MMA_64x32x16_F32BF16BF16_SS), float)
+MOE_SWAP_WGMMA(bfloat16, 64, MOE_SWAP_WGMMA_K(MMA_64x64x16_F32BF16BF16_SS), float)
+MOE_SWAP_WGMMA(half, 16, MOE_SWAP_WGMMA_K(MMA_64x16x16_F32F16F16_SS), float)
+MOE_SWAP_WGMMA(half, 32, MOE_SWAP_WGMMA_K(MMA_64x32x16_F32F16F16_SS), float)
+MOE_SWAP_WGMMA(half, 64, MOE_SWAP_WGMMA_K(MMA_64x64x16_F32F16F16_SS), float)
+MOE_SWAP_WGMMA(float8_e4m3, 16, cute::SM90::GMMA::MMA_64x16x32_F32E4M3E4M3_SS_TN<>, float)
+MOE_SWAP_WGMMA(float8_e4m3, 32, cute::SM90::GMMA::MMA_64x32x32_F32E4M3E4M3_SS_TN<>, float)
+MOE_SWAP_WGMMA(float8_e4m3, 64, cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>, float)
+MOE_SWAP_WGMMA(std::int8_t, 16, cute::SM90::GMMA::MMA_64x16x32_S32S8S8_SS_TN, std::uint32_t)
+MOE_SWAP_WGMMA(std::int8_t, 32, cute::SM90::GMMA::MMA_64x32x32_S32S8S8_SS_TN, std::uint32_t)
+MOE_SWAP_WGMMA(std::int8_t, 64, cute::SM90::GMMA::MMA_64x64x32_S32S8S8_SS_TN, std::uint32_t)
+#undef MOE_SWAP_WGMMA_K
 #undef MOE_SWAP_WGMMA
 
-template <class Op, int N, std::size_t... I>
-__device__ __forceinline__ void wgmma_call(std::uint64_t a, std::uint64_t b, float (&d)[N], bool accumulate,
+template <class Op, class Acc, int N, std::size_t... I>
+__device__ __forceinline__ void wgmma_call(std::uint64_t a, std::uint64_t b, Acc (&d)[N], bool accumulate,
                                            std::index_sequence<I...>) {
   Op::fma(a, b, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+}
+
+// The accumulator as a float: INT8's int32 sums (exact) converted, fp32 as is.
+template <class Acc>
+__device__ __forceinline__ float acc_value(Acc v) {
+  if constexpr (std::is_same_v<Acc, std::uint32_t>) return static_cast<float>(static_cast<std::int32_t>(v));
+  else return v;
 }
 
 // Where tile `tile` lies: expert, first weight row of the n-tile, first token row, tokens in it,
@@ -234,14 +295,19 @@ __device__ __forceinline__ TileCoord locate(int tile, const int* prefix, int num
   return c;
 }
 
-template <class T, int kTokens, int kAtoms, bool kGated, class Expr, class Activation>
+// T: the operands' element (weights and rows alike); TOut: the output's.
+template <class T, class TOut, int kTokens, int kAtoms, bool kGated, ScaleMode kScales, class Expr, class Activation>
 __global__ void __launch_bounds__(kThreads, 1)
     swap_gemm_kernel(const __grid_constant__ CUtensorMap weights, const __grid_constant__ CUtensorMap rows,
                      SwapParams p, typename Activation::Arguments act_args) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = TileShape<kTokens, kAtoms>;
   constexpr int kStages = Shape::kStages;
-  constexpr int kAcc = kTokens / 2;  // fp32 accumulators per thread of one m64 x kTokens product
+  constexpr int kAcc = kTokens / 2;  // accumulators per thread of one m64 x kTokens product
+  constexpr int kK = kAtomK<T>;
+  static_assert((kScales == ScaleMode::kNone) == (sizeof(T) == 2), "moe::cuda swap GEMM: 8-bit operands need scales");
+  static_assert(kScales != ScaleMode::kBlockPerStage || kAtoms == 1,
+                "moe::cuda swap GEMM: block scales need one 128-wide K block per stage");
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
   __shared__ std::uint64_t full[kStages], empty[kStages];
@@ -276,7 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  const int k_blocks = (p.k + kAtoms * kBlockK - 1) / (kAtoms * kBlockK);
+  const int k_blocks = (p.k + kAtoms * kK - 1) / (kAtoms * kK);
   const KSplit split = KSplit::of(prefix[p.num_experts], k_blocks, static_cast<int>(gridDim.x), p.max_splits);
   const int total = prefix[p.num_experts] * split.count;
 
@@ -302,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_expect_tx(&full[prefetched], Shape::kStageBytes);
 #pragma unroll
         for (int atom = 0; atom < kAtoms; ++atom) {
-          const int k0 = (kb * kAtoms + atom) * kBlockK;
+          const int k0 = (kb * kAtoms + atom) * kK;
           unsigned char* aa = a + atom * Shape::kAtomABytes;
           tma_load_2d(aa, &weights, &full[prefetched], k0, w0, stream_policy);
           tma_load_2d(aa + Shape::kAtomABytes / 2, &weights, &full[prefetched], k0, w1, stream_policy);
@@ -329,7 +395,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
 #pragma unroll
         for (int atom = 0; atom < kAtoms; ++atom) {
-          const int k0 = (kb * kAtoms + atom) * kBlockK;
+          const int k0 = (kb * kAtoms + atom) * kK;
           if (issued >= prefetched) {
             unsigned char* aa = a + atom * Shape::kAtomABytes;
             tma_load_2d(aa, &weights, &full[stage], k0, w0, stream_policy);
@@ -345,7 +411,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ---- consumer warpgroup: wgmma over the ring, then the epilogue ----
-    using Op = typename Wgmma<T, kTokens>::Op;
+    using Mma = Wgmma<T, kTokens>;
+    using Op = typename Mma::Op;
+    using Acc = typename Mma::Acc;
+    // FP8 sums go through a per-stage temporary added into fp32 accumulators ("promotion").
+    constexpr bool kPromote = std::is_same_v<T, float8_e4m3>;
     cuda::detail::grid_dependency_wait();  // before any store: the outputs may be what the previous kernel reads
     cuda::detail::allow_dependents_launch();
     if (blockIdx.x == 0 && threadIdx.x == 128 && p.splits_used != nullptr) *p.splits_used = split.count;
@@ -353,13 +423,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int warp = t / 32, lane = t % 32;
     int stage = 0;
     std::uint32_t phase = 0;
-    float acc0[kAcc], acc1[kAcc];  // rows [0, 64) (gate) and [64, 128) (up) of the weight tile
+    // Rows [0, 64) (gate) and [64, 128) (up) of the weight tile. Accumulator d[4c + 2i + j] holds
+    // weight row 16*warp + lane/4 + 8i of its half and token 8c + 2*(lane%4) + j.
+    float facc0[kPromote ? kAcc : 1], facc1[kPromote ? kAcc : 1];
+    Acc acc0[kAcc], acc1[kAcc];
+    const auto token_of = [&](int idx) { return 8 * (idx / 4) + 2 * (lane % 4) + idx % 2; };
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, split, p);
       const int kb_begin = c.split * split.k_blocks_per_split;
       const int kb_end = min(k_blocks, kb_begin + split.k_blocks_per_split);
+      // The tile's two weight halves, as rows of the expert (their scale rows).
+      const int half0 = c.n0, half1 = gated ? p.gate_up_offset + c.n0 : c.n0 + kWeightRows / 2;
+      if constexpr (kPromote) {
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) facc0[i] = facc1[i] = 0.0f;
+      }
       int previous = -1;  // the stage whose wgmmas may still be in flight
       for (int kb = kb_begin; kb < kb_end; ++kb) {
+        // This K block's scales, read before the wait so their latency hides behind it.
+        [[maybe_unused]] float sw0 = 1.0f, sw1 = 1.0f, sx[kTokens / 4];
+        if constexpr (kScales == ScaleMode::kBlockPerStage) {
+          sw0 = __ldg(p.scales.weight(c.expert, half0) + kb);
+          sw1 = __ldg(p.scales.weight(c.expert, half1) + kb);
+#pragma unroll
+          for (int q = 0; q < kTokens / 4; ++q) {
+            const int tok = 8 * (q / 2) + 2 * (lane % 4) + q % 2;
+            sx[q] = tok < c.tokens ? __ldg(p.scales.x + kb * p.scales.x_block_stride + (c.row0 + tok) * p.scales.x_row_step)
+                                   : 0.0f;
+          }
+        }
         mbar_wait(&full[stage], phase);
         const unsigned char* a = smem + stage * Shape::kStageBytes;
         const unsigned char* b = a + Shape::kABytes;
@@ -369,20 +461,37 @@ __global__ void __launch_bounds__(kThreads, 1)
           const unsigned char* aa = a + atom * Shape::kAtomABytes;
           const unsigned char* bb = b + atom * Shape::kAtomBBytes;
 #pragma unroll
-          for (int k16 = 0; k16 < kBlockK / 16; ++k16) {
-            const bool accumulate = kb > kb_begin || atom > 0 || k16 > 0;
-            const std::uint64_t db = smem_desc(bb + 32 * k16);
-            wgmma_call<Op>(smem_desc(aa + 32 * k16), db, acc0, accumulate, std::make_index_sequence<kAcc>{});
-            wgmma_call<Op>(smem_desc(aa + Shape::kAtomABytes / 2 + 32 * k16), db, acc1, accumulate,
+          for (int step = 0; step < 4; ++step) {  // 32 bytes of K per wgmma
+            const bool accumulate = (kPromote ? false : kb > kb_begin) || atom > 0 || step > 0;
+            const std::uint64_t db = smem_desc(bb + 32 * step);
+            wgmma_call<Op>(smem_desc(aa + 32 * step), db, acc0, accumulate, std::make_index_sequence<kAcc>{});
+            wgmma_call<Op>(smem_desc(aa + Shape::kAtomABytes / 2 + 32 * step), db, acc1, accumulate,
                            std::make_index_sequence<kAcc>{});
           }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        // Keep this stage's group in flight while the next stage's data is awaited; release the
-        // previous stage once its group has retired.
-        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-        if (previous >= 0) mbar_arrive(&empty[previous]);
-        previous = stage;
+        if constexpr (kPromote) {
+          // The stage's sums are needed now: wait for them, release the stage, add them in.
+          asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+          mbar_arrive(&empty[stage]);
+#pragma unroll
+          for (int i = 0; i < kAcc; ++i) {
+            if constexpr (kScales == ScaleMode::kBlockPerStage) {
+              const float x = sx[2 * (i / 4) + i % 2];  // (sum * s_x) * s_w, as the reference
+              facc0[i] += acc0[i] * x * sw0;
+              facc1[i] += acc1[i] * x * sw1;
+            } else {
+              facc0[i] += acc0[i];
+              facc1[i] += acc1[i];
+            }
+          }
+        } else {
+          // Keep this stage's group in flight while the next stage's data is awaited; release the
+          // previous stage once its group has retired.
+          asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+          if (previous >= 0) mbar_arrive(&empty[previous]);
+          previous = stage;
+        }
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
@@ -390,55 +499,61 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
       if (previous >= 0) mbar_arrive(&empty[previous]);
-      // Epilogue. Accumulator d[4c + 2i + j] holds weight row 16*warp + lane/4 + 8i of its half
-      // and token 8c + 2*(lane%4) + j.
-      T* out = static_cast<T*>(p.out);
+      // Epilogue: the value of each accumulator (scaled for 8-bit operands), then the split's
+      // partial sum or the epilogue tree.
+      TOut* out = static_cast<TOut*>(p.out);
 #pragma unroll
-      for (int cidx = 0; cidx < kTokens / 8; ++cidx) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int tok = 8 * cidx + 2 * (lane % 4) + j;
-            const int r = 16 * warp + lane / 4 + 8 * i;
-            const float v0 = acc0[4 * cidx + 2 * i + j], v1 = acc1[4 * cidx + 2 * i + j];
-            if (tok >= c.tokens) continue;
-            if (split.count > 1) {  // raw partial sums; reduce_splits_kernel applies the epilogue
-              const Index width = kGated ? 2 * static_cast<Index>(p.n_out) : p.n_out;
-              float* dst = p.partial + (static_cast<Index>(c.split) * p.partial_rows + c.row0 + tok) * width;
-              const int n = c.n0 + r;
-              if (n < p.n_out) dst[n] = v0;
-              if constexpr (kGated) {
-                if (n < p.n_out) dst[p.n_out + n] = v1;
-              } else {
-                if (c.n0 + 64 + r < p.n_out) dst[c.n0 + 64 + r] = v1;
-              }
-              continue;
-            }
-            T* dst = out + (c.row0 + tok) * p.ldo;
-            epilogue::ElementContext<Activation> ctx;
-            ctx.args = act_args;
-            if constexpr (kGated) {
-              const int n = c.n0 + r;
-              if (n < p.n_out) {
-                ctx.acc[1] = v0;
-                ctx.acc[2] = v1;
-                ctx.col = n;
-                dst[n] = from_float<T>(Expr::eval(ctx));
-              }
-            } else {
-              const int n = c.n0 + r, n1 = c.n0 + 64 + r;
-              if (n < p.n_out) {
-                ctx.acc[0] = v0;
-                ctx.col = n;
-                dst[n] = from_float<T>(Expr::eval(ctx));
-              }
-              if (n1 < p.n_out) {
-                ctx.acc[0] = v1;
-                ctx.col = n1;
-                dst[n1] = from_float<T>(Expr::eval(ctx));
-              }
-            }
+      for (int idx = 0; idx < kAcc; ++idx) {
+        const int tok = token_of(idx);
+        const int r = 16 * warp + lane / 4 + 8 * ((idx / 2) % 2);
+        if (tok >= c.tokens) continue;
+        float v0, v1;
+        if constexpr (kPromote) {
+          v0 = facc0[idx];
+          v1 = facc1[idx];
+        } else {
+          v0 = acc_value(acc0[idx]);
+          v1 = acc_value(acc1[idx]);
+        }
+        if constexpr (kScales == ScaleMode::kPerRowAtEnd) {
+          const float x = __ldg(p.scales.x + (c.row0 + tok) * p.scales.x_row_step);
+          v0 = v0 * x * __ldg(p.scales.weight(c.expert, half0 + r));
+          v1 = v1 * x * __ldg(p.scales.weight(c.expert, half1 + r));
+        }
+        if (split.count > 1) {  // partial sums; reduce_splits_kernel applies the epilogue
+          const Index width = kGated ? 2 * static_cast<Index>(p.n_out) : p.n_out;
+          float* dst = p.partial + (static_cast<Index>(c.split) * p.partial_rows + c.row0 + tok) * width;
+          const int n = c.n0 + r;
+          if (n < p.n_out) dst[n] = v0;
+          if constexpr (kGated) {
+            if (n < p.n_out) dst[p.n_out + n] = v1;
+          } else {
+            if (c.n0 + 64 + r < p.n_out) dst[c.n0 + 64 + r] = v1;
+          }
+          continue;
+        }
+        TOut* dst = out + (c.row0 + tok) * p.ldo;
+        epilogue::ElementContext<Activation> ctx;
+        ctx.args = act_args;
+        if constexpr (kGated) {
+          const int n = c.n0 + r;
+          if (n < p.n_out) {
+            ctx.acc[1] = v0;
+            ctx.acc[2] = v1;
+            ctx.col = n;
+            dst[n] = from_float<TOut>(Expr::eval(ctx));
+          }
+        } else {
+          const int n = c.n0 + r, n1 = c.n0 + 64 + r;
+          if (n < p.n_out) {
+            ctx.acc[0] = v0;
+            ctx.col = n;
+            dst[n] = from_float<TOut>(Expr::eval(ctx));
+          }
+          if (n1 < p.n_out) {
+            ctx.acc[0] = v1;
+            ctx.col = n1;
+            dst[n1] = from_float<TOut>(Expr::eval(ctx));
           }
         }
       }
@@ -499,19 +614,22 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// A 2-D tensor map over a row-major [rows, k] 16-bit matrix (row stride ld elements), boxes of
-// kBlockK x box_rows, 128-byte swizzle, zero fill past the edges.
+// A 2-D tensor map over a row-major [rows, k] matrix of 16- or 8-bit elements (row stride ld
+// elements), boxes of one 128-byte atom x box_rows, 128-byte swizzle, zero fill past the edges.
 template <class T>
 Status make_tensor_map(CUtensorMap* map, const T* base, Index rows, Index k, Index ld, int box_rows) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 1, "moe::cuda swap GEMM: 16- or 8-bit operands");
   const auto encode = tensor_map_encoder();
   if (!encode) return make_status(StatusCode::kCudaError, "cuTensorMapEncodeTiled not available from the driver");
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * sizeof(T)};
-  const cuuint32_t box[2] = {kBlockK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kAtomK<T>), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode(map, std::is_same_v<T, bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                            2, const_cast<T*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+  const CUtensorMapDataType type = std::is_same_v<T, bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                   : std::is_same_v<T, half>   ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                               : CU_TENSOR_MAP_DATA_TYPE_UINT8;  // codes: bits only
+  const CUresult r = encode(map, type, 2, const_cast<T*>(base), dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) return make_status(StatusCode::kCudaError, "cuTensorMapEncodeTiled failed: ", static_cast<int>(r));
   return Status::ok();
@@ -521,20 +639,23 @@ Status make_tensor_map(CUtensorMap* map, const T* base, Index rows, Index k, Ind
 // coordinates within int32, and few enough experts for the shared-memory tile prefix.
 template <class T>
 bool applies(DeviceView<const T, 3> w, Index rows) {
-  return w.extent(0) <= kMaxExperts && w.stride(0) == w.extent(1) * w.stride(1) && w.stride(1) % 8 == 0 &&
-         w.extent(2) % 8 == 0 && reinterpret_cast<std::uintptr_t>(w.data()) % 16 == 0 &&
+  constexpr Index kVector = 16 / static_cast<Index>(sizeof(T));  // elements per 16 bytes
+  return w.extent(0) <= kMaxExperts && w.stride(0) == w.extent(1) * w.stride(1) && w.stride(1) % kVector == 0 &&
+         w.extent(2) % kVector == 0 && reinterpret_cast<std::uintptr_t>(w.data()) % 16 == 0 &&
          w.extent(0) * w.extent(1) < INT32_MAX && rows < INT32_MAX;
 }
 
 // out[rows, n_out] = Expr(rows x w[e]^T) for the rows of each expert. Gated: w has 2 * n_out rows
-// per expert ([gate; up]). `x` is [num_rows, k] with row stride k.
+// per expert ([gate; up]). `x` is [num_rows, k] with row stride k. 8-bit operands (codes) come
+// with `scales` (kScales says how they apply).
 // With max_splits > 1, `partial` holds max_splits * num_rows * (gated ? 2 : 1) * n_out floats,
 // `splits_used` one int, and the reduction runs over the rows named by `slot_row` (num_slots
 // entries, -1 skipped) when the kernel chose to split.
-template <class T, int kTokens, int kAtoms, bool kGated, class Expr, class Activation>
+template <class T, class TOut, int kTokens, int kAtoms, bool kGated, ScaleMode kScales, class Expr, class Activation>
 Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index* seg_begin, const Index* seg_count,
-              Index n_out, T* out, Index ldo, const typename Activation::Arguments& act_args, int max_splits,
-              float* partial, int* splits_used, const Index* slot_row, Index num_slots, bool programmatic, cudaStream_t stream) {
+              Index n_out, TOut* out, Index ldo, const typename Activation::Arguments& act_args, const SwapScales& scales,
+              int max_splits, float* partial, int* splits_used, const Index* slot_row, Index num_slots, bool programmatic,
+              cudaStream_t stream) {
   using Shape = TileShape<kTokens, kAtoms>;
   const Index experts = w.extent(0), n_total = w.extent(1), k = w.extent(2);
   CUtensorMap wmap, xmap;
@@ -554,16 +675,17 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
   p.splits_used = p.max_splits > 1 ? splits_used : nullptr;
   p.partial = partial;
   p.partial_rows = num_rows;
+  p.scales = scales;
   int device = 0, sms = 0;
   MOE_CUDA_TRY(cudaGetDevice(&device));
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  auto* kernel = &swap_gemm_kernel<T, kTokens, kAtoms, kGated, Expr, Activation>;
+  auto* kernel = &swap_gemm_kernel<T, TOut, kTokens, kAtoms, kGated, kScales, Expr, Activation>;
   MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
   MOE_RETURN_IF_ERROR(
       cuda::detail::launch_kernel(kernel, sms, kThreads, Shape::kSmemBytes, stream, programmatic, wmap, xmap, p, act_args));
   if (p.max_splits > 1) {
     const dim3 grid(static_cast<unsigned>(num_slots), static_cast<unsigned>((n_out + 255) / 256));
-    MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(&reduce_splits_kernel<T, kGated, Expr, Activation>, grid, 256, 0,
+    MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(&reduce_splits_kernel<TOut, kGated, Expr, Activation>, grid, 256, 0,
                                                     stream, programmatic, partial, num_rows, splits_used, p.n_out,
                                                     slot_row, out, ldo, act_args));
   }

@@ -3,13 +3,18 @@
 // routing; the device quantizes rows bit-identically (the same amax, scale and rounding), so the
 // two differ only in the fp32 summation order inside the GEMMs.
 //
-// Tolerance (written out where it is checked): a GEMM1 sum that lands next to a bf16 rounding
-// boundary can round the other way on one backend; the intermediate then quantizes to the
-// neighbouring 8-bit code, which moves one term of GEMM2 by one code step (1/8 of its binade for
-// FP8, 1/127 of its row's range for INT8). The bound is 2% of the largest output and 0.3% of the
-// mean magnitude on average, as the CPU test allows against its reference; a scale read from the
-// wrong block, row, expert or split is off by 2-16x (the weights' magnitude changes by powers of
-// two across blocks) and breaks both.
+// Tolerance (written out where it is checked). INT8 sums are exact on both backends (int32), so
+// the backends differ only where a GEMM1 sum lands next to a bf16 rounding boundary: the
+// intermediate then quantizes to the neighbouring code, which moves one term of GEMM2 by one code
+// step. The bound is 2% of the largest output and 0.3% of the mean magnitude, as the CPU test
+// allows against its reference. FP8 adds the tensor cores' own accumulation: Hopper's FP8 wgmma
+// adds the products of one 128-wide K block with about 14 bits of precision (DeepSeek-V3 report,
+// section 3.3.2; the kernel promotes each block's sum into fp32, as DeepGEMM does), so GEMM1 sums
+// differ from the CPU's fp32 sums by ~1e-4 relative, many more intermediates round to the other
+// bf16 neighbour, and a few to the other FP8 code (12.5% steps): measured on the H200, 0.37-0.47%
+// mean error on the worst shapes; the FP8 mean bound is 1%. A scale read from the wrong block,
+// row, expert or split is off by 2-16x (the weights' magnitude changes by powers of two across
+// blocks) and breaks the 2% maximum bound by far.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,6 +26,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moe/cpu/kernel.h"
@@ -218,7 +224,8 @@ void expect_cuda_matches_cpu(std::uint32_t seed) {
         EXPECT_TRUE(e.finite) << where;
         EXPECT_GT(e.max_ref, 0.0) << where;
         EXPECT_LE(e.max_err, 0.02 * e.max_ref) << where;
-        EXPECT_LE(e.sum_err, 0.003 * e.sum_ref) << where << " mean error " << e.sum_err / want.size();
+        const double mean_bound = std::is_same_v<typename Q::WeightElement, moe::float8_e4m3> ? 0.01 : 0.003;
+        EXPECT_LE(e.sum_err, mean_bound * e.sum_ref) << where << " mean error " << e.sum_err / want.size();
       }
     }
   }

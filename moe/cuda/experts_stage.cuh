@@ -163,6 +163,17 @@ class ExpertsStage {
         if (w.hidden() % 16 != 0 || w.intermediate() % 16 != 0) {
           return "8-bit GEMMs need hidden and intermediate sizes that are multiples of 16 (16-byte rows of codes)";
         }
+        if constexpr (kScaleMode == gemm::swap_detail::ScaleMode::kBlockPerStage) {
+          using namespace gemm::swap_detail;  // the widest tile's ring and one tile's scales must fit
+          const auto fits = [](Index k) {
+            return TileShape<64, 1>::kSmemBytes + block_scale_smem_bytes(static_cast<int>(std::min<Index>(k, 1 << 20) / 128 + 1), 64) <=
+                   kMaxSmemBytes;
+          };
+          if (!fits(w.hidden()) || !fits(w.intermediate())) {
+            return "block-scaled FP8 GEMMs keep one tile's scales in shared memory: hidden and intermediate sizes up to "
+                   "about 16000";
+          }
+        }
         if (!gemm::swap_detail::applies(w.w13, 1) || !gemm::swap_detail::applies(w.w2, 1)) {
           return "8-bit GEMMs need packed expert weights (contiguous [E, N, K]), 16-byte aligned, at most 1024 local "
                  "experts and E * N below 2^31";

@@ -77,6 +77,11 @@ struct TileShape {
   static_assert(kStages >= 2, "the stage ring needs two stages");
 };
 
+// Shared memory for one tile's block scales (after the ring): both weight halves' and kTokens
+// activation scales per K block.
+inline int block_scale_smem_bytes(int k_blocks, int tokens) { return (k_blocks * (tokens + 2) * 4 + 15) / 16 * 16; }
+constexpr int kMaxSmemBytes = 227 * 1024;  // sm_90 opt-in limit per block
+
 // How an 8-bit GEMM's sums become values (moe/quant/w8a8.h writes the arithmetic out).
 enum class ScaleMode {
   kNone,            // 16-bit operands: the fp32 sums are the values
@@ -189,6 +194,10 @@ __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t pari
       "}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
+}
+// Barrier over `count` threads (a warpgroup) under id `id`: the consumer warpgroup alone.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 // L2 policies for TMA loads: expert weights are read once per forward (evict first), the gathered
 // rows are read by every n-tile of their expert (evict last), so the weight stream does not push
@@ -312,6 +321,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
   __shared__ std::uint64_t full[kStages], empty[kStages];
   __shared__ int prefix[kMaxExperts + 1];
+  // Block-scaled FP8: one tile's scales after the stage ring (block_scale_smem_bytes).
+  [[maybe_unused]] float* tile_scales = reinterpret_cast<float*>(smem + kStages * Shape::kStageBytes);
 
   constexpr bool gated = kGated;
   const int n_tiles = (p.n_out + (gated ? kWeightRows / 2 : kWeightRows) - 1) / (gated ? kWeightRows / 2 : kWeightRows);
@@ -438,40 +449,33 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int i = 0; i < kAcc; ++i) facc0[i] = facc1[i] = 0.0f;
       }
-      // Block scales of a K block: the two weight halves' and this thread's tokens'. Loaded one
-      // stage ahead: an L2 round trip per stage would hold the consumer longer than the stage's
-      // bytes take to arrive (measured: FP8 block decode streamed at 2.6-3.2 TB/s without).
-      struct StageScales {
-        float w0 = 1.0f, w1 = 1.0f, x[kTokens / 4];
-      };
-      const auto load_scales = [&](int kb) {
-        StageScales sc;
-        if constexpr (kScales == ScaleMode::kBlockPerStage) {
-          sc.w0 = __ldg(p.scales.weight(c.expert, half0) + kb);
-          sc.w1 = __ldg(p.scales.weight(c.expert, half1) + kb);
-#pragma unroll
-          for (int q = 0; q < kTokens / 4; ++q) {
-            const int tok = 8 * (q / 2) + 2 * (lane % 4) + q % 2;
-            sc.x[q] = tok < c.tokens
-                          ? __ldg(p.scales.x + kb * p.scales.x_block_stride + (c.row0 + tok) * p.scales.x_row_step)
-                          : 0.0f;
-          }
-        }
-        return sc;
-      };
-      [[maybe_unused]] StageScales next_scales;
+      // Block scales: the tile's whole run of K blocks is staged in shared memory at the tile's
+      // start (weight scales of both halves, activation scales of its tokens), so a stage reads
+      // its scales from shared memory. Loading them per stage from global memory, even a stage
+      // ahead, held the consumer: under a saturated DRAM stream an L2 round trip outlasts a stage
+      // (measured on the H200: block-scaled decode streamed at 2.3-3.0 TB/s against 3.9-4.2 for
+      // per-tensor scales).
+      [[maybe_unused]] const int kb_count = kb_end - kb_begin;
       if constexpr (kScales == ScaleMode::kBlockPerStage) {
-        if (kb_begin < kb_end) next_scales = load_scales(kb_begin);
-      }
-      int previous = -1;  // the stage whose wgmmas may still be in flight
-      for (int kb = kb_begin; kb < kb_end; ++kb) {
-        [[maybe_unused]] StageScales sc;
-        if constexpr (kScales == ScaleMode::kBlockPerStage) {
-          sc = next_scales;
-          if (kb + 1 < kb_end) next_scales = load_scales(kb + 1);
+        named_barrier_sync(1, 128);  // the previous tile's reads are done
+        const float* w0 = p.scales.weight(c.expert, half0) + kb_begin;
+        const float* w1 = p.scales.weight(c.expert, half1) + kb_begin;
+        for (int i = t; i < kb_count; i += 128) {
+          tile_scales[i] = __ldg(w0 + i);
+          tile_scales[k_blocks + i] = __ldg(w1 + i);
         }
-        mbar_wait(&full[stage], phase);
-        const unsigned char* a = smem + stage * Shape::kStageBytes;
+        float* xs = tile_scales + 2 * k_blocks;
+        for (int i = t; i < kb_count * kTokens; i += 128) {
+          const int kbi = i / kTokens, tok = i % kTokens;
+          xs[i] = tok < c.tokens ? __ldg(p.scales.x + (kb_begin + kbi) * p.scales.x_block_stride +
+                                         (c.row0 + tok) * p.scales.x_row_step)
+                                 : 0.0f;
+        }
+        named_barrier_sync(1, 128);
+      }
+      // One stage's wgmmas into (d0, d1): the gate and up halves of the tile.
+      const auto issue = [&](Acc(&d0)[kAcc], Acc(&d1)[kAcc], int stage_, bool carry) {
+        const unsigned char* a = smem + stage_ * Shape::kStageBytes;
         const unsigned char* b = a + Shape::kABytes;
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
@@ -480,40 +484,56 @@ __global__ void __launch_bounds__(kThreads, 1)
           const unsigned char* bb = b + atom * Shape::kAtomBBytes;
 #pragma unroll
           for (int step = 0; step < 4; ++step) {  // 32 bytes of K per wgmma
-            const bool accumulate = (kPromote ? false : kb > kb_begin) || atom > 0 || step > 0;
+            const bool accumulate = carry || atom > 0 || step > 0;
             const std::uint64_t db = smem_desc(bb + 32 * step);
-            wgmma_call<Op>(smem_desc(aa + 32 * step), db, acc0, accumulate, std::make_index_sequence<kAcc>{});
-            wgmma_call<Op>(smem_desc(aa + Shape::kAtomABytes / 2 + 32 * step), db, acc1, accumulate,
+            wgmma_call<Op>(smem_desc(aa + 32 * step), db, d0, accumulate, std::make_index_sequence<kAcc>{});
+            wgmma_call<Op>(smem_desc(aa + Shape::kAtomABytes / 2 + 32 * step), db, d1, accumulate,
                            std::make_index_sequence<kAcc>{});
           }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        if constexpr (kPromote) {
-          // The stage's sums are needed now: wait for them, release the stage, add them in.
-          asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-          mbar_arrive(&empty[stage]);
+      };
+      // FP8: add K block kb's sums (d0, d1), scaled, into the fp32 accumulators.
+      [[maybe_unused]] const auto promote = [&](const Acc(&d0)[kAcc], const Acc(&d1)[kAcc], int kb) {
 #pragma unroll
-          for (int i = 0; i < kAcc; ++i) {
-            if constexpr (kScales == ScaleMode::kBlockPerStage) {
-              const float x = sc.x[2 * (i / 4) + i % 2];  // (sum * s_x) * s_w, as the reference
-              facc0[i] += acc0[i] * x * sc.w0;
-              facc1[i] += acc1[i] * x * sc.w1;
-            } else {
-              facc0[i] += acc0[i];
-              facc1[i] += acc1[i];
-            }
+        for (int i = 0; i < kAcc; ++i) {
+          if constexpr (kScales == ScaleMode::kBlockPerStage) {
+            const int kbi = kb - kb_begin;  // (sum * s_x) * s_w, as the reference
+            const float x = tile_scales[2 * k_blocks + kbi * kTokens + token_of(i)];
+            facc0[i] += d0[i] * x * tile_scales[kbi];
+            facc1[i] += d1[i] * x * tile_scales[k_blocks + kbi];
+          } else {
+            facc0[i] += d0[i];
+            facc1[i] += d1[i];
           }
-        } else {
-          // Keep this stage's group in flight while the next stage's data is awaited; release the
-          // previous stage once its group has retired.
-          asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-          if (previous >= 0) mbar_arrive(&empty[previous]);
-          previous = stage;
         }
+      };
+      const auto next_stage = [&] {
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
         }
+      };
+      int previous = -1;  // the stage whose wgmmas may still be in flight
+      for (int kb = kb_begin; kb < kb_end; ++kb) {
+        mbar_wait(&full[stage], phase);
+        issue(acc0, acc1, stage, !kPromote && kb > kb_begin);
+        if constexpr (kPromote) {
+          // The stage's sums are needed now: wait for them, release the stage, add them in. (Two
+          // sets of stage sums, one promoted while the other's wgmmas run, made ptxas serialize
+          // every wgmma (C7514: it cannot tell which group a register belongs to); DeepGEMM and
+          // CUTLASS's blockwise FP8 mainloop wait here too.)
+          asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+          mbar_arrive(&empty[stage]);
+          promote(acc0, acc1, kb);
+        } else {
+          // Keep this stage's group in flight while the next stage's data is awaited; release
+          // the previous stage once its group has retired.
+          asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+          if (previous >= 0) mbar_arrive(&empty[previous]);
+          previous = stage;
+        }
+        next_stage();
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
       if (previous >= 0) mbar_arrive(&empty[previous]);
@@ -698,9 +718,17 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
   MOE_CUDA_TRY(cudaGetDevice(&device));
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   auto* kernel = &swap_gemm_kernel<T, TOut, kTokens, kAtoms, kGated, kScales, Expr, Activation>;
-  MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
+  int smem = Shape::kSmemBytes;
+  if constexpr (kScales == ScaleMode::kBlockPerStage) {
+    smem += block_scale_smem_bytes(static_cast<int>((k + kAtomK<T> - 1) / kAtomK<T>), kTokens);
+    if (smem > kMaxSmemBytes) {
+      return unsupported("block-scaled FP8 GEMM: K = ", k, " needs ", smem, " bytes of shared memory per CTA for its ",
+                         "stage ring and one tile's scales; the most is ", kMaxSmemBytes);
+    }
+  }
+  MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   MOE_RETURN_IF_ERROR(
-      cuda::detail::launch_kernel(kernel, sms, kThreads, Shape::kSmemBytes, stream, programmatic, wmap, xmap, p, act_args));
+      cuda::detail::launch_kernel(kernel, sms, kThreads, smem, stream, programmatic, wmap, xmap, p, act_args));
   if (p.max_splits > 1) {
     const dim3 grid(static_cast<unsigned>(num_slots), static_cast<unsigned>((n_out + 255) / 256));
     MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(&reduce_splits_kernel<TOut, kGated, Expr, Activation>, grid, 256, 0,

@@ -39,7 +39,10 @@ Status to_device(const AnyTensor& t, std::string_view name, DType expected, Devi
     if (e < 0) return invalid_argument(name, ": negative extent in shape ", detail::format_shape(t.extents));
     n *= e;
   }
-  MOE_RETURN_IF_ERROR(mem.upload(t.data, static_cast<std::size_t>(n) * (expected == DType::kF32 || expected == DType::kI32 ? 4 : 2)));
+  const std::size_t element = expected == DType::kF32 || expected == DType::kI32             ? 4
+                              : expected == DType::kF8E4M3 || expected == DType::kI8 || expected == DType::kU8 ? 1
+                                                                                                  : 2;
+  MOE_RETURN_IF_ERROR(mem.upload(t.data, static_cast<std::size_t>(n) * element));
   *out = AnyTensor{mem.get(), t.dtype, t.extents, {}};
   return Status::ok();
 }
@@ -51,10 +54,12 @@ Status to_device_optional(const std::optional<AnyTensor>& t, std::string_view na
 }
 
 // Host tensors in, the routed experts on the device (moe/layer/device_experts.h), host tensor out.
-Status forward(const ForwardRequest& r, std::string_view activation, bool weight_on_input) {
+// `scheme`: the weights' (scheme_key); `weight_dtype` their storage (dt for unquantized ones).
+Status forward(const ForwardRequest& r, std::string_view activation, bool weight_on_input, std::string_view scheme,
+               std::optional<DType> weight_dtype) {
   const DType dt = r.hidden_states.dtype;
   DeviceExpertsCall c;
-  c.key = {std::string(activation), dt, weight_on_input};
+  c.key = {std::string(activation), dt, weight_on_input, std::string(scheme)};
   c.activation = r.activation;
   if (r.hidden_states.extents.size() != 2) return invalid_argument("hidden_states: expected rank 2");
   if (r.output.dtype != dt || r.output.extents != r.hidden_states.extents || !r.output.strides.empty()) {
@@ -67,7 +72,7 @@ Status forward(const ForwardRequest& r, std::string_view activation, bool weight
     return invalid_argument("topk_ids/topk_weights: expected shape [M, top_k=", r.top_k, "]");
   }
   c.top_k = r.top_k;
-  DeviceCopy hidden, ids, weights, w13, w2, b13, b2, map, out, ws;
+  DeviceCopy hidden, ids, weights, w13, w2, b13, b2, map, out, ws, s13, s2, sa13, sa2;
   AnyTensor h, i, w;
   MOE_RETURN_IF_ERROR(to_device(r.hidden_states, "hidden_states", dt, hidden, &h));
   MOE_RETURN_IF_ERROR(to_device(*r.topk_ids, "topk_ids", DType::kI32, ids, &i));
@@ -82,12 +87,16 @@ Status forward(const ForwardRequest& r, std::string_view activation, bool weight
     c.w2_bias = r.w2_bias;
     c.expert_map = r.expert_map;
   } else {
-    MOE_RETURN_IF_ERROR(to_device(r.w13, "w13", dt, w13, &c.w13));
-    MOE_RETURN_IF_ERROR(to_device(r.w2, "w2", dt, w2, &c.w2));
+    MOE_RETURN_IF_ERROR(to_device(r.w13, "w13", weight_dtype.value_or(dt), w13, &c.w13));
+    MOE_RETURN_IF_ERROR(to_device(r.w2, "w2", weight_dtype.value_or(dt), w2, &c.w2));
     MOE_RETURN_IF_ERROR(to_device_optional(r.w13_bias, "w13_bias", dt, b13, &c.w13_bias));
     MOE_RETURN_IF_ERROR(to_device_optional(r.w2_bias, "w2_bias", dt, b2, &c.w2_bias));
     MOE_RETURN_IF_ERROR(to_device_optional(r.expert_map, "expert_map", DType::kI32, map, &c.expert_map));
   }
+  MOE_RETURN_IF_ERROR(to_device_optional(r.w13_scale, "w13_scale", DType::kF32, s13, &c.w13_scale));
+  MOE_RETURN_IF_ERROR(to_device_optional(r.w2_scale, "w2_scale", DType::kF32, s2, &c.w2_scale));
+  MOE_RETURN_IF_ERROR(to_device_optional(r.a13_scale, "a13_scale", DType::kF32, sa13, &c.a13_scale));
+  MOE_RETURN_IF_ERROR(to_device_optional(r.a2_scale, "a2_scale", DType::kF32, sa2, &c.a2_scale));
   const std::size_t out_bytes = static_cast<std::size_t>(c.tokens * c.hidden_size) * (dt == DType::kF32 ? 4 : 2);
   MOE_RETURN_IF_ERROR(out.allocate(out_bytes));
   c.output = out.get();
@@ -100,15 +109,19 @@ Status forward(const ForwardRequest& r, std::string_view activation, bool weight
   return Status::ok();
 }
 
-template <class Experts>
+template <class Experts, class Q>
 Status forward_as(const ForwardRequest& r) {
-  return forward(r, Experts::Activation::kName, Experts::kWeightOnInput);
+  std::optional<DType> weight_dtype;  // unquantized: the hidden states' dtype
+  if constexpr (Q::kQuantized) weight_dtype = dtype_of<typename Q::WeightElement>;
+  return forward(r, Experts::Activation::kName, Experts::kWeightOnInput, scheme_key<Q>(), weight_dtype);
 }
 
 }  // namespace
 
 Status find_cuda_kernel(const KernelKey& key, ForwardFn* out) {
-  static const KernelTable<ForwardFn> table([&]<class E, class T, class Q>() -> ForwardFn { return &forward_as<E>; });
+  static const KernelTable<ForwardFn, BuiltSchemes> table([&]<class E, class T, class Q>() -> ForwardFn {
+    return &forward_as<E, Q>;
+  });
   return table.find(key, "CUDA", out);
 }
 

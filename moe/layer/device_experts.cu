@@ -26,20 +26,30 @@ Status optional_device_view(const std::optional<AnyTensor>& t, std::string_view 
   return Status::ok();
 }
 
-template <class ExpertsPolicies, class T>
+template <class ExpertsPolicies, class T, class Q>
 struct TypedExperts {
   using Activation = typename ExpertsPolicies::Activation;
   using Spec = moe::Spec<routing::Precomputed, StandardPrepareFinalize<ExpertsPolicies::kWeightOnInput>,
-                         Experts<Activation, quant::None<T>>>;
+                         Experts<Activation, Q, T>>;
   using Kernel = moe::Kernel<Spec, cuda::Sm90>;
+  using W = typename Q::WeightElement;
 
   static Status arguments(const DeviceExpertsCall& c, typename Kernel::Arguments* a) {
     a->hidden_states = DeviceView<const T, 2>(static_cast<const T*>(c.hidden), {c.tokens, c.hidden_size});
     a->topk_ids = DeviceView<const std::int32_t, 2>(c.topk_ids, {c.tokens, c.top_k});
     a->topk_weights = DeviceView<const float, 2>(c.topk_weights, {c.tokens, c.top_k});
     a->top_k = c.top_k;
-    MOE_RETURN_IF_ERROR((device_view<T, 3>(c.w13, "w13", &a->w13)));
-    MOE_RETURN_IF_ERROR((device_view<T, 3>(c.w2, "w2", &a->w2)));
+    MOE_RETURN_IF_ERROR((device_view<W, 3>(c.w13, "w13", &a->w13)));
+    MOE_RETURN_IF_ERROR((device_view<W, 3>(c.w2, "w2", &a->w2)));
+    if constexpr (Q::kQuantized) {
+      if (!c.w13_scale || !c.w2_scale) return invalid_argument("w13_scale/w2_scale: required by ", scheme_key<Q>(), " weights");
+      MOE_RETURN_IF_ERROR((device_view<float, 3>(*c.w13_scale, "w13_scale", &a->quant.w13_scale)));
+      MOE_RETURN_IF_ERROR((device_view<float, 3>(*c.w2_scale, "w2_scale", &a->quant.w2_scale)));
+      MOE_RETURN_IF_ERROR((optional_device_view<float, 1>(c.a13_scale, "a13_scale", &a->quant.a13_scale)));
+      MOE_RETURN_IF_ERROR((optional_device_view<float, 1>(c.a2_scale, "a2_scale", &a->quant.a2_scale)));
+    } else if (c.w13_scale || c.w2_scale) {
+      return invalid_argument("w13_scale/w2_scale: given for unquantized weights");
+    }
     MOE_RETURN_IF_ERROR((optional_device_view<T, 2>(c.w13_bias, "w13_bias", &a->w13_bias)));
     MOE_RETURN_IF_ERROR((optional_device_view<T, 2>(c.w2_bias, "w2_bias", &a->w2_bias)));
     MOE_RETURN_IF_ERROR((optional_device_view<std::int32_t, 1>(c.expert_map, "expert_map", &a->expert_map)));
@@ -70,10 +80,22 @@ struct ExpertsFns {
   Status (*run)(const DeviceExpertsCall&, std::span<std::byte>, cudaStream_t);
 };
 
-// The prebuilt combinations (the CPU registry's, moe/layer/built_policies.h).
+// A W8A8 scheme with f32 hidden states: the CPU registry builds it, the 8-bit GEMMs do not take it.
+Status refuse_f32_quantized(const DeviceExpertsCall& c) {
+  return unsupported("no CUDA kernel for ", c.key.to_string(),
+                     ": the 8-bit GEMMs take bf16 or f16 hidden states (run f32 on the CPU backend)");
+}
+
+// The prebuilt combinations (the CPU registry's, moe/layer/built_policies.h), the W8A8 schemes
+// included.
 Status find_experts(const KernelKey& key, ExpertsFns* out) {
-  static const KernelTable<ExpertsFns> table([&]<class E, class T, class Q>() {
-    return ExpertsFns{&TypedExperts<E, T>::workspace, &TypedExperts<E, T>::run};
+  static const KernelTable<ExpertsFns, BuiltSchemes> table([&]<class E, class T, class Q>() {
+    if constexpr (Q::kQuantized && std::is_same_v<T, float>) {
+      return ExpertsFns{[](const DeviceExpertsCall& c, std::size_t*) { return refuse_f32_quantized(c); },
+                        [](const DeviceExpertsCall& c, std::span<std::byte>, cudaStream_t) { return refuse_f32_quantized(c); }};
+    } else {
+      return ExpertsFns{&TypedExperts<E, T, Q>::workspace, &TypedExperts<E, T, Q>::run};
+    }
   });
   return table.find(key, "CUDA", out);
 }

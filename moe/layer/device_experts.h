@@ -15,14 +15,16 @@ namespace moe::layer {
 
 // Every pointer and AnyTensor data is device memory.
 struct DeviceExpertsCall {
-  KernelKey key;                      // activation, dtype, weight_on_input (routing: precomputed)
+  KernelKey key;                      // activation, dtype, weight_on_input, scheme (routing: precomputed)
   ActivationParams activation;
   const void* hidden = nullptr;       // [tokens, hidden_size] in key.dtype, contiguous
   Index tokens = 0, hidden_size = 0;
   const std::int32_t* topk_ids = nullptr;  // [tokens, top_k], contiguous
   const float* topk_weights = nullptr;     // [tokens, top_k]
   int top_k = 1;
-  AnyTensor w13, w2;                  // [E_local, 2I|I, H], [E_local, H, I]
+  AnyTensor w13, w2;                  // [E_local, 2I|I, H], [E_local, H, I]; codes for key.quant != "none"
+  std::optional<AnyTensor> w13_scale, w2_scale;  // quantized schemes: f32 (moe/quant/w8a8.h layouts)
+  std::optional<AnyTensor> a13_scale, a2_scale;  // static activation scales: f32 [1]
   std::optional<AnyTensor> w13_bias, w2_bias, expert_map;
   void* output = nullptr;             // [tokens, hidden_size] in key.dtype
   Index chunk_tokens = 16384;         // the kernel's own chunking

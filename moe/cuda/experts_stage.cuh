@@ -485,6 +485,12 @@ class ExpertsStage {
     return sc;
   }
 
+  // K atoms (128-wide blocks) per stage of the 8-bit decode tiles. The mainloop takes two for FP8
+  // (one set of promoted sums per atom, so the per-stage wait is paid once per 32 KiB of
+  // weights), but on the H200 that was 1% faster on deepseek and gpt-oss decode and 10-18% slower
+  // on qwen3's (half as many stages in the ring for its short K loops): one (benchmarks/NOTES.md).
+  // INT8 must run one: it sums every atom into one int32 set, and an atom past K is not loaded.
+  static constexpr int kQuantAtoms = 1;
   // Quantize the rows -> 8-bit GEMM1 (activation fused) -> quantize the intermediate -> 8-bit GEMM2.
   Status run_quantized(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s, const Buffers& b,
                        std::byte* base, cudaStream_t stream) const {
@@ -511,8 +517,8 @@ class ExpertsStage {
     };
     using gemm::Sm90Tile;
     switch (l.tile) {
-      case Sm90Tile::kFusedSwap128x16: return run_fused_swap<16, 1>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
-      case Sm90Tile::kFusedSwap128x32: return run_fused_swap<32, 1>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
+      case Sm90Tile::kFusedSwap128x16: return run_fused_swap<16, kQuantAtoms>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
+      case Sm90Tile::kFusedSwap128x32: return run_fused_swap<32, kQuantAtoms>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
       default: return run_fused_swap<64, 1>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
     }
   }

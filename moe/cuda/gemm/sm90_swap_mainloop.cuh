@@ -315,8 +315,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kAcc = kTokens / 2;  // accumulators per thread of one m64 x kTokens product
   constexpr int kK = kAtomK<T>;
   static_assert((kScales == ScaleMode::kNone) == (sizeof(T) == 2), "moe::cuda swap GEMM: 8-bit operands need scales");
-  static_assert(kScales != ScaleMode::kBlockPerStage || kAtoms == 1,
-                "moe::cuda swap GEMM: block scales need one 128-wide K block per stage");
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
   __shared__ std::uint64_t full[kStages], empty[kStages];
@@ -353,7 +351,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  const int k_blocks = (p.k + kAtoms * kK - 1) / (kAtoms * kK);
+  const int k_blocks = (p.k + kAtoms * kK - 1) / (kAtoms * kK);  // stages of K
+  [[maybe_unused]] const int scale_blocks = (p.k + kK - 1) / kK;  // 128-wide K blocks (8-bit: one per atom)
   const KSplit split = KSplit::of(prefix[p.num_experts], k_blocks, static_cast<int>(gridDim.x), p.max_splits);
   const int total = prefix[p.num_experts] * split.count;
 
@@ -367,6 +366,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const std::uint64_t stream_policy = l2_evict_first_policy(), reuse_policy = l2_evict_last_policy();
     // The first tile's first stages of weights go out before the wait (weights are constant); their
     // stages complete when the rows, loaded after it, arrive (expect_tx counts both).
+    // Atoms wholly past K are not loaded (a box entirely out of bounds is never issued); the
+    // consumer skips their sums (8-bit, one set per atom) and 16-bit tiles run one atom per stage.
+    const auto atoms_of = [&](int kb) { return min(kAtoms, (p.k - kb * kAtoms * kK + kK - 1) / kK); };
+    const auto stage_bytes = [&](int kb) { return static_cast<std::uint32_t>(atoms_of(kb) * (Shape::kAtomABytes + Shape::kAtomBBytes)); };
     int prefetched = 0;
     if (static_cast<int>(blockIdx.x) < total) {
       const TileCoord c = locate<kTokens>(blockIdx.x, prefix, p.num_experts, n_tiles, split, p);
@@ -376,9 +379,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int kb_end = min(k_blocks, kb_begin + split.k_blocks_per_split);
       for (int kb = kb_begin; kb < kb_end && prefetched < kStages; ++kb, ++prefetched) {
         unsigned char* a = smem + prefetched * Shape::kStageBytes;
-        mbar_expect_tx(&full[prefetched], Shape::kStageBytes);
+        mbar_expect_tx(&full[prefetched], stage_bytes(kb));
 #pragma unroll
         for (int atom = 0; atom < kAtoms; ++atom) {
+          if (atom >= atoms_of(kb)) break;
           const int k0 = (kb * kAtoms + atom) * kK;
           unsigned char* aa = a + atom * Shape::kAtomABytes;
           tma_load_2d(aa, &weights, &full[prefetched], k0, w0, stream_policy);
@@ -402,10 +406,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         unsigned char* b = a + Shape::kABytes;
         if (issued >= prefetched) {
           mbar_wait(&empty[stage], phase ^ 1);
-          mbar_expect_tx(&full[stage], Shape::kStageBytes);
+          mbar_expect_tx(&full[stage], stage_bytes(kb));
         }
 #pragma unroll
         for (int atom = 0; atom < kAtoms; ++atom) {
+          if (atom >= atoms_of(kb)) break;
           const int k0 = (kb * kAtoms + atom) * kK;
           if (issued >= prefetched) {
             unsigned char* aa = a + atom * Shape::kAtomABytes;
@@ -436,8 +441,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     std::uint32_t phase = 0;
     // Rows [0, 64) (gate) and [64, 128) (up) of the weight tile. Accumulator d[4c + 2i + j] holds
     // weight row 16*warp + lane/4 + 8i of its half and token 8c + 2*(lane%4) + j.
+    // FP8: one set of stage sums per atom (each atom is its own 128-wide scale block), promoted
+    // together after the stage's wait; others accumulate every atom into set 0.
+    constexpr int kSets = kPromote ? kAtoms : 1;
     float facc0[kPromote ? kAcc : 1], facc1[kPromote ? kAcc : 1];
-    Acc acc0[kAcc], acc1[kAcc];
+    Acc acc0[kSets][kAcc], acc1[kSets][kAcc];
     const auto token_of = [&](int idx) { return 8 * (idx / 4) + 2 * (lane % 4) + idx % 2; };
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, split, p);
@@ -455,26 +463,28 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ahead, held the consumer: under a saturated DRAM stream an L2 round trip outlasts a stage
       // (measured on the H200: block-scaled decode streamed at 2.3-3.0 TB/s against 3.9-4.2 for
       // per-tensor scales).
-      [[maybe_unused]] const int kb_count = kb_end - kb_begin;
+      // The tile's scale blocks: [sb_begin, sb_end) of the expert's K.
+      [[maybe_unused]] const int sb_begin = kb_begin * kAtoms, sb_end = min(kb_end * kAtoms, scale_blocks);
       if constexpr (kScales == ScaleMode::kBlockPerStage) {
+        const int sb_count = sb_end - sb_begin;
         named_barrier_sync(1, 128);  // the previous tile's reads are done
-        const float* w0 = p.scales.weight(c.expert, half0) + kb_begin;
-        const float* w1 = p.scales.weight(c.expert, half1) + kb_begin;
-        for (int i = t; i < kb_count; i += 128) {
+        const float* w0 = p.scales.weight(c.expert, half0) + sb_begin;
+        const float* w1 = p.scales.weight(c.expert, half1) + sb_begin;
+        for (int i = t; i < sb_count; i += 128) {
           tile_scales[i] = __ldg(w0 + i);
-          tile_scales[k_blocks + i] = __ldg(w1 + i);
+          tile_scales[scale_blocks + i] = __ldg(w1 + i);
         }
-        float* xs = tile_scales + 2 * k_blocks;
-        for (int i = t; i < kb_count * kTokens; i += 128) {
-          const int kbi = i / kTokens, tok = i % kTokens;
-          xs[i] = tok < c.tokens ? __ldg(p.scales.x + (kb_begin + kbi) * p.scales.x_block_stride +
+        float* xs = tile_scales + 2 * scale_blocks;
+        for (int i = t; i < sb_count * kTokens; i += 128) {
+          const int sbi = i / kTokens, tok = i % kTokens;
+          xs[i] = tok < c.tokens ? __ldg(p.scales.x + (sb_begin + sbi) * p.scales.x_block_stride +
                                          (c.row0 + tok) * p.scales.x_row_step)
                                  : 0.0f;
         }
         named_barrier_sync(1, 128);
       }
       // One stage's wgmmas into (d0, d1): the gate and up halves of the tile.
-      const auto issue = [&](Acc(&d0)[kAcc], Acc(&d1)[kAcc], int stage_, bool carry) {
+      const auto issue = [&](Acc(&d0)[kSets][kAcc], Acc(&d1)[kSets][kAcc], int stage_, bool carry) {
         const unsigned char* a = smem + stage_ * Shape::kStageBytes;
         const unsigned char* b = a + Shape::kABytes;
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -484,27 +494,35 @@ __global__ void __launch_bounds__(kThreads, 1)
           const unsigned char* bb = b + atom * Shape::kAtomBBytes;
 #pragma unroll
           for (int step = 0; step < 4; ++step) {  // 32 bytes of K per wgmma
-            const bool accumulate = carry || atom > 0 || step > 0;
+            constexpr bool kPerAtom = kSets > 1;
+            const int set = kPerAtom ? atom : 0;
+            const bool accumulate = (kPerAtom ? false : carry || atom > 0) || step > 0;
             const std::uint64_t db = smem_desc(bb + 32 * step);
-            wgmma_call<Op>(smem_desc(aa + 32 * step), db, d0, accumulate, std::make_index_sequence<kAcc>{});
-            wgmma_call<Op>(smem_desc(aa + Shape::kAtomABytes / 2 + 32 * step), db, d1, accumulate,
+            wgmma_call<Op>(smem_desc(aa + 32 * step), db, d0[set], accumulate, std::make_index_sequence<kAcc>{});
+            wgmma_call<Op>(smem_desc(aa + Shape::kAtomABytes / 2 + 32 * step), db, d1[set], accumulate,
                            std::make_index_sequence<kAcc>{});
           }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       };
-      // FP8: add K block kb's sums (d0, d1), scaled, into the fp32 accumulators.
-      [[maybe_unused]] const auto promote = [&](const Acc(&d0)[kAcc], const Acc(&d1)[kAcc], int kb) {
+      // FP8: add stage kb's sums (one set per atom = scale block), scaled, into the fp32
+      // accumulators. An atom past K (zero-filled codes) has no scale block and adds nothing.
+      [[maybe_unused]] const auto promote = [&](const Acc(&d0)[kSets][kAcc], const Acc(&d1)[kSets][kAcc], int kb) {
 #pragma unroll
-        for (int i = 0; i < kAcc; ++i) {
-          if constexpr (kScales == ScaleMode::kBlockPerStage) {
-            const int kbi = kb - kb_begin;  // (sum * s_x) * s_w, as the reference
-            const float x = tile_scales[2 * k_blocks + kbi * kTokens + token_of(i)];
-            facc0[i] += d0[i] * x * tile_scales[kbi];
-            facc1[i] += d1[i] * x * tile_scales[k_blocks + kbi];
-          } else {
-            facc0[i] += d0[i];
-            facc1[i] += d1[i];
+        for (int a = 0; a < kSets; ++a) {
+          const int sb = kb * kAtoms + a;
+          if (sb >= sb_end) break;
+#pragma unroll
+          for (int i = 0; i < kAcc; ++i) {
+            if constexpr (kScales == ScaleMode::kBlockPerStage) {
+              const int sbi = sb - sb_begin;  // (sum * s_x) * s_w, as the reference
+              const float x = tile_scales[2 * scale_blocks + sbi * kTokens + token_of(i)];
+              facc0[i] += d0[a][i] * x * tile_scales[sbi];
+              facc1[i] += d1[a][i] * x * tile_scales[scale_blocks + sbi];
+            } else {
+              facc0[i] += d0[a][i];
+              facc1[i] += d1[a][i];
+            }
           }
         }
       };
@@ -550,8 +568,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           v0 = facc0[idx];
           v1 = facc1[idx];
         } else {
-          v0 = acc_value(acc0[idx]);
-          v1 = acc_value(acc1[idx]);
+          v0 = acc_value(acc0[0][idx]);
+          v1 = acc_value(acc1[0][idx]);
         }
         if constexpr (kScales == ScaleMode::kPerRowAtEnd) {
           const float x = __ldg(p.scales.x + (c.row0 + tok) * p.scales.x_row_step);

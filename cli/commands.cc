@@ -178,7 +178,10 @@ Status load_layer(const Options& o, io::Checkpoint* ckpt, layer::MoeLayer* l, bo
   MOE_RETURN_IF_ERROR(io::Checkpoint::open(o.weights, ckpt));
   MOE_RETURN_IF_ERROR(layer::MoeLayer::load(config, layout_of(o), o.dtype, *ckpt, o.layer_prefix, l));
   // On the GPU the weights are copied once and stay resident; each forward copies activations.
-  if (o.backend == Backend::kCuda && make_resident) MOE_RETURN_IF_ERROR(layer::make_layer_resident(l));
+  // Quantized weights are not kept resident yet: they go per call through the CUDA registry.
+  if (o.backend == Backend::kCuda && make_resident && l->weight_scheme() == "none") {
+    MOE_RETURN_IF_ERROR(layer::make_layer_resident(l));
+  }
   return Status::ok();
 }
 

@@ -386,7 +386,8 @@ Status DeviceLayer::Impl::allocate_workspace() {
 
 Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::unique_ptr<DeviceLayer>* out) {
   if (layer.weight_scheme() != "none") {
-    return unsupported("DeviceLayer: ", layer.weight_scheme(), " weights run on the CPU backend only in this build");
+    return unsupported("DeviceLayer: ", layer.weight_scheme(), " weights are not kept resident yet; the per-call CUDA "
+                       "path (MoeLayer::forward with find_cuda_kernel) and the CPU backend run them");
   }
   auto impl = std::make_unique<Impl>();
   Impl& d = *impl;

@@ -733,7 +733,8 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
 
 Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
   if (weight_scheme_ != "none") {
-    return unsupported("make_resident: ", weight_scheme_, " weights run on the CPU backend only in this build");
+    return unsupported("make_resident: ", weight_scheme_, " weights are not kept resident yet; the per-call CUDA path "
+                       "(forward with find_cuda_kernel) and the CPU backend run them");
   }
   auto r = std::make_shared<Resident>();
   auto put = [&](const void* data, std::size_t bytes, DType dtype, const std::vector<Index>& shape, AnyTensor* out) {

@@ -393,15 +393,14 @@ class ExpertsStage {
     using namespace gemm;
     const bool pdl = programmatic_launch(l);
     const Index H = w.hidden(), I = w.intermediate(), N1 = w.w13.extent(1);
+    const auto nothing_between = [] { return Status::ok(); };
     switch (l.tile) {
       case Sm90Tile::kFusedSwap128x16:
+        return run_fused_swap<16, 1>(l, w, input, {}, b.inter, {}, output, s, b, pdl, stream, nothing_between);
       case Sm90Tile::kFusedSwap128x32:
-      case Sm90Tile::kFusedSwap128x64: {
-        const auto none = [] { return Status::ok(); };
-        if (l.tile == Sm90Tile::kFusedSwap128x16) return run_fused_swap<16, 1>(l, w, input, {}, b.inter, {}, output, s, b, pdl, stream, none);
-        if (l.tile == Sm90Tile::kFusedSwap128x32) return run_fused_swap<32, 1>(l, w, input, {}, b.inter, {}, output, s, b, pdl, stream, none);
-        return run_fused_swap<64, 1>(l, w, input, {}, b.inter, {}, output, s, b, pdl, stream, none);
-      }
+        return run_fused_swap<32, 1>(l, w, input, {}, b.inter, {}, output, s, b, pdl, stream, nothing_between);
+      case Sm90Tile::kFusedSwap128x64:
+        return run_fused_swap<64, 1>(l, w, input, {}, b.inter, {}, output, s, b, pdl, stream, nothing_between);
       default: break;
     }
     const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);

@@ -32,6 +32,7 @@
 #include "moe/cpu/kernel.h"
 #include "moe/cuda/kernel.cuh"
 #include "moe/quant/w8a8.h"
+#include "testing/ep/simulated_ep.h"
 #include "testing/lib/gpu.h"
 
 namespace {
@@ -235,6 +236,76 @@ TEST_F(QuantizedExpertsTest, Fp8BlockScaledMatchesTheCpuBackend) { expect_cuda_m
 TEST_F(QuantizedExpertsTest, Fp8PerTokenChannelMatchesTheCpuBackend) { expect_cuda_matches_cpu<quant::Fp8PerTokenChannel>(2); }
 TEST_F(QuantizedExpertsTest, Fp8PerTensorStaticMatchesTheCpuBackend) { expect_cuda_matches_cpu<quant::Fp8PerTensor>(3); }
 TEST_F(QuantizedExpertsTest, Int8PerTokenChannelMatchesTheCpuBackend) { expect_cuda_matches_cpu<quant::Int8PerTokenChannel>(4); }
+
+// Expert parallelism on a quantized checkpoint: ranks own slices of the codes and of the scale
+// tensors (experts are the scales' first dimension), run cuda::ExpertsStage (moe/stages.h) on the
+// rows dispatched to them (testing/ep/simulated_ep.h), and the combine gives the single-rank
+// forward's bits: rows are quantized one by one and every token column of a tile is its own sum.
+// The same tile and no K splits on both sides (the table and the split count follow the rows per
+// expert, which differ between the ranks and the single forward).
+template <class Q>
+void expect_simulated_ep_matches_single_rank(int ranks) {
+  using moe::cuda::gemm::Sm90Tile;
+  const Case<Q> c(Shape{37, 8, 256, 192, 2}, 12);
+  moe::cuda::Options o;
+  o.sm90_tile = Sm90Tile::kFusedSwap128x16;
+  o.max_k_splits = 1;
+  std::vector<bfloat16> single;
+  const moe::Status ss = c.run_cuda(o, &single);
+  ASSERT_TRUE(ss.is_ok()) << ss.to_string();
+
+  using Stage = moe::cuda::ExpertsStage<moe::Experts<moe::SiluAndMul, Q, bfloat16>, bfloat16, moe::cuda::Sm90>;
+  using W = typename Q::WeightElement;
+  const Stage stage(o);
+  const Index E = c.p.E, E_local = E / ranks, H = c.p.H, I = c.p.I;
+  DeviceBuffer<W> c13(c.w13.codes), c2(c.w2.codes);
+  DeviceBuffer<float> s13(c.w13.scales), s2(c.w2.scales), a13(c.a13), a2(c.a2);
+  const auto slice = [&](const std::array<Index, 3>& shape, const float* base, int r) {
+    return moe::DeviceView<const float, 3>(base + r * E_local * shape[1] * shape[2], {E_local, shape[1], shape[2]});
+  };
+  moe::testing::ep::RankExperts<bfloat16> run_rank = [&](int r, const moe::testing::ep::RankRows<bfloat16>& in,
+                                                         std::vector<bfloat16>* result) {
+    const Index R = E_local * in.capacity;
+    DeviceBuffer<bfloat16> rows(in.rows), rows_out(in.rows.size());
+    DeviceBuffer<Index> begin(in.begin), count(in.count);
+    typename Stage::Weights w;
+    w.w13 = moe::DeviceView<const W, 3>(c13.data() + r * E_local * 2 * I * H, {E_local, 2 * I, H});
+    w.w2 = moe::DeviceView<const W, 3>(c2.data() + r * E_local * H * I, {E_local, H, I});
+    w.quant.w13_scale = slice(c.w13.scale_shape, s13.data(), r);
+    w.quant.w2_scale = slice(c.w2.scale_shape, s2.data(), r);
+    if constexpr (Q::kStaticActivations) {
+      w.quant.a13_scale = moe::DeviceView<const float, 1>(a13.data(), {1});
+      w.quant.a2_scale = moe::DeviceView<const float, 1>(a2.data(), {1});
+    }
+    typename Stage::Rows rw;
+    rw.input = moe::DeviceView<const bfloat16, 2>(rows.data(), {R, H});
+    rw.output = moe::DeviceView<bfloat16, 2>(rows_out.data(), {R, H});
+    rw.seg_begin = moe::DeviceView<const Index, 1>(begin.data(), {E_local});
+    rw.seg_count = moe::DeviceView<const Index, 1>(count.data(), {E_local});
+    rw.max_rows_per_expert = in.capacity;
+    DeviceBuffer<std::byte> ws(std::max<std::size_t>(1, stage.workspace_bytes(w, rw)));
+    MOE_RETURN_IF_ERROR(stage.run(w, rw, std::span<std::byte>(ws.data(), ws.size())));
+    if (cudaDeviceSynchronize() != cudaSuccess) return moe::make_status(moe::StatusCode::kCudaError, "rank ", r);
+    *result = rows_out.download();
+    return moe::Status::ok();
+  };
+  std::vector<bfloat16> ep;
+  const moe::Status s = moe::testing::ep::forward<bfloat16>(c.hidden, c.p.M, H, c.ids, c.weights, c.p.top_k, E, ranks,
+                                                            run_rank, &ep);
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  ASSERT_EQ(ep.size(), single.size());
+  EXPECT_EQ(0, std::memcmp(ep.data(), single.data(), single.size() * sizeof(bfloat16)))
+      << Q::kName << " ranks=" << ranks << ": the simulated expert-parallel forward differs";
+}
+
+TEST_F(QuantizedExpertsTest, SimulatedExpertParallelMatchesTheSingleRankForward) {
+  for (const int ranks : {2, 4}) {
+    expect_simulated_ep_matches_single_rank<quant::Fp8Block<128, 128>>(ranks);
+    expect_simulated_ep_matches_single_rank<quant::Fp8PerTokenChannel>(ranks);
+    expect_simulated_ep_matches_single_rank<quant::Fp8PerTensor>(ranks);
+    expect_simulated_ep_matches_single_rank<quant::Int8PerTokenChannel>(ranks);
+  }
+}
 
 // An all-zero token gives exact zeros, a token of tiny values finite outputs, and two runs give the
 // same bits (no atomics; the split count is a function of the tile count).

@@ -28,6 +28,20 @@ class LayerBackends : public ::testing::TestWithParam<std::tuple<std::string, bo
   }
 };
 
+// M random tokens (`x`, kept for further forwards) through `layer` on the CPU registry and on the
+// CUDA one.
+void forward_on_both(const moe::layer::MoeLayer& layer, moe::Index M, moe::Index H, unsigned seed, std::vector<float>* x,
+                     moe::layer::MoeLayer::Result* cpu, moe::layer::MoeLayer::Result* gpu) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  x->resize(static_cast<std::size_t>(M * H));
+  for (auto& v : *x) v = nd(gen);
+  const moe::AnyTensor hidden{x->data(), moe::DType::kF32, {M, H}, {}};
+  ASSERT_TRUE(layer.forward(hidden, std::nullopt, cpu).is_ok());
+  const moe::Status gs = layer.forward(hidden, std::nullopt, gpu, {}, &moe::layer::find_cuda_kernel);
+  ASSERT_TRUE(gs.is_ok()) << gs.to_string();
+}
+
 TEST_P(LayerBackends, CudaMatchesCpu) {
   const auto [arch, mxfp4] = GetParam();
   moe::testing::SyntheticLayer l;
@@ -37,15 +51,10 @@ TEST_P(LayerBackends, CudaMatchesCpu) {
     const moe::Status ls = moe::layer::MoeLayer::load(l.config, {}, dtype, l.ckpt, l.prefix, &layer);
     ASSERT_TRUE(ls.is_ok()) << ls.to_string();
     const moe::Index M = 40, H = l.spec.hidden;
-    std::mt19937 gen(5);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    std::vector<float> x(M * H);
-    for (auto& v : x) v = nd(gen);
-    const moe::AnyTensor hidden{x.data(), moe::DType::kF32, {M, H}, {}};
+    std::vector<float> x;
     moe::layer::MoeLayer::Result cpu, gpu;
-    ASSERT_TRUE(layer.forward(hidden, std::nullopt, &cpu).is_ok());
-    const moe::Status gs = layer.forward(hidden, std::nullopt, &gpu, {}, &moe::layer::find_cuda_kernel);
-    ASSERT_TRUE(gs.is_ok()) << gs.to_string();
+    ASSERT_NO_FATAL_FAILURE(forward_on_both(layer, M, H, 5, &x, &cpu, &gpu));
+    const moe::AnyTensor hidden{x.data(), moe::DType::kF32, {M, H}, {}};
     // Resident weights (copied once) give the same bits as per-call copies.
     moe::layer::MoeLayer resident = layer;
     ASSERT_TRUE(moe::layer::make_layer_resident(&resident).is_ok());
@@ -97,16 +106,9 @@ TEST(LayerBackendsQuantized, CudaMatchesCpuOnQuantizedCheckpoints) {
     moe::layer::MoeLayer layer;
     const moe::Status ls = moe::layer::MoeLayer::load(config, {}, moe::DType::kBF16, ckpt, m.prefix, &layer);
     ASSERT_TRUE(ls.is_ok()) << ls.to_string();
-    const moe::Index M = 24, H = spec.hidden;
-    std::mt19937 gen(7);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    std::vector<float> x(M * H);
-    for (auto& v : x) v = nd(gen);
-    const moe::AnyTensor hidden{x.data(), moe::DType::kF32, {M, H}, {}};
+    std::vector<float> x;
     moe::layer::MoeLayer::Result cpu, gpu;
-    ASSERT_TRUE(layer.forward(hidden, std::nullopt, &cpu).is_ok());
-    const moe::Status gs = layer.forward(hidden, std::nullopt, &gpu, {}, &moe::layer::find_cuda_kernel);
-    ASSERT_TRUE(gs.is_ok()) << gs.to_string();
+    ASSERT_NO_FATAL_FAILURE(forward_on_both(layer, 24, spec.hidden, 7, &x, &cpu, &gpu));
     EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
     const std::vector<float> c = floats(cpu.output), g = floats(gpu.output);
     double err = 0, mag = 0;

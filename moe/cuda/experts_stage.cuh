@@ -7,7 +7,9 @@
 //     GEMM1, then GEMM2 stored.
 //   W8A8 schemes (moe/quant/w8a8.h; Sm90 only): rows quantized (moe/cuda/quant/quantize_rows.cuh)
 //     -> our swap mainloop on 8-bit operands with the activation fused -> intermediate quantized
-//     -> GEMM2 stored. Every batch size runs the swap tiles for now (no 8-bit prefill mainloop yet).
+//     -> GEMM2 stored (decode tiles); for prefill, the FP8 block-scaled and per-tensor schemes with
+//     bf16 rows run CUTLASS's blockwise-scaled FP8 grouped GEMM instead (GEMM1 stored raw ->
+//     activation fused into the quantizer of GEMM2's input -> GEMM2), the others the 64-token swap tile.
 // Same function on every schedule: the epilogue trees' rounding points (moe/epilogue.h) make
 // "store, then apply" exact.
 //
@@ -28,6 +30,7 @@
 #include "moe/cuda/check.h"
 #include "moe/cuda/gemm/schedule.h"
 #include "moe/cuda/gemm/sm80_mainloops.cuh"
+#include "moe/cuda/gemm/sm90_fp8_block_gemm.h"
 #include "moe/cuda/gemm/sm90_grouped_gemm.h"
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
 #include "moe/cuda/launch.h"
@@ -128,6 +131,22 @@ class ExpertsStage {
       : Quant::kWeightScale == quant::ScaleGranularity::kBlock ? gemm::swap_detail::ScaleMode::kBlockPerStage
                                                                 : gemm::swap_detail::ScaleMode::kPerRowAtEnd;
   static constexpr int kTileM = detail::kBM;  // rows per m-tile of the tile prefix
+  // Prefill tiles of the FP8 schemes whose scales CUTLASS's blockwise-scaled grouped GEMM takes:
+  // 128x128 weight blocks with 1x128 activation groups, and per-tensor scales (run as uniform
+  // blocks). bf16 rows only (its one output instantiation); f16 and the per-channel / INT8
+  // schemes run the 64-token swap tile there.
+  static constexpr bool kFp8BlockGemm = [] {
+    if constexpr (kQuantized) {
+      return std::is_same_v<W, float8_e4m3> && std::is_same_v<IO, bfloat16> &&
+             (Quant::kWeightScale == quant::ScaleGranularity::kBlock ||
+              (Quant::kWeightScale == quant::ScaleGranularity::kPerTensor && Quant::kStaticActivations));
+    } else {
+      return false;
+    }
+  }();
+  static constexpr bool kPerTensorScales = kFp8BlockGemm && Quant::kWeightScale == quant::ScaleGranularity::kPerTensor;
+  // Weight row halves of GEMM1 blocked separately (a gated w13's gate and up halves).
+  static constexpr int kHalves = kMode1 == detail::ColumnMode::kGatedSplit ? 2 : 1;
 
   explicit ExpertsStage(Options options = {}) : options_(options) {}
 
@@ -140,6 +159,16 @@ class ExpertsStage {
     Index row_list_size = 0;
   };
 
+  // The token rows the gathered input rows are copies of (the built-in kernel's prepare): row
+  // slot_row[m * top_k + j] holds hidden[m] for the `tokens` tokens. The W8A8 schemes quantize
+  // each token once into its slots' rows, so the prepare need not gather (takes_tokens()).
+  struct TokenRows {
+    const IO* hidden = nullptr;
+    Index ld = 0, tokens = 0;
+    int top_k = 0;
+    const Index* slot_row = nullptr;
+  };
+
   // What one call does, decided on the host from shapes alone, and its workspace regions.
   struct Plan {
     Index rows = 0;       // R
@@ -150,6 +179,7 @@ class ExpertsStage {
     std::size_t gemm_ws_bytes = 0;
     std::size_t inter = 0, gemm1_out = 0, gemm_ws = 0, partial = 0, splits_used = 0, total = 0;  // offsets, bytes
     std::size_t codes1 = 0, codes2 = 0, scales1 = 0, scales2 = 0;  // W8A8: GEMM inputs as codes + scales
+    std::size_t w13_blocks = 0, w2_blocks = 0;  // FP8 per-tensor prefill: the scales spread over 128x128 blocks
   };
 
   // Why the Hopper schedule cannot run these experts, or nullptr (shapes, strides and alignment).
@@ -204,8 +234,10 @@ class ExpertsStage {
       const Index H = w.hidden(), I = w.intermediate();
       l.codes1 = carver.take(n(rows) * n(H) * sizeof(W));
       l.codes2 = carver.take(n(rows) * n(I) * sizeof(W));
-      l.scales1 = carver.take(n(rows) * n(act_scale_groups(H)) * sizeof(float));
-      l.scales2 = carver.take(n(rows) * n(act_scale_groups(I)) * sizeof(float));
+      // The blockwise FP8 GEMM reads a scale per row and K block, whatever the scheme's groups.
+      const auto groups = [](Index k) { return kFp8BlockGemm ? blocks128(k) : act_scale_groups(k); };
+      l.scales1 = carver.take(n(rows) * n(groups(H)) * sizeof(float));
+      l.scales2 = carver.take(n(rows) * n(groups(I)) * sizeof(float));
     }
     std::size_t partial_floats = 0;
     if (l.sm90 && E > 0 && live_rows > 0) partial_floats = plan_sm90(w, l);
@@ -215,11 +247,23 @@ class ExpertsStage {
     // tiles write the activated intermediate directly.
     const bool cutlass_tile = l.sm90 && !gemm::is_fused(l.tile);
     l.gemm1_out = carver.take(cutlass_tile ? n(rows) * n(w.w13.extent(1)) * sizeof(IO) : 0);
-    l.gemm_ws_bytes = cutlass_tile && E > 0 ? gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(E)) : 0;
+    if (cutlass_tile && E > 0) {
+      l.gemm_ws_bytes = kQuantized ? gemm::sm90_fp8_block_gemm_workspace_bytes(static_cast<int>(E) * kHalves)
+                                   : gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(E));
+    }
+    if (kPerTensorScales && cutlass_tile) {
+      const Index H = w.hidden(), I = w.intermediate();
+      l.w13_blocks = carver.take(n(E) * n(w13_scale_blocks(I, H)) * sizeof(float));
+      l.w2_blocks = carver.take(n(E) * n(w2_scale_blocks(H, I)) * sizeof(float));
+    }
     l.gemm_ws = carver.take(l.gemm_ws_bytes);
     l.total = carver.total();
     return l;
   }
+
+  // Whether run_planned on this plan can take GEMM1's input from the token rows (TokenRows) instead
+  // of gathered rows: the W8A8 schemes, whose first pass quantizes the input anyway.
+  static bool takes_tokens(const Plan& l) { return kQuantized && l.sm90; }
 
   // Whether a forward on this plan launches programmatically (moe/cuda/launch.h).
   bool programmatic_launch(const Plan& l) const {
@@ -235,9 +279,11 @@ class ExpertsStage {
   // output[row] = GEMM2's output of input[row] for the rows of the segments; `workspace` is
   // plan.total bytes (any alignment). With `row_weight` the Sm80 schedule multiplies GEMM2's
   // output by it (epilogue 2); *weighted says whether the rows came out weighted.
+  // With `tokens` (where takes_tokens(plan)) GEMM1's input comes from the token rows and `input`
+  // is not read.
   Status run_planned(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
-                     const float* row_weight, std::span<std::byte> workspace, cudaStream_t stream,
-                     bool* weighted) const {
+                     const float* row_weight, std::span<std::byte> workspace, cudaStream_t stream, bool* weighted,
+                     const TokenRows* tokens = nullptr) const {
     *weighted = false;
     if (l.rows == 0 || w.num_local_experts() == 0) return Status::ok();
     std::byte* base = moe::detail::WorkspaceCarver<256>::aligned_base(workspace.data());
@@ -249,7 +295,7 @@ class ExpertsStage {
         const char* why = sm90_refusal(w);
         return unsupported("experts (", Quant::kName, "): ", why ? why : "the output rows are not 16-byte aligned");
       }
-      return run_quantized(l, w, input, output, s, b, base, stream);
+      return run_quantized(l, w, input, tokens, output, s, b, base, stream);
     } else {
       if constexpr (kMaySm90) {
         if (l.sm90) return run_sm90(l, w, input, output, s, b, stream);
@@ -345,7 +391,11 @@ class ExpertsStage {
     Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
                                        : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E));
     if constexpr (kQuantized) {
-      // Only our swap mainloop takes 8-bit operands: the nearest fused tile (64 tokens for prefill).
+      if (tile == Sm90Tile::kNormal128x256 && fp8_block_gemm_applies(w)) {
+        l.tile = tile;  // CUTLASS's blockwise-scaled FP8 grouped GEMM
+        return 0;
+      }
+      // Elsewhere our swap mainloop takes the 8-bit operands: the nearest fused tile.
       tile = tile == Sm90Tile::kSwap128x16 || tile == Sm90Tile::kFusedSwap128x16   ? Sm90Tile::kFusedSwap128x16
              : tile == Sm90Tile::kSwap128x32 || tile == Sm90Tile::kFusedSwap128x32 ? Sm90Tile::kFusedSwap128x32
                                                                                    : Sm90Tile::kFusedSwap128x64;
@@ -423,14 +473,20 @@ class ExpertsStage {
       return sm90_grouped_gemm(g, l.tile, ws, stream);
     };
     MOE_RETURN_IF_ERROR(grouped_gemm(input, H, w.w13, b.gemm1_out, N1));
-    {
-      constexpr int kLayout = kMode1 == detail::ColumnMode::kPlain ? 0 : kMode1 == detail::ColumnMode::kGatedSplit ? 1 : 2;
-      using Expr = epilogue::Gemm1Epilogue<Activation, IO, false>;
-      MOE_RETURN_IF_ERROR(detail::launch_kernel(&detail::activation_kernel<IO, Expr, Activation, kLayout>,
-                                                static_cast<unsigned>(s.row_list_size), 128, 0, stream, pdl,
-                                                b.gemm1_out, N1, I, s.row_list, w.activation, b.inter));
-    }
+    MOE_RETURN_IF_ERROR(activate_gemm1_out(w, s, b, pdl, stream));
     return grouped_gemm(b.inter, I, w.w2, output, H);
+  }
+
+  // GEMM1's stored output columns as activate8 reads them (stages.cuh).
+  static constexpr int kActivationLayout =
+      kMode1 == detail::ColumnMode::kPlain ? 0 : kMode1 == detail::ColumnMode::kGatedSplit ? 1 : 2;
+  using Gemm1Expr = epilogue::Gemm1Epilogue<Activation, IO, false>;
+
+  // The activation pass of the CUTLASS tiles: GEMM1's raw output rows -> the intermediate.
+  Status activate_gemm1_out(const Weights& w, const Segments& s, const Buffers& b, bool pdl, cudaStream_t stream) const {
+    return detail::launch_kernel(&detail::activation_kernel<IO, Gemm1Expr, Activation, kActivationLayout>,
+                                 static_cast<unsigned>(s.row_list_size), 128, 0, stream, pdl, b.gemm1_out,
+                                 w.w13.extent(1), w.intermediate(), s.row_list, w.activation, b.inter);
   }
 
   // Our swap mainloop: GEMM1 over `x1` with the activation fused (stored straight into the
@@ -455,6 +511,29 @@ class ExpertsStage {
   }
 
   // ---- the W8A8 schemes -------------------------------------------------------------------------
+
+  // 128x128 scale blocks of a weight with `halves` * n rows (each half blocked separately) and k
+  // columns, per expert.
+  static Index blocks128(Index extent) { return (extent + gemm::kFp8ScaleBlock - 1) / gemm::kFp8ScaleBlock; }
+  static Index w13_scale_blocks(Index n, Index k) { return kHalves * blocks128(n) * blocks128(k); }
+  static Index w2_scale_blocks(Index n, Index k) { return blocks128(n) * blocks128(k); }
+
+  // Whether the prefill GEMMs can run CUTLASS's blockwise FP8 kernel on these weights: block
+  // scales stored packed per expert (or per-tensor ones, spread into blocks per call). The codes'
+  // conditions (16-byte rows, packed experts) are sm90_refusal's.
+  bool fp8_block_gemm_applies(const Weights& w) const {
+    if constexpr (!kFp8BlockGemm) {
+      return false;
+    } else if constexpr (kPerTensorScales) {
+      return true;
+    } else {
+      const auto packed = [](DeviceView<const float, 3> v, Index blocks) {
+        return v.stride(2) == 1 && v.stride(1) == v.extent(2) && v.extent(1) * v.extent(2) == blocks;
+      };
+      return packed(w.quant.w13_scale, w13_scale_blocks(w.intermediate(), w.hidden())) &&
+             packed(w.quant.w2_scale, w2_scale_blocks(w.hidden(), w.intermediate()));
+    }
+  }
 
   // Activation scale groups of a row of k columns: K blocks for per-group scales, else one (a
   // static scheme's one is not stored, but the region stays simple).
@@ -484,6 +563,20 @@ class ExpertsStage {
     return sc;
   }
 
+  // Codes and scales of GEMM1's input rows: from the token rows where given (one read and one
+  // quantization per token, written to each of its slots' rows), else from the gathered rows.
+  Status quantize_input(const IO* input, const TokenRows* tokens, Index H, const Segments& s, W* codes,
+                        quant_detail::ScaleLayout scales, const float* static_scale, bool pdl, cudaStream_t stream) const {
+    if (tokens) {
+      return quant_detail::quantize_rows<Quant>(quant_detail::StoredRows<IO>{tokens->hidden, tokens->ld},
+                                                quant_detail::TokenSlots{tokens->slot_row, tokens->top_k}, H,
+                                                tokens->tokens, codes, scales, static_scale, pdl, stream);
+    }
+    return quant_detail::quantize_rows<Quant>(quant_detail::StoredRows<IO>{input, H},
+                                              quant_detail::ListedRows{s.row_list}, H, s.row_list_size, codes, scales,
+                                              static_scale, pdl, stream);
+  }
+
   // K atoms (128-wide blocks) per stage of the 8-bit decode tiles. The mainloop takes two for FP8
   // (one set of promoted sums per atom, so the per-stage wait is paid once per 32 KiB of
   // weights), but on the H200 that was 1% faster on deepseek and gpt-oss decode and 10-18% slower
@@ -491,8 +584,11 @@ class ExpertsStage {
   // INT8 must run one: it sums every atom into one int32 set, and an atom past K is not loaded.
   static constexpr int kQuantAtoms = 1;
   // Quantize the rows -> 8-bit GEMM1 (activation fused) -> quantize the intermediate -> 8-bit GEMM2.
-  Status run_quantized(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s, const Buffers& b,
-                       std::byte* base, cudaStream_t stream) const {
+  Status run_quantized(const Plan& l, const Weights& w, const IO* input, const TokenRows* tokens, IO* output,
+                       const Segments& s, const Buffers& b, std::byte* base, cudaStream_t stream) const {
+    if constexpr (kFp8BlockGemm) {
+      if (l.tile == gemm::Sm90Tile::kNormal128x256) return run_fp8_block_gemms(l, w, input, tokens, output, s, b, base, stream);
+    }
     const bool pdl = programmatic_launch(l);
     const Index H = w.hidden(), I = w.intermediate(), R = l.rows;
     auto* codes1 = static_cast<W*>(static_cast<void*>(base + l.codes1));
@@ -505,14 +601,14 @@ class ExpertsStage {
       a13 = w.quant.a13_scale->data();
       a2 = w.quant.a2_scale->data();
     }
-    MOE_RETURN_IF_ERROR((quant_detail::quantize_rows<Quant, IO>(input, H, s.row_list, s.row_list_size, codes1, scales1, R,
-                                                                a13, pdl, stream)));
+    MOE_RETURN_IF_ERROR(quantize_input(input, tokens, H, s, codes1, {scales1, R, 1}, a13, pdl, stream));
     constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
     const auto sc1 = swap_scales(w.quant.w13_scale, kGated ? I : 0, scales1, R, a13);
     const auto sc2 = swap_scales(w.quant.w2_scale, 0, scales2, R, a2);
     const auto between = [&] {
-      return quant_detail::quantize_rows<Quant, IO>(b.inter, I, s.row_list, s.row_list_size, codes2, scales2, R, a2, pdl,
-                                                    stream);
+      return quant_detail::quantize_rows<Quant>(quant_detail::StoredRows<IO>{b.inter, I},
+                                                quant_detail::ListedRows{s.row_list}, I, s.row_list_size, codes2,
+                                                {scales2, R, 1}, a2, pdl, stream);
     };
     using gemm::Sm90Tile;
     switch (l.tile) {
@@ -520,6 +616,61 @@ class ExpertsStage {
       case Sm90Tile::kFusedSwap128x32: return run_fused_swap<32, kQuantAtoms>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
       default: return run_fused_swap<64, 1>(l, w, codes1, sc1, codes2, sc2, output, s, b, pdl, stream, between);
     }
+  }
+
+  // Prefill of the FP8 block-scaled and per-tensor schemes: quantize the rows (1x128 groups) ->
+  // CUTLASS's blockwise-scaled FP8 GEMM1, stored raw -> activation and quantization of the
+  // intermediate in one pass -> FP8 GEMM2, stored. Per-tensor scales run as uniform blocks: the weight scale
+  // times the static activation scale per 128x128 block, and ones per row and K block.
+  Status run_fp8_block_gemms(const Plan& l, const Weights& w, const IO* input, const TokenRows* tokens, IO* output,
+                             const Segments& s, const Buffers& b, std::byte* base, cudaStream_t stream) const {
+    const bool pdl = programmatic_launch(l);
+    const Index H = w.hidden(), I = w.intermediate(), R = l.rows, E = w.num_local_experts();
+    const Index kb1 = blocks128(H), kb2 = blocks128(I);
+    auto* codes1 = static_cast<W*>(static_cast<void*>(base + l.codes1));
+    auto* codes2 = static_cast<W*>(static_cast<void*>(base + l.codes2));
+    auto* scales1 = static_cast<float*>(static_cast<void*>(base + l.scales1));
+    auto* scales2 = static_cast<float*>(static_cast<void*>(base + l.scales2));
+    const float* w13_scales = w.quant.w13_scale.data();
+    const float* w2_scales = w.quant.w2_scale.data();
+    Index w13_scales_stride = w.quant.w13_scale.stride(0), w2_scales_stride = w.quant.w2_scale.stride(0);
+    const float* a13 = nullptr;
+    const float* a2 = nullptr;
+    if constexpr (kPerTensorScales) {
+      a13 = w.quant.a13_scale->data();
+      a2 = w.quant.a2_scale->data();
+      auto* w13_blocks = static_cast<float*>(static_cast<void*>(base + l.w13_blocks));
+      auto* w2_blocks = static_cast<float*>(static_cast<void*>(base + l.w2_blocks));
+      w13_scales_stride = w13_scale_blocks(I, H);
+      w2_scales_stride = w2_scale_blocks(H, I);
+      MOE_RETURN_IF_ERROR((quant_detail::fill_scales<4>(
+          {quant_detail::ScaleFill{w13_scales, w13_scales_stride, a13, w13_blocks, E * w13_scales_stride},
+           quant_detail::ScaleFill{w2_scales, w2_scales_stride, a2, w2_blocks, E * w2_scales_stride},
+           quant_detail::ScaleFill{nullptr, 1, nullptr, scales1, R * kb1},
+           quant_detail::ScaleFill{nullptr, 1, nullptr, scales2, R * kb2}},
+          pdl, stream)));
+      w13_scales = w13_blocks;
+      w2_scales = w2_blocks;
+    }
+    const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
+    // out[rows, halves * n] = codes[rows, k] x w[e]^T, block-scaled.
+    const auto gemm = [&](const W* codes, const float* scales, Index k, DeviceView<const W, 3> wt, const float* wscales,
+                          Index wscales_stride, int halves, IO* out, Index n) {
+      return gemm::sm90_fp8_block_gemm(
+          {.num_experts = static_cast<int>(E), .halves = halves, .n = n, .k = k, .a = codes, .lda = k,
+           .a_scales = scales, .seg_begin = s.seg_begin, .seg_count = s.seg_count, .w = wt.data(),
+           .w_expert_stride = wt.stride(0), .ldw = wt.stride(1), .w_scales = wscales,
+           .w_scales_expert_stride = wscales_stride, .d = out, .ldd = halves * n},
+          ws, stream);
+    };
+    MOE_RETURN_IF_ERROR(quantize_input(input, tokens, H, s, codes1, {scales1, 1, kb1}, a13, pdl, stream));
+    MOE_RETURN_IF_ERROR(gemm(codes1, scales1, H, w.w13, w13_scales, w13_scales_stride, kHalves, b.gemm1_out, I));
+    // The activation runs inside the quantizer of GEMM2's input: the intermediate is never stored.
+    const detail::ActivatedRows<IO, Gemm1Expr, Activation, kActivationLayout> activated{b.gemm1_out, w.w13.extent(1), I,
+                                                                                       w.activation};
+    MOE_RETURN_IF_ERROR(quant_detail::quantize_rows<Quant>(activated, quant_detail::ListedRows{s.row_list}, I,
+                                                           s.row_list_size, codes2, {scales2, 1, kb2}, a2, pdl, stream));
+    return gemm(codes2, scales2, I, w.w2, w2_scales, w2_scales_stride, 1, output, H);
   }
 
   // One grouped GEMM of the Sm80 mainloops over the segments: out = a x w[e]^T, K = a's width.

@@ -143,13 +143,22 @@ class Kernel<Spec, Arch> {
     RoutedSlots slots;
     MOE_RETURN_IF_ERROR(RoutingStage::run(l.routing, a, m0, C, base + l.routing_ws, stream, &slots));
     const typename PrepareFinalize::Handle h = PrepareFinalize::carve(l.pf, base + l.pf_ws);
-    MOE_RETURN_IF_ERROR(PrepareFinalize::prepare(l.pf, h, a, slots, m0, C, pdl, stream));
+    // The W8A8 stages quantize each token once straight into its slots' rows (no gathered copy
+    // to write and read back) where the token rows allow 16-byte loads and the router weight is
+    // not applied on the input.
+    const IO* hidden = a.hidden_states.data() + m0 * a.hidden_states.stride(0);
+    const bool from_tokens = Stage::takes_tokens(l.experts) && !PF::kApplyWeightOnInput &&
+                             reinterpret_cast<std::uintptr_t>(a.hidden_states.data()) % 16 == 0 &&
+                             a.hidden_states.stride(0) % 8 == 0 && a.hidden_states.stride(1) == 1;
+    MOE_RETURN_IF_ERROR(PrepareFinalize::prepare(l.pf, h, a, slots, m0, C, pdl, stream, !from_tokens));
+    const typename Stage::TokenRows tokens{hidden, a.hidden_states.stride(0), C, a.top_k, h.slot_row};
     // GEMM2's outputs overwrite the gathered rows: the input is dead after GEMM1.
     const typename Stage::Segments segments{h.seg_begin, h.seg_count, h.tiles, h.slot_row, C * a.top_k};
     bool weighted = false;
     MOE_RETURN_IF_ERROR(stage_.run_planned(l.experts, weights_of(a), h.rows, h.rows, segments,
                                            PrepareFinalize::row_weight(h),
-                                           std::span<std::byte>(base + l.experts_ws, l.experts.total), stream, &weighted));
+                                           std::span<std::byte>(base + l.experts_ws, l.experts.total), stream, &weighted,
+                                           from_tokens ? &tokens : nullptr));
     return PrepareFinalize::finalize(h, a, h.rows, m0, C, weighted, l.experts.sm90, pdl, stream);
   }
 

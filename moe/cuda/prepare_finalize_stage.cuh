@@ -118,9 +118,10 @@ class PrepareFinalizeStage {
   }
 
   // Rows for tokens [m0, m0 + C) from their routed slots. `pdl`: launch the kernels that keep the
-  // programmatic-launch contract programmatically (moe/cuda/launch.h).
+  // programmatic-launch contract programmatically (moe/cuda/launch.h). Without `gather` only the
+  // segments and the slot -> row map are made (an experts stage that reads the token rows itself).
   static Status prepare(const Plan& l, const Handle& h, const Arguments& a, const RoutedSlots& slots, Index m0, Index C,
-                        bool pdl, cudaStream_t stream) {
+                        bool pdl, cudaStream_t stream, bool gather = true) {
     using namespace detail;
     const Problem p = Problem::from(a);
     const Index S = C * p.top_k;
@@ -161,7 +162,7 @@ class PrepareFinalizeStage {
                                                              h.row_weight);
       MOE_CUDA_CHECK_LAUNCH();
     }
-    // Gather.
+    if (!gather) return Status::ok();
     const dim3 gather_grid(static_cast<unsigned>(C), token_column_blocks(C, (p.hidden + 7) / 8, 256));
     return launch_kernel(&gather_kernel<IO, PF::kApplyWeightOnInput>, gather_grid, 256, 0, stream, pdl,
                          a.hidden_states.data() + m0 * a.hidden_states.stride(0), a.hidden_states.stride(0), p.hidden,

@@ -309,10 +309,52 @@ struct Vec8 {
 };
 static_assert(sizeof(Vec8<bfloat16>) == 16);
 
-// inter[row, i] = Gemm1 epilogue tree over GEMM1's stored output at the row of every slot:
-// [gate | up] halves (split), gate/up pairs (interleaved), or one value (ungated). One block per
-// slot, threads over 8-column groups.
+// The intermediate's columns [c0, c0 + 8) of one row: the Gemm1 epilogue tree over GEMM1's stored
+// output row `in` ([gate | up] halves (split), gate/up pairs (interleaved), or one value
+// (ungated)), rounded to T.
 template <class T, class Expr, class Activation, int kLayoutMode>  // 0 plain, 1 split, 2 interleaved
+__device__ __forceinline__ Vec8<T> activate8(const T* in, Index inter_cols, Index c0,
+                                             const typename Activation::Arguments& args) {
+  Vec8<T> out;
+  if constexpr (kLayoutMode == 0) {
+    const Vec8<T> x = *reinterpret_cast<const Vec8<T>*>(in + c0);
+    for (int j = 0; j < 8; ++j) {
+      epilogue::ElementContext<Activation> ctx;
+      ctx.args = args;
+      ctx.col = c0 + j;
+      ctx.acc[0] = to_float(x.v[j]);
+      out.v[j] = from_float<T>(Expr::eval(ctx));
+    }
+  } else {
+    Vec8<T> g, u;
+    if constexpr (kLayoutMode == 1) {
+      g = *reinterpret_cast<const Vec8<T>*>(in + c0);
+      u = *reinterpret_cast<const Vec8<T>*>(in + inter_cols + c0);
+    } else {
+      const Vec8<T> a = *reinterpret_cast<const Vec8<T>*>(in + 2 * c0);
+      const Vec8<T> b = *reinterpret_cast<const Vec8<T>*>(in + 2 * c0 + 8);
+      for (int j = 0; j < 4; ++j) {
+        g.v[j] = a.v[2 * j];
+        u.v[j] = a.v[2 * j + 1];
+        g.v[j + 4] = b.v[2 * j];
+        u.v[j + 4] = b.v[2 * j + 1];
+      }
+    }
+    for (int j = 0; j < 8; ++j) {
+      epilogue::ElementContext<Activation> ctx;
+      ctx.args = args;
+      ctx.col = c0 + j;
+      ctx.acc[1] = to_float(g.v[j]);
+      ctx.acc[2] = to_float(u.v[j]);
+      out.v[j] = from_float<T>(Expr::eval(ctx));
+    }
+  }
+  return out;
+}
+
+// inter[row, :] = activate8 over GEMM1's stored output at the row of every slot. One block per
+// slot, threads over 8-column groups.
+template <class T, class Expr, class Activation, int kLayoutMode>
 __global__ void __launch_bounds__(128) activation_kernel(const T* gemm1_out, Index n_total, Index inter_cols,
                                                          const Index* slot_row, typename Activation::Arguments args,
                                                          T* inter) {
@@ -323,43 +365,22 @@ __global__ void __launch_bounds__(128) activation_kernel(const T* gemm1_out, Ind
   const T* in = gemm1_out + row * n_total;
   T* dst = inter + row * inter_cols;
   for (Index c0 = 8 * static_cast<Index>(threadIdx.x); c0 < inter_cols; c0 += 8 * static_cast<Index>(blockDim.x)) {
-    Vec8<T> out;
-    if constexpr (kLayoutMode == 0) {
-      const Vec8<T> x = *reinterpret_cast<const Vec8<T>*>(in + c0);
-      for (int j = 0; j < 8; ++j) {
-        epilogue::ElementContext<Activation> ctx;
-        ctx.args = args;
-        ctx.col = c0 + j;
-        ctx.acc[0] = to_float(x.v[j]);
-        out.v[j] = from_float<T>(Expr::eval(ctx));
-      }
-    } else {
-      Vec8<T> g, u;
-      if constexpr (kLayoutMode == 1) {
-        g = *reinterpret_cast<const Vec8<T>*>(in + c0);
-        u = *reinterpret_cast<const Vec8<T>*>(in + inter_cols + c0);
-      } else {
-        const Vec8<T> a = *reinterpret_cast<const Vec8<T>*>(in + 2 * c0);
-        const Vec8<T> b = *reinterpret_cast<const Vec8<T>*>(in + 2 * c0 + 8);
-        for (int j = 0; j < 4; ++j) {
-          g.v[j] = a.v[2 * j];
-          u.v[j] = a.v[2 * j + 1];
-          g.v[j + 4] = b.v[2 * j];
-          u.v[j + 4] = b.v[2 * j + 1];
-        }
-      }
-      for (int j = 0; j < 8; ++j) {
-        epilogue::ElementContext<Activation> ctx;
-        ctx.args = args;
-        ctx.col = c0 + j;
-        ctx.acc[1] = to_float(g.v[j]);
-        ctx.acc[2] = to_float(u.v[j]);
-        out.v[j] = from_float<T>(Expr::eval(ctx));
-      }
-    }
-    *reinterpret_cast<Vec8<T>*>(dst + c0) = out;
+    *reinterpret_cast<Vec8<T>*>(dst + c0) = activate8<T, Expr, Activation, kLayoutMode>(in, inter_cols, c0, args);
   }
 }
+
+// The activated intermediate as a row source of the W8A8 quantizer (quantize_rows.cuh): the
+// activation pass fused into the quantization of GEMM2's input, so the intermediate is never stored.
+template <class T, class Expr, class Activation, int kLayoutMode>
+struct ActivatedRows {
+  using Element = T;
+  const T* gemm1_out;
+  Index n_total, inter_cols;
+  typename Activation::Arguments args;
+  __device__ __forceinline__ Vec8<T> load(Index row, Index c0) const {
+    return activate8<T, Expr, Activation, kLayoutMode>(gemm1_out + row * n_total, inter_cols, c0, args);
+  }
+};
 
 // Slots of finalize_epilogue_kernel's shared arrays: top_k rounded up to 4, the pad rows -1. The
 // slot loop is unrolled by 4 and nvcc may load two rows at once past the last slot (memcheck saw a

@@ -201,15 +201,18 @@ class QuantizedExpertsTest : public ::testing::Test {
 };
 
 // Every tile width (pinned) and the table's choice, with and without K splits, on shapes with
-// ragged blocks: I = 192 (the gated halves end mid-block; GEMM2's K ends mid-block), H = 320.
+// ragged blocks: I = 192 and 320 (the gated halves end mid-block; GEMM2's K ends mid-block),
+// H = 320. The prefill tile runs CUTLASS's blockwise FP8 GEMM for the block-scaled and per-tensor
+// schemes (several 128-row tiles per expert at M = 700), the 64-token swap tile for the others.
 template <class Q>
 void expect_cuda_matches_cpu(std::uint32_t seed) {
   using moe::cuda::gemm::Sm90Tile;
   for (const Shape shape : {Shape{5, 8, 256, 192, 2}, Shape{1, 8, 320, 192, 2}, Shape{300, 8, 256, 128, 2},
-                            Shape{41, 16, 128, 320, 4}}) {
+                            Shape{41, 16, 128, 320, 4}, Shape{700, 8, 384, 320, 2}}) {
     const Case<Q> c(shape, seed);
     const std::vector<bfloat16> want = c.run_cpu();
-    std::vector<std::optional<Sm90Tile>> tiles{std::nullopt, Sm90Tile::kFusedSwap128x16, Sm90Tile::kFusedSwap128x64};
+    std::vector<std::optional<Sm90Tile>> tiles{std::nullopt, Sm90Tile::kFusedSwap128x16, Sm90Tile::kFusedSwap128x64,
+                                               Sm90Tile::kNormal128x256};
     for (const auto& tile : tiles) {
       for (const int splits : {1, 8}) {
         moe::cuda::Options o;
@@ -224,7 +227,14 @@ void expect_cuda_matches_cpu(std::uint32_t seed) {
                                   " splits<=" + std::to_string(splits);
         EXPECT_TRUE(e.finite) << where;
         EXPECT_GT(e.max_ref, 0.0) << where;
-        EXPECT_LE(e.max_err, 0.02 * e.max_ref) << where;
+        // FP8 per-token scales quantize a whole intermediate row with one scale: one flipped code
+        // of a large intermediate (a 6-12% step) can move an output by ~3% of the largest one where
+        // the test's power-of-two weights let one product dominate (measured: 2.9% at M = 700).
+        const double max_bound =
+            std::is_same_v<typename Q::WeightElement, moe::float8_e4m3> && Q::kActScale == quant::ScaleGranularity::kPerToken
+                ? 0.04
+                : 0.02;
+        EXPECT_LE(e.max_err, max_bound * e.max_ref) << where;
         const double mean_bound = std::is_same_v<typename Q::WeightElement, moe::float8_e4m3> ? 0.01 : 0.003;
         EXPECT_LE(e.sum_err, mean_bound * e.sum_ref) << where << " mean error " << e.sum_err / want.size();
       }
@@ -244,11 +254,10 @@ TEST_F(QuantizedExpertsTest, Int8PerTokenChannelMatchesTheCpuBackend) { expect_c
 // The same tile and no K splits on both sides (the table and the split count follow the rows per
 // expert, which differ between the ranks and the single forward).
 template <class Q>
-void expect_simulated_ep_matches_single_rank(int ranks) {
-  using moe::cuda::gemm::Sm90Tile;
+void expect_simulated_ep_matches_single_rank(int ranks, moe::cuda::gemm::Sm90Tile tile) {
   const Case<Q> c(Shape{37, 8, 256, 192, 2}, 12);
   moe::cuda::Options o;
-  o.sm90_tile = Sm90Tile::kFusedSwap128x16;
+  o.sm90_tile = tile;
   o.max_k_splits = 1;
   std::vector<bfloat16> single;
   const moe::Status ss = c.run_cuda(o, &single);
@@ -295,30 +304,34 @@ void expect_simulated_ep_matches_single_rank(int ranks) {
   ASSERT_TRUE(s.is_ok()) << s.to_string();
   ASSERT_EQ(ep.size(), single.size());
   EXPECT_EQ(0, std::memcmp(ep.data(), single.data(), single.size() * sizeof(bfloat16)))
-      << Q::kName << " ranks=" << ranks << ": the simulated expert-parallel forward differs";
+      << Q::kName << " ranks=" << ranks << " tile=" << moe::cuda::gemm::name(tile)
+      << ": the simulated expert-parallel forward differs";
 }
 
 TEST_F(QuantizedExpertsTest, SimulatedExpertParallelMatchesTheSingleRankForward) {
+  using moe::cuda::gemm::Sm90Tile;
   for (const int ranks : {2, 4}) {
-    expect_simulated_ep_matches_single_rank<quant::Fp8Block<128, 128>>(ranks);
-    expect_simulated_ep_matches_single_rank<quant::Fp8PerTokenChannel>(ranks);
-    expect_simulated_ep_matches_single_rank<quant::Fp8PerTensor>(ranks);
-    expect_simulated_ep_matches_single_rank<quant::Int8PerTokenChannel>(ranks);
+    for (const Sm90Tile tile : {Sm90Tile::kFusedSwap128x16, Sm90Tile::kNormal128x256}) {
+      expect_simulated_ep_matches_single_rank<quant::Fp8Block<128, 128>>(ranks, tile);
+      expect_simulated_ep_matches_single_rank<quant::Fp8PerTokenChannel>(ranks, tile);
+      expect_simulated_ep_matches_single_rank<quant::Fp8PerTensor>(ranks, tile);
+      expect_simulated_ep_matches_single_rank<quant::Int8PerTokenChannel>(ranks, tile);
+    }
   }
 }
 
 // An all-zero token gives exact zeros, a token of tiny values finite outputs, and two runs give the
 // same bits (no atomics; the split count is a function of the tile count).
 template <class Q>
-void expect_zero_rows_exact_and_reruns_identical() {
+void expect_zero_rows_exact_and_reruns_identical(moe::cuda::Options o = {}) {
   Case<Q> c(Shape{7, 8, 256, 192, 2}, 9);
   for (Index k = 0; k < c.p.H; ++k) {
     c.hidden[k] = bfloat16(0.0f);
     c.hidden[c.p.H + k] = bfloat16(1e-30f * static_cast<float>(k % 7 - 3));
   }
   std::vector<bfloat16> first, second;
-  ASSERT_TRUE(c.run_cuda({}, &first).is_ok());
-  ASSERT_TRUE(c.run_cuda({}, &second).is_ok());
+  ASSERT_TRUE(c.run_cuda(o, &first).is_ok());
+  ASSERT_TRUE(c.run_cuda(o, &second).is_ok());
   for (Index h = 0; h < c.p.H; ++h) EXPECT_EQ(moe::to_float(first[h]), 0.0f) << Q::kName << " column " << h;
   for (const bfloat16& v : first) ASSERT_TRUE(std::isfinite(moe::to_float(v))) << Q::kName;
   EXPECT_EQ(0, std::memcmp(first.data(), second.data(), first.size() * sizeof(bfloat16))) << Q::kName;
@@ -328,6 +341,10 @@ TEST_F(QuantizedExpertsTest, ZeroRowsAreExactAndRerunsBitIdentical) {
   expect_zero_rows_exact_and_reruns_identical<quant::Fp8Block<128, 128>>();
   expect_zero_rows_exact_and_reruns_identical<quant::Fp8PerTokenChannel>();
   expect_zero_rows_exact_and_reruns_identical<quant::Int8PerTokenChannel>();
+  moe::cuda::Options prefill;  // CUTLASS's blockwise FP8 GEMM
+  prefill.sm90_tile = moe::cuda::gemm::Sm90Tile::kNormal128x256;
+  expect_zero_rows_exact_and_reruns_identical<quant::Fp8Block<128, 128>>(prefill);
+  expect_zero_rows_exact_and_reruns_identical<quant::Fp8PerTensor>(prefill);
 }
 
 // A scale tensor of the wrong shape is named with both shapes and nothing is written; a hidden

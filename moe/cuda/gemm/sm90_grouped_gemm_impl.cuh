@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -82,30 +83,33 @@ struct Descriptors {
   typename G::StrideD* stride_d;
 };
 
-constexpr std::size_t kDescriptorBytesPerGroup = 12 + 3 * 8 + 3 * 24;  // shape, 3 pointers, 3 strides (<= 24 B)
-
 inline std::size_t align256(std::size_t v) { return (v + 255) / 256 * 256; }
 
-// The descriptors' places in a workspace at `base` (an address; 0 to size them only) and the
-// bytes they take.
+// Consecutive 256-byte aligned arrays in a workspace at `base` (an address; 0 to size them only).
+struct DescriptorCarver {
+  std::uintptr_t base = 0;
+  std::size_t used = 0;
+  template <class T>
+  T* take(int count) {
+    auto* p = reinterpret_cast<T*>(base + used);
+    used += align256(static_cast<std::size_t>(count) * sizeof(T));
+    return p;
+  }
+};
+
+// The descriptors' places in a workspace at `base` and the bytes they take.
 template <class G>
 Descriptors<G> carve(std::uintptr_t base, int groups, std::size_t* used) {
-  std::size_t off = 0;
-  auto take = [&](std::size_t bytes) {
-    void* p = reinterpret_cast<void*>(base + off);
-    off += align256(bytes);
-    return p;
-  };
+  DescriptorCarver c{base};
   Descriptors<G> d;
-  const auto n = static_cast<std::size_t>(groups);
-  d.shapes = static_cast<decltype(d.shapes)>(take(n * sizeof(*d.shapes)));
-  d.ptr_a = static_cast<decltype(d.ptr_a)>(take(n * sizeof(*d.ptr_a)));
-  d.ptr_b = static_cast<decltype(d.ptr_b)>(take(n * sizeof(*d.ptr_b)));
-  d.ptr_d = static_cast<decltype(d.ptr_d)>(take(n * sizeof(*d.ptr_d)));
-  d.stride_a = static_cast<decltype(d.stride_a)>(take(n * sizeof(*d.stride_a)));
-  d.stride_b = static_cast<decltype(d.stride_b)>(take(n * sizeof(*d.stride_b)));
-  d.stride_d = static_cast<decltype(d.stride_d)>(take(n * sizeof(*d.stride_d)));
-  *used = off;
+  d.shapes = c.take<std::remove_pointer_t<decltype(d.shapes)>>(groups);
+  d.ptr_a = c.take<std::remove_pointer_t<decltype(d.ptr_a)>>(groups);
+  d.ptr_b = c.take<std::remove_pointer_t<decltype(d.ptr_b)>>(groups);
+  d.ptr_d = c.take<std::remove_pointer_t<decltype(d.ptr_d)>>(groups);
+  d.stride_a = c.take<std::remove_pointer_t<decltype(d.stride_a)>>(groups);
+  d.stride_b = c.take<std::remove_pointer_t<decltype(d.stride_b)>>(groups);
+  d.stride_d = c.take<std::remove_pointer_t<decltype(d.stride_d)>>(groups);
+  *used = c.used;
   return d;
 }
 
@@ -167,6 +171,24 @@ std::size_t workspace_bytes(int groups, int sm_count) {
   return desc + align256(G::Gemm::get_workspace_size(make_arguments<G, Swap>(d, groups, sm_count)));
 }
 
+// CUTLASS's checks, initialize and launch of one grouped GEMM whose descriptors are written.
+template <class Gemm>
+Status run_cutlass(const typename Gemm::Arguments& args, std::byte* cutlass_workspace, cudaStream_t stream,
+                   const char* name, Index n, Index k) {
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
+    return unsupported(name, ": CUTLASS cannot run n=", n, " k=", k);
+  }
+  if (gemm.initialize(args, cutlass_workspace, stream) != cutlass::Status::kSuccess) {
+    return make_status(StatusCode::kCudaError, name, ": CUTLASS initialize failed");
+  }
+  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    return make_status(StatusCode::kCudaError, name, ": CUTLASS launch failed: ", cudaGetErrorString(cudaGetLastError()));
+  }
+  MOE_CUDA_CHECK_LAUNCH();
+  return Status::ok();
+}
+
 template <class G, bool Swap>
 Status run(const Sm90GroupedGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream) {
   const int sm_count = sm_count_of_current_device();
@@ -180,19 +202,7 @@ Status run(const Sm90GroupedGemmArgs& a, std::span<std::byte> workspace, cudaStr
   }
   describe_groups_kernel<G, Swap><<<(a.num_groups + 127) / 128, 128, 0, stream>>>(a, d);
   MOE_CUDA_CHECK_LAUNCH();
-  typename G::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
-    return unsupported("sm90_grouped_gemm: CUTLASS cannot run n=", a.n, " k=", a.k);
-  }
-  if (gemm.initialize(args, workspace.data() + desc_bytes, stream) != cutlass::Status::kSuccess) {
-    return make_status(StatusCode::kCudaError, "sm90_grouped_gemm: CUTLASS initialize failed");
-  }
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    return make_status(StatusCode::kCudaError, "sm90_grouped_gemm: CUTLASS launch failed: ",
-                       cudaGetErrorString(cudaGetLastError()));
-  }
-  MOE_CUDA_CHECK_LAUNCH();
-  return Status::ok();
+  return run_cutlass<typename G::Gemm>(args, workspace.data() + desc_bytes, stream, "sm90_grouped_gemm", a.n, a.k);
 }
 
 // The tile table of schedule.h, for one element type.

@@ -7,66 +7,210 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <array>
+
 #include "moe/cuda/check.h"
 #include "moe/cuda/launch.h"
+#include "moe/cuda/stages.cuh"
 #include "moe/quant/w8a8.h"
 #include "moe/tensor.h"
 
 namespace moe::cuda::quant_detail {
 
-constexpr int kQuantizeThreads = 128;
+// Stored rows of the IO type as a row source: row r's columns [c0, c0 + 8).
+template <class In>
+struct StoredRows {
+  using Element = In;
+  const In* x;
+  Index ld;
+  __device__ __forceinline__ cuda::detail::Vec8<In> load(Index row, Index c0) const {
+    return *reinterpret_cast<const cuda::detail::Vec8<In>*>(x + row * ld + c0);
+  }
+};
 
-// The largest of every thread's `v` (all threads of the block call it).
-__device__ __forceinline__ float block_max(float v) {
-  __shared__ float warp_max[kQuantizeThreads / 32];
-  for (int d = 16; d > 0; d /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = v;
-  __syncthreads();
-  float m = warp_max[0];
+// Which rows a launch quantizes: entry e reads source row `source(e)` (-1: skipped) and writes
+// its codes and scales to rows destination(e, j), j < fanout() (-1: skipped).
+// The listed rows themselves (the gathered rows, the intermediate): one entry per row_list entry.
+struct ListedRows {
+  const Index* row_list;
+  __device__ __forceinline__ Index source(Index e) const { return row_list[e]; }
+  __device__ __forceinline__ int fanout() const { return 1; }
+  __device__ __forceinline__ Index destination(Index e, int) const { return row_list[e]; }
+};
+// Token rows to their slots' rows (the gather fused into the quantizer): one entry per token,
+// whose codes go to the rows of its top_k slots (slot_row[m * top_k + j], -1 for a dropped slot).
+// A token is quantized once however many experts it goes to.
+struct TokenSlots {
+  const Index* slot_row;
+  int top_k;
+  __device__ __forceinline__ Index source(Index e) const { return e; }
+  __device__ __forceinline__ int fanout() const { return top_k; }
+  __device__ __forceinline__ Index destination(Index e, int j) const { return slot_row[e * top_k + j]; }
+};
+
+// Where a row's group scales go: scales[g * group_stride + row * row_stride]. The swap mainloop
+// reads them group-major (group_stride = rows, row_stride = 1), CUTLASS's blockwise FP8 GEMM
+// row-major (group_stride = 1, row_stride = groups per row).
+struct ScaleLayout {
+  float* scales = nullptr;
+  Index group_stride = 0, row_stride = 0;
+};
+
+// Codes of 8 values under scale s, as the bytes of one 8-byte store.
+template <class Quant, class In>
+__device__ __forceinline__ uint2 encode8(const cuda::detail::Vec8<In>& v, float s) {
+  static_assert(sizeof(typename Quant::WeightElement) == 1);
+  alignas(8) unsigned char bytes[8];
 #pragma unroll
-  for (int w = 1; w < kQuantizeThreads / 32; ++w) m = fmaxf(m, warp_max[w]);
-  __syncthreads();  // warp_max is reused by the next group
-  return m;
+  for (int j = 0; j < 8; ++j) {
+    const typename Quant::WeightElement c = Quant::encode(to_float(v.v[j]), s);
+    memcpy(&bytes[j], &c, 1);
+  }
+  return *reinterpret_cast<const uint2*>(bytes);
 }
 
-// One block per entry of `row_list` (-1: skipped): codes[row, :] and, for dynamic schemes, the
-// scale of each group g of the row at scales[g * scale_ld + row] (one group per row for per-token
-// scales, Quant::kBlockK columns each for per-group ones). Static schemes use *static_scale.
-template <class Quant, class In>
-__global__ void __launch_bounds__(kQuantizeThreads)
-    quantize_rows_kernel(const In* x, Index k, const Index* row_list, typename Quant::WeightElement* codes,
-                         float* scales, Index scale_ld, const float* static_scale) {
+// One warp per entry of `rows` (RowMap: ListedRows or TokenSlots): codes[destination, :] of the
+// `k` columns the source row gives and, for dynamic schemes, the scale of each group of the row at
+// `out` (one group per row for per-token scales, Quant::kBlockK columns each for per-group ones). Static schemes use
+// *static_scale. Lanes take 8 adjacent columns (16-byte loads), a warp pass 256 columns, and
+// kUnroll passes (a chunk) are loaded before any is encoded (a row per block left the H200's DRAM
+// at 1.6 TB/s: too few loads in flight). A 128-column group is 16 lanes, reduced by shuffles.
+// Where scales are per group or static, each chunk of a row is its own warp's work (a few rows at
+// decode still spread over many warps); a per-token scale needs the whole row in one warp. k is a
+// multiple of 8; rows start 16-byte aligned.
+constexpr int kQuantizeWarps = 8;
+constexpr int kQuantizeUnroll = 4;
+constexpr Index kQuantizeChunk = kQuantizeUnroll * 8 * 32;  // columns
+
+template <class Quant>
+constexpr bool quantize_whole_rows() {
+  return Quant::kActScale == quant::ScaleGranularity::kPerToken;
+}
+MOE_HOST_DEVICE Index quantize_chunks_per_row(bool whole_rows, Index k) {
+  return whole_rows ? 1 : (k + kQuantizeChunk - 1) / kQuantizeChunk;
+}
+template <class Quant, class Source, class RowMap>
+__global__ void __launch_bounds__(32 * kQuantizeWarps)
+    quantize_rows_kernel(Source src, RowMap rows, Index k, Index num_entries, typename Quant::WeightElement* codes,
+                         ScaleLayout out, const float* static_scale) {
   using W = typename Quant::WeightElement;
+  using In = typename Source::Element;
+  using Vec = cuda::detail::Vec8<In>;
+  constexpr int kUnroll = kQuantizeUnroll;
+  constexpr Index kPass = 8 * 32;  // columns per warp pass
+  const Index chunks = quantize_chunks_per_row(quantize_whole_rows<Quant>(), k);
+  constexpr bool kGroups = Quant::kActScale == quant::ScaleGranularity::kGroup;
   cuda::detail::grid_dependency_wait();
   cuda::detail::allow_dependents_launch();
-  const Index row = row_list[blockIdx.x];
-  if (row < 0) return;  // the whole block: no barrier is left waiting
-  const In* src = x + row * k;
-  W* dst = codes + row * k;
-  const Index group = Quant::kActScale == quant::ScaleGranularity::kGroup ? Quant::kBlockK : k;
-  Index g = 0;
-  for (Index g0 = 0; g0 < k; g0 += group, ++g) {
-    const Index g1 = g0 + group < k ? g0 + group : k;
-    float s;
-    if constexpr (Quant::kStaticActivations) {
-      s = *static_scale;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const Index warp = static_cast<Index>(blockIdx.x) * kQuantizeWarps + threadIdx.x / 32;
+  const Index warps = static_cast<Index>(gridDim.x) * kQuantizeWarps;
+  for (Index item = warp; item < num_entries * chunks; item += warps) {
+    const Index entry = item / chunks;
+    const Index first = (item % chunks) * kQuantizeChunk;                  // this warp's columns:
+    const Index last = chunks == 1 ? k : std::min(k, first + kQuantizeChunk);  // [first, last)
+    const Index row = rows.source(entry);
+    if (row < 0) continue;  // the whole warp
+    const int fanout = rows.fanout();
+    // The codes of columns [c, c + 8) and, from one lane per group, the group's scale.
+    const auto store = [&](uint2 bits, Index c, Index group, float s, bool scale_lane) {
+      for (int j = 0; j < fanout; ++j) {
+        const Index d = rows.destination(entry, j);
+        if (d < 0) continue;
+        *reinterpret_cast<uint2*>(codes + d * k + c) = bits;
+        if (scale_lane) out.scales[group * out.group_stride + d * out.row_stride] = s;
+      }
+    };
+    // Passes over the row, kUnroll at a time; `use` sees each loaded vector in column order.
+    const auto for_each_vector = [&](auto&& use) {
+      for (Index base = first; base < last; base += kUnroll * kPass) {
+        Vec v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const Index c = base + u * kPass + 8 * lane;
+          if (c < last) v[u] = src.load(row, c);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) use(v[u], base + u * kPass + 8 * lane);
+      }
+    };
+    const auto amax8 = [](const Vec& v) {
+      float m = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) m = fmaxf(m, fabsf(to_float(v.v[j])));
+      return m;
+    };
+    if constexpr (kGroups) {
+      constexpr int kLanes = Quant::kBlockK / 8;  // lanes per group; passes start on a group boundary
+      static_assert(Quant::kBlockK % 8 == 0 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0 && kPass % Quant::kBlockK == 0,
+                    "quantize_rows: a group is a power-of-two run of lanes within one warp pass");
+      for_each_vector([&](const Vec& v, Index c) {  // every lane takes part (shuffles)
+        float amax = c < last ? amax8(v) : 0.0f;
+#pragma unroll
+        for (int d = kLanes / 2; d > 0; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+        const float s = quant::dynamic_scale<W>(amax);
+        if (c < last) store(encode8<Quant, In>(v, s), c, c / Quant::kBlockK, s, lane % kLanes == 0);
+      });
     } else {
-      float amax = 0.0f;
-      for (Index i = g0 + threadIdx.x; i < g1; i += kQuantizeThreads) amax = fmaxf(amax, fabsf(to_float(src[i])));
-      s = quant::dynamic_scale<W>(block_max(amax));
-      if (threadIdx.x == 0) scales[g * scale_ld + row] = s;
+      float s;
+      if constexpr (Quant::kStaticActivations) {
+        s = *static_scale;
+      } else {  // per token: the row's amax first (the second pass reads the row from cache)
+        float amax = 0.0f;
+        for_each_vector([&](const Vec& v, Index c) { amax = c < last ? fmaxf(amax, amax8(v)) : amax; });
+#pragma unroll
+        for (int d = 16; d > 0; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+        s = quant::dynamic_scale<W>(amax);
+      }
+      for_each_vector([&](const Vec& v, Index c) {
+        if (c < last) store(encode8<Quant, In>(v, s), c, 0, s, !Quant::kStaticActivations && c == 0);
+      });
     }
-    for (Index i = g0 + threadIdx.x; i < g1; i += kQuantizeThreads) dst[i] = Quant::encode(to_float(src[i]), s);
   }
 }
 
-// Launches the quantizer over `num_rows` entries of row_list.
-template <class Quant, class In>
-Status quantize_rows(const In* x, Index k, const Index* row_list, Index num_rows, typename Quant::WeightElement* codes,
-                     float* scales, Index scale_ld, const float* static_scale, bool programmatic, cudaStream_t stream) {
-  if (num_rows == 0) return Status::ok();
-  return cuda::detail::launch_kernel(&quantize_rows_kernel<Quant, In>, static_cast<unsigned>(num_rows), kQuantizeThreads,
-                                     0, stream, programmatic, x, k, row_list, codes, scales, scale_ld, static_scale);
+// Launches the quantizer over `num_entries` entries of `rows`.
+template <class Quant, class Source, class RowMap>
+Status quantize_rows(const Source& src, const RowMap& rows, Index k, Index num_entries,
+                     typename Quant::WeightElement* codes, ScaleLayout scales, const float* static_scale,
+                     bool programmatic, cudaStream_t stream) {
+  if (num_entries == 0) return Status::ok();
+  const Index items = num_entries * quantize_chunks_per_row(quantize_whole_rows<Quant>(), k);
+  const auto blocks = static_cast<unsigned>(std::min<Index>((items + kQuantizeWarps - 1) / kQuantizeWarps, 1 << 20));
+  return cuda::detail::launch_kernel(&quantize_rows_kernel<Quant, Source, RowMap>, blocks, 32 * kQuantizeWarps, 0,
+                                     stream, programmatic, src, rows, k, num_entries, codes, scales, static_scale);
+}
+
+// One fill of per-block scales: out[i] = per_group[i / group_size] * *factor for i < count, a
+// missing per_group or factor reading as 1. Spreads per-tensor scales over the 128x128 blocks the
+// blockwise FP8 GEMM reads.
+struct ScaleFill {
+  const float* per_group = nullptr;
+  Index group_size = 1;
+  const float* factor = nullptr;
+  float* out = nullptr;
+  Index count = 0;
+};
+
+template <int kJobs>
+__global__ void __launch_bounds__(256) fill_scales_kernel(std::array<ScaleFill, kJobs> jobs) {
+  cuda::detail::grid_dependency_wait();
+  cuda::detail::allow_dependents_launch();
+  const ScaleFill& j = jobs[blockIdx.y];
+  const float f = j.factor ? *j.factor : 1.0f;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < j.count;
+       i += static_cast<Index>(gridDim.x) * blockDim.x) {
+    j.out[i] = (j.per_group ? j.per_group[i / j.group_size] : 1.0f) * f;
+  }
+}
+
+template <int kJobs>
+Status fill_scales(const std::array<ScaleFill, kJobs>& jobs, bool programmatic, cudaStream_t stream) {
+  Index most = 0;
+  for (const ScaleFill& j : jobs) most = j.count > most ? j.count : most;
+  const auto blocks = static_cast<unsigned>(std::clamp<Index>((most + 255) / 256, 1, 1024));
+  return cuda::detail::launch_kernel(&fill_scales_kernel<kJobs>, dim3(blocks, kJobs), 256, 0, stream, programmatic, jobs);
 }
 
 }  // namespace moe::cuda::quant_detail

@@ -86,17 +86,21 @@ Status forward(const ForwardRequest& r, std::string_view activation, bool weight
     c.w13_bias = r.w13_bias;
     c.w2_bias = r.w2_bias;
     c.expert_map = r.expert_map;
+    c.w13_scale = r.w13_scale;  // resident scales too
+    c.w2_scale = r.w2_scale;
+    c.a13_scale = r.a13_scale;
+    c.a2_scale = r.a2_scale;
   } else {
     MOE_RETURN_IF_ERROR(to_device(r.w13, "w13", weight_dtype.value_or(dt), w13, &c.w13));
     MOE_RETURN_IF_ERROR(to_device(r.w2, "w2", weight_dtype.value_or(dt), w2, &c.w2));
     MOE_RETURN_IF_ERROR(to_device_optional(r.w13_bias, "w13_bias", dt, b13, &c.w13_bias));
     MOE_RETURN_IF_ERROR(to_device_optional(r.w2_bias, "w2_bias", dt, b2, &c.w2_bias));
     MOE_RETURN_IF_ERROR(to_device_optional(r.expert_map, "expert_map", DType::kI32, map, &c.expert_map));
+    MOE_RETURN_IF_ERROR(to_device_optional(r.w13_scale, "w13_scale", DType::kF32, s13, &c.w13_scale));
+    MOE_RETURN_IF_ERROR(to_device_optional(r.w2_scale, "w2_scale", DType::kF32, s2, &c.w2_scale));
+    MOE_RETURN_IF_ERROR(to_device_optional(r.a13_scale, "a13_scale", DType::kF32, sa13, &c.a13_scale));
+    MOE_RETURN_IF_ERROR(to_device_optional(r.a2_scale, "a2_scale", DType::kF32, sa2, &c.a2_scale));
   }
-  MOE_RETURN_IF_ERROR(to_device_optional(r.w13_scale, "w13_scale", DType::kF32, s13, &c.w13_scale));
-  MOE_RETURN_IF_ERROR(to_device_optional(r.w2_scale, "w2_scale", DType::kF32, s2, &c.w2_scale));
-  MOE_RETURN_IF_ERROR(to_device_optional(r.a13_scale, "a13_scale", DType::kF32, sa13, &c.a13_scale));
-  MOE_RETURN_IF_ERROR(to_device_optional(r.a2_scale, "a2_scale", DType::kF32, sa2, &c.a2_scale));
   const std::size_t out_bytes = static_cast<std::size_t>(c.tokens * c.hidden_size) * (dt == DType::kF32 ? 4 : 2);
   MOE_RETURN_IF_ERROR(out.allocate(out_bytes));
   c.output = out.get();

@@ -386,8 +386,9 @@ Status DeviceLayer::Impl::allocate_workspace() {
 
 Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::unique_ptr<DeviceLayer>* out) {
   if (layer.weight_scheme() != "none") {
-    return unsupported("DeviceLayer: ", layer.weight_scheme(), " weights are not kept resident yet; the per-call CUDA "
-                       "path (MoeLayer::forward with find_cuda_kernel) and the CPU backend run them");
+    return unsupported("DeviceLayer: ", layer.weight_scheme(), " weights are not built into the device-resident layer "
+                       "yet; MoeLayer with make_layer_resident (resident codes and scales, host routing) and the CPU "
+                       "backend run them");
   }
   auto impl = std::make_unique<Impl>();
   Impl& d = *impl;

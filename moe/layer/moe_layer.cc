@@ -658,6 +658,10 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     req.w13_bias = resident_->w13_bias;
     req.w2_bias = resident_->w2_bias;
     req.expert_map = resident_->expert_map;
+    req.w13_scale = resident_->w13_scale;
+    req.w2_scale = resident_->w2_scale;
+    req.a13_scale = resident_->a13_scale;
+    req.a2_scale = resident_->a2_scale;
     req.weights_on_device = true;
   } else {
     req.w13 = w13_.tensor();
@@ -701,7 +705,12 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     sr.top_k = 1;
     sr.w13 = resident_ ? resident_->shared_w13 : shared_w13_.tensor();
     sr.w2 = resident_ ? resident_->shared_w2 : shared_w2_.tensor();
-    if (weight_scheme_ != "none") {
+    if (resident_) {
+      sr.w13_scale = resident_->shared_w13_scale;
+      sr.w2_scale = resident_->shared_w2_scale;
+      sr.a13_scale = resident_->shared_a13_scale;
+      sr.a2_scale = resident_->shared_a2_scale;
+    } else if (weight_scheme_ != "none") {
       sr.w13_scale = shared_w13_scale_.tensor();
       sr.w2_scale = shared_w2_scale_.tensor();
       if (!shared_a13_scale_.shape.empty()) sr.a13_scale = shared_a13_scale_.tensor();
@@ -732,9 +741,9 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
 }
 
 Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
-  if (weight_scheme_ != "none") {
-    return unsupported("make_resident: ", weight_scheme_, " weights are not kept resident yet; the per-call CUDA path "
-                       "(forward with find_cuda_kernel) and the CPU backend run them");
+  {  // the device registry must run this layer's experts (a quantized f32 layer, say, it does not)
+    ForwardFn fn = nullptr;
+    MOE_RETURN_IF_ERROR(device_find({config_.activation, dtype_, config_.weight_on_input, weight_scheme_}, &fn));
   }
   auto r = std::make_shared<Resident>();
   auto put = [&](const void* data, std::size_t bytes, DType dtype, const std::vector<Index>& shape, AnyTensor* out) {
@@ -756,6 +765,21 @@ Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
   if (shared_tp_ > 0) {
     MOE_RETURN_IF_ERROR(put_buffer(shared_w13_, &r->shared_w13));
     MOE_RETURN_IF_ERROR(put_buffer(shared_w2_, &r->shared_w2));
+  }
+  const auto put_scale = [&](const Buffer& b, std::optional<AnyTensor>* out) {
+    return b.shape.empty() ? Status::ok() : put_buffer(b, &out->emplace());
+  };
+  if (weight_scheme_ != "none") {
+    MOE_RETURN_IF_ERROR(put_scale(w13_scale_, &r->w13_scale));
+    MOE_RETURN_IF_ERROR(put_scale(w2_scale_, &r->w2_scale));
+    MOE_RETURN_IF_ERROR(put_scale(a13_scale_, &r->a13_scale));
+    MOE_RETURN_IF_ERROR(put_scale(a2_scale_, &r->a2_scale));
+    if (shared_tp_ > 0) {
+      MOE_RETURN_IF_ERROR(put_scale(shared_w13_scale_, &r->shared_w13_scale));
+      MOE_RETURN_IF_ERROR(put_scale(shared_w2_scale_, &r->shared_w2_scale));
+      MOE_RETURN_IF_ERROR(put_scale(shared_a13_scale_, &r->shared_a13_scale));
+      MOE_RETURN_IF_ERROR(put_scale(shared_a2_scale_, &r->shared_a2_scale));
+    }
   }
   r->find = device_find;
   resident_ = std::move(r);

@@ -55,9 +55,10 @@ class MoeLayer {
   Status forward(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits, Result* out,
                  const cpu::Options& options = {}, KernelFinder find = &find_kernel) const;
 
-  // Copies the weights once with `upload` (device memory, freed with the layer) and runs every
-  // later forward through `device_find` (the CUDA registry) with weights_on_device set; see
-  // moe/layer/cuda_registry.h's make_layer_resident.
+  // Copies the weights once with `upload` (device memory, freed with the layer; quantized codes
+  // with their scales) and runs every later forward through `device_find` (the CUDA registry) with
+  // weights_on_device set; refused with device_find's reason where it has no kernel for the layer.
+  // See moe/layer/cuda_registry.h's make_layer_resident.
   using UploadFn = Status (*)(const void* host, std::size_t bytes, std::shared_ptr<void>* device);
   Status make_resident(UploadFn upload, KernelFinder device_find);
   bool is_resident() const { return resident_ != nullptr; }
@@ -102,6 +103,9 @@ class MoeLayer {
     std::vector<std::shared_ptr<void>> memory;
     AnyTensor w13, w2, shared_w13, shared_w2;
     std::optional<AnyTensor> w13_bias, w2_bias, expert_map;
+    // Quantized schemes: the scales beside the codes (empty where the scheme has none).
+    std::optional<AnyTensor> w13_scale, w2_scale, a13_scale, a2_scale;
+    std::optional<AnyTensor> shared_w13_scale, shared_w2_scale, shared_a13_scale, shared_a2_scale;
     KernelFinder find = nullptr;
   };
   std::shared_ptr<const Resident> resident_;

@@ -46,8 +46,9 @@ struct ForwardRequest {
   ActivationParams activation;
   AnyTensor output;                          // [M, H]
   cpu::Options options;
-  // The CUDA entries only: w13, w2, their biases and expert_map already live in device memory
-  // (a layer made resident); the other tensors are host tensors, copied per call.
+  // The CUDA entries only: w13, w2, their biases, the weight and static activation scales and
+  // expert_map already live in device memory (a layer made resident); the other tensors are host
+  // tensors, copied per call.
   bool weights_on_device = false;
 };
 

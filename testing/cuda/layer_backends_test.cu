@@ -119,6 +119,15 @@ TEST(LayerBackendsQuantized, CudaMatchesCpuOnQuantizedCheckpoints) {
     }
     EXPECT_GT(mag, 0.0);
     EXPECT_LE(std::sqrt(err / mag), 0.02) << "relative RMS difference, format " << static_cast<int>(f);
+    // Resident codes and scales (uploaded once) give the per-call path's bits.
+    moe::layer::MoeLayer resident = layer;
+    const moe::Status rs = moe::layer::make_layer_resident(&resident);
+    ASSERT_TRUE(rs.is_ok()) << rs.to_string();
+    const moe::AnyTensor hidden{x.data(), moe::DType::kF32, {24, spec.hidden}, {}};
+    moe::layer::MoeLayer::Result res;
+    const moe::Status fs = resident.forward(hidden, std::nullopt, &res);
+    ASSERT_TRUE(fs.is_ok()) << fs.to_string();
+    EXPECT_EQ(res.output.bytes, gpu.output.bytes) << "resident vs per-call, format " << static_cast<int>(f);
   }
 }
 

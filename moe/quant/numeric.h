@@ -15,6 +15,7 @@
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #endif
 
 namespace moe {
@@ -122,6 +123,10 @@ struct float8_e4m3 {
     const std::uint8_t sign = static_cast<std::uint8_t>((u >> 24) & 0x80u);
     const std::uint32_t abs = u & 0x7fffffffu;
     if (abs > 0x7f800000u) return static_cast<std::uint8_t>(sign | 0x7fu);  // NaN
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    // cvt.rn.satfinite.e4m3x2.f32: the same round-to-nearest-even and saturation to 448 as below.
+    return static_cast<std::uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
+#else
     if (abs >= 0x43e00000u) return static_cast<std::uint8_t>(sign | 0x7eu);  // >= 448 (inf too): saturate
     if (abs >= 0x3c800000u) {  // normal e4m3 (>= 2^-6): keep 3 of the 23 mantissa bits, round to even
       const std::uint32_t r = abs + 0x7ffffu + ((abs >> 20) & 1u);
@@ -136,6 +141,7 @@ struct float8_e4m3 {
     const float rem = scaled - static_cast<float>(m);
     if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;
     return static_cast<std::uint8_t>(sign | m);
+#endif
   }
   MOE_HOST_DEVICE static float to_float(std::uint8_t b) {
     const std::uint32_t sign = static_cast<std::uint32_t>(b & 0x80u) << 24;

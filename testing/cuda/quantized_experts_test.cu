@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <optional>
@@ -199,6 +200,46 @@ class QuantizedExpertsTest : public ::testing::Test {
     if (major < 9) GTEST_SKIP() << "the W8A8 GEMMs need an sm_90 device (FP8 wgmma)";
   }
 };
+
+__global__ void encode_e4m3_kernel(const float* x, int n, std::uint8_t* out) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) out[i] = moe::float8_e4m3::from_float(x[i]);
+}
+
+// The device's FP8 conversion (the cvt.rn.satfinite instruction) gives the host's bits: every
+// code's value and the midpoints next to it (ties to even), the subnormal range, saturation at
+// and past 448, infinities and NaN, and random magnitudes.
+TEST_F(QuantizedExpertsTest, DeviceFp8ConversionMatchesTheHostBits) {
+  std::vector<float> x;
+  for (int b = 0; b < 256; ++b) {
+    const float v = moe::float8_e4m3::to_float(static_cast<std::uint8_t>(b));
+    if (std::isnan(v)) continue;
+    x.push_back(v);
+    x.push_back(std::nextafter(v, 1e30f));
+    x.push_back(std::nextafter(v, -1e30f));
+    const float next = moe::float8_e4m3::to_float(static_cast<std::uint8_t>(b + 1 < 256 ? b + 1 : b));
+    if (!std::isnan(next)) x.push_back(0.5f * (v + next));
+  }
+  for (const float v : {448.0f, 455.99f, 456.0f, 463.99f, 464.0f, 1e6f, INFINITY, -INFINITY, NAN, 0.0f, -0.0f, 1e-30f,
+                        -1e-30f, 0.0009765625f, 0.00048828125f}) {
+    x.push_back(v);
+  }
+  std::mt19937 gen(3);
+  std::uniform_real_distribution<float> exponent(-14.0f, 10.0f), sign(-1.0f, 1.0f);
+  for (int i = 0; i < 4096; ++i) x.push_back((sign(gen) < 0 ? -1.0f : 1.0f) * std::exp2(exponent(gen)));
+  DeviceBuffer<float> dx(x);
+  DeviceBuffer<std::uint8_t> dout(std::vector<std::uint8_t>(x.size(), 0));
+  const int n = static_cast<int>(x.size());
+  encode_e4m3_kernel<<<(n + 255) / 256, 256>>>(dx.data(), n, dout.data());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<std::uint8_t> got = dout.download();
+  int mismatches = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const std::uint8_t want = moe::float8_e4m3::from_float(x[i]);
+    if (got[i] != want && ++mismatches < 10) ADD_FAILURE() << x[i] << ": device " << int(got[i]) << " host " << int(want);
+  }
+  EXPECT_EQ(mismatches, 0);
+}
 
 // Every tile width (pinned) and the table's choice, with and without K splits, on shapes with
 // ragged blocks: I = 192 and 320 (the gated halves end mid-block; GEMM2's K ends mid-block),

@@ -79,27 +79,33 @@ __device__ __forceinline__ uint2 encode8(const cuda::detail::Vec8<In>& v, float 
 // Where scales are per group or static, each chunk of a row is its own warp's work (a few rows at
 // decode still spread over many warps); a per-token scale needs the whole row in one warp. k is a
 // multiple of 8; rows start 16-byte aligned.
+// Few rows (decode) take one pass per warp instead: a lone warp's dependent instructions, not
+// memory, bound those launches (ncu, qwen3 M = 1: 7-10 µs per quantizer with 1024-column warps).
 constexpr int kQuantizeWarps = 8;
 constexpr int kQuantizeUnroll = 4;
-constexpr Index kQuantizeChunk = kQuantizeUnroll * 8 * 32;  // columns
+constexpr Index kQuantizePass = 8 * 32;  // columns per warp pass
 
 template <class Quant>
 constexpr bool quantize_whole_rows() {
   return Quant::kActScale == quant::ScaleGranularity::kPerToken;
 }
-MOE_HOST_DEVICE Index quantize_chunks_per_row(bool whole_rows, Index k) {
-  return whole_rows ? 1 : (k + kQuantizeChunk - 1) / kQuantizeChunk;
+// Columns per warp: whole rows, one pass while the launch has fewer warps than the GPU holds at
+// once (about 132 SMs x 64), else kQuantizeUnroll passes.
+inline Index quantize_chunk_columns(bool whole_rows, Index entries, Index k) {
+  if (whole_rows) return k;
+  const Index passes = (k + kQuantizePass - 1) / kQuantizePass;
+  return entries * passes < 132 * 64 ? kQuantizePass : kQuantizeUnroll * kQuantizePass;
 }
 template <class Quant, class Source, class RowMap>
 __global__ void __launch_bounds__(32 * kQuantizeWarps)
-    quantize_rows_kernel(Source src, RowMap rows, Index k, Index num_entries, typename Quant::WeightElement* codes,
-                         ScaleLayout out, const float* static_scale) {
+    quantize_rows_kernel(Source src, RowMap rows, Index k, Index num_entries, Index chunk,
+                         typename Quant::WeightElement* codes, ScaleLayout out, const float* static_scale) {
   using W = typename Quant::WeightElement;
   using In = typename Source::Element;
   using Vec = cuda::detail::Vec8<In>;
   constexpr int kUnroll = kQuantizeUnroll;
-  constexpr Index kPass = 8 * 32;  // columns per warp pass
-  const Index chunks = quantize_chunks_per_row(quantize_whole_rows<Quant>(), k);
+  constexpr Index kPass = kQuantizePass;
+  const Index chunks = (k + chunk - 1) / chunk;  // per row
   constexpr bool kGroups = Quant::kActScale == quant::ScaleGranularity::kGroup;
   cuda::detail::grid_dependency_wait();
   cuda::detail::allow_dependents_launch();
@@ -108,8 +114,8 @@ __global__ void __launch_bounds__(32 * kQuantizeWarps)
   const Index warps = static_cast<Index>(gridDim.x) * kQuantizeWarps;
   for (Index item = warp; item < num_entries * chunks; item += warps) {
     const Index entry = item / chunks;
-    const Index first = (item % chunks) * kQuantizeChunk;                  // this warp's columns:
-    const Index last = chunks == 1 ? k : std::min(k, first + kQuantizeChunk);  // [first, last)
+    const Index first = (item % chunks) * chunk;    // this warp's columns:
+    const Index last = std::min(k, first + chunk);  // [first, last)
     const Index row = rows.source(entry);
     if (row < 0) continue;  // the whole warp
     const int fanout = rows.fanout();
@@ -176,10 +182,11 @@ Status quantize_rows(const Source& src, const RowMap& rows, Index k, Index num_e
                      typename Quant::WeightElement* codes, ScaleLayout scales, const float* static_scale,
                      bool programmatic, cudaStream_t stream) {
   if (num_entries == 0) return Status::ok();
-  const Index items = num_entries * quantize_chunks_per_row(quantize_whole_rows<Quant>(), k);
+  const Index chunk = quantize_chunk_columns(quantize_whole_rows<Quant>(), num_entries, k);
+  const Index items = num_entries * ((k + chunk - 1) / chunk);
   const auto blocks = static_cast<unsigned>(std::min<Index>((items + kQuantizeWarps - 1) / kQuantizeWarps, 1 << 20));
   return cuda::detail::launch_kernel(&quantize_rows_kernel<Quant, Source, RowMap>, blocks, 32 * kQuantizeWarps, 0,
-                                     stream, programmatic, src, rows, k, num_entries, codes, scales, static_scale);
+                                     stream, programmatic, src, rows, k, num_entries, chunk, codes, scales, static_scale);
 }
 
 // One fill of per-block scales: out[i] = per_group[i / group_size] * *factor for i < count, a

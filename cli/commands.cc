@@ -397,13 +397,9 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
   layer::MoeLayer l;
   MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l, /*make_resident=*/o.backend != Backend::kCuda || M < 1));
   const Index H = l.config().hidden;
-  if (o.backend == Backend::kCuda && M >= 1) {
-    if (l.weight_scheme() == "none") {  // the layer on the device: graph replays, beside its experts stage alone
-      MOE_RETURN_IF_ERROR(layer::DeviceLayer::create(l, dopt, &dev));
-      return report_device_layer(out, l.config(), *dev, M, o.iterations);
-    }
-    // Quantized weights are not in DeviceLayer yet: resident codes and scales, forwards timed below.
-    MOE_RETURN_IF_ERROR(layer::make_layer_resident(&l));
+  if (o.backend == Backend::kCuda && M >= 1) {  // the layer on the device: graph replays, beside its experts stage alone
+    MOE_RETURN_IF_ERROR(layer::DeviceLayer::create(l, dopt, &dev));
+    return report_device_layer(out, l.config(), *dev, M, o.iterations);
   }
   std::vector<float> x(M * H);
   for (auto& v : x) v = nd(gen);

@@ -81,6 +81,15 @@ struct DeviceLayer::Impl {
   Index H = 0, E_router = 0, L = 0, It = 0, St = 0;
   int k = 1;
   int appended = 0;         // fused shared-expert slots per token
+  // Quantized layers: the scheme's key, the codes' dtype and the scale tensors (moe/quant/w8a8.h
+  // layouts) beside the routed and the shared experts' codes.
+  std::string scheme = "none";
+  DType code_dtype = DType::kBF16;
+  struct Scales {
+    DeviceMemory w13, w2, a13, a2;
+    std::vector<Index> w13_shape, w2_shape;
+  };
+  Scales routed_scales, shared_scales;
   bool shared_apart = false;  // shared expert as a second expert pass
   bool zero_experts_here = false;
   Options options;
@@ -111,9 +120,17 @@ struct DeviceLayer::Impl {
   int slots() const { return k + appended; }
   bool combine() const { return shared_apart || zero_experts_here; }
 
+  // The scale tensors of a quantized call (nothing for unquantized layers).
+  void set_scales(const Scales& s, DeviceExpertsCall* c) const {
+    if (scheme == "none") return;
+    c->w13_scale = AnyTensor{s.w13.get(), DType::kF32, s.w13_shape, {}};
+    c->w2_scale = AnyTensor{s.w2.get(), DType::kF32, s.w2_shape, {}};
+    if (s.a13.get()) c->a13_scale = AnyTensor{s.a13.get(), DType::kF32, {1}, {}};
+    if (s.a2.get()) c->a2_scale = AnyTensor{s.a2.get(), DType::kF32, {1}, {}};
+  }
   DeviceExpertsCall routed_call(const void* x, Index M, const std::int32_t* ids, const float* w, void* out) const {
     DeviceExpertsCall c;
-    c.key = {config.activation, dtype, config.weight_on_input};
+    c.key = {config.activation, dtype, config.weight_on_input, scheme};
     c.activation = config.activation_params;
     c.hidden = x;
     c.tokens = M;
@@ -121,8 +138,9 @@ struct DeviceLayer::Impl {
     c.topk_ids = ids;
     c.topk_weights = w;
     c.top_k = slots();
-    c.w13 = AnyTensor{w13.get(), dtype, w13_shape, {}};
-    c.w2 = AnyTensor{w2.get(), dtype, w2_shape, {}};
+    c.w13 = AnyTensor{w13.get(), code_dtype, w13_shape, {}};
+    c.w2 = AnyTensor{w2.get(), code_dtype, w2_shape, {}};
+    set_scales(routed_scales, &c);
     if (w13_bias.get()) c.w13_bias = AnyTensor{w13_bias.get(), dtype, {L, w13_shape[1]}, {}};
     if (w2_bias.get()) c.w2_bias = AnyTensor{w2_bias.get(), dtype, {L, H}, {}};
     if (expert_map.get()) {
@@ -134,15 +152,16 @@ struct DeviceLayer::Impl {
   }
   DeviceExpertsCall shared_call(const void* x, Index M, const std::int32_t* zeros, const float* gate, void* out) const {
     DeviceExpertsCall c;
-    c.key = {std::string(SiluAndMul::kName), dtype, false};
+    c.key = {std::string(SiluAndMul::kName), dtype, false, scheme};
     c.hidden = x;
     c.tokens = M;
     c.hidden_size = H;
     c.topk_ids = zeros;
     c.topk_weights = gate;
     c.top_k = 1;
-    c.w13 = AnyTensor{shared_w13.get(), dtype, {1, 2 * St, H}, {}};
-    c.w2 = AnyTensor{shared_w2.get(), dtype, {1, H, St}, {}};
+    c.w13 = AnyTensor{shared_w13.get(), code_dtype, {1, 2 * St, H}, {}};
+    c.w2 = AnyTensor{shared_w2.get(), code_dtype, {1, H, St}, {}};
+    set_scales(shared_scales, &c);
     c.output = out;
     c.chunk_tokens = options.max_tokens;
     return c;
@@ -221,6 +240,7 @@ Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, 
   config = c;
   parallel = par;
   dtype = dt;
+  if (scheme == "none") code_dtype = dt;  // unquantized weights are stored like the activations
   options = o;
   H = c.hidden;
   E_router = c.num_experts + c.num_zero_experts;
@@ -241,8 +261,9 @@ Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, 
   // width that is a whole number of routed experts' widths, and the router weight applied at the
   // output (Llama-4's weight on the input is defined for one slot per token only).
   const bool has_shared = St > 0;
+  // Quantized shared experts run apart: their scale blocks need not line up with the routed ones'.
   const bool fusable = has_shared && o.fuse_shared_experts && c.activation == SiluAndMul::kName &&
-                       !c.expert_biases && !c.weight_on_input && It > 0 && St % It == 0;
+                       !c.expert_biases && !c.weight_on_input && It > 0 && St % It == 0 && scheme == "none";
   appended = fusable ? static_cast<int>(St / It) : 0;
   shared_apart = has_shared && !fusable;
   w13_shape = {L + appended, 2 * It, H};
@@ -385,13 +406,29 @@ Status DeviceLayer::Impl::allocate_workspace() {
 }
 
 Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::unique_ptr<DeviceLayer>* out) {
-  if (layer.weight_scheme() != "none") {
-    return unsupported("DeviceLayer: ", layer.weight_scheme(), " weights are not built into the device-resident layer "
-                       "yet; MoeLayer with make_layer_resident (resident codes and scales, host routing) and the CPU "
-                       "backend run them");
-  }
   auto impl = std::make_unique<Impl>();
   Impl& d = *impl;
+  // Quantized layers keep their codes and scales; a scheme the CUDA registry does not build for
+  // this dtype is refused by allocate_workspace's first workspace query, with the reason.
+  d.scheme = layer.weight_scheme();
+  d.code_dtype = layer.w13_.dtype;
+  if (d.scheme != "none") {
+    const auto put_scales = [&](const Buffer& w13s, const Buffer& w2s, const Buffer& a13, const Buffer& a2,
+                                Impl::Scales* s) {
+      MOE_RETURN_IF_ERROR(upload(w13s.bytes.data(), w13s.bytes.size(), &s->w13));
+      MOE_RETURN_IF_ERROR(upload(w2s.bytes.data(), w2s.bytes.size(), &s->w2));
+      s->w13_shape = w13s.shape;
+      s->w2_shape = w2s.shape;
+      if (!a13.shape.empty()) MOE_RETURN_IF_ERROR(upload(a13.bytes.data(), a13.bytes.size(), &s->a13));
+      if (!a2.shape.empty()) MOE_RETURN_IF_ERROR(upload(a2.bytes.data(), a2.bytes.size(), &s->a2));
+      return Status::ok();
+    };
+    MOE_RETURN_IF_ERROR(put_scales(layer.w13_scale_, layer.w2_scale_, layer.a13_scale_, layer.a2_scale_, &d.routed_scales));
+    if (layer.shared_tp_ > 0) {
+      MOE_RETURN_IF_ERROR(put_scales(layer.shared_w13_scale_, layer.shared_w2_scale_, layer.shared_a13_scale_,
+                                     layer.shared_a2_scale_, &d.shared_scales));
+    }
+  }
   MOE_RETURN_IF_ERROR(d.plan(layer.config_, layer.parallel_, layer.dtype_, layer.local_experts_,
                              layer.intermediate_tp_, layer.shared_tp_, options));
   const std::size_t elem = element_bytes(d.dtype);

@@ -158,6 +158,70 @@ TEST(DeviceLayerParallel, ExpertParallelRanksMatchCpu) {
   }
 }
 
+// Quantized checkpoints (DeepSeek-V3 layout, routed and shared experts quantized, I = 192 ragged
+// against the 128 blocks) through the device layer: codes and scales resident, routing on the
+// device, the shared expert apart (its scale blocks need not line up with the routed ones').
+// Against the CPU layer: the same experts, outputs within 2% relative RMS (the FP8 tensor cores'
+// block accumulation; testing/cuda/quantized_experts_test.cu explains it); a graph replay gives
+// the eager bits. An f32 layer is refused with the reason.
+TEST(DeviceLayerQuantized, MatchesCpuLayerOnQuantizedCheckpoints) {
+  MOE_SKIP_WITHOUT_GPU();
+  if (!moe::layer::cuda_device_available()) GTEST_SKIP() << "the device layer needs compute capability 9.x";
+  using moe::testing::quantized::Format;
+  for (const Format f : {Format::kFp8Block, Format::kFp8Channel, Format::kInt8Channel, Format::kFp8TensorStatic}) {
+    SCOPED_TRACE(static_cast<int>(f));
+    moe::testing::QuantizedLayer q;
+    ASSERT_NO_FATAL_FAILURE(moe::testing::load_quantized_layer("device_layer", f, &q));
+    moe::layer::MoeLayer layer;
+    ASSERT_TRUE(moe::layer::MoeLayer::load(q.config, {}, moe::DType::kBF16, q.ckpt, q.prefix, &layer).is_ok());
+    const Index M = 24, H = q.spec.hidden;
+    const moe::layer::Buffer x = random_hidden(moe::DType::kBF16, M, H, 11);
+    moe::layer::MoeLayer::Result cpu, gpu;
+    ASSERT_TRUE(layer.forward(x.tensor(), std::nullopt, &cpu).is_ok());
+    std::unique_ptr<moe::layer::DeviceLayer> dev;
+    const moe::Status cs = moe::layer::DeviceLayer::create(layer, {}, &dev);
+    ASSERT_TRUE(cs.is_ok()) << cs.to_string();
+    EXPECT_FALSE(dev->shared_experts_fused());
+    ASSERT_TRUE(dev->forward_host(x.tensor(), &gpu).is_ok());
+    EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
+    EXPECT_GT(moe::testing::max_abs(floats(cpu.output)), 0.0);
+    EXPECT_LE(moe::testing::relative_rms(floats(gpu.output), floats(cpu.output)), 0.02) << "relative RMS difference";
+
+    // Captured in a graph: no host sync or allocation, replays give the eager bits.
+    const std::size_t bytes = x.bytes.size();
+    moe::testing::DeviceBuffer<std::byte> dx(bytes), dy(bytes);
+    ASSERT_EQ(cudaMemcpy(dx.data(), x.bytes.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    cudaStream_t stream;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    cudaGraph_t graph;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+    const moe::Status captured = dev->forward(moe::AnyTensor{dx.data(), moe::DType::kBF16, {M, H}, {}},
+                                              moe::AnyTensor{dy.data(), moe::DType::kBF16, {M, H}, {}}, stream);
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    ASSERT_TRUE(captured.is_ok()) << captured.to_string();
+    cudaGraphExec_t exec;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    dy.fill_bytes(0xFF);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    std::vector<std::byte> replayed(bytes);
+    ASSERT_EQ(cudaMemcpy(replayed.data(), dy.data(), bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(replayed, gpu.output.bytes);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+
+    if (f == Format::kFp8Block) {  // the 8-bit GEMMs take bf16 or f16 rows
+      moe::layer::MoeLayer f32;
+      ASSERT_TRUE(moe::layer::MoeLayer::load(q.config, {}, moe::DType::kF32, q.ckpt, q.prefix, &f32).is_ok());
+      std::unique_ptr<moe::layer::DeviceLayer> refused;
+      const moe::Status rs = moe::layer::DeviceLayer::create(f32, {}, &refused);
+      ASSERT_FALSE(rs.is_ok());
+      EXPECT_NE(rs.message().find("bf16 or f16"), std::string::npos) << rs.to_string();
+    }
+  }
+}
+
 TEST(DeviceLayerArguments, BadTensorsAreErrorsThatNameThem) {
   MOE_SKIP_WITHOUT_GPU();
   if (!moe::layer::cuda_device_available()) GTEST_SKIP() << "the device layer needs compute capability 9.x";

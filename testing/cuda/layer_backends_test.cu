@@ -89,36 +89,19 @@ TEST(LayerBackendsQuantized, CudaMatchesCpuOnQuantizedCheckpoints) {
   using moe::testing::quantized::Format;
   for (const Format f : {Format::kFp8Block, Format::kFp8Channel, Format::kInt8Channel, Format::kFp8TensorStatic}) {
     SCOPED_TRACE(static_cast<int>(f));
-    moe::io::HfLayerSpec spec;
-    spec.architecture = "DeepseekV3ForCausalLM";
-    spec.hidden = 256;
-    spec.intermediate = 192;  // ragged: 128 + 64
-    spec.num_experts = 8;
-    spec.top_k = 2;
-    spec.n_shared_experts = 1;
-    spec.dtype = moe::DType::kF32;
-    const auto m = moe::testing::quantized::write_fp8_model("cuda_layer_" + std::to_string(static_cast<int>(f)), spec,
-                                                            nullptr, f);
-    moe::layer::ModelConfig config;
-    ASSERT_TRUE(moe::layer::load_model_config(m.fp8_config, &config).is_ok());
-    moe::io::Checkpoint ckpt;
-    ASSERT_TRUE(moe::io::Checkpoint::open({m.fp8_weights}, &ckpt).is_ok());
+    moe::testing::QuantizedLayer q;
+    ASSERT_NO_FATAL_FAILURE(moe::testing::load_quantized_layer("cuda_layer", f, &q));
+    const moe::io::HfLayerSpec& spec = q.spec;
     moe::layer::MoeLayer layer;
-    const moe::Status ls = moe::layer::MoeLayer::load(config, {}, moe::DType::kBF16, ckpt, m.prefix, &layer);
+    const moe::Status ls = moe::layer::MoeLayer::load(q.config, {}, moe::DType::kBF16, q.ckpt, q.prefix, &layer);
     ASSERT_TRUE(ls.is_ok()) << ls.to_string();
     std::vector<float> x;
     moe::layer::MoeLayer::Result cpu, gpu;
     ASSERT_NO_FATAL_FAILURE(forward_on_both(layer, 24, spec.hidden, 7, &x, &cpu, &gpu));
     EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
-    const std::vector<float> c = floats(cpu.output), g = floats(gpu.output);
-    double err = 0, mag = 0;
-    for (std::size_t i = 0; i < c.size(); ++i) {
-      ASSERT_TRUE(std::isfinite(g[i])) << i;
-      err += (g[i] - c[i]) * (g[i] - c[i]);
-      mag += c[i] * c[i];
-    }
-    EXPECT_GT(mag, 0.0);
-    EXPECT_LE(std::sqrt(err / mag), 0.02) << "relative RMS difference, format " << static_cast<int>(f);
+    EXPECT_GT(moe::testing::max_abs(floats(cpu.output)), 0.0);
+    EXPECT_LE(moe::testing::relative_rms(floats(gpu.output), floats(cpu.output)), 0.02)
+        << "relative RMS difference, format " << static_cast<int>(f);
     // Resident codes and scales (uploaded once) give the per-call path's bits.
     moe::layer::MoeLayer resident = layer;
     const moe::Status rs = moe::layer::make_layer_resident(&resident);

@@ -5,13 +5,16 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
 
 #include "moe/io/synthetic_checkpoint.h"
+#include "moe/layer/model_config.h"
 #include "moe/layer/moe_layer.h"
+#include "testing/layer/quantized_checkpoint.h"
 #include "testing/lib/compare.h"
 
 namespace moe::testing {
@@ -48,6 +51,40 @@ inline std::vector<float> floats(const layer::Buffer& b) {
                                      : to_float(reinterpret_cast<const half*>(b.bytes.data())[i]);
   }
   return v;
+}
+
+// A DeepSeek-V3 block (H = 256, I = 192: ragged against the 128-wide scale blocks; 8 experts,
+// top-2, one shared expert), routed and shared experts stored in quantized format `f`, loaded as a
+// layer computing in `dtype` (fatal failures on error: call through ASSERT_NO_FATAL_FAILURE).
+struct QuantizedLayer {
+  io::HfLayerSpec spec;
+  layer::ModelConfig config;
+  io::Checkpoint ckpt;
+  std::string prefix;
+};
+inline void load_quantized_layer(const std::string& tag, quantized::Format f, QuantizedLayer* q) {
+  q->spec.architecture = "DeepseekV3ForCausalLM";
+  q->spec.hidden = 256;
+  q->spec.intermediate = 192;
+  q->spec.num_experts = 8;
+  q->spec.top_k = 2;
+  q->spec.n_shared_experts = 1;
+  q->spec.dtype = DType::kF32;
+  const auto m = quantized::write_fp8_model(tag + "_" + std::to_string(static_cast<int>(f)), q->spec, nullptr, f);
+  q->prefix = m.prefix;
+  ASSERT_TRUE(layer::load_model_config(m.fp8_config, &q->config).is_ok());
+  ASSERT_TRUE(io::Checkpoint::open({m.fp8_weights}, &q->ckpt).is_ok());
+}
+
+// sqrt(sum (got - want)^2 / sum want^2); infinity where `got` has a non-finite value.
+inline double relative_rms(const std::vector<float>& got, const std::vector<float>& want) {
+  double err = 0, mag = 0;
+  for (std::size_t i = 0; i < want.size() && i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    err += (got[i] - want[i]) * (got[i] - want[i]);
+    mag += static_cast<double>(want[i]) * want[i];
+  }
+  return mag > 0 ? std::sqrt(err / mag) : (err > 0 ? INFINITY : 0.0);
 }
 
 // Same rounding points on both backends, GEMM summation order differs (testing/cuda/differential_test.cu).

@@ -228,7 +228,6 @@ class ExpertsStage {
     const auto n = [](Index v) { return static_cast<std::size_t>(std::max<Index>(0, v)); };
     const Index E = w.num_local_experts();
     moe::detail::WorkspaceCarver<256> carver;
-    l.inter = carver.take(n(rows) * n(w.intermediate()) * sizeof(IO));
     l.sm90 = allow_sm90 && sm90_refusal(w) == nullptr;
     if constexpr (kQuantized) {  // codes and activation scales of both GEMMs' inputs
       const Index H = w.hidden(), I = w.intermediate();
@@ -241,6 +240,10 @@ class ExpertsStage {
     }
     std::size_t partial_floats = 0;
     if (l.sm90 && E > 0 && live_rows > 0) partial_floats = plan_sm90(w, l);
+    // The stored intermediate, except where the W8A8 prefill quantizes it straight from GEMM1's
+    // output (run_fp8_block_gemms).
+    const bool fp8_block_prefill = kQuantized && l.sm90 && l.tile == gemm::Sm90Tile::kNormal128x256;
+    l.inter = carver.take(fp8_block_prefill ? 0 : n(rows) * n(w.intermediate()) * sizeof(IO));
     l.partial = carver.take(partial_floats * sizeof(float));
     l.splits_used = carver.take(partial_floats > 0 ? 2 * sizeof(int) : 0);  // GEMM1's, GEMM2's
     // CUTLASS tiles store GEMM1's raw output and need their descriptor workspace; fused swap

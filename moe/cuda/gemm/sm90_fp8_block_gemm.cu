@@ -16,7 +16,7 @@ namespace moe::cuda::gemm {
 namespace sm90_detail {
 namespace {
 
-template <int TM, int TN, int CN, bool Pingpong>
+template <int TM, int TN, int CN>
 struct Fp8BlockGemmT {
   using E4M3 = cutlass::float_e4m3_t;
   using Out = cutlass::bfloat16_t;
@@ -33,16 +33,13 @@ struct Fp8BlockGemmT {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, RowMajor*, kAlignOut, Out, RowMajor*,
-      kAlignOut,
-      std::conditional_t<Pingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
-                         cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>,
+      kAlignOut, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
       cutlass::epilogue::fusion::LinearCombination<Out, float, void>>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, E4M3, cute::tuple<RowMajor*, LayoutSFA*>, kAlignCodes, E4M3,
       cute::tuple<ColumnMajor*, LayoutSFB*>, kAlignCodes, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      std::conditional_t<Pingpong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise,
-                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise>>::CollectiveOp;
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::InternalStrideA;
@@ -53,7 +50,7 @@ struct Fp8BlockGemmT {
 // Of the tiles tried on the H200 (benchmarks/NOTES.md, "FP8 prefill"): 128x128 with clusters of
 // two along N (each A tile multicast to both) was 1-6% faster than single-CTA clusters on the
 // prefill rows; 64x128 ping-pong lost 5-25% at M >= 4096, 256x128 twice as slow (spills).
-using Fp8BlockGemm = Fp8BlockGemmT<128, 128, 2, false>;
+using Fp8BlockGemm = Fp8BlockGemmT<128, 128, 2>;
 
 struct Fp8Descriptors {
   using G = Fp8BlockGemm;

@@ -32,6 +32,7 @@ struct Arguments {
   int top_k = 0;
 
   // Expert weights of the experts on this rank, PyTorch Linear layout ([out, in], K contiguous).
+  // A packing scheme (quant::weight_pack_v > 1, e.g. W4A16) stores K / pack elements per row.
   View<const W, 3> w13;  // [E_local, 2*I, H] gated ([gate; up] or interleaved), [E_local, I, H] otherwise
   View<const W, 3> w2;   // [E_local, H, I]
   std::optional<View<const IO, 2>> w13_bias;  // [E_local, 2*I or I]
@@ -66,7 +67,7 @@ struct Problem {
     Problem p;
     p.num_tokens = a.hidden_states.extent(0);
     p.hidden = a.hidden_states.extent(1);
-    p.intermediate = a.w2.extent(2);
+    p.intermediate = a.w2.extent(2) * quant::weight_pack_v<typename Spec::Quant>;  // codes packed along K
     p.gemm1_width = Spec::kGated ? 2 * p.intermediate : p.intermediate;
     p.num_local_experts = a.w13.extent(0);
     p.num_experts = a.expert_map ? a.expert_map->extent(0) : p.num_local_experts;
@@ -91,10 +92,17 @@ Status validate_shapes(const Arguments<Spec, Space>& a) {
   if (p.hidden < 1) return invalid_argument("hidden_states: expected hidden size H >= 1, got shape ", detail::format_shape(a.hidden_states.extents()));
   if (p.intermediate < 1) return invalid_argument("w2: expected intermediate size I >= 1 in dimension 2, got shape ", detail::format_shape(a.w2.extents()));
   MOE_RETURN_IF_ERROR(detail::expect_shape(a.hidden_states, "hidden_states", std::array<Dim, 2>{{{"M", p.num_tokens}, {"H", p.hidden}}}));
-  MOE_RETURN_IF_ERROR(detail::expect_shape(a.w2, "w2", std::array<Dim, 3>{{{"E_local", p.num_local_experts}, {"H", p.hidden}, {"I", p.intermediate}}}));
+  constexpr Index kPack = quant::weight_pack_v<typename Spec::Quant>;
+  if (p.hidden % kPack != 0) {
+    return invalid_argument("hidden_states: expected a hidden size H divisible by ", kPack, " (", Spec::Quant::kName,
+                            " packs ", kPack, " codes per byte along K), got shape ", detail::format_shape(a.hidden_states.extents()));
+  }
+  const char* const kPerRow = kPack == 1 ? "I" : "I/pack";
+  MOE_RETURN_IF_ERROR(detail::expect_shape(a.w2, "w2", std::array<Dim, 3>{{{"E_local", p.num_local_experts}, {"H", p.hidden}, {kPerRow, p.intermediate / kPack}}}));
   MOE_RETURN_IF_ERROR(detail::expect_shape(
       a.w13, Spec::kGated ? "w13 (gated activation: 2*I rows)" : "w13 (ungated activation: I rows)",
-      std::array<Dim, 3>{{{"E_local", p.num_local_experts}, {Spec::kGated ? "2*I" : "I", p.gemm1_width}, {"H", p.hidden}}}));
+      std::array<Dim, 3>{{{"E_local", p.num_local_experts}, {Spec::kGated ? "2*I" : "I", p.gemm1_width},
+                          {kPack == 1 ? "H" : "H/pack", p.hidden / kPack}}}));
   MOE_RETURN_IF_ERROR(detail::expect_shape(a.w13_bias, "w13_bias", std::array<Dim, 2>{{{"E_local", p.num_local_experts}, {Spec::kGated ? "2*I" : "I", p.gemm1_width}}}));
   MOE_RETURN_IF_ERROR(detail::expect_shape(a.w2_bias, "w2_bias", std::array<Dim, 2>{{{"E_local", p.num_local_experts}, {"H", p.hidden}}}));
   MOE_RETURN_IF_ERROR(detail::expect_shape(a.output, "output", std::array<Dim, 2>{{{"M", p.num_tokens}, {"H", p.hidden}}}));

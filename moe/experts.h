@@ -31,8 +31,10 @@ struct Experts {
                 "moe::Experts: Quant must satisfy moe::quant::QuantScheme (e.g. moe::quant::BF16)");
 
   static_assert(is_storage_float_v<IO_>, "moe::Experts: IO must be float, moe::half or moe::bfloat16");
-  static_assert(Quant_::kQuantized || std::is_same_v<IO_, typename Quant_::WeightElement>,
+  static_assert(Quant_::kQuantized || quant::weight_only_v<Quant_> || std::is_same_v<IO_, typename Quant_::WeightElement>,
                 "moe::Experts: an unquantized scheme's weights are stored in the IO type (quant::None<IO>)");
+  static_assert(!quant::weight_only_v<Quant_> || !std::is_same_v<IO_, float>,
+                "moe::Experts: the weight-only schemes dequantize to bf16 or f16 activations (vLLM's W4A16/W8A16)");
 
   using Activation = Activation_;
   using Quant = Quant_;

@@ -88,8 +88,8 @@ Index prepared_rows(Index chunk, int top_k, Index num_local_experts, const typen
 template <class Experts, class IO, class Space>
 struct ExpertWeights {
   using W = typename Experts::Quant::WeightElement;
-  TensorView<const W, 3, Space> w13;  // [E_local, 2*I (gated) or I, H]
-  TensorView<const W, 3, Space> w2;   // [E_local, H, I]
+  TensorView<const W, 3, Space> w13;  // [E_local, 2*I (gated) or I, H / pack]
+  TensorView<const W, 3, Space> w2;   // [E_local, H, I / pack] (pack: codes per element, quant::weight_pack_v)
   std::optional<TensorView<const IO, 2, Space>> w13_bias;  // [E_local, 2*I or I]
   std::optional<TensorView<const IO, 2, Space>> w2_bias;   // [E_local, H]
   typename Experts::Activation::Arguments activation{};
@@ -97,7 +97,7 @@ struct ExpertWeights {
 
   Index num_local_experts() const { return w13.extent(0); }
   Index hidden() const { return w2.extent(1); }
-  Index intermediate() const { return w2.extent(2); }
+  Index intermediate() const { return w2.extent(2) * quant::weight_pack_v<typename Experts::Quant>; }
 };
 
 // Rows grouped by local expert, in the backend's memory (device memory for CUDA, including the
@@ -122,8 +122,14 @@ Status validate_expert_rows(const ExpertWeights<Experts, IO, Space>& w, const Ex
   const Index N1 = Experts::kGated ? 2 * I : I;
   if (E < 1) return invalid_argument("w13: expected at least one local expert, got shape ", detail::format_shape(w.w13.extents()));
   if (H < 1 || I < 1) return invalid_argument("w2: expected H >= 1 and I >= 1, got shape ", detail::format_shape(w.w2.extents()));
+  constexpr Index kPack = quant::weight_pack_v<typename Experts::Quant>;
+  if (H % kPack != 0) {
+    return invalid_argument("w2: expected a hidden size H divisible by ", kPack, " (", Experts::Quant::kName,
+                            " packs ", kPack, " codes per byte along K), got shape ", detail::format_shape(w.w2.extents()));
+  }
   MOE_RETURN_IF_ERROR(detail::expect_shape(w.w13, Experts::kGated ? "w13 (gated activation: 2*I rows)" : "w13 (ungated activation: I rows)",
-                                           std::array<Dim, 3>{{{"E_local", E}, {Experts::kGated ? "2*I" : "I", N1}, {"H", H}}}));
+                                           std::array<Dim, 3>{{{"E_local", E}, {Experts::kGated ? "2*I" : "I", N1},
+                                                               {kPack == 1 ? "H" : "H/pack", H / kPack}}}));
   MOE_RETURN_IF_ERROR(detail::expect_shape(w.w13_bias, "w13_bias", std::array<Dim, 2>{{{"E_local", E}, {Experts::kGated ? "2*I" : "I", N1}}}));
   MOE_RETURN_IF_ERROR(detail::expect_shape(w.w2_bias, "w2_bias", std::array<Dim, 2>{{{"E_local", E}, {"H", H}}}));
   const Index R = r.input.extent(0);

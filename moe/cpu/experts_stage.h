@@ -20,6 +20,7 @@
 #include "moe/epilogue.h"
 #include "moe/experts.h"
 #include "moe/quant/w8a8.h"
+#include "moe/quant/weight_only.h"
 #include "moe/stages.h"
 #include "moe/tensor.h"
 
@@ -112,8 +113,8 @@ struct ExpertsStage {
     if (p.w13_bias) convert_to_float<ElementIO>(HostView<const ElementIO, 2>((*p.w13_bias)[e].data(), {1, N1}), bias13);
     if (p.w2_bias) convert_to_float<ElementIO>(HostView<const ElementIO, 2>((*p.w2_bias)[e].data(), {1, H}), bias2);
 
-    ConstStridedMap w13 = weights(p.w13[e], panel13);
-    ConstStridedMap w2 = weights(p.w2[e], panel2);
+    ConstStridedMap w13 = weights(p, p.w13[e], H, e, true, panel13);
+    ConstStridedMap w2 = weights(p, p.w2[e], I, e, false, panel2);
     ::Eigen::Map<const MatrixRM> a(input + begin * H, n, H);
 
     // GEMM1 + epilogue 1.
@@ -355,8 +356,30 @@ struct ExpertsStage {
     return 2 * p.hidden + 2 * std::max(p.gemm1_width, p.hidden) + 2 * p.intermediate + 2;
   }
 
-  // The expert's weight matrix as float: mapped in place for float storage, else dequantized into
-  // the thread's panel.
+  // Expert e's weight matrix of GEMM1 (`first`) or GEMM2, with reduction length k, as float:
+  // mapped in place for float storage, else dequantized into the thread's panel (weight-only
+  // schemes: per group, moe/quant/weight_only.h).
+  static ConstStridedMap weights(const Params& p, HostView<const W, 2> w, Index k, Index e, bool first, float* panel) {
+    if constexpr (quant::weight_only_v<Quant>) {
+      const HostView<const float, 2> scale = first ? p.quant.w13_scale[e] : p.quant.w2_scale[e];
+      const auto& zeros = first ? p.quant.w13_zero : p.quant.w2_zero;
+      const Index group = p.quant.group_size > 0 ? p.quant.group_size : k;
+      for (Index r = 0; r < w.extent(0); ++r) {
+        const std::uint8_t* src = &w(r, 0);
+        float* dst = panel + r * k;
+        for (Index g = 0; g * group < k; ++g) {
+          const unsigned zero = zeros ? (*zeros)(e, r, g) : Quant::kDefaultZero;
+          const float s = scale(r, g);
+          for (Index c = g * group; c < std::min(k, (g + 1) * group); ++c) {
+            dst[c] = Quant::template dequantize<ElementIO>(Quant::code(src, c), zero, s);
+          }
+        }
+      }
+      return ConstStridedMap(panel, w.extent(0), k, ::Eigen::OuterStride<>(k));
+    } else {
+      return weights(w, panel);
+    }
+  }
   static ConstStridedMap weights(HostView<const W, 2> w, float* panel) {
     if constexpr (kConvertWeights) {
       for (Index r = 0; r < w.extent(0); ++r) {

@@ -13,7 +13,10 @@
 //   Arguments<Space>     the scale tensors it adds to a forward's arguments, with
 //                        validate(E, N1, H, I) naming a tensor whose shape is wrong
 //   dequantize_weight    the stored weight as the float the GEMM multiplies (before scales)
-// Both backends implement the same arithmetic, written out in moe/quant/w8a8.h.
+// A weight-only scheme (moe/quant/weight_only.h) declares instead
+//   kWeightOnly = true   integer codes dequantized per group to the IO type; activations as they are
+//   kPack                codes per stored element along K (2: two 4-bit codes per byte)
+// Both backends implement the same arithmetic, written out in moe/quant/w8a8.h and weight_only.h.
 #pragma once
 
 #include <concepts>
@@ -45,9 +48,23 @@ concept QuantScheme = requires {
   { Q::kQuantized } -> std::convertible_to<bool>;
   { Q::kActScale } -> std::convertible_to<ScaleGranularity>;
   { Q::kWeightScale } -> std::convertible_to<ScaleGranularity>;
-} && requires(typename Q::WeightElement w, const typename Q::template Arguments<HostSpace>& a, Index n) {
-  { Q::dequantize_weight(w) } -> std::convertible_to<float>;
+} && requires(const typename Q::template Arguments<HostSpace>& a, Index n) {
   { a.validate(n, n, n, n) } -> std::same_as<Status>;
-};
+} && (requires { requires Q::kWeightOnly; } || requires(typename Q::WeightElement w) {
+  { Q::dequantize_weight(w) } -> std::convertible_to<float>;
+});
+
+// Whether Q stores integer codes dequantized per group (activations unquantized).
+template <class Q>
+inline constexpr bool weight_only_v = [] {
+  if constexpr (requires { Q::kWeightOnly; }) return static_cast<bool>(Q::kWeightOnly);
+  else return false;
+}();
+// Codes per stored weight element along K (the stored tensors are [.., N, K / pack]).
+template <class Q>
+inline constexpr Index weight_pack_v = [] {
+  if constexpr (requires { Q::kPack; }) return static_cast<Index>(Q::kPack);
+  else return Index{1};
+}();
 
 }  // namespace moe::quant

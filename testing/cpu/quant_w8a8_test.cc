@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "moe/cpu/kernel.h"
+#include "testing/lib/compare.h"
 #include "moe/quant/w8a8.h"
 
 namespace moe {
@@ -321,19 +322,7 @@ void expect_matches_reference(const Problem& p, std::uint32_t seed) {
   QuantCase<Q> c(p, seed);
   const Status s = c.run();
   ASSERT_TRUE(s.is_ok()) << s.to_string();
-  const std::vector<float> ref = c.reference();
-  double max_ref = 0, sum_ref = 0, sum_err = 0, max_err = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    const double o = to_float(c.out[i]);
-    ASSERT_TRUE(std::isfinite(o)) << "element " << i;
-    max_ref = std::max(max_ref, std::fabs(double(ref[i])));
-    sum_ref += std::fabs(ref[i]);
-    sum_err += std::fabs(o - ref[i]);
-    max_err = std::max(max_err, std::fabs(o - ref[i]));
-  }
-  EXPECT_GT(max_ref, 0.0);
-  EXPECT_LE(max_err, 0.02 * max_ref) << Q::kName;
-  EXPECT_LE(sum_err, 0.003 * sum_ref) << Q::kName << " mean error " << sum_err / ref.size();
+  EXPECT_TRUE(testing::close_in_max_and_mean(c.out, c.reference(), 0.02, 0.003)) << Q::kName;
 }
 
 TEST(W8A8, Fp8BlockScaledMatchesTheReference) {

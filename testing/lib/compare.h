@@ -45,6 +45,32 @@ template <class A, class B>
   return ::testing::AssertionSuccess();
 }
 
+// The error bounds of a quantized forward against its reference: every element finite, the largest
+// error at most max_frac of the largest |reference|, and the summed error at most mean_frac of the
+// summed |reference| (the mean error relative to the mean magnitude).
+template <class A>
+::testing::AssertionResult close_in_max_and_mean(const std::vector<A>& actual, const std::vector<float>& expected,
+                                                 double max_frac, double mean_frac) {
+  if (actual.size() != expected.size()) {
+    return ::testing::AssertionFailure() << "size " << actual.size() << " != " << expected.size();
+  }
+  double max_ref = 0, sum_ref = 0, sum_err = 0, max_err = 0;
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    const double o = moe::to_float(actual[i]);
+    if (!std::isfinite(o)) return ::testing::AssertionFailure() << "element " << i << " is " << o;
+    max_ref = std::max(max_ref, std::abs(static_cast<double>(expected[i])));
+    sum_ref += std::abs(expected[i]);
+    sum_err += std::abs(o - expected[i]);
+    max_err = std::max(max_err, std::abs(o - expected[i]));
+  }
+  if (max_ref == 0) return ::testing::AssertionFailure() << "the reference is all zeros";
+  if (max_err > max_frac * max_ref || sum_err > mean_frac * sum_ref) {
+    return ::testing::AssertionFailure() << "max error " << max_err << " (bound " << max_frac * max_ref
+                                         << "), summed error " << sum_err << " (bound " << mean_frac * sum_ref << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
 // Every element equal (operator==); reports how many differ and the first mismatch.
 template <class A>
 ::testing::AssertionResult ExactlyEqual(const std::vector<A>& got, const std::vector<A>& want) {

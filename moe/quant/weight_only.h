@@ -1,0 +1,111 @@
+// Weight-only integer schemes (W4A16, W8A16): weights stored as unsigned integer codes with a
+// scale (and optionally a zero point) per output row and group of `group_size` K elements;
+// activations stay in the IO type (bf16, f16). vLLM's `moe_wna16` layout
+// (../shared/reference/vllm-semantics.md, section 3):
+//
+//   w13 [E, N1, H / kPack] uint8, w2 [E, H, I / kPack] uint8   codes along K; 4-bit: two per byte,
+//                                                               the low nibble the even k
+//   w13_scale [E, N1, ceil(H / G)], w2_scale [E, H, ceil(I / G)] float, G = group_size
+//                                                               (0: one group over the whole K)
+//   w13_zero, w2_zero (optional) uint8, the scales' shapes     one code per (row, group), unpacked
+//                                                               (the loaders unpack GPTQ/AWQ's)
+//
+// The arithmetic, the same on every backend (and in the tests' independent reference):
+//   s_io = IO(scale)          the scale in the activation dtype, as vLLM keeps it
+//   w    = IO(float(q - z) * s_io)   z = the zero point, or kDefaultZero (8 for 4-bit, 128 for 8-bit)
+//   then the unquantized GEMM: products of IO values accumulated in float.
+// A K that is not a multiple of G has a shorter last group (exact). Only the low kBits bits of a
+// zero point are read (a packed format carries no more).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "moe/quant/numeric.h"
+#include "moe/quant/scheme.h"
+#include "moe/status.h"
+#include "moe/tensor.h"
+
+namespace moe::quant {
+
+template <int Bits>
+struct WeightOnlyInt {
+  static_assert(Bits == 4 || Bits == 8, "moe::quant::WeightOnlyInt: 4- or 8-bit codes");
+  using WeightElement = std::uint8_t;  // one byte: two 4-bit codes or one 8-bit code
+  using DefaultIO = bfloat16;
+  static constexpr int kBits = Bits;
+  static constexpr Index kPack = 8 / Bits;  // codes per stored byte, along K
+  static constexpr unsigned kCodeMask = (1u << Bits) - 1;
+  static constexpr unsigned kDefaultZero = 1u << (Bits - 1);  // 8 or 128, as vLLM
+  static constexpr bool kQuantized = false;  // activations are not quantized
+  static constexpr bool kWeightOnly = true;
+  static constexpr ScaleGranularity kWeightScale = ScaleGranularity::kGroup;
+  static constexpr ScaleGranularity kActScale = ScaleGranularity::kNone;
+  static constexpr std::string_view kName = Bits == 4 ? "w4a16" : "w8a16";
+
+  // Code of K element k of a row of stored bytes.
+  MOE_HOST_DEVICE static unsigned code(const std::uint8_t* row, Index k) {
+    if constexpr (Bits == 4) return (row[k / 2] >> (4 * (k % 2))) & 0xFu;
+    else return row[k];
+  }
+  // Groups along a reduction of length k (group_size 0: one).
+  static constexpr Index groups(Index k, Index group_size) {
+    return group_size > 0 ? (k + group_size - 1) / group_size : (k > 0 ? 1 : 0);
+  }
+  // The dequantized weight, as a float holding an IO value.
+  template <class IO>
+  MOE_HOST_DEVICE static float dequantize(unsigned q, unsigned zero, float scale) {
+    const float s = to_float(from_float<IO>(scale));
+    return to_float(from_float<IO>(static_cast<float>(static_cast<int>(q) - static_cast<int>(zero & kCodeMask)) * s));
+  }
+
+  template <class Space>
+  struct Arguments {
+    TensorView<const float, 3, Space> w13_scale;  // [E, N1, groups(H)]
+    TensorView<const float, 3, Space> w2_scale;   // [E, H, groups(I)]
+    std::optional<TensorView<const std::uint8_t, 3, Space>> w13_zero, w2_zero;  // the scales' shapes
+    Index group_size = 128;  // K elements per scale; 0: per channel (one group over K)
+
+    // The shapes against a forward's sizes; an error names the tensor, the expected and the
+    // actual shape. (The packed weights' shapes are checked with the weights.)
+    Status validate(Index E, Index N1, Index H, Index I) const {
+      if (group_size < 0 || (group_size > 0 && group_size % 32 != 0)) {
+        return invalid_argument("quant.group_size: expected 0 (per channel) or a positive multiple of 32, got ", group_size);
+      }
+      const std::array<Index, 3> s13{E, N1, groups(H, group_size)}, s2{E, H, groups(I, group_size)};
+      MOE_RETURN_IF_ERROR(check("quant.w13_scale", w13_scale, s13));
+      MOE_RETURN_IF_ERROR(check("quant.w2_scale", w2_scale, s2));
+      if (w13_zero.has_value() != w2_zero.has_value()) {
+        return invalid_argument(w13_zero ? "quant.w2_zero" : "quant.w13_zero",
+                                ": zero points are given for both GEMMs or for neither");
+      }
+      if (w13_zero) {
+        MOE_RETURN_IF_ERROR(check("quant.w13_zero", *w13_zero, s13));
+        MOE_RETURN_IF_ERROR(check("quant.w2_zero", *w2_zero, s2));
+      }
+      return Status::ok();
+    }
+
+   private:
+    template <class T>
+    static Status check(const char* name, const TensorView<const T, 3, Space>& v, const std::array<Index, 3>& expect) {
+      if (v.data() == nullptr && expect[0] * expect[1] * expect[2] > 0) {
+        return invalid_argument(name, ": required, expected shape ", detail::format_shape(expect), ", not given");
+      }
+      if (v.extents() != expect) {
+        return invalid_argument(name, ": expected shape ", detail::format_shape(expect), ", got ", detail::format_shape(v.extents()));
+      }
+      if (!v.is_contiguous()) return invalid_argument(name, ": expected a contiguous tensor");
+      return Status::ok();
+    }
+  };
+};
+
+using W4A16 = WeightOnlyInt<4>;
+using W8A16 = WeightOnlyInt<8>;
+
+static_assert(QuantScheme<W4A16>);
+static_assert(QuantScheme<W8A16>);
+
+}  // namespace moe::quant

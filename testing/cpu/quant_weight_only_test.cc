@@ -1,0 +1,282 @@
+// The weight-only schemes (moe/quant/weight_only.h: W4A16, W8A16) on the CPU backend, against a
+// reference written here: its own group quantizer (symmetric around the default zero point, or
+// asymmetric with zero points), its own nibble packing, its own dequantization, and the GEMMs in
+// double. Weights change magnitude by powers of two across rows and groups, so a scale or zero
+// point read from the wrong row, group or expert fails the comparison.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moe/cpu/kernel.h"
+#include "testing/lib/compare.h"
+#include "moe/quant/weight_only.h"
+
+namespace moe {
+namespace {
+
+struct Problem {
+  Index M = 23, E = 5, H = 200, I = 192;  // H = 200: a last group shorter than 64 or 128
+  int top_k = 2;
+  Index group = 64;  // 0: per channel
+  bool zero_points = true;
+};
+
+template <class Q, class IO>
+using SpecOf = Spec<routing::Precomputed, StandardPrepareFinalize<>, Experts<SiluAndMul, Q, IO>>;
+
+// The test's own quantized checkpoint of weights [E, N, K]: codes, packed bytes, scales, zeros.
+template <int Bits>
+struct QuantizedMatrix {
+  std::vector<unsigned> codes;       // [E, N, K] unpacked
+  std::vector<std::uint8_t> packed;  // [E, N, K * Bits / 8]
+  std::vector<float> scales;         // [E, N, groups]
+  std::vector<std::uint8_t> zeros;   // [E, N, groups] (zero-point variant)
+  Index groups = 0;
+};
+
+template <int Bits>
+QuantizedMatrix<Bits> quantize(Index E, Index N, Index K, Index group, bool zero_points, std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> d(0.0, 0.05);
+  const Index G = group > 0 ? group : K, qmax = (1 << Bits) - 1, half = 1 << (Bits - 1);
+  QuantizedMatrix<Bits> q;
+  q.groups = (K + G - 1) / G;
+  q.codes.resize(static_cast<std::size_t>(E * N * K));
+  q.scales.resize(static_cast<std::size_t>(E * N * q.groups));
+  q.zeros.resize(q.scales.size());
+  for (Index e = 0; e < E; ++e) {
+    for (Index n = 0; n < N; ++n) {
+      for (Index g = 0; g < q.groups; ++g) {
+        const Index k0 = g * G, k1 = std::min(K, k0 + G);
+        std::vector<double> w;
+        const double mag = std::ldexp(1.0, static_cast<int>((n / 16 + g + e) % 5));
+        // An offset per group exercises the zero points (symmetric groups stay centred).
+        const double offset = zero_points ? 0.03 * mag * static_cast<double>((n + g) % 3) : 0.0;
+        for (Index k = k0; k < k1; ++k) w.push_back(d(gen) * mag + offset);
+        const auto [lo, hi] = std::minmax_element(w.begin(), w.end());
+        double s = 0;
+        Index z = half;
+        if (zero_points) {
+          s = std::max(*hi - *lo, 1e-6) / static_cast<double>(qmax);
+          z = std::clamp<Index>(static_cast<Index>(std::lround(-*lo / s)), 0, qmax);
+        } else {
+          s = std::max(std::fabs(*lo), std::fabs(*hi)) / static_cast<double>(half - 1);
+        }
+        const std::size_t si = static_cast<std::size_t>((e * N + n) * q.groups + g);
+        q.scales[si] = static_cast<float>(s);
+        q.zeros[si] = static_cast<std::uint8_t>(z);
+        for (Index k = k0; k < k1; ++k) {
+          q.codes[(e * N + n) * K + k] =
+              static_cast<unsigned>(std::clamp<Index>(std::lround(w[k - k0] / s) + z, 0, qmax));
+        }
+      }
+    }
+  }
+  // Pack along K: 4-bit codes two per byte, the even k in the low nibble.
+  const Index per_byte = 8 / Bits;
+  q.packed.assign(static_cast<std::size_t>(E * N * K / per_byte), 0);
+  for (Index i = 0; i < E * N * K; ++i) {
+    q.packed[i / per_byte] |= static_cast<std::uint8_t>(q.codes[i] << (Bits * (i % per_byte)));
+  }
+  return q;
+}
+
+template <class Q, class IO>
+struct WeightOnlyCase {
+  static constexpr int kBits = Q::kBits;
+  Problem p;
+  std::vector<IO> hidden, out;
+  std::vector<std::int32_t> ids;
+  std::vector<float> weights;
+  QuantizedMatrix<kBits> w13, w2;
+
+  explicit WeightOnlyCase(Problem pr, std::uint32_t seed = 1) : p(pr) {
+    std::mt19937 gen(seed);
+    std::normal_distribution<float> d(0.0f, 1.0f);
+    for (Index i = 0; i < p.M * p.H; ++i) hidden.push_back(from_float<IO>(d(gen)));
+    std::vector<int> perm(static_cast<std::size_t>(p.E));
+    for (Index m = 0; m < p.M; ++m) {
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), gen);
+      float sum = 0;
+      for (int j = 0; j < p.top_k; ++j) {
+        ids.push_back(perm[j]);
+        weights.push_back(0.2f + std::uniform_real_distribution<float>(0, 1)(gen));
+        sum += weights.back();
+      }
+      for (int j = 0; j < p.top_k; ++j) weights[weights.size() - 1 - j] /= sum;
+    }
+    w13 = quantize<kBits>(p.E, 2 * p.I, p.H, p.group, p.zero_points, seed + 1);
+    w2 = quantize<kBits>(p.E, p.H, p.I, p.group, p.zero_points, seed + 2);
+    out.assign(hidden.size(), from_float<IO>(-7.0f));
+  }
+
+  using K = Kernel<SpecOf<Q, IO>, cpu::Eigen>;
+  typename K::Arguments arguments() {
+    typename K::Arguments a;
+    a.hidden_states = HostView<const IO, 2>(hidden.data(), {p.M, p.H});
+    a.topk_ids = HostView<const std::int32_t, 2>(ids.data(), {p.M, p.top_k});
+    a.topk_weights = HostView<const float, 2>(weights.data(), {p.M, p.top_k});
+    a.top_k = p.top_k;
+    const Index pack = 8 / kBits;
+    a.w13 = HostView<const std::uint8_t, 3>(w13.packed.data(), {p.E, 2 * p.I, p.H / pack});
+    a.w2 = HostView<const std::uint8_t, 3>(w2.packed.data(), {p.E, p.H, p.I / pack});
+    a.quant.group_size = p.group;
+    a.quant.w13_scale = HostView<const float, 3>(w13.scales.data(), {p.E, 2 * p.I, w13.groups});
+    a.quant.w2_scale = HostView<const float, 3>(w2.scales.data(), {p.E, p.H, w2.groups});
+    if (p.zero_points) {
+      a.quant.w13_zero = HostView<const std::uint8_t, 3>(w13.zeros.data(), {p.E, 2 * p.I, w13.groups});
+      a.quant.w2_zero = HostView<const std::uint8_t, 3>(w2.zeros.data(), {p.E, p.H, w2.groups});
+    }
+    a.output = HostView<IO, 2>(out.data(), {p.M, p.H});
+    return a;
+  }
+
+  Status run() {
+    cpu::Options o;
+    o.chunk_tokens = 9;  // several chunks
+    o.row_block = 4;     // several blocks per expert, and the one-row path
+    return K(o).run(arguments());
+  }
+
+  // Expert e's dequantized matrix [N, K]: IO(float(q - z) * IO(scale)), computed here.
+  std::vector<double> dequantized(const QuantizedMatrix<kBits>& m, Index e, Index N, Index Kdim) const {
+    const Index G = p.group > 0 ? p.group : Kdim;
+    std::vector<double> w(static_cast<std::size_t>(N * Kdim));
+    for (Index n = 0; n < N; ++n) {
+      for (Index k = 0; k < Kdim; ++k) {
+        const std::size_t si = static_cast<std::size_t>((e * N + n) * m.groups + k / G);
+        const int z = p.zero_points ? m.zeros[si] : (1 << (kBits - 1));
+        const float s = to_float(from_float<IO>(m.scales[si]));
+        const int q = static_cast<int>(m.codes[(e * N + n) * Kdim + k]);
+        w[n * Kdim + k] = to_float(from_float<IO>(static_cast<float>(q - z) * s));
+      }
+    }
+    return w;
+  }
+
+  // The reference forward: per slot GEMM1 rounded to IO, SiLU(gate) * up rounded to IO, GEMM2,
+  // x weight, rounded to IO; the slots summed in float and rounded.
+  std::vector<float> reference() const {
+    std::vector<std::vector<double>> d13, d2;
+    for (Index e = 0; e < p.E; ++e) {
+      d13.push_back(dequantized(w13, e, 2 * p.I, p.H));
+      d2.push_back(dequantized(w2, e, p.H, p.I));
+    }
+    const auto round = [](double v) { return static_cast<double>(to_float(from_float<IO>(static_cast<float>(v)))); };
+    std::vector<float> ref(static_cast<std::size_t>(p.M * p.H));
+    for (Index m = 0; m < p.M; ++m) {
+      std::vector<float> acc(static_cast<std::size_t>(p.H), 0.0f);
+      for (int j = 0; j < p.top_k; ++j) {
+        const Index e = ids[m * p.top_k + j];
+        std::vector<double> inter(static_cast<std::size_t>(p.I));
+        for (Index i = 0; i < p.I; ++i) {
+          double gate = 0, up = 0;
+          for (Index k = 0; k < p.H; ++k) {
+            const double x = to_float(hidden[m * p.H + k]);
+            gate += x * d13[e][i * p.H + k];
+            up += x * d13[e][(p.I + i) * p.H + k];
+          }
+          gate = round(gate);
+          up = round(up);
+          inter[i] = round(gate / (1.0 + std::exp(-gate)) * up);
+        }
+        for (Index h = 0; h < p.H; ++h) {
+          double y = 0;
+          for (Index i = 0; i < p.I; ++i) y += inter[i] * d2[e][h * p.I + i];
+          acc[h] += static_cast<float>(round(round(y) * weights[m * p.top_k + j]));
+        }
+      }
+      for (Index h = 0; h < p.H; ++h) ref[m * p.H + h] = static_cast<float>(round(acc[h]));
+    }
+    return ref;
+  }
+};
+
+// Tolerance: the dequantized weights are the same values on both sides; only the sums differ
+// (fp32 in Eigen's order against double), so an intermediate value can round to the neighbouring
+// IO value. Such flips are rare: the bound is 1% of the largest output and the mean error 0.2% of
+// the mean magnitude. A scale from the wrong group is off by 2-16x, a wrong zero point or nibble
+// order by whole codes, and both break the bounds by far.
+template <class Q, class IO = bfloat16>
+void expect_matches_reference(const Problem& p, std::uint32_t seed) {
+  WeightOnlyCase<Q, IO> c(p, seed);
+  const Status s = c.run();
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  EXPECT_TRUE(testing::close_in_max_and_mean(c.out, c.reference(), 0.01, 0.002)) << Q::kName << " group " << p.group;
+}
+
+TEST(WeightOnly, W4A16GroupsWithAndWithoutZeroPointsMatchTheReference) {
+  expect_matches_reference<quant::W4A16>(Problem{}, 3);                               // group 64, zero points
+  expect_matches_reference<quant::W4A16>(Problem{23, 5, 200, 192, 2, 128, false}, 4);  // group 128, default zero
+  expect_matches_reference<quant::W4A16>(Problem{9, 3, 96, 64, 3, 32, true}, 5);      // group 32
+  expect_matches_reference<quant::W4A16>(Problem{9, 4, 96, 80, 2, 0, false}, 6);      // per channel
+  expect_matches_reference<quant::W4A16, half>(Problem{9, 4, 128, 96, 2, 32, true}, 7);  // f16 activations
+}
+
+TEST(WeightOnly, W8A16MatchesTheReference) {
+  expect_matches_reference<quant::W8A16>(Problem{}, 8);
+  expect_matches_reference<quant::W8A16>(Problem{9, 3, 96, 64, 3, 0, false}, 9);
+}
+
+// A 4-bit checkpoint whose nibbles are swapped (the odd k in the low nibble) is a different matrix:
+// the forward's output differs, so a packing-order bug cannot pass the comparison above by symmetry.
+TEST(WeightOnly, NibbleOrderMatters) {
+  WeightOnlyCase<quant::W4A16, bfloat16> c(Problem{}, 12);
+  ASSERT_TRUE(c.run().is_ok());
+  const std::vector<bfloat16> straight = c.out;
+  for (auto& b : c.w13.packed) b = static_cast<std::uint8_t>((b >> 4) | (b << 4));
+  ASSERT_TRUE(c.run().is_ok());
+  int differ = 0;
+  for (std::size_t i = 0; i < straight.size(); ++i) differ += to_float(straight[i]) != to_float(c.out[i]);
+  EXPECT_GT(differ, static_cast<int>(straight.size()) / 2);
+}
+
+// Bad shapes and sizes are errors naming the argument, with the output untouched.
+TEST(WeightOnly, BadArgumentsAreNamedAndWriteNothing) {
+  using Q = quant::W4A16;
+  WeightOnlyCase<Q, bfloat16> c(Problem{});  // E 5, H 200, I 192, group 64: w13 [5, 384, 100], scales [5, 384, 4]
+  std::vector<float> big(1 << 20, 1.0f);
+  std::vector<std::uint8_t> bytes(1 << 20, 0);
+  const auto expect_error = [&](auto edit, std::initializer_list<std::string> parts) {
+    auto a = c.arguments();
+    edit(a);
+    const Status s = typename WeightOnlyCase<Q, bfloat16>::K().run(a);
+    ASSERT_FALSE(s.is_ok());
+    for (const std::string& part : parts) EXPECT_NE(s.message().find(part), std::string::npos) << s.to_string();
+    for (const bfloat16& v : c.out) ASSERT_EQ(to_float(v), -7.0f) << "output written on error";
+  };
+  expect_error([&](auto& a) { a.quant.w13_scale = HostView<const float, 3>(big.data(), {5, 384, 3}); },
+               {"quant.w13_scale", "[5, 384, 4]", "[5, 384, 3]"});
+  expect_error([&](auto& a) { a.quant.w2_scale = HostView<const float, 3>(big.data(), {5, 200, 4}); },
+               {"quant.w2_scale", "[5, 200, 3]", "[5, 200, 4]"});
+  expect_error([&](auto& a) { a.quant.w13_scale = HostView<const float, 3>(); }, {"quant.w13_scale", "not given"});
+  expect_error([&](auto& a) { a.quant.w2_zero.reset(); }, {"quant.w2_zero", "both GEMMs"});
+  expect_error([&](auto& a) { a.quant.w2_zero = HostView<const std::uint8_t, 3>(bytes.data(), {5, 200, 2}); },
+               {"quant.w2_zero", "[5, 200, 3]"});
+  expect_error([&](auto& a) { a.quant.group_size = 48; }, {"quant.group_size", "multiple of 32", "48"});
+  // Unpacked widths where packed ones belong.
+  expect_error([&](auto& a) { a.w13 = HostView<const std::uint8_t, 3>(bytes.data(), {5, 384, 200}); },
+               {"w13", "H/pack", "100"});
+  expect_error([&](auto& a) { a.w2 = HostView<const std::uint8_t, 3>(bytes.data(), {5, 200, 191}); },
+               {"w13", "2*I"});
+  // An odd hidden size cannot be packed two codes per byte.
+  WeightOnlyCase<Q, bfloat16> odd(Problem{3, 2, 64, 64, 1, 32, false});
+  auto a = odd.arguments();
+  std::vector<bfloat16> h(3 * 65), o(3 * 65, bfloat16(-7.0f));
+  a.hidden_states = HostView<const bfloat16, 2>(h.data(), {3, 65});
+  a.output = HostView<bfloat16, 2>(o.data(), {3, 65});
+  const Status s = typename WeightOnlyCase<Q, bfloat16>::K().run(a);
+  ASSERT_FALSE(s.is_ok());
+  EXPECT_NE(s.message().find("divisible by 2"), std::string::npos) << s.to_string();
+  for (const bfloat16& v : o) ASSERT_EQ(to_float(v), -7.0f);
+}
+
+}  // namespace
+}  // namespace moe

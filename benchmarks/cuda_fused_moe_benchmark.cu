@@ -26,6 +26,9 @@
 // --quantized adds the W8A8 rows beside bf16 (issue: FP8/INT8): fp8_block_forward_graph (DeepSeek's
 // 128x128 block scales, 1x128 dynamic activation groups) and fp8_per_tensor_forward_graph (static
 // scales), same workload with random codes; their bytes count one byte per weight.
+// --weight_only adds w4a16_g128_forward_graph (issue: weight-only INT4): 4-bit codes packed two per
+// byte with a float scale per 128 K (no zero points); bytes count half a byte per weight plus the
+// scales.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
@@ -46,6 +49,7 @@
 #include "moe/cuda/kernel.cuh"
 #include "moe/quant/none.h"
 #include "moe/quant/w8a8.h"
+#include "moe/quant/weight_only.h"
 
 namespace {
 
@@ -91,6 +95,7 @@ __global__ void fill_codes(W* p, std::size_t n, std::uint64_t seed) {
     z ^= z >> 29;
     const auto byte = static_cast<std::uint8_t>(z >> 32);
     if constexpr (std::is_same_v<W, moe::float8_e4m3>) p[i] = moe::float8_e4m3::from_bits((byte & 0x80) | (byte % 0x40));
+    else if constexpr (std::is_same_v<W, std::uint8_t>) p[i] = byte;  // any byte: two 4-bit codes
     else p[i] = static_cast<std::int8_t>(static_cast<int>(byte % 129) - 64);
   }
 }
@@ -254,14 +259,18 @@ struct Scales {
   std::vector<float*> owned;
   typename Q::template Arguments<moe::DeviceSpace> args;
   explicit Scales(const Shape& s) {
-    if constexpr (Q::kQuantized) {
-      const auto tensor = [&](std::array<moe::Index, 3> shape, float value) {
-        std::vector<float> host(static_cast<std::size_t>(shape[0] * shape[1] * shape[2]), value);
-        float* d = device_alloc<float>(host.size());
-        cuda_ok(cudaMemcpy(d, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
-        owned.push_back(d);
-        return moe::DeviceView<const float, 3>(d, shape);
-      };
+    const auto tensor = [&](std::array<moe::Index, 3> shape, float value) {
+      std::vector<float> host(static_cast<std::size_t>(shape[0] * shape[1] * shape[2]), value);
+      float* d = device_alloc<float>(host.size());
+      cuda_ok(cudaMemcpy(d, host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+      owned.push_back(d);
+      return moe::DeviceView<const float, 3>(d, shape);
+    };
+    if constexpr (moe::quant::weight_only_v<Q>) {
+      args.group_size = 128;
+      args.w13_scale = tensor({s.E, 2 * s.I, Q::groups(s.H, 128)}, 1e-3f);
+      args.w2_scale = tensor({s.E, s.H, Q::groups(s.I, 128)}, 1e-3f);
+    } else if constexpr (Q::kQuantized) {
       args.w13_scale = tensor(Q::weight_scale_shape(s.E, 2 * s.I, s.H, s.I), 1e-3f);
       args.w2_scale = tensor(Q::weight_scale_shape(s.E, s.H, s.I), 1e-3f);
       if constexpr (Q::kStaticActivations) {
@@ -320,8 +329,9 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   a.topk_ids = moe::DeviceView<const std::int32_t, 2>(d_ids, {M, s.top_k});
   a.topk_weights = moe::DeviceView<const float, 2>(d_w, {M, s.top_k});
   a.top_k = s.top_k;
-  a.w13 = moe::DeviceView<const W, 3>(static_cast<const W*>(weights.w13), {s.E, 2 * s.I, s.H});
-  a.w2 = moe::DeviceView<const W, 3>(static_cast<const W*>(weights.w2), {s.E, s.H, s.I});
+  constexpr moe::Index kPack = moe::quant::weight_pack_v<Q>;  // codes per stored element
+  a.w13 = moe::DeviceView<const W, 3>(static_cast<const W*>(weights.w13), {s.E, 2 * s.I, s.H / kPack});
+  a.w2 = moe::DeviceView<const W, 3>(static_cast<const W*>(weights.w2), {s.E, s.H, s.I / kPack});
   a.quant = scales.args;
   a.output = moe::DeviceView<moe::bfloat16, 2>(out, {M, s.H});
   std::vector<Kernel> kernels;
@@ -360,7 +370,9 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
     for (std::size_t v = 0; v < variants.size(); ++v) state.counters["us_" + variants[v].label] = medians[v] * 1e6;
   }
   const double flops = 6.0 * M * s.top_k * s.H * s.I;
-  const double bytes = static_cast<double>(hit.size()) * 3 * s.H * s.I * sizeof(W) + 2.0 * M * s.H * 2;
+  double weight_bytes = 3.0 * s.H * s.I * sizeof(W) / kPack;  // per expert hit
+  if constexpr (moe::quant::weight_only_v<Q>) weight_bytes += 3.0 * s.H * Q::groups(s.I, 128) * sizeof(float);
+  const double bytes = static_cast<double>(hit.size()) * weight_bytes + 2.0 * M * s.H * 2;
   const double floor_s = std::max(flops / (g_gemm_tflops * 1e12), bytes / (g_copy_gbps * 1e9));
   state.counters["us"] = median_s * 1e6;
   state.counters["TFLOP/s"] = flops / median_s * 1e-12;
@@ -381,7 +393,7 @@ void register_row(const std::string& name, Shape s, moe::Index M, bool graph, st
       ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
 }
 
-void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized) {
+void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, bool weight_only) {
   benchmark::RegisterBenchmark("ceiling/copy_2GiB", CeilingCopy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("ceiling/gemm_bf16_8192", CeilingGemm)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   const auto row_name = [](const char* family, const Shape& s, moe::Index M) {
@@ -427,6 +439,13 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized) {
       }
     }
   }
+  if (weight_only) {
+    for (const Shape& s : kShapes) {
+      for (const moe::Index M : kTokens) {
+        register_row<moe::quant::W4A16>(row_name("w4a16_g128_forward_graph", s, M), s, M, true, {Variant{}}, 20);
+      }
+    }
+  }
   if (!tune) return;
   Variant no_split{"nosplit", {}};
   no_split.options.max_k_splits = 1;
@@ -451,7 +470,7 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool tune = false, ab_launch = false, ab_splits = false, quantized = false;
+  bool tune = false, ab_launch = false, ab_splits = false, quantized = false, weight_only = false;
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--tune_tiles") == 0) tune = true;
@@ -459,10 +478,11 @@ int main(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--ab_splits") == 0) ab_splits = true;
     else if (std::strcmp(argv[i], "--fresh_weights") == 0) g_fresh_weights = true;
     else if (std::strcmp(argv[i], "--quantized") == 0) quantized = true;
+    else if (std::strcmp(argv[i], "--weight_only") == 0) weight_only = true;
     else rest.push_back(argv[i]);
   }
   int n = static_cast<int>(rest.size());
-  register_all(tune, ab_launch, ab_splits, quantized);
+  register_all(tune, ab_launch, ab_splits, quantized, weight_only);
   benchmark::Initialize(&n, rest.data());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -5,6 +5,8 @@
 //   Sm90TmaWarpSpecialized, CUTLASS tiles: GEMM1 (stored raw) -> activation pass -> GEMM2 (stored);
 //   Sm90TmaWarpSpecialized, fused swap tiles (decode): our mainloop with the activation fused into
 //     GEMM1, then GEMM2 stored.
+//   Weight-only schemes (moe/quant/weight_only.h; sm_80+): packed codes dequantized in registers
+//     inside our mma.sync GEMM (moe/cuda/gemm/weight_only_gemm.cuh), the activation fused into GEMM1.
 //   W8A8 schemes (moe/quant/w8a8.h; Sm90 only): rows quantized (moe/cuda/quant/quantize_rows.cuh)
 //     -> our swap mainloop on 8-bit operands with the activation fused -> intermediate quantized
 //     -> GEMM2 stored (decode tiles); for prefill, the FP8 block-scaled and per-tensor schemes with
@@ -33,6 +35,7 @@
 #include "moe/cuda/gemm/sm90_fp8_block_gemm.h"
 #include "moe/cuda/gemm/sm90_grouped_gemm.h"
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
+#include "moe/cuda/gemm/weight_only_gemm.cuh"
 #include "moe/cuda/launch.h"
 #include "moe/cuda/quant/quantize_rows.cuh"
 #include "moe/cuda/stages.cuh"
@@ -95,7 +98,11 @@ class ExpertsStage {
   using Quant = typename Experts::Quant;
   using W = typename Quant::WeightElement;
   static constexpr bool kQuantized = Quant::kQuantized;
-  static_assert(kQuantized || std::is_same_v<IO, W>,
+  // Packed integer weights dequantized inside our mma.sync GEMM (moe/cuda/gemm/weight_only_gemm.cuh).
+  static constexpr bool kWeightOnly = quant::weight_only_v<Quant>;
+  static_assert(!kWeightOnly || Activation::kLayout != GateUpLayout::kInterleaved || !Activation::kGated,
+                "moe::cuda::ExpertsStage: the weight-only schemes take w13 as [gate; up] halves (vLLM's layout)");
+  static_assert(kQuantized || kWeightOnly || std::is_same_v<IO, W>,
                 "moe::cuda::ExpertsStage: unquantized weights are stored like the activations");
   static constexpr detail::ColumnMode kMode1 =
       !Activation::kGated ? detail::ColumnMode::kPlain
@@ -184,7 +191,9 @@ class ExpertsStage {
 
   // Why the Hopper schedule cannot run these experts, or nullptr (shapes, strides and alignment).
   const char* sm90_refusal(const Weights& w) const {
-    if constexpr (!kMaySm90) {
+    if constexpr (kWeightOnly) {
+      return "the weight-only schemes run their own GEMM (moe/cuda/gemm/weight_only_gemm.cuh)";
+    } else if constexpr (!kMaySm90) {
       return "not selected for this architecture tag, schedule or element type";
     } else {
       const auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
@@ -239,7 +248,9 @@ class ExpertsStage {
       l.scales2 = carver.take(n(rows) * n(groups(I)) * sizeof(float));
     }
     std::size_t partial_floats = 0;
-    if (l.sm90 && E > 0 && live_rows > 0) partial_floats = plan_sm90(w, l);
+    if constexpr (!kWeightOnly) {
+      if (l.sm90 && E > 0 && live_rows > 0) partial_floats = plan_sm90(w, l);
+    }
     // The stored intermediate, except where the W8A8 prefill quantizes it straight from GEMM1's
     // output (run_fp8_block_gemms).
     const bool fp8_block_prefill = kQuantized && l.sm90 && l.tile == gemm::Sm90Tile::kNormal128x256;
@@ -293,7 +304,9 @@ class ExpertsStage {
     Buffers b{static_cast<IO*>(static_cast<void*>(base + l.inter)), static_cast<IO*>(static_cast<void*>(base + l.gemm1_out)),
               base + l.gemm_ws, static_cast<float*>(static_cast<void*>(base + l.partial)),
               static_cast<int*>(static_cast<void*>(base + l.splits_used))};
-    if constexpr (kQuantized) {
+    if constexpr (kWeightOnly) {
+      return run_weight_only(l, w, input, output, s, b, stream);
+    } else if constexpr (kQuantized) {
       if (!l.sm90) {
         const char* why = sm90_refusal(w);
         return unsupported("experts (", Quant::kName, "): ", why ? why : "the output rows are not 16-byte aligned");
@@ -320,7 +333,9 @@ class ExpertsStage {
     MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), d.total));
     const Index R = r.input.extent(0), E = w.num_local_experts();
     if (R == 0) return Status::ok();
-    if constexpr (kQuantized) {  // refused before any launch
+    if constexpr (kWeightOnly) {  // refused before any launch
+      if (const char* why = weight_only_refusal(w)) return unsupported("experts (", Quant::kName, "): ", why);
+    } else if constexpr (kQuantized) {
       if (!d.plan.sm90) {
         const char* why = sm90_refusal(w);
         return unsupported("experts (", Quant::kName, "): ", why ? why : "rows need 16-byte alignment");
@@ -351,6 +366,22 @@ class ExpertsStage {
   }
 
   const Options& options() const { return options_; }
+
+  // Why the weight-only GEMM cannot run these experts, or nullptr (shapes, strides, alignment).
+  const char* weight_only_refusal(const Weights& w) const {
+    if constexpr (kWeightOnly) {
+      namespace wo = gemm::weight_only;
+      if (w.w13_bias || w.w2_bias) return "expert biases are not fused into the weight-only GEMMs yet";
+      if (w.num_local_experts() > wo::kMaxExperts) return "the weight-only GEMMs take at most 1024 local experts";
+      if (w.w13.stride(2) != 1 || w.w2.stride(2) != 1) return "the weight-only GEMMs need rows of contiguous codes";
+      if (w.w13.stride(0) % 16 != 0 || w.w2.stride(0) % 16 != 0) return "the weight-only GEMMs need 16-byte aligned experts";
+      if (w.w13.extent(1) >= INT32_MAX / 2 || w.hidden() >= INT32_MAX / 2) return "GEMM extents must fit int32";
+      if (const char* why = wo::refusal(w.hidden(), w.w13.stride(1), w.w13.data(), Quant::kBits)) return why;
+      return wo::refusal(w.intermediate(), w.w2.stride(1), w.w2.data(), Quant::kBits);
+    } else {
+      return "not a weight-only scheme";
+    }
+  }
 
  private:
   struct Buffers {
@@ -511,6 +542,57 @@ class ExpertsStage {
     return swap_detail::launch<W, IO, kTokens, kAtoms, false, kScaleMode, Expr2, Activation>(
         w.w2, x2, l.rows, s.seg_begin, s.seg_count, H, output, H, w.activation, scales2, l.max_splits2, b.partial,
         b.splits_used + 1, s.row_list, s.row_list_size, pdl, stream);
+  }
+
+  // ---- the weight-only schemes ------------------------------------------------------------------
+
+  // GEMM1 (activation fused) into the intermediate, then GEMM2 stored raw. One or two n8 token
+  // tiles per pass, from the host's bound on the rows per expert.
+  Status run_weight_only(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
+                         const Buffers& b, cudaStream_t stream) const {
+    if constexpr (kWeightOnly) {
+      namespace wo = gemm::weight_only;
+      if (const char* why = weight_only_refusal(w)) return unsupported("experts (", Quant::kName, "): ", why);
+      const Index H = w.hidden(), I = w.intermediate(), E = w.num_local_experts();
+      const auto params = [&](DeviceView<const W, 3> wt, DeviceView<const float, 3> scale,
+                              const std::optional<DeviceView<const std::uint8_t, 3>>& zero, const IO* x, Index k,
+                              Index n_out, bool gated, IO* out) {
+        wo::Params p{};
+        p.w = wt.data();
+        p.w_expert_stride = wt.stride(0);
+        p.w_row_stride = wt.stride(1);
+        p.scale = scale.data();
+        p.zero = zero ? zero->data() : nullptr;
+        p.group_size = static_cast<int>(w.quant.group_size > 0 ? w.quant.group_size : k);
+        p.groups = static_cast<int>(Quant::groups(k, w.quant.group_size));
+        p.n_total = wt.extent(1);
+        p.x = x;
+        p.seg_begin = s.seg_begin;
+        p.seg_count = s.seg_count;
+        p.num_experts = static_cast<int>(E);
+        p.k = static_cast<int>(k);
+        p.n_out = static_cast<int>(n_out);
+        p.gate_up_offset = gated ? static_cast<int>(n_out) : 0;
+        p.out = out;
+        p.ldo = n_out;
+        return p;
+      };
+      constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
+      using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
+      using Expr2 = epilogue::detail::Stored<IO, false, epilogue::Part::kAll>;
+      const wo::Params p1 = params(w.w13, w.quant.w13_scale, w.quant.w13_zero, input, H, I, kGated, b.inter);
+      const wo::Params p2 = params(w.w2, w.quant.w2_scale, w.quant.w2_zero, b.inter, I, H, false, output);
+      const auto both = [&]<int kN8>() -> Status {
+        MOE_RETURN_IF_ERROR((wo::launch<IO, Quant::kBits, kN8, kGated, Expr1, Activation>(p1, Quant::kDefaultZero,
+                                                                                          w.activation, l.rows, stream)));
+        return wo::launch<IO, Quant::kBits, kN8, false, Expr2, Activation>(p2, Quant::kDefaultZero, w.activation,
+                                                                           l.rows, stream);
+      };
+      if (l.live_rows <= 8 * E) return both.template operator()<1>();
+      return both.template operator()<2>();
+    } else {
+      return unsupported("not a weight-only scheme");
+    }
   }
 
   // ---- the W8A8 schemes -------------------------------------------------------------------------

@@ -70,6 +70,11 @@ class Kernel<Spec, Arch> {
     if constexpr (Stage::kQuantized) {  // the 8-bit GEMMs have no other schedule to fall back on
       if (const char* why = sm90_refusal(a)) return unsupported("experts (", Spec::Quant::kName, "): ", why);
     }
+    if constexpr (Stage::kWeightOnly) {
+      if (const char* why = stage_.weight_only_refusal(weights_of(a))) {
+        return unsupported("experts (", Spec::Quant::kName, "): ", why);
+      }
+    }
     if (options_.check_device_inputs) MOE_RETURN_IF_ERROR(check_device_inputs(a, p, stream));
     return Status::ok();
   }

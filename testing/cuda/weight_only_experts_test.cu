@@ -1,0 +1,275 @@
+// The weight-only schemes (moe/quant/weight_only.h: W4A16, W8A16) on the CUDA backend against the
+// CPU backend, whose arithmetic testing/cpu/quant_weight_only_test.cc checks against an
+// independent reference. Same checkpoint (testing/lib/weight_only_checkpoint.h), same routing.
+//
+// Tolerance: both backends dequantize to the same IO values (the scheme fixes the one rounding),
+// and sum the products in fp32 in different orders (Eigen's blocks against the tensor cores' k16
+// steps and the kernel's 8 K slices). A GEMM1 sum next to an IO rounding boundary can round to the
+// neighbouring value, which moves one term of GEMM2: the bound is 1% of the largest output and the
+// mean error 0.2% of the mean magnitude, as the CPU test allows against its reference. A scale,
+// zero point or nibble from the wrong place moves outputs by whole codes or 2-16x and breaks the
+// bounds by far.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "moe/cpu/kernel.h"
+#include "moe/cuda/kernel.cuh"
+#include "moe/quant/weight_only.h"
+#include "testing/ep/simulated_ep.h"
+#include "testing/lib/compare.h"
+#include "testing/lib/gpu.h"
+#include "testing/lib/weight_only_checkpoint.h"
+
+namespace {
+
+using moe::Index;
+using moe::testing::DeviceBuffer;
+namespace quant = moe::quant;
+
+template <class Q, class IO>
+using SpecOf = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>, moe::Experts<moe::SiluAndMul, Q, IO>>;
+
+struct Shape {
+  Index M, E, H, I;
+  int top_k;
+  Index group;  // 0: per channel
+  bool zero_points;
+};
+
+struct NoEdit {
+  template <class A>
+  void operator()(A&) const {}
+};
+
+template <class Q, class IO>
+struct Case {
+  static constexpr int kBits = Q::kBits;
+  static constexpr Index kPack = 8 / kBits;
+  Shape p;
+  std::vector<IO> hidden;
+  std::vector<std::int32_t> ids;
+  std::vector<float> weights;
+  moe::testing::QuantizedMatrix<kBits> w13, w2;
+
+  Case(Shape s, std::uint32_t seed) : p(s) {
+    std::mt19937 gen(seed);
+    std::normal_distribution<float> d(0.0f, 1.0f);
+    for (Index i = 0; i < p.M * p.H; ++i) hidden.push_back(moe::from_float<IO>(d(gen)));
+    std::vector<int> perm(static_cast<std::size_t>(p.E));
+    for (Index m = 0; m < p.M; ++m) {
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), gen);
+      for (int j = 0; j < p.top_k; ++j) {
+        ids.push_back(perm[j]);
+        weights.push_back(0.25f + 0.5f * std::uniform_real_distribution<float>(0, 1)(gen));
+      }
+    }
+    w13 = moe::testing::quantize<kBits>(p.E, 2 * p.I, p.H, p.group, p.zero_points, seed + 1);
+    w2 = moe::testing::quantize<kBits>(p.E, p.H, p.I, p.group, p.zero_points, seed + 2);
+  }
+
+  template <class Kernel, class Space>
+  typename Kernel::Arguments arguments(const IO* hid, const std::int32_t* ids_p, const float* wts,
+                                       const std::uint8_t* c13, const std::uint8_t* c2, const float* s13,
+                                       const float* s2, const std::uint8_t* z13, const std::uint8_t* z2,
+                                       IO* out) const {
+    typename Kernel::Arguments a;
+    a.hidden_states = moe::TensorView<const IO, 2, Space>(hid, {p.M, p.H});
+    a.topk_ids = moe::TensorView<const std::int32_t, 2, Space>(ids_p, {p.M, p.top_k});
+    a.topk_weights = moe::TensorView<const float, 2, Space>(wts, {p.M, p.top_k});
+    a.top_k = p.top_k;
+    a.w13 = moe::TensorView<const std::uint8_t, 3, Space>(c13, {p.E, 2 * p.I, p.H / kPack});
+    a.w2 = moe::TensorView<const std::uint8_t, 3, Space>(c2, {p.E, p.H, p.I / kPack});
+    a.quant.group_size = p.group;
+    a.quant.w13_scale = moe::TensorView<const float, 3, Space>(s13, {p.E, 2 * p.I, w13.groups});
+    a.quant.w2_scale = moe::TensorView<const float, 3, Space>(s2, {p.E, p.H, w2.groups});
+    if (p.zero_points) {
+      a.quant.w13_zero = moe::TensorView<const std::uint8_t, 3, Space>(z13, {p.E, 2 * p.I, w13.groups});
+      a.quant.w2_zero = moe::TensorView<const std::uint8_t, 3, Space>(z2, {p.E, p.H, w2.groups});
+    }
+    a.output = moe::TensorView<IO, 2, Space>(out, {p.M, p.H});
+    return a;
+  }
+
+  std::vector<IO> run_cpu() const {
+    std::vector<IO> out(hidden.size(), moe::from_float<IO>(-7.0f));
+    using K = moe::Kernel<SpecOf<Q, IO>, moe::cpu::Eigen>;
+    const auto a = arguments<K, moe::HostSpace>(hidden.data(), ids.data(), weights.data(), w13.packed.data(),
+                                                 w2.packed.data(), w13.scales.data(), w2.scales.data(),
+                                                 w13.zeros.data(), w2.zeros.data(), out.data());
+    const moe::Status s = K().run(a);
+    EXPECT_TRUE(s.is_ok()) << s.to_string();
+    return out;
+  }
+
+  template <class Arch = moe::cuda::Sm90, class Edit = NoEdit>
+  moe::Status run_cuda(std::vector<IO>* out, Edit edit = {}) const {
+    DeviceBuffer<IO> dh(hidden), dout(std::vector<IO>(hidden.size(), moe::from_float<IO>(-7.0f)));
+    DeviceBuffer<std::int32_t> di(ids);
+    DeviceBuffer<float> dw(weights), ds13(w13.scales), ds2(w2.scales);
+    DeviceBuffer<std::uint8_t> dc13(w13.packed), dc2(w2.packed), dz13(w13.zeros), dz2(w2.zeros);
+    using K = moe::Kernel<SpecOf<Q, IO>, Arch>;
+    auto a = arguments<K, moe::DeviceSpace>(dh.data(), di.data(), dw.data(), dc13.data(), dc2.data(), ds13.data(),
+                                            ds2.data(), dz13.data(), dz2.data(), dout.data());
+    edit(a);
+    const K kernel;
+    DeviceBuffer<std::byte> ws(std::max<std::size_t>(1, kernel.workspace_bytes(a)));
+    const moe::Status s = kernel.run(a, std::span<std::byte>(ws.data(), ws.size()));
+    if (cudaDeviceSynchronize() != cudaSuccess) return moe::make_status(moe::StatusCode::kCudaError, "synchronize");
+    *out = dout.download();
+    return s;
+  }
+};
+
+class WeightOnlyExpertsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    MOE_SKIP_WITHOUT_GPU();
+    int major = 0;
+    ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+    if (major < 8) GTEST_SKIP() << "the weight-only GEMM needs an sm_80 device (bf16 mma.sync)";
+  }
+};
+
+std::string where(const char* name, const Shape& s) {
+  return std::string(name) + " M=" + std::to_string(s.M) + " E=" + std::to_string(s.E) + " H=" + std::to_string(s.H) +
+         " I=" + std::to_string(s.I) + " group=" + std::to_string(s.group) + (s.zero_points ? " zero points" : "");
+}
+
+template <class Q, class IO = moe::bfloat16>
+void expect_cuda_matches_cpu(const Shape& shape, std::uint32_t seed) {
+  const Case<Q, IO> c(shape, seed);
+  const std::vector<IO> want = c.run_cpu();
+  std::vector<float> ref(want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) ref[i] = moe::to_float(want[i]);
+  std::vector<IO> got;
+  const moe::Status s = c.run_cuda(&got);
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  EXPECT_TRUE(moe::testing::close_in_max_and_mean(got, ref, 0.01, 0.002)) << where(Q::kName.data(), shape);
+}
+
+// Decode (one token: 7 of 8 token columns of the n8 tile empty), a hidden size whose last 128-wide
+// chunk is short (224, 2880-like), several token passes per expert (M = 300: ~75 rows per
+// expert, two n8 tiles per pass), an intermediate of 320 (output tiles end mid-tile), group
+// sizes 32 / 64 / 128 / per channel with and without zero points, and groups that do not divide K.
+TEST_F(WeightOnlyExpertsTest, W4A16MatchesTheCpuBackend) {
+  expect_cuda_matches_cpu<quant::W4A16>({1, 8, 256, 192, 2, 128, false}, 1);
+  expect_cuda_matches_cpu<quant::W4A16>({5, 8, 224, 192, 2, 128, true}, 2);   // last group 96 wide
+  expect_cuda_matches_cpu<quant::W4A16>({41, 16, 128, 320, 4, 32, true}, 3);
+  expect_cuda_matches_cpu<quant::W4A16>({300, 8, 256, 128, 2, 64, false}, 4);
+  expect_cuda_matches_cpu<quant::W4A16>({64, 8, 384, 96, 2, 0, true}, 5);     // per channel
+  expect_cuda_matches_cpu<quant::W4A16, moe::half>({23, 8, 256, 192, 2, 64, true}, 6);
+}
+
+TEST_F(WeightOnlyExpertsTest, W8A16MatchesTheCpuBackend) {
+  expect_cuda_matches_cpu<quant::W8A16>({1, 8, 256, 192, 2, 128, true}, 7);
+  expect_cuda_matches_cpu<quant::W8A16>({300, 8, 224, 320, 2, 32, false}, 8);
+  expect_cuda_matches_cpu<quant::W8A16, moe::half>({23, 8, 256, 192, 2, 0, true}, 9);
+}
+
+// The same forward on the Sm80CpAsync tag (what an A100 user gets) gives the same bits: the
+// weight-only GEMM is one kernel on both.
+TEST_F(WeightOnlyExpertsTest, Sm80TagGivesTheSameBits) {
+  const Case<quant::W4A16, moe::bfloat16> c({37, 8, 256, 192, 2, 128, true}, 10);
+  std::vector<moe::bfloat16> a, b;
+  ASSERT_TRUE(c.run_cuda<moe::cuda::Sm90>(&a).is_ok());
+  ASSERT_TRUE(c.run_cuda<moe::cuda::Sm80>(&b).is_ok());
+  EXPECT_TRUE(moe::testing::BitwiseEqual(a, b));
+}
+
+// An all-zero token gives exact zeros, a token of tiny values finite outputs, and two runs give the
+// same bits (the K slices are added in a fixed order; no atomics).
+TEST_F(WeightOnlyExpertsTest, ZeroRowsAreExactAndRerunsBitIdentical) {
+  Case<quant::W4A16, moe::bfloat16> c({7, 8, 256, 192, 2, 64, true}, 11);
+  for (Index k = 0; k < c.p.H; ++k) {
+    c.hidden[k] = moe::bfloat16(0.0f);
+    c.hidden[c.p.H + k] = moe::bfloat16(1e-30f * static_cast<float>(k % 7 - 3));
+  }
+  std::vector<moe::bfloat16> first, second;
+  ASSERT_TRUE(c.run_cuda(&first).is_ok());
+  ASSERT_TRUE(c.run_cuda(&second).is_ok());
+  for (Index h = 0; h < c.p.H; ++h) EXPECT_EQ(moe::to_float(first[h]), 0.0f) << "column " << h;
+  for (const moe::bfloat16& v : first) ASSERT_TRUE(std::isfinite(moe::to_float(v)));
+  EXPECT_TRUE(moe::testing::BitwiseEqual(first, second));
+}
+
+// Expert parallelism on a packed checkpoint: ranks own slices of the codes, scales and zero points
+// (experts are their first dimension) and run cuda::ExpertsStage (moe/stages.h) on the rows
+// dispatched to them; the combine gives the single-rank forward's bits (every token column of a
+// tile is its own sum, in the same order whatever the other rows).
+TEST_F(WeightOnlyExpertsTest, SimulatedExpertParallelMatchesTheSingleRankForward) {
+  using Q = quant::W4A16;
+  using IO = moe::bfloat16;
+  const Case<Q, IO> c({37, 8, 256, 192, 2, 64, true}, 12);
+  std::vector<IO> single;
+  ASSERT_TRUE(c.run_cuda(&single).is_ok());
+  using Stage = moe::cuda::ExpertsStage<moe::Experts<moe::SiluAndMul, Q, IO>, IO, moe::cuda::Sm90>;
+  const Stage stage;
+  const Index E = c.p.E, H = c.p.H, I = c.p.I, G13 = c.w13.groups, G2 = c.w2.groups;
+  DeviceBuffer<std::uint8_t> c13(c.w13.packed), c2(c.w2.packed), z13(c.w13.zeros), z2(c.w2.zeros);
+  DeviceBuffer<float> s13(c.w13.scales), s2(c.w2.scales);
+  for (const int ranks : {2, 4}) {
+    const Index E_local = E / ranks;
+    moe::testing::ep::RankExperts<IO> run_rank = [&](int r, const moe::testing::ep::RankRows<IO>& in,
+                                                     std::vector<IO>* result) {
+      const Index R = E_local * in.capacity, e0 = r * E_local;
+      DeviceBuffer<IO> rows(in.rows), rows_out(in.rows.size());
+      DeviceBuffer<Index> begin(in.begin), count(in.count);
+      typename Stage::Weights w;
+      w.w13 = moe::DeviceView<const std::uint8_t, 3>(c13.data() + e0 * 2 * I * H / 2, {E_local, 2 * I, H / 2});
+      w.w2 = moe::DeviceView<const std::uint8_t, 3>(c2.data() + e0 * H * I / 2, {E_local, H, I / 2});
+      w.quant.group_size = c.p.group;
+      w.quant.w13_scale = moe::DeviceView<const float, 3>(s13.data() + e0 * 2 * I * G13, {E_local, 2 * I, G13});
+      w.quant.w2_scale = moe::DeviceView<const float, 3>(s2.data() + e0 * H * G2, {E_local, H, G2});
+      w.quant.w13_zero = moe::DeviceView<const std::uint8_t, 3>(z13.data() + e0 * 2 * I * G13, {E_local, 2 * I, G13});
+      w.quant.w2_zero = moe::DeviceView<const std::uint8_t, 3>(z2.data() + e0 * H * G2, {E_local, H, G2});
+      typename Stage::Rows rw;
+      rw.input = moe::DeviceView<const IO, 2>(rows.data(), {R, H});
+      rw.output = moe::DeviceView<IO, 2>(rows_out.data(), {R, H});
+      rw.seg_begin = moe::DeviceView<const Index, 1>(begin.data(), {E_local});
+      rw.seg_count = moe::DeviceView<const Index, 1>(count.data(), {E_local});
+      rw.max_rows_per_expert = in.capacity;
+      DeviceBuffer<std::byte> ws(std::max<std::size_t>(1, stage.workspace_bytes(w, rw)));
+      MOE_RETURN_IF_ERROR(stage.run(w, rw, std::span<std::byte>(ws.data(), ws.size())));
+      if (cudaDeviceSynchronize() != cudaSuccess) return moe::make_status(moe::StatusCode::kCudaError, "rank ", r);
+      *result = rows_out.download();
+      return moe::Status::ok();
+    };
+    std::vector<IO> ep;
+    const moe::Status s =
+        moe::testing::ep::forward<IO>(c.hidden, c.p.M, H, c.ids, c.weights, c.p.top_k, E, ranks, run_rank, &ep);
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+    EXPECT_TRUE(moe::testing::BitwiseEqual(ep, single)) << "ranks=" << ranks;
+  }
+}
+
+// A scale tensor of the wrong shape is named with both shapes and nothing is written; a hidden
+// size the GEMM cannot take is refused with the reason, before any write.
+TEST_F(WeightOnlyExpertsTest, BadScalesAndShapesAreRefusedBeforeAnyWrite) {
+  using Q = quant::W4A16;
+  const Case<Q, moe::bfloat16> c({5, 8, 256, 192, 2, 128, true}, 13);
+  std::vector<moe::bfloat16> out;
+  const moe::Status s = c.run_cuda(&out, [](auto& a) {
+    a.quant.w2_scale = moe::DeviceView<const float, 3>(a.quant.w2_scale.data(), {8, 256, 1});
+  });
+  ASSERT_FALSE(s.is_ok());
+  EXPECT_NE(s.message().find("quant.w2_scale"), std::string::npos) << s.to_string();
+  EXPECT_NE(s.message().find("[8, 256, 2]"), std::string::npos) << s.to_string();
+  for (const moe::bfloat16& v : out) ASSERT_EQ(moe::to_float(v), -7.0f) << "output written on error";
+
+  const Case<Q, moe::bfloat16> odd({3, 4, 200, 64, 2, 0, false}, 14);  // H = 200: not a multiple of 32
+  const moe::Status refused = odd.run_cuda(&out);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_NE(refused.message().find("multiples of 32"), std::string::npos) << refused.to_string();
+  for (const moe::bfloat16& v : out) ASSERT_EQ(moe::to_float(v), -7.0f) << "output written on error";
+}
+
+}  // namespace

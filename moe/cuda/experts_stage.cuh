@@ -305,7 +305,8 @@ class ExpertsStage {
               base + l.gemm_ws, static_cast<float*>(static_cast<void*>(base + l.partial)),
               static_cast<int*>(static_cast<void*>(base + l.splits_used))};
     if constexpr (kWeightOnly) {
-      return run_weight_only(l, w, input, output, s, b, stream);
+      *weighted = row_weight != nullptr;
+      return run_weight_only(l, w, input, output, s, b, row_weight, stream);
     } else if constexpr (kQuantized) {
       if (!l.sm90) {
         const char* why = sm90_refusal(w);
@@ -546,10 +547,11 @@ class ExpertsStage {
 
   // ---- the weight-only schemes ------------------------------------------------------------------
 
-  // GEMM1 (activation fused) into the intermediate, then GEMM2 stored raw. One or two n8 token
-  // tiles per pass, from the host's bound on the rows per expert.
+  // GEMM1 (activation fused) into the intermediate, then GEMM2 with epilogue 2 (times `row_weight`
+  // when given, as the Sm80 schedule). One or two n8 token tiles per pass, from the host's bound on
+  // the rows per expert.
   Status run_weight_only(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
-                         const Buffers& b, cudaStream_t stream) const {
+                         const Buffers& b, const float* row_weight, cudaStream_t stream) const {
     if constexpr (kWeightOnly) {
       namespace wo = gemm::weight_only;
       if (const char* why = weight_only_refusal(w)) return unsupported("experts (", Quant::kName, "): ", why);
@@ -579,14 +581,20 @@ class ExpertsStage {
       };
       constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
       using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
-      using Expr2 = epilogue::detail::Stored<IO, false, epilogue::Part::kAll>;
+      using Stored2 = epilogue::Gemm2Epilogue<IO, false, false>;
+      using Weighted2 = epilogue::Gemm2Epilogue<IO, false, true>;
       const wo::Params p1 = params(w.w13, w.quant.w13_scale, w.quant.w13_zero, input, H, I, kGated, b.inter);
-      const wo::Params p2 = params(w.w2, w.quant.w2_scale, w.quant.w2_zero, b.inter, I, H, false, output);
+      wo::Params p2 = params(w.w2, w.quant.w2_scale, w.quant.w2_zero, b.inter, I, H, false, output);
+      p2.row_weight = row_weight;
       const auto both = [&]<int kN8>() -> Status {
         MOE_RETURN_IF_ERROR((wo::launch<IO, Quant::kBits, kN8, kGated, Expr1, Activation>(p1, Quant::kDefaultZero,
                                                                                           w.activation, l.rows, stream)));
-        return wo::launch<IO, Quant::kBits, kN8, false, Expr2, Activation>(p2, Quant::kDefaultZero, w.activation,
-                                                                           l.rows, stream);
+        if (row_weight != nullptr) {
+          return wo::launch<IO, Quant::kBits, kN8, false, Weighted2, Activation>(p2, Quant::kDefaultZero,
+                                                                                 w.activation, l.rows, stream);
+        }
+        return wo::launch<IO, Quant::kBits, kN8, false, Stored2, Activation>(p2, Quant::kDefaultZero, w.activation,
+                                                                             l.rows, stream);
       };
       if (l.live_rows <= 8 * E) return both.template operator()<1>();
       return both.template operator()<2>();

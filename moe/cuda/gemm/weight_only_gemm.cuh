@@ -8,6 +8,7 @@
 // side, 8 per n8 tile, so one token is not padded to 64 rows.
 //
 // Work: a block (8 warps) owns a tile of weight rows of one expert: 4 m16 tiles per warp = 64 rows
+// (2 for 8-bit codes or 16 tokens per pass: registers)
 // (gated GEMM1: 32 gate rows and the 32 up rows of the same outputs, so the thread holding
 // gate(n, t) also holds up(n, t) and the activation runs on the accumulators). Its 8 warps split K
 // in 128-wide chunks (chunk c to warp c % 8) and their sums are added in shared memory in warp
@@ -46,7 +47,10 @@ namespace moe::cuda::gemm::weight_only {
 
 constexpr int kWarps = 8;  // K slices of one row tile
 constexpr int kThreads = 32 * kWarps;
-constexpr int kM16 = 4;       // m16 tiles per warp: 64 weight rows per block
+// m16 tiles per warp: 4 (64 weight rows per block) for 4-bit codes and one n8 token tile; 2 where
+// 8-bit codes or two token tiles need the registers (4 spilled there).
+template <int kBits, int kN8>
+inline constexpr int kM16Tiles = kBits == 4 && kN8 == 1 ? 4 : 2;
 constexpr int kChunkK = 128;  // K per warp iteration: 32 per lane of a quad
 constexpr int kMaxExperts = 1024;
 
@@ -68,6 +72,7 @@ struct Params {
   int gate_up_offset;  // rows between a gate row and its up row (I), 0 when not gated
   void* out;           // [rows, n_out], row stride ldo
   Index ldo;
+  const float* row_weight;  // per row, the router weight Expr reads (RouterWeight), or null
 };
 
 // Whether the kernel takes a GEMM with reduction length k over codes of `bits` bits: every lane
@@ -137,7 +142,7 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
 }
 
 // One chunk's weight data of one thread: its 2 rows of each m16 tile, 32 K each.
-template <int kBits>
+template <int kBits, int kM16>
 struct WeightChunk {
   static constexpr int kVec = kBits * 32 / 8 / 16;  // 16-byte loads per row: 1 (4-bit) or 2 (8-bit)
   uint4 w[kM16][2][kVec];
@@ -150,7 +155,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     weight_only_gemm_kernel(Params p, unsigned default_zero, typename Activation::Arguments act_args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kTokensPerPass = 8 * kN8;
-  constexpr int kVec = WeightChunk<kBits>::kVec;
+  constexpr int kM16 = kM16Tiles<kBits, kN8>;
+  using Chunk = WeightChunk<kBits, kM16>;
+  constexpr int kVec = Chunk::kVec;
   __shared__ int active[kMaxExperts];
   __shared__ int num_active;
   __shared__ float4 partial[kWarps][kM16][kN8][32];  // each warp's sums, added in warp order
@@ -199,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     const std::uint8_t* w_expert = p.w + static_cast<Index>(e) * p.w_expert_stride;
     const Index scale_expert = static_cast<Index>(e) * p.n_total * p.groups;
-    const auto load = [&](int c, WeightChunk<kBits>& d) {
+    const auto load = [&](int c, Chunk& d) {
       const int k0 = c * kChunkK + 32 * q;
       const bool k_ok = k0 < p.k;
       const int g = k0 / p.group_size;
@@ -231,9 +238,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
 
-      const auto compute = [&](int c, const WeightChunk<kBits>& d) {
+      const auto compute = [&](int c, const Chunk& d) {
+        // Lanes past K (the last chunk of a K that is not a multiple of 128) multiply zeros: every
+        // lane of the warp must reach each mma.sync.
         const int k0 = c * kChunkK + 32 * q;
-        if (k0 >= p.k) return;
+        const bool k_ok = k0 < p.k;
         // The token's 32 K of this lane: 4 x 16 bytes per n8 tile (zeros past the tokens).
         uint4 xv[kN8][4];
 #pragma unroll
@@ -241,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int t = 8 * j + quad;
           const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<Index>(t) * p.k + k0);
 #pragma unroll
-          for (int v = 0; v < 4; ++v) xv[j][v] = t < tokens ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+          for (int v = 0; v < 4; ++v) xv[j][v] = t < tokens && k_ok ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
         }
         // Per row: the scale and zero as 16-bit pairs (4-bit) or floats (8-bit).
         std::uint32_t ss[kM16][2], zz[kM16][2];
@@ -325,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
 
       // This warp's chunks, the next one's weights loading while one computes.
-      WeightChunk<kBits> cur, next;
+      Chunk cur, next;
       int c = warp;
       if (c < chunks) load(c, cur);
       for (; c < chunks; c += kWarps) {
@@ -354,6 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         IO* dst = static_cast<IO*>(p.out) + (row0_expert + t0 + tok) * p.ldo;
         epilogue::ElementContext<Activation> ctx;
         ctx.args = act_args;
+        if (p.row_weight != nullptr) ctx.weight = p.row_weight[row0_expert + t0 + tok];
         if constexpr (kGated) {
           const int n = n0 + 8 * i + l / 4;
           if (n < p.n_out) {
@@ -395,7 +405,8 @@ Status launch(const Params& p, unsigned default_zero, const typename Activation:
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   auto* kernel = &weight_only_gemm_kernel<IO, kBits, kN8, kGated, Expr, Activation>;
   MOE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  const Index outputs_per_tile = kGated ? 8 * kM16 : 16 * kM16;
+  constexpr Index kRows = kM16Tiles<kBits, kN8>;
+  const Index outputs_per_tile = kGated ? 8 * kRows : 16 * kRows;
   const Index items = ((p.n_out + outputs_per_tile - 1) / outputs_per_tile) *
                       (rows < p.num_experts ? rows : static_cast<Index>(p.num_experts));
   const Index resident = static_cast<Index>(sms) * (per_sm > 0 ? per_sm : 1);

@@ -47,10 +47,12 @@ namespace moe::cuda::gemm::weight_only {
 
 constexpr int kWarps = 8;  // K slices of one row tile
 constexpr int kThreads = 32 * kWarps;
-// m16 tiles per warp: 4 (64 weight rows per block) for 4-bit codes and one n8 token tile; 2 where
-// 8-bit codes or two token tiles need the registers (4 spilled there).
+// m16 tiles per warp: 2 (32 weight rows per block), so that two blocks fit an SM's registers with
+// three chunks of weights in flight per warp. (4 tiles, one block per SM and one chunk ahead
+// streamed 1.3-1.6 TB/s of codes on the H200, 2026-12-02.)
 template <int kBits, int kN8>
-inline constexpr int kM16Tiles = kBits == 4 && kN8 == 1 ? 4 : 2;
+inline constexpr int kM16Tiles = 2;
+constexpr int kBlocksPerSm = 2;
 constexpr int kChunkK = 128;  // K per warp iteration: 32 per lane of a quad
 constexpr int kMaxExperts = 1024;
 
@@ -151,7 +153,7 @@ struct WeightChunk {
 };
 
 template <class IO, int kBits, int kN8, bool kGated, class Expr, class Activation>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     weight_only_gemm_kernel(Params p, unsigned default_zero, typename Activation::Arguments act_args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kTokensPerPass = 8 * kN8;
@@ -333,14 +335,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       };
 
-      // This warp's chunks, the next one's weights loading while one computes.
-      Chunk cur, next;
-      int c = warp;
-      if (c < chunks) load(c, cur);
-      for (; c < chunks; c += kWarps) {
-        if (c + kWarps < chunks) load(c + kWarps, next);
-        compute(c, cur);
-        cur = next;
+      // This warp's chunks (c = warp, warp + 8, ...), two ahead loading while one computes: three
+      // register buffers in rotation, unrolled so that each stays in registers.
+      Chunk b0, b1, b2;
+      const auto step = [&](int c, Chunk& now, Chunk& ahead2) {
+        if (c + 2 * kWarps < chunks) load(c + 2 * kWarps, ahead2);
+        compute(c, now);
+      };
+      if (warp < chunks) load(warp, b0);
+      if (warp + kWarps < chunks) load(warp + kWarps, b1);
+      for (int c = warp; c < chunks; c += 3 * kWarps) {
+        step(c, b0, b2);
+        if (c + kWarps >= chunks) break;
+        step(c + kWarps, b1, b0);
+        if (c + 2 * kWarps >= chunks) break;
+        step(c + 2 * kWarps, b2, b1);
       }
 
       // Sum the warps' partial sums in warp order, then the epilogue per (output, token).

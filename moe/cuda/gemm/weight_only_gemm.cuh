@@ -7,9 +7,8 @@
 // bandwidth; the weights are the MMA's M side (mma.sync m16n8k16, sm_80+) and the tokens its N
 // side, 8 per n8 tile, so one token is not padded to 64 rows.
 //
-// Work: a block (8 warps) owns a tile of weight rows of one expert: 4 m16 tiles per warp = 64 rows
-// (2 for 8-bit codes or 16 tokens per pass: registers)
-// (gated GEMM1: 32 gate rows and the 32 up rows of the same outputs, so the thread holding
+// Work: a block (8 warps) owns a tile of weight rows of one expert: 2 m16 tiles per warp = 32 rows
+// (gated GEMM1: 16 gate rows and the 16 up rows of the same outputs, so the thread holding
 // gate(n, t) also holds up(n, t) and the activation runs on the accumulators). Its 8 warps split K
 // in 128-wide chunks (chunk c to warp c % 8) and their sums are added in shared memory in warp
 // order: deterministic, no workspace, no second launch. Blocks are persistent over the (expert
@@ -27,6 +26,12 @@
 // Dequantization is exact up to the one rounding the scheme defines: 128 + q - (128 + z) is exact
 // in 16 bits, and times the IO-rounded scale rounds once (hmul2); 8-bit codes go through fp32
 // (2^23 + q), whose product with a 16-bit scale is exact before the one rounding to IO.
+//
+// Where it stands (H200, benchmarks/RESULTS.md): decode streams 0.5-1.8 TB/s of codes, bound by
+// latency (two blocks per SM), not DRAM. Prefill re-reads and re-dequantizes each weight tile per
+// 16 tokens: 2-8x slower than bf16 at M >= 1024. Both want the mixed-input design (codes staged
+// through a shared-memory ring, dequantized once per tile into the MMA's operand, many token
+// tiles per weight tile): benchmarks/NOTES.md, "Weight-only".
 #pragma once
 
 #include <cuda_bf16.h>
@@ -48,10 +53,10 @@ namespace moe::cuda::gemm::weight_only {
 constexpr int kWarps = 8;  // K slices of one row tile
 constexpr int kThreads = 32 * kWarps;
 // m16 tiles per warp: 2 (32 weight rows per block), so that two blocks fit an SM's registers with
-// three chunks of weights in flight per warp. (4 tiles, one block per SM and one chunk ahead
-// streamed 1.3-1.6 TB/s of codes on the H200, 2026-12-02.)
-template <int kBits, int kN8>
-inline constexpr int kM16Tiles = 2;
+// three chunks of weights in flight per warp. Measured on the H200 (2026-12-02, decode rows): 4
+// tiles with one block per SM and one chunk ahead 5-30% slower; 2 tiles with one block per SM
+// (no spills) 10-45% slower; three blocks per SM (80 registers, spilling) 15-50% slower.
+constexpr int kM16 = 2;
 constexpr int kBlocksPerSm = 2;
 constexpr int kChunkK = 128;  // K per warp iteration: 32 per lane of a quad
 constexpr int kMaxExperts = 1024;
@@ -157,7 +162,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     weight_only_gemm_kernel(Params p, unsigned default_zero, typename Activation::Arguments act_args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kTokensPerPass = 8 * kN8;
-  constexpr int kM16 = kM16Tiles<kBits, kN8>;
   using Chunk = WeightChunk<kBits, kM16>;
   constexpr int kVec = Chunk::kVec;
   __shared__ int active[kMaxExperts];
@@ -180,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   }
   __syncthreads();
 
-  const int outputs_per_tile = kGated ? 8 * kM16 : 16 * kM16;  // 32 or 64
+  const int outputs_per_tile = kGated ? 8 * kM16 : 16 * kM16;  // 16 or 32
   const int row_tiles = (p.n_out + outputs_per_tile - 1) / outputs_per_tile;
   const int chunks = (p.k + kChunkK - 1) / kChunkK;
   const int items = num_active * row_tiles;
@@ -414,8 +418,7 @@ Status launch(const Params& p, unsigned default_zero, const typename Activation:
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   auto* kernel = &weight_only_gemm_kernel<IO, kBits, kN8, kGated, Expr, Activation>;
   MOE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  constexpr Index kRows = kM16Tiles<kBits, kN8>;
-  const Index outputs_per_tile = kGated ? 8 * kRows : 16 * kRows;
+  const Index outputs_per_tile = kGated ? 8 * kM16 : 16 * kM16;
   const Index items = ((p.n_out + outputs_per_tile - 1) / outputs_per_tile) *
                       (rows < p.num_experts ? rows : static_cast<Index>(p.num_experts));
   const Index resident = static_cast<Index>(sms) * (per_sm > 0 ? per_sm : 1);

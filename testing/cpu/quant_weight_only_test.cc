@@ -15,6 +15,7 @@
 
 #include "moe/cpu/kernel.h"
 #include "testing/lib/compare.h"
+#include "testing/lib/random.h"
 #include "testing/lib/weight_only_checkpoint.h"
 #include "moe/quant/weight_only.h"
 
@@ -44,20 +45,14 @@ struct WeightOnlyCase {
   QuantizedMatrix<kBits> w13, w2;
 
   explicit WeightOnlyCase(Problem pr, std::uint32_t seed = 1) : p(pr) {
-    std::mt19937 gen(seed);
-    std::normal_distribution<float> d(0.0f, 1.0f);
-    for (Index i = 0; i < p.M * p.H; ++i) hidden.push_back(from_float<IO>(d(gen)));
-    std::vector<int> perm(static_cast<std::size_t>(p.E));
-    for (Index m = 0; m < p.M; ++m) {
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), gen);
+    testing::Random r(seed);
+    hidden = r.normal_vector<IO>(static_cast<std::size_t>(p.M * p.H));
+    ids = r.distinct_ids(static_cast<std::size_t>(p.M), static_cast<int>(p.E), p.top_k);
+    weights = r.uniform_vector<float>(ids.size(), 0.2f, 1.2f);
+    for (Index m = 0; m < p.M; ++m) {  // normalized per token
       float sum = 0;
-      for (int j = 0; j < p.top_k; ++j) {
-        ids.push_back(perm[j]);
-        weights.push_back(0.2f + std::uniform_real_distribution<float>(0, 1)(gen));
-        sum += weights.back();
-      }
-      for (int j = 0; j < p.top_k; ++j) weights[weights.size() - 1 - j] /= sum;
+      for (int j = 0; j < p.top_k; ++j) sum += weights[m * p.top_k + j];
+      for (int j = 0; j < p.top_k; ++j) weights[m * p.top_k + j] /= sum;
     }
     w13 = quantize<kBits>(p.E, 2 * p.I, p.H, p.group, p.zero_points, seed + 1);
     w2 = quantize<kBits>(p.E, p.H, p.I, p.group, p.zero_points, seed + 2);

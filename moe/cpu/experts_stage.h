@@ -364,6 +364,9 @@ struct ExpertsStage {
       const HostView<const float, 2> scale = first ? p.quant.w13_scale[e] : p.quant.w2_scale[e];
       const auto& zeros = first ? p.quant.w13_zero : p.quant.w2_zero;
       const Index group = p.quant.group_size > 0 ? p.quant.group_size : k;
+      // Act-order: code c is the weight of hidden column order[c]; placed there, the GEMM takes the
+      // input as it is (the same products as the CUDA path's permuted input).
+      const std::int32_t* order = first && p.quant.w13_k_order ? &(*p.quant.w13_k_order)(e, 0) : nullptr;
       for (Index r = 0; r < w.extent(0); ++r) {
         const std::uint8_t* src = &w(r, 0);
         float* dst = panel + r * k;
@@ -371,7 +374,7 @@ struct ExpertsStage {
           const unsigned zero = zeros ? (*zeros)(e, r, g) : Quant::kDefaultZero;
           const float s = scale(r, g);
           for (Index c = g * group; c < std::min(k, (g + 1) * group); ++c) {
-            dst[c] = Quant::template dequantize<ElementIO>(Quant::code(src, c), zero, s);
+            dst[order ? order[c] : c] = Quant::template dequantize<ElementIO>(Quant::code(src, c), zero, s);
           }
         }
       }

@@ -187,6 +187,7 @@ class ExpertsStage {
     std::size_t inter = 0, gemm1_out = 0, gemm_ws = 0, partial = 0, splits_used = 0, total = 0;  // offsets, bytes
     std::size_t codes1 = 0, codes2 = 0, scales1 = 0, scales2 = 0;  // W8A8: GEMM inputs as codes + scales
     std::size_t w13_blocks = 0, w2_blocks = 0;  // FP8 per-tensor prefill: the scales spread over 128x128 blocks
+    std::size_t k_ordered = 0;  // weight-only act-order: GEMM1's input with K in the codes' order
   };
 
   // Why the Hopper schedule cannot run these experts, or nullptr (shapes, strides and alignment).
@@ -271,6 +272,9 @@ class ExpertsStage {
       l.w2_blocks = carver.take(n(E) * n(w2_scale_blocks(H, I)) * sizeof(float));
     }
     l.gemm_ws = carver.take(l.gemm_ws_bytes);
+    if constexpr (kWeightOnly) {
+      l.k_ordered = carver.take(w.quant.w13_k_order ? n(rows) * n(w.hidden()) * sizeof(IO) : 0);
+    }
     l.total = carver.total();
     return l;
   }
@@ -303,7 +307,7 @@ class ExpertsStage {
     std::byte* base = moe::detail::WorkspaceCarver<256>::aligned_base(workspace.data());
     Buffers b{static_cast<IO*>(static_cast<void*>(base + l.inter)), static_cast<IO*>(static_cast<void*>(base + l.gemm1_out)),
               base + l.gemm_ws, static_cast<float*>(static_cast<void*>(base + l.partial)),
-              static_cast<int*>(static_cast<void*>(base + l.splits_used))};
+              static_cast<int*>(static_cast<void*>(base + l.splits_used)), base + l.k_ordered};
     if constexpr (kWeightOnly) {
       *weighted = row_weight != nullptr;
       return run_weight_only(l, w, input, output, s, b, row_weight, stream);
@@ -391,6 +395,7 @@ class ExpertsStage {
     std::byte* gemm_ws;
     float* partial;    // fused swap split-K partial sums
     int* splits_used;  // [2]: the split counts the fused swap GEMMs chose
+    std::byte* k_ordered;  // weight-only act-order: GEMM1's input, K permuted
   };
   struct DerivedLayout {
     Plan plan;
@@ -583,6 +588,12 @@ class ExpertsStage {
       using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
       using Stored2 = epilogue::Gemm2Epilogue<IO, false, false>;
       using Weighted2 = epilogue::Gemm2Epilogue<IO, false, true>;
+      if (w.quant.w13_k_order) {  // act-order: GEMM1 reads the input with K in the codes' order
+        IO* ordered = static_cast<IO*>(static_cast<void*>(b.k_ordered));
+        MOE_RETURN_IF_ERROR(wo::order_k(input, w.quant.w13_k_order->data(), s.seg_begin, s.seg_count,
+                                        static_cast<int>(E), static_cast<int>(H), l.rows, ordered, stream));
+        input = ordered;
+      }
       const wo::Params p1 = params(w.w13, w.quant.w13_scale, w.quant.w13_zero, input, H, I, kGated, b.inter);
       wo::Params p2 = params(w.w2, w.quant.w2_scale, w.quant.w2_zero, b.inter, I, H, false, output);
       p2.row_weight = row_weight;

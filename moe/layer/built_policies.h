@@ -16,6 +16,7 @@
 
 #include "moe/activation.h"
 #include "moe/quant/w8a8.h"
+#include "moe/quant/weight_only.h"
 #include "moe/routing.h"
 #include "moe/status.h"
 
@@ -45,11 +46,17 @@ using BuiltExperts = PolicyList<ExpertsPolicies<SiluAndMul>, ExpertsPolicies<Swi
 using BuiltSchemes = PolicyList<quant::Fp8Block<128, 128>, quant::Fp8PerTokenChannel, quant::Fp8PerTensor,
                                 quant::Int8PerTokenChannel>;
 using BuiltQuantizedExperts = PolicyList<ExpertsPolicies<SiluAndMul>>;
+// Weight-only schemes (moe/quant/weight_only.h), for the same experts, in bf16 and f16 IO: GPTQ,
+// AWQ and compressed-tensors pack-quantized checkpoints. Group size, zero points and act-order are
+// run-time tensors of one kernel.
+using BuiltWeightOnlySchemes = PolicyList<quant::W4A16, quant::W8A16>;
 
-// "none" for the unquantized schemes, else the scheme's name with its block sizes.
+// "none" for the unquantized schemes, else the scheme's name (with its block sizes).
 template <class Q>
 std::string scheme_key() {
-  if constexpr (!Q::kQuantized) {
+  if constexpr (quant::weight_only_v<Q>) {
+    return std::string(Q::kName);
+  } else if constexpr (!Q::kQuantized) {
     return "none";
   } else if constexpr (Q::kWeightScale == quant::ScaleGranularity::kBlock) {
     return std::string(Q::kName) + "_" + std::to_string(Q::kBlockN) + "x" + std::to_string(Q::kBlockK);

@@ -72,7 +72,8 @@ Status forward(const ForwardRequest& r, std::string_view activation, bool weight
     return invalid_argument("topk_ids/topk_weights: expected shape [M, top_k=", r.top_k, "]");
   }
   c.top_k = r.top_k;
-  DeviceCopy hidden, ids, weights, w13, w2, b13, b2, map, out, ws, s13, s2, sa13, sa2;
+  DeviceCopy hidden, ids, weights, w13, w2, b13, b2, map, out, ws;
+  DeviceCopy scheme_copies[7];  // one per SchemeTensors member
   AnyTensor h, i, w;
   MOE_RETURN_IF_ERROR(to_device(r.hidden_states, "hidden_states", dt, hidden, &h));
   MOE_RETURN_IF_ERROR(to_device(*r.topk_ids, "topk_ids", DType::kI32, ids, &i));
@@ -86,20 +87,21 @@ Status forward(const ForwardRequest& r, std::string_view activation, bool weight
     c.w13_bias = r.w13_bias;
     c.w2_bias = r.w2_bias;
     c.expert_map = r.expert_map;
-    c.w13_scale = r.w13_scale;  // resident scales too
-    c.w2_scale = r.w2_scale;
-    c.a13_scale = r.a13_scale;
-    c.a2_scale = r.a2_scale;
+    c.quant = r.quant;  // resident scales too
   } else {
     MOE_RETURN_IF_ERROR(to_device(r.w13, "w13", weight_dtype.value_or(dt), w13, &c.w13));
     MOE_RETURN_IF_ERROR(to_device(r.w2, "w2", weight_dtype.value_or(dt), w2, &c.w2));
     MOE_RETURN_IF_ERROR(to_device_optional(r.w13_bias, "w13_bias", dt, b13, &c.w13_bias));
     MOE_RETURN_IF_ERROR(to_device_optional(r.w2_bias, "w2_bias", dt, b2, &c.w2_bias));
     MOE_RETURN_IF_ERROR(to_device_optional(r.expert_map, "expert_map", DType::kI32, map, &c.expert_map));
-    MOE_RETURN_IF_ERROR(to_device_optional(r.w13_scale, "w13_scale", DType::kF32, s13, &c.w13_scale));
-    MOE_RETURN_IF_ERROR(to_device_optional(r.w2_scale, "w2_scale", DType::kF32, s2, &c.w2_scale));
-    MOE_RETURN_IF_ERROR(to_device_optional(r.a13_scale, "a13_scale", DType::kF32, sa13, &c.a13_scale));
-    MOE_RETURN_IF_ERROR(to_device_optional(r.a2_scale, "a2_scale", DType::kF32, sa2, &c.a2_scale));
+    c.quant = r.quant;  // host tensors, replaced by their device copies
+    int next = 0;
+    Status st = Status::ok();
+    SchemeTensors::each(c.quant, [&](const char* name, std::optional<AnyTensor>& t) {
+      if (st.is_ok() && t) st = to_device(AnyTensor(*t), name, t->dtype, scheme_copies[next], &*t);
+      ++next;
+    });
+    MOE_RETURN_IF_ERROR(st);
   }
   const std::size_t out_bytes = static_cast<std::size_t>(c.tokens * c.hidden_size) * (dt == DType::kF32 ? 4 : 2);
   MOE_RETURN_IF_ERROR(out.allocate(out_bytes));
@@ -116,7 +118,7 @@ Status forward(const ForwardRequest& r, std::string_view activation, bool weight
 template <class Experts, class Q>
 Status forward_as(const ForwardRequest& r) {
   std::optional<DType> weight_dtype;  // unquantized: the hidden states' dtype
-  if constexpr (Q::kQuantized) weight_dtype = dtype_of<typename Q::WeightElement>;
+  if constexpr (Q::kQuantized || quant::weight_only_v<Q>) weight_dtype = dtype_of<typename Q::WeightElement>;
   return forward(r, Experts::Activation::kName, Experts::kWeightOnInput, scheme_key<Q>(), weight_dtype);
 }
 

@@ -41,15 +41,7 @@ struct TypedExperts {
     a->top_k = c.top_k;
     MOE_RETURN_IF_ERROR((device_view<W, 3>(c.w13, "w13", &a->w13)));
     MOE_RETURN_IF_ERROR((device_view<W, 3>(c.w2, "w2", &a->w2)));
-    if constexpr (Q::kQuantized) {
-      if (!c.w13_scale || !c.w2_scale) return invalid_argument("w13_scale/w2_scale: required by ", scheme_key<Q>(), " weights");
-      MOE_RETURN_IF_ERROR((device_view<float, 3>(*c.w13_scale, "w13_scale", &a->quant.w13_scale)));
-      MOE_RETURN_IF_ERROR((device_view<float, 3>(*c.w2_scale, "w2_scale", &a->quant.w2_scale)));
-      MOE_RETURN_IF_ERROR((optional_device_view<float, 1>(c.a13_scale, "a13_scale", &a->quant.a13_scale)));
-      MOE_RETURN_IF_ERROR((optional_device_view<float, 1>(c.a2_scale, "a2_scale", &a->quant.a2_scale)));
-    } else if (c.w13_scale || c.w2_scale) {
-      return invalid_argument("w13_scale/w2_scale: given for unquantized weights");
-    }
+    MOE_RETURN_IF_ERROR((bind_scheme_tensors<Q, DeviceSpace>(c.quant, &a->quant)));
     MOE_RETURN_IF_ERROR((optional_device_view<T, 2>(c.w13_bias, "w13_bias", &a->w13_bias)));
     MOE_RETURN_IF_ERROR((optional_device_view<T, 2>(c.w2_bias, "w2_bias", &a->w2_bias)));
     MOE_RETURN_IF_ERROR((optional_device_view<std::int32_t, 1>(c.expert_map, "expert_map", &a->expert_map)));

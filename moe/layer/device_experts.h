@@ -23,8 +23,7 @@ struct DeviceExpertsCall {
   const float* topk_weights = nullptr;     // [tokens, top_k]
   int top_k = 1;
   AnyTensor w13, w2;                  // [E_local, 2I|I, H], [E_local, H, I]; codes for key.quant != "none"
-  std::optional<AnyTensor> w13_scale, w2_scale;  // quantized schemes: f32 (moe/quant/w8a8.h layouts)
-  std::optional<AnyTensor> a13_scale, a2_scale;  // static activation scales: f32 [1]
+  SchemeTensors quant;                // quantized and weight-only schemes (moe/layer/registry.h)
   std::optional<AnyTensor> w13_bias, w2_bias, expert_map;
   void* output = nullptr;             // [tokens, hidden_size] in key.dtype
   Index chunk_tokens = 16384;         // the kernel's own chunking

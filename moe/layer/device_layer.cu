@@ -86,8 +86,8 @@ struct DeviceLayer::Impl {
   std::string scheme = "none";
   DType code_dtype = DType::kBF16;
   struct Scales {
-    DeviceMemory w13, w2, a13, a2;
-    std::vector<Index> w13_shape, w2_shape;
+    DeviceMemory memory[7];  // one per SchemeTensors member
+    SchemeTensors tensors;   // views of `memory`
   };
   Scales routed_scales, shared_scales;
   bool shared_apart = false;  // shared expert as a second expert pass
@@ -122,11 +122,7 @@ struct DeviceLayer::Impl {
 
   // The scale tensors of a quantized call (nothing for unquantized layers).
   void set_scales(const Scales& s, DeviceExpertsCall* c) const {
-    if (scheme == "none") return;
-    c->w13_scale = AnyTensor{s.w13.get(), DType::kF32, s.w13_shape, {}};
-    c->w2_scale = AnyTensor{s.w2.get(), DType::kF32, s.w2_shape, {}};
-    if (s.a13.get()) c->a13_scale = AnyTensor{s.a13.get(), DType::kF32, {1}, {}};
-    if (s.a2.get()) c->a2_scale = AnyTensor{s.a2.get(), DType::kF32, {1}, {}};
+    if (scheme != "none") c->quant = s.tensors;
   }
   DeviceExpertsCall routed_call(const void* x, Index M, const std::int32_t* ids, const float* w, void* out) const {
     DeviceExpertsCall c;
@@ -413,21 +409,23 @@ Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::u
   d.scheme = layer.weight_scheme();
   d.code_dtype = layer.w13_.dtype;
   if (d.scheme != "none") {
-    const auto put_scales = [&](const Buffer& w13s, const Buffer& w2s, const Buffer& a13, const Buffer& a2,
-                                Impl::Scales* s) {
-      MOE_RETURN_IF_ERROR(upload(w13s.bytes.data(), w13s.bytes.size(), &s->w13));
-      MOE_RETURN_IF_ERROR(upload(w2s.bytes.data(), w2s.bytes.size(), &s->w2));
-      s->w13_shape = w13s.shape;
-      s->w2_shape = w2s.shape;
-      if (!a13.shape.empty()) MOE_RETURN_IF_ERROR(upload(a13.bytes.data(), a13.bytes.size(), &s->a13));
-      if (!a2.shape.empty()) MOE_RETURN_IF_ERROR(upload(a2.bytes.data(), a2.bytes.size(), &s->a2));
-      return Status::ok();
+    // The host buffers' views, each replaced by a view of its device copy.
+    const auto put_scales = [&](const MoeLayer::SchemeBuffers& held, Impl::Scales* s) {
+      s->tensors = held.tensors(layer.group_size_);
+      int i = 0;
+      Status st = Status::ok();
+      SchemeTensors::each(s->tensors, [&](const char*, std::optional<AnyTensor>& t) {
+        DeviceMemory& mem = s->memory[i++];
+        if (!st.is_ok() || !t) return;
+        std::size_t bytes = t->dtype == DType::kU8 ? 1 : 4;  // f32 scales, i32 orders, u8 zero points
+        for (Index e : t->extents) bytes *= static_cast<std::size_t>(e);
+        st = upload(t->data, bytes, &mem);
+        t->data = mem.get();
+      });
+      return st;
     };
-    MOE_RETURN_IF_ERROR(put_scales(layer.w13_scale_, layer.w2_scale_, layer.a13_scale_, layer.a2_scale_, &d.routed_scales));
-    if (layer.shared_tp_ > 0) {
-      MOE_RETURN_IF_ERROR(put_scales(layer.shared_w13_scale_, layer.shared_w2_scale_, layer.shared_a13_scale_,
-                                     layer.shared_a2_scale_, &d.shared_scales));
-    }
+    MOE_RETURN_IF_ERROR(put_scales(layer.routed_quant_, &d.routed_scales));
+    if (layer.shared_tp_ > 0) MOE_RETURN_IF_ERROR(put_scales(layer.shared_quant_, &d.shared_scales));
   }
   MOE_RETURN_IF_ERROR(d.plan(layer.config_, layer.parallel_, layer.dtype_, layer.local_experts_,
                              layer.intermediate_tp_, layer.shared_tp_, options));

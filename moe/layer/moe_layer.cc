@@ -45,11 +45,13 @@ void store_element(Buffer& b, Index i, float v) {
 
 std::size_t element_size(DType t) {
   switch (t) {
-    case DType::kF32: return 4;
+    case DType::kF32:
+    case DType::kI32: return 4;
     case DType::kBF16:
     case DType::kF16: return 2;
     case DType::kF8E4M3:
-    case DType::kI8: return 1;
+    case DType::kI8:
+    case DType::kU8: return 1;
     default: return 0;  // the layer holds no other dtype
   }
 }
@@ -346,10 +348,10 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   float a13 = 0.0f, a2 = 0.0f;  // static input scales: the largest over this rank's experts
   if (w8a8) {
     l.weight_scheme_ = qf.scheme;
-    l.w13_scale_ = make_buffer(DType::kF32, w13_scale_shape(qf, L, It, H));
-    l.w2_scale_ = make_buffer(DType::kF32, w2_scale_shape(qf, L, It, H));
-    s13_per_expert = L > 0 ? static_cast<Index>(l.w13_scale_.bytes.size() / sizeof(float)) / L : 0;
-    s2_per_expert = L > 0 ? static_cast<Index>(l.w2_scale_.bytes.size() / sizeof(float)) / L : 0;
+    l.routed_quant_.w13_scale = make_buffer(DType::kF32, w13_scale_shape(qf, L, It, H));
+    l.routed_quant_.w2_scale = make_buffer(DType::kF32, w2_scale_shape(qf, L, It, H));
+    s13_per_expert = L > 0 ? static_cast<Index>(l.routed_quant_.w13_scale.bytes.size() / sizeof(float)) / L : 0;
+    s2_per_expert = L > 0 ? static_cast<Index>(l.routed_quant_.w2_scale.bytes.size() / sizeof(float)) / L : 0;
   }
   if (config.expert_biases) {
     l.w13_bias_ = make_buffer(dtype, {L, 2 * It});
@@ -397,8 +399,8 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
       MOE_RETURN_IF_ERROR(open_quant_linear(open_float, used, ckpt, qf, e + config.down_name, H, I, &dl));
       copy_quant_expert(qf, gl, ul, dl, i0, It, H, reinterpret_cast<std::uint8_t*>(l.w13_.bytes.data()) + local * 2 * It * H,
                         reinterpret_cast<std::uint8_t*>(l.w2_.bytes.data()) + local * H * It,
-                        reinterpret_cast<float*>(l.w13_scale_.bytes.data()) + local * s13_per_expert,
-                        reinterpret_cast<float*>(l.w2_scale_.bytes.data()) + local * s2_per_expert);
+                        reinterpret_cast<float*>(l.routed_quant_.w13_scale.bytes.data()) + local * s13_per_expert,
+                        reinterpret_cast<float*>(l.routed_quant_.w2_scale.bytes.data()) + local * s2_per_expert);
       if (qf.static_inputs) {
         a13 = std::max({a13, gl.input_scale(0), ul.input_scale(0)});
         a2 = std::max(a2, dl.input_scale(0));
@@ -476,10 +478,10 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   }
 
   if (w8a8 && qf.static_inputs) {
-    l.a13_scale_ = make_buffer(DType::kF32, {1});
-    l.a2_scale_ = make_buffer(DType::kF32, {1});
-    store_element(l.a13_scale_, 0, L > 0 ? a13 : 1.0f);  // no local expert: never read
-    store_element(l.a2_scale_, 0, L > 0 ? a2 : 1.0f);
+    l.routed_quant_.a13_scale = make_buffer(DType::kF32, {1});
+    l.routed_quant_.a2_scale = make_buffer(DType::kF32, {1});
+    store_element(l.routed_quant_.a13_scale, 0, L > 0 ? a13 : 1.0f);  // no local expert: never read
+    store_element(l.routed_quant_.a2_scale, 0, L > 0 ? a2 : 1.0f);
   }
 
   // Shared expert(s): one dense gated MLP, split over TP like the experts; rank 0 only under EP.
@@ -495,17 +497,17 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
       l.shared_tp_ = St;
       l.shared_w13_ = make_buffer(qf.codes, {1, 2 * St, H});
       l.shared_w2_ = make_buffer(qf.codes, {1, H, St});
-      l.shared_w13_scale_ = make_buffer(DType::kF32, w13_scale_shape(qf, 1, St, H));
-      l.shared_w2_scale_ = make_buffer(DType::kF32, w2_scale_shape(qf, 1, St, H));
+      l.shared_quant_.w13_scale = make_buffer(DType::kF32, w13_scale_shape(qf, 1, St, H));
+      l.shared_quant_.w2_scale = make_buffer(DType::kF32, w2_scale_shape(qf, 1, St, H));
       copy_quant_expert(qf, gl, ul, dl, s0, St, H, reinterpret_cast<std::uint8_t*>(l.shared_w13_.bytes.data()),
                         reinterpret_cast<std::uint8_t*>(l.shared_w2_.bytes.data()),
-                        reinterpret_cast<float*>(l.shared_w13_scale_.bytes.data()),
-                        reinterpret_cast<float*>(l.shared_w2_scale_.bytes.data()));
+                        reinterpret_cast<float*>(l.shared_quant_.w13_scale.bytes.data()),
+                        reinterpret_cast<float*>(l.shared_quant_.w2_scale.bytes.data()));
       if (qf.static_inputs) {
-        l.shared_a13_scale_ = make_buffer(DType::kF32, {1});
-        l.shared_a2_scale_ = make_buffer(DType::kF32, {1});
-        store_element(l.shared_a13_scale_, 0, std::max(gl.input_scale(0), ul.input_scale(0)));
-        store_element(l.shared_a2_scale_, 0, dl.input_scale(0));
+        l.shared_quant_.a13_scale = make_buffer(DType::kF32, {1});
+        l.shared_quant_.a2_scale = make_buffer(DType::kF32, {1});
+        store_element(l.shared_quant_.a13_scale, 0, std::max(gl.input_scale(0), ul.input_scale(0)));
+        store_element(l.shared_quant_.a2_scale, 0, dl.input_scale(0));
       }
     } else {
     MOE_RETURN_IF_ERROR(open(e + "gate_proj.weight", {S, H}, &gs));
@@ -658,20 +660,12 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     req.w13_bias = resident_->w13_bias;
     req.w2_bias = resident_->w2_bias;
     req.expert_map = resident_->expert_map;
-    req.w13_scale = resident_->w13_scale;
-    req.w2_scale = resident_->w2_scale;
-    req.a13_scale = resident_->a13_scale;
-    req.a2_scale = resident_->a2_scale;
+    req.quant = resident_->quant;
     req.weights_on_device = true;
   } else {
     req.w13 = w13_.tensor();
     req.w2 = w2_.tensor();
-    if (weight_scheme_ != "none") {
-      req.w13_scale = w13_scale_.tensor();
-      req.w2_scale = w2_scale_.tensor();
-      if (!a13_scale_.shape.empty()) req.a13_scale = a13_scale_.tensor();
-      if (!a2_scale_.shape.empty()) req.a2_scale = a2_scale_.tensor();
-    }
+    req.quant = routed_quant_.tensors(group_size_);
     if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
     if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
     map = expert_map_;
@@ -705,17 +699,7 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     sr.top_k = 1;
     sr.w13 = resident_ ? resident_->shared_w13 : shared_w13_.tensor();
     sr.w2 = resident_ ? resident_->shared_w2 : shared_w2_.tensor();
-    if (resident_) {
-      sr.w13_scale = resident_->shared_w13_scale;
-      sr.w2_scale = resident_->shared_w2_scale;
-      sr.a13_scale = resident_->shared_a13_scale;
-      sr.a2_scale = resident_->shared_a2_scale;
-    } else if (weight_scheme_ != "none") {
-      sr.w13_scale = shared_w13_scale_.tensor();
-      sr.w2_scale = shared_w2_scale_.tensor();
-      if (!shared_a13_scale_.shape.empty()) sr.a13_scale = shared_a13_scale_.tensor();
-      if (!shared_a2_scale_.shape.empty()) sr.a2_scale = shared_a2_scale_.tensor();
-    }
+    sr.quant = resident_ ? resident_->shared_quant : shared_quant_.tensors(group_size_);
     sr.weights_on_device = resident_ != nullptr;
     sr.output = so.tensor();
     sr.options = options;
@@ -738,6 +722,18 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   for (Index i = 0; i < M * H; ++i) store_element(rows, i, total[i]);
   std::memcpy(r->output.bytes.data() + static_cast<std::size_t>(m0 * H) * elem, rows.bytes.data(), rows.bytes.size());
   return Status::ok();
+}
+
+SchemeTensors MoeLayer::SchemeBuffers::tensors(Index group_size) const {
+  SchemeTensors t;
+  t.group_size = group_size;
+  const Buffer* held[] = {&w13_scale, &w2_scale, &a13_scale, &a2_scale, &w13_zero, &w2_zero, &w13_k_order};
+  int i = 0;
+  SchemeTensors::each(t, [&](const char*, std::optional<AnyTensor>& v) {
+    const Buffer* b = held[i++];
+    if (!b->shape.empty()) v = b->tensor();
+  });
+  return t;
 }
 
 Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
@@ -766,21 +762,21 @@ Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
     MOE_RETURN_IF_ERROR(put_buffer(shared_w13_, &r->shared_w13));
     MOE_RETURN_IF_ERROR(put_buffer(shared_w2_, &r->shared_w2));
   }
-  const auto put_scale = [&](const Buffer& b, std::optional<AnyTensor>* out) {
-    return b.shape.empty() ? Status::ok() : put_buffer(b, &out->emplace());
+  // The scheme's tensors: the host views, each replaced by its device copy.
+  const auto put_scheme = [&](const SchemeBuffers& b, SchemeTensors* out) {
+    *out = b.tensors(group_size_);
+    Status st = Status::ok();
+    SchemeTensors::each(*out, [&](const char*, std::optional<AnyTensor>& t) {
+      if (!st.is_ok() || !t) return;
+      const AnyTensor host = *t;
+      Index n = 1;
+      for (Index e : host.extents) n *= e;
+      st = put(host.data, static_cast<std::size_t>(n) * element_size(host.dtype), host.dtype, host.extents, &*t);
+    });
+    return st;
   };
-  if (weight_scheme_ != "none") {
-    MOE_RETURN_IF_ERROR(put_scale(w13_scale_, &r->w13_scale));
-    MOE_RETURN_IF_ERROR(put_scale(w2_scale_, &r->w2_scale));
-    MOE_RETURN_IF_ERROR(put_scale(a13_scale_, &r->a13_scale));
-    MOE_RETURN_IF_ERROR(put_scale(a2_scale_, &r->a2_scale));
-    if (shared_tp_ > 0) {
-      MOE_RETURN_IF_ERROR(put_scale(shared_w13_scale_, &r->shared_w13_scale));
-      MOE_RETURN_IF_ERROR(put_scale(shared_w2_scale_, &r->shared_w2_scale));
-      MOE_RETURN_IF_ERROR(put_scale(shared_a13_scale_, &r->shared_a13_scale));
-      MOE_RETURN_IF_ERROR(put_scale(shared_a2_scale_, &r->shared_a2_scale));
-    }
-  }
+  MOE_RETURN_IF_ERROR(put_scheme(routed_quant_, &r->quant));
+  if (shared_tp_ > 0) MOE_RETURN_IF_ERROR(put_scheme(shared_quant_, &r->shared_quant));
   r->find = device_find;
   resident_ = std::move(r);
   return Status::ok();
@@ -788,10 +784,9 @@ Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
 
 std::size_t MoeLayer::weight_bytes() const {
   std::size_t n = 0;
-  for (const Buffer* b : {&w13_, &w2_, &w13_bias_, &w2_bias_, &shared_w13_, &shared_w2_, &w13_scale_, &w2_scale_,
-                          &shared_w13_scale_, &shared_w2_scale_, &a13_scale_, &a2_scale_, &shared_a13_scale_,
-                          &shared_a2_scale_}) {
-    n += b->bytes.size();
+  for (const Buffer* b : {&w13_, &w2_, &w13_bias_, &w2_bias_, &shared_w13_, &shared_w2_}) n += b->bytes.size();
+  for (const SchemeBuffers* q : {&routed_quant_, &shared_quant_}) {
+    SchemeBuffers::each(*q, [&](const Buffer& b) { n += b.bytes.size(); });
   }
   return n;
 }

@@ -92,10 +92,23 @@ class MoeLayer {
   Buffer w13_, w2_, w13_bias_, w2_bias_;  // biases empty (no shape) when absent
   Buffer shared_w13_, shared_w2_;         // [1, 2*S, H], [1, H, S]
   // Quantized weights (weight_scheme_ != "none"): w13_ / w2_ (and the shared ones) hold codes and
-  // these their f32 scales, in the scheme's layout (moe/quant/w8a8.h).
+  // these the scheme's tensors (SchemeTensors' members, moe/layer/registry.h), in its layouts
+  // (moe/quant/w8a8.h, weight_only.h); a member the scheme does not use has no shape.
+  struct SchemeBuffers {
+    Buffer w13_scale, w2_scale, a13_scale, a2_scale, w13_zero, w2_zero, w13_k_order;
+    // Views of the held members; `group_size` the weight-only schemes' group.
+    SchemeTensors tensors(Index group_size) const;
+    template <class Self, class F>
+    static void each(Self& self, F&& f) {
+      for (auto* b : {&self.w13_scale, &self.w2_scale, &self.a13_scale, &self.a2_scale, &self.w13_zero, &self.w2_zero,
+                      &self.w13_k_order}) {
+        f(*b);
+      }
+    }
+  };
   std::string weight_scheme_ = "none";
-  Buffer w13_scale_, w2_scale_, shared_w13_scale_, shared_w2_scale_;
-  Buffer a13_scale_, a2_scale_, shared_a13_scale_, shared_a2_scale_;  // static activation scales [1], or empty
+  SchemeBuffers routed_quant_, shared_quant_;
+  Index group_size_ = 0;  // weight-only schemes
   std::vector<float> shared_gate_;        // [H] or empty
 
   // Device copies of the weights (make_resident): tensors whose data are device pointers.
@@ -103,9 +116,7 @@ class MoeLayer {
     std::vector<std::shared_ptr<void>> memory;
     AnyTensor w13, w2, shared_w13, shared_w2;
     std::optional<AnyTensor> w13_bias, w2_bias, expert_map;
-    // Quantized schemes: the scales beside the codes (empty where the scheme has none).
-    std::optional<AnyTensor> w13_scale, w2_scale, a13_scale, a2_scale;
-    std::optional<AnyTensor> shared_w13_scale, shared_w2_scale, shared_a13_scale, shared_a2_scale;
+    SchemeTensors quant, shared_quant;  // quantized schemes: the tensors beside the codes
     KernelFinder find = nullptr;
   };
   std::shared_ptr<const Resident> resident_;

@@ -40,15 +40,7 @@ Status forward(const ForwardRequest& r) {
   MOE_RETURN_IF_ERROR((bind_optional<std::int32_t, 1>(r.expert_map, "expert_map", &a.expert_map)));
   a.top_k = r.top_k;
   a.activation = activation_arguments<Activation>(r.activation);
-  if constexpr (Q::kQuantized) {
-    if (!r.w13_scale || !r.w2_scale) return invalid_argument("w13_scale/w2_scale: required by ", scheme_key<Q>(), " weights");
-    MOE_RETURN_IF_ERROR(bind(*r.w13_scale, "w13_scale", &a.quant.w13_scale));
-    MOE_RETURN_IF_ERROR(bind(*r.w2_scale, "w2_scale", &a.quant.w2_scale));
-    MOE_RETURN_IF_ERROR((bind_optional<float, 1>(r.a13_scale, "a13_scale", &a.quant.a13_scale)));
-    MOE_RETURN_IF_ERROR((bind_optional<float, 1>(r.a2_scale, "a2_scale", &a.quant.a2_scale)));
-  } else if (r.w13_scale || r.w2_scale || r.a13_scale || r.a2_scale) {
-    return invalid_argument("w13_scale/w2_scale: given for unquantized weights");
-  }
+  MOE_RETURN_IF_ERROR((bind_scheme_tensors<Q, HostSpace>(r.quant, &a.quant)));
   return Kernel(r.options).run(a);
 }
 

@@ -31,6 +31,62 @@ struct KernelKey {
   std::string to_string() const;
 };
 
+// The tensors a quantized scheme keeps beside the codes (moe/quant/w8a8.h, moe/quant/weight_only.h),
+// each absent where the scheme has none: weight scales f32; static activation scales f32 [1];
+// weight-only zero points u8 (the scales' shapes) and act-order i32 [E, H]; the weight-only group.
+struct SchemeTensors {
+  std::optional<AnyTensor> w13_scale, w2_scale, a13_scale, a2_scale, w13_zero, w2_zero, w13_k_order;
+  Index group_size = 0;
+  // f(name, tensor) for every member, in this order (uploads, copies, messages).
+  template <class Self, class F>
+  static void each(Self& self, F&& f) {
+    f("w13_scale", self.w13_scale), f("w2_scale", self.w2_scale), f("a13_scale", self.a13_scale);
+    f("a2_scale", self.a2_scale), f("w13_zero", self.w13_zero), f("w2_zero", self.w2_zero);
+    f("w13_k_order", self.w13_k_order);
+  }
+  bool any() const {
+    bool found = false;
+    each(*this, [&](const char*, const std::optional<AnyTensor>& t) { found = found || t.has_value(); });
+    return found;
+  }
+};
+
+// Binds `t` into scheme Q's arguments (views on host or device memory: Space), with an error that
+// names a tensor the scheme requires but `t` lacks, or one it has that Q does not take.
+template <class Q, class Space>
+Status bind_scheme_tensors(const SchemeTensors& t, typename Q::template Arguments<Space>* a) {
+  constexpr bool kWeightOnly = quant::weight_only_v<Q>;
+  const auto optional = [](const std::optional<AnyTensor>& from, std::string_view name, auto* to) -> Status {
+    if (!from) return Status::ok();
+    typename std::remove_reference_t<decltype(*to)>::value_type v;
+    MOE_RETURN_IF_ERROR(bind(*from, name, &v));
+    *to = v;
+    return Status::ok();
+  };
+  if constexpr (Q::kQuantized || kWeightOnly) {
+    if (!t.w13_scale || !t.w2_scale) return invalid_argument("w13_scale/w2_scale: required by ", scheme_key<Q>(), " weights");
+    MOE_RETURN_IF_ERROR(bind(*t.w13_scale, "w13_scale", &a->w13_scale));
+    MOE_RETURN_IF_ERROR(bind(*t.w2_scale, "w2_scale", &a->w2_scale));
+    if constexpr (kWeightOnly) {
+      if (t.a13_scale || t.a2_scale) return invalid_argument("a13_scale/a2_scale: ", scheme_key<Q>(), " takes no activation scales");
+      MOE_RETURN_IF_ERROR(optional(t.w13_zero, "w13_zero", &a->w13_zero));
+      MOE_RETURN_IF_ERROR(optional(t.w2_zero, "w2_zero", &a->w2_zero));
+      MOE_RETURN_IF_ERROR(optional(t.w13_k_order, "w13_k_order", &a->w13_k_order));
+      a->group_size = t.group_size;
+    } else {
+      if (t.w13_zero || t.w2_zero || t.w13_k_order) {
+        return invalid_argument("w13_zero/w2_zero/w13_k_order: ", scheme_key<Q>(), " takes no zero points or K order");
+      }
+      MOE_RETURN_IF_ERROR(optional(t.a13_scale, "a13_scale", &a->a13_scale));
+      MOE_RETURN_IF_ERROR(optional(t.a2_scale, "a2_scale", &a->a2_scale));
+    }
+    return Status::ok();
+  } else {
+    if (t.any()) return invalid_argument("w13_scale/w2_scale: given for unquantized weights");
+    return Status::ok();
+  }
+}
+
 // One forward on type-erased host tensors. dtypes: hidden_states, w13, w2, biases and output in
 // KernelKey::dtype; topk_weights f32; topk_ids / expert_map i32.
 struct ForwardRequest {
@@ -39,15 +95,13 @@ struct ForwardRequest {
   std::optional<AnyTensor> topk_weights;     // [M, k]
   int top_k = 1;
   AnyTensor w13, w2;                         // [E_local, 2I|I, H], [E_local, H, I]
-  std::optional<AnyTensor> w13_scale, w2_scale;  // quantized schemes: f32 scales (moe/quant/w8a8.h)
-  std::optional<AnyTensor> a13_scale, a2_scale;  // static activation scales: f32 [1]
+  SchemeTensors quant;                       // quantized and weight-only schemes
   std::optional<AnyTensor> w13_bias, w2_bias;
   std::optional<AnyTensor> expert_map;       // [E]
   ActivationParams activation;
   AnyTensor output;                          // [M, H]
   cpu::Options options;
-  // The CUDA entries only: w13, w2, their biases, the weight and static activation scales and
-  // expert_map already live in device memory (a layer made resident); the other tensors are host
+  // The CUDA entries only: w13, w2, their biases, the scheme's tensors and expert_map already live in device memory (a layer made resident); the other tensors are host
   // tensors, copied per call.
   bool weights_on_device = false;
 };
@@ -60,7 +114,8 @@ Status find_kernel(const KernelKey& key, ForwardFn* out);
 // A backend's table of prebuilt kernels: one entry per BuiltExperts entry and dtype, and one per
 // scheme of `Schemes` (quantized) and BuiltQuantizedExperts entry and dtype, each made by
 // `make.template operator()<Experts, T, Scheme>()` (Experts an ExpertsPolicies, T the IO type:
-// float/bfloat16/half, Scheme quant::None<T> or one of Schemes).
+// float/bfloat16/half, Scheme quant::None<T>, one of Schemes or of BuiltWeightOnlySchemes; the
+// weight-only ones in bfloat16 and half only).
 template <class Fn, class Schemes = PolicyList<>>
 class KernelTable {
  public:
@@ -68,6 +123,7 @@ class KernelTable {
   explicit KernelTable(Make make) {
     add_all(BuiltExperts{}, make);
     add_quantized(Schemes{}, make);
+    add_quantized(BuiltWeightOnlySchemes{}, make);
   }
   // The entry for `key`, or an error naming the backend and listing what is built.
   Status find(const KernelKey& key, std::string_view backend, Fn* out) const {
@@ -95,7 +151,7 @@ class KernelTable {
   }
   template <class Q, class... E, class Make>
   void add_scheme(PolicyList<E...>, Make& make) {
-    (add<E, float, Q>(make), ...);
+    if constexpr (!quant::weight_only_v<Q>) (add<E, float, Q>(make), ...);  // weight-only: bf16/f16 activations
     (add<E, bfloat16, Q>(make), ...);
     (add<E, half, Q>(make), ...);
   }

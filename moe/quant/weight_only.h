@@ -9,6 +9,14 @@
 //                                                               (0: one group over the whole K)
 //   w13_zero, w2_zero (optional) uint8, the scales' shapes     one code per (row, group), unpacked
 //                                                               (the loaders unpack GPTQ/AWQ's)
+//   w13_k_order (optional) int32 [E, H]                         act-order (GPTQ desc_act): K element
+//                                                               k of expert e's w13 codes multiplies
+//                                                               hidden column w13_k_order[e][k]
+//
+// Act-order keeps groups contiguous: a loader sorts K by GPTQ's g_idx and stores the codes in that
+// order with the order beside them, so group g is again K elements [g G, (g + 1) G). Only GEMM1
+// needs the order at run time: w2's K order is the intermediate's, which the loader folds into the
+// order of w13's rows (moe/layer/moe_layer.cc).
 //
 // The arithmetic, the same on every backend (and in the tests' independent reference):
 //   s_io = IO(scale)          the scale in the activation dtype, as vLLM keeps it
@@ -18,9 +26,13 @@
 // zero point are read (a packed format carries no more).
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <type_traits>
+#include <vector>
 
 #include "moe/quant/numeric.h"
 #include "moe/quant/scheme.h"
@@ -65,6 +77,9 @@ struct WeightOnlyInt {
     TensorView<const float, 3, Space> w13_scale;  // [E, N1, groups(H)]
     TensorView<const float, 3, Space> w2_scale;   // [E, H, groups(I)]
     std::optional<TensorView<const std::uint8_t, 3, Space>> w13_zero, w2_zero;  // the scales' shapes
+    // Act-order: a permutation of [0, H) per expert. Host tensors are checked to be one; the CUDA
+    // backend reads 0 for an index outside [0, H) rather than outside the row.
+    std::optional<TensorView<const std::int32_t, 2, Space>> w13_k_order;  // [E, H]
     Index group_size = 128;  // K elements per scale; 0: per channel (one group over K)
 
     // The shapes against a forward's sizes; an error names the tensor, the expected and the
@@ -84,10 +99,34 @@ struct WeightOnlyInt {
         MOE_RETURN_IF_ERROR(check("quant.w13_zero", *w13_zero, s13));
         MOE_RETURN_IF_ERROR(check("quant.w2_zero", *w2_zero, s2));
       }
+      if (w13_k_order) MOE_RETURN_IF_ERROR(check_k_order(*w13_k_order, E, H));
       return Status::ok();
     }
 
    private:
+    static Status check_k_order(const TensorView<const std::int32_t, 2, Space>& v, Index E, Index H) {
+      const std::array<Index, 2> expect{E, H};
+      if (v.extents() != expect) {
+        return invalid_argument("quant.w13_k_order: expected shape ", detail::format_shape(expect), ", got ",
+                                detail::format_shape(v.extents()));
+      }
+      if (!v.is_contiguous()) return invalid_argument("quant.w13_k_order: expected a contiguous tensor");
+      if constexpr (std::is_same_v<Space, HostSpace>) {
+        std::vector<bool> seen(static_cast<std::size_t>(H));
+        for (Index e = 0; e < E; ++e) {
+          std::fill(seen.begin(), seen.end(), false);
+          for (Index k = 0; k < H; ++k) {
+            const std::int32_t c = v(e, k);
+            if (c < 0 || c >= H || seen[static_cast<std::size_t>(c)]) {
+              return invalid_argument("quant.w13_k_order: row ", e, " is not a permutation of [0, ", H, ") (", c,
+                                      " at ", k, ")");
+            }
+            seen[static_cast<std::size_t>(c)] = true;
+          }
+        }
+      }
+      return Status::ok();
+    }
     template <class T>
     static Status check(const char* name, const TensorView<const T, 3, Space>& v, const std::array<Index, 3>& expect) {
       if (v.data() == nullptr && expect[0] * expect[1] * expect[2] > 0) {

@@ -30,6 +30,7 @@ struct Problem {
   int top_k = 2;
   Index group = 64;  // 0: per channel
   bool zero_points = true;
+  bool act_order = false;  // GPTQ desc_act: w13's codes stored in a per-expert K order
 };
 
 template <class Q, class IO>
@@ -43,6 +44,7 @@ struct WeightOnlyCase {
   std::vector<std::int32_t> ids;
   std::vector<float> weights;
   QuantizedMatrix<kBits> w13, w2;
+  std::vector<std::int32_t> k_order;  // [E, H] act-order, or empty
 
   explicit WeightOnlyCase(Problem pr, std::uint32_t seed = 1) : p(pr) {
     testing::Random r(seed);
@@ -57,6 +59,15 @@ struct WeightOnlyCase {
     w13 = quantize<kBits>(p.E, 2 * p.I, p.H, p.group, p.zero_points, seed + 1);
     w2 = quantize<kBits>(p.E, p.H, p.I, p.group, p.zero_points, seed + 2);
     out.assign(hidden.size(), from_float<IO>(-7.0f));
+    if (p.act_order) {  // a different shuffle of the hidden columns per expert
+      std::mt19937 gen(seed + 3);
+      for (Index e = 0; e < p.E; ++e) {
+        std::vector<std::int32_t> o(static_cast<std::size_t>(p.H));
+        std::iota(o.begin(), o.end(), 0);
+        std::shuffle(o.begin(), o.end(), gen);
+        k_order.insert(k_order.end(), o.begin(), o.end());
+      }
+    }
   }
 
   using K = Kernel<SpecOf<Q, IO>, cpu::Eigen>;
@@ -76,6 +87,7 @@ struct WeightOnlyCase {
       a.quant.w13_zero = HostView<const std::uint8_t, 3>(w13.zeros.data(), {p.E, 2 * p.I, w13.groups});
       a.quant.w2_zero = HostView<const std::uint8_t, 3>(w2.zeros.data(), {p.E, p.H, w2.groups});
     }
+    if (p.act_order) a.quant.w13_k_order = HostView<const std::int32_t, 2>(k_order.data(), {p.E, p.H});
     a.output = HostView<IO, 2>(out.data(), {p.M, p.H});
     return a;
   }
@@ -97,7 +109,9 @@ struct WeightOnlyCase {
         const int z = p.zero_points ? m.zeros[si] : (1 << (kBits - 1));
         const float s = to_float(from_float<IO>(m.scales[si]));
         const int q = static_cast<int>(m.codes[(e * N + n) * Kdim + k]);
-        w[n * Kdim + k] = to_float(from_float<IO>(static_cast<float>(q - z) * s));
+        // Act-order (w13 only): stored element k is the weight of hidden column k_order[e][k].
+        const Index column = &m == &w13 && !k_order.empty() ? k_order[e * p.H + k] : k;
+        w[n * Kdim + column] = to_float(from_float<IO>(static_cast<float>(q - z) * s));
       }
     }
     return w;
@@ -167,6 +181,25 @@ TEST(WeightOnly, W8A16MatchesTheReference) {
   expect_matches_reference<quant::W8A16>(Problem{9, 3, 96, 64, 3, 0, false}, 9);
 }
 
+// GPTQ act-order: each expert's w13 codes in their own K order, the order beside them. Checked
+// also: the order matters (the identity order gives another output).
+TEST(WeightOnly, ActOrderMatchesTheReference) {
+  Problem p;
+  p.act_order = true;
+  expect_matches_reference<quant::W4A16>(p, 13);
+  p.zero_points = false;
+  p.group = 128;
+  expect_matches_reference<quant::W8A16>(p, 14);
+  WeightOnlyCase<quant::W4A16, bfloat16> c(Problem{9, 3, 128, 64, 2, 32, false, true}, 15);
+  ASSERT_TRUE(c.run().is_ok());
+  const std::vector<bfloat16> ordered = c.out;
+  std::iota(c.k_order.begin(), c.k_order.begin() + 128, 0);  // expert 0 in the stored order
+  ASSERT_TRUE(c.run().is_ok());
+  int differ = 0;
+  for (std::size_t i = 0; i < ordered.size(); ++i) differ += to_float(ordered[i]) != to_float(c.out[i]);
+  EXPECT_GT(differ, 0);
+}
+
 // A 4-bit checkpoint whose nibbles are swapped (the odd k in the low nibble) is a different matrix:
 // the forward's output differs, so a packing-order bug cannot pass the comparison above by symmetry.
 TEST(WeightOnly, NibbleOrderMatters) {
@@ -203,6 +236,13 @@ TEST(WeightOnly, BadArgumentsAreNamedAndWriteNothing) {
   expect_error([&](auto& a) { a.quant.w2_zero = HostView<const std::uint8_t, 3>(bytes.data(), {5, 200, 2}); },
                {"quant.w2_zero", "[5, 200, 3]"});
   expect_error([&](auto& a) { a.quant.group_size = 48; }, {"quant.group_size", "multiple of 32", "48"});
+  std::vector<std::int32_t> order(5 * 200);
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<std::int32_t>(i % 200);
+  expect_error([&](auto& a) { a.quant.w13_k_order = HostView<const std::int32_t, 2>(order.data(), {5, 199}); },
+               {"quant.w13_k_order", "[5, 200]", "[5, 199]"});
+  order[3 * 200 + 7] = 8;  // expert 3 takes column 8 twice
+  expect_error([&](auto& a) { a.quant.w13_k_order = HostView<const std::int32_t, 2>(order.data(), {5, 200}); },
+               {"quant.w13_k_order", "row 3", "not a permutation"});
   // Unpacked widths where packed ones belong.
   expect_error([&](auto& a) { a.w13 = HostView<const std::uint8_t, 3>(bytes.data(), {5, 384, 200}); },
                {"w13", "H/pack", "100"});

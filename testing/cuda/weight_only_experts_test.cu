@@ -42,6 +42,7 @@ struct Shape {
   int top_k;
   Index group;  // 0: per channel
   bool zero_points;
+  bool act_order = false;  // w13's codes in a per-expert K order (GPTQ desc_act)
 };
 
 struct NoEdit {
@@ -58,6 +59,7 @@ struct Case {
   std::vector<std::int32_t> ids;
   std::vector<float> weights;
   moe::testing::QuantizedMatrix<kBits> w13, w2;
+  std::vector<std::int32_t> k_order;  // [E, H] with act_order
 
   Case(Shape s, std::uint32_t seed) : p(s) {
     std::mt19937 gen(seed);
@@ -74,13 +76,19 @@ struct Case {
     }
     w13 = moe::testing::quantize<kBits>(p.E, 2 * p.I, p.H, p.group, p.zero_points, seed + 1);
     w2 = moe::testing::quantize<kBits>(p.E, p.H, p.I, p.group, p.zero_points, seed + 2);
+    for (Index e = 0; p.act_order && e < p.E; ++e) {
+      std::vector<std::int32_t> o(static_cast<std::size_t>(p.H));
+      std::iota(o.begin(), o.end(), 0);
+      std::shuffle(o.begin(), o.end(), gen);
+      k_order.insert(k_order.end(), o.begin(), o.end());
+    }
   }
 
   template <class Kernel, class Space>
   typename Kernel::Arguments arguments(const IO* hid, const std::int32_t* ids_p, const float* wts,
                                        const std::uint8_t* c13, const std::uint8_t* c2, const float* s13,
                                        const float* s2, const std::uint8_t* z13, const std::uint8_t* z2,
-                                       IO* out) const {
+                                       IO* out, const std::int32_t* order = nullptr) const {
     typename Kernel::Arguments a;
     a.hidden_states = moe::TensorView<const IO, 2, Space>(hid, {p.M, p.H});
     a.topk_ids = moe::TensorView<const std::int32_t, 2, Space>(ids_p, {p.M, p.top_k});
@@ -95,6 +103,7 @@ struct Case {
       a.quant.w13_zero = moe::TensorView<const std::uint8_t, 3, Space>(z13, {p.E, 2 * p.I, w13.groups});
       a.quant.w2_zero = moe::TensorView<const std::uint8_t, 3, Space>(z2, {p.E, p.H, w2.groups});
     }
+    if (p.act_order) a.quant.w13_k_order = moe::TensorView<const std::int32_t, 2, Space>(order, {p.E, p.H});
     a.output = moe::TensorView<IO, 2, Space>(out, {p.M, p.H});
     return a;
   }
@@ -104,7 +113,7 @@ struct Case {
     using K = moe::Kernel<SpecOf<Q, IO>, moe::cpu::Eigen>;
     const auto a = arguments<K, moe::HostSpace>(hidden.data(), ids.data(), weights.data(), w13.packed.data(),
                                                  w2.packed.data(), w13.scales.data(), w2.scales.data(),
-                                                 w13.zeros.data(), w2.zeros.data(), out.data());
+                                                 w13.zeros.data(), w2.zeros.data(), out.data(), k_order.data());
     const moe::Status s = K().run(a);
     EXPECT_TRUE(s.is_ok()) << s.to_string();
     return out;
@@ -116,9 +125,10 @@ struct Case {
     DeviceBuffer<std::int32_t> di(ids);
     DeviceBuffer<float> dw(weights), ds13(w13.scales), ds2(w2.scales);
     DeviceBuffer<std::uint8_t> dc13(w13.packed), dc2(w2.packed), dz13(w13.zeros), dz2(w2.zeros);
+    DeviceBuffer<std::int32_t> dorder(k_order.empty() ? std::vector<std::int32_t>(1, 0) : k_order);
     using K = moe::Kernel<SpecOf<Q, IO>, Arch>;
     auto a = arguments<K, moe::DeviceSpace>(dh.data(), di.data(), dw.data(), dc13.data(), dc2.data(), ds13.data(),
-                                            ds2.data(), dz13.data(), dz2.data(), dout.data());
+                                            ds2.data(), dz13.data(), dz2.data(), dout.data(), dorder.data());
     edit(a);
     const K kernel;
     DeviceBuffer<std::byte> ws(std::max<std::size_t>(1, kernel.workspace_bytes(a)));
@@ -173,6 +183,14 @@ TEST_F(WeightOnlyExpertsTest, W8A16MatchesTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W8A16>({1, 8, 256, 192, 2, 128, true}, 7);
   expect_cuda_matches_cpu<quant::W8A16>({300, 8, 224, 320, 2, 32, false}, 8);
   expect_cuda_matches_cpu<quant::W8A16, moe::half>({23, 8, 256, 192, 2, 0, true}, 9);
+}
+
+// GPTQ act-order: GEMM1's input is permuted per expert on the device before the GEMM (decode, one
+// pass, several passes per expert).
+TEST_F(WeightOnlyExpertsTest, ActOrderMatchesTheCpuBackend) {
+  expect_cuda_matches_cpu<quant::W4A16>({1, 8, 256, 192, 2, 128, false, true}, 21);
+  expect_cuda_matches_cpu<quant::W4A16>({41, 16, 224, 320, 4, 32, true, true}, 22);
+  expect_cuda_matches_cpu<quant::W8A16, moe::half>({300, 8, 256, 128, 2, 64, false, true}, 23);
 }
 
 // The same forward on the Sm80CpAsync tag (what an A100 user gets) gives the same bits: the

@@ -426,4 +426,33 @@ Status launch(const Params& p, unsigned default_zero, const typename Activation:
   return cuda::detail::launch_kernel(kernel, grid, kThreads, 0, stream, false, p, default_zero, act_args);
 }
 
+// Act-order (GPTQ desc_act): x_ordered[r, k] = x[r, order[e][k]] for the rows r of each expert e's
+// segment, so the GEMM reads K in the order the codes are stored (moe/quant/weight_only.h). An
+// index outside [0, k) reads 0: the permutation is checked on the host, never trusted here.
+template <class IO>
+__global__ void order_k_kernel(const IO* __restrict__ x, const std::int32_t* __restrict__ order, const Index* seg_begin,
+                               const Index* seg_count, int k, IO* __restrict__ x_ordered) {
+  const int e = static_cast<int>(blockIdx.y);
+  const Index begin = seg_begin[e], count = seg_count[e];
+  const std::int32_t* o = order + static_cast<Index>(e) * k;
+  for (Index r = blockIdx.x; r < count; r += gridDim.x) {
+    const IO* src = x + (begin + r) * k;
+    IO* dst = x_ordered + (begin + r) * k;
+    for (int c = static_cast<int>(threadIdx.x); c < k; c += static_cast<int>(blockDim.x)) {
+      const std::int32_t from = __ldg(o + c);
+      dst[c] = from >= 0 && from < k ? src[from] : IO(0.0f);
+    }
+  }
+}
+
+template <class IO>
+Status order_k(const IO* x, const std::int32_t* order, const Index* seg_begin, const Index* seg_count, int num_experts,
+               int k, Index rows, IO* x_ordered, cudaStream_t stream) {
+  if (num_experts == 0 || rows == 0) return Status::ok();
+  const dim3 grid(static_cast<unsigned>(rows < 1024 ? rows : 1024), static_cast<unsigned>(num_experts));
+  order_k_kernel<IO><<<grid, 256, 0, stream>>>(x, order, seg_begin, seg_count, k, x_ordered);
+  MOE_CUDA_CHECK_LAUNCH();
+  return Status::ok();
+}
+
 }  // namespace moe::cuda::gemm::weight_only

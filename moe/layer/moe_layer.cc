@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "moe/cpu/ops.h"
+#include "moe/layer/weight_only_loader.h"
 
 namespace moe::layer {
 namespace {
@@ -244,6 +245,80 @@ void copy_quant_expert(const QuantFormat& f, const QuantLinear& gate, const Quan
   }
 }
 
+// ---- weight-only checkpoints (GPTQ, AWQ, compressed-tensors pack-quantized) ------------------
+//
+// Each Linear is unpacked and repacked into moe/quant/weight_only.h's layout by
+// moe/layer/weight_only_loader.h, which documents the stored formats. A tensor-parallel rank takes
+// rows [i0, i0 + It) of gate and up and those columns of down: exact where the columns form whole
+// groups (i0 a multiple of group_size without act-order), refused otherwise.
+struct ExpertNames {
+  std::string gate, up, down;
+};
+
+class WeightOnlyLoad {
+ public:
+  WeightOnlyLoad() = default;
+  WeightOnlyLoad(const QuantizationConfig& q, const ParallelLayout& par) : q_(&q), par_(par) {}
+  Index group_size() const { return q_->weight_scale == WeightScaleLayout::kGroup ? q_->group_size : 0; }
+  std::string scheme() const { return q_->weight_bits == 4 ? scheme_key<quant::W4A16>() : scheme_key<quant::W8A16>(); }
+
+  // The scheme's tensors for `L` experts of `m` intermediate rows.
+  void allocate(Index L, Index m, Index H, MoeLayer::SchemeBuffers* b) const {
+    const Index G = group_size();
+    const Index g13 = quant::W4A16::groups(H, G), g2 = quant::W4A16::groups(m, G);
+    b->w13_scale = make_buffer(DType::kF32, {L, 2 * m, g13});
+    b->w2_scale = make_buffer(DType::kF32, {L, H, g2});
+    if (q_->zero_points) {
+      b->w13_zero = make_buffer(DType::kU8, {L, 2 * m, g13});
+      b->w2_zero = make_buffer(DType::kU8, {L, H, g2});
+    }
+    if (q_->act_order) b->w13_k_order = make_buffer(DType::kI32, {L, H});
+  }
+
+  // The expert `prefix` ("...experts.3.") into slot `local` of the buffers: intermediate rows
+  // [i0, i0 + m) of I.
+  Status expert(const io::Checkpoint& ckpt, const std::string& prefix, const ExpertNames& names, Index I, Index H,
+                Index i0, Index m, Index local, std::set<std::string>* used, Buffer* w13, Buffer* w2,
+                MoeLayer::SchemeBuffers* b) {
+    IntLinear gate, up, down;
+    MOE_RETURN_IF_ERROR(read_int_linear(ckpt, *q_, prefix + names.gate, I, H, used, &gate));
+    MOE_RETURN_IF_ERROR(read_int_linear(ckpt, *q_, prefix + names.up, I, H, used, &up));
+    MOE_RETURN_IF_ERROR(read_int_linear(ckpt, *q_, prefix + names.down, H, I, used, &down));
+    const Index pack = 8 / q_->weight_bits, G = group_size();
+    const Index g13 = quant::W4A16::groups(H, G), g2 = quant::W4A16::groups(m, G);
+    const auto at = [](Buffer& buf, Index offset) { return reinterpret_cast<std::uint8_t*>(buf.bytes.data()) + offset; };
+    scratch_order_.resize(static_cast<std::size_t>(H));
+    WeightOnlyExpertOut out{};
+    out.w13 = at(*w13, local * 2 * m * (H / pack));
+    out.w2 = at(*w2, local * H * (m / pack));
+    out.s13 = reinterpret_cast<float*>(b->w13_scale.bytes.data()) + local * 2 * m * g13;
+    out.s2 = reinterpret_cast<float*>(b->w2_scale.bytes.data()) + local * H * g2;
+    if (q_->zero_points) {
+      out.z13 = at(b->w13_zero, local * 2 * m * g13);
+      out.z2 = at(b->w2_zero, local * H * g2);
+    }
+    out.k_order = q_->act_order ? reinterpret_cast<std::int32_t*>(b->w13_k_order.bytes.data()) + local * H
+                                : scratch_order_.data();
+    std::string what = prefix.substr(0, prefix.size() - 1);
+    if (par_.tp_size > 1) what += " (tp_rank " + std::to_string(par_.tp_rank) + " of tp_size " + std::to_string(par_.tp_size) + ")";
+    bool ordered = false;
+    MOE_RETURN_IF_ERROR(pack_weight_only_expert(gate, up, down, i0, m, q_->weight_bits, G, what, out, &ordered));
+    any_ordered_ = any_ordered_ || ordered;
+    return Status::ok();
+  }
+
+  // Drops a K order that is the identity for every expert (no permutation pass at run time).
+  void finish(MoeLayer::SchemeBuffers* b) const {
+    if (!any_ordered_) b->w13_k_order = Buffer{};
+  }
+
+ private:
+  const QuantizationConfig* q_ = nullptr;
+  ParallelLayout par_;
+  bool any_ordered_ = false;
+  std::vector<std::int32_t> scratch_order_;
+};
+
 // gate/up/down of one expert as float, already sliced to this tensor-parallel rank.
 struct ExpertWeights {
   std::vector<float> gate, up;  // [It, H]
@@ -266,10 +341,16 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
                        "rather than run the quantized tensors as if they were unscaled");
   }
   const bool w8a8 = quant.method == QuantMethod::kFp8 || quant.method == QuantMethod::kInt8;  // runnable() ones
+  const bool weight_only = quant.method == QuantMethod::kWeightOnly;
   const QuantFormat qf = w8a8 ? quant_format_of(quant) : QuantFormat{};
-  if (w8a8 && (config.expert_layout != ExpertLayout::kPerExpertLinear || config.expert_biases)) {
-    return unsupported("config.quantization_config: W8A8 experts are read for per-expert Linear layouts "
-                       "(experts.{e}.<gate|up|down>_proj) without biases; ", config.architecture_name, " stores them otherwise");
+  if ((w8a8 || weight_only) && (config.expert_layout != ExpertLayout::kPerExpertLinear || config.expert_biases)) {
+    return unsupported("config.quantization_config: ", w8a8 ? "W8A8" : "weight-only",
+                       " experts are read for per-expert Linear layouts (experts.{e}.<gate|up|down>_proj) without "
+                       "biases; ", config.architecture_name, " stores them otherwise");
+  }
+  if (weight_only && dtype == DType::kF32) {
+    return unsupported("dtype: weight-only checkpoints (", quant.describe(),
+                       ") run with bf16 or f16 activations, as vLLM's; got f32");
   }
   if (par.tp_size < 1 || par.tp_rank < 0 || par.tp_rank >= par.tp_size) {
     return invalid_argument("tp_rank: expected 0 <= tp_rank < tp_size=", par.tp_size, ", got ", par.tp_rank);
@@ -287,6 +368,12 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     return unsupported("tp_size: ", par.tp_size, " splits the intermediate size ", I, " (shared ", config.shared_intermediate,
                        ") into slices that cut through the 128x128 scale blocks (weight_block_size); use a "
                        "tp_size whose slices are multiples of 128");
+  }
+  const Index pack = weight_only ? 8 / quant.weight_bits : 1;  // codes per stored byte along K
+  if (weight_only && (H % pack != 0 || (I / par.tp_size) % pack != 0 || (config.shared_intermediate / par.tp_size) % pack != 0)) {
+    return unsupported("config.quantization_config: ", quant.weight_bits, "-bit codes are stored ", pack,
+                       " per byte along K; hidden size ", H, " and the per-rank intermediate sizes ", I / par.tp_size,
+                       " (shared ", config.shared_intermediate / par.tp_size, ") must be multiples of ", pack);
   }
   ExpertMap em;
   MOE_RETURN_IF_ERROR(determine_expert_map(par.ep_size, par.ep_rank, E, par.placement, &em));
@@ -338,9 +425,9 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   // Routed experts.
   const bool interleaved = gate_up_layout(config.activation) == GateUpLayout::kInterleaved;
   const Index L = l.local_experts_;
-  const DType weight_dtype = w8a8 ? qf.codes : dtype;
-  l.w13_ = make_buffer(weight_dtype, {L, 2 * It, H});
-  l.w2_ = make_buffer(weight_dtype, {L, H, It});
+  const DType weight_dtype = w8a8 ? qf.codes : weight_only ? DType::kU8 : dtype;
+  l.w13_ = make_buffer(weight_dtype, {L, 2 * It, H / pack});
+  l.w2_ = make_buffer(weight_dtype, {L, H, It / pack});
   const OpenFloat open_float = [&](const std::string& name, const std::vector<Index>& shape, Source* src) {
     return open(name, shape, src);
   };
@@ -352,6 +439,13 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     l.routed_quant_.w2_scale = make_buffer(DType::kF32, w2_scale_shape(qf, L, It, H));
     s13_per_expert = L > 0 ? static_cast<Index>(l.routed_quant_.w13_scale.bytes.size() / sizeof(float)) / L : 0;
     s2_per_expert = L > 0 ? static_cast<Index>(l.routed_quant_.w2_scale.bytes.size() / sizeof(float)) / L : 0;
+  }
+  WeightOnlyLoad wo;
+  if (weight_only) {
+    wo = WeightOnlyLoad(quant, par);
+    l.weight_scheme_ = wo.scheme();
+    l.group_size_ = wo.group_size();
+    wo.allocate(L, It, H, &l.routed_quant_);
   }
   if (config.expert_biases) {
     l.w13_bias_ = make_buffer(dtype, {L, 2 * It});
@@ -391,6 +485,12 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   for (Index g = 0; g < E; ++g) {
     const Index local = em.map.empty() ? g : em.map[g];
     if (local < 0) continue;
+    if (weight_only) {  // codes unpacked, sliced and repacked into moe/quant/weight_only.h's layout
+      const std::string e = p + ".experts." + std::to_string(g) + ".";
+      MOE_RETURN_IF_ERROR(wo.expert(ckpt, e, {config.gate_name, config.up_name, config.down_name}, I, H, i0, It, local,
+                                    &used, &l.w13_, &l.w2_, &l.routed_quant_));
+      continue;
+    }
     if (w8a8) {  // codes and scales kept, sliced to this rank
       const std::string e = p + ".experts." + std::to_string(g) + ".";
       QuantLinear gl, ul, dl;
@@ -477,6 +577,7 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     }
   }
 
+  if (weight_only) wo.finish(&l.routed_quant_);
   if (w8a8 && qf.static_inputs) {
     l.routed_quant_.a13_scale = make_buffer(DType::kF32, {1});
     l.routed_quant_.a2_scale = make_buffer(DType::kF32, {1});
@@ -489,7 +590,16 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     const Index S = config.shared_intermediate, St = S / par.tp_size, s0 = par.tp_rank * St;
     const std::string e = p + "." + config.shared_prefix + ".";
     Source gs, us, ds;
-    if (w8a8) {  // as the routed experts: one expert of St rows
+    if (weight_only) {  // as the routed experts: one expert of St rows
+      l.shared_tp_ = St;
+      l.shared_w13_ = make_buffer(DType::kU8, {1, 2 * St, H / pack});
+      l.shared_w2_ = make_buffer(DType::kU8, {1, H, St / pack});
+      WeightOnlyLoad shared(quant, par);
+      shared.allocate(1, St, H, &l.shared_quant_);
+      MOE_RETURN_IF_ERROR(shared.expert(ckpt, e, {"gate_proj", "up_proj", "down_proj"}, S, H, s0, St, 0, &used,
+                                        &l.shared_w13_, &l.shared_w2_, &l.shared_quant_));
+      shared.finish(&l.shared_quant_);
+    } else if (w8a8) {  // as the routed experts: one expert of St rows
       QuantLinear gl, ul, dl;
       MOE_RETURN_IF_ERROR(open_quant_linear(open_float, used, ckpt, qf, e + "gate_proj", S, H, &gl));
       MOE_RETURN_IF_ERROR(open_quant_linear(open_float, used, ckpt, qf, e + "up_proj", S, H, &ul));

@@ -38,6 +38,21 @@ struct Buffer {
 
 class MoeLayer {
  public:
+  // A quantized scheme's tensors as held (SchemeTensors' members, moe/layer/registry.h), in its
+  // layouts (moe/quant/w8a8.h, weight_only.h); a member the scheme does not use has no shape.
+  struct SchemeBuffers {
+    Buffer w13_scale, w2_scale, a13_scale, a2_scale, w13_zero, w2_zero, w13_k_order;
+    // Views of the held members; `group_size` the weight-only schemes' group.
+    SchemeTensors tensors(Index group_size) const;
+    template <class Self, class F>
+    static void each(Self& self, F&& f) {
+      for (auto* b : {&self.w13_scale, &self.w2_scale, &self.a13_scale, &self.a2_scale, &self.w13_zero, &self.w2_zero,
+                      &self.w13_k_order}) {
+        f(*b);
+      }
+    }
+  };
+
   // `prefix` names the decoder layer ("model.layers.3") or the MoE block itself
   // ("model.layers.3.mlp"); the block's module name is appended when the tensors live there.
   static Status load(const ModelConfig& config, const ParallelLayout& parallel, DType dtype,
@@ -92,20 +107,7 @@ class MoeLayer {
   Buffer w13_, w2_, w13_bias_, w2_bias_;  // biases empty (no shape) when absent
   Buffer shared_w13_, shared_w2_;         // [1, 2*S, H], [1, H, S]
   // Quantized weights (weight_scheme_ != "none"): w13_ / w2_ (and the shared ones) hold codes and
-  // these the scheme's tensors (SchemeTensors' members, moe/layer/registry.h), in its layouts
-  // (moe/quant/w8a8.h, weight_only.h); a member the scheme does not use has no shape.
-  struct SchemeBuffers {
-    Buffer w13_scale, w2_scale, a13_scale, a2_scale, w13_zero, w2_zero, w13_k_order;
-    // Views of the held members; `group_size` the weight-only schemes' group.
-    SchemeTensors tensors(Index group_size) const;
-    template <class Self, class F>
-    static void each(Self& self, F&& f) {
-      for (auto* b : {&self.w13_scale, &self.w2_scale, &self.a13_scale, &self.a2_scale, &self.w13_zero, &self.w2_zero,
-                      &self.w13_k_order}) {
-        f(*b);
-      }
-    }
-  };
+  // routed_quant_ / shared_quant_ the scheme's tensors (SchemeBuffers).
   std::string weight_scheme_ = "none";
   SchemeBuffers routed_quant_, shared_quant_;
   Index group_size_ = 0;  // weight-only schemes

@@ -1,6 +1,8 @@
 #include "moe/layer/quantization_config.h"
 
+#include <cctype>
 #include <cstdint>
+#include <initializer_list>
 #include <sstream>
 
 namespace moe::layer {
@@ -106,11 +108,31 @@ Status parse_compressed_tensors(const io::Json& q, std::string_view where, Quant
   // args above and is not read.
   out->weight_bits = static_cast<int>(w.num_bits);
 
-  if (weight_only) {  // W4A16 / W8A16 (the weight-only issue's formats)
+  if (weight_only) {  // W4A16 / W8A16, pack-quantized
     if (w.type != "int" || (w.num_bits != 4 && w.num_bits != 8)) {
       return unsupported(gw, ".weights: weight-only ", w.type, w.num_bits, " is not supported (int4, int8)");
     }
-    out->method = QuantMethod::kWeightOnlyPacked;
+    std::string format;
+    MOE_RETURN_IF_ERROR(io::get_string_or(q, "format", "pack-quantized", &format, where));
+    if (format != "pack-quantized") {
+      return unsupported(where, ".format: \"", format, "\" is not supported for weight-only checkpoints (pack-quantized)");
+    }
+    bool symmetric = true;
+    MOE_RETURN_IF_ERROR(io::get_bool_or(*weights, "symmetric", true, &symmetric, gw + ".weights"));
+    out->zero_points = !symmetric;
+    const io::Json* actorder = weights->find("actorder");
+    if (actorder != nullptr && !actorder->is_null()) {
+      // "group": g_idx stored (act-order); "weight": columns reordered at quantization time only,
+      // the groups stay contiguous and nothing is stored; a boolean true is "group".
+      if (actorder->is_bool()) {
+        out->act_order = actorder->as_bool();
+      } else if (actorder->is_string() && (actorder->as_string() == "group" || actorder->as_string() == "weight")) {
+        out->act_order = actorder->as_string() == "group";
+      } else {
+        return unsupported(gw, ".weights.actorder: ", actorder->dump(), " is not supported (\"group\", \"weight\", null)");
+      }
+    }
+    out->method = QuantMethod::kWeightOnly;
     if (w.strategy == "group") {
       if (w.group_size < 1) return invalid_argument(gw, ".weights.group_size: required by strategy \"group\"");
       out->weight_scale = WeightScaleLayout::kGroup;
@@ -164,6 +186,75 @@ Status parse_compressed_tensors(const io::Json& q, std::string_view where, Quant
   return Status::ok();
 }
 
+// Weight-only group sizes: a positive count, or -1 (GPTQ, AWQ) / absent for one group per row.
+Status read_group_size(const io::Json& q, std::initializer_list<const char*> keys, std::string_view where,
+                       QuantizationConfig* out) {
+  for (const char* key : keys) {
+    const io::Json* g = q.find(key);
+    if (g == nullptr || g->is_null()) continue;
+    if (!g->is_integer() || g->as_int() == 0 || g->as_int() < -1 || g->as_int() > kMaxBlock) {
+      return invalid_argument(where, ".", key, ": expected -1 (per channel) or an integer in [1, ", kMaxBlock, "], got ", g->dump());
+    }
+    if (g->as_int() == -1) {
+      out->weight_scale = WeightScaleLayout::kPerChannel;
+    } else {
+      out->weight_scale = WeightScaleLayout::kGroup;
+      out->group_size = static_cast<int>(g->as_int());
+    }
+    return Status::ok();
+  }
+  out->weight_scale = WeightScaleLayout::kPerChannel;
+  return Status::ok();
+}
+
+// The first of `keys` present, one of `allowed`.
+Status read_bits(const io::Json& q, std::initializer_list<const char*> keys, std::string_view where,
+                 std::initializer_list<int> allowed, QuantizationConfig* out) {
+  for (const char* key : keys) {
+    const io::Json* b = q.find(key);
+    if (b == nullptr || b->is_null()) continue;
+    for (int a : allowed) {
+      if (b->is_integer() && b->as_int() == a) {
+        out->weight_bits = a;
+        return Status::ok();
+      }
+    }
+    return unsupported(where, ".", key, ": ", b->dump(), " bits are not supported");
+  }
+  return invalid_argument(where, ".", *keys.begin(), ": required");
+}
+
+// `quant_method: gptq` (AutoGPTQ / GPTQModel; vLLM's GPTQConfig).
+Status parse_gptq(const io::Json& q, std::string_view where, QuantizationConfig* out) {
+  out->method = QuantMethod::kWeightOnly;
+  MOE_RETURN_IF_ERROR(read_bits(q, {"bits"}, where, {4, 8}, out));
+  MOE_RETURN_IF_ERROR(read_group_size(q, {"group_size"}, where, out));
+  bool sym = true;
+  MOE_RETURN_IF_ERROR(io::get_bool_or(q, "sym", true, &sym, where));
+  MOE_RETURN_IF_ERROR(io::get_bool_or(q, "desc_act", false, &out->act_order, where));
+  std::string format;
+  MOE_RETURN_IF_ERROR(io::get_string_or(q, "checkpoint_format", "gptq", &format, where));
+  if (format != "gptq" && format != "gptq_v2") {
+    return unsupported(where, ".checkpoint_format: \"", format, "\" is not supported (gptq, gptq_v2)");
+  }
+  out->zero_points = !sym;
+  out->gptq_zeros_minus_one = format == "gptq";
+  return Status::ok();
+}
+
+// `quant_method: awq` (AutoAWQ's GEMM packing; vLLM's AWQConfig).
+Status parse_awq(const io::Json& q, std::string_view where, QuantizationConfig* out) {
+  out->method = QuantMethod::kWeightOnly;
+  MOE_RETURN_IF_ERROR(read_bits(q, {"bits", "w_bit"}, where, {4}, out));
+  MOE_RETURN_IF_ERROR(read_group_size(q, {"group_size", "q_group_size"}, where, out));
+  MOE_RETURN_IF_ERROR(io::get_bool_or(q, "zero_point", true, &out->zero_points, where));
+  std::string version;
+  MOE_RETURN_IF_ERROR(io::get_string_or(q, "version", "gemm", &version, where));
+  for (char& c : version) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (version != "gemm") return unsupported(where, ".version: \"", version, "\" is not supported (gemm packing)");
+  return Status::ok();
+}
+
 const char* name(WeightScaleLayout l) {
   switch (l) {
     case WeightScaleLayout::kNone: return "none";
@@ -194,7 +285,10 @@ std::string QuantizationConfig::describe() const {
     case QuantMethod::kMxfp4: return "mxfp4 (E2M1, E8M0 scale per 32 along K; widened to the run dtype at load)";
     case QuantMethod::kFp8: s << "fp8 e4m3 W8A8"; break;
     case QuantMethod::kInt8: s << "int8 W8A8"; break;
-    case QuantMethod::kWeightOnlyPacked: s << "int" << weight_bits << " weight-only (packed)"; break;
+    case QuantMethod::kWeightOnly:
+      s << "int" << weight_bits << " weight-only W" << weight_bits << "A16" << (zero_points ? " with zero points" : "")
+        << (act_order ? ", act-order" : "");
+      break;
   }
   s << " [" << quant_method << "], weight scales " << name(weight_scale);
   if (weight_scale == WeightScaleLayout::kBlock) s << " " << block_n << "x" << block_k;
@@ -225,9 +319,13 @@ Status parse_quantization_config(const io::Json& config, std::string_view where,
     MOE_RETURN_IF_ERROR(parse_fp8(*qc, w, &q));
   } else if (q.quant_method == "compressed-tensors") {
     MOE_RETURN_IF_ERROR(parse_compressed_tensors(*qc, w, &q));
+  } else if (q.quant_method == "gptq") {
+    MOE_RETURN_IF_ERROR(parse_gptq(*qc, w, &q));
+  } else if (q.quant_method == "awq") {
+    MOE_RETURN_IF_ERROR(parse_awq(*qc, w, &q));
   } else {
     return unsupported(w, ".quant_method: \"", q.quant_method,
-                       "\" is not supported (fp8, compressed-tensors, mxfp4, or no quantization_config)");
+                       "\" is not supported (fp8, compressed-tensors, gptq, awq, mxfp4, or no quantization_config)");
   }
   *out = std::move(q);
   return Status::ok();

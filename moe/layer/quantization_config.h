@@ -10,8 +10,13 @@
 //   quant_method "compressed-tensors"  the config_groups' weights / input_activations: FP8 or INT8
 //                                  with tensor, channel or block weight scales, token or tensor
 //                                  activation scales (dynamic or static), or the pack-quantized
-//                                  4/8-bit weight-only formats
-// Anything else (gptq, awq, bitsandbytes, modelopt, a compressed-tensors variant outside the list)
+//                                  4/8-bit weight-only formats (group or channel scales, symmetric
+//                                  or with zero points, actorder "group" or "weight")
+//   quant_method "gptq"            4/8-bit weight-only: bits, group_size (-1: per channel), sym,
+//                                  desc_act (act-order), checkpoint_format gptq or gptq_v2
+//   quant_method "awq"             4-bit weight-only (version gemm): bits / w_bit, group_size /
+//                                  q_group_size, zero_point
+// Anything else (bitsandbytes, modelopt, AWQ gemv or marlin, a variant outside the list)
 // is refused with an error that names it. A recognised scheme that this build cannot run yet is
 // also refused at load, naming the scheme, so quantized tensors never run as if they were float.
 #pragma once
@@ -28,7 +33,7 @@ enum class QuantMethod {
   kMxfp4,            // gpt-oss
   kFp8,              // W8A8 FP8 E4M3 (block, channel or tensor weight scales)
   kInt8,             // W8A8 INT8 (channel weight scales, per-token dynamic activations)
-  kWeightOnlyPacked, // compressed-tensors pack-quantized W4A16 / W8A16
+  kWeightOnly,       // W4A16 / W8A16: compressed-tensors pack-quantized, GPTQ, AWQ
 };
 
 enum class WeightScaleLayout { kNone, kPerTensor, kPerChannel, kBlock, kGroup };
@@ -43,6 +48,9 @@ struct QuantizationConfig {
   int weight_bits = 16;
   ActivationScaleLayout activation_scale = ActivationScaleLayout::kNone;
   bool dynamic_activations = false;
+  // Weight-only: zero points stored (asymmetric), GPTQ act-order (g_idx), GPTQ's v1 zero points
+  // (stored minus one).
+  bool zero_points = false, act_order = false, gptq_zeros_minus_one = false;
 
   // One line for `moe info`: the scheme and its scale layouts.
   std::string describe() const;
@@ -50,9 +58,15 @@ struct QuantizationConfig {
   // moe/layer/built_policies.h' BuiltSchemes, on the CPU backend): unquantized; gpt-oss MXFP4
   // (widened at load); FP8 with 128x128 weight blocks and dynamic per-token-group(128) activations;
   // FP8 per-channel weights with dynamic per-token activations; FP8 per-tensor weights with static
-  // per-tensor activations; INT8 per-channel weights with dynamic per-token activations.
+  // per-tensor activations; INT8 per-channel weights with dynamic per-token activations;
+  // weight-only 4/8-bit with groups of a multiple of 32 or per channel (moe/quant/weight_only.h,
+  // bf16/f16 activations).
   bool runnable() const {
     if (method == QuantMethod::kNone || method == QuantMethod::kMxfp4) return true;
+    if (method == QuantMethod::kWeightOnly) {
+      return (weight_bits == 4 || weight_bits == 8) &&
+             (weight_scale == WeightScaleLayout::kPerChannel || (weight_scale == WeightScaleLayout::kGroup && group_size % 32 == 0));
+    }
     if (method == QuantMethod::kFp8 && weight_scale == WeightScaleLayout::kBlock) {
       return block_n == 128 && block_k == 128 && activation_scale == ActivationScaleLayout::kPerTokenGroup;
     }

@@ -168,10 +168,17 @@ TEST(DeviceLayerQuantized, MatchesCpuLayerOnQuantizedCheckpoints) {
   MOE_SKIP_WITHOUT_GPU();
   if (!moe::layer::cuda_device_available()) GTEST_SKIP() << "the device layer needs compute capability 9.x";
   using moe::testing::quantized::Format;
-  for (const Format f : {Format::kFp8Block, Format::kFp8Channel, Format::kInt8Channel, Format::kFp8TensorStatic}) {
-    SCOPED_TRACE(static_cast<int>(f));
+  // The W8A8 formats, then the weight-only ones (GPTQ act-order, AWQ, compressed-tensors).
+  const std::vector<moe::testing::weight_only::IntFormat> weight_only = moe::testing::weight_only_formats();
+  for (int c = 0; c < 4 + static_cast<int>(weight_only.size()); ++c) {
+    const Format f = c < 4 ? static_cast<Format>(c) : Format::kFp8Channel;
+    SCOPED_TRACE(c < 4 ? std::to_string(c) : moe::testing::weight_only::quantization_config_of(weight_only[c - 4]));
     moe::testing::QuantizedLayer q;
-    ASSERT_NO_FATAL_FAILURE(moe::testing::load_quantized_layer("device_layer", f, &q));
+    if (c < 4) {
+      ASSERT_NO_FATAL_FAILURE(moe::testing::load_quantized_layer("device_layer", f, &q));
+    } else {
+      ASSERT_NO_FATAL_FAILURE(moe::testing::load_weight_only_layer("device_layer", weight_only[c - 4], &q));
+    }
     moe::layer::MoeLayer layer;
     ASSERT_TRUE(moe::layer::MoeLayer::load(q.config, {}, moe::DType::kBF16, q.ckpt, q.prefix, &layer).is_ok());
     const Index M = 24, H = q.spec.hidden;

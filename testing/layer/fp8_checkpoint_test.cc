@@ -49,11 +49,6 @@ Status load(const std::string& config, const std::string& weights, const std::st
   return MoeLayer::load(c, par, DType::kF32, ckpt, prefix, out);
 }
 
-std::vector<float> hidden_states(Index M, Index H) {
-  std::vector<float> x(static_cast<std::size_t>(M * H));
-  for (Index i = 0; i < M * H; ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) + 0.25f * std::cos(1.3f * static_cast<float>(i % 17));
-  return x;
-}
 
 std::vector<float> forward(const MoeLayer& l, std::vector<float>& x, Index M, Index H) {
   MoeLayer::Result r;
@@ -100,7 +95,7 @@ TEST(Fp8Checkpoint, DeepSeekV3MatchesTheReferenceOnTheDequantizedTwin) {
   ASSERT_TRUE(load(m.float_config, m.float_weights, m.prefix, {}, &twin_layer).is_ok());
   EXPECT_LT(l.weight_bytes() * 3, twin_layer.weight_bytes()) << l.weight_bytes() << " vs " << twin_layer.weight_bytes();
   EXPECT_NE(info.find("expert weights    " + std::to_string(l.weight_bytes()) + " bytes"), std::string::npos) << info;
-  std::vector<float> x = hidden_states(M, H);
+  std::vector<float> x = testing::quantized::wavy_hidden_states(M, H);
   const std::vector<float> out = forward(l, x, M, H);
   io::Checkpoint twin;
   ASSERT_TRUE(io::Checkpoint::open({m.float_weights}, &twin).is_ok());
@@ -130,7 +125,7 @@ TEST(Fp8Checkpoint, TensorAndExpertParallelRanksAddUpToTheSingleRankOutput) {
   const Fp8Model m = write_fp8_model(std::string("ranks_") + fc.name, deepseek(H, I), nullptr, fc.format);
   MoeLayer full;
   ASSERT_TRUE(load(m.fp8_config, m.fp8_weights, m.prefix, {}, &full).is_ok());
-  std::vector<float> x = hidden_states(M, H);
+  std::vector<float> x = testing::quantized::wavy_hidden_states(M, H);
   const std::vector<float> expect = forward(full, x, M, H);
   const bool tp_adds_up = fc.format == Format::kFp8Block || fc.format == Format::kFp8TensorStatic;
   for (const bool tp : {true, false}) {

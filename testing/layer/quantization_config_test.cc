@@ -84,8 +84,10 @@ TEST(QuantizationConfig, PerTensorFp8StaticActivations) {
 
 TEST(QuantizationConfig, CompressedTensorsSchemes) {
   const auto ct = [](const std::string& weights, const std::string& acts) {
-    return R"({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {"targets": ["Linear"], "weights": )" +
-           weights + R"(, "input_activations": )" + acts + "}}}";
+    const std::string format = acts == "null" ? "pack-quantized" : "float-quantized";
+    return R"({"quant_method": "compressed-tensors", "format": ")" + format +
+           R"(", "config_groups": {"group_0": {"targets": ["Linear"], "weights": )" + weights +
+           R"(, "input_activations": )" + acts + "}}}";
   };
   struct Case {
     std::string q;
@@ -93,7 +95,7 @@ TEST(QuantizationConfig, CompressedTensorsSchemes) {
     WeightScaleLayout w;
     ActivationScaleLayout a;
     bool dynamic;
-    bool runnable;  // a W8A8 scheme the CPU backend has (QuantizationConfig::runnable)
+    bool runnable;  // a scheme the backends have (QuantizationConfig::runnable)
   };
   const Case cases[] = {
       {ct(R"({"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": false})",
@@ -109,7 +111,7 @@ TEST(QuantizationConfig, CompressedTensorsSchemes) {
           R"({"num_bits": 8, "type": "int", "strategy": "token", "dynamic": true})"),
        QuantMethod::kInt8, WeightScaleLayout::kPerChannel, ActivationScaleLayout::kPerToken, true, true},
       {ct(R"({"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128})", "null"),
-       QuantMethod::kWeightOnlyPacked, WeightScaleLayout::kGroup, ActivationScaleLayout::kNone, false, false},
+       QuantMethod::kWeightOnly, WeightScaleLayout::kGroup, ActivationScaleLayout::kNone, false, true},
   };
   for (const Case& k : cases) {
     SCOPED_TRACE(k.q);
@@ -134,9 +136,50 @@ TEST(QuantizationConfig, CompressedTensorsSchemes) {
                       StatusCode::kUnsupported, {"input_activations", "token", "static"}));
 }
 
+// GPTQ and AWQ (weight-only): bits, groups, zero points, act-order and GPTQ's zero-point
+// convention read from their configs.
+TEST(QuantizationConfig, GptqAndAwq) {
+  Status s;
+  QuantizationConfig c = read(R"({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": true, "sym": true})", &s);
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  EXPECT_EQ(c.method, QuantMethod::kWeightOnly);
+  EXPECT_EQ(c.weight_bits, 4);
+  EXPECT_EQ(c.weight_scale, WeightScaleLayout::kGroup);
+  EXPECT_EQ(c.group_size, 128);
+  EXPECT_TRUE(c.act_order);
+  EXPECT_FALSE(c.zero_points);
+  EXPECT_TRUE(c.gptq_zeros_minus_one);
+  EXPECT_TRUE(c.runnable());
+  EXPECT_NE(c.describe().find("int4 weight-only W4A16, act-order [gptq], weight scales group of 128"), std::string::npos)
+      << c.describe();
+  c = read(R"({"quant_method": "gptq", "bits": 8, "group_size": -1, "sym": false, "checkpoint_format": "gptq_v2"})", &s);
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  EXPECT_EQ(c.weight_scale, WeightScaleLayout::kPerChannel);
+  EXPECT_TRUE(c.zero_points);
+  EXPECT_FALSE(c.gptq_zeros_minus_one);
+  EXPECT_TRUE(c.runnable());
+  c = read(R"({"quant_method": "gptq", "bits": 4, "group_size": 48})", &s);  // parses, but no kernel takes 48
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  EXPECT_FALSE(c.runnable());
+  c = read(R"({"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "zero_point": true, "version": "GEMM"})", &s);
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  EXPECT_EQ(c.method, QuantMethod::kWeightOnly);
+  EXPECT_EQ(c.group_size, 64);
+  EXPECT_TRUE(c.zero_points);
+  EXPECT_FALSE(c.act_order);
+  EXPECT_TRUE(c.runnable());
+  EXPECT_TRUE(refused(R"({"quant_method": "gptq", "bits": 4, "group_size": 0})", StatusCode::kInvalidArgument,
+                      {"config.quantization_config.group_size", "-1"}));
+  EXPECT_TRUE(refused(R"({"quant_method": "gptq", "group_size": 128})", StatusCode::kInvalidArgument, {"bits", "required"}));
+}
+
 TEST(QuantizationConfig, UnknownMethodsAndVariantsAreRefusedByName) {
-  EXPECT_TRUE(refused(R"({"quant_method": "gptq", "bits": 4})", StatusCode::kUnsupported, {"config.quantization_config.quant_method", "gptq"}));
-  EXPECT_TRUE(refused(R"({"quant_method": "awq"})", StatusCode::kUnsupported, {"awq"}));
+  EXPECT_TRUE(refused(R"({"quant_method": "gptq", "bits": 3})", StatusCode::kUnsupported, {"config.quantization_config.bits", "3"}));
+  EXPECT_TRUE(refused(R"({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})", StatusCode::kUnsupported,
+                      {"checkpoint_format", "marlin"}));
+  EXPECT_TRUE(refused(R"({"quant_method": "awq", "bits": 4, "version": "gemv"})", StatusCode::kUnsupported, {"version", "gemv"}));
+  EXPECT_TRUE(refused(R"({"quant_method": "awq", "bits": 8})", StatusCode::kUnsupported, {"bits", "8"}));
+  EXPECT_TRUE(refused(R"({"quant_method": "hqq"})", StatusCode::kUnsupported, {"config.quantization_config.quant_method", "hqq"}));
   EXPECT_TRUE(refused(R"({"quant_method": "bitsandbytes"})", StatusCode::kUnsupported, {"bitsandbytes"}));
   EXPECT_TRUE(refused(R"({"quant_method": "fp8", "fmt": "e5m2"})", StatusCode::kUnsupported, {"config.quantization_config.fmt", "e5m2"}));
   EXPECT_TRUE(refused(R"({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]})",

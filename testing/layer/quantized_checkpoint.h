@@ -30,6 +30,40 @@ inline bool is_expert_linear(const std::string& name) {
   return expert && ends("_proj.weight");
 }
 
+// The files of a quantized checkpoint beside the synthetic one in `dir`: `<tag>.safetensors` and
+// float.safetensors (the twin), `<tag>_config.json` (config.json with `quantization_config`) and
+// float_config.json (without).
+struct Written {
+  std::string weights, float_weights, config, float_config;
+  io::Json float_config_json;
+};
+inline Written write_checkpoint_pair(const std::string& dir, const std::string& tag, const std::vector<io::NamedTensor>& quantized,
+                                     const std::vector<io::NamedTensor>& twin, const std::string& quantization_config) {
+  Written w;
+  w.weights = dir + "/" + tag + ".safetensors";
+  w.float_weights = dir + "/float.safetensors";
+  EXPECT_TRUE(io::write_safetensors(w.weights, quantized).is_ok());
+  EXPECT_TRUE(io::write_safetensors(w.float_weights, twin).is_ok());
+  io::Json j;
+  EXPECT_TRUE(io::parse_json(testing::hf::read_text(dir + "/config.json"), &j).is_ok());
+  w.float_config_json = j;
+  w.float_config = dir + "/float_config.json";
+  testing::hf::write_text(w.float_config, j.dump());
+  io::Json q;
+  EXPECT_TRUE(io::parse_json(quantization_config, &q).is_ok());
+  j.set("quantization_config", q);
+  w.config = dir + "/" + tag + "_config.json";
+  testing::hf::write_text(w.config, j.dump());
+  return w;
+}
+
+// Deterministic hidden states of a few magnitudes, for the quantized layers' tests.
+inline std::vector<float> wavy_hidden_states(Index M, Index H) {
+  std::vector<float> x(static_cast<std::size_t>(M * H));
+  for (Index i = 0; i < M * H; ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) + 0.25f * std::cos(1.3f * static_cast<float>(i % 17));
+  return x;
+}
+
 struct Fp8Model {
   std::string dir, fp8_config, float_config, fp8_weights, float_weights, prefix;
   io::Json float_config_json;
@@ -140,20 +174,12 @@ inline Fp8Model write_fp8_model(const std::string& name, const io::HfLayerSpec& 
     fp8_tensors.push_back({scale_name, DType::kF32, scale_shape, scale.data()});
     float_tensors.push_back({n, DType::kF32, shape, deq.data()});
   }
-  m.fp8_weights = m.dir + "/fp8.safetensors";
-  m.float_weights = m.dir + "/float.safetensors";
-  EXPECT_TRUE(io::write_safetensors(m.fp8_weights, fp8_tensors).is_ok());
-  EXPECT_TRUE(io::write_safetensors(m.float_weights, float_tensors).is_ok());
-  io::Json j;
-  EXPECT_TRUE(io::parse_json(testing::hf::read_text(m.dir + "/config.json"), &j).is_ok());
-  m.float_config_json = j;
-  m.float_config = m.dir + "/float_config.json";
-  testing::hf::write_text(m.float_config, j.dump());
-  io::Json q;
-  EXPECT_TRUE(io::parse_json(quantization_config_of(format), &q).is_ok());
-  j.set("quantization_config", q);
-  m.fp8_config = m.dir + "/fp8_config.json";
-  testing::hf::write_text(m.fp8_config, j.dump());
+  const Written written = write_checkpoint_pair(m.dir, "fp8", fp8_tensors, float_tensors, quantization_config_of(format));
+  m.fp8_weights = written.weights;
+  m.float_weights = written.float_weights;
+  m.fp8_config = written.config;
+  m.float_config = written.float_config;
+  m.float_config_json = written.float_config_json;
   return m;
 }
 

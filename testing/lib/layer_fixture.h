@@ -15,6 +15,7 @@
 #include "moe/layer/model_config.h"
 #include "moe/layer/moe_layer.h"
 #include "testing/layer/quantized_checkpoint.h"
+#include "testing/layer/weight_only_model.h"
 #include "testing/lib/compare.h"
 
 namespace moe::testing {
@@ -57,23 +58,50 @@ inline std::vector<float> floats(const layer::Buffer& b) {
 // top-2, one shared expert), routed and shared experts stored in quantized format `f`, loaded as a
 // layer computing in `dtype` (fatal failures on error: call through ASSERT_NO_FATAL_FAILURE).
 struct QuantizedLayer {
+  // DeepSeek-V3's shape, small: H and I multiples of 32 (the CUDA weight-only GEMM), I = 128 + 64.
+  static io::HfLayerSpec deepseek_spec() {
+    io::HfLayerSpec s;
+    s.architecture = "DeepseekV3ForCausalLM";
+    s.hidden = 256;
+    s.intermediate = 192;
+    s.num_experts = 8;
+    s.top_k = 2;
+    s.n_shared_experts = 1;
+    s.dtype = DType::kF32;
+    return s;
+  }
   io::HfLayerSpec spec;
   layer::ModelConfig config;
   io::Checkpoint ckpt;
   std::string prefix;
 };
 inline void load_quantized_layer(const std::string& tag, quantized::Format f, QuantizedLayer* q) {
-  q->spec.architecture = "DeepseekV3ForCausalLM";
-  q->spec.hidden = 256;
-  q->spec.intermediate = 192;
-  q->spec.num_experts = 8;
-  q->spec.top_k = 2;
-  q->spec.n_shared_experts = 1;
-  q->spec.dtype = DType::kF32;
+  q->spec = QuantizedLayer::deepseek_spec();
   const auto m = quantized::write_fp8_model(tag + "_" + std::to_string(static_cast<int>(f)), q->spec, nullptr, f);
   q->prefix = m.prefix;
   ASSERT_TRUE(layer::load_model_config(m.fp8_config, &q->config).is_ok());
   ASSERT_TRUE(io::Checkpoint::open({m.fp8_weights}, &q->ckpt).is_ok());
+}
+
+// A weight-only checkpoint (GPTQ, AWQ, compressed-tensors; testing/layer/weight_only_model.h) of
+// the same shape.
+inline void load_weight_only_layer(const std::string& tag, const weight_only::IntFormat& f, QuantizedLayer* q) {
+  q->spec = QuantizedLayer::deepseek_spec();
+  const char* kind = f.kind == weight_only::Kind::kGptq ? "gptq" : f.kind == weight_only::Kind::kAwq ? "awq" : "ct";
+  const std::string name = tag + "_" + kind + std::to_string(f.bits) + "_g" + std::to_string(f.group) +
+                           (f.act_order ? "_act_order" : "") + (f.zero_points ? "_zp" : "");
+  const auto m = weight_only::write_model(name, q->spec, f);
+  q->prefix = m.prefix;
+  ASSERT_TRUE(layer::load_model_config(m.config, &q->config).is_ok());
+  ASSERT_TRUE(io::Checkpoint::open({m.weights}, &q->ckpt).is_ok());
+}
+
+// The weight-only formats the GPU tests run: every reader, 4 and 8 bits, groups and per channel,
+// zero points and act-order.
+inline std::vector<weight_only::IntFormat> weight_only_formats() {
+  using weight_only::Kind;
+  return {{Kind::kGptq, 4, 128, false, true}, {Kind::kAwq, 4, 64, true, false},
+          {Kind::kCompressedTensors, 4, 32, true, false}, {Kind::kCompressedTensors, 8, 0, false, false}};
 }
 
 // sqrt(sum (got - want)^2 / sum want^2); infinity where `got` has a non-finite value.

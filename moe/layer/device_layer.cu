@@ -85,6 +85,7 @@ struct DeviceLayer::Impl {
   // layouts) beside the routed and the shared experts' codes.
   std::string scheme = "none";
   DType code_dtype = DType::kBF16;
+  Index pack = 1;  // codes per stored element along K (2: 4-bit weight-only codes)
   struct Scales {
     DeviceMemory memory[7];  // one per SchemeTensors member
     SchemeTensors tensors;   // views of `memory`
@@ -155,8 +156,8 @@ struct DeviceLayer::Impl {
     c.topk_ids = zeros;
     c.topk_weights = gate;
     c.top_k = 1;
-    c.w13 = AnyTensor{shared_w13.get(), code_dtype, {1, 2 * St, H}, {}};
-    c.w2 = AnyTensor{shared_w2.get(), code_dtype, {1, H, St}, {}};
+    c.w13 = AnyTensor{shared_w13.get(), code_dtype, {1, 2 * St, H / pack}, {}};
+    c.w2 = AnyTensor{shared_w2.get(), code_dtype, {1, H, St / pack}, {}};
     set_scales(shared_scales, &c);
     c.output = out;
     c.chunk_tokens = options.max_tokens;
@@ -262,8 +263,8 @@ Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, 
                        !c.expert_biases && !c.weight_on_input && It > 0 && St % It == 0 && scheme == "none";
   appended = fusable ? static_cast<int>(St / It) : 0;
   shared_apart = has_shared && !fusable;
-  w13_shape = {L + appended, 2 * It, H};
-  w2_shape = {L + appended, H, It};
+  w13_shape = {L + appended, 2 * It, H / pack};
+  w2_shape = {L + appended, H, It / pack};
   return Status::ok();
 }
 
@@ -408,6 +409,7 @@ Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::u
   // this dtype is refused by allocate_workspace's first workspace query, with the reason.
   d.scheme = layer.weight_scheme();
   d.code_dtype = layer.w13_.dtype;
+  if (layer.w13_.shape.size() == 3 && layer.w13_.shape[2] > 0) d.pack = layer.config_.hidden / layer.w13_.shape[2];
   if (d.scheme != "none") {
     // The host buffers' views, each replaced by a view of its device copy.
     const auto put_scales = [&](const MoeLayer::SchemeBuffers& held, Impl::Scales* s) {

@@ -189,7 +189,8 @@ TEST(DeviceLayerQuantized, MatchesCpuLayerOnQuantizedCheckpoints) {
     const moe::Status cs = moe::layer::DeviceLayer::create(layer, {}, &dev);
     ASSERT_TRUE(cs.is_ok()) << cs.to_string();
     EXPECT_FALSE(dev->shared_experts_fused());
-    ASSERT_TRUE(dev->forward_host(x.tensor(), &gpu).is_ok());
+    const moe::Status fs = dev->forward_host(x.tensor(), &gpu);
+    ASSERT_TRUE(fs.is_ok()) << fs.to_string();
     EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
     EXPECT_GT(moe::testing::max_abs(floats(cpu.output)), 0.0);
     EXPECT_LE(moe::testing::relative_rms(floats(gpu.output), floats(cpu.output)), 0.02) << "relative RMS difference";

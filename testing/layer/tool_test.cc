@@ -20,6 +20,7 @@
 #include "moe/layer/moe_layer.h"
 #include "testing/layer/hf_reference.h"
 #include "testing/layer/quantized_checkpoint.h"
+#include "testing/layer/weight_only_model.h"
 #include "moe/io/synthetic_checkpoint.h"
 #include "testing/lib/random.h"
 
@@ -377,6 +378,37 @@ TEST(Run, Fp8BlockCheckpoint) {
     SCOPED_TRACE(describe(args, r));
     expect_output_file(out_path, direct_forward(m, {}, dtype_named(dtype), in, M), M, H, spec.top_k);
   }
+}
+
+// A GPTQ act-order checkpoint through the tool: `info` names the scheme and the packed bytes,
+// `run` writes what the layer computes in bf16, and `--dtype f32` is refused with the reason (the
+// weight-only schemes take bf16 or f16 activations) with no output file written.
+TEST(Run, GptqCheckpoint) {
+  HfLayerSpec spec = spec_of("MixtralForCausalLM");
+  spec.hidden = 128;
+  spec.intermediate = 64;
+  const testing::weight_only::Model q =
+      testing::weight_only::write_model("tool_gptq", spec, {testing::weight_only::Kind::kGptq, 4, 32, false, true});
+  const Model m{q.dir, q.config, q.weights, q.prefix, spec};
+  const ToolResult info = tool(base_args("info", m));
+  ASSERT_EQ(info.rc, 0) << describe(base_args("info", m), info);
+  for (const char* e : {"int4 weight-only W4A16, act-order [gptq], weight scales group of 32", "weights w4a16", "expert weights"}) {
+    EXPECT_NE(info.out.find(e), std::string::npos) << "lacks \"" << e << "\"\n" << info.out;
+  }
+  const Index M = 4, H = spec.hidden;
+  const std::string in_path = m.dir + "/in.safetensors";
+  const Inputs in = write_inputs(in_path, M, H, 7);
+  const std::string out_path = m.dir + "/out.safetensors";
+  std::vector<std::string> args = base_args("run", m) + std::vector<std::string>{"--inputs", in_path, "--output", out_path};
+  const ToolResult r = tool(args);
+  ASSERT_EQ(r.rc, 0) << describe(args, r);
+  expect_output_file(out_path, direct_forward(m, {}, DType::kBF16, in, M), M, H, spec.top_k);
+  const std::string f32_path = m.dir + "/out_f32.safetensors";
+  args = base_args("run", m) + std::vector<std::string>{"--inputs", in_path, "--output", f32_path, "--dtype", "f32"};
+  const ToolResult refused = tool(args);
+  EXPECT_EQ(refused.rc, 1) << describe(args, refused);
+  EXPECT_NE(refused.err.find("bf16 or f16"), std::string::npos) << describe(args, refused);
+  EXPECT_FALSE(std::filesystem::exists(f32_path));
 }
 
 TEST(Bench, TinyCheckpoint) {

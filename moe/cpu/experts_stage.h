@@ -20,6 +20,7 @@
 #include "moe/epilogue.h"
 #include "moe/experts.h"
 #include "moe/quant/w8a8.h"
+#include "moe/quant/mxfp4.h"
 #include "moe/quant/weight_only.h"
 #include "moe/stages.h"
 #include "moe/tensor.h"
@@ -361,27 +362,38 @@ struct ExpertsStage {
   // schemes: per group, moe/quant/weight_only.h).
   static ConstStridedMap weights(const Params& p, HostView<const W, 2> w, Index k, Index e, bool first, float* panel) {
     if constexpr (quant::weight_only_v<Quant>) {
-      const HostView<const float, 2> scale = first ? p.quant.w13_scale[e] : p.quant.w2_scale[e];
-      const auto& zeros = first ? p.quant.w13_zero : p.quant.w2_zero;
-      const Index group = p.quant.group_size > 0 ? p.quant.group_size : k;
-      // Act-order: code c is the weight of hidden column order[c]; placed there, the GEMM takes the
-      // input as it is (the same products as the CUDA path's permuted input).
-      const std::int32_t* order = first && p.quant.w13_k_order ? &(*p.quant.w13_k_order)(e, 0) : nullptr;
+      const auto scale = first ? p.quant.w13_scale[e] : p.quant.w2_scale[e];
+      // Per group: the integer schemes' zero point and float scale, or MXFP4's E8M0 scale.
+      const Index group = group_size(p.quant, k);
+      const std::int32_t* order = nullptr;  // act-order: code c is the weight of hidden column order[c]
+      if constexpr (requires { p.quant.w13_k_order; }) {
+        if (first && p.quant.w13_k_order) order = &(*p.quant.w13_k_order)(e, 0);
+      }
       for (Index r = 0; r < w.extent(0); ++r) {
         const std::uint8_t* src = &w(r, 0);
         float* dst = panel + r * k;
         for (Index g = 0; g * group < k; ++g) {
-          const unsigned zero = zeros ? (*zeros)(e, r, g) : Quant::kDefaultZero;
-          const float s = scale(r, g);
-          for (Index c = g * group; c < std::min(k, (g + 1) * group); ++c) {
-            dst[order ? order[c] : c] = Quant::template dequantize<ElementIO>(Quant::code(src, c), zero, s);
-          }
+          const auto value = [&](unsigned code) {
+            if constexpr (std::is_same_v<Quant, quant::Mxfp4>) {
+              return Quant::template dequantize<ElementIO>(code, scale(r, g));
+            } else {
+              const auto& zeros = first ? p.quant.w13_zero : p.quant.w2_zero;
+              const unsigned zero = zeros ? (*zeros)(e, r, g) : Quant::kDefaultZero;
+              return Quant::template dequantize<ElementIO>(code, zero, scale(r, g));
+            }
+          };
+          for (Index c = g * group; c < std::min(k, (g + 1) * group); ++c) dst[order ? order[c] : c] = value(Quant::code(src, c));
         }
       }
       return ConstStridedMap(panel, w.extent(0), k, ::Eigen::OuterStride<>(k));
     } else {
       return weights(w, panel);
     }
+  }
+  template <class Args>
+  static Index group_size(const Args& a, Index k) {
+    if constexpr (std::is_same_v<Quant, quant::Mxfp4>) return quant::Mxfp4::kBlock;
+    else return a.group_size > 0 ? a.group_size : k;
   }
   static ConstStridedMap weights(HostView<const W, 2> w, float* panel) {
     if constexpr (kConvertWeights) {

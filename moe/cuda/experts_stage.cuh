@@ -40,6 +40,7 @@
 #include "moe/cuda/quant/quantize_rows.cuh"
 #include "moe/cuda/stages.cuh"
 #include "moe/detail/workspace.h"
+#include "moe/quant/mxfp4.h"
 #include "moe/stages.h"
 
 namespace moe::cuda {
@@ -98,10 +99,9 @@ class ExpertsStage {
   using Quant = typename Experts::Quant;
   using W = typename Quant::WeightElement;
   static constexpr bool kQuantized = Quant::kQuantized;
-  // Packed integer weights dequantized inside our mma.sync GEMM (moe/cuda/gemm/weight_only_gemm.cuh).
+  // Packed weights (integer codes, MXFP4) dequantized inside our mma.sync GEMM
+  // (moe/cuda/gemm/weight_only_gemm.cuh); either w13 layout, expert biases fused.
   static constexpr bool kWeightOnly = quant::weight_only_v<Quant>;
-  static_assert(!kWeightOnly || Activation::kLayout != GateUpLayout::kInterleaved || !Activation::kGated,
-                "moe::cuda::ExpertsStage: the weight-only schemes take w13 as [gate; up] halves (vLLM's layout)");
   static_assert(kQuantized || kWeightOnly || std::is_same_v<IO, W>,
                 "moe::cuda::ExpertsStage: unquantized weights are stored like the activations");
   static constexpr detail::ColumnMode kMode1 =
@@ -273,7 +273,9 @@ class ExpertsStage {
     }
     l.gemm_ws = carver.take(l.gemm_ws_bytes);
     if constexpr (kWeightOnly) {
-      l.k_ordered = carver.take(w.quant.w13_k_order ? n(rows) * n(w.hidden()) * sizeof(IO) : 0);
+      if constexpr (requires { w.quant.w13_k_order; }) {
+        l.k_ordered = carver.take(w.quant.w13_k_order ? n(rows) * n(w.hidden()) * sizeof(IO) : 0);
+      }
     }
     l.total = carver.total();
     return l;
@@ -376,7 +378,13 @@ class ExpertsStage {
   const char* weight_only_refusal(const Weights& w) const {
     if constexpr (kWeightOnly) {
       namespace wo = gemm::weight_only;
-      if (w.w13_bias || w.w2_bias) return "expert biases are not fused into the weight-only GEMMs yet";
+      if constexpr (std::is_same_v<Quant, quant::Mxfp4> && !std::is_same_v<IO, bfloat16>) {
+        return "MXFP4 runs with bf16 activations on CUDA (f16 cannot hold the E8M0 scales' range)";
+      }
+      const auto packed = [](const auto& b, Index n) { return !b || (b->stride(1) == 1 && b->stride(0) == n); };
+      if (!packed(w.w13_bias, w.w13.extent(1)) || !packed(w.w2_bias, w.hidden())) {
+        return "the weight-only GEMMs read expert biases as contiguous [E, N] tensors";
+      }
       if (w.num_local_experts() > wo::kMaxExperts) return "the weight-only GEMMs take at most 1024 local experts";
       if (w.w13.stride(2) != 1 || w.w2.stride(2) != 1) return "the weight-only GEMMs need rows of contiguous codes";
       if (w.w13.stride(0) % 16 != 0 || w.w2.stride(0) % 16 != 0) return "the weight-only GEMMs need 16-byte aligned experts";
@@ -561,17 +569,21 @@ class ExpertsStage {
       namespace wo = gemm::weight_only;
       if (const char* why = weight_only_refusal(w)) return unsupported("experts (", Quant::kName, "): ", why);
       const Index H = w.hidden(), I = w.intermediate(), E = w.num_local_experts();
-      const auto params = [&](DeviceView<const W, 3> wt, DeviceView<const float, 3> scale,
-                              const std::optional<DeviceView<const std::uint8_t, 3>>& zero, const IO* x, Index k,
-                              Index n_out, bool gated, IO* out) {
+      constexpr bool kFp4 = std::is_same_v<Quant, quant::Mxfp4>;
+      constexpr bool kInterleaved = kMode1 == detail::ColumnMode::kGatedInterleaved;
+      constexpr bool kGated = kMode1 != detail::ColumnMode::kPlain;
+      const auto params = [&](DeviceView<const W, 3> wt, const auto& scale, const IO* x, Index k, Index n_out, bool gated,
+                              const auto& bias, IO* out) {
         wo::Params p{};
         p.w = wt.data();
         p.w_expert_stride = wt.stride(0);
         p.w_row_stride = wt.stride(1);
-        p.scale = scale.data();
-        p.zero = zero ? zero->data() : nullptr;
-        p.group_size = static_cast<int>(w.quant.group_size > 0 ? w.quant.group_size : k);
-        p.groups = static_cast<int>(Quant::groups(k, w.quant.group_size));
+        Index group = quant::Mxfp4::kBlock;
+        if constexpr (!kFp4) group = w.quant.group_size > 0 ? w.quant.group_size : k;
+        if constexpr (kFp4) p.scale_e8m0 = scale.data();
+        else p.scale = scale.data();
+        p.group_size = static_cast<int>(group);
+        p.groups = static_cast<int>((k + group - 1) / group);
         p.n_total = wt.extent(1);
         p.x = x;
         p.seg_begin = s.seg_begin;
@@ -579,36 +591,50 @@ class ExpertsStage {
         p.num_experts = static_cast<int>(E);
         p.k = static_cast<int>(k);
         p.n_out = static_cast<int>(n_out);
-        p.gate_up_offset = gated ? static_cast<int>(n_out) : 0;
+        p.gate_stride = gated && kInterleaved ? 2 : 1;
+        p.gate_up_offset = !gated ? 0 : kInterleaved ? 1 : static_cast<int>(n_out);
+        p.bias = bias ? bias->data() : nullptr;
         p.out = out;
         p.ldo = n_out;
         return p;
       };
-      constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
-      using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
-      using Stored2 = epilogue::Gemm2Epilogue<IO, false, false>;
-      using Weighted2 = epilogue::Gemm2Epilogue<IO, false, true>;
-      if (w.quant.w13_k_order) {  // act-order: GEMM1 reads the input with K in the codes' order
-        IO* ordered = static_cast<IO*>(static_cast<void*>(b.k_ordered));
-        MOE_RETURN_IF_ERROR(wo::order_k(input, w.quant.w13_k_order->data(), s.seg_begin, s.seg_count,
-                                        static_cast<int>(E), static_cast<int>(H), l.rows, ordered, stream));
-        input = ordered;
+      // The biases' epilogues: they add 0 where the experts have none.
+      using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, true>;
+      using Stored2 = epilogue::Gemm2Epilogue<IO, true, false>;
+      using Weighted2 = epilogue::Gemm2Epilogue<IO, true, true>;
+      if constexpr (requires { w.quant.w13_k_order; }) {
+        if (w.quant.w13_k_order) {  // act-order: GEMM1 reads the input with K in the codes' order
+          IO* ordered = static_cast<IO*>(static_cast<void*>(b.k_ordered));
+          MOE_RETURN_IF_ERROR(wo::order_k(input, w.quant.w13_k_order->data(), s.seg_begin, s.seg_count,
+                                          static_cast<int>(E), static_cast<int>(H), l.rows, ordered, stream));
+          input = ordered;
+        }
       }
-      const wo::Params p1 = params(w.w13, w.quant.w13_scale, w.quant.w13_zero, input, H, I, kGated, b.inter);
-      wo::Params p2 = params(w.w2, w.quant.w2_scale, w.quant.w2_zero, b.inter, I, H, false, output);
+      wo::Params p1 = params(w.w13, w.quant.w13_scale, input, H, I, kGated, w.w13_bias, b.inter);
+      wo::Params p2 = params(w.w2, w.quant.w2_scale, b.inter, I, H, false, w.w2_bias, output);
+      unsigned default_zero = 0;
+      if constexpr (!kFp4) {
+        p1.zero = w.quant.w13_zero ? w.quant.w13_zero->data() : nullptr;
+        p2.zero = w.quant.w2_zero ? w.quant.w2_zero->data() : nullptr;
+        default_zero = Quant::kDefaultZero;
+      }
       p2.row_weight = row_weight;
       const auto both = [&]<int kN8>() -> Status {
-        MOE_RETURN_IF_ERROR((wo::launch<IO, Quant::kBits, kN8, kGated, Expr1, Activation>(p1, Quant::kDefaultZero,
-                                                                                          w.activation, l.rows, stream)));
+        MOE_RETURN_IF_ERROR((wo::launch<IO, Quant::kBits, kFp4, kN8, kGated, Expr1, Activation>(p1, default_zero, w.activation,
+                                                                                                l.rows, stream)));
         if (row_weight != nullptr) {
-          return wo::launch<IO, Quant::kBits, kN8, false, Weighted2, Activation>(p2, Quant::kDefaultZero,
-                                                                                 w.activation, l.rows, stream);
+          return wo::launch<IO, Quant::kBits, kFp4, kN8, false, Weighted2, Activation>(p2, default_zero, w.activation,
+                                                                                       l.rows, stream);
         }
-        return wo::launch<IO, Quant::kBits, kN8, false, Stored2, Activation>(p2, Quant::kDefaultZero, w.activation,
-                                                                             l.rows, stream);
+        return wo::launch<IO, Quant::kBits, kFp4, kN8, false, Stored2, Activation>(p2, default_zero, w.activation, l.rows,
+                                                                                   stream);
       };
-      if (l.live_rows <= 8 * E) return both.template operator()<1>();
-      return both.template operator()<2>();
+      if constexpr (kFp4 && !std::is_same_v<IO, bfloat16>) {
+        return unsupported("experts (mxfp4): ", weight_only_refusal(w));  // bf16 only; never launched
+      } else {
+        if (l.live_rows <= 8 * E) return both.template operator()<1>();
+        return both.template operator()<2>();
+      }
     } else {
       return unsupported("not a weight-only scheme");
     }

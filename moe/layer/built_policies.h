@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "moe/activation.h"
+#include "moe/quant/mxfp4.h"
 #include "moe/quant/w8a8.h"
 #include "moe/quant/weight_only.h"
 #include "moe/routing.h"
@@ -50,6 +51,8 @@ using BuiltQuantizedExperts = PolicyList<ExpertsPolicies<SiluAndMul>>;
 // AWQ and compressed-tensors pack-quantized checkpoints. Group size, zero points and act-order are
 // run-time tensors of one kernel.
 using BuiltWeightOnlySchemes = PolicyList<quant::W4A16, quant::W8A16>;
+// MXFP4 (moe/quant/mxfp4.h) for gpt-oss's experts: SwigluOai with biases, interleaved rows.
+using BuiltMxfp4Experts = PolicyList<ExpertsPolicies<SwigluOai>>;
 
 // "none" for the unquantized schemes, else the scheme's name (with its block sizes).
 template <class Q>

@@ -425,9 +425,29 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   // Routed experts.
   const bool interleaved = gate_up_layout(config.activation) == GateUpLayout::kInterleaved;
   const Index L = l.local_experts_;
-  const DType weight_dtype = w8a8 ? qf.codes : weight_only ? DType::kU8 : dtype;
-  l.w13_ = make_buffer(weight_dtype, {L, 2 * It, H / pack});
-  l.w2_ = make_buffer(weight_dtype, {L, H, It / pack});
+  // gpt-oss's MXFP4 stays packed in bf16 and f16 layers (moe/quant/mxfp4.h: the checkpoint's blocks
+  // and E8M0 scales as they are, this rank's rows and whole 32-blocks of columns); f32 layers widen it.
+  const std::string fused = p + ".experts.";
+  const bool mxfp4 = config.expert_layout == ExpertLayout::kFusedInterleaved && !ckpt.contains(fused + "gate_up_proj") &&
+                     ckpt.contains(fused + "gate_up_proj_blocks");
+  const bool packed_mxfp4 = mxfp4 && dtype != DType::kF32;
+  if (packed_mxfp4 && !interleaved) {
+    return unsupported("config: MXFP4 experts store gate and up rows interleaved; activation ", config.activation,
+                       " takes them split");
+  }
+  if (packed_mxfp4 && It % quant::Mxfp4::kBlock != 0) {
+    return unsupported("tp_size: MXFP4 experts are kept packed with one scale per 32 intermediate columns; the per-rank "
+                       "intermediate size ", It, " must be a multiple of 32");
+  }
+  const Index code_pack = packed_mxfp4 ? quant::Mxfp4::kPack : pack;
+  const DType weight_dtype = w8a8 ? qf.codes : (weight_only || packed_mxfp4) ? DType::kU8 : dtype;
+  l.w13_ = make_buffer(weight_dtype, {L, 2 * It, H / code_pack});
+  l.w2_ = make_buffer(weight_dtype, {L, H, It / code_pack});
+  if (packed_mxfp4) {
+    l.weight_scheme_ = scheme_key<quant::Mxfp4>();
+    l.routed_quant_.w13_scale = make_buffer(DType::kU8, {L, 2 * It, H / quant::Mxfp4::kBlock});
+    l.routed_quant_.w2_scale = make_buffer(DType::kU8, {L, H, It / quant::Mxfp4::kBlock});
+  }
   const OpenFloat open_float = [&](const std::string& name, const std::vector<Index>& shape, Source* src) {
     return open(name, shape, src);
   };
@@ -453,11 +473,8 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   }
   // Fused tensors are opened once.
   Source gate_up, down, gate_up_bias, down_bias, gu_blocks, gu_scales, dn_blocks, dn_scales;
-  bool mxfp4 = false;
   if (config.expert_layout != ExpertLayout::kPerExpertLinear) {
-    const std::string e = p + ".experts.";
-    mxfp4 = config.expert_layout == ExpertLayout::kFusedInterleaved && !ckpt.contains(e + "gate_up_proj") &&
-            ckpt.contains(e + "gate_up_proj_blocks");
+    const std::string& e = fused;
     if (mxfp4) {
       if (H % 32 != 0 || I % 32 != 0) return invalid_argument("MXFP4 experts need H and I divisible by 32");
       MOE_RETURN_IF_ERROR(open(e + "gate_up_proj_blocks", {E, 2 * I, H / 32, 16}, &gu_blocks, true));
@@ -481,6 +498,18 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     }
   }
 
+  // Expert g's biases ([E, 2I] interleaved in the checkpoint) into slot `local`, this rank's rows.
+  const auto store_biases = [&](Index g, Index local) {
+    if (!config.expert_biases) return;
+    for (Index i = 0; i < It; ++i) {
+      const Index gate_row = interleaved ? 2 * i : i, up_row = interleaved ? 2 * i + 1 : It + i;
+      store_element(l.w13_bias_, local * 2 * It + gate_row, gate_up_bias.at(g, 2 * (i0 + i)));
+      store_element(l.w13_bias_, local * 2 * It + up_row, gate_up_bias.at(g, 2 * (i0 + i) + 1));
+    }
+    if (par.tp_rank == 0) {
+      for (Index h = 0; h < H; ++h) store_element(l.w2_bias_, local * H + h, down_bias.at(g, h));
+    }
+  };
   ExpertWeights w;
   for (Index g = 0; g < E; ++g) {
     const Index local = em.map.empty() ? g : em.map[g];
@@ -505,6 +534,21 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
         a13 = std::max({a13, gl.input_scale(0), ul.input_scale(0)});
         a2 = std::max(a2, dl.input_scale(0));
       }
+      continue;
+    }
+    if (packed_mxfp4) {  // rows [2 i0, 2 (i0 + It)) of gate_up (interleaved), columns [i0, i0 + It) of down
+      const auto bytes = [](const Source& src) { return static_cast<const std::uint8_t*>(src.t.data); };
+      const auto out = [](Buffer& b) { return reinterpret_cast<std::uint8_t*>(b.bytes.data()); };
+      const Index row13 = H / 2, scales13 = H / 32, row2 = I / 2, scales2 = I / 32;
+      std::memcpy(out(l.w13_) + local * 2 * It * row13, bytes(gu_blocks) + (g * 2 * I + 2 * i0) * row13, 2 * It * row13);
+      std::memcpy(out(l.routed_quant_.w13_scale) + local * 2 * It * scales13, bytes(gu_scales) + (g * 2 * I + 2 * i0) * scales13,
+                  2 * It * scales13);
+      for (Index h = 0; h < H; ++h) {
+        std::memcpy(out(l.w2_) + (local * H + h) * (It / 2), bytes(dn_blocks) + (g * H + h) * row2 + i0 / 2, It / 2);
+        std::memcpy(out(l.routed_quant_.w2_scale) + (local * H + h) * (It / 32), bytes(dn_scales) + (g * H + h) * scales2 + i0 / 32,
+                    It / 32);
+      }
+      store_biases(g, local);
       continue;
     }
     w.gate.assign(It * H, 0.0f);
@@ -566,15 +610,9 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
         store_element(l.w13_, (local * 2 * It + gate_row) * H + h, w.gate[i * H + h]);
         store_element(l.w13_, (local * 2 * It + up_row) * H + h, w.up[i * H + h]);
       }
-      if (config.expert_biases) {
-        store_element(l.w13_bias_, local * 2 * It + gate_row, gate_up_bias.at(g, 2 * (i0 + i)));
-        store_element(l.w13_bias_, local * 2 * It + up_row, gate_up_bias.at(g, 2 * (i0 + i) + 1));
-      }
     }
     for (Index h = 0; h < H * It; ++h) store_element(l.w2_, local * H * It + h, w.down[h]);
-    if (config.expert_biases && par.tp_rank == 0) {
-      for (Index h = 0; h < H; ++h) store_element(l.w2_bias_, local * H + h, down_bias.at(g, h));
-    }
+    store_biases(g, local);
   }
 
   if (weight_only) wo.finish(&l.routed_quant_);

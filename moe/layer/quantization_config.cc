@@ -282,7 +282,7 @@ std::string QuantizationConfig::describe() const {
   std::ostringstream s;
   switch (method) {
     case QuantMethod::kNone: return "none (weights as stored)";
-    case QuantMethod::kMxfp4: return "mxfp4 (E2M1, E8M0 scale per 32 along K; widened to the run dtype at load)";
+    case QuantMethod::kMxfp4: return "mxfp4 (E2M1, E8M0 scale per 32 along K; kept packed in bf16/f16, widened for f32)";
     case QuantMethod::kFp8: s << "fp8 e4m3 W8A8"; break;
     case QuantMethod::kInt8: s << "int8 W8A8"; break;
     case QuantMethod::kWeightOnly:

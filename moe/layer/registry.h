@@ -69,10 +69,14 @@ Status bind_scheme_tensors(const SchemeTensors& t, typename Q::template Argument
     MOE_RETURN_IF_ERROR(bind(*t.w2_scale, "w2_scale", &a->w2_scale));
     if constexpr (kWeightOnly) {
       if (t.a13_scale || t.a2_scale) return invalid_argument("a13_scale/a2_scale: ", scheme_key<Q>(), " takes no activation scales");
-      MOE_RETURN_IF_ERROR(optional(t.w13_zero, "w13_zero", &a->w13_zero));
-      MOE_RETURN_IF_ERROR(optional(t.w2_zero, "w2_zero", &a->w2_zero));
-      MOE_RETURN_IF_ERROR(optional(t.w13_k_order, "w13_k_order", &a->w13_k_order));
-      a->group_size = t.group_size;
+      if constexpr (requires { a->w13_zero; }) {  // the integer schemes
+        MOE_RETURN_IF_ERROR(optional(t.w13_zero, "w13_zero", &a->w13_zero));
+        MOE_RETURN_IF_ERROR(optional(t.w2_zero, "w2_zero", &a->w2_zero));
+        MOE_RETURN_IF_ERROR(optional(t.w13_k_order, "w13_k_order", &a->w13_k_order));
+        a->group_size = t.group_size;
+      } else if (t.w13_zero || t.w2_zero || t.w13_k_order) {
+        return invalid_argument("w13_zero/w2_zero/w13_k_order: ", scheme_key<Q>(), " takes no zero points or K order");
+      }
     } else {
       if (t.w13_zero || t.w2_zero || t.w13_k_order) {
         return invalid_argument("w13_zero/w2_zero/w13_k_order: ", scheme_key<Q>(), " takes no zero points or K order");
@@ -114,8 +118,8 @@ Status find_kernel(const KernelKey& key, ForwardFn* out);
 // A backend's table of prebuilt kernels: one entry per BuiltExperts entry and dtype, and one per
 // scheme of `Schemes` (quantized) and BuiltQuantizedExperts entry and dtype, each made by
 // `make.template operator()<Experts, T, Scheme>()` (Experts an ExpertsPolicies, T the IO type:
-// float/bfloat16/half, Scheme quant::None<T>, one of Schemes or of BuiltWeightOnlySchemes; the
-// weight-only ones in bfloat16 and half only).
+// float/bfloat16/half, Scheme quant::None<T>, one of Schemes or of BuiltWeightOnlySchemes, or
+// quant::Mxfp4 for BuiltMxfp4Experts; the weight-only ones in bfloat16 and half only).
 template <class Fn, class Schemes = PolicyList<>>
 class KernelTable {
  public:
@@ -124,6 +128,7 @@ class KernelTable {
     add_all(BuiltExperts{}, make);
     add_quantized(Schemes{}, make);
     add_quantized(BuiltWeightOnlySchemes{}, make);
+    add_scheme<quant::Mxfp4>(BuiltMxfp4Experts{}, make);
   }
   // The entry for `key`, or an error naming the backend and listing what is built.
   Status find(const KernelKey& key, std::string_view backend, Fn* out) const {

@@ -17,6 +17,8 @@
 #include "testing/lib/compare.h"
 #include "testing/lib/random.h"
 #include "testing/lib/weight_only_checkpoint.h"
+#include "moe/quant/mxfp4.h"
+#include "moe/quant/none.h"
 #include "moe/quant/weight_only.h"
 
 namespace moe {
@@ -198,6 +200,72 @@ TEST(WeightOnly, ActOrderMatchesTheReference) {
   int differ = 0;
   for (std::size_t i = 0; i < ordered.size(); ++i) differ += to_float(ordered[i]) != to_float(c.out[i]);
   EXPECT_GT(differ, 0);
+}
+
+// MXFP4 (moe/quant/mxfp4.h) against the unquantized kernel on weights the test dequantizes itself
+// (its own E2M1 table, 2^(s - 127), rounded to bf16): the same CPU GEMMs on the same values, so
+// the outputs are bitwise equal. SiluAndMul ([gate; up] rows) and gpt-oss's SwigluOai (interleaved
+// rows) with expert biases; every code (the negative zero too) and scales over 2^-9..2^1.
+struct Mxfp4Experts {
+  Index M, E, H, I;
+  int top_k;
+  std::vector<bfloat16> hidden;
+  std::vector<std::int32_t> ids;
+  std::vector<float> weights;
+  testing::Mxfp4Matrix w13, w2;
+  std::vector<bfloat16> b13, b2;
+
+  Mxfp4Experts(Index m, Index e, Index h, Index i, int k, std::uint32_t seed) : M(m), E(e), H(h), I(i), top_k(k) {
+    testing::Random r(seed);
+    hidden = r.normal_vector<bfloat16>(static_cast<std::size_t>(M * H));
+    ids = r.distinct_ids(static_cast<std::size_t>(M), static_cast<int>(E), k);
+    weights = r.uniform_vector<float>(ids.size(), 0.2f, 1.0f);
+    w13 = testing::mxfp4_matrix(E, 2 * I, H, seed + 1);
+    w2 = testing::mxfp4_matrix(E, H, I, seed + 2);
+    b13 = r.normal_vector<bfloat16>(static_cast<std::size_t>(E * 2 * I), 0.1f);
+    b2 = r.normal_vector<bfloat16>(static_cast<std::size_t>(E * H), 0.1f);
+  }
+
+  template <class Activation, class Q>
+  std::vector<bfloat16> run(bool biases) const {
+    using K = Kernel<Spec<routing::Precomputed, StandardPrepareFinalize<>, Experts<Activation, Q, bfloat16>>, cpu::Eigen>;
+    typename K::Arguments a;
+    a.hidden_states = HostView<const bfloat16, 2>(hidden.data(), {M, H});
+    a.topk_ids = HostView<const std::int32_t, 2>(ids.data(), {M, top_k});
+    a.topk_weights = HostView<const float, 2>(weights.data(), {M, top_k});
+    a.top_k = top_k;
+    if constexpr (std::is_same_v<Q, quant::Mxfp4>) {
+      a.w13 = HostView<const std::uint8_t, 3>(w13.codes.data(), {E, 2 * I, H / 2});
+      a.w2 = HostView<const std::uint8_t, 3>(w2.codes.data(), {E, H, I / 2});
+      a.quant.w13_scale = HostView<const std::uint8_t, 3>(w13.scales.data(), {E, 2 * I, H / 32});
+      a.quant.w2_scale = HostView<const std::uint8_t, 3>(w2.scales.data(), {E, H, I / 32});
+    } else {
+      a.w13 = HostView<const bfloat16, 3>(w13.dequantized.data(), {E, 2 * I, H});
+      a.w2 = HostView<const bfloat16, 3>(w2.dequantized.data(), {E, H, I});
+    }
+    if (biases) {
+      a.w13_bias = HostView<const bfloat16, 2>(b13.data(), {E, 2 * I});
+      a.w2_bias = HostView<const bfloat16, 2>(b2.data(), {E, H});
+    }
+    std::vector<bfloat16> out(hidden.size(), bfloat16(-7.0f));
+    a.output = HostView<bfloat16, 2>(out.data(), {M, H});
+    const Status st = K().run(a);
+    EXPECT_TRUE(st.is_ok()) << st.to_string();
+    return out;
+  }
+};
+
+TEST(WeightOnly, Mxfp4EqualsTheUnquantizedKernelOnItsDequantizedWeights) {
+  const Mxfp4Experts c(13, 4, 96, 64, 2, 21);
+  for (const bool biases : {false, true}) {
+    const auto a = c.run<SiluAndMul, quant::Mxfp4>(biases), b = c.run<SiluAndMul, quant::None<bfloat16>>(biases);
+    EXPECT_TRUE(testing::BitwiseEqual(a, b)) << "SiluAndMul, biases " << biases;
+    const auto x = c.run<SwigluOai, quant::Mxfp4>(biases), y = c.run<SwigluOai, quant::None<bfloat16>>(biases);
+    EXPECT_TRUE(testing::BitwiseEqual(x, y)) << "SwigluOai, biases " << biases;
+    double mag = 0;
+    for (const bfloat16& v : x) mag = std::max(mag, std::fabs(static_cast<double>(to_float(v))));
+    EXPECT_GT(mag, 0.0);
+  }
 }
 
 // A 4-bit checkpoint whose nibbles are swapped (the odd k in the low nibble) is a different matrix:

@@ -208,3 +208,57 @@ TEST(WeightOnlyCheckpoint, WrongTensorsAreNamedAndF32IsRefused) {
 
 }  // namespace
 }  // namespace moe::layer
+
+namespace moe::layer {
+namespace {
+
+// gpt-oss's MXFP4 experts stay packed in a bf16 layer (moe/quant/mxfp4.h): the scheme is mxfp4,
+// the codes and E8M0 scales take about a quarter of the widened layer's bf16 bytes, the output
+// is the widened f32 layer's within the bf16 tolerance, TP 2 ranks (I = 64: 32 columns each) add
+// up to the single rank, and a split that cuts a 32-column scale block is refused.
+TEST(Mxfp4Checkpoint, GptOssExpertsStayPackedInBf16) {
+  io::HfLayerSpec spec = spec_of("GptOssForCausalLM", 64, 64);
+  spec.mxfp4 = true;
+  const std::string dir = testing::hf::make_test_dir("mxfp4_packed");
+  io::HfCheckpointWriter w(spec);
+  ASSERT_TRUE(w.write(dir).is_ok());
+  const auto load_gpt_oss = [&](const ParallelLayout& par, DType dtype, MoeLayer* out) {
+    return load(dir + "/config.json", dir + "/model.safetensors", w.prefix(), par, dtype, out);
+  };
+  MoeLayer packed, widened;
+  ASSERT_TRUE(load_gpt_oss({}, DType::kBF16, &packed).is_ok());
+  ASSERT_TRUE(load_gpt_oss({}, DType::kF32, &widened).is_ok());
+  EXPECT_EQ(packed.weight_scheme(), "mxfp4");
+  EXPECT_EQ(widened.weight_scheme(), "none");
+  // Codes (1/2 byte) and a scale byte per 32 against 4-byte floats: under a seventh, biases included.
+  EXPECT_LT(packed.weight_bytes() * 7, widened.weight_bytes()) << packed.weight_bytes() << " vs " << widened.weight_bytes();
+  const Index M = 7, H = spec.hidden;
+  std::vector<float> x = testing::quantized::wavy_hidden_states(M, H);
+  const std::vector<double> out = forward(packed, x, M, H);
+  MoeLayer::Result r;
+  ASSERT_TRUE(widened.forward(AnyTensor{x.data(), DType::kF32, {M, H}, {}}, std::nullopt, &r).is_ok());
+  std::vector<double> ref(static_cast<std::size_t>(M * H));
+  for (std::size_t i = 0; i < ref.size(); ++i) ref[i] = reinterpret_cast<const float*>(r.output.bytes.data())[i];
+  EXPECT_TRUE(testing::all_close(out, ref, kBf16));
+  std::vector<double> sum(out.size(), 0.0);
+  for (int rank = 0; rank < 2; ++rank) {
+    ParallelLayout par;
+    par.tp_size = 2;
+    par.tp_rank = rank;
+    MoeLayer l;
+    const Status s = load_gpt_oss(par, DType::kBF16, &l);
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+    const std::vector<double> part = forward(l, x, M, H);
+    for (std::size_t i = 0; i < sum.size(); ++i) sum[i] += part[i];
+  }
+  EXPECT_TRUE(testing::all_close(sum, out, kBf16));
+  ParallelLayout four;
+  four.tp_size = 4;  // 16 columns per rank: half a scale block
+  MoeLayer refused;
+  const Status s = load_gpt_oss(four, DType::kBF16, &refused);
+  ASSERT_FALSE(s.is_ok());
+  EXPECT_NE(s.message().find("multiple of 32"), std::string::npos) << s.to_string();
+}
+
+}  // namespace
+}  // namespace moe::layer

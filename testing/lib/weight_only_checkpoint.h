@@ -11,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "moe/quant/numeric.h"
 #include "moe/tensor.h"
 
 namespace moe::testing {
@@ -70,6 +71,32 @@ inline QuantizedMatrix<Bits> quantize(Index E, Index N, Index K, Index group, bo
     q.packed[i / per_byte] |= static_cast<std::uint8_t>(q.codes[i] << (Bits * (i % per_byte)));
   }
   return q;
+}
+
+// MXFP4 weights [E, N, K] made by the tests: random codes (every one, the negative zero too),
+// E8M0 scales over 2^-9..2^1, and the tests' own dequantization (E2M1 table x 2^(s - 127), rounded
+// to bf16).
+struct Mxfp4Matrix {
+  std::vector<std::uint8_t> codes;   // [E, N, K / 2], the even k in the low nibble
+  std::vector<std::uint8_t> scales;  // [E, N, K / 32]
+  std::vector<bfloat16> dequantized; // [E, N, K]
+};
+
+inline Mxfp4Matrix mxfp4_matrix(Index E, Index N, Index K, std::uint32_t seed) {
+  static constexpr float kE2m1[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  std::mt19937 gen(seed);
+  Mxfp4Matrix m;
+  m.codes.resize(static_cast<std::size_t>(E * N * K / 2));
+  m.scales.resize(static_cast<std::size_t>(E * N * K / 32));
+  m.dequantized.resize(static_cast<std::size_t>(E * N * K));
+  for (auto& c : m.codes) c = static_cast<std::uint8_t>(gen());
+  for (auto& s : m.scales) s = static_cast<std::uint8_t>(118 + gen() % 11);
+  for (Index x = 0; x < E * N * K; ++x) {
+    const unsigned q = (m.codes[x / 2] >> (4 * (x % 2))) & 0xF;
+    const float v = (q & 8 ? -1.0f : 1.0f) * kE2m1[q & 7];
+    m.dequantized[x] = bfloat16(std::ldexp(v, static_cast<int>(m.scales[x / 32]) - 127));
+  }
+  return m;
 }
 
 }  // namespace moe::testing

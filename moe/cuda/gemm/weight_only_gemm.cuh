@@ -1,7 +1,8 @@
-// Grouped expert GEMM on packed integer weights (moe/quant/weight_only.h: W4A16, W8A16), the
-// codes dequantized in registers straight into tensor-core fragments:
+// Grouped expert GEMM on packed weights (moe/quant/weight_only.h: W4A16, W8A16; moe/quant/mxfp4.h:
+// MXFP4), the codes dequantized in registers straight into tensor-core fragments:
 //
-//   out[row0(e) + t, n] = Expr( sum_k IO(float(q[e, n, k] - z) * IO(s)) * x[row0(e) + t, k] )
+//   out[row0(e) + t, n] = Expr( sum_k IO(float(q[e, n, k] - z) * IO(s)) * x[row0(e) + t, k] + bias )
+//   (MXFP4: IO(e2m1(q) * 2^(s - 127)) in place of the integer dequantization)
 //
 // Decode reads each expert's weights once, so what matters is streaming the packed bytes at full
 // bandwidth; the weights are the MMA's M side (mma.sync m16n8k16, sm_80+) and the tokens its N
@@ -25,7 +26,10 @@
 //   8-bit word j (codes k0..k3): step j takes (k0, k1), (k2, k3), the token's x in order.
 // Dequantization is exact up to the one rounding the scheme defines: 128 + q - (128 + z) is exact
 // in 16 bits, and times the IO-rounded scale rounds once (hmul2); 8-bit codes go through fp32
-// (2^23 + q), whose product with a 16-bit scale is exact before the one rounding to IO.
+// (2^23 + q), whose product with a 16-bit scale is exact before the one rounding to IO. An E2M1
+// nibble (sign, 2 exponent bits, 1 mantissa bit) placed at a bf16's bits 15 and 8..6 is its value
+// times 2^-126 (subnormals included), so two exact hmul2 by 2^126 and by the E8M0 scale give
+// IO(e2m1 * 2^(s - 127)) with the one rounding (bf16 only: f16 cannot hold the scales' range).
 //
 // Where it stands (H200, benchmarks/RESULTS.md): decode streams 0.5-1.8 TB/s of codes, bound by
 // latency (two blocks per SM), not DRAM. Prefill re-reads and re-dequantizes each weight tile per
@@ -65,7 +69,8 @@ struct Params {
   const std::uint8_t* w;     // [E, n_total, k * bits / 8] codes
   Index w_expert_stride;     // bytes
   Index w_row_stride;        // bytes
-  const float* scale;        // [E, n_total, groups]
+  const float* scale;        // [E, n_total, groups] (integer codes)
+  const std::uint8_t* scale_e8m0;  // [E, n_total, groups] (E2M1 codes: MXFP4)
   const std::uint8_t* zero;  // [E, n_total, groups], or null: the default zero point
   int groups;                // per row
   int group_size;            // K per group (k for per channel)
@@ -76,7 +81,9 @@ struct Params {
   int num_experts;
   int k;
   int n_out;           // output columns (I for gated GEMM1)
-  int gate_up_offset;  // rows between a gate row and its up row (I), 0 when not gated
+  int gate_stride;     // gated: output n's gate row is n * gate_stride (1: [gate; up], 2: interleaved)
+  int gate_up_offset;  // gated: rows between a gate row and its up row (I split, 1 interleaved)
+  const void* bias;    // [E, n_total] IO (row stride n_total), or null
   void* out;           // [rows, n_out], row stride ldo
   Index ldo;
   const float* row_weight;  // per row, the router weight Expr reads (RouterWeight), or null
@@ -157,9 +164,22 @@ struct WeightChunk {
   unsigned z[kM16][2];
 };
 
-template <class IO, int kBits, int kN8, bool kGated, class Expr, class Activation>
+// 2^(s - 127) as a float (E8M0; 255 is NaN).
+__device__ __forceinline__ float e8m0_to_float(unsigned s) {
+  return __uint_as_float(s == 0 ? 0x00400000u : s == 255 ? 0x7FC00000u : s << 23);
+}
+template <class IO>
+__device__ __forceinline__ std::uint32_t mul_pair(std::uint32_t a, std::uint32_t b) {
+  using T = typename Pair<IO>::T;
+  const T r = __hmul2(*reinterpret_cast<T*>(&a), *reinterpret_cast<T*>(&b));
+  return *reinterpret_cast<const std::uint32_t*>(&r);
+}
+
+// kFp4: the 4-bit codes are E2M1 with E8M0 scales (MXFP4), else unsigned integers.
+template <class IO, int kBits, bool kFp4, int kN8, bool kGated, class Expr, class Activation>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     weight_only_gemm_kernel(Params p, unsigned default_zero, typename Activation::Arguments act_args) {
+  static_assert(!kFp4 || (kBits == 4 && std::is_same_v<IO, bfloat16>), "MXFP4: 4-bit codes, bf16 activations");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kTokensPerPass = 8 * kN8;
   using Chunk = WeightChunk<kBits, kM16>;
@@ -200,8 +220,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     for (int i = 0; i < kM16; ++i) {
       if constexpr (kGated) {
         const int n = n0 + 8 * i + quad;
-        row[i][0] = n;
-        row[i][1] = p.gate_up_offset + n;
+        row[i][0] = n * p.gate_stride;
+        row[i][1] = n * p.gate_stride + p.gate_up_offset;
         row_ok[i][0] = row_ok[i][1] = n < p.n_out;
       } else {
         row[i][0] = n0 + 16 * i + quad;
@@ -225,7 +245,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 #pragma unroll
           for (int v = 0; v < kVec; ++v) d.w[i][h][v] = ok ? load_stream(src + 16 * v) : make_uint4(0, 0, 0, 0);
           const Index si = scale_expert + static_cast<Index>(row[i][h]) * p.groups + g;
-          d.s[i][h] = ok ? __ldg(p.scale + si) : 0.0f;
+          if constexpr (kFp4) d.s[i][h] = ok ? e8m0_to_float(__ldg(p.scale_e8m0 + si)) : 0.0f;
+          else d.s[i][h] = ok ? __ldg(p.scale + si) : 0.0f;
           d.z[i][h] = ok && p.zero != nullptr ? __ldg(p.zero + si) : default_zero;
         }
       }
@@ -299,8 +320,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
                   const std::uint32_t wv = word(d.w[i][h][0], j);
 #pragma unroll
                   for (int sp = 0; sp < 2; ++sp) {
-                    const std::uint32_t codes = ((wv >> (4 * (t0n + sp))) & 0x000F000Fu) | Pair<IO>::kMagic;
-                    a[h][sp] = sub_mul<IO>(codes, zz[i][h], ss[i][h]);
+                    const std::uint32_t nibbles = (wv >> (4 * (t0n + sp))) & 0x000F000Fu;
+                    if constexpr (kFp4) {  // sign to bit 15, exponent and mantissa to bits 8..6
+                      const std::uint32_t v = ((nibbles << 6) & 0x01C001C0u) | ((nibbles << 12) & 0x80008000u);
+                      a[h][sp] = mul_pair<IO>(mul_pair<IO>(v, 0x7E807E80u), ss[i][h]);  // x 2^126, x 2^(s-127)
+                    } else {
+                      a[h][sp] = sub_mul<IO>(nibbles | Pair<IO>::kMagic, zz[i][h], ss[i][h]);
+                    }
                   }
                 }
 #pragma unroll
@@ -377,11 +403,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         epilogue::ElementContext<Activation> ctx;
         ctx.args = act_args;
         if (p.row_weight != nullptr) ctx.weight = p.row_weight[row0_expert + t0 + tok];
+        // Expr adds the bias (0 where the experts have none: acc + 0 is acc).
+        const IO* bias = p.bias != nullptr ? static_cast<const IO*>(p.bias) + static_cast<Index>(e) * p.n_total : nullptr;
+        const auto bias_at = [&](int row) { return bias != nullptr ? to_float(bias[row]) : 0.0f; };
         if constexpr (kGated) {
           const int n = n0 + 8 * i + l / 4;
           if (n < p.n_out) {
             ctx.acc[1] = lo;
             ctx.acc[2] = hi;
+            ctx.bias_[1] = bias_at(n * p.gate_stride);
+            ctx.bias_[2] = bias_at(n * p.gate_stride + p.gate_up_offset);
             ctx.col = n;
             dst[n] = from_float<IO>(Expr::eval(ctx));
           }
@@ -389,11 +420,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
           const int n = n0 + 16 * i + l / 4;
           if (n < p.n_out) {
             ctx.acc[0] = lo;
+            ctx.bias_[0] = bias_at(n);
             ctx.col = n;
             dst[n] = from_float<IO>(Expr::eval(ctx));
           }
           if (n + 8 < p.n_out) {
             ctx.acc[0] = hi;
+            ctx.bias_[0] = bias_at(n + 8);
             ctx.col = n + 8;
             dst[n + 8] = from_float<IO>(Expr::eval(ctx));
           }
@@ -410,13 +443,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 // out[rows, n_out] = Expr(rows x dequantized w[e]^T) for the rows of each expert; gated: w has
 // 2 * n_out rows per expert ([gate; up]). kN8: token n8 tiles per pass (1: decode, up to 8 tokens
 // per expert and pass; 2: 16).
-template <class IO, int kBits, int kN8, bool kGated, class Expr, class Activation>
+template <class IO, int kBits, bool kFp4, int kN8, bool kGated, class Expr, class Activation>
 Status launch(const Params& p, unsigned default_zero, const typename Activation::Arguments& act_args, Index rows,
               cudaStream_t stream) {
   int device = 0, sms = 0, per_sm = 0;
   MOE_CUDA_TRY(cudaGetDevice(&device));
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  auto* kernel = &weight_only_gemm_kernel<IO, kBits, kN8, kGated, Expr, Activation>;
+  auto* kernel = &weight_only_gemm_kernel<IO, kBits, kFp4, kN8, kGated, Expr, Activation>;
   MOE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
   const Index outputs_per_tile = kGated ? 8 * kM16 : 16 * kM16;
   const Index items = ((p.n_out + outputs_per_tile - 1) / outputs_per_tile) *

@@ -63,21 +63,10 @@ struct Mxfp4 {
         return invalid_argument("mxfp4: hidden and intermediate sizes must be multiples of 32 (one E8M0 scale per 32 "
                                 "K elements), got H=", H, ", I=", I);
       }
-      MOE_RETURN_IF_ERROR(check("quant.w13_scale", w13_scale, {E, N1, H / kBlock}));
-      return check("quant.w2_scale", w2_scale, {E, H, I / kBlock});
+      MOE_RETURN_IF_ERROR(check_scheme_tensor("quant.w13_scale", w13_scale, {E, N1, H / kBlock}));
+      return check_scheme_tensor("quant.w2_scale", w2_scale, {E, H, I / kBlock});
     }
 
-   private:
-    static Status check(const char* name, const TensorView<const std::uint8_t, 3, Space>& v, const std::array<Index, 3>& expect) {
-      if (v.data() == nullptr && expect[0] * expect[1] * expect[2] > 0) {
-        return invalid_argument(name, ": required, expected shape ", detail::format_shape(expect), ", not given");
-      }
-      if (v.extents() != expect) {
-        return invalid_argument(name, ": expected shape ", detail::format_shape(expect), ", got ", detail::format_shape(v.extents()));
-      }
-      if (!v.is_contiguous()) return invalid_argument(name, ": expected a contiguous tensor");
-      return Status::ok();
-    }
   };
 };
 

@@ -19,6 +19,7 @@
 // Both backends implement the same arithmetic, written out in moe/quant/w8a8.h and weight_only.h.
 #pragma once
 
+#include <array>
 #include <concepts>
 #include <string_view>
 
@@ -66,5 +67,19 @@ inline constexpr Index weight_pack_v = [] {
   if constexpr (requires { Q::kPack; }) return static_cast<Index>(Q::kPack);
   else return Index{1};
 }();
+
+// A scheme tensor of rank 3 against its expected shape: given (unless empty), the shape, contiguous.
+template <class T, class Space>
+Status check_scheme_tensor(const char* name, const TensorView<const T, 3, Space>& v, const std::array<Index, 3>& expect) {
+  if (v.data() == nullptr && expect[0] * expect[1] * expect[2] > 0) {
+    return invalid_argument(name, ": required, expected shape ", moe::detail::format_shape(expect), ", not given");
+  }
+  if (v.extents() != expect) {
+    return invalid_argument(name, ": expected shape ", moe::detail::format_shape(expect), ", got ",
+                            moe::detail::format_shape(v.extents()));
+  }
+  if (!v.is_contiguous()) return invalid_argument(name, ": expected a contiguous tensor");
+  return Status::ok();
+}
 
 }  // namespace moe::quant

@@ -89,15 +89,15 @@ struct WeightOnlyInt {
         return invalid_argument("quant.group_size: expected 0 (per channel) or a positive multiple of 32, got ", group_size);
       }
       const std::array<Index, 3> s13{E, N1, groups(H, group_size)}, s2{E, H, groups(I, group_size)};
-      MOE_RETURN_IF_ERROR(check("quant.w13_scale", w13_scale, s13));
-      MOE_RETURN_IF_ERROR(check("quant.w2_scale", w2_scale, s2));
+      MOE_RETURN_IF_ERROR(check_scheme_tensor("quant.w13_scale", w13_scale, s13));
+      MOE_RETURN_IF_ERROR(check_scheme_tensor("quant.w2_scale", w2_scale, s2));
       if (w13_zero.has_value() != w2_zero.has_value()) {
         return invalid_argument(w13_zero ? "quant.w2_zero" : "quant.w13_zero",
                                 ": zero points are given for both GEMMs or for neither");
       }
       if (w13_zero) {
-        MOE_RETURN_IF_ERROR(check("quant.w13_zero", *w13_zero, s13));
-        MOE_RETURN_IF_ERROR(check("quant.w2_zero", *w2_zero, s2));
+        MOE_RETURN_IF_ERROR(check_scheme_tensor("quant.w13_zero", *w13_zero, s13));
+        MOE_RETURN_IF_ERROR(check_scheme_tensor("quant.w2_zero", *w2_zero, s2));
       }
       if (w13_k_order) MOE_RETURN_IF_ERROR(check_k_order(*w13_k_order, E, H));
       return Status::ok();
@@ -125,17 +125,6 @@ struct WeightOnlyInt {
           }
         }
       }
-      return Status::ok();
-    }
-    template <class T>
-    static Status check(const char* name, const TensorView<const T, 3, Space>& v, const std::array<Index, 3>& expect) {
-      if (v.data() == nullptr && expect[0] * expect[1] * expect[2] > 0) {
-        return invalid_argument(name, ": required, expected shape ", detail::format_shape(expect), ", not given");
-      }
-      if (v.extents() != expect) {
-        return invalid_argument(name, ": expected shape ", detail::format_shape(expect), ", got ", detail::format_shape(v.extents()));
-      }
-      if (!v.is_contiguous()) return invalid_argument(name, ": expected a contiguous tensor");
       return Status::ok();
     }
   };

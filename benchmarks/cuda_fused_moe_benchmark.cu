@@ -28,7 +28,7 @@
 // scales), same workload with random codes; their bytes count one byte per weight.
 // --weight_only adds w4a16_g128_forward_graph (issue: weight-only INT4): 4-bit codes packed two per
 // byte with a float scale per 128 K (no zero points); bytes count half a byte per weight plus the
-// scales.
+// scales; and mxfp4_forward_graph for the gpt-oss shape (E2M1 codes, an E8M0 byte per 32 K).
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
@@ -42,6 +42,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -49,6 +50,7 @@
 #include "moe/cuda/kernel.cuh"
 #include "moe/quant/none.h"
 #include "moe/quant/w8a8.h"
+#include "moe/quant/mxfp4.h"
 #include "moe/quant/weight_only.h"
 
 namespace {
@@ -256,9 +258,19 @@ using SpecOf = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize
 // A W8A8 scheme's scale tensors for shape `s` (constant values: the time does not depend on them).
 template <class Q>
 struct Scales {
-  std::vector<float*> owned;
+  std::vector<void*> owned;
   typename Q::template Arguments<moe::DeviceSpace> args;
   explicit Scales(const Shape& s) {
+    if constexpr (std::is_same_v<Q, moe::quant::Mxfp4>) {  // E8M0 2^-7
+      for (auto [view, n, k] : {std::tuple{&args.w13_scale, 2 * s.I, s.H}, std::tuple{&args.w2_scale, s.H, s.I}}) {
+        const std::size_t count = static_cast<std::size_t>(s.E * n * (k / 32));
+        std::uint8_t* d = device_alloc<std::uint8_t>(count);
+        cuda_ok(cudaMemset(d, 120, count));
+        owned.push_back(d);
+        *view = moe::DeviceView<const std::uint8_t, 3>(d, {s.E, n, k / 32});
+      }
+      return;
+    } else {
     const auto tensor = [&](std::array<moe::Index, 3> shape, float value) {
       std::vector<float> host(static_cast<std::size_t>(shape[0] * shape[1] * shape[2]), value);
       float* d = device_alloc<float>(host.size());
@@ -278,9 +290,10 @@ struct Scales {
         args.a2_scale = moe::DeviceView<const float, 1>(tensor({1, 1, 1}, 0.01f).data(), {1});
       }
     }
+    }
   }
   ~Scales() {
-    for (float* p : owned) cudaFree(p);
+    for (void* p : owned) cudaFree(p);
   }
 };
 
@@ -371,7 +384,8 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   }
   const double flops = 6.0 * M * s.top_k * s.H * s.I;
   double weight_bytes = 3.0 * s.H * s.I * sizeof(W) / kPack;  // per expert hit
-  if constexpr (moe::quant::weight_only_v<Q>) weight_bytes += 3.0 * s.H * Q::groups(s.I, 128) * sizeof(float);
+  if constexpr (std::is_same_v<Q, moe::quant::Mxfp4>) weight_bytes += 3.0 * s.H * s.I / 32;
+  else if constexpr (moe::quant::weight_only_v<Q>) weight_bytes += 3.0 * s.H * Q::groups(s.I, 128) * sizeof(float);
   const double bytes = static_cast<double>(hit.size()) * weight_bytes + 2.0 * M * s.H * 2;
   const double floor_s = std::max(flops / (g_gemm_tflops * 1e12), bytes / (g_copy_gbps * 1e9));
   state.counters["us"] = median_s * 1e6;
@@ -443,6 +457,9 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, boo
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         register_row<moe::quant::W4A16>(row_name("w4a16_g128_forward_graph", s, M), s, M, true, {Variant{}}, 20);
+        if (std::string(s.name) == "gpt_oss_120b") {
+          register_row<moe::quant::Mxfp4>(row_name("mxfp4_forward_graph", s, M), s, M, true, {Variant{}}, 20);
+        }
       }
     }
   }

@@ -210,53 +210,67 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int items = num_active * row_tiles;
   const float bias = Pair<IO>::kBias;
 
-  for (int item = static_cast<int>(blockIdx.x); item < items; item += static_cast<int>(gridDim.x)) {
-    const int e = active[item / row_tiles];
-    const int n0 = (item % row_tiles) * outputs_per_tile;
-    // This thread's weight rows (lo: tile row quad, hi: quad + 8) and whether they exist.
-    int row[kM16][2];
-    bool row_ok[kM16][2];
-#pragma unroll
-    for (int i = 0; i < kM16; ++i) {
-      if constexpr (kGated) {
-        const int n = n0 + 8 * i + quad;
-        row[i][0] = n * p.gate_stride;
-        row[i][1] = n * p.gate_stride + p.gate_up_offset;
-        row_ok[i][0] = row_ok[i][1] = n < p.n_out;
-      } else {
-        row[i][0] = n0 + 16 * i + quad;
-        row[i][1] = row[i][0] + 8;
-        row_ok[i][0] = row[i][0] < p.n_out;
-        row_ok[i][1] = row[i][1] < p.n_out;
-      }
+  // Work units, this block's in order: (item, pass of kTokensPerPass tokens). A unit's first two
+  // chunks are loaded before the previous unit's reduction and epilogue, so that its load latency
+  // overlaps that tail instead of following it.
+  int item = static_cast<int>(blockIdx.x);
+  if (item >= items) return;
+  // The unit's state, 32-bit and few (the chunk buffers need the registers): the weight rows are
+  // recomputed from n0 per load.
+  int e = 0, n0 = 0, row0_expert = 0, count = 0, t0 = 0;
+  const auto start_item = [&]() {
+    e = active[item / row_tiles];
+    n0 = (item % row_tiles) * outputs_per_tile;
+    row0_expert = static_cast<int>(__ldg(p.seg_begin + e));
+    count = static_cast<int>(__ldg(p.seg_count + e));
+  };
+  // Weight row h (0: tile row quad, 1: quad + 8; gated: the gate and the up row) of m16 tile i,
+  // and whether it exists.
+  const auto weight_row = [&](int i, int h, bool* ok) {
+    if constexpr (kGated) {
+      const int n = n0 + 8 * i + quad;
+      *ok = n < p.n_out;
+      return n * p.gate_stride + (h == 0 ? 0 : p.gate_up_offset);
+    } else {
+      const int r = n0 + 16 * i + quad + 8 * h;
+      *ok = r < p.n_out;
+      return r;
     }
+  };
+  const auto load = [&](int c, Chunk& d) {
+    const int k0 = c * kChunkK + 32 * q;
+    const bool k_ok = k0 < p.k;
+    const int g = k0 / p.group_size;
     const std::uint8_t* w_expert = p.w + static_cast<Index>(e) * p.w_expert_stride;
     const Index scale_expert = static_cast<Index>(e) * p.n_total * p.groups;
-    const auto load = [&](int c, Chunk& d) {
-      const int k0 = c * kChunkK + 32 * q;
-      const bool k_ok = k0 < p.k;
-      const int g = k0 / p.group_size;
 #pragma unroll
-      for (int i = 0; i < kM16; ++i) {
+    for (int i = 0; i < kM16; ++i) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const bool ok = k_ok && row_ok[i][h];
-          const std::uint8_t* src = w_expert + row[i][h] * p.w_row_stride + k0 * kBits / 8;
+      for (int h = 0; h < 2; ++h) {
+        bool row_ok = false;
+        const int row = weight_row(i, h, &row_ok);
+        const bool ok = k_ok && row_ok;
+        const std::uint8_t* src = w_expert + row * p.w_row_stride + k0 * kBits / 8;
 #pragma unroll
-          for (int v = 0; v < kVec; ++v) d.w[i][h][v] = ok ? load_stream(src + 16 * v) : make_uint4(0, 0, 0, 0);
-          const Index si = scale_expert + static_cast<Index>(row[i][h]) * p.groups + g;
-          if constexpr (kFp4) d.s[i][h] = ok ? e8m0_to_float(__ldg(p.scale_e8m0 + si)) : 0.0f;
-          else d.s[i][h] = ok ? __ldg(p.scale + si) : 0.0f;
-          d.z[i][h] = ok && p.zero != nullptr ? __ldg(p.zero + si) : default_zero;
-        }
+        for (int v = 0; v < kVec; ++v) d.w[i][h][v] = ok ? load_stream(src + 16 * v) : make_uint4(0, 0, 0, 0);
+        const Index si = scale_expert + static_cast<Index>(row) * p.groups + g;
+        if constexpr (kFp4) d.s[i][h] = ok ? e8m0_to_float(__ldg(p.scale_e8m0 + si)) : 0.0f;
+        else d.s[i][h] = ok ? __ldg(p.scale + si) : 0.0f;
+        d.z[i][h] = ok && p.zero != nullptr ? __ldg(p.zero + si) : default_zero;
       }
-    };
+    }
+  };
 
-    const Index row0_expert = __ldg(p.seg_begin + e);
-    const Index count = __ldg(p.seg_count + e);
-    for (Index t0 = 0; t0 < count; t0 += kTokensPerPass) {
+    Chunk b0, b1, b2;  // three register buffers in rotation (a chunk computing, two loading)
+    const auto load_first = [&]() {
+      if (warp < chunks) load(warp, b0);
+      if (warp + kWarps < chunks) load(warp + kWarps, b1);
+    };
+    start_item();
+    load_first();
+    for (;;) {
       const int tokens = static_cast<int>(count - t0 < kTokensPerPass ? count - t0 : kTokensPerPass);
-      const IO* x = static_cast<const IO*>(p.x) + (row0_expert + t0) * p.k;
+      const IO* x = static_cast<const IO*>(p.x) + (static_cast<Index>(row0_expert) + t0) * p.k;
       float acc[kM16][kN8][4];
 #pragma unroll
       for (int i = 0; i < kM16; ++i)
@@ -365,15 +379,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         }
       };
 
-      // This warp's chunks (c = warp, warp + 8, ...), two ahead loading while one computes: three
-      // register buffers in rotation, unrolled so that each stays in registers.
-      Chunk b0, b1, b2;
+      // This warp's chunks (c = warp, warp + 8, ...), two ahead loading while one computes,
+      // unrolled so that each buffer stays in registers; the first two are loaded already.
       const auto step = [&](int c, Chunk& now, Chunk& ahead2) {
         if (c + 2 * kWarps < chunks) load(c + 2 * kWarps, ahead2);
         compute(c, now);
       };
-      if (warp < chunks) load(warp, b0);
-      if (warp + kWarps < chunks) load(warp + kWarps, b1);
       for (int c = warp; c < chunks; c += 3 * kWarps) {
         step(c, b0, b2);
         if (c + kWarps >= chunks) break;
@@ -381,6 +392,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
         if (c + 2 * kWarps >= chunks) break;
         step(c + 2 * kWarps, b2, b1);
       }
+
+      // This unit's place, for its epilogue; then the next unit's first chunks.
+      const int e_done = e, n0_done = n0;
+      const Index rows_done = static_cast<Index>(row0_expert) + t0;
+      t0 += kTokensPerPass;
+      if (t0 >= count) {
+        t0 = 0;
+        item += static_cast<int>(gridDim.x);
+        if (item < items) start_item();
+      }
+      const bool more = item < items;
+      if (more) load_first();
 
       // Sum the warps' partial sums in warp order, then the epilogue per (output, token).
 #pragma unroll
@@ -399,15 +422,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
           lo += r == 0 ? v.x : v.y;
           hi += r == 0 ? v.z : v.w;
         }
-        IO* dst = static_cast<IO*>(p.out) + (row0_expert + t0 + tok) * p.ldo;
+        IO* dst = static_cast<IO*>(p.out) + (rows_done + tok) * p.ldo;
         epilogue::ElementContext<Activation> ctx;
         ctx.args = act_args;
-        if (p.row_weight != nullptr) ctx.weight = p.row_weight[row0_expert + t0 + tok];
+        if (p.row_weight != nullptr) ctx.weight = p.row_weight[rows_done + tok];
         // Expr adds the bias (0 where the experts have none: acc + 0 is acc).
-        const IO* bias = p.bias != nullptr ? static_cast<const IO*>(p.bias) + static_cast<Index>(e) * p.n_total : nullptr;
+        const IO* bias = p.bias != nullptr ? static_cast<const IO*>(p.bias) + static_cast<Index>(e_done) * p.n_total : nullptr;
         const auto bias_at = [&](int row) { return bias != nullptr ? to_float(bias[row]) : 0.0f; };
         if constexpr (kGated) {
-          const int n = n0 + 8 * i + l / 4;
+          const int n = n0_done + 8 * i + l / 4;
           if (n < p.n_out) {
             ctx.acc[1] = lo;
             ctx.acc[2] = hi;
@@ -417,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
             dst[n] = from_float<IO>(Expr::eval(ctx));
           }
         } else {
-          const int n = n0 + 16 * i + l / 4;
+          const int n = n0_done + 16 * i + l / 4;
           if (n < p.n_out) {
             ctx.acc[0] = lo;
             ctx.bias_[0] = bias_at(n);
@@ -432,9 +455,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
           }
         }
       }
-      __syncthreads();  // `partial` is free for the next pass
+      __syncthreads();  // `partial` is free for the next unit
+      if (!more) break;
     }
-  }
 #else
   __trap();  // launched only on sm_80+ (the Arch tag's check)
 #endif
@@ -446,6 +469,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 template <class IO, int kBits, bool kFp4, int kN8, bool kGated, class Expr, class Activation>
 Status launch(const Params& p, unsigned default_zero, const typename Activation::Arguments& act_args, Index rows,
               cudaStream_t stream) {
+  if (rows > INT32_MAX) return unsupported("weight-only GEMMs: ", rows, " rows do not fit int32 (the kernel's row offsets)");
   int device = 0, sms = 0, per_sm = 0;
   MOE_CUDA_TRY(cudaGetDevice(&device));
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));

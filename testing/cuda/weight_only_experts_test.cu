@@ -27,6 +27,7 @@
 #include "testing/ep/simulated_ep.h"
 #include "testing/lib/compare.h"
 #include "testing/lib/gpu.h"
+#include "testing/lib/random.h"
 #include "testing/lib/weight_only_checkpoint.h"
 
 namespace {
@@ -209,17 +210,9 @@ void expect_biased_experts_match(Index M, std::uint32_t seed) {
   for (auto& v : hidden) v = IO(nd(gen));
   for (auto& v : b13) v = IO(0.1f * nd(gen));
   for (auto& v : b2) v = IO(0.1f * nd(gen));
-  std::vector<std::int32_t> ids;
-  std::vector<float> weights;
-  std::vector<int> perm(static_cast<std::size_t>(E));
-  for (Index m = 0; m < M; ++m) {
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), gen);
-    for (int j = 0; j < top_k; ++j) {
-      ids.push_back(perm[j]);
-      weights.push_back(0.25f + 0.5f * std::uniform_real_distribution<float>(0, 1)(gen));
-    }
-  }
+  moe::testing::Random random(seed);
+  const std::vector<std::int32_t> ids = random.distinct_ids(static_cast<std::size_t>(M), static_cast<int>(E), top_k);
+  const std::vector<float> weights = random.uniform_vector<float>(ids.size(), 0.25f, 0.75f);
   constexpr bool kFp4 = std::is_same_v<Q, quant::Mxfp4>;
   // Codes and scales: MXFP4's, or W4A16's (group 64, zero points).
   const moe::testing::Mxfp4Matrix f13 = moe::testing::mxfp4_matrix(E, 2 * I, H, seed + 1), f2 = moe::testing::mxfp4_matrix(E, H, I, seed + 2);

@@ -25,9 +25,22 @@ namespace moe::testing::quantized {
 constexpr Index kBlock = 128;
 
 inline bool is_expert_linear(const std::string& name) {
-  const bool expert = name.find(".experts.") != std::string::npos || name.find(".shared_experts.") != std::string::npos;
-  const auto ends = [&](const std::string& s) { return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0; };
-  return expert && ends("_proj.weight");
+  // A routed or shared expert's Linear weight (gate_proj/up_proj/down_proj or Mixtral's w1/w3/w2).
+  const bool expert = name.find(".experts.") != std::string::npos || name.find(".shared_expert.") != std::string::npos ||
+                      name.find(".shared_experts.") != std::string::npos;
+  return expert && name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0;
+}
+
+// A synthetic checkpoint's tensor (f32 or bf16) as floats.
+inline std::vector<float> tensor_as_floats(const AnyTensor& t) {
+  Index count = 1;
+  for (Index e : t.extents) count *= e;
+  std::vector<float> v(static_cast<std::size_t>(count));
+  for (Index i = 0; i < count; ++i) {
+    v[i] = t.dtype == DType::kF32 ? static_cast<const float*>(t.data)[i]
+                                  : bfloat16::to_float(static_cast<const std::uint16_t*>(t.data)[i]);
+  }
+  return v;
 }
 
 // The files of a quantized checkpoint beside the synthetic one in `dir`: `<tag>.safetensors` and
@@ -116,13 +129,7 @@ inline Fp8Model write_fp8_model(const std::string& name, const io::HfLayerSpec& 
   for (const std::string& n : f.names()) {
     AnyTensor t;
     EXPECT_TRUE(f.tensor(n, &t).is_ok());
-    Index count = 1;
-    for (Index e : t.extents) count *= e;
-    std::vector<float>& v = floats.emplace_back(static_cast<std::size_t>(count));
-    for (Index i = 0; i < count; ++i) {
-      v[i] = t.dtype == DType::kF32 ? static_cast<const float*>(t.data)[i]
-                                    : bfloat16::to_float(static_cast<const std::uint16_t*>(t.data)[i]);
-    }
+    std::vector<float>& v = floats.emplace_back(tensor_as_floats(t));
     const std::vector<std::int64_t> shape(t.extents.begin(), t.extents.end());
     if (!is_expert_linear(n)) {
       fp8_tensors.push_back({n, DType::kF32, shape, v.data()});

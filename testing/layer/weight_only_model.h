@@ -212,13 +212,6 @@ inline void write_linear(const Quantized& l, const std::string& base, const IntF
   }
 }
 
-// A routed or shared expert's Linear weight (gate_proj/up_proj/down_proj or Mixtral's w1/w3/w2).
-inline bool is_expert_linear(const std::string& name) {
-  const bool expert = name.find(".experts.") != std::string::npos || name.find(".shared_expert.") != std::string::npos ||
-                      name.find(".shared_experts.") != std::string::npos;
-  return expert && name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0;
-}
-
 // `edit` may rename, reshape or drop (empty name) a tensor before it is written.
 inline Model write_model(const std::string& name, const io::HfLayerSpec& spec, const IntFormat& f,
                          const std::function<void(io::NamedTensor&)>& edit = nullptr) {
@@ -237,15 +230,9 @@ inline Model write_model(const std::string& name, const io::HfLayerSpec& spec, c
   for (const std::string& n : file.names()) {
     AnyTensor t;
     EXPECT_TRUE(file.tensor(n, &t).is_ok());
-    Index count = 1;
-    for (Index e : t.extents) count *= e;
-    std::vector<float>& v = st.floats.emplace_back(static_cast<std::size_t>(count));
-    for (Index i = 0; i < count; ++i) {
-      v[i] = t.dtype == DType::kF32 ? static_cast<const float*>(t.data)[i]
-                                    : bfloat16::to_float(static_cast<const std::uint16_t*>(t.data)[i]);
-    }
+    std::vector<float>& v = st.floats.emplace_back(quantized::tensor_as_floats(t));
     const std::vector<std::int64_t> shape(t.extents.begin(), t.extents.end());
-    if (!is_expert_linear(n)) {
+    if (!quantized::is_expert_linear(n)) {
       quantized.push_back({n, DType::kF32, shape, v.data()});
       twin.push_back({n, DType::kF32, shape, v.data()});
       continue;

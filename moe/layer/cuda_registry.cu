@@ -73,7 +73,7 @@ Status forward(const ForwardRequest& r, std::string_view activation, bool weight
   }
   c.top_k = r.top_k;
   DeviceCopy hidden, ids, weights, w13, w2, b13, b2, map, out, ws;
-  DeviceCopy scheme_copies[7];  // one per SchemeTensors member
+  DeviceCopy scheme_copies[SchemeTensors::kTensors];  // one per SchemeTensors member
   AnyTensor h, i, w;
   MOE_RETURN_IF_ERROR(to_device(r.hidden_states, "hidden_states", dt, hidden, &h));
   MOE_RETURN_IF_ERROR(to_device(*r.topk_ids, "topk_ids", DType::kI32, ids, &i));

@@ -87,7 +87,7 @@ struct DeviceLayer::Impl {
   DType code_dtype = DType::kBF16;
   Index pack = 1;  // codes per stored element along K (2: 4-bit weight-only codes)
   struct Scales {
-    DeviceMemory memory[7];  // one per SchemeTensors member
+    DeviceMemory memory[SchemeTensors::kTensors];  // one per SchemeTensors member
     SchemeTensors tensors;   // views of `memory`
   };
   Scales routed_scales, shared_scales;

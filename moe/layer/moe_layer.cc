@@ -875,7 +875,9 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
 SchemeTensors MoeLayer::SchemeBuffers::tensors(Index group_size) const {
   SchemeTensors t;
   t.group_size = group_size;
-  const Buffer* held[] = {&w13_scale, &w2_scale, &a13_scale, &a2_scale, &w13_zero, &w2_zero, &w13_k_order};
+  const Buffer* held[SchemeTensors::kTensors];  // in SchemeTensors::each's order, as SchemeBuffers::each visits them
+  int n = 0;
+  SchemeBuffers::each(*this, [&](const Buffer& b) { held[n++] = &b; });
   int i = 0;
   SchemeTensors::each(t, [&](const char*, std::optional<AnyTensor>& v) {
     const Buffer* b = held[i++];

@@ -45,7 +45,7 @@ class MoeLayer {
     // Views of the held members; `group_size` the weight-only schemes' group.
     SchemeTensors tensors(Index group_size) const;
     template <class Self, class F>
-    static void each(Self& self, F&& f) {
+    static void each(Self& self, F&& f) {  // in SchemeTensors::each's order
       for (auto* b : {&self.w13_scale, &self.w2_scale, &self.a13_scale, &self.a2_scale, &self.w13_zero, &self.w2_zero,
                       &self.w13_k_order}) {
         f(*b);

@@ -37,6 +37,7 @@ struct KernelKey {
 struct SchemeTensors {
   std::optional<AnyTensor> w13_scale, w2_scale, a13_scale, a2_scale, w13_zero, w2_zero, w13_k_order;
   Index group_size = 0;
+  static constexpr int kTensors = 7;  // members `each` visits
   // f(name, tensor) for every member, in this order (uploads, copies, messages).
   template <class Self, class F>
   static void each(Self& self, F&& f) {

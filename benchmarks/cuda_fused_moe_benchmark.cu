@@ -28,7 +28,8 @@
 // scales), same workload with random codes; their bytes count one byte per weight.
 // --weight_only adds w4a16_g128_forward_graph (issue: weight-only INT4): 4-bit codes packed two per
 // byte with a float scale per 128 K (no zero points); bytes count half a byte per weight plus the
-// scales; and mxfp4_forward_graph for the gpt-oss shape (E2M1 codes, an E8M0 byte per 32 K).
+// scales; counters us_registers and us_wgmma time the two weight-only GEMMs forced, interleaved
+// with the default choice (moe::cuda::WeightOnlyGemm); and mxfp4_forward_graph for the gpt-oss shape (E2M1 codes, an E8M0 byte per 32 K).
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
@@ -454,9 +455,17 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, boo
     }
   }
   if (weight_only) {
+    // W4A16: the default GEMM choice, then each GEMM forced (counters us_registers, us_wgmma).
+    using moe::cuda::WeightOnlyGemm;
+    std::vector<Variant> gemms(3);
+    gemms[0].label = "auto";
+    gemms[1].label = "registers";
+    gemms[1].options.weight_only_gemm = WeightOnlyGemm::kRegisters;
+    gemms[2].label = "wgmma";
+    gemms[2].options.weight_only_gemm = WeightOnlyGemm::kMixedInputWgmma;
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
-        register_row<moe::quant::W4A16>(row_name("w4a16_g128_forward_graph", s, M), s, M, true, {Variant{}}, 20);
+        register_row<moe::quant::W4A16>(row_name("w4a16_g128_forward_graph", s, M), s, M, true, gemms, 20);
         if (std::string(s.name) == "gpt_oss_120b") {
           register_row<moe::quant::Mxfp4>(row_name("mxfp4_forward_graph", s, M), s, M, true, {Variant{}}, 20);
         }

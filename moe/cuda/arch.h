@@ -50,6 +50,15 @@ enum class ProgrammaticLaunch {
   kEverySchedule,  // also the CUTLASS schedule's stage kernels (its GEMMs launch plainly)
 };
 
+// Which GEMM runs the weight-only schemes' experts.
+enum class WeightOnlyGemm {
+  kAuto,              // the mixed-input wgmma GEMM where it applies and the experts average at least
+                      // kWeightOnlyWgmmaRowsPerExpert rows (prefill), else the register GEMM
+  kRegisters,         // our mma.sync GEMM, codes dequantized in registers (moe/cuda/gemm/weight_only_gemm.cuh)
+  kMixedInputWgmma,   // CUTLASS's mixed-input wgmma GEMM (moe/cuda/gemm/sm90_weight_only_gemm.h) where it
+                      // applies (sm_90a, bf16 rows, 4-bit codes, no expert biases), else the register GEMM
+};
+
 // Options of the CUDA forward.
 struct Options {
   Index chunk_tokens = 16384;  // tokens per chunk; bounds the workspace
@@ -67,6 +76,12 @@ struct Options {
   // each starts during the previous one's tail (moe/cuda/launch.h). Every choice gives the same
   // bits; kOff is plain stream order. See ProgrammaticLaunch for the default's reason.
   ProgrammaticLaunch programmatic_launch = ProgrammaticLaunch::kEverySchedule;
+  WeightOnlyGemm weight_only_gemm = WeightOnlyGemm::kAuto;
 };
+
+// kAuto's switch from the register GEMM to the mixed-input one, in rows per local expert (a
+// host-side average: slots / local experts). From the H200 runs in benchmarks/NOTES.md ("W4A16
+// prefill on the mixed-input wgmma GEMM").
+inline constexpr double kWeightOnlyWgmmaRowsPerExpert = 12.0;
 
 }  // namespace moe::cuda

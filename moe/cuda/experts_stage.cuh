@@ -6,7 +6,9 @@
 //   Sm90TmaWarpSpecialized, fused swap tiles (decode): our mainloop with the activation fused into
 //     GEMM1, then GEMM2 stored.
 //   Weight-only schemes (moe/quant/weight_only.h; sm_80+): packed codes dequantized in registers
-//     inside our mma.sync GEMM (moe/cuda/gemm/weight_only_gemm.cuh), the activation fused into GEMM1.
+//     inside our mma.sync GEMM (moe/cuda/gemm/weight_only_gemm.cuh), the activation fused into GEMM1
+//     (decode); for prefill on sm_90a (4-bit codes, bf16 rows), CUTLASS's mixed-input wgmma GEMM
+//     (moe/cuda/gemm/sm90_weight_only_gemm.h): GEMM1 stored raw -> activation pass -> GEMM2.
 //   W8A8 schemes (moe/quant/w8a8.h; Sm90 only): rows quantized (moe/cuda/quant/quantize_rows.cuh)
 //     -> our swap mainloop on 8-bit operands with the activation fused -> intermediate quantized
 //     -> GEMM2 stored (decode tiles); for prefill, the FP8 block-scaled and per-tensor schemes with
@@ -35,6 +37,7 @@
 #include "moe/cuda/gemm/sm90_fp8_block_gemm.h"
 #include "moe/cuda/gemm/sm90_grouped_gemm.h"
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
+#include "moe/cuda/gemm/sm90_weight_only_gemm.h"
 #include "moe/cuda/gemm/weight_only_gemm.cuh"
 #include "moe/cuda/launch.h"
 #include "moe/cuda/quant/quantize_rows.cuh"
@@ -188,6 +191,10 @@ class ExpertsStage {
     std::size_t codes1 = 0, codes2 = 0, scales1 = 0, scales2 = 0;  // W8A8: GEMM inputs as codes + scales
     std::size_t w13_blocks = 0, w2_blocks = 0;  // FP8 per-tensor prefill: the scales spread over 128x128 blocks
     std::size_t k_ordered = 0;  // weight-only act-order: GEMM1's input with K in the codes' order
+    bool weight_only_wgmma = false;  // weight-only: the mixed-input wgmma GEMMs run (prefill)
+    // GEMM2's output is stored raw (the finalize runs epilogue 2) rather than through the Sm80
+    // schedule's or the register GEMM's fused epilogue.
+    bool stores_raw_gemm2() const { return sm90 || weight_only_wgmma; }
   };
 
   // Why the Hopper schedule cannot run these experts, or nullptr (shapes, strides and alignment).
@@ -251,6 +258,8 @@ class ExpertsStage {
     std::size_t partial_floats = 0;
     if constexpr (!kWeightOnly) {
       if (l.sm90 && E > 0 && live_rows > 0) partial_floats = plan_sm90(w, l);
+    } else {
+      l.weight_only_wgmma = allow_sm90 && E > 0 && live_rows > 0 && picks_weight_only_wgmma(w, live_rows);
     }
     // The stored intermediate, except where the W8A8 prefill quantizes it straight from GEMM1's
     // output (run_fp8_block_gemms).
@@ -261,7 +270,8 @@ class ExpertsStage {
     // CUTLASS tiles store GEMM1's raw output and need their descriptor workspace; fused swap
     // tiles write the activated intermediate directly.
     const bool cutlass_tile = l.sm90 && !gemm::is_fused(l.tile);
-    l.gemm1_out = carver.take(cutlass_tile ? n(rows) * n(w.w13.extent(1)) * sizeof(IO) : 0);
+    l.gemm1_out = carver.take(cutlass_tile || l.weight_only_wgmma ? n(rows) * n(w.w13.extent(1)) * sizeof(IO) : 0);
+    if (l.weight_only_wgmma) l.gemm_ws_bytes = weight_only_wgmma_workspace(w, rows_per_expert(l, w));
     if (cutlass_tile && E > 0) {
       l.gemm_ws_bytes = kQuantized ? gemm::sm90_fp8_block_gemm_workspace_bytes(static_cast<int>(E) * kHalves)
                                    : gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(E));
@@ -311,8 +321,7 @@ class ExpertsStage {
               base + l.gemm_ws, static_cast<float*>(static_cast<void*>(base + l.partial)),
               static_cast<int*>(static_cast<void*>(base + l.splits_used)), base + l.k_ordered};
     if constexpr (kWeightOnly) {
-      *weighted = row_weight != nullptr;
-      return run_weight_only(l, w, input, output, s, b, row_weight, stream);
+      return run_weight_only(l, w, input, output, s, b, row_weight, stream, weighted);
     } else if constexpr (kQuantized) {
       if (!l.sm90) {
         const char* why = sm90_refusal(w);
@@ -564,11 +573,16 @@ class ExpertsStage {
   // when given, as the Sm80 schedule). One or two n8 token tiles per pass, from the host's bound on
   // the rows per expert.
   Status run_weight_only(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
-                         const Buffers& b, const float* row_weight, cudaStream_t stream) const {
+                         const Buffers& b, const float* row_weight, cudaStream_t stream, bool* weighted) const {
     if constexpr (kWeightOnly) {
       namespace wo = gemm::weight_only;
       if (const char* why = weight_only_refusal(w)) return unsupported("experts (", Quant::kName, "): ", why);
       const Index H = w.hidden(), I = w.intermediate(), E = w.num_local_experts();
+      if (l.weight_only_wgmma) {
+        *weighted = false;
+        return run_weight_only_wgmma(l, w, input, output, s, b, stream);
+      }
+      *weighted = row_weight != nullptr;
       constexpr bool kFp4 = std::is_same_v<Quant, quant::Mxfp4>;
       constexpr bool kInterleaved = kMode1 == detail::ColumnMode::kGatedInterleaved;
       constexpr bool kGated = kMode1 != detail::ColumnMode::kPlain;
@@ -602,14 +616,7 @@ class ExpertsStage {
       using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, true>;
       using Stored2 = epilogue::Gemm2Epilogue<IO, true, false>;
       using Weighted2 = epilogue::Gemm2Epilogue<IO, true, true>;
-      if constexpr (requires { w.quant.w13_k_order; }) {
-        if (w.quant.w13_k_order) {  // act-order: GEMM1 reads the input with K in the codes' order
-          IO* ordered = static_cast<IO*>(static_cast<void*>(b.k_ordered));
-          MOE_RETURN_IF_ERROR(wo::order_k(input, w.quant.w13_k_order->data(), s.seg_begin, s.seg_count,
-                                          static_cast<int>(E), static_cast<int>(H), l.rows, ordered, stream));
-          input = ordered;
-        }
-      }
+      MOE_RETURN_IF_ERROR(order_k_if_act_order(l, w, s, b, stream, &input));
       wo::Params p1 = params(w.w13, w.quant.w13_scale, input, H, I, kGated, w.w13_bias, b.inter);
       wo::Params p2 = params(w.w2, w.quant.w2_scale, b.inter, I, H, false, w.w2_bias, output);
       unsigned default_zero = 0;
@@ -637,6 +644,118 @@ class ExpertsStage {
       }
     } else {
       return unsupported("not a weight-only scheme");
+    }
+  }
+
+  // Act-order: GEMM1 reads the input with K in the codes' order (a permuted copy in the workspace).
+  Status order_k_if_act_order(const Plan& l, const Weights& w, const Segments& s, const Buffers& b, cudaStream_t stream,
+                              const IO** input) const {
+    if constexpr (requires { w.quant.w13_k_order; }) {
+      if (w.quant.w13_k_order) {
+        IO* ordered = static_cast<IO*>(static_cast<void*>(b.k_ordered));
+        MOE_RETURN_IF_ERROR(gemm::weight_only::order_k(*input, w.quant.w13_k_order->data(), s.seg_begin, s.seg_count,
+                                                       static_cast<int>(w.num_local_experts()),
+                                                       static_cast<int>(w.hidden()), l.rows, ordered, stream));
+        *input = ordered;
+      }
+    }
+    return Status::ok();
+  }
+
+  // The mixed-input wgmma GEMM's arguments for one weight (w13 or w2), operands from the call.
+  static constexpr bool kWeightOnlyWgmma = [] {
+    if constexpr (kWeightOnly && kArchHasSm90 && std::is_same_v<IO, bfloat16>) {
+      return Quant::kBits == 4 && !std::is_same_v<Quant, quant::Mxfp4>;
+    } else {
+      return false;
+    }
+  }();
+  template <class Scale, class Zero>
+  gemm::Sm90WeightOnlyGemmArgs weight_only_wgmma_args(DeviceView<const W, 3> wt, const Scale& scale, const Zero& zero,
+                                                      Index k, Index group_size, Index rows_per_expert, const IO* x,
+                                                      const Segments* s, IO* out) const {
+    gemm::Sm90WeightOnlyGemmArgs a;
+    if constexpr (kWeightOnlyWgmma) {
+      a.num_experts = static_cast<int>(wt.extent(0));
+      a.n = wt.extent(1);
+      a.k = k;
+      a.a = x;
+      a.lda = k;
+      a.seg_begin = s ? s->seg_begin : nullptr;
+      a.seg_count = s ? s->seg_count : nullptr;
+      a.w = wt.data();
+      a.w_expert_stride = wt.stride(0);
+      a.ldw = wt.stride(1);
+      a.scale = scale.data();
+      a.zero = zero ? zero->data() : nullptr;
+      a.default_zero = Quant::kDefaultZero;
+      a.group_size = group_size;
+      a.d = out;
+      a.ldd = a.n;
+      a.rows_per_expert = rows_per_expert;
+    }
+    return a;
+  }
+
+  // Whether the weight-only experts run the mixed-input wgmma GEMMs (`live_rows`: the host's bound
+  // on the rows). Shapes, strides and alignment of the weights; the rows' alignment is the
+  // caller's (plan's allow_sm90).
+  bool picks_weight_only_wgmma(const Weights& w, Index live_rows) const {
+    if constexpr (kWeightOnlyWgmma) {
+      if (options_.weight_only_gemm == WeightOnlyGemm::kRegisters) return false;
+      if (options_.weight_only_gemm == WeightOnlyGemm::kAuto &&
+          static_cast<double>(live_rows) < kWeightOnlyWgmmaRowsPerExpert * static_cast<double>(w.num_local_experts())) {
+        return false;
+      }
+      if (w.w13_bias || w.w2_bias || weight_only_refusal(w)) return false;
+      // Stand-in operands: 16-byte aligned, never read (the rows are checked by the caller).
+      const auto* aligned = reinterpret_cast<const IO*>(w.w13.data());
+      const auto* seg = reinterpret_cast<const Index*>(aligned);
+      const Segments stand_in{seg, seg, seg, seg, 0};
+      IO* out = const_cast<IO*>(aligned);
+      return !gemm::sm90_weight_only_gemm_refusal(
+                 weight_only_wgmma_args(w.w13, w.quant.w13_scale, w.quant.w13_zero, w.hidden(), w.quant.group_size, 0, aligned, &stand_in, out)) &&
+             !gemm::sm90_weight_only_gemm_refusal(
+                 weight_only_wgmma_args(w.w2, w.quant.w2_scale, w.quant.w2_zero, w.intermediate(), w.quant.group_size, 0, aligned, &stand_in, out));
+    } else {
+      return false;
+    }
+  }
+
+  // The host's estimate of the rows per local expert (picks the mixed-input GEMM's token tile).
+  static Index rows_per_expert(const Plan& l, const Weights& w) {
+    return (l.live_rows + w.num_local_experts() - 1) / std::max<Index>(1, w.num_local_experts());
+  }
+
+  std::size_t weight_only_wgmma_workspace(const Weights& w, Index rows_per_expert) const {
+    if constexpr (kWeightOnlyWgmma) {
+      const int E = static_cast<int>(w.num_local_experts());
+      const Index g = w.quant.group_size;
+      return std::max(gemm::sm90_weight_only_gemm_workspace_bytes(E, w.w13.extent(1), w.hidden(), g, rows_per_expert),
+                      gemm::sm90_weight_only_gemm_workspace_bytes(E, w.hidden(), w.intermediate(), g, rows_per_expert));
+    } else {
+      return 0;
+    }
+  }
+
+  // Prefill on the mixed-input wgmma GEMM: GEMM1 stored raw, the activation pass, GEMM2 stored
+  // (unweighted: the finalize applies the router weights). The workspace's transposed scales are
+  // rewritten per GEMM (stream order keeps GEMM1's until it is done).
+  Status run_weight_only_wgmma(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
+                               const Buffers& b, cudaStream_t stream) const {
+    if constexpr (kWeightOnlyWgmma) {
+      MOE_RETURN_IF_ERROR(order_k_if_act_order(l, w, s, b, stream, &input));
+      const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
+      const Index rows_per_expert = ExpertsStage::rows_per_expert(l, w);
+      MOE_RETURN_IF_ERROR(gemm::sm90_weight_only_gemm(
+          weight_only_wgmma_args(w.w13, w.quant.w13_scale, w.quant.w13_zero, w.hidden(), w.quant.group_size, rows_per_expert, input, &s, b.gemm1_out), ws,
+          stream));
+      MOE_RETURN_IF_ERROR(activate_gemm1_out(w, s, b, false, stream));
+      return gemm::sm90_weight_only_gemm(
+          weight_only_wgmma_args(w.w2, w.quant.w2_scale, w.quant.w2_zero, w.intermediate(), w.quant.group_size, rows_per_expert, b.inter, &s, output), ws,
+          stream);
+    } else {
+      return unsupported("experts (", Quant::kName, "): the mixed-input wgmma GEMM takes 4-bit codes and bf16 rows");
     }
   }
 

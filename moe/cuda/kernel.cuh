@@ -164,7 +164,7 @@ class Kernel<Spec, Arch> {
                                            PrepareFinalize::row_weight(h),
                                            std::span<std::byte>(base + l.experts_ws, l.experts.total), stream, &weighted,
                                            from_tokens ? &tokens : nullptr));
-    return PrepareFinalize::finalize(h, a, h.rows, m0, C, weighted, l.experts.sm90, pdl, stream);
+    return PrepareFinalize::finalize(h, a, h.rows, m0, C, weighted, l.experts.stores_raw_gemm2(), pdl, stream);
   }
 
   // Checked mode: copies the expert map and precomputed ids to the host on `stream` (then

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "moe/cpu/kernel.h"
+#include "moe/cuda/gemm/sm90_weight_only_gemm.h"
 #include "moe/cuda/kernel.cuh"
 #include "moe/quant/mxfp4.h"
 #include "moe/quant/weight_only.h"
@@ -122,7 +123,7 @@ struct Case {
   }
 
   template <class Arch = moe::cuda::Sm90, class Edit = NoEdit>
-  moe::Status run_cuda(std::vector<IO>* out, Edit edit = {}) const {
+  moe::Status run_cuda(std::vector<IO>* out, Edit edit = {}, moe::cuda::Options options = {}) const {
     DeviceBuffer<IO> dh(hidden), dout(std::vector<IO>(hidden.size(), moe::from_float<IO>(-7.0f)));
     DeviceBuffer<std::int32_t> di(ids);
     DeviceBuffer<float> dw(weights), ds13(w13.scales), ds2(w2.scales);
@@ -132,7 +133,7 @@ struct Case {
     auto a = arguments<K, moe::DeviceSpace>(dh.data(), di.data(), dw.data(), dc13.data(), dc2.data(), ds13.data(),
                                             ds2.data(), dz13.data(), dz2.data(), dout.data(), dorder.data());
     edit(a);
-    const K kernel;
+    const K kernel(options);
     DeviceBuffer<std::byte> ws(std::max<std::size_t>(1, kernel.workspace_bytes(a)));
     const moe::Status s = kernel.run(a, std::span<std::byte>(ws.data(), ws.size()));
     if (cudaDeviceSynchronize() != cudaSuccess) return moe::make_status(moe::StatusCode::kCudaError, "synchronize");
@@ -156,16 +157,26 @@ std::string where(const char* name, const Shape& s) {
          " I=" + std::to_string(s.I) + " group=" + std::to_string(s.group) + (s.zero_points ? " zero points" : "");
 }
 
+using moe::cuda::WeightOnlyGemm;
+
+// Each GEMM choice (moe::cuda::WeightOnlyGemm) against the CPU backend. Forcing the mixed-input
+// wgmma GEMM where it does not apply (f16, 8-bit codes, groups of 32, a pre-Hopper device) runs the
+// register GEMM; MixedInputWgmmaRunsWhereItApplies checks which cases take it.
 template <class Q, class IO = moe::bfloat16>
 void expect_cuda_matches_cpu(const Shape& shape, std::uint32_t seed) {
   const Case<Q, IO> c(shape, seed);
   const std::vector<IO> want = c.run_cpu();
   std::vector<float> ref(want.size());
   for (std::size_t i = 0; i < want.size(); ++i) ref[i] = moe::to_float(want[i]);
-  std::vector<IO> got;
-  const moe::Status s = c.run_cuda(&got);
-  ASSERT_TRUE(s.is_ok()) << s.to_string();
-  EXPECT_TRUE(moe::testing::close_in_max_and_mean(got, ref, 0.01, 0.002)) << where(Q::kName.data(), shape);
+  for (const WeightOnlyGemm gemm : {WeightOnlyGemm::kAuto, WeightOnlyGemm::kRegisters, WeightOnlyGemm::kMixedInputWgmma}) {
+    moe::cuda::Options options;
+    options.weight_only_gemm = gemm;
+    std::vector<IO> got;
+    const moe::Status s = c.run_cuda(&got, NoEdit{}, options);
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+    EXPECT_TRUE(moe::testing::close_in_max_and_mean(got, ref, 0.01, 0.002))
+        << where(Q::kName.data(), shape) << " gemm " << static_cast<int>(gemm);
+  }
 }
 
 // Decode (one token: 7 of 8 token columns of the n8 tile empty), a hidden size whose last 128-wide
@@ -185,6 +196,147 @@ TEST_F(WeightOnlyExpertsTest, W8A16MatchesTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W8A16>({1, 8, 256, 192, 2, 128, true}, 7);
   expect_cuda_matches_cpu<quant::W8A16>({300, 8, 224, 320, 2, 32, false}, 8);
   expect_cuda_matches_cpu<quant::W8A16, moe::half>({23, 8, 256, 192, 2, 0, true}, 9);
+}
+
+// Prefill shapes for the mixed-input wgmma GEMM (sm90_weight_only_gemm.h): ~75-150 rows per expert
+// (a 128-token tile partly empty), a last scale group of 64 where K = 192 (group 128), an
+// intermediate of 320 (weight tiles of GEMM2 end mid-tile), zero points, per channel, act-order,
+// and one token (empty experts: zero-row groups).
+TEST_F(WeightOnlyExpertsTest, PrefillShapesMatchTheCpuBackend) {
+  expect_cuda_matches_cpu<quant::W4A16>({300, 8, 256, 192, 2, 128, false}, 41);
+  expect_cuda_matches_cpu<quant::W4A16>({200, 4, 384, 320, 2, 64, true}, 42);
+  expect_cuda_matches_cpu<quant::W4A16>({150, 8, 256, 128, 4, 0, true}, 43);
+  expect_cuda_matches_cpu<quant::W4A16>({300, 8, 256, 192, 2, 128, true, true}, 44);
+  expect_cuda_matches_cpu<quant::W4A16>({1, 8, 256, 192, 2, 128, false}, 45);
+}
+
+// Which GEMM the plan picks: kAuto takes the mixed-input wgmma GEMM on a Hopper tag with bf16 rows
+// and 4-bit codes from kWeightOnlyWgmmaRowsPerExpert rows per expert, the register GEMM below, for 8-bit codes, f16 rows,
+// groups of 32 and expert biases; a forced choice still refuses what the GEMM cannot run.
+TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
+  const auto picks = [](auto q, auto io, const Shape& p, WeightOnlyGemm gemm, Index live_rows, bool biased = false) {
+    using Q = decltype(q);
+    using IO = decltype(io);
+    using Stage = moe::cuda::ExpertsStage<moe::Experts<moe::SiluAndMul, Q, IO>, IO, moe::cuda::Sm90>;
+    const Case<Q, IO> c(p, 50);
+    DeviceBuffer<std::uint8_t> c13(c.w13.packed), c2(c.w2.packed);
+    DeviceBuffer<float> s13(c.w13.scales), s2(c.w2.scales);
+    DeviceBuffer<IO> b13(std::vector<IO>(static_cast<std::size_t>(p.E * 2 * p.I))), b2(std::vector<IO>(static_cast<std::size_t>(p.E * p.H)));
+    typename Stage::Weights w;
+    constexpr Index kPack = 8 / Q::kBits;
+    w.w13 = moe::DeviceView<const std::uint8_t, 3>(c13.data(), {p.E, 2 * p.I, p.H / kPack});
+    w.w2 = moe::DeviceView<const std::uint8_t, 3>(c2.data(), {p.E, p.H, p.I / kPack});
+    w.quant.group_size = p.group;
+    w.quant.w13_scale = moe::DeviceView<const float, 3>(s13.data(), {p.E, 2 * p.I, c.w13.groups});
+    w.quant.w2_scale = moe::DeviceView<const float, 3>(s2.data(), {p.E, p.H, c.w2.groups});
+    if (biased) w.w13_bias = moe::DeviceView<const IO, 2>(b13.data(), {p.E, 2 * p.I});
+    moe::cuda::Options options;
+    options.weight_only_gemm = gemm;
+    return Stage(options).plan(w, live_rows, live_rows).weight_only_wgmma;
+  };
+  int major = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+  if (major != 9) GTEST_SKIP() << "the mixed-input wgmma GEMM is sm_90a's";
+  const Shape g128{0, 8, 256, 192, 2, 128, false};
+  const quant::W4A16 w4;
+  const moe::bfloat16 bf16;
+  const auto threshold = static_cast<Index>(8 * moe::cuda::kWeightOnlyWgmmaRowsPerExpert);
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, threshold));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, threshold - 1));
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 1));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kRegisters, 8 * 1000));
+  EXPECT_TRUE(picks(w4, bf16, {0, 8, 256, 192, 2, 0, true}, WeightOnlyGemm::kAuto, 8 * 100));  // per channel
+  EXPECT_FALSE(picks(w4, bf16, {0, 8, 256, 192, 2, 32, true}, WeightOnlyGemm::kMixedInputWgmma, 8 * 100));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100, true));
+  EXPECT_FALSE(picks(w4, moe::half(), g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100));
+  EXPECT_FALSE(picks(quant::W8A16(), bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100));
+}
+
+// The mixed-input GEMM entry point alone (moe/cuda/gemm/sm90_weight_only_gemm.h) against a host
+// product of the rows and the weights dequantized as moe/quant/weight_only.h specifies: three
+// experts with 0, a few and many rows (both token tiles, 32 and 128), groups of 64, 128 and per
+// channel, with and without zero points, a K whose last group is short.
+TEST_F(WeightOnlyExpertsTest, Sm90WeightOnlyGemmMatchesTheDequantizedProduct) {
+  int major = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+  if (major != 9) GTEST_SKIP() << "the mixed-input wgmma GEMM is sm_90a's";
+  using IO = moe::bfloat16;
+  using Q = quant::W4A16;
+  struct Config {
+    Index n, k, group;
+    bool zero_points;
+    std::vector<Index> rows;  // per expert
+  };
+  for (const Config& cfg : {Config{256, 256, 128, false, {0, 3, 200}}, Config{128, 192, 128, true, {20, 0, 1}},
+                            Config{384, 256, 64, true, {60, 64, 33}}, Config{256, 320, 0, false, {130, 5, 0}}}) {
+    const Index E = static_cast<Index>(cfg.rows.size());
+    const auto w = moe::testing::quantize<4>(E, cfg.n, cfg.k, cfg.group, cfg.zero_points, 60);
+    std::vector<Index> begin, count;
+    Index R = 0;
+    for (const Index r : cfg.rows) {
+      begin.push_back(R);
+      count.push_back(r);
+      R += r;
+    }
+    moe::testing::Random random(61);
+    const std::vector<IO> x = random.normal_vector<IO>(static_cast<std::size_t>(R * cfg.k));
+    // The reference: float products of IO values, summed in double.
+    std::vector<float> want(static_cast<std::size_t>(R * cfg.n));
+    for (Index e = 0; e < E; ++e) {
+      for (Index c = 0; c < cfg.n; ++c) {
+        std::vector<float> wrow(static_cast<std::size_t>(cfg.k));
+        for (Index kk = 0; kk < cfg.k; ++kk) {
+          const Index g = cfg.group > 0 ? kk / cfg.group : 0, at = (e * cfg.n + c) * w.groups + g;
+          const unsigned zero = cfg.zero_points ? w.zeros[static_cast<std::size_t>(at)] : Q::kDefaultZero;
+          wrow[static_cast<std::size_t>(kk)] = Q::dequantize<IO>(w.codes[static_cast<std::size_t>((e * cfg.n + c) * cfg.k + kk)],
+                                                                 zero, w.scales[static_cast<std::size_t>(at)]);
+        }
+        for (Index r = begin[e]; r < begin[e] + count[e]; ++r) {
+          double sum = 0;
+          for (Index kk = 0; kk < cfg.k; ++kk) sum += double(moe::to_float(x[r * cfg.k + kk])) * wrow[kk];
+          want[static_cast<std::size_t>(r * cfg.n + c)] = static_cast<float>(sum);
+        }
+      }
+    }
+    DeviceBuffer<IO> dx(x), dd(std::vector<IO>(static_cast<std::size_t>(std::max<Index>(R, 1) * cfg.n), IO(-7.0f)));
+    DeviceBuffer<Index> db(begin), dc(count);
+    DeviceBuffer<std::uint8_t> dw(w.packed), dz(w.zeros.empty() ? std::vector<std::uint8_t>(1) : w.zeros);
+    DeviceBuffer<float> ds(w.scales);
+    moe::cuda::gemm::Sm90WeightOnlyGemmArgs a;
+    a.num_experts = static_cast<int>(E);
+    a.n = cfg.n;
+    a.k = cfg.k;
+    a.a = dx.data();
+    a.lda = cfg.k;
+    a.seg_begin = db.data();
+    a.seg_count = dc.data();
+    a.w = dw.data();
+    a.w_expert_stride = cfg.n * cfg.k / 2;
+    a.ldw = cfg.k / 2;
+    a.scale = ds.data();
+    a.zero = cfg.zero_points ? dz.data() : nullptr;
+    a.group_size = cfg.group;
+    a.d = dd.data();
+    a.ldd = cfg.n;
+    for (const Index rows_per_expert : {Index{16}, Index{200}}) {
+      a.rows_per_expert = rows_per_expert;
+      DeviceBuffer<std::byte> ws(
+          moe::cuda::gemm::sm90_weight_only_gemm_workspace_bytes(a.num_experts, a.n, a.k, a.group_size, rows_per_expert));
+      const moe::Status st = moe::cuda::gemm::sm90_weight_only_gemm(a, std::span<std::byte>(ws.data(), ws.size()), nullptr);
+      ASSERT_TRUE(st.is_ok()) << st.to_string();
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<IO> got = dd.download();
+      double worst = 0, scale = 1e-6;
+      for (std::size_t i = 0; i < want.size(); ++i) {
+        worst = std::max(worst, std::abs(double(moe::to_float(got[i])) - want[i]));
+        scale = std::max(scale, std::abs(double(want[i])));
+      }
+      // One bf16 rounding of the output (2^-8 relative) plus fp32 sums in another order.
+      EXPECT_LE(worst, 0.01 * scale) << "n=" << cfg.n << " k=" << cfg.k << " group=" << cfg.group
+                                     << (cfg.zero_points ? " zero points" : "") << " tile for " << rows_per_expert
+                                     << " rows: worst " << worst << " of " << scale;
+    }
+  }
 }
 
 // GPTQ act-order: GEMM1's input is permuted per expert on the device before the GEMM (decode, one

@@ -108,22 +108,10 @@ __global__ void describe_fp8_groups_kernel(Sm90Fp8BlockGemmArgs a, Fp8Descriptor
   d.layout_sfb[g] = G::ScaleConfig::tile_atom_to_shape_SFB(cute::make_shape(rows, n, k, 1));
 }
 
-template <class G = Fp8BlockGemm>
-typename G::Gemm::Arguments make_fp8_arguments(const Fp8Descriptors& d, int groups, int sm_count) {
-  cutlass::KernelHardwareInfo hw;
-  cudaGetDevice(&hw.device_id);
-  hw.sm_count = sm_count;
-  typename G::Gemm::Arguments args;
-  decltype(args.epilogue.thread) fusion;
-  fusion.alpha = 1.0f;
-  fusion.beta = 0.0f;
-  args = typename G::Gemm::Arguments{
-      cutlass::gemm::GemmUniversalMode::kGrouped,
-      {groups, d.shapes, nullptr},
-      {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b, d.ptr_sfa, d.layout_sfa, d.ptr_sfb, d.layout_sfb},
-      {fusion, nullptr, d.stride_d, d.ptr_d, d.stride_d},
-      hw};
-  return args;
+typename Fp8BlockGemm::Gemm::Arguments make_fp8_arguments(const Fp8Descriptors& d, int groups, int sm_count) {
+  return grouped_arguments<Fp8BlockGemm::Gemm>(
+      groups, d.shapes, {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b, d.ptr_sfa, d.layout_sfa, d.ptr_sfb, d.layout_sfb},
+      d.ptr_d, d.stride_d, sm_count);
 }
 
 }  // namespace

@@ -147,21 +147,31 @@ inline int sm_count_of_current_device() {
   return sms;
 }
 
-template <class G, bool Swap>
-typename G::Gemm::Arguments make_arguments(const Descriptors<G>& d, int groups, int sm_count) {
-  typename G::Gemm::Arguments args;
+// The arguments of every grouped GEMM of the library: device-side problem shapes, D = the
+// accumulators (alpha 1, no C), the mainloop's own operands.
+template <class Gemm, class Shapes, class PtrD, class StrideD>
+typename Gemm::Arguments grouped_arguments(int groups, Shapes* shapes,
+                                           const typename Gemm::GemmKernel::MainloopArguments& mainloop, PtrD ptr_d,
+                                           StrideD* stride_d, int sm_count) {
+  typename Gemm::Arguments args;
   cutlass::KernelHardwareInfo hw;
   cudaGetDevice(&hw.device_id);
   hw.sm_count = sm_count;
   decltype(args.epilogue.thread) fusion;
   fusion.alpha = 1.0f;
   fusion.beta = 0.0f;
-  args = typename G::Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGrouped,
-                                     {groups, d.shapes, nullptr},
-                                     {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b},
-                                     {fusion, nullptr, d.stride_d, d.ptr_d, d.stride_d},
-                                     hw};
+  args = typename Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGrouped,
+                                  {groups, shapes, nullptr},
+                                  mainloop,
+                                  {fusion, nullptr, stride_d, ptr_d, stride_d},
+                                  hw};
   return args;
+}
+
+template <class G, bool Swap>
+typename G::Gemm::Arguments make_arguments(const Descriptors<G>& d, int groups, int sm_count) {
+  return grouped_arguments<typename G::Gemm>(groups, d.shapes, {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b}, d.ptr_d,
+                                             d.stride_d, sm_count);
 }
 
 template <class G, bool Swap>

@@ -1,0 +1,116 @@
+// The mixed-input grouped GEMM's entry points (moe/cuda/gemm/sm90_weight_only_gemm.h): checks, the
+// token tile per problem, and the scale layout kernel. The CUTLASS instantiations live in
+// sm90_weight_only_gemm_n*.cu (sm90_weight_only_gemm_impl.cuh).
+#include "moe/cuda/gemm/sm90_weight_only_gemm.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
+#include "moe/cuda/check.h"
+
+namespace moe::cuda::gemm {
+namespace sm90_detail {
+
+template <int TN>
+std::size_t weight_only_tile_workspace(int experts, Index n, Index k, Index group_size);
+template <int TN>
+Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream);
+Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, float* scales, float* zeros,
+                                cudaStream_t stream);
+
+namespace {
+
+// scales[e, g, c] = float(bf16(scale[e, c, g])), zeros[e, g, c] = -float(z) * scales[e, g, c]: a
+// 32 x 32 (column, group) tile per block through shared memory, so both sides are coalesced.
+constexpr int kTransposeTile = 32;
+__global__ void __launch_bounds__(kTransposeTile * 8)
+    scale_zero_layout_kernel(const float* scale, const std::uint8_t* zero, unsigned default_zero, int n, int groups,
+                             float* scales, float* zeros) {
+  __shared__ float s_tile[kTransposeTile][kTransposeTile + 1];
+  __shared__ float z_tile[kTransposeTile][kTransposeTile + 1];
+  const int e = static_cast<int>(blockIdx.z);
+  const int c0 = static_cast<int>(blockIdx.x) * kTransposeTile, g0 = static_cast<int>(blockIdx.y) * kTransposeTile;
+  const std::size_t expert = static_cast<std::size_t>(e) * static_cast<std::size_t>(n) * static_cast<std::size_t>(groups);
+  for (int i = static_cast<int>(threadIdx.y); i < kTransposeTile; i += blockDim.y) {
+    const int c = c0 + i, g = g0 + static_cast<int>(threadIdx.x);
+    if (c < n && g < groups) {
+      const std::size_t at = expert + static_cast<std::size_t>(c) * groups + g;
+      const float s = __bfloat162float(__float2bfloat16_rn(scale[at]));
+      const unsigned z = (zero ? zero[at] : default_zero) & 0xFu;
+      s_tile[i][threadIdx.x] = s;
+      z_tile[i][threadIdx.x] = -static_cast<float>(z) * s;
+    }
+  }
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.y); i < kTransposeTile; i += blockDim.y) {
+    const int g = g0 + i, c = c0 + static_cast<int>(threadIdx.x);
+    if (c < n && g < groups) {
+      const std::size_t at = expert + static_cast<std::size_t>(g) * n + c;
+      scales[at] = s_tile[threadIdx.x][i];
+      zeros[at] = z_tile[threadIdx.x][i];
+    }
+  }
+}
+
+}  // namespace
+
+Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, float* scales, float* zeros,
+                                cudaStream_t stream) {
+  const dim3 tiles(static_cast<unsigned>((a.n + kTransposeTile - 1) / kTransposeTile),
+                   static_cast<unsigned>((groups + kTransposeTile - 1) / kTransposeTile),
+                   static_cast<unsigned>(a.num_experts));
+  scale_zero_layout_kernel<<<tiles, dim3(kTransposeTile, 8), 0, stream>>>(
+      a.scale, a.zero, a.default_zero, static_cast<int>(a.n), static_cast<int>(groups), scales, zeros);
+  MOE_CUDA_CHECK_LAUNCH();
+  return Status::ok();
+}
+
+}  // namespace sm90_detail
+namespace {
+
+Index groups_of(Index k, Index group_size) { return group_size > 0 ? (k + group_size - 1) / group_size : 1; }
+
+// The token tile, from the H200 runs (benchmarks/NOTES.md, "W4A16 prefill on the mixed-input
+// wgmma GEMM"): 32 tokens up to 16 rows per expert (qwen3 M = 256: 367 µs against 457 with 128),
+// 128 from 32 rows (qwen3 M = 1024: 498 against 563 with 64; deepseek M = 1024: 6474 against
+// 7014 with 32). A 64-token tile won no row.
+int token_tile(Index rows_per_expert) { return rows_per_expert <= 24 ? 32 : 128; }
+
+}  // namespace
+
+const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& a) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  if (a.num_experts <= 0 || a.num_experts > (1 << 20)) return "the expert count must be in [1, 2^20]";
+  if (a.n <= 0 || a.k <= 0 || a.n > INT32_MAX || a.k > INT32_MAX / 2) return "n and k must be positive int32 extents";
+  if (!a.a || !a.w || !a.d || !a.scale || !a.seg_begin || !a.seg_count) return "a null operand";
+  if (a.group_size < 0 || (a.group_size > 0 && a.group_size < a.k && a.group_size % 64 != 0)) {
+    return "scale groups must be multiples of 64 K elements (the mixed-input GEMM's K tile) or span K";
+  }
+  const Index groups = groups_of(a.k, a.group_size);
+  if (static_cast<double>(a.num_experts) * static_cast<double>(a.n) * static_cast<double>(groups) > INT32_MAX) {
+    return "E * n * groups must fit int32";
+  }
+  if (!aligned(a.a) || !aligned(a.w) || !aligned(a.d)) return "operands need 16-byte aligned bases (TMA)";
+  if (a.k % 32 != 0 || a.ldw % 16 != 0 || a.w_expert_stride % 16 != 0) {
+    return "k must be a multiple of 32 and the code strides of 16 bytes";
+  }
+  if (a.n % 8 != 0 || a.lda % 8 != 0 || a.ldd % 8 != 0) return "n and the row strides must be multiples of 8 (16-byte rows)";
+  return nullptr;
+}
+
+std::size_t sm90_weight_only_gemm_workspace_bytes(int num_experts, Index n, Index k, Index group_size,
+                                                  Index rows_per_expert) {
+  using namespace sm90_detail;
+  return token_tile(rows_per_expert) == 32 ? weight_only_tile_workspace<32>(num_experts, n, k, group_size)
+                                            : weight_only_tile_workspace<128>(num_experts, n, k, group_size);
+}
+
+Status sm90_weight_only_gemm(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream) {
+  using namespace sm90_detail;
+  if (const char* why = sm90_weight_only_gemm_refusal(a)) return invalid_argument("sm90_weight_only_gemm: ", why);
+  return token_tile(a.rows_per_expert) == 32 ? run_weight_only_tile<32>(a, workspace, stream)
+                                              : run_weight_only_tile<128>(a, workspace, stream);
+}
+
+}  // namespace moe::cuda::gemm

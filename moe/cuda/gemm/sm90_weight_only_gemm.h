@@ -1,0 +1,64 @@
+// Hopper grouped expert GEMM on packed 4-bit weights (W4A16), the prefill GEMMs of the weight-only
+// schemes (moe/quant/weight_only.h):
+//
+//   d[seg_begin[e] + r, c] = sum_k a[seg_begin[e] + r, k] * wq(e, c, k)          r < seg_count[e]
+//   wq(e, c, k) = IO(float(q - z) * float(IO(scale[e, c, k / G])))               q = code, z = zero
+//
+// for every local expert e at once, fp32 accumulation, output rounded once. The dequantized
+// weight is bit-identical to the CPU reference's: the codes become floats, the scale is rounded to
+// IO first, and q * s - z * s is exact in fp32 before the one rounding to IO.
+//
+// Why a second weight-only GEMM: our register GEMM (weight_only_gemm.cuh) streams the codes for
+// decode but re-reads and re-dequantizes every weight tile per 16 tokens, so prefill ran at a
+// fraction of bf16's speed. This one is CUTLASS 3's sm90 ptr-array mixed-input collective
+// (TMA loads of the codes, dequantized once per 128-token tile in registers, wgmma with the
+// weights as the register operand), persistent over (expert, tile) pairs whose row counts stay on
+// the device. The collective takes scales and zero points [groups, n] with n contiguous; a small
+// kernel writes them per launch into the workspace from the scheme's [E, n, groups] scales and
+// uint8 zero points (z' = -z * s, so that q * s + z' is the exact product above).
+//
+// This header includes none of CUTLASS; the instantiation lives in the .cu.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "moe/status.h"
+#include "moe/tensor.h"
+
+namespace moe::cuda::gemm {
+
+struct Sm90WeightOnlyGemmArgs {
+  int num_experts = 0;
+  Index n = 0, k = 0;                    // weight rows (output columns), reduction length
+  const void* a = nullptr;               // bf16 [rows, k], row stride lda (elements)
+  Index lda = 0;
+  const Index* seg_begin = nullptr;      // device [num_experts]
+  const Index* seg_count = nullptr;      // device [num_experts]
+  const std::uint8_t* w = nullptr;       // 4-bit codes [E, n, k / 2] bytes, the low nibble the even k
+  Index w_expert_stride = 0, ldw = 0;    // bytes
+  const float* scale = nullptr;          // [E, n, groups] contiguous
+  const std::uint8_t* zero = nullptr;    // [E, n, groups] contiguous, or null: default_zero
+  unsigned default_zero = 8;
+  Index group_size = 0;                  // K per scale group; 0: one group over K
+  void* d = nullptr;                     // bf16 [rows, ldd]
+  Index ldd = 0;
+  Index rows_per_expert = 0;             // a host-side estimate of the average rows (picks the token tile)
+};
+
+// Why the kernel cannot run these operands, or nullptr: TMA's 16-byte aligned bases and rows, a
+// group size that is a multiple of the 64-wide K tile (or one group over K), int32 extents.
+const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& args);
+
+// Device workspace of one launch: descriptors, CUTLASS's tensor maps, the transposed scales and
+// zero points (2 * E * n * groups floats). `rows_per_expert` as in the arguments.
+std::size_t sm90_weight_only_gemm_workspace_bytes(int num_experts, Index n, Index k, Index group_size,
+                                                  Index rows_per_expert);
+
+// Enqueues the grouped GEMM on `stream`. No allocation, no synchronization.
+Status sm90_weight_only_gemm(const Sm90WeightOnlyGemmArgs& args, std::span<std::byte> workspace, cudaStream_t stream);
+
+}  // namespace moe::cuda::gemm

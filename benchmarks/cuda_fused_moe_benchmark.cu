@@ -27,9 +27,10 @@
 // 128x128 block scales, 1x128 dynamic activation groups) and fp8_per_tensor_forward_graph (static
 // scales), same workload with random codes; their bytes count one byte per weight.
 // --weight_only adds w4a16_g128_forward_graph (issue: weight-only INT4): 4-bit codes packed two per
-// byte with a float scale per 128 K (no zero points); bytes count half a byte per weight plus the
-// scales; counters us_registers and us_wgmma time the two weight-only GEMMs forced, interleaved
-// with the default choice (moe::cuda::WeightOnlyGemm); and mxfp4_forward_graph for the gpt-oss shape (E2M1 codes, an E8M0 byte per 32 K).
+// byte, two's complement, with a float scale per 128 K (no zero points); bytes count half a byte per
+// weight plus the scales; counters us_registers and us_wgmma time the two weight-only GEMMs forced,
+// interleaved with the default choice (moe::cuda::WeightOnlyGemm), us_wgmma_offset the wgmma GEMM
+// on the same bytes read as offset codes; and mxfp4_forward_graph for the gpt-oss shape (E2M1 codes, an E8M0 byte per 32 K).
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
@@ -281,6 +282,7 @@ struct Scales {
     };
     if constexpr (moe::quant::weight_only_v<Q>) {
       args.group_size = 128;
+      args.signed_codes = true;  // two's complement, as the layer stores a checkpoint without zero points
       args.w13_scale = tensor({s.E, 2 * s.I, Q::groups(s.H, 128)}, 1e-3f);
       args.w2_scale = tensor({s.E, s.H, Q::groups(s.I, 128)}, 1e-3f);
     } else if constexpr (Q::kQuantized) {
@@ -302,6 +304,7 @@ struct Scales {
 struct Variant {
   std::string label;
   moe::cuda::Options options;
+  bool offset_codes = false;  // weight-only integer rows: the codes read as offset codes (quant.signed_codes off)
 };
 
 // The forward of one shape at M tokens. With several variants (the --ab rows), each is captured in
@@ -349,10 +352,14 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   a.quant = scales.args;
   a.output = moe::DeviceView<moe::bfloat16, 2>(out, {M, s.H});
   std::vector<Kernel> kernels;
+  std::vector<typename Kernel::Arguments> args(variants.size(), a);
   std::size_t ws_bytes = 0;
-  for (const Variant& v : variants) {
-    kernels.emplace_back(v.options);
-    ws_bytes = std::max(ws_bytes, kernels.back().workspace_bytes(a));
+  for (std::size_t v = 0; v < variants.size(); ++v) {
+    if constexpr (requires { args[v].quant.signed_codes; }) {
+      if (variants[v].offset_codes) args[v].quant.signed_codes = false;
+    }
+    kernels.emplace_back(variants[v].options);
+    ws_bytes = std::max(ws_bytes, kernels.back().workspace_bytes(args[v]));
   }
   auto* ws = device_alloc<std::byte>(ws_bytes);
   const std::span<std::byte> workspace(ws, ws_bytes);
@@ -360,11 +367,11 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::vector<cudaGraphExec_t> execs;
   if (graph) {
-    for (const Kernel& kernel : kernels) {
+    for (std::size_t v = 0; v < kernels.size(); ++v) {
       cudaGraph_t g;
       cudaGraphExec_t exec;
       cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-      moe::check(kernel.run(a, workspace, stream));
+      moe::check(kernels[v].run(args[v], workspace, stream));
       cuda_ok(cudaStreamEndCapture(stream, &g));
       cuda_ok(cudaGraphInstantiate(&exec, g, 0));
       cuda_ok(cudaGraphDestroy(g));
@@ -375,7 +382,7 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   for (std::size_t v = 0; v < kernels.size(); ++v) {
     bodies.push_back([&, v] {
       if (graph) cuda_ok(cudaGraphLaunch(execs[v], stream));
-      else moe::check(kernels[v].run(a, workspace, stream));
+      else moe::check(kernels[v].run(args[v], workspace, stream));
     });
   }
   const std::vector<double> medians = median_seconds(state, stream, bodies);
@@ -455,14 +462,18 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, boo
     }
   }
   if (weight_only) {
-    // W4A16: the default GEMM choice, then each GEMM forced (counters us_registers, us_wgmma).
+    // W4A16: the default GEMM choice, then each GEMM forced (counters us_registers, us_wgmma), and
+    // the wgmma GEMM on offset codes (us_wgmma_offset: its fp32 scale-and-zero conversion).
     using moe::cuda::WeightOnlyGemm;
-    std::vector<Variant> gemms(3);
+    std::vector<Variant> gemms(4);
     gemms[0].label = "auto";
     gemms[1].label = "registers";
     gemms[1].options.weight_only_gemm = WeightOnlyGemm::kRegisters;
     gemms[2].label = "wgmma";
     gemms[2].options.weight_only_gemm = WeightOnlyGemm::kMixedInputWgmma;
+    gemms[3] = gemms[2];
+    gemms[3].label = "wgmma_offset";
+    gemms[3].offset_codes = true;
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         register_row<moe::quant::W4A16>(row_name("w4a16_g128_forward_graph", s, M), s, M, true, gemms, 20);

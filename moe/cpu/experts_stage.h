@@ -379,7 +379,7 @@ struct ExpertsStage {
             } else {
               const auto& zeros = first ? p.quant.w13_zero : p.quant.w2_zero;
               const unsigned zero = zeros ? (*zeros)(e, r, g) : Quant::kDefaultZero;
-              return Quant::template dequantize<ElementIO>(code, zero, scale(r, g));
+              return Quant::template dequantize<ElementIO>(Quant::offset_code(code, p.quant.signed_codes), zero, scale(r, g));
             }
           };
           for (Index c = g * group; c < std::min(k, (g + 1) * group); ++c) dst[order ? order[c] : c] = value(Quant::code(src, c));

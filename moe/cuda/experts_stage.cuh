@@ -624,6 +624,7 @@ class ExpertsStage {
         p1.zero = w.quant.w13_zero ? w.quant.w13_zero->data() : nullptr;
         p2.zero = w.quant.w2_zero ? w.quant.w2_zero->data() : nullptr;
         default_zero = Quant::kDefaultZero;
+        p1.code_flip = p2.code_flip = w.quant.signed_codes ? 0x01010101u * Quant::kSignFlipByte : 0u;
       }
       p2.row_weight = row_weight;
       const auto both = [&]<int kN8>() -> Status {
@@ -672,8 +673,9 @@ class ExpertsStage {
   }();
   template <class Scale, class Zero>
   gemm::Sm90WeightOnlyGemmArgs weight_only_wgmma_args(DeviceView<const W, 3> wt, const Scale& scale, const Zero& zero,
-                                                      Index k, Index group_size, Index rows_per_expert, const IO* x,
-                                                      const Segments* s, IO* out) const {
+                                                      Index k, Index group_size, bool signed_codes,
+                                                      Index rows_per_expert, const IO* x, const Segments* s,
+                                                      IO* out) const {
     gemm::Sm90WeightOnlyGemmArgs a;
     if constexpr (kWeightOnlyWgmma) {
       a.num_experts = static_cast<int>(wt.extent(0));
@@ -689,6 +691,7 @@ class ExpertsStage {
       a.scale = scale.data();
       a.zero = zero ? zero->data() : nullptr;
       a.default_zero = Quant::kDefaultZero;
+      a.signed_codes = signed_codes;
       a.group_size = group_size;
       a.d = out;
       a.ldd = a.n;
@@ -714,9 +717,9 @@ class ExpertsStage {
       const Segments stand_in{seg, seg, seg, seg, 0};
       IO* out = const_cast<IO*>(aligned);
       return !gemm::sm90_weight_only_gemm_refusal(
-                 weight_only_wgmma_args(w.w13, w.quant.w13_scale, w.quant.w13_zero, w.hidden(), w.quant.group_size, 0, aligned, &stand_in, out)) &&
+                 weight_only_wgmma_args(w.w13, w.quant.w13_scale, w.quant.w13_zero, w.hidden(), w.quant.group_size, w.quant.signed_codes, 0, aligned, &stand_in, out)) &&
              !gemm::sm90_weight_only_gemm_refusal(
-                 weight_only_wgmma_args(w.w2, w.quant.w2_scale, w.quant.w2_zero, w.intermediate(), w.quant.group_size, 0, aligned, &stand_in, out));
+                 weight_only_wgmma_args(w.w2, w.quant.w2_scale, w.quant.w2_zero, w.intermediate(), w.quant.group_size, w.quant.signed_codes, 0, aligned, &stand_in, out));
     } else {
       return false;
     }
@@ -731,8 +734,9 @@ class ExpertsStage {
     if constexpr (kWeightOnlyWgmma) {
       const int E = static_cast<int>(w.num_local_experts());
       const Index g = w.quant.group_size;
-      return std::max(gemm::sm90_weight_only_gemm_workspace_bytes(E, w.w13.extent(1), w.hidden(), g, rows_per_expert),
-                      gemm::sm90_weight_only_gemm_workspace_bytes(E, w.hidden(), w.intermediate(), g, rows_per_expert));
+      const bool sc = w.quant.signed_codes;
+      return std::max(gemm::sm90_weight_only_gemm_workspace_bytes(E, w.w13.extent(1), w.hidden(), g, rows_per_expert, sc),
+                      gemm::sm90_weight_only_gemm_workspace_bytes(E, w.hidden(), w.intermediate(), g, rows_per_expert, sc));
     } else {
       return 0;
     }
@@ -748,11 +752,11 @@ class ExpertsStage {
       const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
       const Index rows_per_expert = ExpertsStage::rows_per_expert(l, w);
       MOE_RETURN_IF_ERROR(gemm::sm90_weight_only_gemm(
-          weight_only_wgmma_args(w.w13, w.quant.w13_scale, w.quant.w13_zero, w.hidden(), w.quant.group_size, rows_per_expert, input, &s, b.gemm1_out), ws,
+          weight_only_wgmma_args(w.w13, w.quant.w13_scale, w.quant.w13_zero, w.hidden(), w.quant.group_size, w.quant.signed_codes, rows_per_expert, input, &s, b.gemm1_out), ws,
           stream));
       MOE_RETURN_IF_ERROR(activate_gemm1_out(w, s, b, false, stream));
       return gemm::sm90_weight_only_gemm(
-          weight_only_wgmma_args(w.w2, w.quant.w2_scale, w.quant.w2_zero, w.intermediate(), w.quant.group_size, rows_per_expert, b.inter, &s, output), ws,
+          weight_only_wgmma_args(w.w2, w.quant.w2_scale, w.quant.w2_zero, w.intermediate(), w.quant.group_size, w.quant.signed_codes, rows_per_expert, b.inter, &s, output), ws,
           stream);
     } else {
       return unsupported("experts (", Quant::kName, "): the mixed-input wgmma GEMM takes 4-bit codes and bf16 rows");

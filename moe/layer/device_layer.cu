@@ -413,7 +413,7 @@ Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::u
   if (d.scheme != "none") {
     // The host buffers' views, each replaced by a view of its device copy.
     const auto put_scales = [&](const MoeLayer::SchemeBuffers& held, Impl::Scales* s) {
-      s->tensors = held.tensors(layer.group_size_);
+      s->tensors = held.tensors(layer.group_size_, layer.signed_codes_);
       int i = 0;
       Status st = Status::ok();
       SchemeTensors::each(s->tensors, [&](const char*, std::optional<AnyTensor>& t) {

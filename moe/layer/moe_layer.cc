@@ -260,6 +260,9 @@ class WeightOnlyLoad {
   WeightOnlyLoad() = default;
   WeightOnlyLoad(const QuantizationConfig& q, const ParallelLayout& par) : q_(&q), par_(par) {}
   Index group_size() const { return q_->weight_scale == WeightScaleLayout::kGroup ? q_->group_size : 0; }
+  // Without zero points the codes are stored two's complement (pack_weight_only_expert): the form
+  // the Hopper prefill GEMM converts fastest.
+  bool signed_codes() const { return !q_->zero_points; }
   std::string scheme() const { return q_->weight_bits == 4 ? scheme_key<quant::W4A16>() : scheme_key<quant::W8A16>(); }
 
   // The scheme's tensors for `L` experts of `m` intermediate rows.
@@ -465,6 +468,7 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     wo = WeightOnlyLoad(quant, par);
     l.weight_scheme_ = wo.scheme();
     l.group_size_ = wo.group_size();
+    l.signed_codes_ = wo.signed_codes();
     wo.allocate(L, It, H, &l.routed_quant_);
   }
   if (config.expert_biases) {
@@ -813,7 +817,7 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   } else {
     req.w13 = w13_.tensor();
     req.w2 = w2_.tensor();
-    req.quant = routed_quant_.tensors(group_size_);
+    req.quant = routed_quant_.tensors(group_size_, signed_codes_);
     if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
     if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
     map = expert_map_;
@@ -847,7 +851,7 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     sr.top_k = 1;
     sr.w13 = resident_ ? resident_->shared_w13 : shared_w13_.tensor();
     sr.w2 = resident_ ? resident_->shared_w2 : shared_w2_.tensor();
-    sr.quant = resident_ ? resident_->shared_quant : shared_quant_.tensors(group_size_);
+    sr.quant = resident_ ? resident_->shared_quant : shared_quant_.tensors(group_size_, signed_codes_);
     sr.weights_on_device = resident_ != nullptr;
     sr.output = so.tensor();
     sr.options = options;
@@ -872,9 +876,10 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   return Status::ok();
 }
 
-SchemeTensors MoeLayer::SchemeBuffers::tensors(Index group_size) const {
+SchemeTensors MoeLayer::SchemeBuffers::tensors(Index group_size, bool signed_codes) const {
   SchemeTensors t;
   t.group_size = group_size;
+  t.signed_codes = signed_codes;
   const Buffer* held[SchemeTensors::kTensors];  // in SchemeTensors::each's order, as SchemeBuffers::each visits them
   int n = 0;
   SchemeBuffers::each(*this, [&](const Buffer& b) { held[n++] = &b; });
@@ -914,7 +919,7 @@ Status MoeLayer::make_resident(UploadFn upload, KernelFinder device_find) {
   }
   // The scheme's tensors: the host views, each replaced by its device copy.
   const auto put_scheme = [&](const SchemeBuffers& b, SchemeTensors* out) {
-    *out = b.tensors(group_size_);
+    *out = b.tensors(group_size_, signed_codes_);
     Status st = Status::ok();
     SchemeTensors::each(*out, [&](const char*, std::optional<AnyTensor>& t) {
       if (!st.is_ok() || !t) return;

@@ -42,8 +42,8 @@ class MoeLayer {
   // layouts (moe/quant/w8a8.h, weight_only.h); a member the scheme does not use has no shape.
   struct SchemeBuffers {
     Buffer w13_scale, w2_scale, a13_scale, a2_scale, w13_zero, w2_zero, w13_k_order;
-    // Views of the held members; `group_size` the weight-only schemes' group.
-    SchemeTensors tensors(Index group_size) const;
+    // Views of the held members; `group_size` and `signed_codes` the weight-only schemes'.
+    SchemeTensors tensors(Index group_size, bool signed_codes) const;
     template <class Self, class F>
     static void each(Self& self, F&& f) {  // in SchemeTensors::each's order
       for (auto* b : {&self.w13_scale, &self.w2_scale, &self.a13_scale, &self.a2_scale, &self.w13_zero, &self.w2_zero,
@@ -110,7 +110,8 @@ class MoeLayer {
   // routed_quant_ / shared_quant_ the scheme's tensors (SchemeBuffers).
   std::string weight_scheme_ = "none";
   SchemeBuffers routed_quant_, shared_quant_;
-  Index group_size_ = 0;  // weight-only schemes
+  Index group_size_ = 0;        // weight-only schemes
+  bool signed_codes_ = false;   // their codes stored two's complement (the layers without zero points)
   std::vector<float> shared_gate_;        // [H] or empty
 
   // Device copies of the weights (make_resident): tensors whose data are device pointers.

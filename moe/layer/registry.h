@@ -36,7 +36,8 @@ struct KernelKey {
 // weight-only zero points u8 (the scales' shapes) and act-order i32 [E, H]; the weight-only group.
 struct SchemeTensors {
   std::optional<AnyTensor> w13_scale, w2_scale, a13_scale, a2_scale, w13_zero, w2_zero, w13_k_order;
-  Index group_size = 0;
+  Index group_size = 0;        // the weight-only integer schemes'
+  bool signed_codes = false;   // their codes stored two's complement (moe/quant/weight_only.h)
   static constexpr int kTensors = 7;  // members `each` visits
   // f(name, tensor) for every member, in this order (uploads, copies, messages).
   template <class Self, class F>
@@ -75,6 +76,7 @@ Status bind_scheme_tensors(const SchemeTensors& t, typename Q::template Argument
         MOE_RETURN_IF_ERROR(optional(t.w2_zero, "w2_zero", &a->w2_zero));
         MOE_RETURN_IF_ERROR(optional(t.w13_k_order, "w13_k_order", &a->w13_k_order));
         a->group_size = t.group_size;
+        a->signed_codes = t.signed_codes;
       } else if (t.w13_zero || t.w2_zero || t.w13_k_order) {
         return invalid_argument("w13_zero/w2_zero/w13_k_order: ", scheme_key<Q>(), " takes no zero points or K order");
       }

@@ -247,6 +247,9 @@ Status pack_weight_only_expert(const IntLinear& gate, const IntLinear& up, const
                                int bits, Index group_size, const std::string& what, const WeightOnlyExpertOut& out,
                                bool* ordered) {
   const Index H = gate.k, I = down.k, pack = 8 / bits;
+  // Without zero points the codes are stored two's complement (the offset code's top bit flipped,
+  // moe/quant/weight_only.h): the layer then sets quant.signed_codes.
+  const unsigned flip = out.z13 ? 0u : 1u << (bits - 1);
   std::vector<Index> order13, runs13, up_order, up_runs, order2, runs2;
   const auto context = [&](const Status& s, const char* tensor) {
     return s.is_ok() ? s : invalid_argument(what, ".", tensor, ": ", s.message());
@@ -265,7 +268,7 @@ Status pack_weight_only_expert(const IntLinear& gate, const IntLinear& up, const
       const IntLinear& l = half == 0 ? gate : up;
       const Index row = half * m + j;
       for (Index c = 0; c < H; ++c) {
-        put_code(out.w13 + row * (H / pack), c, l.codes[static_cast<std::size_t>(src * H + order13[static_cast<std::size_t>(c)])], bits);
+        put_code(out.w13 + row * (H / pack), c, l.codes[static_cast<std::size_t>(src * H + order13[static_cast<std::size_t>(c)])] ^ flip, bits);
       }
       for (Index b = 0; b < g13; ++b) {
         const std::size_t from = static_cast<std::size_t>(src * l.groups() + runs13[static_cast<std::size_t>(b)]);
@@ -276,7 +279,7 @@ Status pack_weight_only_expert(const IntLinear& gate, const IntLinear& up, const
   }
   for (Index h = 0; h < down.n; ++h) {
     for (Index j = 0; j < m; ++j) {
-      put_code(out.w2 + h * (m / pack), j, down.codes[static_cast<std::size_t>(h * I + i0 + order2[static_cast<std::size_t>(j)])], bits);
+      put_code(out.w2 + h * (m / pack), j, down.codes[static_cast<std::size_t>(h * I + i0 + order2[static_cast<std::size_t>(j)])] ^ flip, bits);
     }
     for (Index b = 0; b < g2; ++b) {
       const std::size_t from = static_cast<std::size_t>(h * down.groups() + runs2[static_cast<std::size_t>(b)]);

@@ -41,7 +41,8 @@ Status read_int_linear(const io::Checkpoint& ckpt, const QuantizationConfig& q, 
 
 // One expert's slice [i0, i0 + m) of the intermediate in the scheme's layout, at its place in the
 // layer's buffers: w13 [2m, H / pack] ([gate; up]), w2 [H, m / pack], their scales [2m, groups(H)]
-// and [H, groups(m)], zero points likewise (when `z13`/`z2` are given) and w13's K order [H].
+// and [H, groups(m)], zero points likewise (when `z13`/`z2` are given; without them the codes are
+// stored two's complement, quant.signed_codes) and w13's K order [H].
 // `group_size` is the scheme's (0: per channel). *ordered says whether the K order is not the
 // identity. Errors name `what` (the expert) and why the slice cannot be represented.
 struct WeightOnlyExpertOut {

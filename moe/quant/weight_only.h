@@ -24,6 +24,12 @@
 //   then the unquantized GEMM: products of IO values accumulated in float.
 // A K that is not a multiple of G has a shorter last group (exact). Only the low kBits bits of a
 // zero point are read (a packed format carries no more).
+//
+// Two's-complement codes (`Arguments::signed_codes`, no zero points): a stored code c is the
+// signed integer c - 2^b [c >= 2^(b-1)], w = IO(signed(c) * s_io). That is the offset code
+// q = c XOR 2^(b-1) with the default zero point, so the arithmetic above is unchanged; it is the
+// layout CUTLASS's mixed-input GEMM converts in one instruction per two weights (the Hopper
+// prefill path, moe/cuda/gemm/sm90_weight_only_gemm.h). Loaders store symmetric checkpoints so.
 #pragma once
 
 #include <algorithm>
@@ -61,6 +67,12 @@ struct WeightOnlyInt {
     if constexpr (Bits == 4) return (row[k / 2] >> (4 * (k % 2))) & 0xFu;
     else return row[k];
   }
+  // The offset code q of a stored code: two's-complement codes flip their top bit.
+  MOE_HOST_DEVICE static unsigned offset_code(unsigned stored, bool signed_codes) {
+    return signed_codes ? stored ^ kDefaultZero : stored;
+  }
+  // A whole packed byte (or word) between the two code layouts (the same flip both ways).
+  static constexpr std::uint8_t kSignFlipByte = Bits == 4 ? 0x88 : 0x80;
   // Groups along a reduction of length k (group_size 0: one).
   static constexpr Index groups(Index k, Index group_size) {
     return group_size > 0 ? (k + group_size - 1) / group_size : (k > 0 ? 1 : 0);
@@ -81,6 +93,7 @@ struct WeightOnlyInt {
     // backend reads 0 for an index outside [0, H) rather than outside the row.
     std::optional<TensorView<const std::int32_t, 2, Space>> w13_k_order;  // [E, H]
     Index group_size = 128;  // K elements per scale; 0: per channel (one group over K)
+    bool signed_codes = false;  // two's-complement codes (see above); excludes zero points
 
     // The shapes against a forward's sizes; an error names the tensor, the expected and the
     // actual shape. (The packed weights' shapes are checked with the weights.)
@@ -94,6 +107,9 @@ struct WeightOnlyInt {
       if (w13_zero.has_value() != w2_zero.has_value()) {
         return invalid_argument(w13_zero ? "quant.w2_zero" : "quant.w13_zero",
                                 ": zero points are given for both GEMMs or for neither");
+      }
+      if (w13_zero && signed_codes) {
+        return invalid_argument("quant.w13_zero: two's-complement codes (quant.signed_codes) take no zero points");
       }
       if (w13_zero) {
         MOE_RETURN_IF_ERROR(check_scheme_tensor("quant.w13_zero", *w13_zero, s13));

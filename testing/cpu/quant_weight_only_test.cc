@@ -281,6 +281,35 @@ TEST(WeightOnly, NibbleOrderMatters) {
   EXPECT_GT(differ, static_cast<int>(straight.size()) / 2);
 }
 
+// Two's-complement codes (quant.signed_codes) are the offset codes with the top bit of each code
+// flipped: the same weights, so the output is bitwise the offset codes' (4 and 8 bits, the
+// default zero point), and the flag alone, with the bytes unflipped, gives another matrix.
+template <class Q>
+void expect_signed_codes_equal_offset_codes(const Problem& p, std::uint32_t seed) {
+  using K = typename WeightOnlyCase<Q, bfloat16>::K;
+  WeightOnlyCase<Q, bfloat16> c(p, seed);
+  ASSERT_TRUE(c.run().is_ok());
+  const std::vector<bfloat16> offset = c.out;
+  auto a = c.arguments();
+  a.quant.signed_codes = true;
+  c.out.assign(c.out.size(), bfloat16(-7.0f));
+  ASSERT_TRUE(K().run(a).is_ok());
+  int differ = 0;
+  for (std::size_t i = 0; i < offset.size(); ++i) differ += to_float(offset[i]) != to_float(c.out[i]);
+  EXPECT_GT(differ, static_cast<int>(offset.size()) / 2) << "the flag changed nothing";
+  for (auto* m : {&c.w13, &c.w2}) {
+    for (auto& b : m->packed) b ^= Q::kSignFlipByte;
+  }
+  c.out.assign(c.out.size(), bfloat16(-7.0f));
+  ASSERT_TRUE(K().run(a).is_ok());
+  for (std::size_t i = 0; i < offset.size(); ++i) ASSERT_EQ(to_float(offset[i]), to_float(c.out[i])) << Q::kName << " at " << i;
+}
+
+TEST(WeightOnly, SignedCodesAreTheOffsetCodesWithTheTopBitFlipped) {
+  expect_signed_codes_equal_offset_codes<quant::W4A16>(Problem{23, 5, 200, 192, 2, 128, false}, 14);
+  expect_signed_codes_equal_offset_codes<quant::W8A16>(Problem{23, 5, 200, 192, 2, 0, false}, 15);
+}
+
 // Bad shapes and sizes are errors naming the argument, with the output untouched.
 TEST(WeightOnly, BadArgumentsAreNamedAndWriteNothing) {
   using Q = quant::W4A16;
@@ -304,6 +333,7 @@ TEST(WeightOnly, BadArgumentsAreNamedAndWriteNothing) {
   expect_error([&](auto& a) { a.quant.w2_zero = HostView<const std::uint8_t, 3>(bytes.data(), {5, 200, 2}); },
                {"quant.w2_zero", "[5, 200, 3]"});
   expect_error([&](auto& a) { a.quant.group_size = 48; }, {"quant.group_size", "multiple of 32", "48"});
+  expect_error([&](auto& a) { a.quant.signed_codes = true; }, {"quant.w13_zero", "two's-complement", "no zero points"});
   std::vector<std::int32_t> order(5 * 200);
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<std::int32_t>(i % 200);
   expect_error([&](auto& a) { a.quant.w13_k_order = HostView<const std::int32_t, 2>(order.data(), {5, 199}); },

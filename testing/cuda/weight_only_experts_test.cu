@@ -46,6 +46,7 @@ struct Shape {
   Index group;  // 0: per channel
   bool zero_points;
   bool act_order = false;  // w13's codes in a per-expert K order (GPTQ desc_act)
+  bool signed_codes = false;  // two's-complement codes (no zero points)
 };
 
 struct NoEdit {
@@ -79,6 +80,9 @@ struct Case {
     }
     w13 = moe::testing::quantize<kBits>(p.E, 2 * p.I, p.H, p.group, p.zero_points, seed + 1);
     w2 = moe::testing::quantize<kBits>(p.E, p.H, p.I, p.group, p.zero_points, seed + 2);
+    for (auto* m : {&w13, &w2}) {
+      for (auto& b : m->packed) b ^= p.signed_codes ? Q::kSignFlipByte : 0;
+    }
     for (Index e = 0; p.act_order && e < p.E; ++e) {
       std::vector<std::int32_t> o(static_cast<std::size_t>(p.H));
       std::iota(o.begin(), o.end(), 0);
@@ -100,6 +104,7 @@ struct Case {
     a.w13 = moe::TensorView<const std::uint8_t, 3, Space>(c13, {p.E, 2 * p.I, p.H / kPack});
     a.w2 = moe::TensorView<const std::uint8_t, 3, Space>(c2, {p.E, p.H, p.I / kPack});
     a.quant.group_size = p.group;
+    a.quant.signed_codes = p.signed_codes;
     a.quant.w13_scale = moe::TensorView<const float, 3, Space>(s13, {p.E, 2 * p.I, w13.groups});
     a.quant.w2_scale = moe::TensorView<const float, 3, Space>(s2, {p.E, p.H, w2.groups});
     if (p.zero_points) {
@@ -154,7 +159,8 @@ class WeightOnlyExpertsTest : public ::testing::Test {
 
 std::string where(const char* name, const Shape& s) {
   return std::string(name) + " M=" + std::to_string(s.M) + " E=" + std::to_string(s.E) + " H=" + std::to_string(s.H) +
-         " I=" + std::to_string(s.I) + " group=" + std::to_string(s.group) + (s.zero_points ? " zero points" : "");
+         " I=" + std::to_string(s.I) + " group=" + std::to_string(s.group) + (s.zero_points ? " zero points" : "") +
+         (s.signed_codes ? " signed codes" : "");
 }
 
 using moe::cuda::WeightOnlyGemm;
@@ -190,12 +196,14 @@ TEST_F(WeightOnlyExpertsTest, W4A16MatchesTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W4A16>({300, 8, 256, 128, 2, 64, false}, 4);
   expect_cuda_matches_cpu<quant::W4A16>({64, 8, 384, 96, 2, 0, true}, 5);     // per channel
   expect_cuda_matches_cpu<quant::W4A16, moe::half>({23, 8, 256, 192, 2, 64, true}, 6);
+  expect_cuda_matches_cpu<quant::W4A16>({5, 8, 224, 192, 2, 128, false, false, true}, 10);  // signed codes
 }
 
 TEST_F(WeightOnlyExpertsTest, W8A16MatchesTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W8A16>({1, 8, 256, 192, 2, 128, true}, 7);
   expect_cuda_matches_cpu<quant::W8A16>({300, 8, 224, 320, 2, 32, false}, 8);
   expect_cuda_matches_cpu<quant::W8A16, moe::half>({23, 8, 256, 192, 2, 0, true}, 9);
+  expect_cuda_matches_cpu<quant::W8A16>({41, 8, 256, 192, 2, 64, false, false, true}, 11);  // signed codes
 }
 
 // Prefill shapes for the mixed-input wgmma GEMM (sm90_weight_only_gemm.h): ~75-150 rows per expert
@@ -208,6 +216,10 @@ TEST_F(WeightOnlyExpertsTest, PrefillShapesMatchTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W4A16>({150, 8, 256, 128, 4, 0, true}, 43);
   expect_cuda_matches_cpu<quant::W4A16>({300, 8, 256, 192, 2, 128, true, true}, 44);
   expect_cuda_matches_cpu<quant::W4A16>({1, 8, 256, 192, 2, 128, false}, 45);
+  // Two's-complement codes: the bf16-scale conversion, every token tile (32, 128, 256).
+  expect_cuda_matches_cpu<quant::W4A16>({300, 8, 256, 192, 2, 128, false, false, true}, 46);
+  expect_cuda_matches_cpu<quant::W4A16>({1200, 4, 384, 320, 2, 64, false, false, true}, 47);
+  expect_cuda_matches_cpu<quant::W4A16>({100, 8, 256, 128, 2, 0, false, true, true}, 48);  // per channel, act-order
 }
 
 // Which GEMM the plan picks: kAuto takes the mixed-input wgmma GEMM on a Hopper tag with bf16 rows
@@ -254,7 +266,7 @@ TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
 
 // The mixed-input GEMM entry point alone (moe/cuda/gemm/sm90_weight_only_gemm.h) against a host
 // product of the rows and the weights dequantized as moe/quant/weight_only.h specifies: three
-// experts with 0, a few and many rows (both token tiles, 32 and 128), groups of 64, 128 and per
+// experts with 0, a few and many rows (token tiles 32, 128 and 256), groups of 64, 128 and per
 // channel, with and without zero points, a K whose last group is short.
 TEST_F(WeightOnlyExpertsTest, Sm90WeightOnlyGemmMatchesTheDequantizedProduct) {
   int major = 0;
@@ -266,11 +278,15 @@ TEST_F(WeightOnlyExpertsTest, Sm90WeightOnlyGemmMatchesTheDequantizedProduct) {
     Index n, k, group;
     bool zero_points;
     std::vector<Index> rows;  // per expert
+    bool signed_codes = false;
   };
   for (const Config& cfg : {Config{256, 256, 128, false, {0, 3, 200}}, Config{128, 192, 128, true, {20, 0, 1}},
-                            Config{384, 256, 64, true, {60, 64, 33}}, Config{256, 320, 0, false, {130, 5, 0}}}) {
+                            Config{384, 256, 64, true, {60, 64, 33}}, Config{256, 320, 0, false, {130, 5, 0}},
+                            Config{256, 256, 128, false, {0, 3, 300}, true}, Config{256, 320, 0, false, {130, 5, 0}, true},
+                            Config{384, 192, 64, false, {60, 640, 33}, true}}) {
     const Index E = static_cast<Index>(cfg.rows.size());
-    const auto w = moe::testing::quantize<4>(E, cfg.n, cfg.k, cfg.group, cfg.zero_points, 60);
+    auto w = moe::testing::quantize<4>(E, cfg.n, cfg.k, cfg.group, cfg.zero_points, 60);
+    for (auto& b : w.packed) b ^= cfg.signed_codes ? Q::kSignFlipByte : 0;  // the same weights
     std::vector<Index> begin, count;
     Index R = 0;
     for (const Index r : cfg.rows) {
@@ -315,13 +331,14 @@ TEST_F(WeightOnlyExpertsTest, Sm90WeightOnlyGemmMatchesTheDequantizedProduct) {
     a.ldw = cfg.k / 2;
     a.scale = ds.data();
     a.zero = cfg.zero_points ? dz.data() : nullptr;
+    a.signed_codes = cfg.signed_codes;
     a.group_size = cfg.group;
     a.d = dd.data();
     a.ldd = cfg.n;
-    for (const Index rows_per_expert : {Index{16}, Index{200}}) {
+    for (const Index rows_per_expert : {Index{16}, Index{100}, Index{300}}) {  // token tiles 32, 128, 256
       a.rows_per_expert = rows_per_expert;
-      DeviceBuffer<std::byte> ws(
-          moe::cuda::gemm::sm90_weight_only_gemm_workspace_bytes(a.num_experts, a.n, a.k, a.group_size, rows_per_expert));
+      DeviceBuffer<std::byte> ws(moe::cuda::gemm::sm90_weight_only_gemm_workspace_bytes(
+          a.num_experts, a.n, a.k, a.group_size, rows_per_expert, a.signed_codes));
       const moe::Status st = moe::cuda::gemm::sm90_weight_only_gemm(a, std::span<std::byte>(ws.data(), ws.size()), nullptr);
       ASSERT_TRUE(st.is_ok()) << st.to_string();
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -333,7 +350,8 @@ TEST_F(WeightOnlyExpertsTest, Sm90WeightOnlyGemmMatchesTheDequantizedProduct) {
       }
       // One bf16 rounding of the output (2^-8 relative) plus fp32 sums in another order.
       EXPECT_LE(worst, 0.01 * scale) << "n=" << cfg.n << " k=" << cfg.k << " group=" << cfg.group
-                                     << (cfg.zero_points ? " zero points" : "") << " tile for " << rows_per_expert
+                                     << (cfg.zero_points ? " zero points" : "")
+                                     << (cfg.signed_codes ? " signed codes" : "") << " tile for " << rows_per_expert
                                      << " rows: worst " << worst << " of " << scale;
     }
   }

@@ -5,6 +5,8 @@
 
 #include <cuda_bf16.h>
 
+#include "cutlass/bfloat16.h"
+
 #include <algorithm>
 
 #include "moe/cuda/check.h"
@@ -12,21 +14,25 @@
 namespace moe::cuda::gemm {
 namespace sm90_detail {
 
-template <int TN>
+template <int TN, bool kSigned>
 std::size_t weight_only_tile_workspace(int experts, Index n, Index k, Index group_size);
-template <int TN>
+template <int TN, bool kSigned>
 Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream);
 Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, float* scales, float* zeros,
                                 cudaStream_t stream);
+Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, cutlass::bfloat16_t* scales,
+                                std::nullptr_t zeros, cudaStream_t stream);
 
 namespace {
 
-// scales[e, g, c] = float(bf16(scale[e, c, g])), zeros[e, g, c] = -float(z) * scales[e, g, c]: a
-// 32 x 32 (column, group) tile per block through shared memory, so both sides are coalesced.
+// scales[e, g, c] = bf16(scale[e, c, g]) (as a float, or as bf16 where `Out` is), zeros[e, g, c] =
+// -float(z) * float(scales[e, g, c]) where zeros is not null: a 32 x 32 (column, group) tile per
+// block through shared memory, so both sides are coalesced.
 constexpr int kTransposeTile = 32;
+template <class Out>
 __global__ void __launch_bounds__(kTransposeTile * 8)
     scale_zero_layout_kernel(const float* scale, const std::uint8_t* zero, unsigned default_zero, int n, int groups,
-                             float* scales, float* zeros) {
+                             Out* scales, float* zeros) {
   __shared__ float s_tile[kTransposeTile][kTransposeTile + 1];
   __shared__ float z_tile[kTransposeTile][kTransposeTile + 1];
   const int e = static_cast<int>(blockIdx.z);
@@ -47,16 +53,14 @@ __global__ void __launch_bounds__(kTransposeTile * 8)
     const int g = g0 + i, c = c0 + static_cast<int>(threadIdx.x);
     if (c < n && g < groups) {
       const std::size_t at = expert + static_cast<std::size_t>(g) * n + c;
-      scales[at] = s_tile[threadIdx.x][i];
-      zeros[at] = z_tile[threadIdx.x][i];
+      scales[at] = static_cast<Out>(s_tile[threadIdx.x][i]);  // exact: already a bf16 value
+      if (zeros) zeros[at] = z_tile[threadIdx.x][i];
     }
   }
 }
 
-}  // namespace
-
-Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, float* scales, float* zeros,
-                                cudaStream_t stream) {
+template <class Out>
+Status layout_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, Out* scales, float* zeros, cudaStream_t stream) {
   const dim3 tiles(static_cast<unsigned>((a.n + kTransposeTile - 1) / kTransposeTile),
                    static_cast<unsigned>((groups + kTransposeTile - 1) / kTransposeTile),
                    static_cast<unsigned>(a.num_experts));
@@ -64,6 +68,17 @@ Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, f
       a.scale, a.zero, a.default_zero, static_cast<int>(a.n), static_cast<int>(groups), scales, zeros);
   MOE_CUDA_CHECK_LAUNCH();
   return Status::ok();
+}
+
+}  // namespace
+
+Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, float* scales, float* zeros,
+                                cudaStream_t stream) {
+  return layout_scales(a, groups, scales, zeros, stream);
+}
+Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, cutlass::bfloat16_t* scales,
+                                std::nullptr_t, cudaStream_t stream) {
+  return layout_scales(a, groups, scales, static_cast<float*>(nullptr), stream);
 }
 
 }  // namespace sm90_detail
@@ -75,7 +90,9 @@ Index groups_of(Index k, Index group_size) { return group_size > 0 ? (k + group_
 // wgmma GEMM"): 32 tokens up to 16 rows per expert (qwen3 M = 256: 367 µs against 457 with 128),
 // 128 from 32 rows (qwen3 M = 1024: 498 against 563 with 64; deepseek M = 1024: 6474 against
 // 7014 with 32). A 64-token tile won no row.
-int token_tile(Index rows_per_expert) { return rows_per_expert <= 24 ? 32 : 128; }
+int token_tile(Index rows_per_expert) {
+  return rows_per_expert <= 24 ? 32 : rows_per_expert <= 192 ? 128 : 256;
+}
 
 }  // namespace
 
@@ -84,6 +101,7 @@ const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& a) {
   if (a.num_experts <= 0 || a.num_experts > (1 << 20)) return "the expert count must be in [1, 2^20]";
   if (a.n <= 0 || a.k <= 0 || a.n > INT32_MAX || a.k > INT32_MAX / 2) return "n and k must be positive int32 extents";
   if (!a.a || !a.w || !a.d || !a.scale || !a.seg_begin || !a.seg_count) return "a null operand";
+  if (a.signed_codes && a.zero) return "two's-complement codes take no zero points";
   if (a.group_size < 0 || (a.group_size > 0 && a.group_size < a.k && a.group_size % 64 != 0)) {
     return "scale groups must be multiples of 64 K elements (the mixed-input GEMM's K tile) or span K";
   }
@@ -99,18 +117,35 @@ const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& a) {
   return nullptr;
 }
 
+namespace {
+
+// The instantiations: (token tile, two's-complement codes).
+template <class F>
+auto with_tile(Index rows_per_expert, bool signed_codes, F&& f) {
+  const int tn = token_tile(rows_per_expert);
+  if (signed_codes) {
+    if (tn == 32) return f.template operator()<32, true>();
+    if (tn == 128) return f.template operator()<128, true>();
+    return f.template operator()<256, true>();
+  }
+  if (tn == 32) return f.template operator()<32, false>();
+  return f.template operator()<128, false>();
+}
+
+}  // namespace
+
 std::size_t sm90_weight_only_gemm_workspace_bytes(int num_experts, Index n, Index k, Index group_size,
-                                                  Index rows_per_expert) {
-  using namespace sm90_detail;
-  return token_tile(rows_per_expert) == 32 ? weight_only_tile_workspace<32>(num_experts, n, k, group_size)
-                                            : weight_only_tile_workspace<128>(num_experts, n, k, group_size);
+                                                  Index rows_per_expert, bool signed_codes) {
+  return with_tile(rows_per_expert, signed_codes, [&]<int TN, bool kSigned>() {
+    return sm90_detail::weight_only_tile_workspace<TN, kSigned>(num_experts, n, k, group_size);
+  });
 }
 
 Status sm90_weight_only_gemm(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream) {
-  using namespace sm90_detail;
   if (const char* why = sm90_weight_only_gemm_refusal(a)) return invalid_argument("sm90_weight_only_gemm: ", why);
-  return token_tile(a.rows_per_expert) == 32 ? run_weight_only_tile<32>(a, workspace, stream)
-                                              : run_weight_only_tile<128>(a, workspace, stream);
+  return with_tile(a.rows_per_expert, a.signed_codes, [&]<int TN, bool kSigned>() {
+    return sm90_detail::run_weight_only_tile<TN, kSigned>(a, workspace, stream);
+  });
 }
 
 }  // namespace moe::cuda::gemm

@@ -14,8 +14,15 @@
 // (TMA loads of the codes, dequantized once per 128-token tile in registers, wgmma with the
 // weights as the register operand), persistent over (expert, tile) pairs whose row counts stay on
 // the device. The collective takes scales and zero points [groups, n] with n contiguous; a small
-// kernel writes them per launch into the workspace from the scheme's [E, n, groups] scales and
-// uint8 zero points (z' = -z * s, so that q * s + z' is the exact product above).
+// kernel writes them per launch into the workspace from the scheme's [E, n, groups] scales.
+//
+// Two conversions, one instantiation set each:
+//  - offset codes (zero points or the default): fp32 scales s and zeros z' = -z * s, so that
+//    q * s + z' is the exact product above in fp32 before the one rounding (4-6 instructions per
+//    weight);
+//  - two's-complement codes (`signed_codes`, moe/quant/weight_only.h; no zero points): the codes
+//    become bf16 exactly and one bf16 multiply by the bf16 scale rounds once (about 2 per weight),
+//    with a 256-token tile for long segments as well.
 //
 // This header includes none of CUTLASS; the instantiation lives in the .cu.
 #pragma once
@@ -43,6 +50,7 @@ struct Sm90WeightOnlyGemmArgs {
   const float* scale = nullptr;          // [E, n, groups] contiguous
   const std::uint8_t* zero = nullptr;    // [E, n, groups] contiguous, or null: default_zero
   unsigned default_zero = 8;
+  bool signed_codes = false;             // two's-complement codes (moe/quant/weight_only.h): w = IO(c * IO(scale))
   Index group_size = 0;                  // K per scale group; 0: one group over K
   void* d = nullptr;                     // bf16 [rows, ldd]
   Index ldd = 0;
@@ -54,9 +62,10 @@ struct Sm90WeightOnlyGemmArgs {
 const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& args);
 
 // Device workspace of one launch: descriptors, CUTLASS's tensor maps, the transposed scales and
-// zero points (2 * E * n * groups floats). `rows_per_expert` as in the arguments.
+// zero points (2 * E * n * groups floats; bf16 scales alone for two's-complement codes).
+// `rows_per_expert` and `signed_codes` as in the arguments.
 std::size_t sm90_weight_only_gemm_workspace_bytes(int num_experts, Index n, Index k, Index group_size,
-                                                  Index rows_per_expert);
+                                                  Index rows_per_expert, bool signed_codes);
 
 // Enqueues the grouped GEMM on `stream`. No allocation, no synchronization.
 Status sm90_weight_only_gemm(const Sm90WeightOnlyGemmArgs& args, std::span<std::byte> workspace, cudaStream_t stream);

@@ -76,10 +76,18 @@ struct ScaledZeroedMixedInput : Base {
 // The weights are the wgmma's register operand (A: the collective dequantizes them there), so the
 // product is computed transposed, D^T = W * X^T, as the swap tiles of the 16-bit GEMM: weight rows
 // on M (128, two consumer warpgroups), token rows on N, D column-major = row-major [rows, n].
-template <int TN>
+//
+// Two conversions, both giving the reference's bits:
+//  - offset codes with zero points (kSigned false): uint4 codes, fp32 scales s and zeros
+//    z' = -z * s; q * s + z' is exact in fp32 and rounded once to bf16;
+//  - two's-complement codes (kSigned true): int4 codes become bf16 exactly (one prmt, lop3 and
+//    subtraction per pair), times the bf16 scale rounds once; half the registers and shared
+//    memory per scale and a quarter of the conversion work.
+template <int TN, bool kSigned>
 struct WeightOnlyGemmT {
   using Mma = cutlass::bfloat16_t;
-  using Codes = cutlass::uint4b_t;
+  using Codes = std::conditional_t<kSigned, cutlass::int4b_t, cutlass::uint4b_t>;
+  using Scale = std::conditional_t<kSigned, cutlass::bfloat16_t, float>;
   using TileShape = cute::Shape<cute::_128, cute::Int<TN>, cute::Int<64>>;  // 128 bytes of bf16 per token row
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kAlignCodes = 32;  // 16 bytes of 4-bit codes
@@ -90,12 +98,13 @@ struct WeightOnlyGemmT {
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, ColumnMajor*, kAlignRows, Mma, ColumnMajor*,
       kAlignRows, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
       cutlass::epilogue::fusion::LinearCombination<Mma, float, void>>::CollectiveOp;
-  // fp32 scales and zero points: q * s + z' is exact in fp32 and rounded once to bf16.
-  using Mainloop = ScaledZeroedMixedInput<typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<Codes, float, float>, RowMajor*, kAlignCodes, Mma,
-      ColumnMajor*, kAlignRows, float, TileShape, ClusterShape,
+  using Operand = std::conditional_t<kSigned, cute::tuple<Codes, Scale>, cute::tuple<Codes, Scale, Scale>>;
+  using Collective = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Operand, RowMajor*, kAlignCodes, Mma, ColumnMajor*,
+      kAlignRows, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp>;
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Mainloop = std::conditional_t<kSigned, Collective, ScaledZeroedMixedInput<Collective>>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::InternalStrideA;
@@ -111,10 +120,12 @@ inline int weight_only_chunk(Index k, Index group_size) {
   return static_cast<int>(group_size > 0 && group_size < k ? group_size : k);
 }
 
-// Lays scale[e, c, g] (rounded to bf16) and its zero point out as [e, g, c] floats: scales and
-// -z * scale (sm90_weight_only_gemm.cu).
+// Lays scale[e, c, g] (rounded to bf16) and its zero point out as [e, g, c]: float scales and
+// -z * scale, or (two's-complement codes, `zeros` null) bf16 scales (sm90_weight_only_gemm.cu).
 Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, float* scales, float* zeros,
                                 cudaStream_t stream);
+Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, cutlass::bfloat16_t* scales,
+                                std::nullptr_t zeros, cudaStream_t stream);
 
 template <class G>
 struct WeightOnlyDescriptors {
@@ -125,11 +136,11 @@ struct WeightOnlyDescriptors {
   typename G::StrideA* stride_w;
   typename G::StrideB* stride_x;
   typename G::StrideD* stride_d;
-  const float** ptr_scale;
-  const float** ptr_zero;
+  const typename G::Scale** ptr_scale;
+  const typename G::Scale** ptr_zero;  // offset codes only
   typename G::StrideScale* stride_scale;
-  float* scales;  // [E, groups, n]
-  float* zeros;   // [E, groups, n]
+  typename G::Scale* scales;  // [E, groups, n]
+  std::conditional_t<std::is_same_v<typename G::Scale, float>, float*, std::nullptr_t> zeros;  // [E, groups, n]
 };
 
 template <class G>
@@ -143,12 +154,17 @@ WeightOnlyDescriptors<G> carve_weight_only(std::uintptr_t base, int experts, Ind
   d.stride_w = c.take<typename G::StrideA>(experts);
   d.stride_x = c.take<typename G::StrideB>(experts);
   d.stride_d = c.take<typename G::StrideD>(experts);
-  d.ptr_scale = c.take<const float*>(experts);
-  d.ptr_zero = c.take<const float*>(experts);
+  d.ptr_scale = c.take<const typename G::Scale*>(experts);
   d.stride_scale = c.take<typename G::StrideScale>(experts);
   const int per_expert = static_cast<int>(groups * n);  // the refusal keeps E * n * groups in int32
-  d.scales = c.take<float>(experts * per_expert);
-  d.zeros = c.take<float>(experts * per_expert);
+  d.scales = c.take<typename G::Scale>(experts * per_expert);
+  if constexpr (std::is_same_v<typename G::Scale, float>) {
+    d.ptr_zero = c.take<const float*>(experts);
+    d.zeros = c.take<float>(experts * per_expert);
+  } else {
+    d.ptr_zero = nullptr;
+    d.zeros = nullptr;
+  }
   *used = c.used;
   return d;
 }
@@ -170,7 +186,7 @@ __global__ void describe_weight_only_groups_kernel(Sm90WeightOnlyGemmArgs a, int
   d.stride_d[e] = ld_stride<typename G::StrideD>(a.ldd);
   const Index per_expert = static_cast<Index>(groups) * a.n;
   d.ptr_scale[e] = d.scales + e * per_expert;
-  d.ptr_zero[e] = d.zeros + e * per_expert;
+  if constexpr (std::is_same_v<typename G::Scale, float>) d.ptr_zero[e] = d.zeros + e * per_expert;
   typename G::StrideScale s{};
   cute::get<1>(s) = a.n;  // [groups, n]: n contiguous
   cute::get<2>(s) = per_expert;
@@ -180,14 +196,20 @@ __global__ void describe_weight_only_groups_kernel(Sm90WeightOnlyGemmArgs a, int
 template <class G>
 typename G::Gemm::Arguments make_weight_only_arguments(const WeightOnlyDescriptors<G>& d, int experts, int chunk,
                                                        int sm_count) {
-  return grouped_arguments<typename G::Gemm>(
-      experts, d.shapes, {d.ptr_w, d.stride_w, d.ptr_x, d.stride_x, d.ptr_scale, d.stride_scale, chunk, d.ptr_zero},
-      d.ptr_d, d.stride_d, sm_count);
+  if constexpr (std::is_same_v<typename G::Scale, float>) {
+    return grouped_arguments<typename G::Gemm>(
+        experts, d.shapes, {d.ptr_w, d.stride_w, d.ptr_x, d.stride_x, d.ptr_scale, d.stride_scale, chunk, d.ptr_zero},
+        d.ptr_d, d.stride_d, sm_count);
+  } else {
+    return grouped_arguments<typename G::Gemm>(
+        experts, d.shapes, {d.ptr_w, d.stride_w, d.ptr_x, d.stride_x, d.ptr_scale, d.stride_scale, chunk}, d.ptr_d,
+        d.stride_d, sm_count);
+  }
 }
 
-template <int TN>
+template <int TN, bool kSigned>
 std::size_t weight_only_tile_workspace(int experts, Index n, Index k, Index group_size) {
-  using G = WeightOnlyGemmT<TN>;
+  using G = WeightOnlyGemmT<TN, kSigned>;
   const int sms = std::max(1, sm_count_of_current_device());
   std::size_t desc = 0;
   const auto d = carve_weight_only<G>(0, experts, n, weight_only_groups(k, group_size), &desc);  // sizes only
@@ -195,9 +217,9 @@ std::size_t weight_only_tile_workspace(int experts, Index n, Index k, Index grou
                     make_weight_only_arguments(d, experts, weight_only_chunk(k, group_size), sms)));
 }
 
-template <int TN>
+template <int TN, bool kSigned>
 Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream) {
-  using G = WeightOnlyGemmT<TN>;
+  using G = WeightOnlyGemmT<TN, kSigned>;
   const int sm_count = sm_count_of_current_device();
   if (sm_count <= 0) return make_status(StatusCode::kCudaError, "sm90_weight_only_gemm: no device multiprocessor count");
   const Index groups = weight_only_groups(a.k, a.group_size);
@@ -215,9 +237,10 @@ Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte
   return run_cutlass<typename G::Gemm>(args, workspace.data() + desc_bytes, stream, "sm90_weight_only_gemm", a.n, a.k);
 }
 
-// One translation unit per token tile instantiates these (sm90_weight_only_gemm_n*.cu).
-#define MOE_SM90_WEIGHT_ONLY_TILE(TN)                                                                           \
-  template std::size_t weight_only_tile_workspace<TN>(int, Index, Index, Index);                                \
-  template Status run_weight_only_tile<TN>(const Sm90WeightOnlyGemmArgs&, std::span<std::byte>, cudaStream_t);
+// One translation unit per token tile and code layout instantiates these (sm90_weight_only_gemm_*.cu).
+#define MOE_SM90_WEIGHT_ONLY_TILE(TN, SIGNED)                                                                   \
+  template std::size_t weight_only_tile_workspace<TN, SIGNED>(int, Index, Index, Index);                        \
+  template Status run_weight_only_tile<TN, SIGNED>(const Sm90WeightOnlyGemmArgs&, std::span<std::byte>,        \
+                                                   cudaStream_t);
 
 }  // namespace moe::cuda::gemm::sm90_detail

@@ -72,6 +72,7 @@ struct Params {
   const float* scale;        // [E, n_total, groups] (integer codes)
   const std::uint8_t* scale_e8m0;  // [E, n_total, groups] (E2M1 codes: MXFP4)
   const std::uint8_t* zero;  // [E, n_total, groups], or null: the default zero point
+  std::uint32_t code_flip;   // XORed into each word of codes: 0, or two's-complement codes' top bits
   int groups;                // per row
   int group_size;            // K per group (k for per channel)
   Index n_total;             // weight rows per expert
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
                 std::uint32_t a[2][2];  // [row half][slot pair]
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                  const std::uint32_t wv = word(d.w[i][h][0], j);
+                  const std::uint32_t wv = word(d.w[i][h][0], j) ^ p.code_flip;
 #pragma unroll
                   for (int sp = 0; sp < 2; ++sp) {
                     const std::uint32_t nibbles = (wv >> (4 * (t0n + sp))) & 0x000F000Fu;
@@ -363,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
               std::uint32_t a[2][2];
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
-                const std::uint32_t wv = word(d.w[i][h][j / 4], j % 4);
+                const std::uint32_t wv = word(d.w[i][h][j / 4], j % 4) ^ p.code_flip;
                 float f[4];
 #pragma unroll
                 for (int b = 0; b < 4; ++b) {

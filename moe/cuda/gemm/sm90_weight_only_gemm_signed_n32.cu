@@ -1,6 +1,6 @@
-// The mixed-input grouped GEMM with a 128-token tile (sm90_weight_only_gemm_impl.cuh).
+// The mixed-input grouped GEMM on two's-complement codes, 32-token tile (sm90_weight_only_gemm_impl.cuh).
 #include "moe/cuda/gemm/sm90_weight_only_gemm_impl.cuh"
 
 namespace moe::cuda::gemm::sm90_detail {
-MOE_SM90_WEIGHT_ONLY_TILE(128)
+MOE_SM90_WEIGHT_ONLY_TILE(32, true)
 }  // namespace moe::cuda::gemm::sm90_detail

@@ -53,7 +53,7 @@ enum class ProgrammaticLaunch {
 // Which GEMM runs the weight-only schemes' experts.
 enum class WeightOnlyGemm {
   kAuto,              // the mixed-input wgmma GEMM where it applies and the experts average at least
-                      // kWeightOnlyWgmmaRowsPerExpert rows (prefill), else the register GEMM
+                      // weight_only_wgmma_rows_per_expert rows (prefill), else the register GEMM
   kRegisters,         // our mma.sync GEMM, codes dequantized in registers (moe/cuda/gemm/weight_only_gemm.cuh)
   kMixedInputWgmma,   // CUTLASS's mixed-input wgmma GEMM (moe/cuda/gemm/sm90_weight_only_gemm.h) where it
                       // applies (sm_90a, bf16 rows, 4-bit codes, no expert biases), else the register GEMM
@@ -80,8 +80,11 @@ struct Options {
 };
 
 // kAuto's switch from the register GEMM to the mixed-input one, in rows per local expert (a
-// host-side average: slots / local experts). From the H200 runs in benchmarks/NOTES.md ("W4A16
-// prefill on the mixed-input wgmma GEMM").
-inline constexpr double kWeightOnlyWgmmaRowsPerExpert = 12.0;
+// host-side average: slots / local experts), by code layout. From the H200 runs in
+// benchmarks/NOTES.md: offset codes (the fp32 scale-and-zero conversion) win from ~16 rows and
+// lose at 8 ("W4A16 prefill on the mixed-input wgmma GEMM"); two's-complement codes (bf16 scales)
+// win from 8 rows (gpt-oss and DeepSeek M = 256: 1191 vs 1418 and 3940 vs 4536 µs) and lose at 4
+// (qwen3 M = 64: 313 vs 267) ("W4A16 prefill: two's-complement codes and bf16 scales").
+inline constexpr double weight_only_wgmma_rows_per_expert(bool signed_codes) { return signed_codes ? 6.0 : 12.0; }
 
 }  // namespace moe::cuda

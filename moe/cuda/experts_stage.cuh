@@ -707,7 +707,8 @@ class ExpertsStage {
     if constexpr (kWeightOnlyWgmma) {
       if (options_.weight_only_gemm == WeightOnlyGemm::kRegisters) return false;
       if (options_.weight_only_gemm == WeightOnlyGemm::kAuto &&
-          static_cast<double>(live_rows) < kWeightOnlyWgmmaRowsPerExpert * static_cast<double>(w.num_local_experts())) {
+          static_cast<double>(live_rows) <
+              weight_only_wgmma_rows_per_expert(w.quant.signed_codes) * static_cast<double>(w.num_local_experts())) {
         return false;
       }
       if (w.w13_bias || w.w2_bias || weight_only_refusal(w)) return false;

@@ -223,10 +223,12 @@ TEST_F(WeightOnlyExpertsTest, PrefillShapesMatchTheCpuBackend) {
 }
 
 // Which GEMM the plan picks: kAuto takes the mixed-input wgmma GEMM on a Hopper tag with bf16 rows
-// and 4-bit codes from kWeightOnlyWgmmaRowsPerExpert rows per expert, the register GEMM below, for 8-bit codes, f16 rows,
-// groups of 32 and expert biases; a forced choice still refuses what the GEMM cannot run.
+// and 4-bit codes from weight_only_wgmma_rows_per_expert rows per expert (fewer for two's-complement
+// codes), the register GEMM below, for 8-bit codes, f16 rows, groups of 32 and expert biases; a
+// forced choice still refuses what the GEMM cannot run.
 TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
-  const auto picks = [](auto q, auto io, const Shape& p, WeightOnlyGemm gemm, Index live_rows, bool biased = false) {
+  const auto picks = [](auto q, auto io, const Shape& p, WeightOnlyGemm gemm, Index live_rows, bool biased = false,
+                        bool signed_codes = false) {
     using Q = decltype(q);
     using IO = decltype(io);
     using Stage = moe::cuda::ExpertsStage<moe::Experts<moe::SiluAndMul, Q, IO>, IO, moe::cuda::Sm90>;
@@ -239,6 +241,7 @@ TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
     w.w13 = moe::DeviceView<const std::uint8_t, 3>(c13.data(), {p.E, 2 * p.I, p.H / kPack});
     w.w2 = moe::DeviceView<const std::uint8_t, 3>(c2.data(), {p.E, p.H, p.I / kPack});
     w.quant.group_size = p.group;
+    w.quant.signed_codes = signed_codes;
     w.quant.w13_scale = moe::DeviceView<const float, 3>(s13.data(), {p.E, 2 * p.I, c.w13.groups});
     w.quant.w2_scale = moe::DeviceView<const float, 3>(s2.data(), {p.E, p.H, c.w2.groups});
     if (biased) w.w13_bias = moe::DeviceView<const IO, 2>(b13.data(), {p.E, 2 * p.I});
@@ -252,9 +255,14 @@ TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
   const Shape g128{0, 8, 256, 192, 2, 128, false};
   const quant::W4A16 w4;
   const moe::bfloat16 bf16;
-  const auto threshold = static_cast<Index>(8 * moe::cuda::kWeightOnlyWgmmaRowsPerExpert);
+  const auto threshold = static_cast<Index>(8 * moe::cuda::weight_only_wgmma_rows_per_expert(false));
+  const auto signed_threshold = static_cast<Index>(8 * moe::cuda::weight_only_wgmma_rows_per_expert(true));
+  ASSERT_LT(signed_threshold, threshold);
   EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, threshold));
   EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, threshold - 1));
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, signed_threshold, false, true));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, signed_threshold - 1, false, true));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, signed_threshold, false, false));
   EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 1));
   EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kRegisters, 8 * 1000));
   EXPECT_TRUE(picks(w4, bf16, {0, 8, 256, 192, 2, 0, true}, WeightOnlyGemm::kAuto, 8 * 100));  // per channel

@@ -89,7 +89,9 @@ Index groups_of(Index k, Index group_size) { return group_size > 0 ? (k + group_
 // The token tile, from the H200 runs (benchmarks/NOTES.md, "W4A16 prefill on the mixed-input
 // wgmma GEMM"): 32 tokens up to 16 rows per expert (qwen3 M = 256: 367 µs against 457 with 128),
 // 128 from 32 rows (qwen3 M = 1024: 498 against 563 with 64; deepseek M = 1024: 6474 against
-// 7014 with 32). A 64-token tile won no row.
+// 7014 with 32). A 64-token tile won no row. 256 (two's-complement codes only; offset codes stay
+// at 128) from 192 rows: 10-20% faster where segments reach 256 rows (mixtral M = 4096: 4718 µs
+// against 5768 with 128; "W4A16 prefill: two's-complement codes and bf16 scales").
 int token_tile(Index rows_per_expert) {
   return rows_per_expert <= 24 ? 32 : rows_per_expert <= 192 ? 128 : 256;
 }

@@ -82,7 +82,7 @@ struct ScaledZeroedMixedInput : Base {
 //    z' = -z * s; q * s + z' is exact in fp32 and rounded once to bf16;
 //  - two's-complement codes (kSigned true): int4 codes become bf16 exactly (one prmt, lop3 and
 //    subtraction per pair), times the bf16 scale rounds once; half the registers and shared
-//    memory per scale and a quarter of the conversion work.
+//    memory per scale, no zeros, and about half the conversion instructions or less.
 template <int TN, bool kSigned>
 struct WeightOnlyGemmT {
   using Mma = cutlass::bfloat16_t;

@@ -302,6 +302,7 @@ class WeightOnlyLoad {
     }
     out.k_order = q_->act_order ? reinterpret_cast<std::int32_t*>(b->w13_k_order.bytes.data()) + local * H
                                 : scratch_order_.data();
+    out.signed_codes = signed_codes();  // the one rule, also the layer's quant.signed_codes
     std::string what = prefix.substr(0, prefix.size() - 1);
     if (par_.tp_size > 1) what += " (tp_rank " + std::to_string(par_.tp_rank) + " of tp_size " + std::to_string(par_.tp_size) + ")";
     bool ordered = false;

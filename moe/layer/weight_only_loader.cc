@@ -247,9 +247,9 @@ Status pack_weight_only_expert(const IntLinear& gate, const IntLinear& up, const
                                int bits, Index group_size, const std::string& what, const WeightOnlyExpertOut& out,
                                bool* ordered) {
   const Index H = gate.k, I = down.k, pack = 8 / bits;
-  // Without zero points the codes are stored two's complement (the offset code's top bit flipped,
-  // moe/quant/weight_only.h): the layer then sets quant.signed_codes.
-  const unsigned flip = out.z13 ? 0u : 1u << (bits - 1);
+  if (out.signed_codes && out.z13) return invalid_argument(what, ": two's-complement codes take no zero points");
+  // Two's-complement codes are the offset codes with the top bit flipped (moe/quant/weight_only.h).
+  const unsigned flip = out.signed_codes ? 1u << (bits - 1) : 0u;
   std::vector<Index> order13, runs13, up_order, up_runs, order2, runs2;
   const auto context = [&](const Status& s, const char* tensor) {
     return s.is_ok() ? s : invalid_argument(what, ".", tensor, ": ", s.message());

@@ -41,8 +41,8 @@ Status read_int_linear(const io::Checkpoint& ckpt, const QuantizationConfig& q, 
 
 // One expert's slice [i0, i0 + m) of the intermediate in the scheme's layout, at its place in the
 // layer's buffers: w13 [2m, H / pack] ([gate; up]), w2 [H, m / pack], their scales [2m, groups(H)]
-// and [H, groups(m)], zero points likewise (when `z13`/`z2` are given; without them the codes are
-// stored two's complement, quant.signed_codes) and w13's K order [H].
+// and [H, groups(m)], zero points likewise (when `z13`/`z2` are given) and w13's K order [H];
+// the codes two's complement where `signed_codes` says so.
 // `group_size` is the scheme's (0: per channel). *ordered says whether the K order is not the
 // identity. Errors name `what` (the expert) and why the slice cannot be represented.
 struct WeightOnlyExpertOut {
@@ -50,6 +50,7 @@ struct WeightOnlyExpertOut {
   float *s13, *s2;
   std::uint8_t *z13, *z2;  // null: no zero points
   std::int32_t* k_order;   // [H]
+  bool signed_codes;       // store the codes two's complement (quant.signed_codes; no zero points)
 };
 Status pack_weight_only_expert(const IntLinear& gate, const IntLinear& up, const IntLinear& down, Index i0, Index m,
                                int bits, Index group_size, const std::string& what, const WeightOnlyExpertOut& out,

@@ -28,8 +28,9 @@
 // Two's-complement codes (`Arguments::signed_codes`, no zero points): a stored code c is the
 // signed integer c - 2^b [c >= 2^(b-1)], w = IO(signed(c) * s_io). That is the offset code
 // q = c XOR 2^(b-1) with the default zero point, so the arithmetic above is unchanged; it is the
-// layout CUTLASS's mixed-input GEMM converts in one instruction per two weights (the Hopper
-// prefill path, moe/cuda/gemm/sm90_weight_only_gemm.h). Loaders store symmetric checkpoints so.
+// layout CUTLASS's mixed-input GEMM converts with bf16 scales in three instructions per two
+// weights (the Hopper prefill path, moe/cuda/gemm/sm90_weight_only_gemm.h). The layer stores
+// checkpoints without zero points so.
 #pragma once
 
 #include <algorithm>

@@ -28,7 +28,7 @@
 // scales), same workload with random codes; their bytes count one byte per weight.
 // --weight_only adds w4a16_g128_forward_graph (issue: weight-only INT4): 4-bit codes packed two per
 // byte, two's complement, with a float scale per 128 K (no zero points); bytes count half a byte per
-// weight plus the scales; counters us_registers and us_wgmma time the two weight-only GEMMs forced,
+// weight plus the scales; counters us_registers, us_wgmma and us_swap time the weight-only GEMMs forced,
 // interleaved with the default choice (moe::cuda::WeightOnlyGemm), us_wgmma_offset the wgmma GEMM
 // on the same bytes read as offset codes; and mxfp4_forward_graph for the gpt-oss shape (E2M1 codes, an E8M0 byte per 32 K).
 #include <benchmark/benchmark.h>
@@ -462,10 +462,11 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, boo
     }
   }
   if (weight_only) {
-    // W4A16: the default GEMM choice, then each GEMM forced (counters us_registers, us_wgmma), and
-    // the wgmma GEMM on offset codes (us_wgmma_offset: its fp32 scale-and-zero conversion).
+    // W4A16: the default GEMM choice, then each GEMM forced (counters us_registers, us_wgmma,
+    // us_swap), and the wgmma GEMM on offset codes (us_wgmma_offset: its fp32 scale-and-zero
+    // conversion).
     using moe::cuda::WeightOnlyGemm;
-    std::vector<Variant> gemms(4);
+    std::vector<Variant> gemms(5);
     gemms[0].label = "auto";
     gemms[1].label = "registers";
     gemms[1].options.weight_only_gemm = WeightOnlyGemm::kRegisters;
@@ -474,6 +475,8 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, boo
     gemms[3] = gemms[2];
     gemms[3].label = "wgmma_offset";
     gemms[3].offset_codes = true;
+    gemms[4].label = "swap";
+    gemms[4].options.weight_only_gemm = WeightOnlyGemm::kSwapWgmma;
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         register_row<moe::quant::W4A16>(row_name("w4a16_g128_forward_graph", s, M), s, M, true, gemms, 20);

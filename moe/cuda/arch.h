@@ -53,10 +53,14 @@ enum class ProgrammaticLaunch {
 // Which GEMM runs the weight-only schemes' experts.
 enum class WeightOnlyGemm {
   kAuto,              // the mixed-input wgmma GEMM where it applies and the experts average at least
-                      // weight_only_wgmma_rows_per_expert rows (prefill), else the register GEMM
+                      // weight_only_wgmma_rows_per_expert rows (prefill), else the swap GEMM where it
+                      // applies (decode), else the register GEMM
   kRegisters,         // our mma.sync GEMM, codes dequantized in registers (moe/cuda/gemm/weight_only_gemm.cuh)
   kMixedInputWgmma,   // CUTLASS's mixed-input wgmma GEMM (moe/cuda/gemm/sm90_weight_only_gemm.h) where it
                       // applies (sm_90a, bf16 rows, 4-bit codes, no expert biases), else the register GEMM
+  kSwapWgmma,         // our TMA + register-sourced wgmma swap GEMM (moe/cuda/gemm/sm90_weight_only_swap.cuh)
+                      // where it applies (sm_90a, bf16 rows, 4-bit codes without zero points, [gate; up]
+                      // or ungated w13, no expert biases), else the register GEMM
 };
 
 // Options of the CUDA forward.
@@ -85,6 +89,12 @@ struct Options {
 // lose at 8 ("W4A16 prefill on the mixed-input wgmma GEMM"); two's-complement codes (bf16 scales)
 // win from 8 rows (gpt-oss and DeepSeek M = 256: 1191 vs 1418 and 3940 vs 4536 µs) and lose at 4
 // (qwen3 M = 64: 313 vs 267) ("W4A16 prefill: two's-complement codes and bf16 scales").
+// Where the swap GEMM applies (moe/cuda/gemm/sm90_weight_only_swap.cuh) it replaces the register
+// GEMM below the switch, and the switch moves to weight_only_swap_rows_per_expert: on the H200
+// (2026-12-03, "W4A16 decode: the swap GEMM") it beat the mixed-input GEMM at 8 rows (gpt-oss and
+// DeepSeek M = 256: 900 vs 1190 and 2877 vs 3950 µs), tied at 16 (mixtral M = 64: 502 vs 521) and
+// lost at 16 on qwen3's small experts (M = 256: 374 vs 318).
 inline constexpr double weight_only_wgmma_rows_per_expert(bool signed_codes) { return signed_codes ? 6.0 : 12.0; }
+inline constexpr double weight_only_swap_rows_per_expert = 16.0;
 
 }  // namespace moe::cuda

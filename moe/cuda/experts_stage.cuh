@@ -38,6 +38,7 @@
 #include "moe/cuda/gemm/sm90_grouped_gemm.h"
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
 #include "moe/cuda/gemm/sm90_weight_only_gemm.h"
+#include "moe/cuda/gemm/sm90_weight_only_swap.cuh"
 #include "moe/cuda/gemm/weight_only_gemm.cuh"
 #include "moe/cuda/launch.h"
 #include "moe/cuda/quant/quantize_rows.cuh"
@@ -192,9 +193,11 @@ class ExpertsStage {
     std::size_t w13_blocks = 0, w2_blocks = 0;  // FP8 per-tensor prefill: the scales spread over 128x128 blocks
     std::size_t k_ordered = 0;  // weight-only act-order: GEMM1's input with K in the codes' order
     bool weight_only_wgmma = false;  // weight-only: the mixed-input wgmma GEMMs run (prefill)
+    bool weight_only_swap = false;   // weight-only: the TMA + wgmma swap GEMMs run (decode)
+    bool swap_takes_tokens = false;  // ... gathering GEMM1's input from the token rows (no act-order)
     // GEMM2's output is stored raw (the finalize runs epilogue 2) rather than through the Sm80
     // schedule's or the register GEMM's fused epilogue.
-    bool stores_raw_gemm2() const { return sm90 || weight_only_wgmma; }
+    bool stores_raw_gemm2() const { return sm90 || weight_only_wgmma || weight_only_swap; }
   };
 
   // Why the Hopper schedule cannot run these experts, or nullptr (shapes, strides and alignment).
@@ -260,6 +263,11 @@ class ExpertsStage {
       if (l.sm90 && E > 0 && live_rows > 0) partial_floats = plan_sm90(w, l);
     } else {
       l.weight_only_wgmma = allow_sm90 && E > 0 && live_rows > 0 && picks_weight_only_wgmma(w, live_rows);
+      l.weight_only_swap = allow_sm90 && E > 0 && live_rows > 0 && !l.weight_only_wgmma && picks_weight_only_swap(w);
+      if (l.weight_only_swap) partial_floats = plan_swap_splits(w, l, kWeightOnlySwapTokens);
+      if constexpr (requires { w.quant.w13_k_order; }) {
+        l.swap_takes_tokens = l.weight_only_swap && !w.quant.w13_k_order;
+      }
     }
     // The stored intermediate, except where the W8A8 prefill quantizes it straight from GEMM1's
     // output (run_fp8_block_gemms).
@@ -284,7 +292,9 @@ class ExpertsStage {
     l.gemm_ws = carver.take(l.gemm_ws_bytes);
     if constexpr (kWeightOnly) {
       if constexpr (requires { w.quant.w13_k_order; }) {
-        l.k_ordered = carver.take(w.quant.w13_k_order ? n(rows) * n(w.hidden()) * sizeof(IO) : 0);
+        // Act-order, and the swap GEMM's K pair order (gemm::weight_only_swap::K32PairOrder).
+        const bool reordered = w.quant.w13_k_order || l.weight_only_swap;
+        l.k_ordered = carver.take(reordered ? n(rows) * n(w.hidden()) * sizeof(IO) : 0);
       }
     }
     l.total = carver.total();
@@ -292,15 +302,16 @@ class ExpertsStage {
   }
 
   // Whether run_planned on this plan can take GEMM1's input from the token rows (TokenRows) instead
-  // of gathered rows: the W8A8 schemes, whose first pass quantizes the input anyway.
-  static bool takes_tokens(const Plan& l) { return kQuantized && l.sm90; }
+  // of gathered rows: the W8A8 schemes, whose first pass quantizes the input anyway, and the
+  // weight-only swap GEMMs, whose first pass reorders it.
+  static bool takes_tokens(const Plan& l) { return (kQuantized && l.sm90) || l.swap_takes_tokens; }
 
   // Whether a forward on this plan launches programmatically (moe/cuda/launch.h).
   bool programmatic_launch(const Plan& l) const {
     if (!kArchHasSm90) return false;
     switch (options_.programmatic_launch) {
       case ProgrammaticLaunch::kOff: return false;
-      case ProgrammaticLaunch::kFusedSwapOnly: return l.sm90 && gemm::is_fused(l.tile);
+      case ProgrammaticLaunch::kFusedSwapOnly: return (l.sm90 && gemm::is_fused(l.tile)) || l.weight_only_swap;
       case ProgrammaticLaunch::kEverySchedule: return true;
     }
     return false;
@@ -321,7 +332,7 @@ class ExpertsStage {
               base + l.gemm_ws, static_cast<float*>(static_cast<void*>(base + l.partial)),
               static_cast<int*>(static_cast<void*>(base + l.splits_used)), base + l.k_ordered};
     if constexpr (kWeightOnly) {
-      return run_weight_only(l, w, input, output, s, b, row_weight, stream, weighted);
+      return run_weight_only(l, w, input, tokens, output, s, b, row_weight, stream, weighted);
     } else if constexpr (kQuantized) {
       if (!l.sm90) {
         const char* why = sm90_refusal(w);
@@ -463,6 +474,13 @@ class ExpertsStage {
     }
     l.tile = tile;
     if (!is_fused(tile)) return 0;
+    return plan_swap_splits(w, l, tile == Sm90Tile::kFusedSwap128x16 ? 16 : tile == Sm90Tile::kFusedSwap128x32 ? 32 : 64);
+  }
+
+  // The most K splits each swap GEMM (the fused tiles, the weight-only swap GEMM) may choose on
+  // the device, with `tokens` per tile. Returns the floats of split-K partial sums the workspace needs.
+  std::size_t plan_swap_splits(const Weights& w, Plan& l, int tokens) const {
+    const Index S = l.live_rows, E = w.num_local_experts();
     constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
     const Index H = w.hidden(), I = w.intermediate();
     // The bound is memory: split-K pays where few tiles leave SMs idle (decode, few rows), and the
@@ -484,7 +502,6 @@ class ExpertsStage {
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       sms = 0;  // no split; run reports the device error
     }
-    const int tokens = tile == Sm90Tile::kFusedSwap128x16 ? 16 : tile == Sm90Tile::kFusedSwap128x32 ? 32 : 64;
     const Index tiles_per_n_tile = std::min(E, S) + S / tokens;  // >= sum over experts of ceil(rows / tokens)
     const auto may_split = [&](Index n_tiles) { return 2 * n_tiles * tiles_per_n_tile < sms; };
     if (!may_split((I + (kGated ? 63 : 127)) / (kGated ? 64 : 128))) l.max_splits1 = 1;
@@ -572,8 +589,9 @@ class ExpertsStage {
   // GEMM1 (activation fused) into the intermediate, then GEMM2 with epilogue 2 (times `row_weight`
   // when given, as the Sm80 schedule). One or two n8 token tiles per pass, from the host's bound on
   // the rows per expert.
-  Status run_weight_only(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
-                         const Buffers& b, const float* row_weight, cudaStream_t stream, bool* weighted) const {
+  Status run_weight_only(const Plan& l, const Weights& w, const IO* input, const TokenRows* tokens, IO* output,
+                         const Segments& s, const Buffers& b, const float* row_weight, cudaStream_t stream,
+                         bool* weighted) const {
     if constexpr (kWeightOnly) {
       namespace wo = gemm::weight_only;
       if (const char* why = weight_only_refusal(w)) return unsupported("experts (", Quant::kName, "): ", why);
@@ -581,6 +599,10 @@ class ExpertsStage {
       if (l.weight_only_wgmma) {
         *weighted = false;
         return run_weight_only_wgmma(l, w, input, output, s, b, stream);
+      }
+      if (l.weight_only_swap) {
+        *weighted = false;
+        return run_weight_only_swap(l, w, input, tokens, output, s, b, stream);
       }
       *weighted = row_weight != nullptr;
       constexpr bool kFp4 = std::is_same_v<Quant, quant::Mxfp4>;
@@ -705,10 +727,13 @@ class ExpertsStage {
   // caller's (plan's allow_sm90).
   bool picks_weight_only_wgmma(const Weights& w, Index live_rows) const {
     if constexpr (kWeightOnlyWgmma) {
-      if (options_.weight_only_gemm == WeightOnlyGemm::kRegisters) return false;
+      if (options_.weight_only_gemm != WeightOnlyGemm::kAuto && options_.weight_only_gemm != WeightOnlyGemm::kMixedInputWgmma) {
+        return false;
+      }
+      const double switch_rows = picks_weight_only_swap(w) ? weight_only_swap_rows_per_expert
+                                                           : weight_only_wgmma_rows_per_expert(w.quant.signed_codes);
       if (options_.weight_only_gemm == WeightOnlyGemm::kAuto &&
-          static_cast<double>(live_rows) <
-              weight_only_wgmma_rows_per_expert(w.quant.signed_codes) * static_cast<double>(w.num_local_experts())) {
+          static_cast<double>(live_rows) < switch_rows * static_cast<double>(w.num_local_experts())) {
         return false;
       }
       if (w.w13_bias || w.w2_bias || weight_only_refusal(w)) return false;
@@ -740,6 +765,99 @@ class ExpertsStage {
                       gemm::sm90_weight_only_gemm_workspace_bytes(E, w.hidden(), w.intermediate(), g, rows_per_expert, sc));
     } else {
       return 0;
+    }
+  }
+
+  // The weight-only swap GEMM (moe/cuda/gemm/sm90_weight_only_swap.cuh): decode on sm_90a, bf16
+  // rows, 4-bit integer codes without zero points, [gate; up] or ungated, no expert biases.
+  static constexpr bool kWeightOnlySwap = [] {
+    if constexpr (kWeightOnly && kArchHasSm90 && std::is_same_v<IO, bfloat16>) {
+      return Quant::kBits == 4 && !std::is_same_v<Quant, quant::Mxfp4> &&
+             kMode1 != detail::ColumnMode::kGatedInterleaved;
+    } else {
+      return false;
+    }
+  }();
+  static constexpr int kWeightOnlySwapTokens = 16;
+
+  // Whether the weight-only experts run the swap GEMMs (the caller has ruled the mixed-input
+  // wgmma GEMMs out): the option, then the weights' scheme variant, shapes, strides and alignment.
+  bool picks_weight_only_swap(const Weights& w) const {
+    if constexpr (kWeightOnlySwap) {
+      if (options_.weight_only_gemm != WeightOnlyGemm::kAuto && options_.weight_only_gemm != WeightOnlyGemm::kSwapWgmma) {
+        return false;
+      }
+      if (w.w13_bias || w.w2_bias || w.quant.w13_zero || w.quant.w2_zero || weight_only_refusal(w)) return false;
+      const auto refused = [&](DeviceView<const W, 3> wt, Index k) {
+        return gemm::weight_only_swap::refusal(wt.extent(0), wt.extent(1), k, wt.stride(0), wt.stride(1), wt.data(),
+                                               w.quant.group_size > 0 ? w.quant.group_size : k, 0) != nullptr;
+      };
+      return !refused(w.w13, w.hidden()) && !refused(w.w2, w.intermediate());
+    } else {
+      return false;
+    }
+  }
+
+  // Decode on the swap GEMMs: GEMM1's input reordered to the GEMMs' K pair order, GEMM1 with the
+  // activation fused into the intermediate (stored in that order), GEMM2 stored raw (the finalize
+  // applies the router weights); K split on the device where tiles are few.
+  Status run_weight_only_swap(const Plan& l, const Weights& w, const IO* input, const TokenRows* tokens, IO* output,
+                              const Segments& s, const Buffers& b, cudaStream_t stream) const {
+    if constexpr (kWeightOnlySwap) {
+      namespace ws = gemm::weight_only_swap;
+      constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
+      using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
+      using Expr2 = epilogue::detail::Stored<IO, false, epilogue::Part::kAll>;
+      // GEMM1's input with K in the swap GEMM's pair order (and the codes' order under act-order):
+      // gathered from the token rows where given, else reordered from the gathered rows.
+      const bool pdl = programmatic_launch(l);
+      IO* ordered = static_cast<IO*>(static_cast<void*>(b.k_ordered));
+      if (tokens != nullptr) {
+        MOE_RETURN_IF_ERROR(ws::gather_pair_order(tokens->hidden, tokens->ld, tokens->tokens, tokens->top_k,
+                                                  tokens->slot_row, w.hidden(), ordered, pdl, stream));
+      } else {
+        const std::int32_t* k_order = nullptr;
+        if constexpr (requires { w.quant.w13_k_order; }) k_order = w.quant.w13_k_order ? w.quant.w13_k_order->data() : nullptr;
+        MOE_RETURN_IF_ERROR((gemm::weight_only::order_k<IO, ws::K32PairOrder>(
+            input, k_order, s.seg_begin, s.seg_count, static_cast<int>(w.num_local_experts()), static_cast<int>(w.hidden()),
+            l.rows, ordered, stream)));
+      }
+      const auto args = [&](DeviceView<const W, 3> wt, const auto& scale, Index k, const IO* x, Index n_out, IO* out,
+                            int max_splits, int* splits_used, bool pair_order_out) {
+        ws::Args a;
+        a.codes = wt.data();
+        a.experts = wt.extent(0);
+        a.n_total = wt.extent(1);
+        a.k = k;
+        a.row_stride = wt.stride(1);
+        a.scale = scale.data();
+        a.group_size = w.quant.group_size > 0 ? w.quant.group_size : k;
+        a.signed_codes = w.quant.signed_codes;
+        a.default_zero = Quant::kDefaultZero;
+        a.x = x;
+        a.num_rows = l.rows;
+        a.seg_begin = s.seg_begin;
+        a.seg_count = s.seg_count;
+        a.n_out = n_out;
+        a.out = out;
+        a.ldo = n_out;
+        a.max_splits = max_splits;
+        a.partial = b.partial;
+        a.splits_used = splits_used;
+        a.slot_row = s.row_list;
+        a.num_slots = s.row_list_size;
+        a.k32_pair_order_out = pair_order_out;
+        return a;
+      };
+      const Index H = w.hidden(), I = w.intermediate();
+      MOE_RETURN_IF_ERROR((ws::launch<kWeightOnlySwapTokens, kGated, Expr1, Activation>(
+          args(w.w13, w.quant.w13_scale, H, ordered, I, b.inter, l.max_splits1, b.splits_used, true), w.activation, pdl,
+          stream)));
+      return ws::launch<kWeightOnlySwapTokens, false, Expr2, Activation>(
+          args(w.w2, w.quant.w2_scale, I, b.inter, H, output, l.max_splits2, b.splits_used + 1, false), w.activation,
+          pdl, stream);
+    } else {
+      return unsupported("the weight-only swap GEMM does not take this scheme");
     }
   }
 

@@ -166,22 +166,34 @@ std::string where(const char* name, const Shape& s) {
 using moe::cuda::WeightOnlyGemm;
 
 // Each GEMM choice (moe::cuda::WeightOnlyGemm) against the CPU backend. Forcing the mixed-input
-// wgmma GEMM where it does not apply (f16, 8-bit codes, groups of 32, a pre-Hopper device) runs the
-// register GEMM; MixedInputWgmmaRunsWhereItApplies checks which cases take it.
+// wgmma GEMM or the swap GEMM where it does not apply (f16, 8-bit codes, zero points for the swap
+// GEMM, groups of 32 for the mixed-input one, a pre-Hopper device) runs the register GEMM;
+// MixedInputWgmmaRunsWhereItApplies and SwapWgmmaRunsWhereItApplies check which cases take them.
+// The swap GEMM runs once more with max_k_splits = 1: the small cases here have few tiles, so its
+// device choice splits K; unsplit, the tiles store through the epilogue themselves.
 template <class Q, class IO = moe::bfloat16>
 void expect_cuda_matches_cpu(const Shape& shape, std::uint32_t seed) {
   const Case<Q, IO> c(shape, seed);
   const std::vector<IO> want = c.run_cpu();
   std::vector<float> ref(want.size());
   for (std::size_t i = 0; i < want.size(); ++i) ref[i] = moe::to_float(want[i]);
-  for (const WeightOnlyGemm gemm : {WeightOnlyGemm::kAuto, WeightOnlyGemm::kRegisters, WeightOnlyGemm::kMixedInputWgmma}) {
+  struct Choice {
+    WeightOnlyGemm gemm;
+    int max_k_splits;
+  };
+  for (const Choice choice : {Choice{WeightOnlyGemm::kAuto, 8}, Choice{WeightOnlyGemm::kRegisters, 8},
+                              Choice{WeightOnlyGemm::kMixedInputWgmma, 8}, Choice{WeightOnlyGemm::kSwapWgmma, 8},
+                              Choice{WeightOnlyGemm::kSwapWgmma, 1}}) {
+    const WeightOnlyGemm gemm = choice.gemm;
     moe::cuda::Options options;
     options.weight_only_gemm = gemm;
+    options.max_k_splits = choice.max_k_splits;
+    const bool unsplit = choice.max_k_splits == 1;
     std::vector<IO> got;
     const moe::Status s = c.run_cuda(&got, NoEdit{}, options);
     ASSERT_TRUE(s.is_ok()) << s.to_string();
     EXPECT_TRUE(moe::testing::close_in_max_and_mean(got, ref, 0.01, 0.002))
-        << where(Q::kName.data(), shape) << " gemm " << static_cast<int>(gemm);
+        << where(Q::kName.data(), shape) << " gemm " << static_cast<int>(gemm) << (unsplit ? " unsplit" : "");
   }
 }
 
@@ -197,6 +209,21 @@ TEST_F(WeightOnlyExpertsTest, W4A16MatchesTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W4A16>({64, 8, 384, 96, 2, 0, true}, 5);     // per channel
   expect_cuda_matches_cpu<quant::W4A16, moe::half>({23, 8, 256, 192, 2, 64, true}, 6);
   expect_cuda_matches_cpu<quant::W4A16>({5, 8, 224, 192, 2, 128, false, false, true}, 10);  // signed codes
+}
+
+// Decode shapes for the swap GEMM (sm90_weight_only_swap.cuh; no zero points): K whose last
+// 256-wide stage holds one 64-wide box of rows (H = 320) or ends mid-box (H = 224, I = 96), groups of
+// 32 (eight per stage), 64, 128 (a last group of 64 where K = 192) and per channel, offset and
+// two's-complement codes, an intermediate that ends mid-tile (I = 320: GEMM1's gated tiles of 64),
+// a hidden size that ends mid-tile for GEMM2 (H = 224 of a 128-row tile), act-order, one token,
+// and 16-token tiles that an expert fills several times (M = 96, top-4 of 8: ~48 rows each).
+TEST_F(WeightOnlyExpertsTest, SwapDecodeShapesMatchTheCpuBackend) {
+  expect_cuda_matches_cpu<quant::W4A16>({1, 8, 320, 192, 2, 128, false}, 61);
+  expect_cuda_matches_cpu<quant::W4A16>({3, 8, 320, 320, 2, 32, false, false, true}, 62);
+  expect_cuda_matches_cpu<quant::W4A16>({8, 16, 224, 96, 4, 0, false}, 63);  // per channel
+  expect_cuda_matches_cpu<quant::W4A16>({5, 8, 512, 192, 2, 64, false, false, true}, 64);
+  expect_cuda_matches_cpu<quant::W4A16>({7, 8, 256, 192, 2, 128, false, true, true}, 65);  // act-order
+  expect_cuda_matches_cpu<quant::W4A16>({96, 8, 256, 128, 4, 128, false, false, true}, 66);
 }
 
 TEST_F(WeightOnlyExpertsTest, W8A16MatchesTheCpuBackend) {
@@ -222,47 +249,67 @@ TEST_F(WeightOnlyExpertsTest, PrefillShapesMatchTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W4A16>({100, 8, 256, 128, 2, 0, false, true, true}, 48);  // per channel, act-order
 }
 
+// The plan of a Hopper experts stage for weights of shape `p` (seed 50: sizes only matter here),
+// with zero points where p.zero_points, two's-complement codes where p.signed_codes, and an
+// expert bias on w13 where `biased`.
+template <class Q, class IO>
+auto plan_for(const Shape& p, WeightOnlyGemm gemm, Index live_rows, bool biased) {
+  using Stage = moe::cuda::ExpertsStage<moe::Experts<moe::SiluAndMul, Q, IO>, IO, moe::cuda::Sm90>;
+  const Case<Q, IO> c(p, 50);
+  DeviceBuffer<std::uint8_t> c13(c.w13.packed), c2(c.w2.packed);
+  DeviceBuffer<float> s13(c.w13.scales), s2(c.w2.scales);
+  DeviceBuffer<std::uint8_t> z13(std::vector<std::uint8_t>(c.w13.scales.size())), z2(std::vector<std::uint8_t>(c.w2.scales.size()));
+  DeviceBuffer<IO> b13(std::vector<IO>(static_cast<std::size_t>(p.E * 2 * p.I)));
+  typename Stage::Weights w;
+  constexpr Index kPack = 8 / Q::kBits;
+  w.w13 = moe::DeviceView<const std::uint8_t, 3>(c13.data(), {p.E, 2 * p.I, p.H / kPack});
+  w.w2 = moe::DeviceView<const std::uint8_t, 3>(c2.data(), {p.E, p.H, p.I / kPack});
+  w.quant.group_size = p.group;
+  w.quant.signed_codes = p.signed_codes;
+  w.quant.w13_scale = moe::DeviceView<const float, 3>(s13.data(), {p.E, 2 * p.I, c.w13.groups});
+  w.quant.w2_scale = moe::DeviceView<const float, 3>(s2.data(), {p.E, p.H, c.w2.groups});
+  if (p.zero_points) {
+    w.quant.w13_zero = moe::DeviceView<const std::uint8_t, 3>(z13.data(), {p.E, 2 * p.I, c.w13.groups});
+    w.quant.w2_zero = moe::DeviceView<const std::uint8_t, 3>(z2.data(), {p.E, p.H, c.w2.groups});
+  }
+  if (biased) w.w13_bias = moe::DeviceView<const IO, 2>(b13.data(), {p.E, 2 * p.I});
+  moe::cuda::Options options;
+  options.weight_only_gemm = gemm;
+  return Stage(options).plan(w, live_rows, live_rows);
+}
+
 // Which GEMM the plan picks: kAuto takes the mixed-input wgmma GEMM on a Hopper tag with bf16 rows
-// and 4-bit codes from weight_only_wgmma_rows_per_expert rows per expert (fewer for two's-complement
-// codes), the register GEMM below, for 8-bit codes, f16 rows, groups of 32 and expert biases; a
-// forced choice still refuses what the GEMM cannot run.
+// and 4-bit codes from weight_only_swap_rows_per_expert rows per expert where the swap GEMM takes
+// the rest, else from weight_only_wgmma_rows_per_expert (fewer for two's-complement codes; groups of
+// 192 here, which the swap GEMM does not take), and never for 8-bit codes, f16 rows, groups of 32
+// and expert biases; a forced choice still refuses what the GEMM cannot run.
 TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
-  const auto picks = [](auto q, auto io, const Shape& p, WeightOnlyGemm gemm, Index live_rows, bool biased = false,
+  const auto picks = [](auto q, auto io, Shape p, WeightOnlyGemm gemm, Index live_rows, bool biased = false,
                         bool signed_codes = false) {
-    using Q = decltype(q);
-    using IO = decltype(io);
-    using Stage = moe::cuda::ExpertsStage<moe::Experts<moe::SiluAndMul, Q, IO>, IO, moe::cuda::Sm90>;
-    const Case<Q, IO> c(p, 50);
-    DeviceBuffer<std::uint8_t> c13(c.w13.packed), c2(c.w2.packed);
-    DeviceBuffer<float> s13(c.w13.scales), s2(c.w2.scales);
-    DeviceBuffer<IO> b13(std::vector<IO>(static_cast<std::size_t>(p.E * 2 * p.I))), b2(std::vector<IO>(static_cast<std::size_t>(p.E * p.H)));
-    typename Stage::Weights w;
-    constexpr Index kPack = 8 / Q::kBits;
-    w.w13 = moe::DeviceView<const std::uint8_t, 3>(c13.data(), {p.E, 2 * p.I, p.H / kPack});
-    w.w2 = moe::DeviceView<const std::uint8_t, 3>(c2.data(), {p.E, p.H, p.I / kPack});
-    w.quant.group_size = p.group;
-    w.quant.signed_codes = signed_codes;
-    w.quant.w13_scale = moe::DeviceView<const float, 3>(s13.data(), {p.E, 2 * p.I, c.w13.groups});
-    w.quant.w2_scale = moe::DeviceView<const float, 3>(s2.data(), {p.E, p.H, c.w2.groups});
-    if (biased) w.w13_bias = moe::DeviceView<const IO, 2>(b13.data(), {p.E, 2 * p.I});
-    moe::cuda::Options options;
-    options.weight_only_gemm = gemm;
-    return Stage(options).plan(w, live_rows, live_rows).weight_only_wgmma;
+    p.signed_codes = signed_codes;
+    p.zero_points = false;  // none attached here: zero points rule the swap GEMM out and move the switch
+    return plan_for<decltype(q), decltype(io)>(p, gemm, live_rows, biased).weight_only_wgmma;
   };
   int major = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
   if (major != 9) GTEST_SKIP() << "the mixed-input wgmma GEMM is sm_90a's";
   const Shape g128{0, 8, 256, 192, 2, 128, false};
+  const Shape g192{0, 8, 256, 192, 2, 192, false};
   const quant::W4A16 w4;
   const moe::bfloat16 bf16;
   const auto threshold = static_cast<Index>(8 * moe::cuda::weight_only_wgmma_rows_per_expert(false));
   const auto signed_threshold = static_cast<Index>(8 * moe::cuda::weight_only_wgmma_rows_per_expert(true));
+  const auto swap_threshold = static_cast<Index>(8 * moe::cuda::weight_only_swap_rows_per_expert);
   ASSERT_LT(signed_threshold, threshold);
-  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, threshold));
-  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, threshold - 1));
-  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, signed_threshold, false, true));
-  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, signed_threshold - 1, false, true));
-  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, signed_threshold, false, false));
+  EXPECT_TRUE(picks(w4, bf16, g192, WeightOnlyGemm::kAuto, threshold));
+  EXPECT_FALSE(picks(w4, bf16, g192, WeightOnlyGemm::kAuto, threshold - 1));
+  EXPECT_TRUE(picks(w4, bf16, g192, WeightOnlyGemm::kAuto, signed_threshold, false, true));
+  EXPECT_FALSE(picks(w4, bf16, g192, WeightOnlyGemm::kAuto, signed_threshold - 1, false, true));
+  EXPECT_FALSE(picks(w4, bf16, g192, WeightOnlyGemm::kAuto, signed_threshold, false, false));
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, swap_threshold, false, true));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, swap_threshold - 1, false, true));
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, swap_threshold));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, swap_threshold - 1));
   EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 1));
   EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kRegisters, 8 * 1000));
   EXPECT_TRUE(picks(w4, bf16, {0, 8, 256, 192, 2, 0, true}, WeightOnlyGemm::kAuto, 8 * 100));  // per channel
@@ -270,6 +317,35 @@ TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
   EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100, true));
   EXPECT_FALSE(picks(w4, moe::half(), g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100));
   EXPECT_FALSE(picks(quant::W8A16(), bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100));
+}
+
+// Which decode cases the swap GEMM takes: kAuto on a Hopper tag with bf16 rows and 4-bit codes
+// without zero points below the mixed-input GEMM's rows per expert, and kSwapWgmma; not with zero
+// points, expert biases, f16 rows, 8-bit codes, or where the mixed-input GEMM takes the rows.
+TEST_F(WeightOnlyExpertsTest, SwapWgmmaRunsWhereItApplies) {
+  const auto picks = [](auto q, auto io, const Shape& p, WeightOnlyGemm gemm, Index live_rows, bool biased = false) {
+    return plan_for<decltype(q), decltype(io)>(p, gemm, live_rows, biased).weight_only_swap;
+  };
+  int major = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+  if (major != 9) GTEST_SKIP() << "the swap GEMM is sm_90a's";
+  const Shape g128{0, 8, 256, 192, 2, 128, false, false, true};
+  const quant::W4A16 w4;
+  const moe::bfloat16 bf16;
+  const auto wgmma_rows = static_cast<Index>(8 * moe::cuda::weight_only_swap_rows_per_expert);
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, 1));
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, wgmma_rows - 1));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, wgmma_rows));  // the mixed-input GEMM's
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kSwapWgmma, 8 * 1000));
+  EXPECT_TRUE(picks(w4, bf16, {0, 8, 256, 192, 2, 32, false}, WeightOnlyGemm::kAuto, 8));      // offset codes, groups of 32
+  EXPECT_TRUE(picks(w4, bf16, {0, 8, 256, 192, 2, 0, false}, WeightOnlyGemm::kSwapWgmma, 8));  // per channel
+  EXPECT_FALSE(picks(w4, bf16, {0, 8, 256, 192, 2, 128, true}, WeightOnlyGemm::kSwapWgmma, 8));  // zero points
+  EXPECT_FALSE(picks(w4, bf16, {0, 8, 256, 192, 2, 96, false}, WeightOnlyGemm::kSwapWgmma, 8));  // groups of 96
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kSwapWgmma, 8, true));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kRegisters, 8));
+  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 8));
+  EXPECT_FALSE(picks(w4, moe::half(), g128, WeightOnlyGemm::kSwapWgmma, 8));
+  EXPECT_FALSE(picks(quant::W8A16(), bf16, g128, WeightOnlyGemm::kSwapWgmma, 8));
 }
 
 // The mixed-input GEMM entry point alone (moe/cuda/gemm/sm90_weight_only_gemm.h) against a host

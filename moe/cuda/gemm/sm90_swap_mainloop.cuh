@@ -133,7 +133,18 @@ struct SwapParams {
   float* partial;
   Index partial_rows;
   SwapScales scales;  // 8-bit operands only
+  // Output columns stored in the weight-only swap GEMM's pair order within each 32 columns
+  // (k32_pair_slot): GEMM1's output is GEMM2's input there.
+  bool k32_pair_order_out = false;
 };
+
+// Where column k of a row goes in the weight-only swap GEMM's K order: within each 32 K, physical
+// k = 32 c + 8 q + d sits at 32 c + 8 (d % 4) + 2 q + d / 4, so that a 4-byte word of 8 packed
+// codes (8q .. 8q + 7, low nibble first) holds the A fragment pairs of thread q for two 16-K wgmma
+// steps as nibble pairs (d, d + 4): one shift and one mask per pair (sm90_weight_only_swap.cuh).
+MOE_HOST_DEVICE constexpr int k32_pair_slot(int k) {
+  return (k & ~31) | ((k & 3) << 3) | (((k >> 3) & 3) << 1) | ((k >> 2) & 1);
+}
 
 // K splits for `tiles` equal work items on `ctas` persistent CTAs. None unless the tiles leave more
 // than half the CTAs idle: these GEMMs stream weights, and half the SMs with a full stage ring
@@ -304,6 +315,73 @@ __device__ __forceinline__ TileCoord locate(int tile, const int* prefix, int num
   return c;
 }
 
+// Tile prefix over experts, run by warp 0: prefix[e] = tiles (n_tiles x token tiles of kTokens
+// rows) of the experts before e, prefix[num_experts] = all of them (one K split). Before the grid
+// dependency wait: the counts come from a kernel two or more launches back (read through L2:
+// __ldcg), never from the one this launch may overlap.
+template <int kTokens>
+__device__ __forceinline__ void build_tile_prefix(const SwapParams& p, int n_tiles, int* prefix) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  int carry = 0;
+  for (int base = 0; base < p.num_experts; base += 32) {
+    const int e = base + lane;
+    const int t = e < p.num_experts ? static_cast<int>((__ldcg(p.seg_count + e) + kTokens - 1) / kTokens) * n_tiles : 0;
+    int incl = t;
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    if (e < p.num_experts) prefix[e] = carry + incl - t;
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  if (lane == 0) prefix[p.num_experts] = carry;
+}
+
+// The outputs of weight row r of a tile's two halves for token `tok` (v0: the gate row or row r,
+// v1: the up row or row 64 + r): with splits > 1 the split's partial sums (reduce_splits_kernel
+// applies the epilogue), else the epilogue tree, stored.
+template <class TOut, bool kGated, class Expr, class Activation>
+__device__ __forceinline__ void store_tile_outputs(const SwapParams& p, const TileCoord& c, int splits, int r, int tok,
+                                                   float v0, float v1, const typename Activation::Arguments& act_args) {
+  if (splits > 1) {
+    const Index width = kGated ? 2 * static_cast<Index>(p.n_out) : p.n_out;
+    float* dst = p.partial + (static_cast<Index>(c.split) * p.partial_rows + c.row0 + tok) * width;
+    const int n = c.n0 + r;
+    if (n < p.n_out) dst[n] = v0;
+    if constexpr (kGated) {
+      if (n < p.n_out) dst[p.n_out + n] = v1;
+    } else {
+      if (c.n0 + 64 + r < p.n_out) dst[c.n0 + 64 + r] = v1;
+    }
+    return;
+  }
+  TOut* dst = static_cast<TOut*>(p.out) + (c.row0 + tok) * p.ldo;
+  const auto at = [&](int n) { return p.k32_pair_order_out ? k32_pair_slot(n) : n; };
+  epilogue::ElementContext<Activation> ctx;
+  ctx.args = act_args;
+  if constexpr (kGated) {
+    const int n = c.n0 + r;
+    if (n < p.n_out) {
+      ctx.acc[1] = v0;
+      ctx.acc[2] = v1;
+      ctx.col = n;
+      dst[at(n)] = from_float<TOut>(Expr::eval(ctx));
+    }
+  } else {
+    const int n = c.n0 + r, n1 = c.n0 + 64 + r;
+    if (n < p.n_out) {
+      ctx.acc[0] = v0;
+      ctx.col = n;
+      dst[at(n)] = from_float<TOut>(Expr::eval(ctx));
+    }
+    if (n1 < p.n_out) {
+      ctx.acc[0] = v1;
+      ctx.col = n1;
+      dst[at(n1)] = from_float<TOut>(Expr::eval(ctx));
+    }
+  }
+}
+
 // T: the operands' element (weights and rows alike); TOut: the output's.
 template <class T, class TOut, int kTokens, int kAtoms, bool kGated, ScaleMode kScales, class Expr, class Activation>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -324,25 +402,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   constexpr bool gated = kGated;
   const int n_tiles = (p.n_out + (gated ? kWeightRows / 2 : kWeightRows) - 1) / (gated ? kWeightRows / 2 : kWeightRows);
-  // Tile prefix over experts: n_tiles x token tiles of each, one K split (a scan in warp 0).
-  // Before the grid dependency wait: the counts come from a kernel two or more launches back
-  // (read through L2: __ldcg), never from the one this launch may overlap.
-  if (threadIdx.x < 32) {
-    int carry = 0;
-    for (int base = 0; base < p.num_experts; base += 32) {
-      const int e = base + static_cast<int>(threadIdx.x);
-      const int t =
-          e < p.num_experts ? static_cast<int>((__ldcg(p.seg_count + e) + kTokens - 1) / kTokens) * n_tiles : 0;
-      int incl = t;
-      for (int d = 1; d < 32; d *= 2) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, d);
-        if (static_cast<int>(threadIdx.x) >= d) incl += v;
-      }
-      if (e < p.num_experts) prefix[e] = carry + incl - t;
-      carry += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (threadIdx.x == 0) prefix[p.num_experts] = carry;
-  }
+  if (threadIdx.x < 32) build_tile_prefix<kTokens>(p, n_tiles, prefix);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);
@@ -557,7 +617,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (previous >= 0) mbar_arrive(&empty[previous]);
       // Epilogue: the value of each accumulator (scaled for 8-bit operands), then the split's
       // partial sum or the epilogue tree.
-      TOut* out = static_cast<TOut*>(p.out);
 #pragma unroll
       for (int idx = 0; idx < kAcc; ++idx) {
         const int tok = token_of(idx);
@@ -576,42 +635,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           v0 = v0 * x * __ldg(p.scales.weight(c.expert, half0 + r));
           v1 = v1 * x * __ldg(p.scales.weight(c.expert, half1 + r));
         }
-        if (split.count > 1) {  // partial sums; reduce_splits_kernel applies the epilogue
-          const Index width = kGated ? 2 * static_cast<Index>(p.n_out) : p.n_out;
-          float* dst = p.partial + (static_cast<Index>(c.split) * p.partial_rows + c.row0 + tok) * width;
-          const int n = c.n0 + r;
-          if (n < p.n_out) dst[n] = v0;
-          if constexpr (kGated) {
-            if (n < p.n_out) dst[p.n_out + n] = v1;
-          } else {
-            if (c.n0 + 64 + r < p.n_out) dst[c.n0 + 64 + r] = v1;
-          }
-          continue;
-        }
-        TOut* dst = out + (c.row0 + tok) * p.ldo;
-        epilogue::ElementContext<Activation> ctx;
-        ctx.args = act_args;
-        if constexpr (kGated) {
-          const int n = c.n0 + r;
-          if (n < p.n_out) {
-            ctx.acc[1] = v0;
-            ctx.acc[2] = v1;
-            ctx.col = n;
-            dst[n] = from_float<TOut>(Expr::eval(ctx));
-          }
-        } else {
-          const int n = c.n0 + r, n1 = c.n0 + 64 + r;
-          if (n < p.n_out) {
-            ctx.acc[0] = v0;
-            ctx.col = n;
-            dst[n] = from_float<TOut>(Expr::eval(ctx));
-          }
-          if (n1 < p.n_out) {
-            ctx.acc[0] = v1;
-            ctx.col = n1;
-            dst[n1] = from_float<TOut>(Expr::eval(ctx));
-          }
-        }
+        store_tile_outputs<TOut, kGated, Expr, Activation>(p, c, split.count, r, tok, v0, v1, act_args);
       }
     }
   }
@@ -620,12 +644,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// out[row, n] = Expr(sum over splits, in order, of the partial sums) for the row of every slot;
-// nothing when the GEMM chose not to split (it stored the output itself).
+// out[row, n] = Expr(sum over splits, in order, of the partial sums) for the row of every slot
+// (column k32_pair_slot(n) with `k32_pair_order_out`); nothing when the GEMM chose not to split
+// (it stored the output itself).
 template <class T, bool kGated, class Expr, class Activation>
 __global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial, Index partial_rows,
                                                             const int* splits_used, int n_out, const Index* slot_row,
-                                                            T* out, Index ldo, typename Activation::Arguments act_args) {
+                                                            T* out, Index ldo, typename Activation::Arguments act_args,
+                                                            bool k32_pair_order_out) {
   cuda::detail::grid_dependency_wait();
   cuda::detail::allow_dependents_launch();
   const int splits = *splits_used;
@@ -650,7 +676,7 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial
     } else {
       ctx.acc[0] = a;
     }
-    out[row * ldo + n] = from_float<T>(Expr::eval(ctx));
+    out[row * ldo + (k32_pair_order_out ? k32_pair_slot(n) : n)] = from_float<T>(Expr::eval(ctx));
   }
 }
 
@@ -751,7 +777,7 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
     const dim3 grid(static_cast<unsigned>(num_slots), static_cast<unsigned>((n_out + 255) / 256));
     MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(&reduce_splits_kernel<TOut, kGated, Expr, Activation>, grid, 256, 0,
                                                     stream, programmatic, partial, num_rows, splits_used, p.n_out,
-                                                    slot_row, out, ldo, act_args));
+                                                    slot_row, out, ldo, act_args, false));
   }
   return Status::ok();
 }

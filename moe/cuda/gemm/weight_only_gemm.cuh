@@ -487,28 +487,33 @@ Status launch(const Params& p, unsigned default_zero, const typename Activation:
 // Act-order (GPTQ desc_act): x_ordered[r, k] = x[r, order[e][k]] for the rows r of each expert e's
 // segment, so the GEMM reads K in the order the codes are stored (moe/quant/weight_only.h). An
 // index outside [0, k) reads 0: the permutation is checked on the host, never trusted here.
-template <class IO>
+// `Column` places column k of the result (Column::at(k); the identity for the register GEMM, the
+// swap GEMM's pair order for it), and a null `order` reads x in order.
+struct SameColumn {
+  static constexpr int at(int k) { return k; }
+};
+template <class IO, class Column>
 __global__ void order_k_kernel(const IO* __restrict__ x, const std::int32_t* __restrict__ order, const Index* seg_begin,
                                const Index* seg_count, int k, IO* __restrict__ x_ordered) {
   const int e = static_cast<int>(blockIdx.y);
   const Index begin = seg_begin[e], count = seg_count[e];
-  const std::int32_t* o = order + static_cast<Index>(e) * k;
+  const std::int32_t* o = order != nullptr ? order + static_cast<Index>(e) * k : nullptr;
   for (Index r = blockIdx.x; r < count; r += gridDim.x) {
     const IO* src = x + (begin + r) * k;
     IO* dst = x_ordered + (begin + r) * k;
     for (int c = static_cast<int>(threadIdx.x); c < k; c += static_cast<int>(blockDim.x)) {
-      const std::int32_t from = __ldg(o + c);
-      dst[c] = from >= 0 && from < k ? src[from] : IO(0.0f);
+      const std::int32_t from = o != nullptr ? __ldg(o + c) : c;
+      dst[Column::at(c)] = from >= 0 && from < k ? src[from] : IO(0.0f);
     }
   }
 }
 
-template <class IO>
+template <class IO, class Column = SameColumn>
 Status order_k(const IO* x, const std::int32_t* order, const Index* seg_begin, const Index* seg_count, int num_experts,
                int k, Index rows, IO* x_ordered, cudaStream_t stream) {
   if (num_experts == 0 || rows == 0) return Status::ok();
   const dim3 grid(static_cast<unsigned>(rows < 1024 ? rows : 1024), static_cast<unsigned>(num_experts));
-  order_k_kernel<IO><<<grid, 256, 0, stream>>>(x, order, seg_begin, seg_count, k, x_ordered);
+  order_k_kernel<IO, Column><<<grid, 256, 0, stream>>>(x, order, seg_begin, seg_count, k, x_ordered);
   MOE_CUDA_CHECK_LAUNCH();
   return Status::ok();
 }

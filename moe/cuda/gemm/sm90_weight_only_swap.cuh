@@ -1,0 +1,533 @@
+// Hopper weight-only grouped expert GEMM for decode: the swap mainloop (sm90_swap_mainloop.cuh)
+// with 4-bit integer codes (moe/quant/weight_only.h: W4A16, no zero points), dequantized from
+// shared memory into the registers of a register-sourced wgmma.
+//
+//   out[row0(e) + t, n] = Expr( sum_k IO(float(q[e, n, k] - z) * IO(s[e, n, k / group])) * x[row0(e) + t, k] )
+//
+// Why: decode reads each touched expert's codes once, so the GEMM is a stream of packed bytes. The
+// register GEMM (weight_only_gemm.cuh) holds its loads in registers and streams 0.5-1.8 TB/s; here
+// TMA keeps a ring of stages in flight per SM as the bf16 swap mainloop does (4.1-4.3 TB/s there).
+//
+// Tile: 128 weight rows (two 64-row halves: gated GEMM1's gate rows [n0, n0 + 64) and up rows
+// [I + n0, I + n0 + 64), else rows [n0, n0 + 128)) x kTokens tokens of one expert. A stage is 256
+// K: per half one 128-byte TMA box of codes per row (128B swizzle), four 64-K boxes of the rows
+// (bf16, 128B swizzle, wgmma's B), and the stage's scales (float, [half][row][group]), copied
+// by producer warps 1..3 with 4-byte cp.async that arrive on the stage's barrier.
+//
+// Dequantization (consumer warpgroups): a wgmma m64nNk16 A fragment gives thread (g = lane / 4,
+// q = lane % 4) rows g and g + 8 of its warp's 16 and slot pairs (2q, 2q + 1) and (2q + 8, 2q + 9)
+// of each 16-K step. The rows (wgmma's B, in shared memory) come with K in a pair order within
+// each 32 K (swap_detail::k32_pair_slot: the input is reordered once per GEMM1, and GEMM1 stores
+// its output so for GEMM2) in which those slots of the two steps of a 32-K chunk hold codes
+// 8q .. 8q + 7 as nibble pairs (d, d + 4): the thread's one 4-byte shared load per row and chunk,
+// and per 32-bit register one shift, one lop3 (mask, or the bf16 128.0 exponent, flip the
+// two's-complement top bit), sub (128 + z) and mul (the IO-rounded scale): exactly the scheme's
+// one rounding, as the register GEMM and the CPU reference round. (Codes in natural K order
+// needed a byte permute and a multiply more per register: 1.3x slower on the decode rows.)
+// Two consumer warpgroups split each stage's K (the first 128, the last 128) with accumulators of
+// their own, added in a fixed order at the tile's end (deterministic): the conversion is a chain
+// of dependent instructions per register, and one warp per scheduler left it latency-bound
+// (measured on the H200: 44% of issue slots busy, tensor pipe 9%).
+// Pipelining within a warpgroup: 64 K (four steps, both halves) are converted into one of two
+// register sets while the other set's wgmmas run; a stage is released once the next stage's first
+// wgmma group has been issued and the group before it retired.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
+#include "moe/cuda/gemm/weight_only_gemm.cuh"
+
+namespace moe::cuda::gemm::weight_only_swap {
+
+using swap_detail::kMaxExperts;
+constexpr int kConsumers = 2;                // consumer warpgroups: each takes half of every stage's K
+constexpr int kThreads = 128 * (1 + kConsumers);
+constexpr int kStageK = 256;                 // K per stage: 128 bytes of 4-bit codes per row
+constexpr int kHalfCodeBytes = 64 * 128;     // one 64-row half of a stage's codes
+constexpr int kCodeBytes = 2 * kHalfCodeBytes;
+constexpr int kScaleThreads = 96;            // producer warps 1..3
+constexpr int kMaxStages = 12;
+constexpr int kRingBudget = 200 * 1024;      // shared memory for the ring (the rest: prefix, slack)
+
+// The stage layout of one launch (the scales' part depends on the group size).
+struct StageLayout {
+  int groups_per_stage = 1;  // scale groups of one row in one stage
+  int chunk_group_shift = 3;  // the group of 32-K chunk c (0..7) of a stage: c >> shift
+  int scale_offset = 0, bytes = 0, stages = 0;
+
+  template <int kTokens>
+  static StageLayout of(Index group_size, Index k) {
+    StageLayout l;
+    const bool one_group = group_size >= k || group_size % kStageK == 0;
+    l.groups_per_stage = one_group ? 1 : static_cast<int>(kStageK / group_size);
+    l.chunk_group_shift = one_group ? 3 : group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
+    l.scale_offset = kCodeBytes + 4 * kTokens * 128;
+    l.bytes = (l.scale_offset + 128 * l.groups_per_stage * 4 + 1023) / 1024 * 1024;
+    l.stages = kRingBudget / l.bytes < kMaxStages ? kRingBudget / l.bytes : kMaxStages;
+    return l;
+  }
+};
+
+struct Params {
+  swap_detail::SwapParams swap;  // rows, counts, output, K split (its `scales` unused)
+  const float* scale;            // [E, n_total, groups]
+  int groups;                    // per row
+  int group_size;                // K per group (>= k: per channel)
+  StageLayout stage;
+  std::uint32_t magic;           // lop3's constant: bf16 128.0 pairs, | the code's top bit when two's complement
+  std::uint32_t zero_pair;       // bf16 pair of 128 + the default zero point
+};
+
+// The GEMM's K order (k32_pair_slot), as weight_only::order_k places columns.
+struct K32PairOrder {
+  static constexpr int at(int k) { return swap_detail::k32_pair_slot(k); }
+};
+
+// rows[slot_row[m * top_k + j], k32_pair_slot(k)] = hidden[m, k] for each token m and its slots
+// (-1 skipped): GEMM1's input gathered from the token rows straight into the pair order, in place
+// of the prepare's gather (one pass, no extra launch). Keeps the programmatic-launch contract.
+template <class IO>
+__global__ void __launch_bounds__(256) gather_pair_order_kernel(const IO* __restrict__ hidden, Index ld, int top_k,
+                                                                const Index* __restrict__ slot_row, int k,
+                                                                IO* __restrict__ rows) {
+  cuda::detail::grid_dependency_wait();
+  cuda::detail::allow_dependents_launch();
+  const Index m = blockIdx.x;
+  const IO* src = hidden + m * ld;
+  for (int c = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x); c < k; c += static_cast<int>(gridDim.y * blockDim.x)) {
+    const IO v = src[c];
+    const int at = swap_detail::k32_pair_slot(c);
+    for (int j = 0; j < top_k; ++j) {
+      const Index r = slot_row[m * top_k + j];
+      if (r >= 0) rows[r * k + at] = v;
+    }
+  }
+}
+
+template <class IO>
+Status gather_pair_order(const IO* hidden, Index ld, Index tokens, int top_k, const Index* slot_row, Index k, IO* rows,
+                         bool programmatic, cudaStream_t stream) {
+  if (tokens == 0) return Status::ok();
+  const Index column_blocks = std::max<Index>(1, std::min<Index>(8, k / 1024));
+  return cuda::detail::launch_kernel(&gather_pair_order_kernel<IO>,
+                                     dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(column_blocks)), 256, 0,
+                                     stream, programmatic, hidden, ld, top_k, slot_row, static_cast<int>(k), rows);
+}
+
+// Why this GEMM cannot take a weight with these properties, or nullptr. Codes [E, N, K / 2] bytes.
+inline const char* refusal(Index experts, Index n_total, Index k, Index expert_stride, Index row_stride, const void* w,
+                           Index group_size, Index rows) {
+  if (experts > kMaxExperts) return "at most 1024 local experts";
+  if (k % 32 != 0) return "K a multiple of 32";
+  if (row_stride % 16 != 0 || reinterpret_cast<std::uintptr_t>(w) % 16 != 0) return "16-byte aligned rows of codes";
+  if (expert_stride != n_total * row_stride) return "experts packed back to back";
+  if (experts * n_total >= INT32_MAX || rows >= INT32_MAX || k >= INT32_MAX / 2) return "coordinates within int32";
+  if (!(group_size >= k || group_size % kStageK == 0 || group_size == 32 || group_size == 64 || group_size == 128)) {
+    return "groups of 32, 64, 128, a multiple of 256, or per channel";
+  }
+  return nullptr;
+}
+
+__device__ __forceinline__ void cp_async_4(std::uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+// Arrives on `bar` once this thread's earlier cp.async copies have landed (counted in its init).
+__device__ __forceinline__ void cp_async_arrive(std::uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(swap_detail::smem_addr(bar)) : "memory");
+}
+
+// One bf16 pair IO((q - z) * s) of a fragment from a word of 8 codes shifted so that the pair's
+// nibbles sit at bits 0..3 and 16..19: one lop3 (mask, or the bf16 128.0 exponent, flip the
+// two's-complement top bit), sub 128 + z, mul by the IO-rounded scale.
+__device__ __forceinline__ std::uint32_t dequant_pair(std::uint32_t shifted, std::uint32_t magic,
+                                                      std::uint32_t zero_pair, std::uint32_t scale_pair) {
+  std::uint32_t biased;  // mask ? shifted ^ magic : magic  ==  0x4300 | code (top bit flipped when signed)
+  asm("lop3.b32 %0, %1, %2, %3, 0x6A;" : "=r"(biased) : "r"(shifted), "r"(0x000F000Fu), "r"(magic));
+  std::uint32_t v;
+  asm("{ sub.rn.bf16x2 %0, %1, %2; mul.rn.bf16x2 %0, %0, %3; }"
+      : "=r"(v)
+      : "r"(biased), "r"(zero_pair), "r"(scale_pair));
+  return v;
+}
+__device__ __forceinline__ std::uint32_t lds32(std::uint32_t addr) {
+  std::uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ float lds32f(std::uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ std::uint32_t bf16_pair(float v) {
+  std::uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
+
+template <int kTokens>
+struct RsWgmma;
+template <>
+struct RsWgmma<16> {
+  using Op = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+};
+template <>
+struct RsWgmma<32> {
+  using Op = cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+};
+template <class Op, int N, std::size_t... I>
+__device__ __forceinline__ void rs_wgmma(const std::uint32_t (&a)[4], std::uint64_t b, float (&d)[N],
+                                         std::index_sequence<I...>) {
+  Op::fma(a[0], a[1], a[2], a[3], b, d[I]..., cute::SM90::GMMA::ScaleOut::One);
+}
+
+// kScalePerChunk: groups narrower than 128 (a scale per 32-K chunk); else one per half stage.
+template <int kTokens, bool kGated, bool kScalePerChunk, class Expr, class Activation>
+__global__ void __launch_bounds__(kThreads, 1)
+    w4_swap_gemm_kernel(const __grid_constant__ CUtensorMap codes, const __grid_constant__ CUtensorMap rows, Params p,
+                        typename Activation::Arguments act_args) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace swap_detail;
+  using IO = bfloat16;
+  constexpr int kAcc = kTokens / 2;
+  constexpr int kRowAtomBytes = kTokens * 128;  // one 64-K box of the rows
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
+  __shared__ std::uint64_t full[kMaxStages], empty[kMaxStages];
+  __shared__ int prefix[kMaxExperts + 1];
+  const SwapParams& sp = p.swap;
+  const int stages = p.stage.stages, stage_bytes = p.stage.bytes;
+  const int n_tiles = (sp.n_out + (kGated ? 63 : 127)) / (kGated ? 64 : 128);
+  if (threadIdx.x < 32) build_tile_prefix<kTokens>(sp, n_tiles, prefix);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      mbar_init(&full[s], 1 + kScaleThreads);  // the TMA thread's expect_tx, the scale threads' copies
+      mbar_init(&empty[s], 128 * kConsumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int k_blocks = (sp.k + kStageK - 1) / kStageK;
+  const KSplit split = KSplit::of(prefix[sp.num_experts], k_blocks, static_cast<int>(gridDim.x), sp.max_splits);
+  const int total = prefix[sp.num_experts] * split.count;
+  // Tile `tile`'s place and its K blocks [kb_begin, kb_end) (its split's), the same in every role.
+  struct TileRange {
+    TileCoord c;
+    int kb_begin, kb_end;
+  };
+  const auto tile_range = [&](int tile) {
+    TileRange t;
+    t.c = locate<kTokens>(tile, prefix, sp.num_experts, n_tiles, split, sp);
+    t.kb_begin = t.c.split * split.k_blocks_per_split;
+    t.kb_end = min(k_blocks, t.kb_begin + split.k_blocks_per_split);
+    return t;
+  };
+  // The tile's weight rows: first row of each half in the [E * N_total] code rows.
+  const auto half_rows = [&](const TileCoord& c, int* w0, int* w1) {
+    *w0 = static_cast<int>(c.expert * sp.weight_rows_per_expert) + c.n0;
+    *w1 = kGated ? *w0 + sp.gate_up_offset : *w0 + 64;
+  };
+
+  if (threadIdx.x < 128) {
+    if (threadIdx.x >= 32) {
+      // ---- scale threads: the stage's [half][row][group] scales, 4-byte cp.async each ----
+      // Scales are constant weights: no grid dependency to wait for.
+      cuda::detail::allow_dependents_launch();
+      const int st = static_cast<int>(threadIdx.x) - 32;
+      const int per_stage = 128 * p.stage.groups_per_stage;
+      int stage = 0;
+      std::uint32_t phase = 0;
+      for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+        const auto [c, kb_begin, kb_end] = tile_range(tile);
+        const int half0 = c.n0, half1 = kGated ? sp.gate_up_offset + c.n0 : c.n0 + 64;  // rows of the expert
+        const float* expert_scales = p.scale + static_cast<Index>(c.expert) * sp.weight_rows_per_expert * p.groups;
+        for (int kb = kb_begin; kb < kb_end; ++kb) {
+          mbar_wait(&empty[stage], phase ^ 1);
+          // Slot layout [group j][half h][row r] (the consumers' reads of one j are consecutive).
+          const std::uint32_t slot = smem_addr(smem + stage * stage_bytes + p.stage.scale_offset);
+          const int g0 = p.group_size >= sp.k ? 0 : static_cast<int>(static_cast<long long>(kb) * kStageK / p.group_size);
+          for (int i = st; i < per_stage; i += kScaleThreads) {
+            const int j = i / 128, h = (i / 64) % 2, r = i % 64;
+            const int n = (h == 0 ? half0 : half1) + r;
+            const bool ok = (kGated ? c.n0 + r : n) < sp.n_out && g0 + j < p.groups;
+            cp_async_4(slot + 4 * i, ok ? expert_scales + static_cast<Index>(n) * p.groups + g0 + j : p.scale, ok);
+          }
+          cp_async_arrive(&full[stage]);
+          if (++stage == stages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+      asm volatile("cp.async.wait_all;" ::: "memory");
+      return;
+    }
+    if (threadIdx.x != 0) {
+      cuda::detail::grid_dependency_wait();
+      cuda::detail::allow_dependents_launch();
+      return;
+    }
+    // ---- TMA thread: codes of both halves, then the rows; the first tile's codes before the wait ----
+    const std::uint64_t stream_policy = l2_evict_first_policy(), reuse_policy = l2_evict_last_policy();
+    const auto row_atoms = [&](int kb) { return min(4, (sp.k - kb * kStageK + 63) / 64); };
+    const auto tx_bytes = [&](int kb) { return static_cast<std::uint32_t>(kCodeBytes + row_atoms(kb) * kRowAtomBytes); };
+    int prefetched = 0;
+    if (static_cast<int>(blockIdx.x) < total) {
+      const auto [c, kb_begin, kb_end] = tile_range(static_cast<int>(blockIdx.x));
+      int w0, w1;
+      half_rows(c, &w0, &w1);
+      for (int kb = kb_begin; kb < kb_end && prefetched < stages; ++kb, ++prefetched) {
+        unsigned char* a = smem + prefetched * stage_bytes;
+        mbar_expect_tx(&full[prefetched], tx_bytes(kb));
+        tma_load_2d(a, &codes, &full[prefetched], kb * 128, w0, stream_policy);
+        tma_load_2d(a + kHalfCodeBytes, &codes, &full[prefetched], kb * 128, w1, stream_policy);
+      }
+    }
+    cuda::detail::grid_dependency_wait();
+    cuda::detail::allow_dependents_launch();
+    int stage = 0;
+    std::uint32_t phase = 0;
+    int issued = 0;
+    for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const auto [c, kb_begin, kb_end] = tile_range(tile);
+      int w0, w1;
+      half_rows(c, &w0, &w1);
+      for (int kb = kb_begin; kb < kb_end; ++kb, ++issued) {
+        unsigned char* a = smem + stage * stage_bytes;
+        if (issued >= prefetched) {
+          mbar_wait(&empty[stage], phase ^ 1);
+          mbar_expect_tx(&full[stage], tx_bytes(kb));
+          tma_load_2d(a, &codes, &full[stage], kb * 128, w0, stream_policy);
+          tma_load_2d(a + kHalfCodeBytes, &codes, &full[stage], kb * 128, w1, stream_policy);
+        }
+        // Boxes wholly past K are not issued; the consumer skips their steps.
+        for (int atom = 0; atom < row_atoms(kb); ++atom) {
+          tma_load_2d(a + kCodeBytes + atom * kRowAtomBytes, &rows, &full[stage], kb * kStageK + 64 * atom,
+                      static_cast<int>(c.row0), reuse_policy);
+        }
+        if (++stage == stages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  } else {
+    // ---- consumer warpgroups: codes -> bf16 A fragments -> wgmma, then the epilogue ----
+    using Op = typename RsWgmma<kTokens>::Op;
+    cuda::detail::grid_dependency_wait();  // before any store: the outputs may be what the previous kernel reads
+    cuda::detail::allow_dependents_launch();
+    if (blockIdx.x == 0 && threadIdx.x == 128 && sp.splits_used != nullptr) *sp.splits_used = split.count;
+    const int wg = (static_cast<int>(threadIdx.x) - 128) / 128;  // K half of each stage
+    const int t = (static_cast<int>(threadIdx.x) - 128) % 128;
+    const int warp = t / 32, lane = t % 32, g = lane / 4, q = lane % 4;
+    const std::uint32_t magic = p.magic, zero_pair = p.zero_pair;
+    // Per thread and loop invariant: the byte offset of its word (q) of each of this warpgroup's
+    // four 32-K chunks within its rows (128B swizzle: 16-byte unit chunk ^ row % 8, and
+    // row % 8 == g), and of each chunk's scale group within a stage's scale slot.
+    std::uint32_t chunk_off[4], group_off[4];
+#pragma unroll
+    for (int cc = 0; cc < 4; ++cc) {
+      const int chunk = 4 * wg + cc;
+      chunk_off[cc] = static_cast<std::uint32_t>(((chunk ^ g) << 4) + 4 * q);
+      group_off[cc] = static_cast<std::uint32_t>((chunk >> p.stage.chunk_group_shift) * 128 * 4);
+    }
+    const std::uint32_t row_off = static_cast<std::uint32_t>((16 * warp + g) * 128);
+    const std::uint32_t scale_row_off = static_cast<std::uint32_t>(p.stage.scale_offset + (16 * warp + g) * 4);
+    // __shared__ exchange: the second warpgroup's sums, read by the first at each tile's end.
+    __shared__ float exchange[2 * kAcc][128];
+    int stage = 0;
+    std::uint32_t phase = 0;
+    for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      const auto [c, kb_begin, kb_end] = tile_range(tile);
+      float acc0[kAcc], acc1[kAcc];  // gate (or rows [0, 64)) and up (or rows [64, 128)) halves
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) acc0[i] = acc1[i] = 0.0f;
+      int previous = -1;  // the stage whose wgmmas may still be in flight
+      for (int kb = kb_begin; kb < kb_end; ++kb) {
+        mbar_wait(&full[stage], phase);
+        const unsigned char* base = smem + stage * stage_bytes;
+        const std::uint32_t stage_addr = smem_addr(base);
+        const std::uint32_t rows_addr = stage_addr + row_off, scales_addr = stage_addr + scale_row_off;
+        const int k_left = sp.k - kb * kStageK - 128 * wg;  // K of this warpgroup's half of the stage
+        // Scales of rows g, g + 8 of both halves: bf16 pairs, per chunk or once per stage half.
+        const auto scale_pair = [&](int cc, int h, int i) {
+          return bf16_pair(lds32f(scales_addr + group_off[cc] + h * 64 * 4 + i * 8 * 4));
+        };
+        std::uint32_t half_scales[2][2];
+        if constexpr (!kScalePerChunk) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) half_scales[h][i] = scale_pair(0, h, i);
+        }
+        std::uint32_t a[2][2][4][4];  // [register set][half][16-K step][fragment register]
+#pragma unroll
+        for (int local = 0; local < 2; ++local) {  // 64 K: this warpgroup's chunks 2 local, 2 local + 1
+          const int sub = 2 * wg + local;
+          if (64 * local >= k_left) {  // past K (the tile's last stage only)
+            // Retire every group here: the next tile's first conversion rewrites register set 0,
+            // which this stage's last group may still be reading (ptxas proves it no other way).
+            asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+            break;
+          }
+          std::uint32_t(&set)[2][4][4] = a[local];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {  // rows g and g + 8 of the warp's 16
+#pragma unroll
+              for (int cc = 0; cc < 2; ++cc) {
+                // The thread's word of codes 8q .. 8q + 7 of the chunk: nibble pairs (d, d + 4)
+                // are its fragment pairs of the chunk's two steps (k32_pair_slot orders the rows'
+                // K to match).
+                const int chunk = 2 * local + cc;  // of this warpgroup's four
+                const std::uint32_t w = lds32(rows_addr + chunk_off[chunk] + h * kHalfCodeBytes + i * 8 * 128);
+                const std::uint32_t s2 = kScalePerChunk ? scale_pair(chunk, h, i) : half_scales[h][i];
+                set[h][2 * cc][i] = dequant_pair(w, magic, zero_pair, s2);
+                set[h][2 * cc][2 + i] = dequant_pair(w >> 4, magic, zero_pair, s2);
+                set[h][2 * cc + 1][i] = dequant_pair(w >> 8, magic, zero_pair, s2);
+                set[h][2 * cc + 1][2 + i] = dequant_pair(w >> 12, magic, zero_pair, s2);
+              }
+            }
+          }
+          asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+          // B descriptors: 32 bytes of K per step advance the descriptor's address field by 2.
+          const std::uint64_t b_desc = smem_desc(base + kCodeBytes + sub * kRowAtomBytes);
+#pragma unroll
+          for (int step = 0; step < 4; ++step) {
+            const std::uint64_t db = b_desc + 2 * step;
+            rs_wgmma<Op>(set[0][step], db, acc0, std::make_index_sequence<kAcc>{});
+            rs_wgmma<Op>(set[1][step], db, acc1, std::make_index_sequence<kAcc>{});
+          }
+          asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+          // The group before this one has retired: its register set may be rewritten, and after
+          // a stage's first group, the previous stage is free.
+          asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+          if (local == 0 && previous >= 0) {
+            mbar_arrive(&empty[previous]);
+            previous = -1;
+          }
+        }
+        if (previous >= 0) mbar_arrive(&empty[previous]);  // nothing of this stage was ours
+        previous = stage;
+        if (++stage == stages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      if (previous >= 0) mbar_arrive(&empty[previous]);
+      // The second warpgroup's sums to the first (bar 1: written, bar 2: read; both warpgroups
+      // wait at both, so the buffer is free again for the next tile).
+      if (wg == 1) {
+#pragma unroll
+        for (int idx = 0; idx < kAcc; ++idx) {
+          exchange[idx][t] = acc0[idx];
+          exchange[kAcc + idx][t] = acc1[idx];
+        }
+      }
+      named_barrier_sync(1, 256);
+      if (wg == 0) {
+#pragma unroll
+        for (int idx = 0; idx < kAcc; ++idx) {  // first half of K, then the second
+          acc0[idx] += exchange[idx][t];
+          acc1[idx] += exchange[kAcc + idx][t];
+        }
+      }
+      named_barrier_sync(2, 256);
+      if (wg == 1) continue;
+#pragma unroll
+      for (int idx = 0; idx < kAcc; ++idx) {
+        const int tok = 8 * (idx / 4) + 2 * q + idx % 2;
+        const int r = 16 * warp + g + 8 * ((idx / 2) % 2);
+        if (tok >= c.tokens) continue;
+        store_tile_outputs<IO, kGated, Expr, Activation>(sp, c, split.count, r, tok, acc0[idx], acc1[idx], act_args);
+      }
+    }
+  }
+#else
+  __trap();  // launched only after the host checked for an sm_90 device built with sm_90a
+#endif
+}
+
+// The arguments of one weight-only swap GEMM (codes [E, n_total, k / 2] bytes, scales [E, n_total,
+// groups] floats, rows x [num_rows, k] bf16 with row stride k).
+struct Args {
+  const std::uint8_t* codes = nullptr;
+  Index experts = 0, n_total = 0, k = 0, row_stride = 0;  // row_stride in bytes
+  const float* scale = nullptr;
+  Index group_size = 0;
+  bool signed_codes = false;
+  unsigned default_zero = 8;
+  const bfloat16* x = nullptr;  // K in k32_pair_slot order
+  Index num_rows = 0;
+  const Index* seg_begin = nullptr;
+  const Index* seg_count = nullptr;
+  Index n_out = 0;
+  bfloat16* out = nullptr;
+  Index ldo = 0;
+  int max_splits = 1;
+  float* partial = nullptr;
+  int* splits_used = nullptr;
+  const Index* slot_row = nullptr;
+  Index num_slots = 0;
+  bool k32_pair_order_out = false;  // out's columns in k32_pair_slot order (GEMM1's, for GEMM2)
+};
+
+template <int kTokens, bool kGated, class Expr, class Activation>
+Status launch(const Args& a, const typename Activation::Arguments& act_args, bool programmatic, cudaStream_t stream) {
+  using namespace swap_detail;
+  if (const char* why = refusal(a.experts, a.n_total, a.k, a.n_total * a.row_stride, a.row_stride, a.codes,
+                                a.group_size, a.num_rows)) {
+    return unsupported("weight-only swap GEMM: needs ", why);
+  }
+  CUtensorMap cmap, xmap;
+  MOE_RETURN_IF_ERROR(make_tensor_map(&cmap, a.codes, a.experts * a.n_total, a.k / 2, a.row_stride, 64));
+  MOE_RETURN_IF_ERROR(make_tensor_map(&xmap, a.x, a.num_rows, a.k, a.k, kTokens));
+  Params p{};
+  SwapParams& sp = p.swap;
+  sp.seg_begin = a.seg_begin;
+  sp.seg_count = a.seg_count;
+  sp.num_experts = static_cast<int>(a.experts);
+  sp.k = static_cast<int>(a.k);
+  sp.n_out = static_cast<int>(a.n_out);
+  sp.gate_up_offset = kGated ? static_cast<int>(a.n_out) : 0;
+  sp.weight_rows_per_expert = a.n_total;
+  sp.out = a.out;
+  sp.ldo = a.ldo;
+  sp.max_splits = a.max_splits > 1 ? a.max_splits : 1;
+  sp.splits_used = sp.max_splits > 1 ? a.splits_used : nullptr;
+  sp.partial = a.partial;
+  sp.partial_rows = a.num_rows;
+  sp.k32_pair_order_out = a.k32_pair_order_out;
+  const Index group = a.group_size > 0 ? a.group_size : a.k;
+  p.scale = a.scale;
+  p.group_size = static_cast<int>(group < a.k ? group : a.k);
+  p.groups = static_cast<int>((a.k + group - 1) / group);
+  p.stage = StageLayout::of<kTokens>(group, a.k);
+  p.magic = 0x43004300u | (a.signed_codes ? 0x00080008u : 0u);
+  const __nv_bfloat162 zero = __floats2bfloat162_rn(128.0f + static_cast<float>(a.default_zero), 128.0f + static_cast<float>(a.default_zero));
+  p.zero_pair = *reinterpret_cast<const std::uint32_t*>(&zero);
+  int device = 0, sms = 0;
+  MOE_CUDA_TRY(cudaGetDevice(&device));
+  MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  auto* kernel = p.stage.chunk_group_shift < 2 ? &w4_swap_gemm_kernel<kTokens, kGated, true, Expr, Activation>
+                                               : &w4_swap_gemm_kernel<kTokens, kGated, false, Expr, Activation>;
+  const int smem = p.stage.stages * p.stage.bytes + 1024;
+  MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(kernel, sms, kThreads, smem, stream, programmatic, cmap, xmap, p, act_args));
+  if (sp.max_splits > 1) {
+    const dim3 grid(static_cast<unsigned>(a.num_slots), static_cast<unsigned>((a.n_out + 255) / 256));
+    MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(&reduce_splits_kernel<bfloat16, kGated, Expr, Activation>, grid, 256,
+                                                    0, stream, programmatic, a.partial, a.num_rows, a.splits_used,
+                                                    sp.n_out, a.slot_row, a.out, a.ldo, act_args,
+                                                    sp.k32_pair_order_out));
+  }
+  return Status::ok();
+}
+
+}  // namespace moe::cuda::gemm::weight_only_swap

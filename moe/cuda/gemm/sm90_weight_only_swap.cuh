@@ -9,10 +9,10 @@
 // TMA keeps a ring of stages in flight per SM as the bf16 swap mainloop does (4.1-4.3 TB/s there).
 //
 // Tile: 128 weight rows (two 64-row halves: gated GEMM1's gate rows [n0, n0 + 64) and up rows
-// [I + n0, I + n0 + 64), else rows [n0, n0 + 128)) x kTokens tokens of one expert. A stage is 256
-// K: per half one 128-byte TMA box of codes per row (128B swizzle), four 64-K boxes of the rows
-// (bf16, 128B swizzle, wgmma's B), and the stage's scales (float, [half][row][group]), copied
-// by producer warps 1..3 with 4-byte cp.async that arrive on the stage's barrier.
+// [I + n0, I + n0 + 64), else rows [n0, n0 + 128)) x kTokens (8 or 16) tokens of one expert. A
+// stage is 256 K: per half one 128-byte TMA box of codes per row (128B swizzle), four 64-K boxes of
+// the rows (bf16, 128B swizzle, wgmma's B), and the stage's scales (float, [group][half][row]),
+// copied by producer warps 1..3 with 4-byte cp.async that arrive on the stage's barrier.
 //
 // Dequantization (consumer warpgroups): a wgmma m64nNk16 A fragment gives thread (g = lane / 4,
 // q = lane % 4) rows g and g + 8 of its warp's 16 and slot pairs (2q, 2q + 1) and (2q + 8, 2q + 9)
@@ -22,8 +22,8 @@
 // 8q .. 8q + 7 as nibble pairs (d, d + 4): the thread's one 4-byte shared load per row and chunk,
 // and per 32-bit register one shift, one lop3 (mask, or the bf16 128.0 exponent, flip the
 // two's-complement top bit), sub (128 + z) and mul (the IO-rounded scale): exactly the scheme's
-// one rounding, as the register GEMM and the CPU reference round. (Codes in natural K order
-// needed a byte permute and a multiply more per register: 1.3x slower on the decode rows.)
+// one rounding, as the register GEMM and the CPU reference round. (With the rows in natural K
+// order a register needed a byte permute and a multiply more: 7-11% slower on the decode rows.)
 // Two consumer warpgroups split each stage's K (the first 128, the last 128) with accumulators of
 // their own, added in a fixed order at the tile's end (deterministic): the conversion is a chain
 // of dependent instructions per register, and one warp per scheduler left it latency-bound
@@ -51,7 +51,7 @@ constexpr int kHalfCodeBytes = 64 * 128;     // one 64-row half of a stage's cod
 constexpr int kCodeBytes = 2 * kHalfCodeBytes;
 constexpr int kScaleThreads = 96;            // producer warps 1..3
 constexpr int kMaxStages = 12;
-constexpr int kRingBudget = 200 * 1024;      // shared memory for the ring (the rest: prefix, slack)
+constexpr int kRingBudget = 212 * 1024;      // shared memory for the ring (the rest: prefix, exchange, slack)
 
 // The stage layout of one launch (the scales' part depends on the group size).
 struct StageLayout {
@@ -171,6 +171,10 @@ __device__ __forceinline__ std::uint32_t bf16_pair(float v) {
 
 template <int kTokens>
 struct RsWgmma;
+template <>
+struct RsWgmma<8> {
+  using Op = cute::SM90::GMMA::MMA_64x8x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+};
 template <>
 struct RsWgmma<16> {
   using Op = cute::SM90::GMMA::MMA_64x16x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;

@@ -192,20 +192,25 @@ __device__ __forceinline__ void mbar_init(std::uint64_t* bar, int count) {
 __device__ __forceinline__ void mbar_expect_tx(std::uint64_t* bar, std::uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+// The barrier helpers also take the barrier's shared address (`_at`): a loop that computes it
+// from a base it converted once saves the generic-to-shared conversion (a special-register read
+// the warp waits on) per stage.
+__device__ __forceinline__ void mbar_arrive_at(std::uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t parity) {
+__device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) { mbar_arrive_at(smem_addr(bar)); }
+__device__ __forceinline__ void mbar_wait_at(std::uint32_t bar, std::uint32_t parity) {
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
       "WAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(smem_addr(bar)),
+      "}\n" ::"r"(bar),
       "r"(parity)
       : "memory");
 }
+__device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t parity) { mbar_wait_at(smem_addr(bar), parity); }
 // Barrier over `count` threads (a warpgroup) under id `id`: the consumer warpgroup alone.
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
@@ -232,12 +237,14 @@ __device__ __forceinline__ void tma_load_2d(void* smem, const CUtensorMap* map, 
       : "memory");
 }
 // wgmma shared-memory descriptor of a K-major tile with 128-byte rows, 128B swizzle: 8-row groups
-// 1024 bytes apart (stride byte offset), leading byte offset unused for this layout.
-__device__ __forceinline__ std::uint64_t smem_desc(const void* p) {
-  const std::uint64_t addr = smem_addr(p);
-  return ((addr & 0x3FFFF) >> 4) | (std::uint64_t{1} << 16) | (std::uint64_t{1024 >> 4} << 32) |
-         (std::uint64_t{1} << 62);
+// 1024 bytes apart (stride byte offset), leading byte offset unused for this layout. The high
+// word (stride, swizzle) is the same for every tile.
+MOE_HOST_DEVICE constexpr std::uint64_t smem_desc_high() {
+  return (std::uint64_t{1024 >> 4} << 32) | (std::uint64_t{1} << 62);
 }
+// Its low word (address field, leading byte offset 1) from a shared address.
+__device__ __forceinline__ std::uint32_t smem_desc_low(std::uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | (1u << 16); }
+__device__ __forceinline__ std::uint64_t smem_desc(const void* p) { return smem_desc_low(smem_addr(p)) | smem_desc_high(); }
 
 // wgmma m64 x kTokens x (32 bytes of K), both operands K-major in shared memory: k16 for 16-bit
 // operands, k32 for 8-bit ones, fp32 accumulators (int32 for INT8, held in uint32 registers).

@@ -36,6 +36,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
@@ -136,8 +137,8 @@ __device__ __forceinline__ void cp_async_4(std::uint32_t dst, const void* src, b
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
 }
 // Arrives on `bar` once this thread's earlier cp.async copies have landed (counted in its init).
-__device__ __forceinline__ void cp_async_arrive(std::uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(swap_detail::smem_addr(bar)) : "memory");
+__device__ __forceinline__ void cp_async_arrive_at(std::uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
 }
 
 // One bf16 pair IO((q - z) * s) of a fragment from a word of 8 codes shifted so that the pair's
@@ -151,6 +152,12 @@ __device__ __forceinline__ std::uint32_t dequant_pair(std::uint32_t shifted, std
   asm("{ sub.rn.bf16x2 %0, %1, %2; mul.rn.bf16x2 %0, %0, %3; }"
       : "=r"(v)
       : "r"(biased), "r"(zero_pair), "r"(scale_pair));
+  return v;
+}
+// The value, held in a register: ptxas otherwise recomputes a shared symbol's address (a special-
+// register read of the CTA's place in the cluster, which the warp waits on) inside every loop.
+__device__ __forceinline__ std::uint32_t held(std::uint32_t v) {
+  asm volatile("mov.b32 %0, %0;" : "+r"(v));
   return v;
 }
 __device__ __forceinline__ std::uint32_t lds32(std::uint32_t addr) {
@@ -200,7 +207,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kAcc = kTokens / 2;
   constexpr int kRowAtomBytes = kTokens * 128;  // one 64-K box of the rows
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
+  // The ring starts at the first 1024-byte boundary (128B swizzle), computed on the shared address
+  // (from the symbol: no generic-to-shared conversion, which the loops would otherwise redo per
+  // stage); `smem` is the same place as a generic pointer.
+  const std::uint32_t smem_base = held((smem_addr(smem_raw) + 1023) & ~1023u);
+  unsigned char* smem = smem_raw + (smem_base - smem_addr(smem_raw));
   __shared__ std::uint64_t full[kMaxStages], empty[kMaxStages];
   __shared__ int prefix[kMaxExperts + 1];
   const SwapParams& sp = p.swap;
@@ -215,6 +226,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  // Shared addresses converted once: the loops below add offsets to them.
+  const std::uint32_t full_base = held(smem_addr(full)), empty_base = held(smem_addr(empty));
   const int k_blocks = (sp.k + kStageK - 1) / kStageK;
   const KSplit split = KSplit::of(prefix[sp.num_experts], k_blocks, static_cast<int>(gridDim.x), sp.max_splits);
   const int total = prefix[sp.num_experts] * split.count;
@@ -238,29 +251,52 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x < 128) {
     if (threadIdx.x >= 32) {
-      // ---- scale threads: the stage's [half][row][group] scales, 4-byte cp.async each ----
+      // ---- scale threads: the stage's scales, 4-byte cp.async each ----
       // Scales are constant weights: no grid dependency to wait for.
       cuda::detail::allow_dependents_launch();
+      // Thread st copies tile rows st and st + 96 (< 128; warp-uniform: warp 1 alone has a
+      // second), every group of the stage. Slot layout [group j][tile row R = 64 half + r] (the
+      // consumers' reads of one j are consecutive).
       const int st = static_cast<int>(threadIdx.x) - 32;
-      const int per_stage = 128 * p.stage.groups_per_stage;
+      const int groups_per_stage = p.stage.groups_per_stage;
+      // Stage kb's first group: (kb / stages_per_group) * groups_per_stage (one group spans
+      // several stages for groups of 512 and more; per channel, one group spans all of them).
+      const int stages_per_group = p.group_size >= sp.k ? INT_MAX : max(1, p.group_size / kStageK);
+      const std::uint32_t scale_base = smem_base + p.stage.scale_offset + 4 * st;
       int stage = 0;
       std::uint32_t phase = 0;
       for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
         const auto [c, kb_begin, kb_end] = tile_range(tile);
-        const int half0 = c.n0, half1 = kGated ? sp.gate_up_offset + c.n0 : c.n0 + 64;  // rows of the expert
         const float* expert_scales = p.scale + static_cast<Index>(c.expert) * sp.weight_rows_per_expert * p.groups;
+        const float* src[2];
+        bool row_ok[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int R = st + kScaleThreads * u, h = R / 64, r = R % 64;
+          const int n = (h == 0 ? c.n0 : kGated ? sp.gate_up_offset + c.n0 : c.n0 + 64) + r;  // row of the expert
+          row_ok[u] = R < 128 && (kGated ? c.n0 + r : n) < sp.n_out;
+          src[u] = expert_scales + static_cast<Index>(row_ok[u] ? n : 0) * p.groups;
+        }
+        int group_stage = kb_begin / stages_per_group, stage_in_group = kb_begin % stages_per_group;
         for (int kb = kb_begin; kb < kb_end; ++kb) {
-          mbar_wait(&empty[stage], phase ^ 1);
-          // Slot layout [group j][half h][row r] (the consumers' reads of one j are consecutive).
-          const std::uint32_t slot = smem_addr(smem + stage * stage_bytes + p.stage.scale_offset);
-          const int g0 = p.group_size >= sp.k ? 0 : static_cast<int>(static_cast<long long>(kb) * kStageK / p.group_size);
-          for (int i = st; i < per_stage; i += kScaleThreads) {
-            const int j = i / 128, h = (i / 64) % 2, r = i % 64;
-            const int n = (h == 0 ? half0 : half1) + r;
-            const bool ok = (kGated ? c.n0 + r : n) < sp.n_out && g0 + j < p.groups;
-            cp_async_4(slot + 4 * i, ok ? expert_scales + static_cast<Index>(n) * p.groups + g0 + j : p.scale, ok);
+          mbar_wait_at(empty_base + 8 * stage, phase ^ 1);
+          const std::uint32_t slot = scale_base + stage * stage_bytes;
+          const int g0 = group_stage * groups_per_stage;
+#pragma unroll 1
+          for (int j = 0; j < groups_per_stage; ++j) {
+            const bool group_ok = g0 + j < p.groups;
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+              if (u == 1 && st >= 128 - kScaleThreads) break;
+              const bool ok = row_ok[u] && group_ok;
+              cp_async_4(slot + 4 * (128 * j + kScaleThreads * u), ok ? src[u] + g0 + j : p.scale, ok);
+            }
           }
-          cp_async_arrive(&full[stage]);
+          if (++stage_in_group == stages_per_group) {
+            stage_in_group = 0;
+            ++group_stage;
+          }
+          cp_async_arrive_at(full_base + 8 * stage);
           if (++stage == stages) {
             stage = 0;
             phase ^= 1;
@@ -352,9 +388,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < kAcc; ++i) acc0[i] = acc1[i] = 0.0f;
       int previous = -1;  // the stage whose wgmmas may still be in flight
       for (int kb = kb_begin; kb < kb_end; ++kb) {
-        mbar_wait(&full[stage], phase);
-        const unsigned char* base = smem + stage * stage_bytes;
-        const std::uint32_t stage_addr = smem_addr(base);
+        mbar_wait_at(full_base + 8 * stage, phase);
+        const std::uint32_t stage_addr = smem_base + stage * stage_bytes;
         const std::uint32_t rows_addr = stage_addr + row_off, scales_addr = stage_addr + scale_row_off;
         const int k_left = sp.k - kb * kStageK - 128 * wg;  // K of this warpgroup's half of the stage
         // Scales of rows g, g + 8 of both halves: bf16 pairs, per chunk or once per stage half.
@@ -400,10 +435,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
           // B descriptors: 32 bytes of K per step advance the descriptor's address field by 2.
-          const std::uint64_t b_desc = smem_desc(base + kCodeBytes + sub * kRowAtomBytes);
+          // Only the low word varies (the field never carries out of it: shared addresses are
+          // below 256 KB), so the steps cost one 32-bit add each and the high word is a constant.
+          const std::uint32_t b_lo = smem_desc_low(stage_addr + kCodeBytes + sub * kRowAtomBytes);
+          constexpr std::uint64_t kDescHigh = smem_desc_high();
 #pragma unroll
           for (int step = 0; step < 4; ++step) {
-            const std::uint64_t db = b_desc + 2 * step;
+            const std::uint64_t db = kDescHigh | (b_lo + 2 * step);
             rs_wgmma<Op>(set[0][step], db, acc0, std::make_index_sequence<kAcc>{});
             rs_wgmma<Op>(set[1][step], db, acc1, std::make_index_sequence<kAcc>{});
           }
@@ -412,11 +450,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           // a stage's first group, the previous stage is free.
           asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
           if (local == 0 && previous >= 0) {
-            mbar_arrive(&empty[previous]);
+            mbar_arrive_at(empty_base + 8 * previous);
             previous = -1;
           }
         }
-        if (previous >= 0) mbar_arrive(&empty[previous]);  // nothing of this stage was ours
+        if (previous >= 0) mbar_arrive_at(empty_base + 8 * previous);  // nothing of this stage was ours
         previous = stage;
         if (++stage == stages) {
           stage = 0;
@@ -424,7 +462,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-      if (previous >= 0) mbar_arrive(&empty[previous]);
+      if (previous >= 0) mbar_arrive_at(empty_base + 8 * previous);
       // The second warpgroup's sums to the first (bar 1: written, bar 2: read; both warpgroups
       // wait at both, so the buffer is free again for the next tile).
       if (wg == 1) {

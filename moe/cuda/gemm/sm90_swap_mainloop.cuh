@@ -192,6 +192,14 @@ __device__ __forceinline__ void mbar_init(std::uint64_t* bar, int count) {
 __device__ __forceinline__ void mbar_expect_tx(std::uint64_t* bar, std::uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
+// The value, held in a register: ptxas otherwise recomputes a shared symbol's address (or a
+// generic-to-shared conversion) inside every loop that uses it, each time a special-register read
+// of the CTA's place in the cluster that the warp waits on (in the weight-only swap GEMM's
+// consumer loop: 2 of 436 instructions per stage, 4% of the warps' stall samples on the H200).
+__device__ __forceinline__ std::uint32_t held_in_register(std::uint32_t v) {
+  asm volatile("mov.b32 %0, %0;" : "+r"(v));
+  return v;
+}
 // The barrier helpers also take the barrier's shared address (`_at`): a loop that computes it
 // from a base it converted once saves the generic-to-shared conversion (a special-register read
 // the warp waits on) per stage.
@@ -401,7 +409,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kK = kAtomK<T>;
   static_assert((kScales == ScaleMode::kNone) == (sizeof(T) == 2), "moe::cuda swap GEMM: 8-bit operands need scales");
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
+  // The ring starts at the first 1024-byte boundary (128B swizzle), computed on the shared address
+  // (held: see held_in_register); `smem` is the same place as a generic pointer.
+  const std::uint32_t smem_base = held_in_register((smem_addr(smem_raw) + 1023) & ~1023u);
+  unsigned char* smem = smem_raw + (smem_base - smem_addr(smem_raw));
   __shared__ std::uint64_t full[kStages], empty[kStages];
   __shared__ int prefix[kMaxExperts + 1];
   // Block-scaled FP8: one tile's scales after the stage ring (block_scale_smem_bytes).
@@ -418,6 +429,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  const std::uint32_t full_base = held_in_register(smem_addr(full)), empty_base = held_in_register(smem_addr(empty));
   const int k_blocks = (p.k + kAtoms * kK - 1) / (kAtoms * kK);  // stages of K
   [[maybe_unused]] const int scale_blocks = (p.k + kK - 1) / kK;  // 128-wide K blocks (8-bit: one per atom)
   const KSplit split = KSplit::of(prefix[p.num_experts], k_blocks, static_cast<int>(gridDim.x), p.max_splits);
@@ -552,22 +564,23 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       // One stage's wgmmas into (d0, d1): the gate and up halves of the tile.
       const auto issue = [&](Acc(&d0)[kSets][kAcc], Acc(&d1)[kSets][kAcc], int stage_, bool carry) {
-        const unsigned char* a = smem + stage_ * Shape::kStageBytes;
-        const unsigned char* b = a + Shape::kABytes;
+        const std::uint32_t a = smem_base + stage_ * Shape::kStageBytes;
+        const std::uint32_t b = a + Shape::kABytes;
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int atom = 0; atom < kAtoms; ++atom) {
-          const unsigned char* aa = a + atom * Shape::kAtomABytes;
-          const unsigned char* bb = b + atom * Shape::kAtomBBytes;
+          const std::uint32_t aa = a + atom * Shape::kAtomABytes;
+          const std::uint32_t bb = b + atom * Shape::kAtomBBytes;
 #pragma unroll
           for (int step = 0; step < 4; ++step) {  // 32 bytes of K per wgmma
             constexpr bool kPerAtom = kSets > 1;
             const int set = kPerAtom ? atom : 0;
             const bool accumulate = (kPerAtom ? false : carry || atom > 0) || step > 0;
-            const std::uint64_t db = smem_desc(bb + 32 * step);
-            wgmma_call<Op>(smem_desc(aa + 32 * step), db, d0[set], accumulate, std::make_index_sequence<kAcc>{});
-            wgmma_call<Op>(smem_desc(aa + Shape::kAtomABytes / 2 + 32 * step), db, d1[set], accumulate,
+            const std::uint64_t db = smem_desc_low(bb + 32 * step) | smem_desc_high();
+            wgmma_call<Op>(smem_desc_low(aa + 32 * step) | smem_desc_high(), db, d0[set], accumulate,
                            std::make_index_sequence<kAcc>{});
+            wgmma_call<Op>(smem_desc_low(aa + Shape::kAtomABytes / 2 + 32 * step) | smem_desc_high(), db, d1[set],
+                           accumulate, std::make_index_sequence<kAcc>{});
           }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
@@ -601,7 +614,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       int previous = -1;  // the stage whose wgmmas may still be in flight
       for (int kb = kb_begin; kb < kb_end; ++kb) {
-        mbar_wait(&full[stage], phase);
+        mbar_wait_at(full_base + 8 * stage, phase);
         issue(acc0, acc1, stage, !kPromote && kb > kb_begin);
         if constexpr (kPromote) {
           // The stage's sums are needed now: wait for them, release the stage, add them in. (Two
@@ -609,19 +622,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           // every wgmma (C7514: it cannot tell which group a register belongs to); DeepGEMM and
           // CUTLASS's blockwise FP8 mainloop wait here too.)
           asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-          mbar_arrive(&empty[stage]);
+          mbar_arrive_at(empty_base + 8 * stage);
           promote(acc0, acc1, kb);
         } else {
           // Keep this stage's group in flight while the next stage's data is awaited; release
           // the previous stage once its group has retired.
           asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-          if (previous >= 0) mbar_arrive(&empty[previous]);
+          if (previous >= 0) mbar_arrive_at(empty_base + 8 * previous);
           previous = stage;
         }
         next_stage();
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-      if (previous >= 0) mbar_arrive(&empty[previous]);
+      if (previous >= 0) mbar_arrive_at(empty_base + 8 * previous);
       // Epilogue: the value of each accumulator (scaled for 8-bit operands), then the split's
       // partial sum or the epilogue tree.
 #pragma unroll

@@ -58,6 +58,10 @@ constexpr int kRingBudget = 212 * 1024;      // shared memory for the ring (the 
 struct StageLayout {
   int groups_per_stage = 1;  // scale groups of one row in one stage
   int chunk_group_shift = 3;  // the group of 32-K chunk c (0..7) of a stage: c >> shift
+  // The scale slot is [tile row][group] (4 * groups_per_stage bytes per row), filled with copies
+  // of scale_copy_bytes: a row's groups of a stage at once (8 or 16 bytes) where the row's
+  // groups divide into the stage's, else one group per copy.
+  int scale_copy_bytes = 4;
   int scale_offset = 0, bytes = 0, stages = 0;
 
   template <int kTokens>
@@ -66,6 +70,8 @@ struct StageLayout {
     const bool one_group = group_size >= k || group_size % kStageK == 0;
     l.groups_per_stage = one_group ? 1 : static_cast<int>(kStageK / group_size);
     l.chunk_group_shift = one_group ? 3 : group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
+    const Index groups = (k + group_size - 1) / group_size;
+    l.scale_copy_bytes = groups % l.groups_per_stage == 0 ? std::min(16, 4 * l.groups_per_stage) : 4;
     l.scale_offset = kCodeBytes + 4 * kTokens * 128;
     l.bytes = (l.scale_offset + 128 * l.groups_per_stage * 4 + 1023) / 1024 * 1024;
     l.stages = kRingBudget / l.bytes < kMaxStages ? kRingBudget / l.bytes : kMaxStages;
@@ -133,8 +139,11 @@ inline const char* refusal(Index experts, Index n_total, Index k, Index expert_s
   return nullptr;
 }
 
-__device__ __forceinline__ void cp_async_4(std::uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
+// A cp.async of kBytes (4, 8 or 16; zero-filled when not valid).
+template <int kBytes>
+__device__ __forceinline__ void cp_async(std::uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(dst), "l"(src), "n"(kBytes), "r"(valid ? kBytes : 0)
+               : "memory");
 }
 // Arrives on `bar` once this thread's earlier cp.async copies have landed (counted in its init).
 __device__ __forceinline__ void cp_async_arrive_at(std::uint32_t bar) {
@@ -152,12 +161,6 @@ __device__ __forceinline__ std::uint32_t dequant_pair(std::uint32_t shifted, std
   asm("{ sub.rn.bf16x2 %0, %1, %2; mul.rn.bf16x2 %0, %0, %3; }"
       : "=r"(v)
       : "r"(biased), "r"(zero_pair), "r"(scale_pair));
-  return v;
-}
-// The value, held in a register: ptxas otherwise recomputes a shared symbol's address (a special-
-// register read of the CTA's place in the cluster, which the warp waits on) inside every loop.
-__device__ __forceinline__ std::uint32_t held(std::uint32_t v) {
-  asm volatile("mov.b32 %0, %0;" : "+r"(v));
   return v;
 }
 __device__ __forceinline__ std::uint32_t lds32(std::uint32_t addr) {
@@ -210,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The ring starts at the first 1024-byte boundary (128B swizzle), computed on the shared address
   // (from the symbol: no generic-to-shared conversion, which the loops would otherwise redo per
   // stage); `smem` is the same place as a generic pointer.
-  const std::uint32_t smem_base = held((smem_addr(smem_raw) + 1023) & ~1023u);
+  const std::uint32_t smem_base = held_in_register((smem_addr(smem_raw) + 1023) & ~1023u);
   unsigned char* smem = smem_raw + (smem_base - smem_addr(smem_raw));
   __shared__ std::uint64_t full[kMaxStages], empty[kMaxStages];
   __shared__ int prefix[kMaxExperts + 1];
@@ -227,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   // Shared addresses converted once: the loops below add offsets to them.
-  const std::uint32_t full_base = held(smem_addr(full)), empty_base = held(smem_addr(empty));
+  const std::uint32_t full_base = held_in_register(smem_addr(full)), empty_base = held_in_register(smem_addr(empty));
   const int k_blocks = (sp.k + kStageK - 1) / kStageK;
   const KSplit split = KSplit::of(prefix[sp.num_experts], k_blocks, static_cast<int>(gridDim.x), sp.max_splits);
   const int total = prefix[sp.num_experts] * split.count;
@@ -251,57 +254,68 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x < 128) {
     if (threadIdx.x >= 32) {
-      // ---- scale threads: the stage's scales, 4-byte cp.async each ----
+      // ---- scale threads: the stage's scales, cp.async of 4, 8 or 16 bytes ----
       // Scales are constant weights: no grid dependency to wait for.
       cuda::detail::allow_dependents_launch();
       // Thread st copies tile rows st and st + 96 (< 128; warp-uniform: warp 1 alone has a
-      // second), every group of the stage. Slot layout [group j][tile row R = 64 half + r] (the
-      // consumers' reads of one j are consecutive).
+      // second), every group of the stage, into the slot's [tile row R = 64 half + r][group].
       const int st = static_cast<int>(threadIdx.x) - 32;
       const int groups_per_stage = p.stage.groups_per_stage;
+      const int row_bytes = 4 * groups_per_stage;
       // Stage kb's first group: (kb / stages_per_group) * groups_per_stage (one group spans
       // several stages for groups of 512 and more; per channel, one group spans all of them).
       const int stages_per_group = p.group_size >= sp.k ? INT_MAX : max(1, p.group_size / kStageK);
-      const std::uint32_t scale_base = smem_base + p.stage.scale_offset + 4 * st;
-      int stage = 0;
-      std::uint32_t phase = 0;
-      for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-        const auto [c, kb_begin, kb_end] = tile_range(tile);
-        const float* expert_scales = p.scale + static_cast<Index>(c.expert) * sp.weight_rows_per_expert * p.groups;
-        const float* src[2];
-        bool row_ok[2];
+      const std::uint32_t scale_base = smem_base + p.stage.scale_offset + row_bytes * st;
+      // The copy width is a constant of each instance of the loop (one branch here, none per copy).
+      const auto copy_scales = [&]<int kCopyBytes>() {
+        int stage = 0;
+        std::uint32_t phase = 0;
+        for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+          const auto [c, kb_begin, kb_end] = tile_range(tile);
+          const float* expert_scales = p.scale + static_cast<Index>(c.expert) * sp.weight_rows_per_expert * p.groups;
+          const float* src[2];
+          bool row_ok[2];
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int R = st + kScaleThreads * u, h = R / 64, r = R % 64;
-          const int n = (h == 0 ? c.n0 : kGated ? sp.gate_up_offset + c.n0 : c.n0 + 64) + r;  // row of the expert
-          row_ok[u] = R < 128 && (kGated ? c.n0 + r : n) < sp.n_out;
-          src[u] = expert_scales + static_cast<Index>(row_ok[u] ? n : 0) * p.groups;
-        }
-        int group_stage = kb_begin / stages_per_group, stage_in_group = kb_begin % stages_per_group;
-        for (int kb = kb_begin; kb < kb_end; ++kb) {
-          mbar_wait_at(empty_base + 8 * stage, phase ^ 1);
-          const std::uint32_t slot = scale_base + stage * stage_bytes;
-          const int g0 = group_stage * groups_per_stage;
+          for (int u = 0; u < 2; ++u) {
+            const int R = st + kScaleThreads * u, h = R / 64, r = R % 64;
+            const int n = (h == 0 ? c.n0 : kGated ? sp.gate_up_offset + c.n0 : c.n0 + 64) + r;  // row of the expert
+            row_ok[u] = R < 128 && (kGated ? c.n0 + r : n) < sp.n_out;
+            src[u] = expert_scales + static_cast<Index>(row_ok[u] ? n : 0) * p.groups;
+          }
+          int group_stage = kb_begin / stages_per_group, stage_in_group = kb_begin % stages_per_group;
+          for (int kb = kb_begin; kb < kb_end; ++kb) {
+            mbar_wait_at(empty_base + 8 * stage, phase ^ 1);
+            const std::uint32_t slot = scale_base + stage * stage_bytes;
+            const int g0 = group_stage * groups_per_stage;
 #pragma unroll 1
-          for (int j = 0; j < groups_per_stage; ++j) {
-            const bool group_ok = g0 + j < p.groups;
+            for (int b = 0; b < row_bytes; b += kCopyBytes) {
+              const int j = b / 4;
+              const bool group_ok = g0 + j < p.groups;  // a wide copy's groups are all in K or all past it
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-              if (u == 1 && st >= 128 - kScaleThreads) break;
-              const bool ok = row_ok[u] && group_ok;
-              cp_async_4(slot + 4 * (128 * j + kScaleThreads * u), ok ? src[u] + g0 + j : p.scale, ok);
+              for (int u = 0; u < 2; ++u) {
+                if (u == 1 && st >= 128 - kScaleThreads) break;
+                const bool ok = row_ok[u] && group_ok;
+                cp_async<kCopyBytes>(slot + row_bytes * kScaleThreads * u + b, ok ? src[u] + g0 + j : p.scale, ok);
+              }
+            }
+            if (++stage_in_group == stages_per_group) {
+              stage_in_group = 0;
+              ++group_stage;
+            }
+            cp_async_arrive_at(full_base + 8 * stage);
+            if (++stage == stages) {
+              stage = 0;
+              phase ^= 1;
             }
           }
-          if (++stage_in_group == stages_per_group) {
-            stage_in_group = 0;
-            ++group_stage;
-          }
-          cp_async_arrive_at(full_base + 8 * stage);
-          if (++stage == stages) {
-            stage = 0;
-            phase ^= 1;
-          }
         }
+      };
+      if (p.stage.scale_copy_bytes == 16) {
+        copy_scales.template operator()<16>();
+      } else if (p.stage.scale_copy_bytes == 8) {
+        copy_scales.template operator()<8>();
+      } else {
+        copy_scales.template operator()<4>();
       }
       asm volatile("cp.async.wait_all;" ::: "memory");
       return;
@@ -367,16 +381,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     const std::uint32_t magic = p.magic, zero_pair = p.zero_pair;
     // Per thread and loop invariant: the byte offset of its word (q) of each of this warpgroup's
     // four 32-K chunks within its rows (128B swizzle: 16-byte unit chunk ^ row % 8, and
-    // row % 8 == g), and of each chunk's scale group within a stage's scale slot.
-    std::uint32_t chunk_off[4], group_off[4];
+    // row % 8 == g), of each chunk's scale group within a row of the scale slot, and of its four
+    // scale rows (g and g + 8 of the warp's 16, both halves) in the slot.
+    std::uint32_t chunk_off[4], group_off[4], scale_row_off[2][2];
 #pragma unroll
     for (int cc = 0; cc < 4; ++cc) {
       const int chunk = 4 * wg + cc;
       chunk_off[cc] = static_cast<std::uint32_t>(((chunk ^ g) << 4) + 4 * q);
-      group_off[cc] = static_cast<std::uint32_t>((chunk >> p.stage.chunk_group_shift) * 128 * 4);
+      group_off[cc] = static_cast<std::uint32_t>((chunk >> p.stage.chunk_group_shift) * 4);
     }
+    const int scale_row_bytes = 4 * p.stage.groups_per_stage;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        scale_row_off[h][i] = static_cast<std::uint32_t>(p.stage.scale_offset + (64 * h + 16 * warp + g + 8 * i) * scale_row_bytes);
+      }
     const std::uint32_t row_off = static_cast<std::uint32_t>((16 * warp + g) * 128);
-    const std::uint32_t scale_row_off = static_cast<std::uint32_t>(p.stage.scale_offset + (16 * warp + g) * 4);
     // __shared__ exchange: the second warpgroup's sums, read by the first at each tile's end.
     __shared__ float exchange[2 * kAcc][128];
     int stage = 0;
@@ -390,11 +411,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kb = kb_begin; kb < kb_end; ++kb) {
         mbar_wait_at(full_base + 8 * stage, phase);
         const std::uint32_t stage_addr = smem_base + stage * stage_bytes;
-        const std::uint32_t rows_addr = stage_addr + row_off, scales_addr = stage_addr + scale_row_off;
+        const std::uint32_t rows_addr = stage_addr + row_off;
         const int k_left = sp.k - kb * kStageK - 128 * wg;  // K of this warpgroup's half of the stage
         // Scales of rows g, g + 8 of both halves: bf16 pairs, per chunk or once per stage half.
         const auto scale_pair = [&](int cc, int h, int i) {
-          return bf16_pair(lds32f(scales_addr + group_off[cc] + h * 64 * 4 + i * 8 * 4));
+          return bf16_pair(lds32f(stage_addr + scale_row_off[h][i] + group_off[cc]));
         };
         std::uint32_t half_scales[2][2];
         if constexpr (!kScalePerChunk) {
@@ -437,7 +458,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           // B descriptors: 32 bytes of K per step advance the descriptor's address field by 2.
           // Only the low word varies (the field never carries out of it: shared addresses are
           // below 256 KB), so the steps cost one 32-bit add each and the high word is a constant.
-          const std::uint32_t b_lo = smem_desc_low(stage_addr + kCodeBytes + sub * kRowAtomBytes);
+          // Broadcast from lane 0: the compiler then knows the descriptor is warp-uniform and
+          // builds the steps' descriptors in uniform registers (without, two register-to-uniform
+          // moves per wgmma: 32 of 379 instructions per stage).
+          const std::uint32_t b_lo =
+              __shfl_sync(0xFFFFFFFFu, smem_desc_low(stage_addr + kCodeBytes + sub * kRowAtomBytes), 0);
           constexpr std::uint64_t kDescHigh = smem_desc_high();
 #pragma unroll
           for (int step = 0; step < 4; ++step) {

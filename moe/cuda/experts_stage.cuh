@@ -778,11 +778,16 @@ class ExpertsStage {
       return false;
     }
   }();
-  // Token tile of the swap GEMMs: 8 where the experts average at most 4 rows (half the rows'
-  // bytes per stage, so two stages more in the ring: 3-9% faster decode on the H200), else 16 (at
-  // an average of 8 rows, 8-token tiles made DeepSeek and gpt-oss M = 256 25-35% slower: the
-  // experts over 8 rows read their codes twice).
-  static int weight_only_swap_tokens(const Plan& l, const Weights& w) { return rows_per_expert(l, w) <= 4 ? 8 : 16; }
+  // Token tile of the swap GEMMs: a tile larger than an expert's rows reads its codes once, a tile
+  // smaller reads them once per tile, and a larger tile's rows take ring stages. 8 where the
+  // experts average at most 4 rows (two stages more in the ring than 16: 3-9% faster decode on the
+  // H200), 16 up to 8 (at an average of 8 rows, 8-token tiles made DeepSeek and gpt-oss M = 256
+  // 25-35% slower), else 32 (mixtral M = 64, 16 rows on average: with 16-token tiles the ~40% of
+  // experts over 16 rows read their codes twice).
+  static int weight_only_swap_tokens(const Plan& l, const Weights& w) {
+    const Index rows = rows_per_expert(l, w);
+    return rows <= 4 ? 8 : rows <= 8 ? 16 : 32;
+  }
 
   // Whether the weight-only experts run the swap GEMMs (the caller has ruled the mixed-input
   // wgmma GEMMs out): the option, then the weights' scheme variant, shapes, strides and alignment.
@@ -862,8 +867,14 @@ class ExpertsStage {
             args(w.w2, w.quant.w2_scale, I, b.inter, H, output, l.max_splits2, b.splits_used + 1, false), w.activation,
             pdl, stream);
       };
-      if (weight_only_swap_tokens(l, w) == 8) return both.template operator()<8>();
-      return both.template operator()<16>();
+      switch (weight_only_swap_tokens(l, w)) {
+        case 8:
+          return both.template operator()<8>();
+        case 16:
+          return both.template operator()<16>();
+        default:
+          return both.template operator()<32>();
+      }
     } else {
       return unsupported("the weight-only swap GEMM does not take this scheme");
     }

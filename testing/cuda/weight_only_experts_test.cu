@@ -216,7 +216,8 @@ TEST_F(WeightOnlyExpertsTest, W4A16MatchesTheCpuBackend) {
 // 32 (eight per stage), 64, 128 (a last group of 64 where K = 192) and per channel, offset and
 // two's-complement codes, an intermediate that ends mid-tile (I = 320: GEMM1's gated tiles of 64),
 // a hidden size that ends mid-tile for GEMM2 (H = 224 of a 128-row tile), act-order, one token,
-// and 16-token tiles that an expert fills several times (M = 96, top-4 of 8: ~48 rows each).
+// and each token tile: 8 (up to 4 rows per expert), 16 (M = 24, top-2 of 8: ~6 rows each) and 32,
+// which an expert fills several times (M = 96, top-4 of 8: ~48 rows each).
 TEST_F(WeightOnlyExpertsTest, SwapDecodeShapesMatchTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W4A16>({1, 8, 320, 192, 2, 128, false}, 61);
   expect_cuda_matches_cpu<quant::W4A16>({3, 8, 320, 320, 2, 32, false, false, true}, 62);
@@ -224,6 +225,7 @@ TEST_F(WeightOnlyExpertsTest, SwapDecodeShapesMatchTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W4A16>({5, 8, 512, 192, 2, 64, false, false, true}, 64);
   expect_cuda_matches_cpu<quant::W4A16>({7, 8, 256, 192, 2, 128, false, true, true}, 65);  // act-order
   expect_cuda_matches_cpu<quant::W4A16>({96, 8, 256, 128, 4, 128, false, false, true}, 66);
+  expect_cuda_matches_cpu<quant::W4A16>({24, 8, 256, 192, 2, 64, false, false, true}, 67);
 }
 
 TEST_F(WeightOnlyExpertsTest, W8A16MatchesTheCpuBackend) {

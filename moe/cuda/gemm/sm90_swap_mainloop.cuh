@@ -200,13 +200,11 @@ __device__ __forceinline__ std::uint32_t held_in_register(std::uint32_t v) {
   asm volatile("mov.b32 %0, %0;" : "+r"(v));
   return v;
 }
-// The barrier helpers also take the barrier's shared address (`_at`): a loop that computes it
-// from a base it converted once saves the generic-to-shared conversion (a special-register read
-// the warp waits on) per stage.
+// The wait and arrive helpers take the barrier's shared address: loops compute it from a base
+// held in a register (held_in_register) rather than converting a pointer per stage.
 __device__ __forceinline__ void mbar_arrive_at(std::uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) { mbar_arrive_at(smem_addr(bar)); }
 __device__ __forceinline__ void mbar_wait_at(std::uint32_t bar, std::uint32_t parity) {
   asm volatile(
       "{\n"
@@ -218,7 +216,6 @@ __device__ __forceinline__ void mbar_wait_at(std::uint32_t bar, std::uint32_t pa
       "r"(parity)
       : "memory");
 }
-__device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t parity) { mbar_wait_at(smem_addr(bar), parity); }
 // Barrier over `count` threads (a warpgroup) under id `id`: the consumer warpgroup alone.
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
@@ -252,7 +249,6 @@ MOE_HOST_DEVICE constexpr std::uint64_t smem_desc_high() {
 }
 // Its low word (address field, leading byte offset 1) from a shared address.
 __device__ __forceinline__ std::uint32_t smem_desc_low(std::uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | (1u << 16); }
-__device__ __forceinline__ std::uint64_t smem_desc(const void* p) { return smem_desc_low(smem_addr(p)) | smem_desc_high(); }
 
 // wgmma m64 x kTokens x (32 bytes of K), both operands K-major in shared memory: k16 for 16-bit
 // operands, k32 for 8-bit ones, fp32 accumulators (int32 for INT8, held in uint32 registers).
@@ -484,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         unsigned char* a = smem + stage * Shape::kStageBytes;
         unsigned char* b = a + Shape::kABytes;
         if (issued >= prefetched) {
-          mbar_wait(&empty[stage], phase ^ 1);
+          mbar_wait_at(empty_base + 8 * stage, phase ^ 1);
           mbar_expect_tx(&full[stage], stage_bytes(kb));
         }
 #pragma unroll

@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kb = kb_begin; kb < kb_end; ++kb, ++issued) {
         unsigned char* a = smem + stage * stage_bytes;
         if (issued >= prefetched) {
-          mbar_wait(&empty[stage], phase ^ 1);
+          mbar_wait_at(empty_base + 8 * stage, phase ^ 1);
           mbar_expect_tx(&full[stage], tx_bytes(kb));
           tma_load_2d(a, &codes, &full[stage], kb * 128, w0, stream_policy);
           tma_load_2d(a + kHalfCodeBytes, &codes, &full[stage], kb * 128, w1, stream_policy);

@@ -91,11 +91,13 @@ struct Options {
 // (qwen3 M = 64: 313 vs 267) ("W4A16 prefill: two's-complement codes and bf16 scales").
 // Where the swap GEMM applies (moe/cuda/gemm/sm90_weight_only_swap.cuh) it replaces the register
 // GEMM below the switch, and the switch moves to weight_only_swap_rows_per_expert: on the H200
-// (2026-12-03, RESULTS.md "W4A16 decode: the swap GEMM") it beat the mixed-input GEMM at 8 rows
-// per expert (gpt-oss and DeepSeek M = 256: 824 vs 1198 and 2713 vs 3960 µs) and at 16 (mixtral
-// M = 64: 500 vs 523, qwen3 M = 256: 294 vs 318), and lost at 32 (gpt-oss M = 1024: 1919 vs 1707,
-// DeepSeek M = 1024: 6599 vs 5493).
+// (2026-12-03, RESULTS.md "W4A16 decode: the swap GEMM's per-stage overhead", one process, µs,
+// swap vs mixed-input) it wins at 8 rows per expert (gpt-oss and DeepSeek M = 256: 714 vs 1202
+// and 2239 vs 3993), at 16 (mixtral M = 64: 330 vs 525, qwen3 M = 256: 233 vs 321) and, with
+// 32-token tiles, at 32 (gpt-oss M = 1024: 1183 vs 1711, DeepSeek M = 1024: 3996 vs 5567), and
+// loses at 64 (qwen3 M = 1024: 572 vs 450, mixtral M = 256: 811 vs 743). The switch sits at 40,
+// between the two measured points.
 inline constexpr double weight_only_wgmma_rows_per_expert(bool signed_codes) { return signed_codes ? 6.0 : 12.0; }
-inline constexpr double weight_only_swap_rows_per_expert = 24.0;
+inline constexpr double weight_only_swap_rows_per_expert = 40.0;
 
 }  // namespace moe::cuda

@@ -9,10 +9,12 @@
 // TMA keeps a ring of stages in flight per SM as the bf16 swap mainloop does (4.1-4.3 TB/s there).
 //
 // Tile: 128 weight rows (two 64-row halves: gated GEMM1's gate rows [n0, n0 + 64) and up rows
-// [I + n0, I + n0 + 64), else rows [n0, n0 + 128)) x kTokens (8 or 16) tokens of one expert. A
-// stage is 256 K: per half one 128-byte TMA box of codes per row (128B swizzle), four 64-K boxes of
-// the rows (bf16, 128B swizzle, wgmma's B), and the stage's scales (float, [group][half][row]),
-// copied by producer warps 1..3 with 4-byte cp.async that arrive on the stage's barrier.
+// [I + n0, I + n0 + 64), else rows [n0, n0 + 128)) x kTokens (8, 16 or 32) tokens of one expert.
+// A stage is 256 K: per half one 128-byte TMA box of codes per row (128B swizzle), four 64-K boxes
+// of the rows (bf16, 128B swizzle, wgmma's B), and the stage's scales (float, [tile row][group]),
+// copied by producer warps 1..3 with cp.async (a row's groups in one 8- or 16-byte copy where they
+// divide into the stage's and the base is aligned, else 4 bytes each) that arrive on the stage's
+// barrier.
 //
 // Dequantization (consumer warpgroups): a wgmma m64nNk16 A fragment gives thread (g = lane / 4,
 // q = lane % 4) rows g and g + 8 of its warp's 16 and slot pairs (2q, 2q + 1) and (2q + 8, 2q + 9)
@@ -576,6 +578,8 @@ Status launch(const Args& a, const typename Activation::Arguments& act_args, boo
   p.group_size = static_cast<int>(group < a.k ? group : a.k);
   p.groups = static_cast<int>((a.k + group - 1) / group);
   p.stage = StageLayout::of<kTokens>(group, a.k);
+  // Wide scale copies need the scales' base aligned to their width (a view may start anywhere).
+  if (reinterpret_cast<std::uintptr_t>(a.scale) % p.stage.scale_copy_bytes != 0) p.stage.scale_copy_bytes = 4;
   p.magic = 0x43004300u | (a.signed_codes ? 0x00080008u : 0u);
   const __nv_bfloat162 zero = __floats2bfloat162_rn(128.0f + static_cast<float>(a.default_zero), 128.0f + static_cast<float>(a.default_zero));
   p.zero_pair = *reinterpret_cast<const std::uint32_t*>(&zero);

@@ -30,7 +30,9 @@
 // byte, two's complement, with a float scale per 128 K (no zero points); bytes count half a byte per
 // weight plus the scales; counters us_registers, us_wgmma and us_swap time the weight-only GEMMs forced,
 // interleaved with the default choice (moe::cuda::WeightOnlyGemm), us_wgmma_offset the wgmma GEMM
-// on the same bytes read as offset codes; and mxfp4_forward_graph for the gpt-oss shape (E2M1 codes, an E8M0 byte per 32 K).
+// on the same bytes read as offset codes; and for the gpt-oss shape mxfp4_forward_graph (E2M1 codes, an
+// E8M0 byte per 32 K; SiluAndMul as every other row) and mxfp4_swigluoai_forward_graph (gpt-oss's own
+// layer: interleaved gate/up rows, swigluoai, expert biases), each with us_registers.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
@@ -253,9 +255,9 @@ const ShapeWeights& weights_of(const Shape& s) {
   return g_weights;
 }
 
-template <class Q>
+template <class Q, class Activation = moe::SiluAndMul>
 using SpecOf = moe::Spec<moe::routing::Precomputed, moe::StandardPrepareFinalize<>,
-                         moe::Experts<moe::SiluAndMul, Q, moe::bfloat16>>;
+                         moe::Experts<Activation, Q, moe::bfloat16>>;
 
 // A W8A8 scheme's scale tensors for shape `s` (constant values: the time does not depend on them).
 template <class Q>
@@ -310,10 +312,13 @@ struct Variant {
 // The forward of one shape at M tokens. With several variants (the --ab rows), each is captured in
 // its own graph over the same weights, inputs and workspace and timed interleaved with the others:
 // counter "us" is the first variant, "us_<label>" every variant.
-template <class Q>
+// Activation: SiluAndMul ([gate; up] rows, no biases) for every row but gpt-oss's own, SwigluOai
+// (interleaved gate and up rows, expert biases on both GEMMs).
+template <class Q, class Activation = moe::SiluAndMul>
 void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::vector<Variant> variants) {
   using W = typename Q::WeightElement;
-  using Kernel = moe::Kernel<SpecOf<Q>, moe::cuda::Sm90>;
+  using Kernel = moe::Kernel<SpecOf<Q, Activation>, moe::cuda::Sm90>;
+  constexpr bool kBiased = std::is_same_v<Activation, moe::SwigluOai>;
   const ShapeWeights& weights = weights_of<W>(s);
   const Scales<Q> scales(s);
   auto* hidden = device_alloc<moe::bfloat16>(M * s.H);
@@ -351,6 +356,14 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   a.w2 = moe::DeviceView<const W, 3>(static_cast<const W*>(weights.w2), {s.E, s.H, s.I / kPack});
   a.quant = scales.args;
   a.output = moe::DeviceView<moe::bfloat16, 2>(out, {M, s.H});
+  moe::bfloat16* biases = nullptr;
+  if constexpr (kBiased) {
+    biases = device_alloc<moe::bfloat16>(s.E * (2 * s.I + s.H));
+    fill_random<<<1024, 256>>>(biases, s.E * (2 * s.I + s.H), 0.1f, 5);
+    cuda_ok(cudaGetLastError());
+    a.w13_bias = moe::DeviceView<const moe::bfloat16, 2>(biases, {s.E, 2 * s.I});
+    a.w2_bias = moe::DeviceView<const moe::bfloat16, 2>(biases + s.E * 2 * s.I, {s.E, s.H});
+  }
   std::vector<Kernel> kernels;
   std::vector<typename Kernel::Arguments> args(variants.size(), a);
   std::size_t ws_bytes = 0;
@@ -401,17 +414,18 @@ void Forward(benchmark::State& state, Shape s, moe::Index M, bool graph, std::ve
   state.counters["GB/s"] = bytes / median_s * 1e-9;
   state.counters["floor_us"] = floor_s * 1e6;
   state.counters["SOL%"] = 100.0 * floor_s / median_s;
-  for (void* p : {static_cast<void*>(hidden), static_cast<void*>(out), static_cast<void*>(d_ids), static_cast<void*>(d_w), static_cast<void*>(ws)}) {
+  for (void* p : {static_cast<void*>(hidden), static_cast<void*>(out), static_cast<void*>(d_ids), static_cast<void*>(d_w),
+                  static_cast<void*>(ws), static_cast<void*>(biases)}) {
     cudaFree(p);
   }
   for (cudaGraphExec_t exec : execs) cudaGraphExecDestroy(exec);
   cudaStreamDestroy(stream);
 }
 
-template <class Q = moe::quant::BF16>
+template <class Q = moe::quant::BF16, class Activation = moe::SiluAndMul>
 void register_row(const std::string& name, Shape s, moe::Index M, bool graph, std::vector<Variant> variants,
                   int iterations) {
-  benchmark::RegisterBenchmark(name.c_str(), Forward<Q>, s, M, graph, std::move(variants))
+  benchmark::RegisterBenchmark(name.c_str(), Forward<Q, Activation>, s, M, graph, std::move(variants))
       ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
 }
 
@@ -481,7 +495,10 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, boo
       for (const moe::Index M : kTokens) {
         register_row<moe::quant::W4A16>(row_name("w4a16_g128_forward_graph", s, M), s, M, true, gemms, 20);
         if (std::string(s.name) == "gpt_oss_120b") {
-          register_row<moe::quant::Mxfp4>(row_name("mxfp4_forward_graph", s, M), s, M, true, {Variant{}}, 20);
+          register_row<moe::quant::Mxfp4>(row_name("mxfp4_forward_graph", s, M), s, M, true, {gemms[0], gemms[1]}, 20);
+          // gpt-oss's own layer: interleaved gate/up rows, swigluoai, expert biases.
+          register_row<moe::quant::Mxfp4, moe::SwigluOai>(row_name("mxfp4_swigluoai_forward_graph", s, M), s, M, true,
+                                                          {gemms[0], gemms[1]}, 20);
         }
       }
     }

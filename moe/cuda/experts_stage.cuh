@@ -265,9 +265,7 @@ class ExpertsStage {
       l.weight_only_wgmma = allow_sm90 && E > 0 && live_rows > 0 && picks_weight_only_wgmma(w, live_rows);
       l.weight_only_swap = allow_sm90 && E > 0 && live_rows > 0 && !l.weight_only_wgmma && picks_weight_only_swap(w);
       if (l.weight_only_swap) partial_floats = plan_swap_splits(w, l, weight_only_swap_tokens(l, w));
-      if constexpr (requires { w.quant.w13_k_order; }) {
-        l.swap_takes_tokens = l.weight_only_swap && !w.quant.w13_k_order;
-      }
+      l.swap_takes_tokens = l.weight_only_swap && !has_k_order(w);
     }
     // The stored intermediate, except where the W8A8 prefill quantizes it straight from GEMM1's
     // output (run_fp8_block_gemms).
@@ -291,16 +289,22 @@ class ExpertsStage {
     }
     l.gemm_ws = carver.take(l.gemm_ws_bytes);
     if constexpr (kWeightOnly) {
-      if constexpr (requires { w.quant.w13_k_order; }) {
-        // Act-order, and the swap GEMM's K pair order (gemm::weight_only_swap::K32PairOrder).
-        const bool reordered = w.quant.w13_k_order || l.weight_only_swap;
-        l.k_ordered = carver.take(reordered ? n(rows) * n(w.hidden()) * sizeof(IO) : 0);
-      }
+      // Act-order, and the swap GEMM's K pair order (gemm::weight_only_swap::K32PairOrder).
+      const bool reordered = has_k_order(w) || l.weight_only_swap;
+      l.k_ordered = carver.take(reordered ? n(rows) * n(w.hidden()) * sizeof(IO) : 0);
     }
     l.total = carver.total();
     return l;
   }
 
+  // GPTQ act-order: the codes' K is a permutation of the input's.
+  static bool has_k_order(const Weights& w) {
+    if constexpr (requires { w.quant.w13_k_order; }) {
+      return static_cast<bool>(w.quant.w13_k_order);
+    } else {
+      return false;
+    }
+  }
   // Whether run_planned on this plan can take GEMM1's input from the token rows (TokenRows) instead
   // of gathered rows: the W8A8 schemes, whose first pass quantizes the input anyway, and the
   // weight-only swap GEMMs, whose first pass reorders it.
@@ -769,11 +773,10 @@ class ExpertsStage {
   }
 
   // The weight-only swap GEMM (moe/cuda/gemm/sm90_weight_only_swap.cuh): decode on sm_90a, bf16
-  // rows, 4-bit integer codes without zero points, [gate; up] or ungated, no expert biases.
+  // rows, 4-bit integer codes without zero points or MXFP4, either w13 layout, expert biases fused.
   static constexpr bool kWeightOnlySwap = [] {
     if constexpr (kWeightOnly && kArchHasSm90 && std::is_same_v<IO, bfloat16>) {
-      return Quant::kBits == 4 && !std::is_same_v<Quant, quant::Mxfp4> &&
-             kMode1 != detail::ColumnMode::kGatedInterleaved;
+      return Quant::kBits == 4;
     } else {
       return false;
     }
@@ -789,6 +792,16 @@ class ExpertsStage {
     return rows <= 4 ? 8 : rows <= 8 ? 16 : 32;
   }
 
+  static constexpr bool kFp4 = std::is_same_v<Quant, quant::Mxfp4>;
+  // K per scale group of a weight with reduction length k (k: per channel).
+  static Index swap_group_size(const Weights& w, Index k) {
+    if constexpr (kFp4) {
+      return quant::Mxfp4::kBlock;
+    } else {
+      return w.quant.group_size > 0 ? w.quant.group_size : k;
+    }
+  }
+
   // Whether the weight-only experts run the swap GEMMs (the caller has ruled the mixed-input
   // wgmma GEMMs out): the option, then the weights' scheme variant, shapes, strides and alignment.
   bool picks_weight_only_swap(const Weights& w) const {
@@ -796,10 +809,14 @@ class ExpertsStage {
       if (options_.weight_only_gemm != WeightOnlyGemm::kAuto && options_.weight_only_gemm != WeightOnlyGemm::kSwapWgmma) {
         return false;
       }
-      if (w.w13_bias || w.w2_bias || w.quant.w13_zero || w.quant.w2_zero || weight_only_refusal(w)) return false;
+      if (weight_only_refusal(w)) return false;
+      if constexpr (!kFp4) {
+        if (w.quant.w13_zero || w.quant.w2_zero) return false;
+      }
+      if (kMode1 == detail::ColumnMode::kGatedInterleaved && w.w13.extent(1) % 2 != 0) return false;
       const auto refused = [&](DeviceView<const W, 3> wt, Index k) {
         return gemm::weight_only_swap::refusal(wt.extent(0), wt.extent(1), k, wt.stride(0), wt.stride(1), wt.data(),
-                                               w.quant.group_size > 0 ? w.quant.group_size : k, 0) != nullptr;
+                                               swap_group_size(w, k), 0) != nullptr;
       };
       return !refused(w.w13, w.hidden()) && !refused(w.w2, w.intermediate());
     } else {
@@ -814,7 +831,9 @@ class ExpertsStage {
                               const Segments& s, const Buffers& b, cudaStream_t stream) const {
     if constexpr (kWeightOnlySwap) {
       namespace ws = gemm::weight_only_swap;
-      constexpr bool kGated = kMode1 == detail::ColumnMode::kGatedSplit;
+      constexpr bool kGated = kMode1 != detail::ColumnMode::kPlain;
+      constexpr bool kInterleaved = kMode1 == detail::ColumnMode::kGatedInterleaved;
+      // The GEMMs add the expert biases to the accumulators themselves (SwapParams::bias).
       using Expr1 = epilogue::Gemm1Epilogue<Activation, IO, false>;
       using Expr2 = epilogue::detail::Stored<IO, false, epilogue::Part::kAll>;
       // GEMM1's input with K in the swap GEMM's pair order (and the codes' order under act-order):
@@ -831,18 +850,23 @@ class ExpertsStage {
             input, k_order, s.seg_begin, s.seg_count, static_cast<int>(w.num_local_experts()), static_cast<int>(w.hidden()),
             l.rows, ordered, stream)));
       }
-      const auto args = [&](DeviceView<const W, 3> wt, const auto& scale, Index k, const IO* x, Index n_out, IO* out,
-                            int max_splits, int* splits_used, bool pair_order_out) {
+      const auto args = [&](DeviceView<const W, 3> wt, const auto& scale, const auto& bias, Index k, const IO* x,
+                            Index n_out, IO* out, int max_splits, int* splits_used, bool pair_order_out) {
         ws::Args a;
         a.codes = wt.data();
         a.experts = wt.extent(0);
         a.n_total = wt.extent(1);
         a.k = k;
         a.row_stride = wt.stride(1);
-        a.scale = scale.data();
-        a.group_size = w.quant.group_size > 0 ? w.quant.group_size : k;
-        a.signed_codes = w.quant.signed_codes;
-        a.default_zero = Quant::kDefaultZero;
+        a.group_size = swap_group_size(w, k);
+        if constexpr (kFp4) {
+          a.scale_e8m0 = scale.data();
+        } else {
+          a.scale = scale.data();
+          a.signed_codes = w.quant.signed_codes;
+          a.default_zero = Quant::kDefaultZero;
+        }
+        a.bias = bias ? bias->data() : nullptr;
         a.x = x;
         a.num_rows = l.rows;
         a.seg_begin = s.seg_begin;
@@ -860,12 +884,12 @@ class ExpertsStage {
       };
       const Index H = w.hidden(), I = w.intermediate();
       const auto both = [&]<int kTokens>() -> Status {
-        MOE_RETURN_IF_ERROR((ws::launch<kTokens, kGated, Expr1, Activation>(
-            args(w.w13, w.quant.w13_scale, H, ordered, I, b.inter, l.max_splits1, b.splits_used, true), w.activation,
-            pdl, stream)));
-        return ws::launch<kTokens, false, Expr2, Activation>(
-            args(w.w2, w.quant.w2_scale, I, b.inter, H, output, l.max_splits2, b.splits_used + 1, false), w.activation,
-            pdl, stream);
+        MOE_RETURN_IF_ERROR((ws::launch<kTokens, kGated, kInterleaved, kFp4, Expr1, Activation>(
+            args(w.w13, w.quant.w13_scale, w.w13_bias, H, ordered, I, b.inter, l.max_splits1, b.splits_used, true),
+            w.activation, pdl, stream)));
+        return ws::launch<kTokens, false, false, kFp4, Expr2, Activation>(
+            args(w.w2, w.quant.w2_scale, w.w2_bias, I, b.inter, H, output, l.max_splits2, b.splits_used + 1, false),
+            w.activation, pdl, stream);
       };
       switch (weight_only_swap_tokens(l, w)) {
         case 8:

@@ -322,8 +322,9 @@ TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
 }
 
 // Which decode cases the swap GEMM takes: kAuto on a Hopper tag with bf16 rows and 4-bit codes
-// without zero points below the mixed-input GEMM's rows per expert, and kSwapWgmma; not with zero
-// points, expert biases, f16 rows, 8-bit codes, or where the mixed-input GEMM takes the rows.
+// without zero points below the mixed-input GEMM's rows per expert, and kSwapWgmma, with or
+// without expert biases; not with zero points, f16 rows, 8-bit codes, or where the mixed-input GEMM
+// takes the rows (MXFP4: BiasedGatedExpertsInBothLayoutsMatchTheCpuBackend).
 TEST_F(WeightOnlyExpertsTest, SwapWgmmaRunsWhereItApplies) {
   const auto picks = [](auto q, auto io, const Shape& p, WeightOnlyGemm gemm, Index live_rows, bool biased = false) {
     return plan_for<decltype(q), decltype(io)>(p, gemm, live_rows, biased).weight_only_swap;
@@ -343,7 +344,7 @@ TEST_F(WeightOnlyExpertsTest, SwapWgmmaRunsWhereItApplies) {
   EXPECT_TRUE(picks(w4, bf16, {0, 8, 256, 192, 2, 0, false}, WeightOnlyGemm::kSwapWgmma, 8));  // per channel
   EXPECT_FALSE(picks(w4, bf16, {0, 8, 256, 192, 2, 128, true}, WeightOnlyGemm::kSwapWgmma, 8));  // zero points
   EXPECT_FALSE(picks(w4, bf16, {0, 8, 256, 192, 2, 96, false}, WeightOnlyGemm::kSwapWgmma, 8));  // groups of 96
-  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kSwapWgmma, 8, true));
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kSwapWgmma, 8, true));  // expert biases
   EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kRegisters, 8));
   EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 8));
   EXPECT_FALSE(picks(w4, moe::half(), g128, WeightOnlyGemm::kSwapWgmma, 8));
@@ -452,11 +453,13 @@ TEST_F(WeightOnlyExpertsTest, ActOrderMatchesTheCpuBackend) {
 }
 
 // Gated experts with biases, in both w13 layouts (SiluAndMul: [gate; up]; gpt-oss's SwigluOai:
-// interleaved rows), on MXFP4 (E2M1 codes, E8M0 scales; moe/quant/mxfp4.h) and W4A16 codes: the
-// CUDA GEMMs against the CPU backend (testing/cpu/quant_weight_only_test.cc checks the CPU's MXFP4
-// bit for bit against the unquantized kernel on independently dequantized weights).
+// interleaved rows), on MXFP4 (E2M1 codes, E8M0 scales; moe/quant/mxfp4.h) and W4A16 codes (group
+// 64, with or without zero points): each GEMM choice against the CPU backend
+// (testing/cpu/quant_weight_only_test.cc checks the CPU's MXFP4 bit for bit against the
+// unquantized kernel on independently dequantized weights). MXFP4's scales include E8M0 0 (2^-127,
+// a subnormal) and scales of 2^2 .. 2^5, past what one multiply by 2^(s - 1) could hold in bf16.
 template <class Activation, class Q>
-void expect_biased_experts_match(Index M, std::uint32_t seed) {
+void expect_biased_experts_match(Index M, std::uint32_t seed, bool zero_points = true) {
   using IO = moe::bfloat16;
   const Index E = 8, H = 256, I = 192;
   const int top_k = 2;
@@ -471,7 +474,13 @@ void expect_biased_experts_match(Index M, std::uint32_t seed) {
   const std::vector<float> weights = random.uniform_vector<float>(ids.size(), 0.25f, 0.75f);
   constexpr bool kFp4 = std::is_same_v<Q, quant::Mxfp4>;
   // Codes and scales: MXFP4's, or W4A16's (group 64, zero points).
-  const moe::testing::Mxfp4Matrix f13 = moe::testing::mxfp4_matrix(E, 2 * I, H, seed + 1), f2 = moe::testing::mxfp4_matrix(E, H, I, seed + 2);
+  moe::testing::Mxfp4Matrix f13 = moe::testing::mxfp4_matrix(E, 2 * I, H, seed + 1), f2 = moe::testing::mxfp4_matrix(E, H, I, seed + 2);
+  for (auto* f : {&f13, &f2}) {
+    for (std::size_t i = 0; i < f->scales.size(); ++i) {
+      if (i % 97 == 5) f->scales[i] = 0;
+      if (i % 89 == 7) f->scales[i] = static_cast<std::uint8_t>(129 + i % 4);
+    }
+  }
   const auto i13 = moe::testing::quantize<4>(E, 2 * I, H, 64, true, seed + 1), i2 = moe::testing::quantize<4>(E, H, I, 64, true, seed + 2);
   const auto& c13 = kFp4 ? f13.codes : i13.packed;
   const auto& c2 = kFp4 ? f2.codes : i2.packed;
@@ -494,8 +503,10 @@ void expect_biased_experts_match(Index M, std::uint32_t seed) {
       a.quant.group_size = 64;
       a.quant.w13_scale = moe::TensorView<const float, 3, Space>(static_cast<const float*>(s13), {E, 2 * I, H / 64});
       a.quant.w2_scale = moe::TensorView<const float, 3, Space>(static_cast<const float*>(s2), {E, H, I / 64});
-      a.quant.w13_zero = moe::TensorView<const std::uint8_t, 3, Space>(z13, {E, 2 * I, H / 64});
-      a.quant.w2_zero = moe::TensorView<const std::uint8_t, 3, Space>(z2, {E, H, I / 64});
+      if (zero_points) {
+        a.quant.w13_zero = moe::TensorView<const std::uint8_t, 3, Space>(z13, {E, 2 * I, H / 64});
+        a.quant.w2_zero = moe::TensorView<const std::uint8_t, 3, Space>(z2, {E, H, I / 64});
+      }
     }
     a.w13_bias = moe::TensorView<const IO, 2, Space>(bias13, {E, 2 * I});
     a.w2_bias = moe::TensorView<const IO, 2, Space>(bias2, {E, H});
@@ -520,15 +531,41 @@ void expect_biased_experts_match(Index M, std::uint32_t seed) {
   const auto a = arguments.template operator()<CudaK, moe::DeviceSpace>(dh.data(), di.data(), dw.data(), dc13.data(), dc2.data(),
                                                                        ds13, ds2, dz13.data(), dz2.data(), db13.data(),
                                                                        db2.data(), dout.data());
-  const CudaK kernel;
-  DeviceBuffer<std::byte> ws(std::max<std::size_t>(1, kernel.workspace_bytes(a)));
-  const moe::Status gs = kernel.run(a, std::span<std::byte>(ws.data(), ws.size()));
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  ASSERT_TRUE(gs.is_ok()) << gs.to_string();
-  const std::vector<IO> got = dout.download();
   std::vector<float> ref(want.size());
   for (std::size_t i = 0; i < want.size(); ++i) ref[i] = moe::to_float(want[i]);
-  EXPECT_TRUE(moe::testing::close_in_max_and_mean(got, ref, 0.01, 0.002)) << Activation::kName << " " << Q::kName << " M=" << M;
+  {  // Forced, the swap GEMM takes these weights on an sm_90 device unless zero points rule it out.
+    using Stage = moe::cuda::ExpertsStage<moe::Experts<Activation, Q, IO>, IO, moe::cuda::Sm90>;
+    typename Stage::Weights sw;
+    sw.w13 = a.w13;
+    sw.w2 = a.w2;
+    sw.quant = a.quant;
+    sw.w13_bias = a.w13_bias;
+    sw.w2_bias = a.w2_bias;
+    moe::cuda::Options forced;
+    forced.weight_only_gemm = WeightOnlyGemm::kSwapWgmma;
+    int major = 0;
+    ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
+    EXPECT_EQ(Stage(forced).plan(sw, M * top_k, M * top_k).weight_only_swap, major == 9 && (kFp4 || !zero_points))
+        << Activation::kName << " " << Q::kName;
+  }
+  // The swap GEMM takes MXFP4 and codes without zero points (split K and not); elsewhere forcing it
+  // runs the register GEMM.
+  for (const auto& [gemm, max_k_splits] : {std::pair{WeightOnlyGemm::kAuto, 8}, std::pair{WeightOnlyGemm::kRegisters, 8},
+                                           std::pair{WeightOnlyGemm::kSwapWgmma, 8}, std::pair{WeightOnlyGemm::kSwapWgmma, 1}}) {
+    moe::cuda::Options options;
+    options.weight_only_gemm = gemm;
+    options.max_k_splits = max_k_splits;
+    const CudaK kernel(options);
+    ASSERT_EQ(cudaMemset(dout.data(), 0xFF, hidden.size() * sizeof(IO)), cudaSuccess);
+    DeviceBuffer<std::byte> ws(std::max<std::size_t>(1, kernel.workspace_bytes(a)));
+    const moe::Status gs = kernel.run(a, std::span<std::byte>(ws.data(), ws.size()));
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_TRUE(gs.is_ok()) << gs.to_string();
+    const std::vector<IO> got = dout.download();
+    EXPECT_TRUE(moe::testing::close_in_max_and_mean(got, ref, 0.01, 0.002))
+        << Activation::kName << " " << Q::kName << " M=" << M << (zero_points ? "" : " no zero points") << " gemm "
+        << static_cast<int>(gemm) << " max_k_splits " << max_k_splits;
+  }
 }
 
 TEST_F(WeightOnlyExpertsTest, BiasedGatedExpertsInBothLayoutsMatchTheCpuBackend) {
@@ -536,6 +573,8 @@ TEST_F(WeightOnlyExpertsTest, BiasedGatedExpertsInBothLayoutsMatchTheCpuBackend)
     expect_biased_experts_match<moe::SwigluOai, quant::Mxfp4>(M, 31);
     expect_biased_experts_match<moe::SiluAndMul, quant::Mxfp4>(M, 32);
     expect_biased_experts_match<moe::SwigluOai, quant::W4A16>(M, 33);
+    expect_biased_experts_match<moe::SwigluOai, quant::W4A16>(M, 34, false);
+    expect_biased_experts_match<moe::SiluAndMul, quant::W4A16>(M, 35, false);
   }
 }
 

@@ -119,7 +119,8 @@ struct SwapParams {
   int num_experts;
   int k;                     // reduction length
   int n_out;                 // output columns (I for gated GEMM1)
-  int gate_up_offset;        // rows between a gate row and its up row (I), 0 when not gated
+  int gate_up_offset;        // rows between a gate row and its up row (I; 1 interleaved), 0 when not gated
+  int gate_row_step = 1;     // rows between consecutive gate rows (2 interleaved)
   Index weight_rows_per_expert;  // N_total
   void* out;                 // [rows, n_out], row stride ldo
   Index ldo;
@@ -136,6 +137,10 @@ struct SwapParams {
   // Output columns stored in the weight-only swap GEMM's pair order within each 32 columns
   // (k32_pair_slot): GEMM1's output is GEMM2's input there.
   bool k32_pair_order_out = false;
+  // Expert biases [E, weight_rows_per_expert] of the output's element type (indexed by weight row),
+  // or null: added to the accumulators before the epilogue (row_biases; with splits, to split 0's
+  // partial sums).
+  const void* bias = nullptr;
 };
 
 // Where column k of a row goes in the weight-only swap GEMM's K order: within each 32 K, physical
@@ -239,6 +244,14 @@ __device__ __forceinline__ void tma_load_2d(void* smem, const CUtensorMap* map, 
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, "
       "%4}], [%2], %5;" ::"r"(smem_addr(smem)),
       "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "l"(l2_policy)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(void* smem, const CUtensorMap* map, std::uint64_t* bar, int c0, int c1,
+                                            int c2, std::uint64_t l2_policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, "
+      "%4, %5}], [%2], %6;" ::"r"(smem_addr(smem)),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "l"(l2_policy)
       : "memory");
 }
 // wgmma shared-memory descriptor of a K-major tile with 128-byte rows, 128B swizzle: 8-row groups
@@ -346,6 +359,27 @@ __device__ __forceinline__ void build_tile_prefix(const SwapParams& p, int n_til
     carry += __shfl_sync(0xffffffffu, incl, 31);
   }
   if (lane == 0) prefix[p.num_experts] = carry;
+}
+
+// The expert biases of weight row r of a tile's two halves (the gate and up rows of output
+// c.n0 + r, or rows c.n0 + r and c.n0 + 64 + r), for the caller to add to the accumulators before
+// store_tile_outputs: (acc + bias) as the epilogue adds it, to split 0's partial sums only. Else
+// -0.0, the additive identity (acc + -0.0 is acc, -0.0 included).
+template <class TOut, bool kGated>
+__device__ __forceinline__ void row_biases(const SwapParams& p, const TileCoord& c, int r, float* b0, float* b1) {
+  *b0 = *b1 = -0.0f;
+  if (p.bias == nullptr || c.split != 0) return;
+  const TOut* bias = static_cast<const TOut*>(p.bias) + static_cast<Index>(c.expert) * p.weight_rows_per_expert;
+  if constexpr (kGated) {
+    if (c.n0 + r < p.n_out) {
+      const int gate = (c.n0 + r) * p.gate_row_step;
+      *b0 = to_float(bias[gate]);
+      *b1 = to_float(bias[gate + p.gate_up_offset]);
+    }
+  } else {
+    if (c.n0 + r < p.n_out) *b0 = to_float(bias[c.n0 + r]);
+    if (c.n0 + 64 + r < p.n_out) *b1 = to_float(bias[c.n0 + 64 + r]);
+  }
 }
 
 // The outputs of weight row r of a tile's two halves for token `tok` (v0: the gate row or row r,

@@ -1,20 +1,26 @@
 // Hopper weight-only grouped expert GEMM for decode: the swap mainloop (sm90_swap_mainloop.cuh)
-// with 4-bit integer codes (moe/quant/weight_only.h: W4A16, no zero points), dequantized from
-// shared memory into the registers of a register-sourced wgmma.
+// with 4-bit codes dequantized from shared memory into the registers of a register-sourced wgmma:
+// integers (moe/quant/weight_only.h: W4A16, no zero points) or E2M1 with E8M0 scales
+// (moe/quant/mxfp4.h: MXFP4, gpt-oss), either w13 layout, expert biases fused.
 //
-//   out[row0(e) + t, n] = Expr( sum_k IO(float(q[e, n, k] - z) * IO(s[e, n, k / group])) * x[row0(e) + t, k] )
+//   out[row0(e) + t, n] = Expr( sum_k IO(float(q[e, n, k] - z) * IO(s[e, n, k / group])) * x[row0(e) + t, k] + bias[e, n] )
+//   (MXFP4: IO(e2m1(q) * 2^(s - 127)) in place of the integer dequantization)
 //
 // Why: decode reads each touched expert's codes once, so the GEMM is a stream of packed bytes. The
 // register GEMM (weight_only_gemm.cuh) holds its loads in registers and streams 0.5-1.8 TB/s; here
 // TMA keeps a ring of stages in flight per SM as the bf16 swap mainloop does (4.1-4.3 TB/s there).
 //
-// Tile: 128 weight rows (two 64-row halves: gated GEMM1's gate rows [n0, n0 + 64) and up rows
-// [I + n0, I + n0 + 64), else rows [n0, n0 + 128)) x kTokens (8, 16 or 32) tokens of one expert.
-// A stage is 256 K: per half one 128-byte TMA box of codes per row (128B swizzle), four 64-K boxes
-// of the rows (bf16, 128B swizzle, wgmma's B), and the stage's scales (float, [tile row][group]),
+// Tile: 128 weight rows (two 64-row halves: gated GEMM1's gate rows of outputs [n0, n0 + 64) and
+// their up rows, else rows [n0, n0 + 128)) x kTokens (8, 16 or 32) tokens of one expert. Gate and
+// up rows [gate; up] are two 2-D boxes I rows apart; interleaved (gpt-oss: gate 2j, up 2j + 1)
+// they are the two planes of a 3-D tensor map over row pairs. A stage is 256 K: per half one
+// 128-byte TMA box of codes per row (128B swizzle), four 64-K boxes of the rows (bf16, 128B
+// swizzle, wgmma's B), and the stage's scales ([tile row][group]). Integer codes: float scales,
 // copied by producer warps 1..3 with cp.async (a row's groups in one 8- or 16-byte copy where they
 // divide into the stage's and the base is aligned, else 4 bytes each) that arrive on the stage's
-// barrier.
+// barrier. MXFP4: a byte per 32 K, in rows of K / 32 bytes that cp.async cannot take (not 4-byte
+// aligned), loaded by the same warps with plain loads, a warp per third of the ring's slots, and
+// stored as the bf16 pairs the conversion multiplies by.
 //
 // Dequantization (consumer warpgroups): a wgmma m64nNk16 A fragment gives thread (g = lane / 4,
 // q = lane % 4) rows g and g + 8 of its warp's 16 and slot pairs (2q, 2q + 1) and (2q + 8, 2q + 9)
@@ -30,9 +36,15 @@
 // their own, added in a fixed order at the tile's end (deterministic): the conversion is a chain
 // of dependent instructions per register, and one warp per scheduler left it latency-bound
 // (measured on the H200: 44% of issue slots busy, tensor pipe 9%).
+// E2M1 codes (e2m1_pair): per pair a mask, a multiply that copies the nibbles into place, a mask,
+// and one multiply by the scale pair where the stage's scale warp folded 2^126 into its scales
+// (every E8M0 scale <= 128, gpt-oss's all), else two: exact up to the scheme's one rounding either
+// way. MXFP4 at gpt-oss's decode rows (H200): 1.8-2.0x bf16 speed; its conversion and scale loads
+// cost 10-15% over W4A16's.
 // Pipelining within a warpgroup: 64 K (four steps, both halves) are converted into one of two
 // register sets while the other set's wgmmas run; a stage is released once the next stage's first
-// wgmma group has been issued and the group before it retired.
+// wgmma group has been issued and the group before it retired. Expert biases are added to the
+// accumulators at the tile's end (row_biases), before the epilogue.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -83,7 +95,8 @@ struct StageLayout {
 
 struct Params {
   swap_detail::SwapParams swap;  // rows, counts, output, K split (its `scales` unused)
-  const float* scale;            // [E, n_total, groups]
+  const float* scale;            // [E, n_total, groups] (4-bit integer codes)
+  const std::uint8_t* scale_e8m0;  // [E, n_total, groups] (E2M1 codes: MXFP4)
   int groups;                    // per row
   int group_size;                // K per group (>= k: per channel)
   StageLayout stage;
@@ -165,10 +178,48 @@ __device__ __forceinline__ std::uint32_t dequant_pair(std::uint32_t shifted, std
       : "r"(biased), "r"(zero_pair), "r"(scale_pair));
   return v;
 }
+// One bf16 pair of E2M1 codes (MXFP4) from a word whose pair's nibbles sit at bits 4n..4n + 3 and
+// 16 + 4n.. (n = kNibble, 0 or 1): the multiply copies each nibble to bits 6..9 and 12..15 (no
+// carries: the copies do not overlap), the mask keeps the sign at bit 15 and exponent and
+// mantissa at bits 8..6, which is the code's value times 2^-126 (a subnormal for exponent 0).
+// Times 2^126 (exact) and then the scale 2^(s - 127) gives IO(e2m1 * 2^(s - 127)) with the
+// scheme's one rounding; kFolded: the scale pair is 2^(s - 1) (e8m0_pair), one multiply, the
+// same bits (the product is exact before its one rounding either way).
+template <int kNibble, bool kFolded>
+__device__ __forceinline__ std::uint32_t e2m1_pair(std::uint32_t word, std::uint32_t scale_pair) {
+  const std::uint32_t nibbles = word & (0x000F000Fu << (4 * kNibble));
+  const std::uint32_t placed = (nibbles * (kNibble == 0 ? 0x1040u : 0x0104u)) & 0x81C081C0u;
+  std::uint32_t v;
+  if constexpr (kFolded) {
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(v) : "r"(placed), "r"(scale_pair));
+  } else {
+    asm("{ mul.rn.bf16x2 %0, %1, %2; mul.rn.bf16x2 %0, %0, %3; }" : "=r"(v) : "r"(placed), "r"(0x7E807E80u), "r"(scale_pair));
+  }
+  return v;
+}
+// The bf16 pair of an E8M0 scale 2^(s - 127) (s = 0: a subnormal; 255: NaN); kFolded: 2^(s - 1) =
+// 2^126 x 2^(s - 127), which bf16 holds for s <= 128 (the scale warps fold a stage only where all
+// its scales are), one multiply-add: (s + 126) << 7 in both halves.
+template <bool kFolded>
+__device__ __forceinline__ std::uint32_t e8m0_pair(unsigned s) {
+  if constexpr (kFolded) {
+    return s * 0x00800080u + 0x3F003F00u;
+  } else {
+    return (s == 255 ? 0x7FC0u : s == 0 ? 0x0040u : s << 7) * 0x00010001u;
+  }
+}
+__device__ __forceinline__ uint2 lds64(std::uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ std::uint32_t lds32(std::uint32_t addr) {
   std::uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
   return v;
+}
+__device__ __forceinline__ void sts32(std::uint32_t addr, std::uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
 __device__ __forceinline__ float lds32f(std::uint32_t addr) {
   float v;
@@ -201,8 +252,11 @@ __device__ __forceinline__ void rs_wgmma(const std::uint32_t (&a)[4], std::uint6
   Op::fma(a[0], a[1], a[2], a[3], b, d[I]..., cute::SM90::GMMA::ScaleOut::One);
 }
 
-// kScalePerChunk: groups narrower than 128 (a scale per 32-K chunk); else one per half stage.
-template <int kTokens, bool kGated, bool kScalePerChunk, class Expr, class Activation>
+// kInterleaved: gated w13 with gate and up rows alternating (gpt-oss), loaded through a 3-D tensor
+// map (K bytes, gate/up, row pair); kFp4: E2M1 codes with E8M0 scales (MXFP4), else 4-bit integers
+// with float scales; kScalePerChunk: groups narrower than 128 (a scale per 32-K chunk), else one per
+// half stage.
+template <int kTokens, bool kGated, bool kInterleaved, bool kFp4, bool kScalePerChunk, class Expr, class Activation>
 __global__ void __launch_bounds__(kThreads, 1)
     w4_swap_gemm_kernel(const __grid_constant__ CUtensorMap codes, const __grid_constant__ CUtensorMap rows, Params p,
                         typename Activation::Arguments act_args) {
@@ -219,13 +273,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* smem = smem_raw + (smem_base - smem_addr(smem_raw));
   __shared__ std::uint64_t full[kMaxStages], empty[kMaxStages];
   __shared__ int prefix[kMaxExperts + 1];
+  __shared__ int folded[kMaxStages];  // MXFP4: the ring slot's scales hold 2^(s - 1) (e8m0_pair)
   const SwapParams& sp = p.swap;
   const int stages = p.stage.stages, stage_bytes = p.stage.bytes;
   const int n_tiles = (sp.n_out + (kGated ? 63 : 127)) / (kGated ? 64 : 128);
   if (threadIdx.x < 32) build_tile_prefix<kTokens>(sp, n_tiles, prefix);
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
-      mbar_init(&full[s], 1 + kScaleThreads);  // the TMA thread's expect_tx, the scale threads' copies
+      // The TMA thread's expect_tx, and the scale threads' copies (MXFP4: one warp's stores).
+      mbar_init(&full[s], 1 + (kFp4 ? 32 : kScaleThreads));
       mbar_init(&empty[s], 128 * kConsumers);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -248,17 +304,90 @@ __global__ void __launch_bounds__(kThreads, 1)
     t.kb_end = min(k_blocks, t.kb_begin + split.k_blocks_per_split);
     return t;
   };
-  // The tile's weight rows: first row of each half in the [E * N_total] code rows.
-  const auto half_rows = [&](const TileCoord& c, int* w0, int* w1) {
-    *w0 = static_cast<int>(c.expert * sp.weight_rows_per_expert) + c.n0;
-    *w1 = kGated ? *w0 + sp.gate_up_offset : *w0 + 64;
+  // The codes of a tile's two halves for K block kb (interleaved: the gate and up planes of the
+  // row pairs [E * N_total / 2]; else the first row of each half in the [E * N_total] rows).
+  const auto load_codes = [&](unsigned char* a, std::uint64_t* bar, const TileCoord& c, int kb, std::uint64_t policy) {
+    if constexpr (kInterleaved) {
+      const int pair0 = static_cast<int>(c.expert * (sp.weight_rows_per_expert / 2)) + c.n0;
+      tma_load_3d(a, &codes, bar, kb * 128, 0, pair0, policy);
+      tma_load_3d(a + kHalfCodeBytes, &codes, bar, kb * 128, 1, pair0, policy);
+    } else {
+      const int w0 = static_cast<int>(c.expert * sp.weight_rows_per_expert) + c.n0;
+      tma_load_2d(a, &codes, bar, kb * 128, w0, policy);
+      tma_load_2d(a + kHalfCodeBytes, &codes, bar, kb * 128, kGated ? w0 + sp.gate_up_offset : w0 + 64, policy);
+    }
+  };
+  // Row of the expert holding tile row R (half R / 64), and whether its output is in range.
+  const auto expert_row = [&](const TileCoord& c, int R, bool* in_range) {
+    const int h = R / 64, r = R % 64;
+    *in_range = R < 128 && (kGated ? c.n0 + r : c.n0 + R) < sp.n_out;
+    return kGated ? (c.n0 + r) * sp.gate_row_step + h * sp.gate_up_offset : c.n0 + R;
   };
 
   if (threadIdx.x < 128) {
     if (threadIdx.x >= 32) {
-      // ---- scale threads: the stage's scales, cp.async of 4, 8 or 16 bytes ----
       // Scales are constant weights: no grid dependency to wait for.
       cuda::detail::allow_dependents_launch();
+      if constexpr (kFp4) {
+        // ---- MXFP4 scale warps: E8M0 bytes -> bf16 pairs in the slot ----
+        // Plain loads (a row's K / 32 bytes need not be 4-byte aligned for cp.async). Warp w
+        // (0..2) fills the ring slots s with s % 3 == w, in ring order (so its parity waits never
+        // skip a phase): it issues a stage's loads before waiting for the slot, and the three warps
+        // keep three stages' loads in flight. Lane = (quarter, group): tile rows R = 4 i + quarter
+        // (i < 16: half 0, row 4 i + quarter; else half 1), each the scale of group kb * 8 + group.
+        // Rows past the outputs and groups past K load nothing and take a finite stand-in (127):
+        // their codes are zero-filled or their sums never stored, and 0 x NaN must not reach a sum.
+        const int scale_warp = static_cast<int>(threadIdx.x) / 32 - 1, lane = static_cast<int>(threadIdx.x) % 32;
+        const int group = lane % 8, quarter = lane / 8;
+        int stage = 0;
+        std::uint32_t phase = 0;
+        for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+          const auto [c, kb_begin, kb_end] = tile_range(tile);
+          // The lane's rows: i -> base[i / 16] + (i % 16) * step (rows 4 apart: gate/up pairs 8
+          // apart when interleaved), and how many of each half are outputs.
+          const int first = c.n0 + quarter;
+          const Index step = Index{4} * (kGated ? sp.gate_row_step : 1) * p.groups;
+          const std::uint8_t* base0 = p.scale_e8m0 +
+                                      (static_cast<Index>(c.expert) * sp.weight_rows_per_expert +
+                                       (kGated ? static_cast<Index>(first) * sp.gate_row_step : first)) * p.groups + group;
+          const std::uint8_t* base1 = kGated ? base0 + static_cast<Index>(sp.gate_up_offset) * p.groups : base0 + 16 * step;
+          const int rows_in = max(0, (sp.n_out - first + 3) / 4);  // i (ungated) or i % 16 (gated) below it
+          for (int kb = kb_begin; kb < kb_end; ++kb) {
+            if (stage % 3 == scale_warp) {
+              const bool group_in = kb * 8 + group < p.groups;
+              const std::uint8_t* const at[2] = {base0 + kb * 8, base1 + kb * 8};
+              unsigned v[32];
+              bool overflows = false;  // a scale past 2^1, or NaN: 2^(s - 1) does not fit bf16
+#pragma unroll
+              for (int i = 0; i < 32; ++i) {
+                const bool in = group_in && (kGated ? i % 16 : i) < rows_in;
+                v[i] = in ? __ldg(at[i / 16] + (i % 16) * step) : 127u;
+                overflows |= v[i] > 128;
+              }
+              // Fold 2^126 into the stage's scales where bf16 holds every 2^(s - 1): the consumers'
+              // conversion is then one multiply per pair in place of two.
+              const bool fold = !__any_sync(0xFFFFFFFFu, overflows);
+              mbar_wait_at(empty_base + 8 * stage, phase ^ 1);
+              const std::uint32_t slot = smem_base + stage * stage_bytes + p.stage.scale_offset + 4 * group + 32 * quarter;
+              if (fold) {
+#pragma unroll
+                for (int i = 0; i < 32; ++i) sts32(slot + 128 * i, e8m0_pair<true>(v[i]));
+              } else {
+#pragma unroll
+                for (int i = 0; i < 32; ++i) sts32(slot + 128 * i, e8m0_pair<false>(v[i]));
+              }
+              if (lane == 0) folded[stage] = fold;
+              mbar_arrive_at(full_base + 8 * stage);  // release: the stores before it
+            }
+            if (++stage == stages) {
+              stage = 0;
+              phase ^= 1;
+            }
+          }
+        }
+        return;
+      }
+      // ---- scale threads: the stage's scales, cp.async of 4, 8 or 16 bytes ----
       // Thread st copies tile rows st and st + 96 (< 128; warp-uniform: warp 1 alone has a
       // second), every group of the stage, into the slot's [tile row R = 64 half + r][group].
       const int st = static_cast<int>(threadIdx.x) - 32;
@@ -279,9 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           bool row_ok[2];
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            const int R = st + kScaleThreads * u, h = R / 64, r = R % 64;
-            const int n = (h == 0 ? c.n0 : kGated ? sp.gate_up_offset + c.n0 : c.n0 + 64) + r;  // row of the expert
-            row_ok[u] = R < 128 && (kGated ? c.n0 + r : n) < sp.n_out;
+            const int n = expert_row(c, st + kScaleThreads * u, &row_ok[u]);
             src[u] = expert_scales + static_cast<Index>(row_ok[u] ? n : 0) * p.groups;
           }
           int group_stage = kb_begin / stages_per_group, stage_in_group = kb_begin % stages_per_group;
@@ -334,13 +461,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     int prefetched = 0;
     if (static_cast<int>(blockIdx.x) < total) {
       const auto [c, kb_begin, kb_end] = tile_range(static_cast<int>(blockIdx.x));
-      int w0, w1;
-      half_rows(c, &w0, &w1);
       for (int kb = kb_begin; kb < kb_end && prefetched < stages; ++kb, ++prefetched) {
-        unsigned char* a = smem + prefetched * stage_bytes;
         mbar_expect_tx(&full[prefetched], tx_bytes(kb));
-        tma_load_2d(a, &codes, &full[prefetched], kb * 128, w0, stream_policy);
-        tma_load_2d(a + kHalfCodeBytes, &codes, &full[prefetched], kb * 128, w1, stream_policy);
+        load_codes(smem + prefetched * stage_bytes, &full[prefetched], c, kb, stream_policy);
       }
     }
     cuda::detail::grid_dependency_wait();
@@ -350,15 +473,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     int issued = 0;
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       const auto [c, kb_begin, kb_end] = tile_range(tile);
-      int w0, w1;
-      half_rows(c, &w0, &w1);
       for (int kb = kb_begin; kb < kb_end; ++kb, ++issued) {
         unsigned char* a = smem + stage * stage_bytes;
         if (issued >= prefetched) {
           mbar_wait_at(empty_base + 8 * stage, phase ^ 1);
           mbar_expect_tx(&full[stage], tx_bytes(kb));
-          tma_load_2d(a, &codes, &full[stage], kb * 128, w0, stream_policy);
-          tma_load_2d(a + kHalfCodeBytes, &codes, &full[stage], kb * 128, w1, stream_policy);
+          load_codes(a, &full[stage], c, kb, stream_policy);
         }
         // Boxes wholly past K are not issued; the consumer skips their steps.
         for (int atom = 0; atom < row_atoms(kb); ++atom) {
@@ -415,9 +535,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         const std::uint32_t stage_addr = smem_base + stage * stage_bytes;
         const std::uint32_t rows_addr = stage_addr + row_off;
         const int k_left = sp.k - kb * kStageK - 128 * wg;  // K of this warpgroup's half of the stage
+        const bool stage_folded = kFp4 && folded[stage];
         // Scales of rows g, g + 8 of both halves: bf16 pairs, per chunk or once per stage half.
         const auto scale_pair = [&](int cc, int h, int i) {
-          return bf16_pair(lds32f(stage_addr + scale_row_off[h][i] + group_off[cc]));
+          const std::uint32_t at = stage_addr + scale_row_off[h][i] + group_off[cc];
+          if constexpr (kFp4) return lds32(at);  // stored as the bf16 pair
+          else return bf16_pair(lds32f(at));
         };
         std::uint32_t half_scales[2][2];
         if constexpr (!kScalePerChunk) {
@@ -437,24 +560,52 @@ __global__ void __launch_bounds__(kThreads, 1)
             break;
           }
           std::uint32_t(&set)[2][4][4] = a[local];
+          // The set's conversion (kFolded: MXFP4 scales stored with 2^126 folded in, e8m0_pair).
+          const auto convert = [&]<bool kFolded>() {
+            [[maybe_unused]] uint2 fp4_scales[2][2];
+            if constexpr (kFp4) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
+              for (int h = 0; h < 2; ++h)
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {  // rows g and g + 8 of the warp's 16
+                for (int i = 0; i < 2; ++i) fp4_scales[h][i] = lds64(stage_addr + scale_row_off[h][i] + group_off[2 * local]);
+            }
 #pragma unroll
-              for (int cc = 0; cc < 2; ++cc) {
-                // The thread's word of codes 8q .. 8q + 7 of the chunk: nibble pairs (d, d + 4)
-                // are its fragment pairs of the chunk's two steps (k32_pair_slot orders the rows'
-                // K to match).
-                const int chunk = 2 * local + cc;  // of this warpgroup's four
-                const std::uint32_t w = lds32(rows_addr + chunk_off[chunk] + h * kHalfCodeBytes + i * 8 * 128);
-                const std::uint32_t s2 = kScalePerChunk ? scale_pair(chunk, h, i) : half_scales[h][i];
-                set[h][2 * cc][i] = dequant_pair(w, magic, zero_pair, s2);
-                set[h][2 * cc][2 + i] = dequant_pair(w >> 4, magic, zero_pair, s2);
-                set[h][2 * cc + 1][i] = dequant_pair(w >> 8, magic, zero_pair, s2);
-                set[h][2 * cc + 1][2 + i] = dequant_pair(w >> 12, magic, zero_pair, s2);
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+              for (int i = 0; i < 2; ++i) {  // rows g and g + 8 of the warp's 16
+#pragma unroll
+                for (int cc = 0; cc < 2; ++cc) {
+                  // The thread's word of codes 8q .. 8q + 7 of the chunk: nibble pairs (d, d + 4)
+                  // are its fragment pairs of the chunk's two steps (k32_pair_slot orders the rows'
+                  // K to match).
+                  const int chunk = 2 * local + cc;  // of this warpgroup's four
+                  const std::uint32_t w = lds32(rows_addr + chunk_off[chunk] + h * kHalfCodeBytes + i * 8 * 128);
+                  std::uint32_t s2;
+                  if constexpr (kFp4) {  // both chunks' scales (groups of 32: adjacent words) at once
+                    s2 = cc == 0 ? fp4_scales[h][i].x : fp4_scales[h][i].y;
+                  } else {
+                    s2 = kScalePerChunk ? scale_pair(chunk, h, i) : half_scales[h][i];
+                  }
+                  if constexpr (kFp4) {
+                    set[h][2 * cc][i] = e2m1_pair<0, kFolded>(w, s2);
+                    set[h][2 * cc][2 + i] = e2m1_pair<1, kFolded>(w, s2);
+                    set[h][2 * cc + 1][i] = e2m1_pair<0, kFolded>(w >> 8, s2);
+                    set[h][2 * cc + 1][2 + i] = e2m1_pair<1, kFolded>(w >> 8, s2);
+                  } else {
+                    set[h][2 * cc][i] = dequant_pair(w, magic, zero_pair, s2);
+                    set[h][2 * cc][2 + i] = dequant_pair(w >> 4, magic, zero_pair, s2);
+                    set[h][2 * cc + 1][i] = dequant_pair(w >> 8, magic, zero_pair, s2);
+                    set[h][2 * cc + 1][2 + i] = dequant_pair(w >> 12, magic, zero_pair, s2);
+                  }
+                }
               }
             }
+          };
+          if constexpr (kFp4) {
+            if (stage_folded) convert.template operator()<true>();
+            else convert.template operator()<false>();
+          } else {
+            convert.template operator()<false>();
           }
           asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
           // B descriptors: 32 bytes of K per step advance the descriptor's address field by 2.
@@ -509,12 +660,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       named_barrier_sync(2, 256);
       if (wg == 1) continue;
+      // The expert biases of the thread's two rows (g and g + 8 of its warp's 16), once per tile.
+      float bias[2][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) row_biases<IO, kGated>(sp, c, 16 * warp + g + 8 * i, &bias[i][0], &bias[i][1]);
 #pragma unroll
       for (int idx = 0; idx < kAcc; ++idx) {
         const int tok = 8 * (idx / 4) + 2 * q + idx % 2;
-        const int r = 16 * warp + g + 8 * ((idx / 2) % 2);
+        const int i = (idx / 2) % 2;
         if (tok >= c.tokens) continue;
-        store_tile_outputs<IO, kGated, Expr, Activation>(sp, c, split.count, r, tok, acc0[idx], acc1[idx], act_args);
+        store_tile_outputs<IO, kGated, Expr, Activation>(sp, c, split.count, 16 * warp + g + 8 * i, tok,
+                                                         acc0[idx] + bias[i][0], acc1[idx] + bias[i][1], act_args);
       }
     }
   }
@@ -528,7 +684,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 struct Args {
   const std::uint8_t* codes = nullptr;
   Index experts = 0, n_total = 0, k = 0, row_stride = 0;  // row_stride in bytes
-  const float* scale = nullptr;
+  const float* scale = nullptr;             // 4-bit integer codes
+  const std::uint8_t* scale_e8m0 = nullptr;  // E2M1 codes (MXFP4; groups of 32)
   Index group_size = 0;
   bool signed_codes = false;
   unsigned default_zero = 8;
@@ -545,17 +702,44 @@ struct Args {
   const Index* slot_row = nullptr;
   Index num_slots = 0;
   bool k32_pair_order_out = false;  // out's columns in k32_pair_slot order (GEMM1's, for GEMM2)
+  const bfloat16* bias = nullptr;    // [experts, n_total] (by weight row), or null
 };
 
-template <int kTokens, bool kGated, class Expr, class Activation>
+// The codes of interleaved gated rows as a 3-D tensor map: K / 2 bytes, the gate and up plane, and
+// the [experts * n_total / 2] row pairs; boxes of 128 bytes x one plane x 64 pairs (128B swizzle,
+// zero fill past K), which land in shared memory as a 2-D box of 64 rows would.
+inline Status make_pair_tensor_map(CUtensorMap* map, const std::uint8_t* codes, Index pairs, Index k_bytes,
+                                   Index row_stride) {
+  const auto encode = swap_detail::tensor_map_encoder();
+  if (!encode) return make_status(StatusCode::kCudaError, "cuTensorMapEncodeTiled not available from the driver");
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(k_bytes), 2, static_cast<cuuint64_t>(pairs)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row_stride), static_cast<cuuint64_t>(2 * row_stride)};
+  const cuuint32_t box[3] = {128, 1, 64};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<std::uint8_t*>(codes), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) return make_status(StatusCode::kCudaError, "cuTensorMapEncodeTiled failed: ", static_cast<int>(r));
+  return Status::ok();
+}
+
+// kInterleaved: gated w13 with gate and up rows alternating; kFp4: E2M1 codes and E8M0 scales.
+template <int kTokens, bool kGated, bool kInterleaved, bool kFp4, class Expr, class Activation>
 Status launch(const Args& a, const typename Activation::Arguments& act_args, bool programmatic, cudaStream_t stream) {
   using namespace swap_detail;
+  static_assert(kGated || !kInterleaved, "moe::cuda weight-only swap GEMM: only gated rows interleave");
+  const Index group_size = kFp4 ? 32 : a.group_size;
   if (const char* why = refusal(a.experts, a.n_total, a.k, a.n_total * a.row_stride, a.row_stride, a.codes,
-                                a.group_size, a.num_rows)) {
+                                group_size, a.num_rows)) {
     return unsupported("weight-only swap GEMM: needs ", why);
   }
+  if (kInterleaved && a.n_total % 2 != 0) return unsupported("weight-only swap GEMM: needs gate and up rows in pairs");
   CUtensorMap cmap, xmap;
-  MOE_RETURN_IF_ERROR(make_tensor_map(&cmap, a.codes, a.experts * a.n_total, a.k / 2, a.row_stride, 64));
+  if constexpr (kInterleaved) {
+    MOE_RETURN_IF_ERROR(make_pair_tensor_map(&cmap, a.codes, a.experts * a.n_total / 2, a.k / 2, a.row_stride));
+  } else {
+    MOE_RETURN_IF_ERROR(make_tensor_map(&cmap, a.codes, a.experts * a.n_total, a.k / 2, a.row_stride, 64));
+  }
   MOE_RETURN_IF_ERROR(make_tensor_map(&xmap, a.x, a.num_rows, a.k, a.k, kTokens));
   Params p{};
   SwapParams& sp = p.swap;
@@ -564,7 +748,9 @@ Status launch(const Args& a, const typename Activation::Arguments& act_args, boo
   sp.num_experts = static_cast<int>(a.experts);
   sp.k = static_cast<int>(a.k);
   sp.n_out = static_cast<int>(a.n_out);
-  sp.gate_up_offset = kGated ? static_cast<int>(a.n_out) : 0;
+  sp.gate_up_offset = !kGated ? 0 : kInterleaved ? 1 : static_cast<int>(a.n_out);
+  sp.gate_row_step = kInterleaved ? 2 : 1;
+  sp.bias = a.bias;
   sp.weight_rows_per_expert = a.n_total;
   sp.out = a.out;
   sp.ldo = a.ldo;
@@ -573,8 +759,9 @@ Status launch(const Args& a, const typename Activation::Arguments& act_args, boo
   sp.partial = a.partial;
   sp.partial_rows = a.num_rows;
   sp.k32_pair_order_out = a.k32_pair_order_out;
-  const Index group = a.group_size > 0 ? a.group_size : a.k;
+  const Index group = group_size > 0 ? group_size : a.k;
   p.scale = a.scale;
+  p.scale_e8m0 = a.scale_e8m0;
   p.group_size = static_cast<int>(group < a.k ? group : a.k);
   p.groups = static_cast<int>((a.k + group - 1) / group);
   p.stage = StageLayout::of<kTokens>(group, a.k);
@@ -586,8 +773,11 @@ Status launch(const Args& a, const typename Activation::Arguments& act_args, boo
   int device = 0, sms = 0;
   MOE_CUDA_TRY(cudaGetDevice(&device));
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  auto* kernel = p.stage.chunk_group_shift < 2 ? &w4_swap_gemm_kernel<kTokens, kGated, true, Expr, Activation>
-                                               : &w4_swap_gemm_kernel<kTokens, kGated, false, Expr, Activation>;
+  // Groups narrower than 128 (MXFP4's 32 always) take a scale per 32-K chunk, wider ones one per
+  // half stage (the MXFP4 instance of the second is never launched: kFp4 keeps it per chunk).
+  auto* kernel = p.stage.chunk_group_shift < 2
+                     ? &w4_swap_gemm_kernel<kTokens, kGated, kInterleaved, kFp4, true, Expr, Activation>
+                     : &w4_swap_gemm_kernel<kTokens, kGated, kInterleaved, kFp4, kFp4, Expr, Activation>;
   const int smem = p.stage.stages * p.stage.bytes + 1024;
   MOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(kernel, sms, kThreads, smem, stream, programmatic, cmap, xmap, p, act_args));

@@ -456,12 +456,13 @@ TEST_F(WeightOnlyExpertsTest, ActOrderMatchesTheCpuBackend) {
 // interleaved rows), on MXFP4 (E2M1 codes, E8M0 scales; moe/quant/mxfp4.h) and W4A16 codes (group
 // 64, with or without zero points): each GEMM choice against the CPU backend
 // (testing/cpu/quant_weight_only_test.cc checks the CPU's MXFP4 bit for bit against the
-// unquantized kernel on independently dequantized weights). MXFP4's scales include E8M0 0 (2^-127,
+// unquantized kernel on independently dequantized weights); I = 32 gives w2 rows of one MXFP4 group
+// (gpt-oss's layer test found the swap GEMM misreading that slot). MXFP4's scales include E8M0 0 (2^-127,
 // a subnormal) and scales of 2^2 .. 2^5, past what one multiply by 2^(s - 1) could hold in bf16.
 template <class Activation, class Q>
-void expect_biased_experts_match(Index M, std::uint32_t seed, bool zero_points = true) {
+void expect_biased_experts_match(Index M, std::uint32_t seed, bool zero_points = true, Index I = 192) {
   using IO = moe::bfloat16;
-  const Index E = 8, H = 256, I = 192;
+  const Index E = 8, H = 256;
   const int top_k = 2;
   std::mt19937 gen(seed);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -575,6 +576,8 @@ TEST_F(WeightOnlyExpertsTest, BiasedGatedExpertsInBothLayoutsMatchTheCpuBackend)
     expect_biased_experts_match<moe::SwigluOai, quant::W4A16>(M, 33);
     expect_biased_experts_match<moe::SwigluOai, quant::W4A16>(M, 34, false);
     expect_biased_experts_match<moe::SiluAndMul, quant::W4A16>(M, 35, false);
+    // One E8M0 group per row of w2 (I = 32): the swap GEMM's scale slot keeps its eight groups.
+    expect_biased_experts_match<moe::SwigluOai, quant::Mxfp4>(M, 36, true, 32);
   }
 }
 

@@ -78,10 +78,12 @@ struct StageLayout {
   int scale_copy_bytes = 4;
   int scale_offset = 0, bytes = 0, stages = 0;
 
-  template <int kTokens>
+  // kEightGroups: every stage holds eight groups of 32 per row, whatever K (MXFP4: the scale warps
+  // fill and the consumers read a slot of that shape, even where K is a single group).
+  template <int kTokens, bool kEightGroups = false>
   static StageLayout of(Index group_size, Index k) {
     StageLayout l;
-    const bool one_group = group_size >= k || group_size % kStageK == 0;
+    const bool one_group = !kEightGroups && (group_size >= k || group_size % kStageK == 0);
     l.groups_per_stage = one_group ? 1 : static_cast<int>(kStageK / group_size);
     l.chunk_group_shift = one_group ? 3 : group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
     const Index groups = (k + group_size - 1) / group_size;
@@ -764,7 +766,7 @@ Status launch(const Args& a, const typename Activation::Arguments& act_args, boo
   p.scale_e8m0 = a.scale_e8m0;
   p.group_size = static_cast<int>(group < a.k ? group : a.k);
   p.groups = static_cast<int>((a.k + group - 1) / group);
-  p.stage = StageLayout::of<kTokens>(group, a.k);
+  p.stage = StageLayout::of<kTokens, kFp4>(group, a.k);
   // Wide scale copies need the scales' base aligned to their width (a view may start anywhere).
   if (reinterpret_cast<std::uintptr_t>(a.scale) % p.stage.scale_copy_bytes != 0) p.stage.scale_copy_bytes = 4;
   p.magic = 0x43004300u | (a.signed_codes ? 0x00080008u : 0u);

@@ -246,14 +246,6 @@ __device__ __forceinline__ void tma_load_2d(void* smem, const CUtensorMap* map, 
       "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "l"(l2_policy)
       : "memory");
 }
-__device__ __forceinline__ void tma_load_3d(void* smem, const CUtensorMap* map, std::uint64_t* bar, int c0, int c1,
-                                            int c2, std::uint64_t l2_policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, "
-      "%4, %5}], [%2], %6;" ::"r"(smem_addr(smem)),
-      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "l"(l2_policy)
-      : "memory");
-}
 // wgmma shared-memory descriptor of a K-major tile with 128-byte rows, 128B swizzle: 8-row groups
 // 1024 bytes apart (stride byte offset), leading byte offset unused for this layout. The high
 // word (stride, swizzle) is the same for every tile.

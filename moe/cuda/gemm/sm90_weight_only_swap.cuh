@@ -12,8 +12,8 @@
 //
 // Tile: 128 weight rows (two 64-row halves: gated GEMM1's gate rows of outputs [n0, n0 + 64) and
 // their up rows, else rows [n0, n0 + 128)) x kTokens (8, 16 or 32) tokens of one expert. Gate and
-// up rows [gate; up] are two 2-D boxes I rows apart; interleaved (gpt-oss: gate 2j, up 2j + 1)
-// they are the two planes of a 3-D tensor map over row pairs. A stage is 256 K: per half one
+// up rows [gate; up] are two 2-D boxes I rows apart; interleaved (gpt-oss: gate 2j, up 2j + 1) the
+// tile's 128 consecutive rows, whose even and odd rows the consumers read as the halves. A stage is 256 K: per half one
 // 128-byte TMA box of codes per row (128B swizzle), four 64-K boxes of the rows (bf16, 128B
 // swizzle, wgmma's B), and the stage's scales ([tile row][group]). Integer codes: float scales,
 // copied by producer warps 1..3 with cp.async (a row's groups in one 8- or 16-byte copy where they
@@ -254,8 +254,8 @@ __device__ __forceinline__ void rs_wgmma(const std::uint32_t (&a)[4], std::uint6
   Op::fma(a[0], a[1], a[2], a[3], b, d[I]..., cute::SM90::GMMA::ScaleOut::One);
 }
 
-// kInterleaved: gated w13 with gate and up rows alternating (gpt-oss), loaded through a 3-D tensor
-// map (K bytes, gate/up, row pair); kFp4: E2M1 codes with E8M0 scales (MXFP4), else 4-bit integers
+// kInterleaved: gated w13 with gate and up rows alternating (gpt-oss), the tile's 128 rows loaded in
+// that order and read as the two halves; kFp4: E2M1 codes with E8M0 scales (MXFP4), else 4-bit integers
 // with float scales; kScalePerChunk: groups narrower than 128 (a scale per 32-K chunk), else one per
 // half stage.
 template <int kTokens, bool kGated, bool kInterleaved, bool kFp4, bool kScalePerChunk, class Expr, class Activation>
@@ -309,10 +309,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The codes of a tile's two halves for K block kb (interleaved: the gate and up planes of the
   // row pairs [E * N_total / 2]; else the first row of each half in the [E * N_total] rows).
   const auto load_codes = [&](unsigned char* a, std::uint64_t* bar, const TileCoord& c, int kb, std::uint64_t policy) {
-    if constexpr (kInterleaved) {
-      const int pair0 = static_cast<int>(c.expert * (sp.weight_rows_per_expert / 2)) + c.n0;
-      tma_load_3d(a, &codes, bar, kb * 128, 0, pair0, policy);
-      tma_load_3d(a + kHalfCodeBytes, &codes, bar, kb * 128, 1, pair0, policy);
+    if constexpr (kInterleaved) {  // the 64 row pairs of outputs [n0, n0 + 64): 128 rows in order
+      const int w0 = static_cast<int>(c.expert * sp.weight_rows_per_expert) + 2 * c.n0;
+      tma_load_2d(a, &codes, bar, kb * 128, w0, policy);
+      tma_load_2d(a + kHalfCodeBytes, &codes, bar, kb * 128, w0 + 64, policy);
     } else {
       const int w0 = static_cast<int>(c.expert * sp.weight_rows_per_expert) + c.n0;
       tma_load_2d(a, &codes, bar, kb * 128, w0, policy);
@@ -507,11 +507,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     // four 32-K chunks within its rows (128B swizzle: 16-byte unit chunk ^ row % 8, and
     // row % 8 == g), of each chunk's scale group within a row of the scale slot, and of its four
     // scale rows (g and g + 8 of the warp's 16, both halves) in the slot.
-    std::uint32_t chunk_off[4], group_off[4], scale_row_off[2][2];
+    // Interleaved rows: the thread's gate row r = 16 warp + g + 8 i is shared row 2 r and its up
+    // row 2 r + 1 (the tile's 128 rows in checkpoint order), so a row's place in its 8-row swizzle
+    // group, 2 g + h, depends on the half.
+    std::uint32_t chunk_off[2][4], group_off[4], scale_row_off[2][2];
 #pragma unroll
     for (int cc = 0; cc < 4; ++cc) {
       const int chunk = 4 * wg + cc;
-      chunk_off[cc] = static_cast<std::uint32_t>(((chunk ^ g) << 4) + 4 * q);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int swizzle_row = kInterleaved ? (2 * g + h) % 8 : g;
+        chunk_off[h][cc] = static_cast<std::uint32_t>(((chunk ^ swizzle_row) << 4) + 4 * q);
+      }
       group_off[cc] = static_cast<std::uint32_t>((chunk >> p.stage.chunk_group_shift) * 4);
     }
     const int scale_row_bytes = 4 * p.stage.groups_per_stage;
@@ -521,13 +528,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 2; ++i) {
         scale_row_off[h][i] = static_cast<std::uint32_t>(p.stage.scale_offset + (64 * h + 16 * warp + g + 8 * i) * scale_row_bytes);
       }
-    const std::uint32_t row_off = static_cast<std::uint32_t>((16 * warp + g) * 128);
+    const std::uint32_t row_off = static_cast<std::uint32_t>((kInterleaved ? 32 * warp + 2 * g : 16 * warp + g) * 128);
+    // From the thread's first row: the other half's row, and row g + 8 of the warp's 16.
+    constexpr std::uint32_t kHalfStep = kInterleaved ? 128 : kHalfCodeBytes;
+    constexpr std::uint32_t kRowStep8 = kInterleaved ? 16 * 128 : 8 * 128;
     // __shared__ exchange: the second warpgroup's sums, read by the first at each tile's end.
     __shared__ float exchange[2 * kAcc][128];
     int stage = 0;
     std::uint32_t phase = 0;
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       const auto [c, kb_begin, kb_end] = tile_range(tile);
+      // The expert biases of the thread's two rows (g and g + 8 of its warp's 16), loaded before the
+      // tile's K loop so that their latency hides under it (after it, each tile's epilogue waited
+      // on them: 5-6% of gpt-oss's decode rows).
+      float bias[2][2] = {};
+      if (wg == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) row_biases<IO, kGated>(sp, c, 16 * warp + g + 8 * i, &bias[i][0], &bias[i][1]);
+      }
       float acc0[kAcc], acc1[kAcc];  // gate (or rows [0, 64)) and up (or rows [64, 128)) halves
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) acc0[i] = acc1[i] = 0.0f;
@@ -581,7 +599,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                   // are its fragment pairs of the chunk's two steps (k32_pair_slot orders the rows'
                   // K to match).
                   const int chunk = 2 * local + cc;  // of this warpgroup's four
-                  const std::uint32_t w = lds32(rows_addr + chunk_off[chunk] + h * kHalfCodeBytes + i * 8 * 128);
+                  const std::uint32_t w = lds32(rows_addr + chunk_off[h][chunk] + h * kHalfStep + i * kRowStep8);
                   std::uint32_t s2;
                   if constexpr (kFp4) {  // both chunks' scales (groups of 32: adjacent words) at once
                     s2 = cc == 0 ? fp4_scales[h][i].x : fp4_scales[h][i].y;
@@ -662,10 +680,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       named_barrier_sync(2, 256);
       if (wg == 1) continue;
-      // The expert biases of the thread's two rows (g and g + 8 of its warp's 16), once per tile.
-      float bias[2][2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) row_biases<IO, kGated>(sp, c, 16 * warp + g + 8 * i, &bias[i][0], &bias[i][1]);
 #pragma unroll
       for (int idx = 0; idx < kAcc; ++idx) {
         const int tok = 8 * (idx / 4) + 2 * q + idx % 2;
@@ -707,24 +721,6 @@ struct Args {
   const bfloat16* bias = nullptr;    // [experts, n_total] (by weight row), or null
 };
 
-// The codes of interleaved gated rows as a 3-D tensor map: K / 2 bytes, the gate and up plane, and
-// the [experts * n_total / 2] row pairs; boxes of 128 bytes x one plane x 64 pairs (128B swizzle,
-// zero fill past K), which land in shared memory as a 2-D box of 64 rows would.
-inline Status make_pair_tensor_map(CUtensorMap* map, const std::uint8_t* codes, Index pairs, Index k_bytes,
-                                   Index row_stride) {
-  const auto encode = swap_detail::tensor_map_encoder();
-  if (!encode) return make_status(StatusCode::kCudaError, "cuTensorMapEncodeTiled not available from the driver");
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(k_bytes), 2, static_cast<cuuint64_t>(pairs)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row_stride), static_cast<cuuint64_t>(2 * row_stride)};
-  const cuuint32_t box[3] = {128, 1, 64};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<std::uint8_t*>(codes), dims, strides, box,
-                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) return make_status(StatusCode::kCudaError, "cuTensorMapEncodeTiled failed: ", static_cast<int>(r));
-  return Status::ok();
-}
-
 // kInterleaved: gated w13 with gate and up rows alternating; kFp4: E2M1 codes and E8M0 scales.
 template <int kTokens, bool kGated, bool kInterleaved, bool kFp4, class Expr, class Activation>
 Status launch(const Args& a, const typename Activation::Arguments& act_args, bool programmatic, cudaStream_t stream) {
@@ -737,11 +733,7 @@ Status launch(const Args& a, const typename Activation::Arguments& act_args, boo
   }
   if (kInterleaved && a.n_total % 2 != 0) return unsupported("weight-only swap GEMM: needs gate and up rows in pairs");
   CUtensorMap cmap, xmap;
-  if constexpr (kInterleaved) {
-    MOE_RETURN_IF_ERROR(make_pair_tensor_map(&cmap, a.codes, a.experts * a.n_total / 2, a.k / 2, a.row_stride));
-  } else {
-    MOE_RETURN_IF_ERROR(make_tensor_map(&cmap, a.codes, a.experts * a.n_total, a.k / 2, a.row_stride, 64));
-  }
+  MOE_RETURN_IF_ERROR(make_tensor_map(&cmap, a.codes, a.experts * a.n_total, a.k / 2, a.row_stride, 64));
   MOE_RETURN_IF_ERROR(make_tensor_map(&xmap, a.x, a.num_rows, a.k, a.k, kTokens));
   Params p{};
   SwapParams& sp = p.swap;

@@ -306,8 +306,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     t.kb_end = min(k_blocks, t.kb_begin + split.k_blocks_per_split);
     return t;
   };
-  // The codes of a tile's two halves for K block kb (interleaved: the gate and up planes of the
-  // row pairs [E * N_total / 2]; else the first row of each half in the [E * N_total] rows).
+  // The codes of a tile's two halves for K block kb: two 64-row boxes of the [E * N_total] rows
+  // (interleaved: the tile's 128 consecutive rows, read as even and odd halves by the consumers).
   const auto load_codes = [&](unsigned char* a, std::uint64_t* bar, const TileCoord& c, int kb, std::uint64_t policy) {
     if constexpr (kInterleaved) {  // the 64 row pairs of outputs [n0, n0 + 64): 128 rows in order
       const int w0 = static_cast<int>(c.expert * sp.weight_rows_per_expert) + 2 * c.n0;
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const std::uint32_t magic = p.magic, zero_pair = p.zero_pair;
     // Per thread and loop invariant: the byte offset of its word (q) of each of this warpgroup's
     // four 32-K chunks within its rows (128B swizzle: 16-byte unit chunk ^ row % 8, and
-    // row % 8 == g), of each chunk's scale group within a row of the scale slot, and of its four
+    // row % 8 == g, or 2 g + h interleaved), of each chunk's scale group within a row of the scale slot, and of its four
     // scale rows (g and g + 8 of the warp's 16, both halves) in the slot.
     // Interleaved rows: the thread's gate row r = 16 warp + g + 8 i is shared row 2 r and its up
     // row 2 r + 1 (the tile's 128 rows in checkpoint order), so a row's place in its 8-row swizzle
@@ -556,11 +556,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         const std::uint32_t rows_addr = stage_addr + row_off;
         const int k_left = sp.k - kb * kStageK - 128 * wg;  // K of this warpgroup's half of the stage
         const bool stage_folded = kFp4 && folded[stage];
-        // Scales of rows g, g + 8 of both halves: bf16 pairs, per chunk or once per stage half.
+        // Integer codes' scales of rows g, g + 8 of both halves: bf16 pairs, per chunk or once per
+        // stage half (MXFP4's, stored as bf16 pairs, are read two chunks at a time below).
         const auto scale_pair = [&](int cc, int h, int i) {
-          const std::uint32_t at = stage_addr + scale_row_off[h][i] + group_off[cc];
-          if constexpr (kFp4) return lds32(at);  // stored as the bf16 pair
-          else return bf16_pair(lds32f(at));
+          return bf16_pair(lds32f(stage_addr + scale_row_off[h][i] + group_off[cc]));
         };
         std::uint32_t half_scales[2][2];
         if constexpr (!kScalePerChunk) {

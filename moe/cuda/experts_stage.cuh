@@ -609,7 +609,6 @@ class ExpertsStage {
         return run_weight_only_swap(l, w, input, tokens, output, s, b, stream);
       }
       *weighted = row_weight != nullptr;
-      constexpr bool kFp4 = std::is_same_v<Quant, quant::Mxfp4>;
       constexpr bool kInterleaved = kMode1 == detail::ColumnMode::kGatedInterleaved;
       constexpr bool kGated = kMode1 != detail::ColumnMode::kPlain;
       const auto params = [&](DeviceView<const W, 3> wt, const auto& scale, const IO* x, Index k, Index n_out, bool gated,
@@ -689,7 +688,9 @@ class ExpertsStage {
     return Status::ok();
   }
 
-  // The mixed-input wgmma GEMM's arguments for one weight (w13 or w2), operands from the call.
+  // The mixed-input wgmma GEMM (moe/cuda/gemm/sm90_weight_only_gemm.h): prefill on sm_90a, bf16
+  // rows, 4-bit integer codes (offset or two's-complement; MXFP4's 32-wide scale groups are
+  // narrower than its K tile), expert biases fused.
   static constexpr bool kWeightOnlyWgmma = [] {
     if constexpr (kWeightOnly && kArchHasSm90 && std::is_same_v<IO, bfloat16>) {
       return Quant::kBits == 4 && !std::is_same_v<Quant, quant::Mxfp4>;
@@ -697,13 +698,21 @@ class ExpertsStage {
       return false;
     }
   }();
-  template <class Scale, class Zero>
-  gemm::Sm90WeightOnlyGemmArgs weight_only_wgmma_args(DeviceView<const W, 3> wt, const Scale& scale, const Zero& zero,
-                                                      Index k, Index group_size, bool signed_codes,
-                                                      Index rows_per_expert, const IO* x, const Segments* s,
-                                                      IO* out) const {
+  gemm::Sm90WeightOnlyCodes weight_only_codes(const Weights& w) const {
+    if constexpr (kWeightOnlyWgmma) {
+      return w.quant.signed_codes ? gemm::Sm90WeightOnlyCodes::kTwosComplement : gemm::Sm90WeightOnlyCodes::kOffset;
+    } else {
+      return gemm::Sm90WeightOnlyCodes::kOffset;
+    }
+  }
+  // Its arguments for GEMM1 (w13) or GEMM2 (w2), the rows and output from the call.
+  gemm::Sm90WeightOnlyGemmArgs weight_only_wgmma_args(const Weights& w, bool gemm1, Index rows_per_expert,
+                                                      const IO* x, const Segments* s, IO* out) const {
     gemm::Sm90WeightOnlyGemmArgs a;
     if constexpr (kWeightOnlyWgmma) {
+      const DeviceView<const W, 3> wt = gemm1 ? w.w13 : w.w2;
+      const auto& bias = gemm1 ? w.w13_bias : w.w2_bias;
+      const Index k = gemm1 ? w.hidden() : w.intermediate();
       a.num_experts = static_cast<int>(wt.extent(0));
       a.n = wt.extent(1);
       a.k = k;
@@ -714,11 +723,13 @@ class ExpertsStage {
       a.w = wt.data();
       a.w_expert_stride = wt.stride(0);
       a.ldw = wt.stride(1);
-      a.scale = scale.data();
+      a.scale = (gemm1 ? w.quant.w13_scale : w.quant.w2_scale).data();
+      const auto& zero = gemm1 ? w.quant.w13_zero : w.quant.w2_zero;
       a.zero = zero ? zero->data() : nullptr;
       a.default_zero = Quant::kDefaultZero;
-      a.signed_codes = signed_codes;
-      a.group_size = group_size;
+      a.signed_codes = w.quant.signed_codes;
+      a.group_size = w.quant.group_size;
+      a.bias = bias ? bias->data() : nullptr;
       a.d = out;
       a.ldd = a.n;
       a.rows_per_expert = rows_per_expert;
@@ -734,22 +745,22 @@ class ExpertsStage {
       if (options_.weight_only_gemm != WeightOnlyGemm::kAuto && options_.weight_only_gemm != WeightOnlyGemm::kMixedInputWgmma) {
         return false;
       }
-      const double switch_rows = picks_weight_only_swap(w) ? weight_only_swap_rows_per_expert
-                                                           : weight_only_wgmma_rows_per_expert(w.quant.signed_codes);
+      const double switch_rows =
+          picks_weight_only_swap(w)
+              ? weight_only_swap_rows_per_expert
+              : weight_only_wgmma_rows_per_expert(weight_only_codes(w) == gemm::Sm90WeightOnlyCodes::kTwosComplement);
       if (options_.weight_only_gemm == WeightOnlyGemm::kAuto &&
           static_cast<double>(live_rows) < switch_rows * static_cast<double>(w.num_local_experts())) {
         return false;
       }
-      if (w.w13_bias || w.w2_bias || weight_only_refusal(w)) return false;
+      if (weight_only_refusal(w)) return false;
       // Stand-in operands: 16-byte aligned, never read (the rows are checked by the caller).
       const auto* aligned = reinterpret_cast<const IO*>(w.w13.data());
       const auto* seg = reinterpret_cast<const Index*>(aligned);
       const Segments stand_in{seg, seg, seg, seg, 0};
       IO* out = const_cast<IO*>(aligned);
-      return !gemm::sm90_weight_only_gemm_refusal(
-                 weight_only_wgmma_args(w.w13, w.quant.w13_scale, w.quant.w13_zero, w.hidden(), w.quant.group_size, w.quant.signed_codes, 0, aligned, &stand_in, out)) &&
-             !gemm::sm90_weight_only_gemm_refusal(
-                 weight_only_wgmma_args(w.w2, w.quant.w2_scale, w.quant.w2_zero, w.intermediate(), w.quant.group_size, w.quant.signed_codes, 0, aligned, &stand_in, out));
+      return !gemm::sm90_weight_only_gemm_refusal(weight_only_wgmma_args(w, true, 0, aligned, &stand_in, out)) &&
+             !gemm::sm90_weight_only_gemm_refusal(weight_only_wgmma_args(w, false, 0, aligned, &stand_in, out));
     } else {
       return false;
     }
@@ -763,10 +774,10 @@ class ExpertsStage {
   std::size_t weight_only_wgmma_workspace(const Weights& w, Index rows_per_expert) const {
     if constexpr (kWeightOnlyWgmma) {
       const int E = static_cast<int>(w.num_local_experts());
-      const Index g = w.quant.group_size;
-      const bool sc = w.quant.signed_codes;
-      return std::max(gemm::sm90_weight_only_gemm_workspace_bytes(E, w.w13.extent(1), w.hidden(), g, rows_per_expert, sc),
-                      gemm::sm90_weight_only_gemm_workspace_bytes(E, w.hidden(), w.intermediate(), g, rows_per_expert, sc));
+      const Index g = weight_only_wgmma_args(w, true, 0, nullptr, nullptr, nullptr).group_size;
+      const auto codes = weight_only_codes(w);
+      return std::max(gemm::sm90_weight_only_gemm_workspace_bytes(E, w.w13.extent(1), w.hidden(), g, rows_per_expert, codes),
+                      gemm::sm90_weight_only_gemm_workspace_bytes(E, w.hidden(), w.intermediate(), g, rows_per_expert, codes));
     } else {
       return 0;
     }
@@ -786,10 +797,12 @@ class ExpertsStage {
   // experts average at most 4 rows (two stages more in the ring than 16: 3-9% faster decode on the
   // H200), 16 up to 8 (at an average of 8 rows, 8-token tiles made DeepSeek and gpt-oss M = 256
   // 25-35% slower), else 32 (mixtral M = 64, 16 rows on average: with 16-token tiles the ~40% of
-  // experts over 16 rows read their codes twice).
+  // experts over 16 rows read their codes twice). MXFP4 above 32 (prefill: the mixed-input GEMM
+  // takes no E8M0 groups) converts its codes once per 64 tokens: each warpgroup then takes a weight
+  // half (benchmarks/NOTES.md, "MXFP4 prefill: 64-token tiles").
   static int weight_only_swap_tokens(const Plan& l, const Weights& w) {
     const Index rows = rows_per_expert(l, w);
-    return rows <= 4 ? 8 : rows <= 8 ? 16 : 32;
+    return rows <= 4 ? 8 : rows <= 8 ? 16 : (kFp4 && rows > 32) ? 64 : 32;
   }
 
   static constexpr bool kFp4 = std::is_same_v<Quant, quant::Mxfp4>;
@@ -896,6 +909,9 @@ class ExpertsStage {
           return both.template operator()<8>();
         case 16:
           return both.template operator()<16>();
+        case 64:
+          if constexpr (kFp4) return both.template operator()<64>();  // MXFP4's prefill only
+          [[fallthrough]];
         default:
           return both.template operator()<32>();
       }
@@ -904,7 +920,7 @@ class ExpertsStage {
     }
   }
 
-  // Prefill on the mixed-input wgmma GEMM: GEMM1 stored raw, the activation pass, GEMM2 stored
+  // Prefill on the mixed-input wgmma GEMM: GEMM1 stored (plus its bias), the activation pass, GEMM2 stored (plus its bias)
   // (unweighted: the finalize applies the router weights). The workspace's transposed scales are
   // rewritten per GEMM (stream order keeps GEMM1's until it is done).
   Status run_weight_only_wgmma(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
@@ -914,12 +930,10 @@ class ExpertsStage {
       const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
       const Index rows_per_expert = ExpertsStage::rows_per_expert(l, w);
       MOE_RETURN_IF_ERROR(gemm::sm90_weight_only_gemm(
-          weight_only_wgmma_args(w.w13, w.quant.w13_scale, w.quant.w13_zero, w.hidden(), w.quant.group_size, w.quant.signed_codes, rows_per_expert, input, &s, b.gemm1_out), ws,
-          stream));
+          weight_only_wgmma_args(w, true, rows_per_expert, input, &s, b.gemm1_out), ws, stream));
       MOE_RETURN_IF_ERROR(activate_gemm1_out(w, s, b, false, stream));
-      return gemm::sm90_weight_only_gemm(
-          weight_only_wgmma_args(w.w2, w.quant.w2_scale, w.quant.w2_zero, w.intermediate(), w.quant.group_size, w.quant.signed_codes, rows_per_expert, b.inter, &s, output), ws,
-          stream);
+      return gemm::sm90_weight_only_gemm(weight_only_wgmma_args(w, false, rows_per_expert, b.inter, &s, output), ws,
+                                         stream);
     } else {
       return unsupported("experts (", Quant::kName, "): the mixed-input wgmma GEMM takes 4-bit codes and bf16 rows");
     }

@@ -283,8 +283,9 @@ auto plan_for(const Shape& p, WeightOnlyGemm gemm, Index live_rows, bool biased)
 // Which GEMM the plan picks: kAuto takes the mixed-input wgmma GEMM on a Hopper tag with bf16 rows
 // and 4-bit codes from weight_only_swap_rows_per_expert rows per expert where the swap GEMM takes
 // the rest, else from weight_only_wgmma_rows_per_expert (fewer for two's-complement codes; groups of
-// 192 here, which the swap GEMM does not take), and never for 8-bit codes, f16 rows, groups of 32
-// and expert biases; a forced choice still refuses what the GEMM cannot run.
+// 192 here, which the swap GEMM does not take), with or without expert biases (its epilogue adds
+// them), and never for 8-bit codes, f16 rows or groups of 32; a forced choice still refuses what
+// the GEMM cannot run.
 TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
   const auto picks = [](auto q, auto io, Shape p, WeightOnlyGemm gemm, Index live_rows, bool biased = false,
                         bool signed_codes = false) {
@@ -316,7 +317,8 @@ TEST_F(WeightOnlyExpertsTest, MixedInputWgmmaRunsWhereItApplies) {
   EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kRegisters, 8 * 1000));
   EXPECT_TRUE(picks(w4, bf16, {0, 8, 256, 192, 2, 0, true}, WeightOnlyGemm::kAuto, 8 * 100));  // per channel
   EXPECT_FALSE(picks(w4, bf16, {0, 8, 256, 192, 2, 32, true}, WeightOnlyGemm::kMixedInputWgmma, 8 * 100));
-  EXPECT_FALSE(picks(w4, bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100, true));
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100, true));  // expert biases
+  EXPECT_TRUE(picks(w4, bf16, g128, WeightOnlyGemm::kAuto, swap_threshold, true));
   EXPECT_FALSE(picks(w4, moe::half(), g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100));
   EXPECT_FALSE(picks(quant::W8A16(), bf16, g128, WeightOnlyGemm::kMixedInputWgmma, 8 * 100));
 }
@@ -425,7 +427,7 @@ TEST_F(WeightOnlyExpertsTest, Sm90WeightOnlyGemmMatchesTheDequantizedProduct) {
     for (const Index rows_per_expert : {Index{16}, Index{100}, Index{300}}) {  // token tiles 32, 128, 256
       a.rows_per_expert = rows_per_expert;
       DeviceBuffer<std::byte> ws(moe::cuda::gemm::sm90_weight_only_gemm_workspace_bytes(
-          a.num_experts, a.n, a.k, a.group_size, rows_per_expert, a.signed_codes));
+          a.num_experts, a.n, a.k, a.group_size, rows_per_expert, a.codes()));
       const moe::Status st = moe::cuda::gemm::sm90_weight_only_gemm(a, std::span<std::byte>(ws.data(), ws.size()), nullptr);
       ASSERT_TRUE(st.is_ok()) << st.to_string();
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -534,7 +536,9 @@ void expect_biased_experts_match(Index M, std::uint32_t seed, bool zero_points =
                                                                        db2.data(), dout.data());
   std::vector<float> ref(want.size());
   for (std::size_t i = 0; i < want.size(); ++i) ref[i] = moe::to_float(want[i]);
-  {  // Forced, the swap GEMM takes these weights on an sm_90 device unless zero points rule it out.
+  {  // Forced, the swap GEMM takes these weights on an sm_90 device unless zero points rule it out,
+     // and the mixed-input GEMM takes the integer codes (MXFP4's groups of 32 are narrower than its K
+     // tile).
     using Stage = moe::cuda::ExpertsStage<moe::Experts<Activation, Q, IO>, IO, moe::cuda::Sm90>;
     typename Stage::Weights sw;
     sw.w13 = a.w13;
@@ -548,11 +552,15 @@ void expect_biased_experts_match(Index M, std::uint32_t seed, bool zero_points =
     ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), cudaSuccess);
     EXPECT_EQ(Stage(forced).plan(sw, M * top_k, M * top_k).weight_only_swap, major == 9 && (kFp4 || !zero_points))
         << Activation::kName << " " << Q::kName;
+    forced.weight_only_gemm = WeightOnlyGemm::kMixedInputWgmma;
+    EXPECT_EQ(Stage(forced).plan(sw, M * top_k, M * top_k).weight_only_wgmma, major == 9 && !kFp4)
+        << Activation::kName << " " << Q::kName;
   }
-  // The swap GEMM takes MXFP4 and codes without zero points (split K and not); elsewhere forcing it
-  // runs the register GEMM.
+  // The swap GEMM takes MXFP4 and codes without zero points (split K and not), the mixed-input GEMM
+  // the integer codes (the bias in its epilogue); elsewhere forcing either runs the register GEMM.
   for (const auto& [gemm, max_k_splits] : {std::pair{WeightOnlyGemm::kAuto, 8}, std::pair{WeightOnlyGemm::kRegisters, 8},
-                                           std::pair{WeightOnlyGemm::kSwapWgmma, 8}, std::pair{WeightOnlyGemm::kSwapWgmma, 1}}) {
+                                           std::pair{WeightOnlyGemm::kSwapWgmma, 8}, std::pair{WeightOnlyGemm::kSwapWgmma, 1},
+                                           std::pair{WeightOnlyGemm::kMixedInputWgmma, 8}}) {
     moe::cuda::Options options;
     options.weight_only_gemm = gemm;
     options.max_k_splits = max_k_splits;

@@ -14,9 +14,9 @@
 namespace moe::cuda::gemm {
 namespace sm90_detail {
 
-template <int TN, bool kSigned>
+template <int TN, Sm90WeightOnlyCodes kCodes>
 std::size_t weight_only_tile_workspace(int experts, Index n, Index k, Index group_size);
-template <int TN, bool kSigned>
+template <int TN, Sm90WeightOnlyCodes kCodes>
 Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream);
 Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, float* scales, float* zeros,
                                 cudaStream_t stream);
@@ -112,6 +112,7 @@ const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& a) {
     return "E * n * groups must fit int32";
   }
   if (!aligned(a.a) || !aligned(a.w) || !aligned(a.d)) return "operands need 16-byte aligned bases (TMA)";
+  if (!aligned(a.bias)) return "the bias rows need a 16-byte aligned base";
   if (a.k % 32 != 0 || a.ldw % 16 != 0 || a.w_expert_stride % 16 != 0) {
     return "k must be a multiple of 32 and the code strides of 16 bytes";
   }
@@ -121,32 +122,35 @@ const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& a) {
 
 namespace {
 
-// The instantiations: (token tile, two's-complement codes).
+// The instantiations: (token tile, code kind).
 template <class F>
-auto with_tile(Index rows_per_expert, bool signed_codes, F&& f) {
+auto with_tile(Index rows_per_expert, Sm90WeightOnlyCodes codes, F&& f) {
+  using enum Sm90WeightOnlyCodes;
   const int tn = token_tile(rows_per_expert);
-  if (signed_codes) {
-    if (tn == 32) return f.template operator()<32, true>();
-    if (tn == 128) return f.template operator()<128, true>();
-    return f.template operator()<256, true>();
+  switch (codes) {
+    case kTwosComplement:
+      if (tn == 32) return f.template operator()<32, kTwosComplement>();
+      if (tn == 128) return f.template operator()<128, kTwosComplement>();
+      return f.template operator()<256, kTwosComplement>();
+    case kOffset: break;
   }
-  if (tn == 32) return f.template operator()<32, false>();
-  return f.template operator()<128, false>();
+  if (tn == 32) return f.template operator()<32, kOffset>();
+  return f.template operator()<128, kOffset>();
 }
 
 }  // namespace
 
 std::size_t sm90_weight_only_gemm_workspace_bytes(int num_experts, Index n, Index k, Index group_size,
-                                                  Index rows_per_expert, bool signed_codes) {
-  return with_tile(rows_per_expert, signed_codes, [&]<int TN, bool kSigned>() {
-    return sm90_detail::weight_only_tile_workspace<TN, kSigned>(num_experts, n, k, group_size);
+                                                  Index rows_per_expert, Sm90WeightOnlyCodes codes) {
+  return with_tile(rows_per_expert, codes, [&]<int TN, Sm90WeightOnlyCodes kCodes>() {
+    return sm90_detail::weight_only_tile_workspace<TN, kCodes>(num_experts, n, k, group_size);
   });
 }
 
 Status sm90_weight_only_gemm(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream) {
   if (const char* why = sm90_weight_only_gemm_refusal(a)) return invalid_argument("sm90_weight_only_gemm: ", why);
-  return with_tile(a.rows_per_expert, a.signed_codes, [&]<int TN, bool kSigned>() {
-    return sm90_detail::run_weight_only_tile<TN, kSigned>(a, workspace, stream);
+  return with_tile(a.rows_per_expert, a.codes(), [&]<int TN, Sm90WeightOnlyCodes kCodes>() {
+    return sm90_detail::run_weight_only_tile<TN, kCodes>(a, workspace, stream);
   });
 }
 

@@ -1,12 +1,13 @@
 // Hopper grouped expert GEMM on packed 4-bit weights (W4A16), the prefill GEMMs of the weight-only
 // schemes (moe/quant/weight_only.h):
 //
-//   d[seg_begin[e] + r, c] = sum_k a[seg_begin[e] + r, k] * wq(e, c, k)          r < seg_count[e]
+//   d[seg_begin[e] + r, c] = IO(sum_k a[seg_begin[e] + r, k] * wq(e, c, k) + bias[e, c])   r < seg_count[e]
 //   wq(e, c, k) = IO(float(q - z) * float(IO(scale[e, c, k / G])))               q = code, z = zero
 //
-// for every local expert e at once, fp32 accumulation, output rounded once. The dequantized
-// weight is bit-identical to the CPU reference's: the codes become floats, the scale is rounded to
-// IO first, and q * s - z * s is exact in fp32 before the one rounding to IO.
+// for every local expert e at once, fp32 accumulation, output rounded once (the bias, where given,
+// added to the fp32 sums first, as the reference's epilogues). The dequantized weight is
+// bit-identical to the CPU reference's: the codes become floats, the scale is rounded to IO first,
+// and q * s - z * s is exact in fp32 before the one rounding to IO.
 //
 // Why a second weight-only GEMM: our register GEMM (weight_only_gemm.cuh) streams the codes for
 // decode but re-reads and re-dequantizes every weight tile per 16 tokens, so prefill ran at a
@@ -23,6 +24,8 @@
 //  - two's-complement codes (`signed_codes`, moe/quant/weight_only.h; no zero points): the codes
 //    become bf16 exactly and one bf16 multiply by the bf16 scale rounds once (about 2 per weight),
 //    with a 256-token tile for long segments as well.
+// MXFP4 does not run here: the collective takes one scale per row and 64-wide K tile (its
+// smallest), and E8M0 scales cover 32.
 //
 // This header includes none of CUTLASS; the instantiation lives in the .cu.
 #pragma once
@@ -38,6 +41,12 @@
 
 namespace moe::cuda::gemm {
 
+// How the 4-bit codes become values (one instantiation set each).
+enum class Sm90WeightOnlyCodes {
+  kOffset,          // unsigned codes minus zero points (given, or the default)
+  kTwosComplement,  // signed codes, no zero points
+};
+
 struct Sm90WeightOnlyGemmArgs {
   int num_experts = 0;
   Index n = 0, k = 0;                    // weight rows (output columns), reduction length
@@ -52,9 +61,14 @@ struct Sm90WeightOnlyGemmArgs {
   unsigned default_zero = 8;
   bool signed_codes = false;             // two's-complement codes (moe/quant/weight_only.h): w = IO(c * IO(scale))
   Index group_size = 0;                  // K per scale group; 0: one group over K
+  const void* bias = nullptr;            // bf16 [E, n] contiguous or null: added to the sums before the rounding
   void* d = nullptr;                     // bf16 [rows, ldd]
   Index ldd = 0;
   Index rows_per_expert = 0;             // a host-side estimate of the average rows (picks the token tile)
+
+  Sm90WeightOnlyCodes codes() const {
+    return signed_codes ? Sm90WeightOnlyCodes::kTwosComplement : Sm90WeightOnlyCodes::kOffset;
+  }
 };
 
 // Why the kernel cannot run these operands, or nullptr: TMA's 16-byte aligned bases and rows, a
@@ -63,9 +77,9 @@ const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& args);
 
 // Device workspace of one launch: descriptors, CUTLASS's tensor maps, the transposed scales and
 // zero points (2 * E * n * groups floats; bf16 scales alone for two's-complement codes).
-// `rows_per_expert` and `signed_codes` as in the arguments.
+// `rows_per_expert` and `codes` as in the arguments.
 std::size_t sm90_weight_only_gemm_workspace_bytes(int num_experts, Index n, Index k, Index group_size,
-                                                  Index rows_per_expert, bool signed_codes);
+                                                  Index rows_per_expert, Sm90WeightOnlyCodes codes);
 
 // Enqueues the grouped GEMM on `stream`. No allocation, no synchronization.
 Status sm90_weight_only_gemm(const Sm90WeightOnlyGemmArgs& args, std::span<std::byte> workspace, cudaStream_t stream);

@@ -10,7 +10,10 @@
 // moe/quant/weight_only.h does.
 #pragma once
 
-#include "moe/cuda/gemm/sm90_grouped_gemm_impl.cuh"
+#include "moe/cuda/gemm/sm90_grouped_gemm_impl.cuh"  // CUTLASS's builders first
+#include "cutlass/epilogue/fusion/sm90_visitor_compute_tma_warpspecialized.hpp"
+#include "cutlass/epilogue/fusion/sm90_visitor_load_tma_warpspecialized.hpp"
+#include "cutlass/epilogue/fusion/sm90_visitor_tma_warpspecialized.hpp"
 #include "moe/cuda/gemm/sm90_weight_only_gemm.h"
 
 namespace moe::cuda::gemm::sm90_detail {
@@ -78,33 +81,44 @@ struct ScaledZeroedMixedInput : Base {
 // on M (128, two consumer warpgroups), token rows on N, D column-major = row-major [rows, n].
 //
 // Two conversions, both giving the reference's bits:
-//  - offset codes with zero points (kSigned false): uint4 codes, fp32 scales s and zeros
-//    z' = -z * s; q * s + z' is exact in fp32 and rounded once to bf16;
-//  - two's-complement codes (kSigned true): int4 codes become bf16 exactly (one prmt, lop3 and
+//  - offset codes with zero points (kOffset): uint4 codes, fp32 scales s and zeros z' = -z * s;
+//    q * s + z' is exact in fp32 and rounded once to bf16;
+//  - two's-complement codes (kTwosComplement): int4 codes become bf16 exactly (one prmt, lop3 and
 //    subtraction per pair), times the bf16 scale rounds once; half the registers and shared
 //    memory per scale, no zeros, and about half the conversion instructions or less.
-template <int TN, bool kSigned>
+// (MXFP4 cannot run here: the collective takes one scale per row and K tile, and its K tile is at
+// least 64, two E8M0 groups.)
+// The epilogue adds the expert's bias row (a column of D^T; -0.0 where there is none, so that
+// sums of -0.0 stay -0.0 as the reference's) to the fp32 sums and rounds once.
+template <int TN, Sm90WeightOnlyCodes kCodes>
 struct WeightOnlyGemmT {
+  static constexpr bool kZeroPoints = kCodes == Sm90WeightOnlyCodes::kOffset;
   using Mma = cutlass::bfloat16_t;
-  using Codes = std::conditional_t<kSigned, cutlass::int4b_t, cutlass::uint4b_t>;
-  using Scale = std::conditional_t<kSigned, cutlass::bfloat16_t, float>;
+  using Codes = std::conditional_t<kZeroPoints, cutlass::uint4b_t, cutlass::int4b_t>;
+  using Scale = std::conditional_t<kZeroPoints, float, cutlass::bfloat16_t>;
   using TileShape = cute::Shape<cute::_128, cute::Int<TN>, cute::Int<64>>;  // 128 bytes of bf16 per token row
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kAlignCodes = 32;  // 16 bytes of 4-bit codes
   static constexpr int kAlignRows = 8;    // 16 bytes of bf16
 
+  // D = bf16(acc + bias[e, m]): the bias is a column of D^T, one row of [E, n] per group (the
+  // ptr-array epilogue's L coordinate is the group).
+  using BiasColumn = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, Mma, float,
+                                                                 cute::Stride<cute::_1, cute::_0, int64_t>>;
+  using BiasAdd = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, Mma, float, cutlass::FloatRoundStyle::round_to_nearest>,
+      cutlass::epilogue::fusion::Sm90AccFetch, BiasColumn>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, ColumnMajor*, kAlignRows, Mma, ColumnMajor*,
-      kAlignRows, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-      cutlass::epilogue::fusion::LinearCombination<Mma, float, void>>::CollectiveOp;
-  using Operand = std::conditional_t<kSigned, cute::tuple<Codes, Scale>, cute::tuple<Codes, Scale, Scale>>;
+      kAlignRows, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative, BiasAdd>::CollectiveOp;
+  using Operand = std::conditional_t<kZeroPoints, cute::tuple<Codes, Scale, Scale>, cute::tuple<Codes, Scale>>;
   using Collective = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Operand, RowMajor*, kAlignCodes, Mma, ColumnMajor*,
       kAlignRows, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Mainloop = std::conditional_t<kSigned, Collective, ScaledZeroedMixedInput<Collective>>;
+  using Mainloop = std::conditional_t<kZeroPoints, ScaledZeroedMixedInput<Collective>, Collective>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::InternalStrideA;
@@ -140,7 +154,7 @@ struct WeightOnlyDescriptors {
   const typename G::Scale** ptr_zero;  // offset codes only
   typename G::StrideScale* stride_scale;
   typename G::Scale* scales;  // [E, groups, n]
-  std::conditional_t<std::is_same_v<typename G::Scale, float>, float*, std::nullptr_t> zeros;  // [E, groups, n]
+  std::conditional_t<G::kZeroPoints, float*, std::nullptr_t> zeros;  // [E, groups, n]
 };
 
 template <class G>
@@ -158,7 +172,7 @@ WeightOnlyDescriptors<G> carve_weight_only(std::uintptr_t base, int experts, Ind
   d.stride_scale = c.take<typename G::StrideScale>(experts);
   const int per_expert = static_cast<int>(groups * n);  // the refusal keeps E * n * groups in int32
   d.scales = c.take<typename G::Scale>(experts * per_expert);
-  if constexpr (std::is_same_v<typename G::Scale, float>) {
+  if constexpr (G::kZeroPoints) {
     d.ptr_zero = c.take<const float*>(experts);
     d.zeros = c.take<float>(experts * per_expert);
   } else {
@@ -186,47 +200,59 @@ __global__ void describe_weight_only_groups_kernel(Sm90WeightOnlyGemmArgs a, int
   d.stride_d[e] = ld_stride<typename G::StrideD>(a.ldd);
   const Index per_expert = static_cast<Index>(groups) * a.n;
   d.ptr_scale[e] = d.scales + e * per_expert;
-  if constexpr (std::is_same_v<typename G::Scale, float>) d.ptr_zero[e] = d.zeros + e * per_expert;
+  if constexpr (G::kZeroPoints) d.ptr_zero[e] = d.zeros + e * per_expert;
   typename G::StrideScale s{};
   cute::get<1>(s) = a.n;  // [groups, n]: n contiguous
   cute::get<2>(s) = per_expert;
   d.stride_scale[e] = s;
 }
 
+// CUTLASS's arguments: device-side problem shapes, the mainloop's operands, and the epilogue's bias
+// (a row of [E, n] per group; null: -0.0, which leaves every sum as it is).
 template <class G>
 typename G::Gemm::Arguments make_weight_only_arguments(const WeightOnlyDescriptors<G>& d, int experts, int chunk,
-                                                       int sm_count) {
-  if constexpr (std::is_same_v<typename G::Scale, float>) {
-    return grouped_arguments<typename G::Gemm>(
-        experts, d.shapes, {d.ptr_w, d.stride_w, d.ptr_x, d.stride_x, d.ptr_scale, d.stride_scale, chunk, d.ptr_zero},
-        d.ptr_d, d.stride_d, sm_count);
-  } else {
-    return grouped_arguments<typename G::Gemm>(
-        experts, d.shapes, {d.ptr_w, d.stride_w, d.ptr_x, d.stride_x, d.ptr_scale, d.stride_scale, chunk}, d.ptr_d,
-        d.stride_d, sm_count);
-  }
+                                                       const void* bias, Index n, int sm_count) {
+  using Arguments = typename G::Gemm::Arguments;
+  const auto mainloop = [&]() -> typename G::Gemm::GemmKernel::MainloopArguments {
+    if constexpr (G::kZeroPoints) {
+      return {d.ptr_w, d.stride_w, d.ptr_x, d.stride_x, d.ptr_scale, d.stride_scale, chunk, d.ptr_zero};
+    } else {
+      return {d.ptr_w, d.stride_w, d.ptr_x, d.stride_x, d.ptr_scale, d.stride_scale, chunk};
+    }
+  }();
+  decltype(Arguments{}.epilogue.thread) fusion{};
+  fusion.op_1 = {static_cast<const typename G::Mma*>(bias), typename G::Mma(-0.0f),
+                          {cute::_1{}, cute::_0{}, static_cast<int64_t>(n)}};
+  cutlass::KernelHardwareInfo hw;
+  cudaGetDevice(&hw.device_id);
+  hw.sm_count = sm_count;
+  return Arguments{cutlass::gemm::GemmUniversalMode::kGrouped,
+                   {experts, d.shapes, nullptr},
+                   mainloop,
+                   {fusion, nullptr, d.stride_d, d.ptr_d, d.stride_d},
+                   hw};
 }
 
-template <int TN, bool kSigned>
+template <int TN, Sm90WeightOnlyCodes kCodes>
 std::size_t weight_only_tile_workspace(int experts, Index n, Index k, Index group_size) {
-  using G = WeightOnlyGemmT<TN, kSigned>;
+  using G = WeightOnlyGemmT<TN, kCodes>;
   const int sms = std::max(1, sm_count_of_current_device());
   std::size_t desc = 0;
   const auto d = carve_weight_only<G>(0, experts, n, weight_only_groups(k, group_size), &desc);  // sizes only
   return desc + align256(G::Gemm::get_workspace_size(
-                    make_weight_only_arguments(d, experts, weight_only_chunk(k, group_size), sms)));
+                    make_weight_only_arguments(d, experts, weight_only_chunk(k, group_size), nullptr, n, sms)));
 }
 
-template <int TN, bool kSigned>
+template <int TN, Sm90WeightOnlyCodes kCodes>
 Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream) {
-  using G = WeightOnlyGemmT<TN, kSigned>;
+  using G = WeightOnlyGemmT<TN, kCodes>;
   const int sm_count = sm_count_of_current_device();
   if (sm_count <= 0) return make_status(StatusCode::kCudaError, "sm90_weight_only_gemm: no device multiprocessor count");
   const Index groups = weight_only_groups(a.k, a.group_size);
   std::size_t desc_bytes = 0;
   const auto d = carve_weight_only<G>(reinterpret_cast<std::uintptr_t>(workspace.data()), a.num_experts, a.n, groups,
                                       &desc_bytes);
-  auto args = make_weight_only_arguments(d, a.num_experts, weight_only_chunk(a.k, a.group_size), sm_count);
+  auto args = make_weight_only_arguments(d, a.num_experts, weight_only_chunk(a.k, a.group_size), a.bias, a.n, sm_count);
   const std::size_t need = desc_bytes + align256(G::Gemm::get_workspace_size(args));
   if (workspace.size() < need) {
     return invalid_argument("workspace: ", workspace.size(), " bytes, the weight-only grouped GEMM needs ", need);
@@ -238,9 +264,9 @@ Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte
 }
 
 // One translation unit per token tile and code layout instantiates these (sm90_weight_only_gemm_*.cu).
-#define MOE_SM90_WEIGHT_ONLY_TILE(TN, SIGNED)                                                                   \
-  template std::size_t weight_only_tile_workspace<TN, SIGNED>(int, Index, Index, Index);                        \
-  template Status run_weight_only_tile<TN, SIGNED>(const Sm90WeightOnlyGemmArgs&, std::span<std::byte>,        \
-                                                   cudaStream_t);
+#define MOE_SM90_WEIGHT_ONLY_TILE(TN, CODES)                                                                    \
+  template std::size_t weight_only_tile_workspace<TN, Sm90WeightOnlyCodes::CODES>(int, Index, Index, Index);     \
+  template Status run_weight_only_tile<TN, Sm90WeightOnlyCodes::CODES>(const Sm90WeightOnlyGemmArgs&,           \
+                                                                      std::span<std::byte>, cudaStream_t);
 
 }  // namespace moe::cuda::gemm::sm90_detail

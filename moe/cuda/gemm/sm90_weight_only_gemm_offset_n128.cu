@@ -2,5 +2,5 @@
 #include "moe/cuda/gemm/sm90_weight_only_gemm_impl.cuh"
 
 namespace moe::cuda::gemm::sm90_detail {
-MOE_SM90_WEIGHT_ONLY_TILE(128, false)
+MOE_SM90_WEIGHT_ONLY_TILE(128, kOffset)
 }  // namespace moe::cuda::gemm::sm90_detail

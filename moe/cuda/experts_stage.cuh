@@ -798,11 +798,13 @@ class ExpertsStage {
   // H200), 16 up to 8 (at an average of 8 rows, 8-token tiles made DeepSeek and gpt-oss M = 256
   // 25-35% slower), else 32 (mixtral M = 64, 16 rows on average: with 16-token tiles the ~40% of
   // experts over 16 rows read their codes twice). MXFP4 above 32 (prefill: the mixed-input GEMM
-  // takes no E8M0 groups) converts its codes once per 64 tokens: each warpgroup then takes a weight
-  // half (benchmarks/NOTES.md, "MXFP4 prefill: 64-token tiles").
+  // takes no E8M0 groups) converts its codes once per 64 tokens, above 96 once per 128, each
+  // warpgroup taking 64 of the tile's rows (H200, gpt-oss M = 16384: 12439 µs with 64-token tiles
+  // as a weight half per warpgroup, 11120 with paired rows, 9578 with 128; benchmarks/NOTES.md,
+  // "MXFP4 prefill").
   static int weight_only_swap_tokens(const Plan& l, const Weights& w) {
     const Index rows = rows_per_expert(l, w);
-    return rows <= 4 ? 8 : rows <= 8 ? 16 : (kFp4 && rows > 32) ? 64 : 32;
+    return rows <= 4 ? 8 : rows <= 8 ? 16 : !kFp4 || rows <= 32 ? 32 : rows <= 96 ? 64 : 128;
   }
 
   static constexpr bool kFp4 = std::is_same_v<Quant, quant::Mxfp4>;
@@ -911,6 +913,9 @@ class ExpertsStage {
           return both.template operator()<16>();
         case 64:
           if constexpr (kFp4) return both.template operator()<64>();  // MXFP4's prefill only
+          [[fallthrough]];
+        case 128:
+          if constexpr (kFp4) return both.template operator()<128>();
           [[fallthrough]];
         default:
           return both.template operator()<32>();

@@ -577,8 +577,9 @@ void expect_biased_experts_match(Index M, std::uint32_t seed, bool zero_points =
   }
 }
 
+// M = 300 and 500 (75 and 125 rows per expert) take MXFP4's 64- and 128-token swap tiles.
 TEST_F(WeightOnlyExpertsTest, BiasedGatedExpertsInBothLayoutsMatchTheCpuBackend) {
-  for (const Index M : {1, 37, 300}) {
+  for (const Index M : {1, 37, 300, 500}) {
     expect_biased_experts_match<moe::SwigluOai, quant::Mxfp4>(M, 31);
     expect_biased_experts_match<moe::SiluAndMul, quant::Mxfp4>(M, 32);
     expect_biased_experts_match<moe::SwigluOai, quant::W4A16>(M, 33);

@@ -376,19 +376,21 @@ __device__ __forceinline__ void row_biases(const SwapParams& p, const TileCoord&
 
 // The outputs of weight row r of a tile's two halves for token `tok` (v0: the gate row or row r,
 // v1: the up row or row 64 + r): with splits > 1 the split's partial sums (reduce_splits_kernel
-// applies the epilogue), else the epilogue tree, stored.
-template <class TOut, bool kGated, class Expr, class Activation>
+// applies the epilogue), else the epilogue tree, stored. Ungated, kRows picks the rows stored
+// (bit 0: row r, bit 1: row 64 + r).
+template <class TOut, bool kGated, class Expr, class Activation, int kRows = 3>
 __device__ __forceinline__ void store_tile_outputs(const SwapParams& p, const TileCoord& c, int splits, int r, int tok,
                                                    float v0, float v1, const typename Activation::Arguments& act_args) {
   if (splits > 1) {
     const Index width = kGated ? 2 * static_cast<Index>(p.n_out) : p.n_out;
     float* dst = p.partial + (static_cast<Index>(c.split) * p.partial_rows + c.row0 + tok) * width;
     const int n = c.n0 + r;
-    if (n < p.n_out) dst[n] = v0;
     if constexpr (kGated) {
+      if (n < p.n_out) dst[n] = v0;
       if (n < p.n_out) dst[p.n_out + n] = v1;
     } else {
-      if (c.n0 + 64 + r < p.n_out) dst[c.n0 + 64 + r] = v1;
+      if ((kRows & 1) && n < p.n_out) dst[n] = v0;
+      if ((kRows & 2) && c.n0 + 64 + r < p.n_out) dst[c.n0 + 64 + r] = v1;
     }
     return;
   }
@@ -406,12 +408,12 @@ __device__ __forceinline__ void store_tile_outputs(const SwapParams& p, const Ti
     }
   } else {
     const int n = c.n0 + r, n1 = c.n0 + 64 + r;
-    if (n < p.n_out) {
+    if ((kRows & 1) && n < p.n_out) {
       ctx.acc[0] = v0;
       ctx.col = n;
       dst[at(n)] = from_float<TOut>(Expr::eval(ctx));
     }
-    if (n1 < p.n_out) {
+    if ((kRows & 2) && n1 < p.n_out) {
       ctx.acc[0] = v1;
       ctx.col = n1;
       dst[at(n1)] = from_float<TOut>(Expr::eval(ctx));

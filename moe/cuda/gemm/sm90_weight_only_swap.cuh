@@ -11,7 +11,7 @@
 // TMA keeps a ring of stages in flight per SM as the bf16 swap mainloop does (4.1-4.3 TB/s there).
 //
 // Tile: 128 weight rows (two 64-row halves: gated GEMM1's gate rows of outputs [n0, n0 + 64) and
-// their up rows, else rows [n0, n0 + 128)) x kTokens (8, 16, 32, or 64 for MXFP4's prefill) tokens of one expert. Gate and
+// their up rows, else rows [n0, n0 + 128)) x kTokens (8, 16, 32; 64 or 128 for MXFP4's prefill) tokens of one expert. Gate and
 // up rows [gate; up] are two 2-D boxes I rows apart; interleaved (gpt-oss: gate 2j, up 2j + 1) the
 // tile's 128 consecutive rows, whose even and odd rows the consumers read as the halves. A stage is 256 K: per half one
 // 128-byte TMA box of codes per row (128B swizzle), four 64-K boxes of the rows (bf16, 128B
@@ -35,9 +35,9 @@
 // Two consumer warpgroups split each stage's K (the first 128, the last 128) with accumulators of
 // their own, added in a fixed order at the tile's end (deterministic): the conversion is a chain
 // of dependent instructions per register, and one warp per scheduler left it latency-bound
-// (measured on the H200: 44% of issue slots busy, tensor pipe 9%). With 64 tokens (MXFP4's
-// prefill) each warpgroup takes one weight half over the whole stage instead, so that its
-// accumulators stay at 32 per thread; the second half's sums reach the first the same way.
+// (measured on the H200: 44% of issue slots busy, tensor pipe 9%). With 64 or 128 tokens (MXFP4's
+// prefill) each warpgroup takes 64 of the rows over the whole stage instead (gated: the gate and
+// up rows of 32 outputs, paired in each thread), and stores its own outputs.
 // E2M1 codes (e2m1_pair): per pair a mask, a multiply that copies the nibbles into place, a mask,
 // and one multiply by the scale pair where the stage's scale warp folded 2^126 into its scales
 // (every E8M0 scale <= 128, gpt-oss's all), else two: exact up to the scheme's one rounding either
@@ -93,8 +93,8 @@ struct StageLayout {
     l.scale_offset = kCodeBytes + 4 * kTokens * 128;
     l.bytes = (l.scale_offset + 128 * l.groups_per_stage * 4 + 1023) / 1024 * 1024;
     // The kernel's static shared memory beside the ring: the consumers' exchange (kTokens x 128
-    // floats; 64 tokens: one half's, 32 x 128), the tile prefix, barriers and flags.
-    constexpr int kStatic = (kTokens == 64 ? 32 : kTokens) * 128 * 4 + (kMaxExperts + 1) * 4 + 1024;
+    // floats; from 64 tokens none), the tile prefix, barriers and flags.
+    constexpr int kStatic = (kTokens >= 64 ? 1 : kTokens) * 128 * 4 + (kMaxExperts + 1) * 4 + 1024;
     constexpr int kBudget = std::min(kRingBudget, 227 * 1024 - 1024 - kStatic);  // 1024: the ring's alignment
     l.stages = std::min(kBudget / l.bytes, kMaxStages);
     return l;
@@ -257,6 +257,10 @@ struct RsWgmma<32> {
 template <>
 struct RsWgmma<64> {
   using Op = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+};
+template <>
+struct RsWgmma<128> {
+  using Op = cute::SM90::GMMA::MMA_64x128x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
 };
 template <class Op, int N, std::size_t... I>
 __device__ __forceinline__ void rs_wgmma(const std::uint32_t (&a)[4], std::uint64_t b, float (&d)[N],
@@ -506,18 +510,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     // ---- consumer warpgroups: codes -> bf16 A fragments -> wgmma, then the epilogue ----
     using Op = typename RsWgmma<kTokens>::Op;
-    // Two ways to share a stage: below 64 tokens each warpgroup takes half of its K for both weight
-    // halves (kHalves 2); with 64 tokens each takes one weight half over the whole stage (kHalves 1),
-    // so that its accumulators stay at 32 per thread. Either way a warpgroup converts 128 x 128
-    // codes per stage, and the second one's sums reach the first through `exchange`.
-    constexpr bool kSplitHalves = kTokens == 64;
-    constexpr int kHalves = kSplitHalves ? 1 : 2;  // weight halves per warpgroup
-    constexpr int kChunks = kSplitHalves ? 8 : 4;  // 32-K chunks of a stage per warpgroup
-    constexpr int kSteps64 = kChunks / 2;          // 64-K steps (register sets) per stage
+    // Two ways to share a stage. Below 64 tokens each warpgroup takes half of its K for all 128
+    // weight rows (kHalves 2: two m64 products per step), and the second one's sums reach the first
+    // through `exchange`. From 64 tokens (kPaired: MXFP4's prefill) each takes 64 of the rows over
+    // the whole stage, one m64 product per step, so that its accumulators stay at kTokens / 2 per
+    // thread: gated, the thread's wgmma rows g and g + 8 are the gate and up rows of one output
+    // (f below), so the activation needs nothing from another thread; ungated, the warpgroup's
+    // half. Either way a warpgroup converts 128 x 128 codes per stage.
+    constexpr bool kPaired = kTokens >= 64;
+    constexpr int kHalves = kPaired ? 1 : 2;  // m64 products per warpgroup and step
+    constexpr int kChunks = kPaired ? 8 : 4;  // 32-K chunks of a stage per warpgroup
+    constexpr int kSteps64 = kChunks / 2;     // 64-K steps (register sets) per stage
     cuda::detail::grid_dependency_wait();  // before any store: the outputs may be what the previous kernel reads
     cuda::detail::allow_dependents_launch();
     if (blockIdx.x == 0 && threadIdx.x == 128 && sp.splits_used != nullptr) *sp.splits_used = split.count;
-    const int wg = (static_cast<int>(threadIdx.x) - 128) / 128;  // K half of each stage, or weight half
+    const int wg = (static_cast<int>(threadIdx.x) - 128) / 128;  // K half of each stage, or row half (kPaired)
     const int t = (static_cast<int>(threadIdx.x) - 128) % 128;
     const int warp = t / 32, lane = t % 32, g = lane / 4, q = lane % 4;
     const std::uint32_t magic = p.magic, zero_pair = p.zero_pair;
@@ -528,16 +535,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Interleaved rows: the thread's gate row r = 16 warp + g + 8 i is shared row 2 r and its up
     // row 2 r + 1 (the tile's 128 rows in checkpoint order), so a row's place in its 8-row swizzle
     // group, 2 g + h, depends on the half.
-    // [hh]: the warpgroup's weight halves, half_of(hh) the tile's.
-    const auto half_of = [&](int hh) { return kSplitHalves ? wg : hh; };
-    std::uint32_t chunk_off[kHalves][kChunks], group_off[kChunks], scale_row_off[kHalves][2];
+    // kPaired: the thread's rows i = 0, 1 (wgmma rows g, g + 8): gated, the gate and up rows of
+    // output f, ungated rows 64 wg + 16 warp + g + 8 i; their place in the stage's 128 code rows
+    // (interleaved: 2 f + i) and in the scale slot ([half][row]).
+    const int f = 32 * wg + 8 * warp + g;
+    const auto paired_code_row = [&](int i) {
+      return kGated ? (kInterleaved ? 2 * f + i : 64 * i + f) : 64 * wg + 16 * warp + g + 8 * i;
+    };
+    const auto paired_scale_row = [&](int i) { return kGated ? 64 * i + f : paired_code_row(i); };
+    std::uint32_t chunk_off[kPaired ? 2 : kHalves][kChunks], group_off[kChunks], scale_row_off[kHalves][2];
 #pragma unroll
     for (int cc = 0; cc < kChunks; ++cc) {
-      const int chunk = kSplitHalves ? cc : 4 * wg + cc;
+      const int chunk = kPaired ? cc : 4 * wg + cc;
+      if constexpr (kPaired) {  // [row i][chunk]: the whole address within the stage
 #pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) {
-        const int swizzle_row = kInterleaved ? (2 * g + half_of(hh)) % 8 : g;
-        chunk_off[hh][cc] = static_cast<std::uint32_t>(((chunk ^ swizzle_row) << 4) + 4 * q);
+        for (int i = 0; i < 2; ++i) {
+          const int row = paired_code_row(i);
+          chunk_off[i][cc] = static_cast<std::uint32_t>(row * 128 + ((chunk ^ (row % 8)) << 4) + 4 * q);
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int swizzle_row = kInterleaved ? (2 * g + h) % 8 : g;
+          chunk_off[h][cc] = static_cast<std::uint32_t>(((chunk ^ swizzle_row) << 4) + 4 * q);
+        }
       }
       group_off[cc] = static_cast<std::uint32_t>((chunk >> p.stage.chunk_group_shift) * 4);
     }
@@ -546,15 +567,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int hh = 0; hh < kHalves; ++hh)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        scale_row_off[hh][i] =
-            static_cast<std::uint32_t>(p.stage.scale_offset + (64 * half_of(hh) + 16 * warp + g + 8 * i) * scale_row_bytes);
+        const int row = kPaired ? paired_scale_row(i) : 64 * hh + 16 * warp + g + 8 * i;
+        scale_row_off[hh][i] = static_cast<std::uint32_t>(p.stage.scale_offset + row * scale_row_bytes);
       }
     const std::uint32_t row_off = static_cast<std::uint32_t>((kInterleaved ? 32 * warp + 2 * g : 16 * warp + g) * 128);
     // From the thread's first row: the other half's row, and row g + 8 of the warp's 16.
     constexpr std::uint32_t kHalfStep = kInterleaved ? 128 : kHalfCodeBytes;
     constexpr std::uint32_t kRowStep8 = kInterleaved ? 16 * 128 : 8 * 128;
     // __shared__ exchange: the second warpgroup's sums, read by the first at each tile's end.
-    __shared__ float exchange[kHalves * kAcc][128];
+    __shared__ float exchange[kPaired ? 1 : 2 * kAcc][128];
     int stage = 0;
     std::uint32_t phase = 0;
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
@@ -563,7 +584,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       // tile's K loop so that their latency hides under it (after it, each tile's epilogue waited
       // on them: 5-6% of gpt-oss's decode rows).
       float bias[2][2] = {};
-      if (wg == 0) {
+      if constexpr (kPaired) {  // gated: output f's gate and up; ungated: rows i of either half
+        if constexpr (kGated) {
+          row_biases<IO, kGated>(sp, c, f, &bias[0][0], &bias[1][0]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) row_biases<IO, kGated>(sp, c, 16 * warp + g + 8 * i, &bias[i][0], &bias[i][1]);
+        }
+      } else if (wg == 0) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) row_biases<IO, kGated>(sp, c, 16 * warp + g + 8 * i, &bias[i][0], &bias[i][1]);
       }
@@ -575,7 +603,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait_at(full_base + 8 * stage, phase);
         const std::uint32_t stage_addr = smem_base + stage * stage_bytes;
         const std::uint32_t rows_addr = stage_addr + row_off;
-        const int k_left = sp.k - kb * kStageK - (kSplitHalves ? 0 : 128 * wg);  // K of this warpgroup's part of the stage
+        const int k_left = sp.k - kb * kStageK - (kPaired ? 0 : 128 * wg);  // K of this warpgroup's part of the stage
         const bool stage_folded = kFp4 && folded[stage];
         // Integer codes' scales of rows g, g + 8 of both halves: bf16 pairs, per chunk or once per
         // stage half (MXFP4's, stored as bf16 pairs, are read two chunks at a time below).
@@ -592,7 +620,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         std::uint32_t a[2][kHalves][4][4];  // [register set][half][16-K step][fragment register]
 #pragma unroll
         for (int local = 0; local < kSteps64; ++local) {  // 64 K: this warpgroup's chunks 2 local, 2 local + 1
-          const int sub = kSplitHalves ? local : 2 * wg + local;
+          const int sub = kPaired ? local : 2 * wg + local;
           if (64 * local >= k_left) {  // past K (the tile's last stage only)
             // Retire every group here: the next tile's first conversion rewrites register set 0,
             // which this stage's last group may still be reading (ptxas proves it no other way).
@@ -611,7 +639,6 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
 #pragma unroll
             for (int hh = 0; hh < kHalves; ++hh) {
-              const int h = half_of(hh);
 #pragma unroll
               for (int i = 0; i < 2; ++i) {  // rows g and g + 8 of the warp's 16
 #pragma unroll
@@ -620,7 +647,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                   // are its fragment pairs of the chunk's two steps (k32_pair_slot orders the rows'
                   // K to match).
                   const int chunk = 2 * local + cc;  // of this warpgroup's kChunks
-                  const std::uint32_t w = lds32(rows_addr + chunk_off[hh][chunk] + h * kHalfStep + i * kRowStep8);
+                  const std::uint32_t w = kPaired ? lds32(stage_addr + chunk_off[i][chunk])
+                                                  : lds32(rows_addr + chunk_off[hh][chunk] + hh * kHalfStep + i * kRowStep8);
                   std::uint32_t s2;
                   if constexpr (kFp4) {  // both chunks' scales (groups of 32: adjacent words) at once
                     s2 = cc == 0 ? fp4_scales[hh][i].x : fp4_scales[hh][i].y;
@@ -662,7 +690,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int step = 0; step < 4; ++step) {
             const std::uint64_t db = kDescHigh | (b_lo + 2 * step);
             rs_wgmma<Op>(set[0][step], db, acc0, std::make_index_sequence<kAcc>{});
-            if constexpr (!kSplitHalves) rs_wgmma<Op>(set[kHalves - 1][step], db, acc1, std::make_index_sequence<kAcc>{});
+            if constexpr (!kPaired) rs_wgmma<Op>(set[kHalves - 1][step], db, acc1, std::make_index_sequence<kAcc>{});
           }
           asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
           // The group before this one has retired: its register set may be rewritten, and after
@@ -684,24 +712,40 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (previous >= 0) mbar_arrive_at(empty_base + 8 * previous);
       // The second warpgroup's sums to the first (bar 1: written, bar 2: read; both warpgroups
       // wait at both, so the buffer is free again for the next tile).
-      // With 64 tokens the second warpgroup's sums are the second half's.
+      if constexpr (kPaired) {  // each warpgroup stores its own rows
+#pragma unroll
+        for (int idx = 0; idx < kAcc; ++idx) {
+          const int tok = 8 * (idx / 4) + 2 * q + idx % 2;
+          const int i = (idx / 2) % 2;
+          if (tok >= c.tokens) continue;
+          if constexpr (kGated) {  // rows g, g + 8: accumulators idx and idx + 2
+            if (i == 0) {
+              store_tile_outputs<IO, true, Expr, Activation>(sp, c, split.count, f, tok, acc0[idx] + bias[0][0],
+                                                             acc0[idx + 2] + bias[1][0], act_args);
+            }
+          } else if (wg == 0) {
+            store_tile_outputs<IO, false, Expr, Activation, 1>(sp, c, split.count, 16 * warp + g + 8 * i, tok,
+                                                               acc0[idx] + bias[i][0], 0.0f, act_args);
+          } else {
+            store_tile_outputs<IO, false, Expr, Activation, 2>(sp, c, split.count, 16 * warp + g + 8 * i, tok, 0.0f,
+                                                               acc0[idx] + bias[i][1], act_args);
+          }
+        }
+        continue;
+      }
       if (wg == 1) {
 #pragma unroll
         for (int idx = 0; idx < kAcc; ++idx) {
           exchange[idx][t] = acc0[idx];
-          if constexpr (!kSplitHalves) exchange[kAcc + idx][t] = acc1[idx];
+          exchange[kAcc + idx][t] = acc1[idx];
         }
       }
       named_barrier_sync(1, 256);
       if (wg == 0) {
 #pragma unroll
         for (int idx = 0; idx < kAcc; ++idx) {  // first half of K, then the second
-          if constexpr (kSplitHalves) {
-            acc1[idx] = exchange[idx][t];
-          } else {
-            acc0[idx] += exchange[idx][t];
-            acc1[idx] += exchange[kAcc + idx][t];
-          }
+          acc0[idx] += exchange[idx][t];
+          acc1[idx] += exchange[kAcc + idx][t];
         }
       }
       named_barrier_sync(2, 256);

@@ -543,17 +543,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       return kGated ? (kInterleaved ? 2 * f + i : 64 * i + f) : 64 * wg + 16 * warp + g + 8 * i;
     };
     const auto paired_scale_row = [&](int i) { return kGated ? 64 * i + f : paired_code_row(i); };
-    std::uint32_t chunk_off[kPaired ? 2 : kHalves][kChunks], group_off[kChunks], scale_row_off[kHalves][2];
+    // kPaired: row i's word q of chunk c is at (stage + pair_base[i]) ^ (c << 4): the stage is
+    // 1024-byte aligned and the row's swizzle, (c ^ row % 8) << 4, only touches bits 4..6 (one
+    // register per row in place of one per row and chunk: the 128-token tile spilled without it).
+    std::uint32_t chunk_off[kPaired ? 1 : kHalves][kChunks], group_off[kChunks], scale_row_off[kHalves][2];
+    std::uint32_t pair_base[kPaired ? 2 : 1];
+    if constexpr (kPaired) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = paired_code_row(i);
+        pair_base[i] = static_cast<std::uint32_t>(row * 128 + ((row % 8) << 4) + 4 * q);
+      }
+    }
 #pragma unroll
     for (int cc = 0; cc < kChunks; ++cc) {
       const int chunk = kPaired ? cc : 4 * wg + cc;
-      if constexpr (kPaired) {  // [row i][chunk]: the whole address within the stage
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int row = paired_code_row(i);
-          chunk_off[i][cc] = static_cast<std::uint32_t>(row * 128 + ((chunk ^ (row % 8)) << 4) + 4 * q);
-        }
-      } else {
+      if constexpr (!kPaired) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int swizzle_row = kInterleaved ? (2 * g + h) % 8 : g;
@@ -647,8 +652,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                   // are its fragment pairs of the chunk's two steps (k32_pair_slot orders the rows'
                   // K to match).
                   const int chunk = 2 * local + cc;  // of this warpgroup's kChunks
-                  const std::uint32_t w = kPaired ? lds32(stage_addr + chunk_off[i][chunk])
-                                                  : lds32(rows_addr + chunk_off[hh][chunk] + hh * kHalfStep + i * kRowStep8);
+                  std::uint32_t w;
+                  if constexpr (kPaired) {
+                    w = lds32((stage_addr + pair_base[i]) ^ static_cast<std::uint32_t>(chunk << 4));
+                  } else {
+                    w = lds32(rows_addr + chunk_off[hh][chunk] + hh * kHalfStep + i * kRowStep8);
+                  }
                   std::uint32_t s2;
                   if constexpr (kFp4) {  // both chunks' scales (groups of 32: adjacent words) at once
                     s2 = cc == 0 ? fp4_scales[hh][i].x : fp4_scales[hh][i].y;

@@ -745,10 +745,8 @@ class ExpertsStage {
       if (options_.weight_only_gemm != WeightOnlyGemm::kAuto && options_.weight_only_gemm != WeightOnlyGemm::kMixedInputWgmma) {
         return false;
       }
-      const double switch_rows =
-          picks_weight_only_swap(w)
-              ? weight_only_swap_rows_per_expert
-              : weight_only_wgmma_rows_per_expert(weight_only_codes(w) == gemm::Sm90WeightOnlyCodes::kTwosComplement);
+      const double switch_rows = picks_weight_only_swap(w) ? weight_only_swap_rows_per_expert
+                                                           : weight_only_wgmma_rows_per_expert(w.quant.signed_codes);
       if (options_.weight_only_gemm == WeightOnlyGemm::kAuto &&
           static_cast<double>(live_rows) < switch_rows * static_cast<double>(w.num_local_experts())) {
         return false;
@@ -774,7 +772,7 @@ class ExpertsStage {
   std::size_t weight_only_wgmma_workspace(const Weights& w, Index rows_per_expert) const {
     if constexpr (kWeightOnlyWgmma) {
       const int E = static_cast<int>(w.num_local_experts());
-      const Index g = weight_only_wgmma_args(w, true, 0, nullptr, nullptr, nullptr).group_size;
+      const Index g = w.quant.group_size;
       const auto codes = weight_only_codes(w);
       return std::max(gemm::sm90_weight_only_gemm_workspace_bytes(E, w.w13.extent(1), w.hidden(), g, rows_per_expert, codes),
                       gemm::sm90_weight_only_gemm_workspace_bytes(E, w.hidden(), w.intermediate(), g, rows_per_expert, codes));
@@ -925,8 +923,8 @@ class ExpertsStage {
     }
   }
 
-  // Prefill on the mixed-input wgmma GEMM: GEMM1 stored (plus its bias), the activation pass, GEMM2 stored (plus its bias)
-  // (unweighted: the finalize applies the router weights). The workspace's transposed scales are
+  // Prefill on the mixed-input wgmma GEMM: GEMM1 stored (its bias added), the activation pass,
+  // GEMM2 stored (its bias added; unweighted: the finalize applies the router weights). The workspace's transposed scales are
   // rewritten per GEMM (stream order keeps GEMM1's until it is done).
   Status run_weight_only_wgmma(const Plan& l, const Weights& w, const IO* input, IO* output, const Segments& s,
                                const Buffers& b, cudaStream_t stream) const {

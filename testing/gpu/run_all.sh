@@ -2,14 +2,20 @@
 # Runs on the GPU machine, inside the bundle made by run_on_device.sh: every CUDA test, the
 # end-to-end tests under compute-sanitizer (memcheck, racecheck) at small sizes, and the
 # benchmarks. Logs go to OUT_DIR (default: ./logs). Prints a summary last.
+#   ./run_all.sh [OUT_DIR] [PARTS]
+# PARTS (default "tests memcheck racecheck bench"): the parts to run, so that the whole can be split
+# over device calls of at most 600 s each (all four together ran past that on 2026-12-03).
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${1:-logs}
+parts=" ${2:-tests memcheck racecheck bench} "
+wants() { [[ "$parts" == *" $1 "* ]]; }
 mkdir -p "$out"
 export LD_LIBRARY_PATH=.:${LD_LIBRARY_PATH:-}  # libcublas.so.13 (benchmark ceiling) comes from the CUDA image
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 summary=()
 for t in *_test; do
+  wants tests || break
   ./"$t" --gtest_brief=1 >"$out/$t.log" 2>&1
   rc=$?
   summary+=("$t: rc=$rc $(grep -E '^\[  (PASSED|FAILED) ' "$out/$t.log" | tr '\n' ' ')")
@@ -26,6 +32,7 @@ filter_for() {
   esac
 }
 for tool in memcheck racecheck; do
+  wants "$tool" || continue
   for t in *_test; do
     "$sanitizer" --tool "$tool" --error-exitcode 99 ./"$t" --gtest_filter="$(filter_for "$t")" \
       >"$out/$t.$tool.log" 2>&1
@@ -33,12 +40,12 @@ for tool in memcheck racecheck; do
     summary+=("$t under $tool: rc=$rc $(grep -E '(ERROR|RACECHECK) SUMMARY' "$out/$t.$tool.log" | tail -1)")
   done
 done
-if [ -x ./demo ]; then  # the main job; picks the CUDA backend on a GPU
+if wants bench && [ -x ./demo ]; then  # the main job; picks the CUDA backend on a GPU
   ./demo >"$out/demo.log" 2>&1
   summary+=("demo: rc=$? $(grep -E 'backend:' "$out/demo.log" | head -1)")
 fi
 for b in *_benchmark; do
-  [ -x "$b" ] || continue
+  wants bench && [ -x "$b" ] || continue
   ./"$b" --benchmark_format=json >"$out/$b.json" 2>"$out/$b.log"
   summary+=("$b: rc=$?")
 done

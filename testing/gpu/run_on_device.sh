@@ -5,6 +5,7 @@
 # is about a third of that). Carry gpu_bundle.tgz to the GPU machine; there, one command runs
 # everything:
 #   tar xzf gpu_bundle.tgz && cd gpu_bundle && ./run_all.sh [OUT_DIR]
+# or a part per call where the whole would pass the device's 600 s: ./run_all.sh OUT tests, then memcheck, ...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # The device tool carries at most 64 MiB: the fat binaries (sm_90a + sm_80) of the tests and the

@@ -12,7 +12,7 @@
 //   W8A8 schemes (moe/quant/w8a8.h; Sm90 only): rows quantized (moe/cuda/quant/quantize_rows.cuh)
 //     -> our swap mainloop on 8-bit operands with the activation fused -> intermediate quantized
 //     -> GEMM2 stored (decode tiles); for prefill, the FP8 block-scaled and per-tensor schemes with
-//     bf16 rows run CUTLASS's blockwise-scaled FP8 grouped GEMM instead (GEMM1 stored raw ->
+//     bf16 rows run CUTLASS's FP8 grouped GEMMs instead (GEMM1 stored raw ->
 //     activation fused into the quantizer of GEMM2's input -> GEMM2), the others the 64-token swap tile.
 // Same function on every schedule: the epilogue trees' rounding points (moe/epilogue.h) make
 // "store, then apply" exact.
@@ -34,7 +34,7 @@
 #include "moe/cuda/check.h"
 #include "moe/cuda/gemm/schedule.h"
 #include "moe/cuda/gemm/sm80_mainloops.cuh"
-#include "moe/cuda/gemm/sm90_fp8_block_gemm.h"
+#include "moe/cuda/gemm/sm90_fp8_gemm.h"
 #include "moe/cuda/gemm/sm90_grouped_gemm.h"
 #include "moe/cuda/gemm/sm90_swap_mainloop.cuh"
 #include "moe/cuda/gemm/sm90_weight_only_gemm.h"
@@ -142,11 +142,11 @@ class ExpertsStage {
       : Quant::kWeightScale == quant::ScaleGranularity::kBlock ? gemm::swap_detail::ScaleMode::kBlockPerStage
                                                                 : gemm::swap_detail::ScaleMode::kPerRowAtEnd;
   static constexpr int kTileM = detail::kBM;  // rows per m-tile of the tile prefix
-  // Prefill tiles of the FP8 schemes whose scales CUTLASS's blockwise-scaled grouped GEMM takes:
-  // 128x128 weight blocks with 1x128 activation groups, and per-tensor scales (run as uniform
-  // blocks). bf16 rows only (its one output instantiation); f16 and the per-channel / INT8
-  // schemes run the 64-token swap tile there.
-  static constexpr bool kFp8BlockGemm = [] {
+  // Prefill tiles of the FP8 schemes that CUTLASS's FP8 grouped GEMMs take (gemm/sm90_fp8_gemm.h):
+  // 128x128 weight blocks with 1x128 activation groups (blockwise-scaled), and per-tensor scales
+  // (the scales in the epilogue). bf16 rows only (their one output instantiation); f16 and the
+  // per-channel / INT8 schemes run the 64-token swap tile there.
+  static constexpr bool kFp8PrefillGemm = [] {
     if constexpr (kQuantized) {
       return std::is_same_v<W, float8_e4m3> && std::is_same_v<IO, bfloat16> &&
              (Quant::kWeightScale == quant::ScaleGranularity::kBlock ||
@@ -155,9 +155,14 @@ class ExpertsStage {
       return false;
     }
   }();
-  static constexpr bool kPerTensorScales = kFp8BlockGemm && Quant::kWeightScale == quant::ScaleGranularity::kPerTensor;
+  static constexpr bool kPerTensorScales = kFp8PrefillGemm && Quant::kWeightScale == quant::ScaleGranularity::kPerTensor;
   // Weight row halves of GEMM1 blocked separately (a gated w13's gate and up halves).
   static constexpr int kHalves = kMode1 == detail::ColumnMode::kGatedSplit ? 2 : 1;
+  // The FP8 prefill GEMM's scaling, and its groups per expert in GEMM1: per-tensor w13 has one
+  // scale for both halves (vLLM merges them at load), so its GEMM1 is one group of 2I columns.
+  static constexpr gemm::Fp8GemmScales kFp8Scales =
+      kPerTensorScales ? gemm::Fp8GemmScales::kPerTensor : gemm::Fp8GemmScales::kBlock128;
+  static constexpr int kFp8Halves = kPerTensorScales ? 1 : kHalves;
 
   explicit ExpertsStage(Options options = {}) : options_(options) {}
 
@@ -190,7 +195,6 @@ class ExpertsStage {
     std::size_t gemm_ws_bytes = 0;
     std::size_t inter = 0, gemm1_out = 0, gemm_ws = 0, partial = 0, splits_used = 0, total = 0;  // offsets, bytes
     std::size_t codes1 = 0, codes2 = 0, scales1 = 0, scales2 = 0;  // W8A8: GEMM inputs as codes + scales
-    std::size_t w13_blocks = 0, w2_blocks = 0;  // FP8 per-tensor prefill: the scales spread over 128x128 blocks
     std::size_t k_ordered = 0;  // weight-only act-order: GEMM1's input with K in the codes' order
     bool weight_only_wgmma = false;  // weight-only: the mixed-input wgmma GEMMs run (prefill)
     bool weight_only_swap = false;   // weight-only: the TMA + wgmma swap GEMMs run (decode)
@@ -254,7 +258,7 @@ class ExpertsStage {
       l.codes1 = carver.take(n(rows) * n(H) * sizeof(W));
       l.codes2 = carver.take(n(rows) * n(I) * sizeof(W));
       // The blockwise FP8 GEMM reads a scale per row and K block, whatever the scheme's groups.
-      const auto groups = [](Index k) { return kFp8BlockGemm ? blocks128(k) : act_scale_groups(k); };
+      const auto groups = [](Index k) { return kFp8PrefillGemm && !kPerTensorScales ? blocks128(k) : act_scale_groups(k); };
       l.scales1 = carver.take(n(rows) * n(groups(H)) * sizeof(float));
       l.scales2 = carver.take(n(rows) * n(groups(I)) * sizeof(float));
     }
@@ -268,7 +272,7 @@ class ExpertsStage {
       l.swap_takes_tokens = l.weight_only_swap && !has_k_order(w);
     }
     // The stored intermediate, except where the W8A8 prefill quantizes it straight from GEMM1's
-    // output (run_fp8_block_gemms).
+    // output (run_fp8_prefill_gemms).
     const bool fp8_block_prefill = kQuantized && l.sm90 && l.tile == gemm::Sm90Tile::kNormal128x256;
     l.inter = carver.take(fp8_block_prefill ? 0 : n(rows) * n(w.intermediate()) * sizeof(IO));
     l.partial = carver.take(partial_floats * sizeof(float));
@@ -279,13 +283,8 @@ class ExpertsStage {
     l.gemm1_out = carver.take(cutlass_tile || l.weight_only_wgmma ? n(rows) * n(w.w13.extent(1)) * sizeof(IO) : 0);
     if (l.weight_only_wgmma) l.gemm_ws_bytes = weight_only_wgmma_workspace(w, rows_per_expert(l, w));
     if (cutlass_tile && E > 0) {
-      l.gemm_ws_bytes = kQuantized ? gemm::sm90_fp8_block_gemm_workspace_bytes(static_cast<int>(E) * kHalves)
+      l.gemm_ws_bytes = kQuantized ? gemm::sm90_fp8_gemm_workspace_bytes(kFp8Scales, static_cast<int>(E) * kFp8Halves)
                                    : gemm::sm90_grouped_gemm_workspace_bytes(static_cast<int>(E));
-    }
-    if (kPerTensorScales && cutlass_tile) {
-      const Index H = w.hidden(), I = w.intermediate();
-      l.w13_blocks = carver.take(n(E) * n(w13_scale_blocks(I, H)) * sizeof(float));
-      l.w2_blocks = carver.take(n(E) * n(w2_scale_blocks(H, I)) * sizeof(float));
     }
     l.gemm_ws = carver.take(l.gemm_ws_bytes);
     if constexpr (kWeightOnly) {
@@ -463,8 +462,8 @@ class ExpertsStage {
     Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
                                        : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E));
     if constexpr (kQuantized) {
-      if (tile == Sm90Tile::kNormal128x256 && fp8_block_gemm_applies(w)) {
-        l.tile = tile;  // CUTLASS's blockwise-scaled FP8 grouped GEMM
+      if (tile == Sm90Tile::kNormal128x256 && fp8_prefill_gemm_applies(w)) {
+        l.tile = tile;  // CUTLASS's FP8 grouped GEMM (gemm/sm90_fp8_gemm.h)
         return 0;
       }
       // Elsewhere our swap mainloop takes the 8-bit operands: the nearest fused tile.
@@ -950,11 +949,11 @@ class ExpertsStage {
   static Index w13_scale_blocks(Index n, Index k) { return kHalves * blocks128(n) * blocks128(k); }
   static Index w2_scale_blocks(Index n, Index k) { return blocks128(n) * blocks128(k); }
 
-  // Whether the prefill GEMMs can run CUTLASS's blockwise FP8 kernel on these weights: block
-  // scales stored packed per expert (or per-tensor ones, spread into blocks per call). The codes'
-  // conditions (16-byte rows, packed experts) are sm90_refusal's.
-  bool fp8_block_gemm_applies(const Weights& w) const {
-    if constexpr (!kFp8BlockGemm) {
+  // Whether the prefill GEMMs can run CUTLASS's FP8 kernels on these weights: block scales stored
+  // packed per expert, or per-tensor ones. The codes' conditions (16-byte rows, packed experts)
+  // are sm90_refusal's.
+  bool fp8_prefill_gemm_applies(const Weights& w) const {
+    if constexpr (!kFp8PrefillGemm) {
       return false;
     } else if constexpr (kPerTensorScales) {
       return true;
@@ -1018,8 +1017,8 @@ class ExpertsStage {
   // Quantize the rows -> 8-bit GEMM1 (activation fused) -> quantize the intermediate -> 8-bit GEMM2.
   Status run_quantized(const Plan& l, const Weights& w, const IO* input, const TokenRows* tokens, IO* output,
                        const Segments& s, const Buffers& b, std::byte* base, cudaStream_t stream) const {
-    if constexpr (kFp8BlockGemm) {
-      if (l.tile == gemm::Sm90Tile::kNormal128x256) return run_fp8_block_gemms(l, w, input, tokens, output, s, b, base, stream);
+    if constexpr (kFp8PrefillGemm) {
+      if (l.tile == gemm::Sm90Tile::kNormal128x256) return run_fp8_prefill_gemms(l, w, input, tokens, output, s, b, base, stream);
     }
     const bool pdl = programmatic_launch(l);
     const Index H = w.hidden(), I = w.intermediate(), R = l.rows;
@@ -1050,59 +1049,45 @@ class ExpertsStage {
     }
   }
 
-  // Prefill of the FP8 block-scaled and per-tensor schemes: quantize the rows (1x128 groups) ->
-  // CUTLASS's blockwise-scaled FP8 GEMM1, stored raw -> activation and quantization of the
-  // intermediate in one pass -> FP8 GEMM2, stored. Per-tensor scales run as uniform blocks: the weight scale
-  // times the static activation scale per 128x128 block, and ones per row and K block.
-  Status run_fp8_block_gemms(const Plan& l, const Weights& w, const IO* input, const TokenRows* tokens, IO* output,
+  // Prefill of the FP8 block-scaled and per-tensor schemes: quantize the rows (1x128 groups, or
+  // the static scale) -> CUTLASS's FP8 GEMM1, stored raw -> activation and quantization of the
+  // intermediate in one pass -> FP8 GEMM2, stored.
+  Status run_fp8_prefill_gemms(const Plan& l, const Weights& w, const IO* input, const TokenRows* tokens, IO* output,
                              const Segments& s, const Buffers& b, std::byte* base, cudaStream_t stream) const {
     const bool pdl = programmatic_launch(l);
-    const Index H = w.hidden(), I = w.intermediate(), R = l.rows, E = w.num_local_experts();
+    const Index H = w.hidden(), I = w.intermediate(), E = w.num_local_experts();
     const Index kb1 = blocks128(H), kb2 = blocks128(I);
     auto* codes1 = static_cast<W*>(static_cast<void*>(base + l.codes1));
     auto* codes2 = static_cast<W*>(static_cast<void*>(base + l.codes2));
     auto* scales1 = static_cast<float*>(static_cast<void*>(base + l.scales1));
     auto* scales2 = static_cast<float*>(static_cast<void*>(base + l.scales2));
-    const float* w13_scales = w.quant.w13_scale.data();
-    const float* w2_scales = w.quant.w2_scale.data();
-    Index w13_scales_stride = w.quant.w13_scale.stride(0), w2_scales_stride = w.quant.w2_scale.stride(0);
     const float* a13 = nullptr;
     const float* a2 = nullptr;
-    if constexpr (kPerTensorScales) {
+    if constexpr (kPerTensorScales) {  // the GEMMs read the static scales themselves
       a13 = w.quant.a13_scale->data();
       a2 = w.quant.a2_scale->data();
-      auto* w13_blocks = static_cast<float*>(static_cast<void*>(base + l.w13_blocks));
-      auto* w2_blocks = static_cast<float*>(static_cast<void*>(base + l.w2_blocks));
-      w13_scales_stride = w13_scale_blocks(I, H);
-      w2_scales_stride = w2_scale_blocks(H, I);
-      MOE_RETURN_IF_ERROR((quant_detail::fill_scales<4>(
-          {quant_detail::ScaleFill{w13_scales, w13_scales_stride, a13, w13_blocks, E * w13_scales_stride},
-           quant_detail::ScaleFill{w2_scales, w2_scales_stride, a2, w2_blocks, E * w2_scales_stride},
-           quant_detail::ScaleFill{nullptr, 1, nullptr, scales1, R * kb1},
-           quant_detail::ScaleFill{nullptr, 1, nullptr, scales2, R * kb2}},
-          pdl, stream)));
-      w13_scales = w13_blocks;
-      w2_scales = w2_blocks;
     }
     const std::span<std::byte> ws(b.gemm_ws, l.gemm_ws_bytes);
-    // out[rows, halves * n] = codes[rows, k] x w[e]^T, block-scaled.
-    const auto gemm = [&](const W* codes, const float* scales, Index k, DeviceView<const W, 3> wt, const float* wscales,
-                          Index wscales_stride, int halves, IO* out, Index n) {
-      return gemm::sm90_fp8_block_gemm(
-          {.num_experts = static_cast<int>(E), .halves = halves, .n = n, .k = k, .a = codes, .lda = k,
-           .a_scales = scales, .seg_begin = s.seg_begin, .seg_count = s.seg_count, .w = wt.data(),
-           .w_expert_stride = wt.stride(0), .ldw = wt.stride(1), .w_scales = wscales,
-           .w_scales_expert_stride = wscales_stride, .d = out, .ldd = halves * n},
+    // out[rows, halves * n] = codes[rows, k] x w[e]^T, scaled; `scales` are the rows' (block-scaled)
+    // or the static activation scale (per-tensor).
+    const auto gemm = [&](const W* codes, const float* scales, Index k, DeviceView<const W, 3> wt,
+                          DeviceView<const float, 3> wscales, int halves, IO* out) {
+      const Index n = wt.extent(1) / halves;
+      return gemm::sm90_fp8_gemm(
+          {.scales = kFp8Scales, .num_experts = static_cast<int>(E), .halves = halves, .n = n, .k = k, .a = codes,
+           .lda = k, .a_scales = scales, .seg_begin = s.seg_begin, .seg_count = s.seg_count, .w = wt.data(),
+           .w_expert_stride = wt.stride(0), .ldw = wt.stride(1), .w_scales = wscales.data(),
+           .w_scales_expert_stride = wscales.stride(0), .d = out, .ldd = halves * n},
           ws, stream);
     };
     MOE_RETURN_IF_ERROR(quantize_input(input, tokens, H, s, codes1, {scales1, 1, kb1}, a13, pdl, stream));
-    MOE_RETURN_IF_ERROR(gemm(codes1, scales1, H, w.w13, w13_scales, w13_scales_stride, kHalves, b.gemm1_out, I));
+    MOE_RETURN_IF_ERROR(gemm(codes1, kPerTensorScales ? a13 : scales1, H, w.w13, w.quant.w13_scale, kFp8Halves, b.gemm1_out));
     // The activation runs inside the quantizer of GEMM2's input: the intermediate is never stored.
     const detail::ActivatedRows<IO, Gemm1Expr, Activation, kActivationLayout> activated{b.gemm1_out, w.w13.extent(1), I,
                                                                                        w.activation};
     MOE_RETURN_IF_ERROR(quant_detail::quantize_rows<Quant>(activated, quant_detail::ListedRows{s.row_list}, I,
                                                            s.row_list_size, codes2, {scales2, 1, kb2}, a2, pdl, stream));
-    return gemm(codes2, scales2, I, w.w2, w2_scales, w2_scales_stride, 1, output, H);
+    return gemm(codes2, kPerTensorScales ? a2 : scales2, I, w.w2, w.quant.w2_scale, 1, output);
   }
 
   // One grouped GEMM of the Sm80 mainloops over the segments: out = a x w[e]^T, K = a's width.

@@ -16,8 +16,11 @@
 //     dynamic: per group g (the row, or BK columns of it), amax = max |x| over g,
 //              s = max(amax, 1e-10) / Q where Q = 448 (fp8) or 127 (int8);
 //     static:  s = the given scale;
-//     q = fp8(x / s) (round to nearest even, saturating at +-448) or
-//         int8(clamp(round_half_away(x / s), -128, 127)).
+//     y = x * (1 / s) for static scales (1 / s rounded to fp32 first: vLLM's static quantizer
+//         multiplies by the inverted scale), x / s for dynamic ones (vLLM's per-token kernel
+//         divides);
+//     q = fp8(y) (round to nearest even, saturating at +-448) or
+//         int8(clamp(round_half_away(y), -128, 127)).
 //     All-zero rows and tiny amax give a finite scale and zero codes: never inf or NaN.
 //   GEMM: for each K block b (BK columns for Fp8Block, else the whole K):
 //     acc += (sum over k in b of q[k] * w[n, k]) * s_x[b] * s_w[n, b]   (fp32, left to right)
@@ -102,12 +105,18 @@ struct W8A8 {
                                                      : "fp8_per_tensor";
 
   MOE_HOST_DEVICE static float dequantize_weight(W w) { return to_float(w); }
+  // v / s as vLLM's quantizers form it: static scales are inverted once (1 / s, rounded to fp32)
+  // and multiplied, dynamic ones divide (vLLM's per-token kernel does, to match FBGEMM).
+  MOE_HOST_DEVICE static float scaled(float v, float s) {
+    if constexpr (kStaticActivations) return v * (1.0f / s);
+    else return v / s;
+  }
   // The code of value v at scale s, as a float (exact: every code is a float).
-  MOE_HOST_DEVICE static float quantize(float v, float s) { return W8Traits<W>::code(v / s); }
+  MOE_HOST_DEVICE static float quantize(float v, float s) { return W8Traits<W>::code(scaled(v, s)); }
   // The same code in storage (what the GPU's GEMMs read).
   MOE_HOST_DEVICE static W encode(float v, float s) {
-    if constexpr (std::is_same_v<W, float8_e4m3>) return float8_e4m3::from_bits(float8_e4m3::from_float(v / s));
-    else return static_cast<std::int8_t>(W8Traits<W>::code(v / s));
+    if constexpr (std::is_same_v<W, float8_e4m3>) return float8_e4m3::from_bits(float8_e4m3::from_float(scaled(v, s)));
+    else return static_cast<std::int8_t>(W8Traits<W>::code(scaled(v, s)));
   }
 
   // K blocks of a GEMM with reduction length k: the scale blocks along K.

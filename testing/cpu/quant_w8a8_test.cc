@@ -212,7 +212,9 @@ std::vector<double> ref_product(const std::vector<double>& x, const QuantWeights
     }
     sx[b] = s;
     for (Index k = b * bk; k < std::min(K, (b + 1) * bk); ++k) {
-      const float v = static_cast<float>(x[k]) / static_cast<float>(s);
+      // vLLM's static quantizer multiplies by the inverted scale, the dynamic ones divide.
+      const float v = Q::kStaticActivations ? static_cast<float>(x[k]) * (1.0f / static_cast<float>(s))
+                                            : static_cast<float>(x[k]) / static_cast<float>(s);
       q[k] = std::is_same_v<typename Q::WeightElement, float8_e4m3> ? ref_fp8(v) : ref_int8(v);
     }
   }

@@ -70,19 +70,6 @@ __device__ __forceinline__ Stride ld_stride(std::int64_t ld) {
   return s;
 }
 
-// Per-group descriptors inside the workspace.
-template <class G>
-struct Descriptors {
-  using T = typename G::Gemm::ElementA;
-  typename ProblemShape::UnderlyingProblemShape* shapes;
-  const T** ptr_a;
-  const T** ptr_b;
-  T** ptr_d;
-  typename G::StrideA* stride_a;
-  typename G::StrideB* stride_b;
-  typename G::StrideD* stride_d;
-};
-
 inline std::size_t align256(std::size_t v) { return (v + 255) / 256 * 256; }
 
 // Consecutive 256-byte aligned arrays in a workspace at `base` (an address; 0 to size them only).
@@ -97,18 +84,51 @@ struct DescriptorCarver {
   }
 };
 
+// The per-group operands every ptr-array grouped GEMM of the library takes, as arrays inside the
+// workspace: problem shapes, A/B/D pointers and strides (the FP8 GEMMs carve their scales after
+// them). Written on the device from the segments, one thread per group.
+template <class G, class ElementA, class ElementB, class ElementD>
+struct GroupOperands {
+  typename ProblemShape::UnderlyingProblemShape* shapes;
+  const ElementA** ptr_a;
+  const ElementB** ptr_b;
+  ElementD** ptr_d;
+  typename G::StrideA* stride_a;
+  typename G::StrideB* stride_b;
+  typename G::StrideD* stride_d;
+
+  void carve(DescriptorCarver& c, int groups) {
+    shapes = c.take<typename ProblemShape::UnderlyingProblemShape>(groups);
+    ptr_a = c.take<const ElementA*>(groups);
+    ptr_b = c.take<const ElementB*>(groups);
+    ptr_d = c.take<ElementD*>(groups);
+    stride_a = c.take<typename G::StrideA>(groups);
+    stride_b = c.take<typename G::StrideB>(groups);
+    stride_d = c.take<typename G::StrideD>(groups);
+  }
+  // Group g: D (m x n, leading dimension ldd) = A (m x k) x B (n x k)^T, A and B K-major.
+  __device__ void set(int g, int m, int n, int k, const ElementA* a, Index lda, const ElementB* b, Index ldb,
+                      ElementD* d, Index ldd) const {
+    shapes[g] = {m, n, k};
+    ptr_a[g] = a;
+    ptr_b[g] = b;
+    ptr_d[g] = d;
+    stride_a[g] = ld_stride<typename G::StrideA>(lda);
+    stride_b[g] = ld_stride<typename G::StrideB>(ldb);
+    stride_d[g] = ld_stride<typename G::StrideD>(ldd);
+  }
+};
+
+// The 16-bit grouped GEMM's descriptors: one element type for every operand.
+template <class G>
+using Descriptors = GroupOperands<G, typename G::Gemm::ElementA, typename G::Gemm::ElementA, typename G::Gemm::ElementA>;
+
 // The descriptors' places in a workspace at `base` and the bytes they take.
 template <class G>
 Descriptors<G> carve(std::uintptr_t base, int groups, std::size_t* used) {
   DescriptorCarver c{base};
   Descriptors<G> d;
-  d.shapes = c.take<std::remove_pointer_t<decltype(d.shapes)>>(groups);
-  d.ptr_a = c.take<std::remove_pointer_t<decltype(d.ptr_a)>>(groups);
-  d.ptr_b = c.take<std::remove_pointer_t<decltype(d.ptr_b)>>(groups);
-  d.ptr_d = c.take<std::remove_pointer_t<decltype(d.ptr_d)>>(groups);
-  d.stride_a = c.take<std::remove_pointer_t<decltype(d.stride_a)>>(groups);
-  d.stride_b = c.take<std::remove_pointer_t<decltype(d.stride_b)>>(groups);
-  d.stride_d = c.take<std::remove_pointer_t<decltype(d.stride_d)>>(groups);
+  d.carve(c, groups);
   *used = c.used;
   return d;
 }
@@ -122,22 +142,13 @@ __global__ void describe_groups_kernel(Sm90GroupedGemmArgs args, Descriptors<G> 
   const int rows = static_cast<int>(args.seg_count[g]);
   const T* x = static_cast<const T*>(args.a) + begin * args.lda;
   const T* w = static_cast<const T*>(args.w) + static_cast<Index>(g) * args.w_group_stride;
+  T* out = static_cast<T*>(args.d) + begin * args.ldd;
   const int n = static_cast<int>(args.n), k = static_cast<int>(args.k);
-  if constexpr (Swap) {
-    d.shapes[g] = {n, rows, k};
-    d.ptr_a[g] = w;
-    d.ptr_b[g] = x;
-    d.stride_a[g] = ld_stride<typename G::StrideA>(args.ldw);
-    d.stride_b[g] = ld_stride<typename G::StrideB>(args.lda);
+  if constexpr (Swap) {  // D^T = W X^T, written column-major
+    d.set(g, n, rows, k, w, args.ldw, x, args.lda, out, args.ldd);
   } else {
-    d.shapes[g] = {rows, n, k};
-    d.ptr_a[g] = x;
-    d.ptr_b[g] = w;
-    d.stride_a[g] = ld_stride<typename G::StrideA>(args.lda);
-    d.stride_b[g] = ld_stride<typename G::StrideB>(args.ldw);
+    d.set(g, rows, n, k, x, args.lda, w, args.ldw, out, args.ldd);
   }
-  d.ptr_d[g] = static_cast<T*>(args.d) + begin * args.ldd;
-  d.stride_d[g] = ld_stride<typename G::StrideD>(args.ldd);
 }
 
 inline int sm_count_of_current_device() {

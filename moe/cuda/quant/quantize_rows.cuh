@@ -8,7 +8,6 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <array>
 
 #include "moe/cuda/check.h"
 #include "moe/cuda/launch.h"
@@ -187,37 +186,6 @@ Status quantize_rows(const Source& src, const RowMap& rows, Index k, Index num_e
   const auto blocks = static_cast<unsigned>(std::min<Index>((items + kQuantizeWarps - 1) / kQuantizeWarps, 1 << 20));
   return cuda::detail::launch_kernel(&quantize_rows_kernel<Quant, Source, RowMap>, blocks, 32 * kQuantizeWarps, 0,
                                      stream, programmatic, src, rows, k, num_entries, chunk, codes, scales, static_scale);
-}
-
-// One fill of per-block scales: out[i] = per_group[i / group_size] * *factor for i < count, a
-// missing per_group or factor reading as 1. Spreads per-tensor scales over the 128x128 blocks the
-// blockwise FP8 GEMM reads.
-struct ScaleFill {
-  const float* per_group = nullptr;
-  Index group_size = 1;
-  const float* factor = nullptr;
-  float* out = nullptr;
-  Index count = 0;
-};
-
-template <int kJobs>
-__global__ void __launch_bounds__(256) fill_scales_kernel(std::array<ScaleFill, kJobs> jobs) {
-  cuda::detail::grid_dependency_wait();
-  cuda::detail::allow_dependents_launch();
-  const ScaleFill& j = jobs[blockIdx.y];
-  const float f = j.factor ? *j.factor : 1.0f;
-  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < j.count;
-       i += static_cast<Index>(gridDim.x) * blockDim.x) {
-    j.out[i] = (j.per_group ? j.per_group[i / j.group_size] : 1.0f) * f;
-  }
-}
-
-template <int kJobs>
-Status fill_scales(const std::array<ScaleFill, kJobs>& jobs, bool programmatic, cudaStream_t stream) {
-  Index most = 0;
-  for (const ScaleFill& j : jobs) most = j.count > most ? j.count : most;
-  const auto blocks = static_cast<unsigned>(std::clamp<Index>((most + 255) / 256, 1, 1024));
-  return cuda::detail::launch_kernel(&fill_scales_kernel<kJobs>, dim3(blocks, kJobs), 256, 0, stream, programmatic, jobs);
 }
 
 }  // namespace moe::cuda::quant_detail

@@ -228,11 +228,26 @@ template <class Activation, class ElementIntermediate, bool HasBias>
 using Gemm1Epilogue =
     RoundTo<ElementIntermediate, typename detail::Gemm1Core<Activation, ElementIntermediate, HasBias>::type>;
 
+// The same tree for a pass that reads GEMM1's output already stored in the intermediate type
+// (no bias): the rounding of the stored values is then the identity and is left out (nvcc cannot
+// see that, and the round trip cost the activation pass six instructions per value).
+template <class Activation, class ElementIntermediate>
+using Gemm1EpilogueOfStored =
+    RoundTo<ElementIntermediate, typename detail::Gemm1Core<Activation, float, false>::type>;
+
 // GEMM2: (accumulator + bias), stored -> times the router weight (unless it was applied to the
 // input) -> rounded to the output storage type.
+namespace detail {
+template <class ElementOut, class ElementStored, bool HasBias, bool WeightOutput>
+using Gemm2Tree = std::conditional_t<
+    WeightOutput, RoundTo<ElementOut, Times<Stored<ElementStored, HasBias, Part::kAll>, RouterWeight>>,
+    Stored<ElementStored, HasBias, Part::kAll>>;
+}  // namespace detail
 template <class ElementOut, bool HasBias, bool WeightOutput>
-using Gemm2Epilogue = std::conditional_t<
-    WeightOutput, RoundTo<ElementOut, Times<detail::Stored<ElementOut, HasBias, Part::kAll>, RouterWeight>>,
-    detail::Stored<ElementOut, HasBias, Part::kAll>>;
+using Gemm2Epilogue = detail::Gemm2Tree<ElementOut, ElementOut, HasBias, WeightOutput>;
+// The same tree for a pass over GEMM2's output already stored in the output type (no bias), the
+// identity rounding of the stored values left out as in Gemm1EpilogueOfStored.
+template <class ElementOut, bool WeightOutput>
+using Gemm2EpilogueOfStored = detail::Gemm2Tree<ElementOut, float, false, WeightOutput>;
 
 }  // namespace moe::epilogue

@@ -557,7 +557,7 @@ class ExpertsStage {
   // GEMM1's stored output columns as activate8 reads them (stages.cuh).
   static constexpr int kActivationLayout =
       kMode1 == detail::ColumnMode::kPlain ? 0 : kMode1 == detail::ColumnMode::kGatedSplit ? 1 : 2;
-  using Gemm1Expr = epilogue::Gemm1Epilogue<Activation, IO, false>;
+  using Gemm1Expr = epilogue::Gemm1EpilogueOfStored<Activation, IO>;
 
   // The activation pass of the CUTLASS tiles: GEMM1's raw output rows -> the intermediate.
   Status activate_gemm1_out(const Weights& w, const Segments& s, const Buffers& b, bool pdl, cudaStream_t stream) const {

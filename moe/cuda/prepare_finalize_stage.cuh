@@ -182,7 +182,7 @@ class PrepareFinalizeStage {
     const Problem p = Problem::from(a);
     using OutExpr = typename Spec::OutputEpilogue;
     if (!weighted && stored_sm90) {
-      using Expr = epilogue::Gemm2Epilogue<IO, false, !PF::kApplyWeightOnInput>;
+      using Expr = epilogue::Gemm2EpilogueOfStored<IO, !PF::kApplyWeightOnInput>;
       const std::size_t smem = finalize_smem_bytes(p.top_k);
       constexpr int kFinalizeThreads = 128;
       const dim3 grid(static_cast<unsigned>(C), token_column_blocks(C, p.hidden / 8, kFinalizeThreads));

@@ -312,6 +312,16 @@ struct alignas(8 * sizeof(T) < 16 ? 8 * sizeof(T) : 16) Vec8 {
 };
 static_assert(sizeof(Vec8<bfloat16>) == 16 && alignof(Vec8<bfloat16>) == 16);
 
+// The storage bits of x, a value the epilogue tree has already rounded to T (its last node is
+// RoundTo<T>): on the device the bare cvt, exact for such a value. from_float would add its NaN
+// test, which only picks a NaN's payload; the intermediate is no output, so any NaN will do.
+template <class T>
+__device__ __forceinline__ T from_rounded(float x) {
+  if constexpr (std::is_same_v<T, bfloat16>) return bfloat16::from_bits(__bfloat16_as_ushort(__float2bfloat16_rn(x)));
+  else if constexpr (std::is_same_v<T, half>) return half::from_bits(__half_as_ushort(__float2half_rn(x)));
+  else return from_float<T>(x);
+}
+
 // The intermediate's columns [c0, c0 + 8) of one row: the Gemm1 epilogue tree over GEMM1's stored
 // output row `in` ([gate | up] halves (split), gate/up pairs (interleaved), or one value
 // (ungated)), rounded to T.
@@ -326,7 +336,7 @@ __device__ __forceinline__ Vec8<T> activate8(const T* in, Index inter_cols, Inde
       ctx.args = args;
       ctx.col = c0 + j;
       ctx.acc[0] = to_float(x.v[j]);
-      out.v[j] = from_float<T>(Expr::eval(ctx));
+      out.v[j] = from_rounded<T>(Expr::eval(ctx));
     }
   } else {
     Vec8<T> g, u;
@@ -349,7 +359,7 @@ __device__ __forceinline__ Vec8<T> activate8(const T* in, Index inter_cols, Inde
       ctx.col = c0 + j;
       ctx.acc[1] = to_float(g.v[j]);
       ctx.acc[2] = to_float(u.v[j]);
-      out.v[j] = from_float<T>(Expr::eval(ctx));
+      out.v[j] = from_rounded<T>(Expr::eval(ctx));
     }
   }
   return out;
@@ -416,9 +426,11 @@ __global__ void __launch_bounds__(256) finalize_epilogue_kernel(const T* y, Inde
   __syncthreads();
   for (Index c0 = 8 * first_column(); c0 < hidden_size; c0 += 8 * column_stride()) {
     float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    // Four slots' loads are issued before any is summed: loading inside the summing loop left
-    // one 16-byte load in flight per thread (latency-bound at 2.5 TB/s). The arrays are padded to
-    // a multiple of 4 with -1 rows (finalize_slot_capacity); skipped slots add nothing.
+    // Four slots' loads are issued before any is summed, so a thread has several 16-byte loads in
+    // flight (kept from session 16; its gain was not measured apart: what made this pass fast was
+    // leaving the identity rounding and NaN test out of the tree, benchmarks/NOTES.md). The
+    // arrays are padded to a multiple of 4 with -1 rows (finalize_slot_capacity); skipped slots
+    // add nothing.
     for (int j0 = 0; j0 < top_k; j0 += 4) {
       Vec8<T> x[4];
 #pragma unroll

@@ -20,6 +20,8 @@
 // (bf16_tile/<tile>/<shape>/<M>), the run that regenerates the table in moe/cuda/gemm/schedule.h;
 // --ab_launch runs only bf16_ab_launch/<shape>/<M>: the programmatic launch modes of
 // cuda::Options, interleaved on the same allocations (counters us_every, us_fused_swap_only, us_off);
+// --ab_prefill_tiles runs only bf16_ab_prefill_tiles/<shape>/<M> for M >= 1024: the Hopper
+// prefill tiles (schedule.h), interleaved on the same allocations (counters us_<tile name>);
 // --ab_splits runs only bf16_ab_splits/<shape>/<M> for M <= 256: the fused swap GEMMs' split-K
 // chosen on the device against none (counters us_device_choice, us_nosplit).
 // --fresh_weights allocates the expert weights per row instead of once per shape (see weights_of).
@@ -429,7 +431,7 @@ void register_row(const std::string& name, Shape s, moe::Index M, bool graph, st
       ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
 }
 
-void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, bool weight_only) {
+void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_tiles, bool quantized, bool weight_only) {
   benchmark::RegisterBenchmark("ceiling/copy_2GiB", CeilingCopy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("ceiling/gemm_bf16_8192", CeilingGemm)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   const auto row_name = [](const char* family, const Shape& s, moe::Index M) {
@@ -443,6 +445,22 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, boo
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         if (M <= 256) register_row(row_name("bf16_ab_splits", s, M), s, M, true, modes, 21);
+      }
+    }
+    return;
+  }
+  if (ab_prefill_tiles) {  // only the prefill tiles (M >= 1024), interleaved on the same allocations
+    using moe::cuda::gemm::Sm90Tile;
+    std::vector<Variant> modes;
+    for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128}) {
+      Variant v;
+      v.label = moe::cuda::gemm::name(t);
+      v.options.sm90_tile = t;
+      modes.push_back(v);
+    }
+    for (const Shape& s : kShapes) {
+      for (const moe::Index M : kTokens) {
+        if (M >= 1024) register_row(row_name("bf16_ab_prefill_tiles", s, M), s, M, true, modes, 11);
       }
     }
     return;
@@ -510,7 +528,7 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, boo
     for (const moe::Index M : kTokens) register_row(row_name("bf16_nosplit", s, M), s, M, true, {no_split}, 10);
   }
   using moe::cuda::gemm::Sm90Tile;
-  for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kSwap128x64,
+  for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kSwap128x64,
                            Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16, Sm90Tile::kFusedSwap128x64,
                            Sm90Tile::kFusedSwap128x32, Sm90Tile::kFusedSwap128x16}) {
     Variant pinned;
@@ -527,19 +545,20 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool quantized, boo
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool tune = false, ab_launch = false, ab_splits = false, quantized = false, weight_only = false;
+  bool tune = false, ab_launch = false, ab_splits = false, ab_prefill_tiles = false, quantized = false, weight_only = false;
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--tune_tiles") == 0) tune = true;
     else if (std::strcmp(argv[i], "--ab_launch") == 0) ab_launch = true;
     else if (std::strcmp(argv[i], "--ab_splits") == 0) ab_splits = true;
+    else if (std::strcmp(argv[i], "--ab_prefill_tiles") == 0) ab_prefill_tiles = true;
     else if (std::strcmp(argv[i], "--fresh_weights") == 0) g_fresh_weights = true;
     else if (std::strcmp(argv[i], "--quantized") == 0) quantized = true;
     else if (std::strcmp(argv[i], "--weight_only") == 0) weight_only = true;
     else rest.push_back(argv[i]);
   }
   int n = static_cast<int>(rest.size());
-  register_all(tune, ab_launch, ab_splits, quantized, weight_only);
+  register_all(tune, ab_launch, ab_splits, ab_prefill_tiles, quantized, weight_only);
   benchmark::Initialize(&n, rest.data());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

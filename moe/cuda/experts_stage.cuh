@@ -462,8 +462,8 @@ class ExpertsStage {
     Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
                                        : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E));
     if constexpr (kQuantized) {
-      if (tile == Sm90Tile::kNormal128x256 && fp8_prefill_gemm_applies(w)) {
-        l.tile = tile;  // CUTLASS's FP8 grouped GEMM (gemm/sm90_fp8_gemm.h)
+      if (is_prefill(tile) && fp8_prefill_gemm_applies(w)) {
+        l.tile = Sm90Tile::kNormal128x256;  // CUTLASS's FP8 grouped GEMM (gemm/sm90_fp8_gemm.h), its own tiles
         return 0;
       }
       // Elsewhere our swap mainloop takes the 8-bit operands: the nearest fused tile.

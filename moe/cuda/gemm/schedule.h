@@ -48,6 +48,9 @@ enum class Sm90Tile : int {
   kFusedSwap128x64,
   kFusedSwap128x32,
   kFusedSwap128x16,
+  // Ping-pong: each consumer warpgroup owns a 128x128 tile, so one's epilogue overlaps the
+  // other's mainloop; clusters of two CTAs along N. For the largest experts (>= 1024 rows).
+  kPingpong128x128,
 };
 
 // The CUTLASS tile a fused one falls back to where the fused mainloop does not apply.
@@ -60,6 +63,8 @@ inline Sm90Tile unfused(Sm90Tile t) {
   }
 }
 inline bool is_fused(Sm90Tile t) { return unfused(t) != t; }
+// Tiles with the token rows on M: the prefill tiles (the FP8 schemes run their own GEMM there).
+inline bool is_prefill(Sm90Tile t) { return t == Sm90Tile::kNormal128x256 || t == Sm90Tile::kPingpong128x128; }
 
 inline const char* name(Sm90Tile t) {
   switch (t) {
@@ -70,6 +75,7 @@ inline const char* name(Sm90Tile t) {
     case Sm90Tile::kFusedSwap128x64: return "fused_swap_128x64x64";
     case Sm90Tile::kFusedSwap128x32: return "fused_swap_128x32x64";
     case Sm90Tile::kFusedSwap128x16: return "fused_swap_128x16x64";
+    case Sm90Tile::kPingpong128x128: return "pingpong_128x128x64_c1x2";
   }
   return "?";
 }
@@ -87,7 +93,8 @@ inline constexpr Sm90TileRule kSm90TileTable[] = {
     {3.0, Sm90Tile::kFusedSwap128x16},  // decode: <= 2 rows per expert (M <= 64 on the big-expert shapes)
     {24.0, Sm90Tile::kSwap128x32},      // 4-16 rows per expert
     {48.0, Sm90Tile::kFusedSwap128x64}, // 32 rows per expert (deepseek, gpt-oss M = 1024)
-    {1e300, Sm90Tile::kNormal128x256},  // >= 64 rows per expert: the tensor-core-bound shapes
+    {768.0, Sm90Tile::kNormal128x256},  // 64-512 rows per expert: the tensor-core-bound shapes
+    {1e300, Sm90Tile::kPingpong128x128},  // >= 1024 rows per expert (2026-12-04 run, NOTES.md)
 };
 
 inline Sm90Tile sm90_tile_for(double rows_per_group) {

@@ -29,18 +29,23 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>
 using RowMajor = cutlass::layout::RowMajor;
 using ColumnMajor = cutlass::layout::ColumnMajor;
 
-// One CUTLASS kernel type per (element, tile, orientation). Swap computes D^T = W * X^T: A is the
-// expert's weights, B the token rows, D written column-major, i.e. row-major [rows, n].
-template <class T, int TM, int TN, int TK, bool Swap>
+// One CUTLASS kernel type per (element, tile, orientation, cluster, schedule). Swap computes
+// D^T = W * X^T: A is the expert's weights, B the token rows, D written column-major, i.e.
+// row-major [rows, n]. A cluster of CM x CN CTAs multicasts each operand tile to the CTAs that
+// share it; Pingpong gives each consumer warpgroup its own tile (one's epilogue overlaps the
+// other's mainloop) where Cooperative splits one tile between the two.
+template <class T, int TM, int TN, int TK, bool Swap, int CM = 1, int CN = 1, bool Pingpong = false>
 struct GemmType {
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Int<TK>>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using ClusterShape = cute::Shape<cute::Int<CM>, cute::Int<CN>, cute::_1>;
   using LayoutA = RowMajor;                                   // both orientations: K contiguous
   using LayoutB = ColumnMajor;                                // [N, K] with K contiguous
   using LayoutD = std::conditional_t<Swap, ColumnMajor, RowMajor>;
   static constexpr int kAlign = 8;                            // 16 bytes of 16-bit elements
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  using KernelSchedule = std::conditional_t<Pingpong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
+                                            cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
+  using EpilogueSchedule = std::conditional_t<Pingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
+                                              cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -233,6 +238,7 @@ struct Tiles {
   using Swap128x64 = GemmType<T, 128, 64, 64, true>;
   using Swap128x32 = GemmType<T, 128, 32, 128, true>;
   using Swap128x16 = GemmType<T, 128, 16, 128, true>;
+  using Pingpong128x128 = GemmType<T, 128, 128, 64, false, 1, 2, true>;
 
   static Status dispatch(const Sm90GroupedGemmArgs& a, Sm90Tile tile, std::span<std::byte> ws, cudaStream_t s) {
     switch (tile) {
@@ -240,6 +246,8 @@ struct Tiles {
       case Sm90Tile::kSwap128x64: return run<Swap128x64, true>(a, ws, s);
       case Sm90Tile::kSwap128x32: return run<Swap128x32, true>(a, ws, s);
       case Sm90Tile::kSwap128x16: return run<Swap128x16, true>(a, ws, s);
+      case Sm90Tile::kPingpong128x128: return run<Pingpong128x128, false>(a, ws, s);
+      default: break;
     }
     return invalid_argument("tile: unknown Sm90Tile ", static_cast<int>(tile));
   }
@@ -247,7 +255,8 @@ struct Tiles {
     return std::max({workspace_bytes<Normal128x256, false>(groups, sm_count),
                      workspace_bytes<Swap128x64, true>(groups, sm_count),
                      workspace_bytes<Swap128x32, true>(groups, sm_count),
-                     workspace_bytes<Swap128x16, true>(groups, sm_count)});
+                     workspace_bytes<Swap128x16, true>(groups, sm_count),
+                     workspace_bytes<Pingpong128x128, false>(groups, sm_count)});
   }
 };
 

@@ -77,7 +77,10 @@ def _cuda_library_impl(ctx):
         obj = ctx.actions.declare_file("_objs/{}/{}.o".format(ctx.label.name, src.basename))
         ctx.actions.run(
             executable = nvcc,
-            arguments = args_common + ["-c", src.path, "-o", obj.path],
+            # -objtemp: nvcc's temporaries go beside the object, not into /tmp, where two
+            # sandboxed compiles (both PID 2 in their namespaces) once picked the same names and
+            # one deleted the other's .ptx.
+            arguments = args_common + ["-objtemp", "-c", src.path, "-o", obj.path],
             inputs = depset([src] + ctx.files.hdrs + ctx.files._cuda_headers, transitive = [headers]),
             outputs = [obj],
             mnemonic = "NvccCompile",

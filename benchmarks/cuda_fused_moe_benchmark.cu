@@ -452,7 +452,7 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
   if (ab_prefill_tiles) {  // only the prefill tiles (M >= 1024), interleaved on the same allocations
     using moe::cuda::gemm::Sm90Tile;
     std::vector<Variant> modes;
-    for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128}) {
+    for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kPingpong64x256}) {
       Variant v;
       v.label = moe::cuda::gemm::name(t);
       v.options.sm90_tile = t;
@@ -528,7 +528,8 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
     for (const moe::Index M : kTokens) register_row(row_name("bf16_nosplit", s, M), s, M, true, {no_split}, 10);
   }
   using moe::cuda::gemm::Sm90Tile;
-  for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kSwap128x64,
+  for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kPingpong64x256,
+                           Sm90Tile::kSwap128x64,
                            Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16, Sm90Tile::kFusedSwap128x64,
                            Sm90Tile::kFusedSwap128x32, Sm90Tile::kFusedSwap128x16}) {
     Variant pinned;

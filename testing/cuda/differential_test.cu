@@ -358,7 +358,8 @@ TEST_F(Differential, WidthsNotMultiplesOfEight) {
 // sizes that leave experts empty, thin (a few rows) and spanning several 128- and 256-row tiles.
 TEST_F(Differential, Sm90EveryTile) {
   using moe::cuda::gemm::Sm90Tile;
-  for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kSwap128x64,
+  for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kPingpong64x256,
+                           Sm90Tile::kSwap128x64,
                            Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16, Sm90Tile::kFusedSwap128x64,
                            Sm90Tile::kFusedSwap128x32, Sm90Tile::kFusedSwap128x16}) {
     for (Index M : kBatchSizes) {

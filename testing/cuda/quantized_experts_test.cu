@@ -255,7 +255,8 @@ void expect_cuda_matches_cpu(std::uint32_t seed) {
     const Case<Q> c(shape, seed);
     const std::vector<bfloat16> want = c.run_cpu();
     std::vector<std::optional<Sm90Tile>> tiles{std::nullopt, Sm90Tile::kFusedSwap128x16, Sm90Tile::kFusedSwap128x64,
-                                               Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128};
+                                               Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128,
+                                               Sm90Tile::kPingpong64x256};
     for (const auto& tile : tiles) {
       for (const int splits : {1, 8}) {
         moe::cuda::Options o;

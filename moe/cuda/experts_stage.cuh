@@ -140,7 +140,9 @@ class ExpertsStage {
   static constexpr gemm::swap_detail::ScaleMode kScaleMode =
       !kQuantized ? gemm::swap_detail::ScaleMode::kNone
       : Quant::kWeightScale == quant::ScaleGranularity::kBlock ? gemm::swap_detail::ScaleMode::kBlockPerStage
-                                                                : gemm::swap_detail::ScaleMode::kPerRowAtEnd;
+      : Quant::kWeightScale == quant::ScaleGranularity::kPerTensor && std::is_same_v<W, float8_e4m3>
+          ? gemm::swap_detail::ScaleMode::kFastAtEnd
+          : gemm::swap_detail::ScaleMode::kPerRowAtEnd;
   static constexpr int kTileM = detail::kBM;  // rows per m-tile of the tile prefix
   // Prefill tiles of the FP8 schemes that CUTLASS's FP8 grouped GEMMs take (gemm/sm90_fp8_gemm.h):
   // 128x128 weight blocks with 1x128 activation groups (blockwise-scaled), and per-tensor scales
@@ -1012,7 +1014,8 @@ class ExpertsStage {
   // (one set of promoted sums per atom, so the per-stage wait is paid once per 32 KiB of
   // weights), but on the H200 that was 1% faster on deepseek and gpt-oss decode and 10-18% slower
   // on qwen3's (half as many stages in the ring for its short K loops): one (benchmarks/NOTES.md).
-  // INT8 must run one: it sums every atom into one int32 set, and an atom past K is not loaded.
+  // INT8 and FP8 per-tensor must run one: they sum every atom into one set (int32, or FP8 fast
+  // accumulation), and an atom past K is not loaded.
   static constexpr int kQuantAtoms = 1;
   // Quantize the rows -> 8-bit GEMM1 (activation fused) -> quantize the intermediate -> 8-bit GEMM2.
   Status run_quantized(const Plan& l, const Weights& w, const IO* input, const TokenRows* tokens, IO* output,

@@ -9,9 +9,9 @@
 // step. The bound is 2% of the largest output and 0.3% of the mean magnitude, as the CPU test
 // allows against its reference. FP8 adds the tensor cores' own accumulation: Hopper's FP8 wgmma
 // adds the products of one 128-wide K block with about 14 bits of precision (DeepSeek-V3 report,
-// section 3.3.2; the kernels promote each block's sum into fp32, as DeepGEMM does, but for the
-// per-tensor prefill GEMM, which keeps it across K: its own test below), so GEMM1 sums
-// differ from the CPU's fp32 sums by ~1e-4 relative, many more intermediates round to the other
+// section 3.3.2; the kernels promote each block's sum into fp32, as DeepGEMM does, but for
+// per-tensor scales, whose sums stay in the accumulator across K: their own test below), so GEMM1
+// sums differ from the CPU's fp32 sums by ~1e-4 relative, many more intermediates round to the other
 // bf16 neighbour, and a few to the other FP8 code (12.5% steps): measured on the H200, 0.37-0.47%
 // mean error on the worst shapes; the FP8 mean bound is 1%. A scale read from the wrong block,
 // row, expert or split is off by 2-16x (the weights' magnitude changes by powers of two across
@@ -291,18 +291,18 @@ TEST_F(QuantizedExpertsTest, Fp8PerTokenChannelMatchesTheCpuBackend) { expect_cu
 TEST_F(QuantizedExpertsTest, Fp8PerTensorStaticMatchesTheCpuBackend) { expect_cuda_matches_cpu<quant::Fp8PerTensor>(3); }
 TEST_F(QuantizedExpertsTest, Int8PerTokenChannelMatchesTheCpuBackend) { expect_cuda_matches_cpu<quant::Int8PerTokenChannel>(4); }
 
-// The per-tensor prefill GEMMs keep their sums in the tensor cores' FP8 accumulator across the
-// whole K (fast accumulation, as vLLM's grouped FP8 GEMM on Hopper), where the CPU sums in fp32:
-// GEMM2 here reduces over K = 4096 (I), 32 K blocks, where the shapes above have at most 3. The
-// bounds are the per-scheme test's; measured on the H200: see the assertion's message. A sum
-// kept at the accumulator's ~14 bits without promotion would drift with K; a wrong alpha (scale
-// of another expert: powers of two apart) breaks the maximum bound by far.
-TEST_F(QuantizedExpertsTest, Fp8PerTensorPrefillStaysAccurateOverLongK) {
-  using Q = quant::Fp8PerTensor;
+// The per-tensor FP8 GEMMs keep their sums in the tensor cores' FP8 accumulator across the whole
+// K (fast accumulation, as vLLM's FP8 GEMMs on Hopper): CUTLASS's prefill GEMM and our swap tiles
+// (decode) alike, where the CPU sums in fp32. GEMM2 here reduces over K = 4096 (I), 32 K blocks,
+// where the shapes above have at most 3. The bounds are the per-scheme test's; measured on the H200: see the assertion's message. A sum kept at the
+// accumulator's ~14 bits without promotion would drift with K; a wrong alpha (scale of another
+// expert: powers of two apart) breaks the maximum bound by far.
+template <class Q>
+void expect_accurate_over_long_k(moe::cuda::gemm::Sm90Tile tile, const char* name) {
   const Case<Q> c(Shape{256, 4, 256, 4096, 2}, 21);
   const std::vector<bfloat16> want = c.run_cpu();
   moe::cuda::Options o;
-  o.sm90_tile = moe::cuda::gemm::Sm90Tile::kNormal128x256;
+  o.sm90_tile = tile;
   std::vector<bfloat16> got;
   const moe::Status s = c.run_cuda(o, &got);
   ASSERT_TRUE(s.is_ok()) << s.to_string();
@@ -311,9 +311,17 @@ TEST_F(QuantizedExpertsTest, Fp8PerTensorPrefillStaysAccurateOverLongK) {
   EXPECT_GT(e.max_ref, 0.0);
   const std::string measured = "max error " + std::to_string(e.max_err / e.max_ref) + " of the largest output, mean " +
                                std::to_string(e.sum_err / e.sum_ref) + " of the mean magnitude";
-  EXPECT_LE(e.max_err, 0.02 * e.max_ref) << measured;
-  EXPECT_LE(e.sum_err, 0.01 * e.sum_ref) << measured;
-  std::printf("fp8_per_tensor prefill, K = 4096: %s\n", measured.c_str());
+  EXPECT_LE(e.max_err, 0.02 * e.max_ref) << name << ": " << measured;
+  EXPECT_LE(e.sum_err, 0.01 * e.sum_ref) << name << ": " << measured;
+  std::printf("%s, K = 4096: %s\n", name, measured.c_str());
+}
+
+TEST_F(QuantizedExpertsTest, Fp8FastAccumulationStaysAccurateOverLongK) {
+  using moe::cuda::gemm::Sm90Tile;
+  expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kNormal128x256, "fp8_per_tensor prefill GEMM");
+  expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kFusedSwap128x16, "fp8_per_tensor swap 128x16");
+  expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kFusedSwap128x32, "fp8_per_tensor swap 128x32");
+  expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kFusedSwap128x64, "fp8_per_tensor swap 128x64");
 }
 
 // Expert parallelism on a quantized checkpoint: ranks own slices of the codes and of the scale

@@ -24,8 +24,9 @@
 // multiplies each stage's partial sums by s_x[token, K block] * s_w[row block, K block] as they are
 // added into the fp32 accumulators (the stage is the 128-wide scale block; DeepGEMM's
 // "promotion", which also keeps the FP8 wgmma's narrower internal accumulation to 128 products);
-// FP8 with per-channel or per-tensor scales promotes each stage unscaled and scales at the end;
-// INT8 accumulates exactly in int32 and scales at the end.
+// FP8 with per-channel scales promotes each stage unscaled and scales at the end; FP8 with
+// per-tensor scales keeps its sums in the wgmma accumulators across K (fast accumulation) and
+// scales at the end; INT8 accumulates exactly in int32 and scales at the end.
 //
 // Warp roles: warpgroup 0 is the producer (one thread issues TMA loads into a kStages-deep ring of
 // shared-memory stages, each completing on an mbarrier), warpgroup 1 the consumer (wgmma from
@@ -86,7 +87,8 @@ constexpr int kMaxSmemBytes = 227 * 1024;  // sm_90 opt-in limit per block
 enum class ScaleMode {
   kNone,            // 16-bit operands: the fp32 sums are the values
   kBlockPerStage,   // FP8, 128x128 weight blocks, 1x128 activation groups: scaled per stage
-  kPerRowAtEnd,     // FP8 or INT8 with per-channel or per-tensor weight scales: scaled once
+  kPerRowAtEnd,     // FP8 per-channel (promoted per stage) or INT8 (int32 sums): scaled once
+  kFastAtEnd,       // FP8 per-tensor: sums kept in the wgmma accumulators across K, scaled once
 };
 
 // The scales of one 8-bit GEMM. Weight scale of (expert e, weight row n, K block b):
@@ -533,8 +535,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     using Mma = Wgmma<T, kTokens>;
     using Op = typename Mma::Op;
     using Acc = typename Mma::Acc;
-    // FP8 sums go through a per-stage temporary added into fp32 accumulators ("promotion").
-    constexpr bool kPromote = std::is_same_v<T, float8_e4m3>;
+    // FP8 sums go through a per-stage temporary added into fp32 accumulators ("promotion"), but
+    // for per-tensor scales, whose sums stay in the wgmma accumulators across K (fast
+    // accumulation, as our per-tensor prefill GEMM and vLLM's Hopper FP8 GEMMs): the per-stage
+    // wait for the promotion cost 1-4.5% on the decode rows (benchmarks/NOTES.md).
+    constexpr bool kPromote = std::is_same_v<T, float8_e4m3> && kScales != ScaleMode::kFastAtEnd;
+    // Unpromoted 8-bit stages sum every atom into one set, and an atom past K is not loaded.
+    static_assert(kPromote || sizeof(T) == 2 || kAtoms == 1,
+                  "moe::cuda swap GEMM: unpromoted 8-bit sums take one K atom per stage");
     cuda::detail::grid_dependency_wait();  // before any store: the outputs may be what the previous kernel reads
     cuda::detail::allow_dependents_launch();
     if (blockIdx.x == 0 && threadIdx.x == 128 && p.splits_used != nullptr) *p.splits_used = split.count;
@@ -674,7 +682,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           v0 = acc_value(acc0[0][idx]);
           v1 = acc_value(acc1[0][idx]);
         }
-        if constexpr (kScales == ScaleMode::kPerRowAtEnd) {
+        if constexpr (kScales == ScaleMode::kPerRowAtEnd || kScales == ScaleMode::kFastAtEnd) {
           const float x = __ldg(p.scales.x + (c.row0 + tok) * p.scales.x_row_step);
           v0 = v0 * x * __ldg(p.scales.weight(c.expert, half0 + r));
           v1 = v1 * x * __ldg(p.scales.weight(c.expert, half1 + r));

@@ -462,7 +462,7 @@ class ExpertsStage {
     using namespace gemm;
     const Index S = l.live_rows, E = w.num_local_experts();
     Sm90Tile tile = options_.sm90_tile ? *options_.sm90_tile
-                                       : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E));
+                                       : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E), w.hidden());
     if constexpr (kQuantized) {
       if (is_prefill(tile) && fp8_prefill_gemm_applies(w)) {
         l.tile = Sm90Tile::kNormal128x256;  // CUTLASS's FP8 grouped GEMM (gemm/sm90_fp8_gemm.h), its own tiles

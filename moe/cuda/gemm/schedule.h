@@ -85,28 +85,36 @@ inline const char* name(Sm90Tile t) {
   return "?";
 }
 
-// The tile for a grouped GEMM whose groups average `rows_per_group` rows (a host-side estimate:
-// slots / local experts; the real counts stay on the device). From the tuning run of 2026-12-01 on
-// the H200 (benchmarks/NOTES.md, "tile table"): every tile on the 28 benchmark rows, the fastest
-// kept. Regenerate: `cuda_fused_moe_benchmark --tune_tiles --benchmark_filter=bf16_tile` on the
-// GPU machine, then set each threshold between the averages where the winner changes.
+// The tile for the grouped GEMMs of an experts stage whose groups average `rows_per_group` rows
+// (a host-side estimate: slots / local experts; the real counts stay on the device) and whose
+// hidden size is `hidden` (GEMM1's K, GEMM2's N). From the tuning runs on the H200
+// (benchmarks/NOTES.md, "tile table" and "Prefill tiles"): every tile on the 28 benchmark rows, the
+// fastest kept. Regenerate: `cuda_fused_moe_benchmark --tune_tiles --benchmark_filter=bf16_tile` and
+// `--ab_prefill_tiles` (the prefill tiles interleaved on the same allocations, M >= 1024) on the GPU
+// machine, then set each threshold between the averages where the winner changes. The first rule
+// that holds (fewer rows than its bound, at least its hidden size) picks the tile.
 struct Sm90TileRule {
   double max_rows_per_group;  // this rule applies below this average
+  Index min_hidden;           // ... and from this hidden size
   Sm90Tile tile;
 };
 inline constexpr Sm90TileRule kSm90TileTable[] = {
-    {3.0, Sm90Tile::kFusedSwap128x16},  // decode: <= 2 rows per expert (M <= 64 on the big-expert shapes)
-    {24.0, Sm90Tile::kSwap128x32},      // 4-16 rows per expert
-    {48.0, Sm90Tile::kFusedSwap128x64}, // 32 rows per expert (deepseek, gpt-oss M = 1024)
-    // The tensor-core-bound shapes (2026-12-04 runs, NOTES.md "Prefill tiles"; kPingpong64x256
-    // won some 64-256-row rows and lost others by machine, so it is left to pinning and tuning):
-    {768.0, Sm90Tile::kNormal128x256},    // 64-512 rows per expert
-    {1e300, Sm90Tile::kPingpong128x128},  // >= 1024 rows per expert
+    {3.0, 0, Sm90Tile::kFusedSwap128x16},   // decode: <= 2 rows per expert (M <= 64 on the big-expert shapes)
+    {24.0, 0, Sm90Tile::kSwap128x32},       // 4-16 rows per expert
+    {48.0, 0, Sm90Tile::kFusedSwap128x64},  // 32 rows per expert (deepseek, gpt-oss M = 1024)
+    // The tensor-core-bound shapes (2026-12-04 runs, NOTES.md "Prefill tiles"). 64x256 ping-pong
+    // wins from 128 to 1024 rows per expert where the hidden size is 4096 or more (mixtral M = 1024
+    // and 4096, deepseek M = 4096: 2-6% on each of three H200s) and loses up to 12% on the narrower
+    // shapes (qwen3, gpt-oss), which keep the cooperative tile, then 128x128 ping-pong.
+    {96.0, 0, Sm90Tile::kNormal128x256},         // 64 rows per expert (unmeasured with 64x256)
+    {2048.0, 4096, Sm90Tile::kPingpong64x256},   // 128-1024 rows per expert, hidden >= 4096
+    {768.0, 0, Sm90Tile::kNormal128x256},        // 64-512 rows per expert
+    {1e300, 0, Sm90Tile::kPingpong128x128},      // >= 1024 rows per expert
 };
 
-inline Sm90Tile sm90_tile_for(double rows_per_group) {
+inline Sm90Tile sm90_tile_for(double rows_per_group, Index hidden) {
   for (const auto& r : kSm90TileTable) {
-    if (rows_per_group < r.max_rows_per_group) return r.tile;
+    if (rows_per_group < r.max_rows_per_group && hidden >= r.min_hidden) return r.tile;
   }
   return Sm90Tile::kNormal128x256;
 }

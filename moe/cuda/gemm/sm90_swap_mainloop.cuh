@@ -143,7 +143,32 @@ struct SwapParams {
   // or null: added to the accumulators before the epilogue (row_biases; with splits, to split 0's
   // partial sums).
   const void* bias = nullptr;
+  // The static scale of an 8-bit output (a QuantizedOutput epilogue), else null.
+  const float* out_scale = nullptr;
 };
+
+// An epilogue tree whose values are stored as 8-bit codes at a static scale: GEMM1 of a scheme
+// whose GEMM2 input is quantized with a static per-tensor scale writes that input itself, with the
+// arithmetic of the quantizer it replaces (Quant::encode of the rounded intermediate value, as
+// moe/cuda/quant/quantize_rows.cuh encodes it), so the codes are the same bits.
+template <class Quant, class Tree>
+struct QuantizedOutput : Tree {
+  using Code = typename Quant::WeightElement;
+  MOE_HOST_DEVICE static Code encode(float v, float scale) { return Quant::encode(v, scale); }
+};
+template <class Expr>
+concept EncodesOutput = requires { typename Expr::Code; };
+
+// An output element from its epilogue value: rounded to TOut, or the code at the static scale.
+template <class TOut, class Expr>
+__device__ __forceinline__ TOut output_value(float v, const float* out_scale) {
+  if constexpr (EncodesOutput<Expr>) {
+    static_assert(std::is_same_v<TOut, typename Expr::Code>, "moe::cuda swap GEMM: codes stored as their own type");
+    return Expr::encode(v, __ldg(out_scale));
+  } else {
+    return from_float<TOut>(v);
+  }
+}
 
 // Where column k of a row goes in the weight-only swap GEMM's K order: within each 32 K, physical
 // k = 32 c + 8 q + d sits at 32 c + 8 (d % 4) + 2 q + d / 4, so that a 4-byte word of 8 packed
@@ -406,19 +431,19 @@ __device__ __forceinline__ void store_tile_outputs(const SwapParams& p, const Ti
       ctx.acc[1] = v0;
       ctx.acc[2] = v1;
       ctx.col = n;
-      dst[at(n)] = from_float<TOut>(Expr::eval(ctx));
+      dst[at(n)] = output_value<TOut, Expr>(Expr::eval(ctx), p.out_scale);
     }
   } else {
     const int n = c.n0 + r, n1 = c.n0 + 64 + r;
     if ((kRows & 1) && n < p.n_out) {
       ctx.acc[0] = v0;
       ctx.col = n;
-      dst[at(n)] = from_float<TOut>(Expr::eval(ctx));
+      dst[at(n)] = output_value<TOut, Expr>(Expr::eval(ctx), p.out_scale);
     }
     if ((kRows & 2) && n1 < p.n_out) {
       ctx.acc[0] = v1;
       ctx.col = n1;
-      dst[at(n1)] = from_float<TOut>(Expr::eval(ctx));
+      dst[at(n1)] = output_value<TOut, Expr>(Expr::eval(ctx), p.out_scale);
     }
   }
 }
@@ -703,7 +728,7 @@ template <class T, bool kGated, class Expr, class Activation>
 __global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial, Index partial_rows,
                                                             const int* splits_used, int n_out, const Index* slot_row,
                                                             T* out, Index ldo, typename Activation::Arguments act_args,
-                                                            bool k32_pair_order_out) {
+                                                            bool k32_pair_order_out, const float* out_scale) {
   cuda::detail::grid_dependency_wait();
   cuda::detail::allow_dependents_launch();
   const int splits = *splits_used;
@@ -728,7 +753,7 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const float* partial
     } else {
       ctx.acc[0] = a;
     }
-    out[row * ldo + (k32_pair_order_out ? k32_pair_slot(n) : n)] = from_float<T>(Expr::eval(ctx));
+    out[row * ldo + (k32_pair_order_out ? k32_pair_slot(n) : n)] = output_value<T, Expr>(Expr::eval(ctx), out_scale);
   }
 }
 
@@ -789,8 +814,11 @@ template <class T, class TOut, int kTokens, int kAtoms, bool kGated, ScaleMode k
 Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index* seg_begin, const Index* seg_count,
               Index n_out, TOut* out, Index ldo, const typename Activation::Arguments& act_args, const SwapScales& scales,
               int max_splits, float* partial, int* splits_used, const Index* slot_row, Index num_slots, bool programmatic,
-              cudaStream_t stream) {
+              cudaStream_t stream, const float* out_scale = nullptr) {
   using Shape = TileShape<kTokens, kAtoms>;
+  if (EncodesOutput<Expr> && out_scale == nullptr) {
+    return invalid_argument("swap GEMM: out_scale: required by an epilogue that stores 8-bit codes, not given");
+  }
   const Index experts = w.extent(0), n_total = w.extent(1), k = w.extent(2);
   CUtensorMap wmap, xmap;
   MOE_RETURN_IF_ERROR(make_tensor_map(&wmap, w.data(), experts * n_total, k, w.stride(1), kWeightRows / 2));
@@ -810,6 +838,7 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
   p.partial = partial;
   p.partial_rows = num_rows;
   p.scales = scales;
+  p.out_scale = out_scale;
   int device = 0, sms = 0;
   MOE_CUDA_TRY(cudaGetDevice(&device));
   MOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -829,7 +858,7 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
     const dim3 grid(static_cast<unsigned>(num_slots), static_cast<unsigned>((n_out + 255) / 256));
     MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(&reduce_splits_kernel<TOut, kGated, Expr, Activation>, grid, 256, 0,
                                                     stream, programmatic, partial, num_rows, splits_used, p.n_out,
-                                                    slot_row, out, ldo, act_args, false));
+                                                    slot_row, out, ldo, act_args, false, out_scale));
   }
   return Status::ok();
 }

@@ -859,7 +859,7 @@ Status launch(const Args& a, const typename Activation::Arguments& act_args, boo
     MOE_RETURN_IF_ERROR(cuda::detail::launch_kernel(&reduce_splits_kernel<bfloat16, kGated, Expr, Activation>, grid, 256,
                                                     0, stream, programmatic, a.partial, a.num_rows, a.splits_used,
                                                     sp.n_out, a.slot_row, a.out, a.ldo, act_args,
-                                                    sp.k32_pair_order_out));
+                                                    sp.k32_pair_order_out, nullptr));
   }
   return Status::ok();
 }

@@ -144,6 +144,13 @@ class ExpertsStage {
           ? gemm::swap_detail::ScaleMode::kFastAtEnd
           : gemm::swap_detail::ScaleMode::kPerRowAtEnd;
   static constexpr int kTileM = detail::kBM;  // rows per m-tile of the tile prefix
+  // W8A8 decode with a static scale for GEMM2's input (FP8 per-tensor): GEMM1's epilogue stores
+  // GEMM2's input codes itself, and no intermediate is stored or quantized in between (one launch
+  // less: 1-4 µs off the M = 1 rows on the H200, benchmarks/NOTES.md).
+  static constexpr bool kGemm1WritesCodes = [] {
+    if constexpr (kQuantized) return Quant::kStaticActivations && std::is_same_v<W, float8_e4m3>;
+    else return false;
+  }();
   // Prefill tiles of the FP8 schemes that CUTLASS's FP8 grouped GEMMs take (gemm/sm90_fp8_gemm.h):
   // 128x128 weight blocks with 1x128 activation groups (blockwise-scaled), and per-tensor scales
   // (the scales in the epilogue). bf16 rows only (their one output instantiation); f16 and the
@@ -274,9 +281,10 @@ class ExpertsStage {
       l.swap_takes_tokens = l.weight_only_swap && !has_k_order(w);
     }
     // The stored intermediate, except where the W8A8 prefill quantizes it straight from GEMM1's
-    // output (run_fp8_prefill_gemms).
+    // output (run_fp8_prefill_gemms) and where GEMM1 stores GEMM2's input codes (kGemm1WritesCodes).
     const bool fp8_block_prefill = kQuantized && l.sm90 && l.tile == gemm::Sm90Tile::kNormal128x256;
-    l.inter = carver.take(fp8_block_prefill ? 0 : n(rows) * n(w.intermediate()) * sizeof(IO));
+    const bool no_intermediate = fp8_block_prefill || (kGemm1WritesCodes && l.sm90 && gemm::is_fused(l.tile));
+    l.inter = carver.take(no_intermediate ? 0 : n(rows) * n(w.intermediate()) * sizeof(IO));
     l.partial = carver.take(partial_floats * sizeof(float));
     l.splits_used = carver.take(partial_floats > 0 ? 2 * sizeof(int) : 0);  // GEMM1's, GEMM2's
     // CUTLASS tiles store GEMM1's raw output and need their descriptor workspace; fused swap
@@ -1021,9 +1029,6 @@ class ExpertsStage {
   // accumulation), and an atom past K is not loaded.
   static constexpr int kQuantAtoms = 1;
   // Quantize the rows -> 8-bit GEMM1 (activation fused) -> quantize the intermediate -> 8-bit GEMM2.
-  // With a static scale for GEMM2's input, GEMM1's epilogue writes its codes (one launch less:
-  // 4 µs of qwen3's 40 µs FP8 forward at M = 1).
-  static constexpr bool kGemm1WritesCodes = Quant::kStaticActivations && std::is_same_v<W, float8_e4m3>;
   Status run_quantized(const Plan& l, const Weights& w, const IO* input, const TokenRows* tokens, IO* output,
                        const Segments& s, const Buffers& b, std::byte* base, cudaStream_t stream) const {
     if constexpr (kFp8PrefillGemm) {

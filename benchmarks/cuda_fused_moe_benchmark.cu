@@ -24,6 +24,9 @@
 // prefill tiles (schedule.h), interleaved on the same allocations (counters us_<tile name>);
 // --ab_splits runs only bf16_ab_splits/<shape>/<M> for M <= 256: the fused swap GEMMs' split-K
 // chosen on the device against none (counters us_device_choice, us_nosplit).
+// --interleaved adds bf16_interleaved_forward_graph: the same SiluAndMul layer with w13's gate and
+// up rows interleaved (moe::InterleavedGateUp), whose prefill GEMM1 applies the activation in its
+// epilogue, and bf16_interleaved_pass_forward_graph, the same with the activation pass.
 // --fresh_weights allocates the expert weights per row instead of once per shape (see weights_of).
 // --quantized adds the W8A8 rows beside bf16 (issue: FP8/INT8): fp8_block_forward_graph (DeepSeek's
 // 128x128 block scales, 1x128 dynamic activation groups) and fp8_per_tensor_forward_graph (static
@@ -431,7 +434,8 @@ void register_row(const std::string& name, Shape s, moe::Index M, bool graph, st
       ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
 }
 
-void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_tiles, bool quantized, bool weight_only) {
+void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_tiles, bool quantized, bool weight_only,
+                  bool interleaved) {
   benchmark::RegisterBenchmark("ceiling/copy_2GiB", CeilingCopy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("ceiling/gemm_bf16_8192", CeilingGemm)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   const auto row_name = [](const char* family, const Shape& s, moe::Index M) {
@@ -482,6 +486,21 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         register_row(row_name(graph ? "bf16_forward_graph" : "bf16_forward", s, M), s, M, graph, {Variant{}}, 20);
+      }
+    }
+  }
+  if (interleaved) {
+    // w13 rows interleaved (moe::InterleavedGateUp: the same SiluAndMul layer, its rows permuted at
+    // load): GEMM1's epilogue applies the activation on the prefill tiles, and the same layer with
+    // the activation pass instead (separate rows: alternating a slower variant with a faster one
+    // in one row lets the GPU's clocks recover between repetitions and flatters the faster one).
+    Variant pass;
+    pass.options.gated_epilogue = false;
+    for (const Shape& s : kShapes) {
+      for (const moe::Index M : kTokens) {
+        using Act = moe::InterleavedGateUp<moe::SiluAndMul>;
+        register_row<moe::quant::BF16, Act>(row_name("bf16_interleaved_forward_graph", s, M), s, M, true, {Variant{}}, 20);
+        register_row<moe::quant::BF16, Act>(row_name("bf16_interleaved_pass_forward_graph", s, M), s, M, true, {pass}, 20);
       }
     }
   }
@@ -546,7 +565,8 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool tune = false, ab_launch = false, ab_splits = false, ab_prefill_tiles = false, quantized = false, weight_only = false;
+  bool tune = false, ab_launch = false, ab_splits = false, ab_prefill_tiles = false, quantized = false, weight_only = false,
+       interleaved = false;
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--tune_tiles") == 0) tune = true;
@@ -556,10 +576,11 @@ int main(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--fresh_weights") == 0) g_fresh_weights = true;
     else if (std::strcmp(argv[i], "--quantized") == 0) quantized = true;
     else if (std::strcmp(argv[i], "--weight_only") == 0) weight_only = true;
+    else if (std::strcmp(argv[i], "--interleaved") == 0) interleaved = true;
     else rest.push_back(argv[i]);
   }
   int n = static_cast<int>(rest.size());
-  register_all(tune, ab_launch, ab_splits, ab_prefill_tiles, quantized, weight_only);
+  register_all(tune, ab_launch, ab_splits, ab_prefill_tiles, quantized, weight_only, interleaved);
   benchmark::Initialize(&n, rest.data());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

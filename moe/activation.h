@@ -131,7 +131,20 @@ struct Relu2 : UngatedActivation {
   }
 };
 
+// Any [gate; up] activation with w13's rows interleaved instead (gate 2c, up 2c + 1): the same
+// function over the same weights, their rows permuted once at load. On Hopper that is the layout
+// whose gate/up pairs land in one thread's accumulators, so the prefill GEMM applies the
+// activation in its epilogue and never stores GEMM1's raw output (moe/cuda/gemm/sm90_gated_epilogue.cuh).
+template <class A>
+struct InterleavedGateUp : A {
+  static_assert(A::kGated && A::kLayout == GateUpLayout::kSplit,
+                "moe::InterleavedGateUp<A>: A must be a gated activation on [gate; up] rows");
+  using Base = A;
+  static constexpr GateUpLayout kLayout = GateUpLayout::kInterleaved;
+};
+
 static_assert(ActivationPolicy<SiluAndMul>);
+static_assert(ActivationPolicy<InterleavedGateUp<SiluAndMul>>);
 static_assert(ActivationPolicy<GeluAndMul>);
 static_assert(ActivationPolicy<GeluTanhAndMul>);
 static_assert(ActivationPolicy<SwigluOai>);

@@ -34,16 +34,21 @@ constexpr Tolerance tolerance() {
 // The naive counterpart of each activation policy.
 template <class A>
 void set_naive_activation(moe::naive::Layer& L) {
-  L.gated = A::kGated;
-  L.interleaved = A::kLayout == moe::GateUpLayout::kInterleaved;
-  if constexpr (std::is_same_v<A, moe::SiluAndMul>) L.gated_act = [](double g, double u) { return moe::naive::silu(g) * u; };
-  else if constexpr (std::is_same_v<A, moe::GeluAndMul>) L.gated_act = [](double g, double u) { return moe::naive::gelu(g) * u; };
-  else if constexpr (std::is_same_v<A, moe::GeluTanhAndMul>) L.gated_act = [](double g, double u) { return moe::naive::gelu_tanh(g) * u; };
-  else if constexpr (std::is_same_v<A, moe::SwigluOai>) L.gated_act = [](double g, double u) { return moe::naive::swigluoai(g, u); };
-  else if constexpr (std::is_same_v<A, moe::Silu>) L.act = [](double x) { return moe::naive::silu(x); };
-  else if constexpr (std::is_same_v<A, moe::Gelu>) L.act = [](double x) { return moe::naive::gelu(x); };
-  else if constexpr (std::is_same_v<A, moe::Relu2>) L.act = [](double x) { return moe::naive::relu2(x); };
-  else L.gated_act = [](double g, double u) { return A::naive(g, u); };  // test-defined activations
+  if constexpr (requires { typename A::Base; }) {  // moe::InterleavedGateUp<Base>: Base's function
+    set_naive_activation<typename A::Base>(L);
+    L.interleaved = true;
+  } else {
+    L.gated = A::kGated;
+    L.interleaved = A::kLayout == moe::GateUpLayout::kInterleaved;
+    if constexpr (std::is_same_v<A, moe::SiluAndMul>) L.gated_act = [](double g, double u) { return moe::naive::silu(g) * u; };
+    else if constexpr (std::is_same_v<A, moe::GeluAndMul>) L.gated_act = [](double g, double u) { return moe::naive::gelu(g) * u; };
+    else if constexpr (std::is_same_v<A, moe::GeluTanhAndMul>) L.gated_act = [](double g, double u) { return moe::naive::gelu_tanh(g) * u; };
+    else if constexpr (std::is_same_v<A, moe::SwigluOai>) L.gated_act = [](double g, double u) { return moe::naive::swigluoai(g, u); };
+    else if constexpr (std::is_same_v<A, moe::Silu>) L.act = [](double x) { return moe::naive::silu(x); };
+    else if constexpr (std::is_same_v<A, moe::Gelu>) L.act = [](double x) { return moe::naive::gelu(x); };
+    else if constexpr (std::is_same_v<A, moe::Relu2>) L.act = [](double x) { return moe::naive::relu2(x); };
+    else L.gated_act = [](double g, double u) { return A::naive(g, u); };  // test-defined activations
+  }
 }
 
 struct Case {

@@ -470,6 +470,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   [[maybe_unused]] float* tile_scales = reinterpret_cast<float*>(smem + kStages * Shape::kStageBytes);
 
   constexpr bool gated = kGated;
+  // Interleaved gate/up rows (gate 2c, up 2c + 1): a tile's 64 outputs are its 128 consecutive
+  // rows, loaded as the same two 64-row boxes; the epilogue pairs rows across lanes.
+  constexpr bool interleaved = kGated && Activation::kLayout == GateUpLayout::kInterleaved;
+  static_assert(!interleaved || kScales == ScaleMode::kNone, "moe::cuda swap GEMM: 8-bit operands take [gate; up] rows");
+  // The first weight row of a tile's two boxes.
+  const auto box_rows = [&](const TileCoord& c, int* w0, int* w1) {
+    *w0 = static_cast<int>(c.expert * p.weight_rows_per_expert) + (interleaved ? 2 * c.n0 : c.n0);
+    *w1 = gated && !interleaved ? *w0 + p.gate_up_offset : *w0 + kWeightRows / 2;
+  };
   const int n_tiles = (p.n_out + (gated ? kWeightRows / 2 : kWeightRows) - 1) / (gated ? kWeightRows / 2 : kWeightRows);
   if (threadIdx.x < 32) build_tile_prefix<kTokens>(p, n_tiles, prefix);
   if (threadIdx.x == 0) {
@@ -503,8 +512,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     int prefetched = 0;
     if (static_cast<int>(blockIdx.x) < total) {
       const TileCoord c = locate<kTokens>(blockIdx.x, prefix, p.num_experts, n_tiles, split, p);
-      const int w0 = static_cast<int>(c.expert * p.weight_rows_per_expert) + c.n0;
-      const int w1 = gated ? w0 + p.gate_up_offset : w0 + kWeightRows / 2;
+      int w0, w1;
+      box_rows(c, &w0, &w1);
       const int kb_begin = c.split * split.k_blocks_per_split;
       const int kb_end = min(k_blocks, kb_begin + split.k_blocks_per_split);
       for (int kb = kb_begin; kb < kb_end && prefetched < kStages; ++kb, ++prefetched) {
@@ -527,8 +536,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     int issued = 0;  // k-blocks issued so far by this CTA
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
       const TileCoord c = locate<kTokens>(tile, prefix, p.num_experts, n_tiles, split, p);
-      const int w0 = static_cast<int>(c.expert * p.weight_rows_per_expert) + c.n0;
-      const int w1 = gated ? w0 + p.gate_up_offset : w0 + kWeightRows / 2;
+      int w0, w1;
+      box_rows(c, &w0, &w1);
       const int kb_begin = c.split * split.k_blocks_per_split;
       const int kb_end = min(k_blocks, kb_begin + split.k_blocks_per_split);
       for (int kb = kb_begin; kb < kb_end; ++kb, ++issued) {
@@ -698,6 +707,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int idx = 0; idx < kAcc; ++idx) {
         const int tok = token_of(idx);
         const int r = 16 * warp + lane / 4 + 8 * ((idx / 2) % 2);
+        if constexpr (interleaved) {
+          // Box h's row r is output 32 h + r / 2's gate (r even) or up (r odd); row r ^ 1 sits in
+          // lane ^ 4. The even lane stores both boxes' outputs (every lane shuffles first).
+          const float v0 = acc_value(acc0[0][idx]), v1 = acc_value(acc1[0][idx]);
+          const float up0 = __shfl_xor_sync(0xffffffffu, v0, 4), up1 = __shfl_xor_sync(0xffffffffu, v1, 4);
+          if (tok >= c.tokens || (lane / 4) % 2 != 0) continue;
+          store_tile_outputs<TOut, kGated, Expr, Activation>(p, c, split.count, r / 2, tok, v0, up0, act_args);
+          store_tile_outputs<TOut, kGated, Expr, Activation>(p, c, split.count, 32 + r / 2, tok, v1, up1, act_args);
+          continue;
+        }
         if (tok >= c.tokens) continue;
         float v0, v1;
         if constexpr (kPromote) {
@@ -829,7 +848,9 @@ Status launch(DeviceView<const T, 3> w, const T* x, Index num_rows, const Index*
   p.num_experts = static_cast<int>(experts);
   p.k = static_cast<int>(k);
   p.n_out = static_cast<int>(n_out);
-  p.gate_up_offset = kGated ? static_cast<int>(n_out) : 0;
+  constexpr bool kInterleaved = kGated && Activation::kLayout == GateUpLayout::kInterleaved;
+  p.gate_up_offset = !kGated ? 0 : kInterleaved ? 1 : static_cast<int>(n_out);
+  p.gate_row_step = kInterleaved ? 2 : 1;
   p.weight_rows_per_expert = n_total;
   p.out = out;
   p.ldo = ldo;

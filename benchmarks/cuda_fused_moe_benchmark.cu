@@ -25,8 +25,7 @@
 // --ab_splits runs only bf16_ab_splits/<shape>/<M> for M <= 256: the fused swap GEMMs' split-K
 // chosen on the device against none (counters us_device_choice, us_nosplit).
 // --interleaved adds bf16_interleaved_forward_graph: the same SiluAndMul layer with w13's gate and
-// up rows interleaved (moe::InterleavedGateUp), whose prefill GEMM1 applies the activation in its
-// epilogue, and bf16_interleaved_pass_forward_graph, the same with the activation pass.
+// up rows interleaved (moe::InterleavedGateUp).
 // --fresh_weights allocates the expert weights per row instead of once per shape (see weights_of).
 // --quantized adds the W8A8 rows beside bf16 (issue: FP8/INT8): fp8_block_forward_graph (DeepSeek's
 // 128x128 block scales, 1x128 dynamic activation groups) and fp8_per_tensor_forward_graph (static
@@ -491,16 +490,11 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
   }
   if (interleaved) {
     // w13 rows interleaved (moe::InterleavedGateUp: the same SiluAndMul layer, its rows permuted at
-    // load): GEMM1's epilogue applies the activation on the prefill tiles, and the same layer with
-    // the activation pass instead (separate rows: alternating a slower variant with a faster one
-    // in one row lets the GPU's clocks recover between repetitions and flatters the faster one).
-    Variant pass;
-    pass.options.gated_epilogue = false;
+    // load), beside bf16_forward_graph's [gate; up] rows.
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
-        using Act = moe::InterleavedGateUp<moe::SiluAndMul>;
-        register_row<moe::quant::BF16, Act>(row_name("bf16_interleaved_forward_graph", s, M), s, M, true, {Variant{}}, 20);
-        register_row<moe::quant::BF16, Act>(row_name("bf16_interleaved_pass_forward_graph", s, M), s, M, true, {pass}, 20);
+        register_row<moe::quant::BF16, moe::InterleavedGateUp<moe::SiluAndMul>>(
+            row_name("bf16_interleaved_forward_graph", s, M), s, M, true, {Variant{}}, 20);
       }
     }
   }

@@ -81,10 +81,6 @@ struct Options {
   // bits; kOff is plain stream order. See ProgrammaticLaunch for the default's reason.
   ProgrammaticLaunch programmatic_launch = ProgrammaticLaunch::kEverySchedule;
   WeightOnlyGemm weight_only_gemm = WeightOnlyGemm::kAuto;
-  // Sm90 prefill tiles, bf16, a built-in gated activation on interleaved w13 rows
-  // (moe::InterleavedGateUp, SwigluOai): GEMM1's epilogue applies the activation; off, GEMM1
-  // stores its raw output and the activation pass runs (same bits; for A/B runs and tests).
-  bool gated_epilogue = true;
 };
 
 // kAuto's switch from the register GEMM to the mixed-input one, in rows per local expert (a

@@ -51,16 +51,6 @@ namespace moe::cuda {
 
 namespace detail {
 
-// The activation an InterleavedGateUp<A> computes (A), else the activation itself.
-template <class A>
-struct BaseActivation {
-  using type = A;
-};
-template <class A>
-struct BaseActivation<InterleavedGateUp<A>> {
-  using type = A;
-};
-
 // One block: segments clamped to [0, rows) and the prefix of their tile_m-row tiles.
 constexpr int kSegmentThreads = 512;
 static __global__ void __launch_bounds__(kSegmentThreads) clamp_segments_kernel(const Index* begin_in, const Index* count_in,
@@ -300,8 +290,7 @@ class ExpertsStage {
     // CUTLASS tiles store GEMM1's raw output and need their descriptor workspace; fused swap
     // tiles write the activated intermediate directly.
     const bool cutlass_tile = l.sm90 && !gemm::is_fused(l.tile);
-    const bool raw_gemm1 = (cutlass_tile && !gated_epilogue(l)) || l.weight_only_wgmma;
-    l.gemm1_out = carver.take(raw_gemm1 ? n(rows) * n(w.w13.extent(1)) * sizeof(IO) : 0);
+    l.gemm1_out = carver.take(cutlass_tile || l.weight_only_wgmma ? n(rows) * n(w.w13.extent(1)) * sizeof(IO) : 0);
     if (l.weight_only_wgmma) l.gemm_ws_bytes = weight_only_wgmma_workspace(w, rows_per_expert(l, w));
     if (cutlass_tile && E > 0) {
       l.gemm_ws_bytes = kQuantized ? gemm::sm90_fp8_gemm_workspace_bytes(kFp8Scales, static_cast<int>(E) * kFp8Halves)
@@ -570,55 +559,9 @@ class ExpertsStage {
       g.ldd = n;
       return sm90_grouped_gemm(g, l.tile, ws, stream);
     };
-    if (gated_epilogue(l)) {  // GEMM1 stores the activated intermediate itself
-      Sm90GroupedGemmArgs g = gemm1_args(w, s, input, b.inter);
-      MOE_RETURN_IF_ERROR(sm90_grouped_gemm(g, l.tile, ws, stream));
-    } else {
-      MOE_RETURN_IF_ERROR(grouped_gemm(input, H, w.w13, b.gemm1_out, N1));
-      MOE_RETURN_IF_ERROR(activate_gemm1_out(w, s, b, pdl, stream));
-    }
+    MOE_RETURN_IF_ERROR(grouped_gemm(input, H, w.w13, b.gemm1_out, N1));
+    MOE_RETURN_IF_ERROR(activate_gemm1_out(w, s, b, pdl, stream));
     return grouped_gemm(b.inter, I, w.w2, output, H);
-  }
-
-  // The built-in activation GEMM1's CUTLASS epilogue applies on interleaved w13 rows (the layout
-  // whose gate/up pairs share a thread's accumulators), else kNone (the activation pass runs).
-  static constexpr gemm::GatedEpilogue gated_epilogue_kind() {
-    using gemm::GatedEpilogue;
-    if constexpr (kQuantized || kWeightOnly || !std::is_same_v<IO, bfloat16> ||
-                  kMode1 != detail::ColumnMode::kGatedInterleaved) {
-      return GatedEpilogue::kNone;
-    } else {
-      using Base = typename detail::BaseActivation<Activation>::type;
-      if constexpr (std::is_same_v<Base, SiluAndMul>) return GatedEpilogue::kSiluAndMul;
-      else return GatedEpilogue::kNone;
-    }
-  }
-  bool gated_epilogue(const Plan& l) const {
-    return gated_epilogue_kind() != gemm::GatedEpilogue::kNone && l.sm90 && options_.gated_epilogue &&
-           gemm::sm90_gated_epilogue_applies(gemm::Element16::kBF16, l.tile);
-  }
-  // GEMM1 over interleaved rows with the activation in its epilogue: inter[rows, I].
-  gemm::Sm90GroupedGemmArgs gemm1_args(const Weights& w, const Segments& s, const IO* input, IO* inter) const {
-    gemm::Sm90GroupedGemmArgs g;
-    g.element = gemm::Element16::kBF16;
-    g.num_groups = static_cast<int>(w.num_local_experts());
-    g.seg_begin = s.seg_begin;
-    g.seg_count = s.seg_count;
-    g.n = w.w13.extent(1);
-    g.k = w.hidden();
-    g.a = input;
-    g.lda = w.hidden();
-    g.w = w.w13.data();
-    g.w_group_stride = w.w13.stride(0);
-    g.ldw = w.w13.stride(1);
-    g.d = inter;
-    g.ldd = w.intermediate();
-    g.gated = gated_epilogue_kind();
-    if constexpr (std::is_same_v<typename detail::BaseActivation<Activation>::type, SwigluOai>) {
-      g.swiglu_alpha = w.activation.alpha;
-      g.swiglu_limit = w.activation.limit;
-    }
-    return g;
   }
 
   // GEMM1's stored output columns as activate8 reads them (stages.cuh).

@@ -43,7 +43,8 @@ class ActivationDtypeTest : public ::testing::Test {};
 using ActivationDtypeSpecs = ::testing::Types<
     SpecOf<moe::SiluAndMul, moe::quant::F32>, SpecOf<moe::SiluAndMul, moe::quant::F16>,
     SpecOf<moe::SiluAndMul, moe::quant::BF16>, SpecOf<moe::GeluAndMul>, SpecOf<moe::GeluTanhAndMul>,
-    SpecOf<moe::SwigluOai>, SpecOf<moe::Silu>, SpecOf<moe::Gelu>, SpecOf<moe::Relu2, moe::quant::F32>>;
+    SpecOf<moe::SwigluOai>, SpecOf<moe::InterleavedGateUp<moe::SiluAndMul>>, SpecOf<moe::Silu>, SpecOf<moe::Gelu>,
+    SpecOf<moe::Relu2, moe::quant::F32>>;
 TYPED_TEST_SUITE(ActivationDtypeTest, ActivationDtypeSpecs);
 
 TYPED_TEST(ActivationDtypeTest, MatchesNaive) {

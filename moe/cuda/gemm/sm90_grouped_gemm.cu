@@ -10,8 +10,6 @@ Status dispatch_bf16(const Sm90GroupedGemmArgs&, Sm90Tile, std::span<std::byte>,
 Status dispatch_f16(const Sm90GroupedGemmArgs&, Sm90Tile, std::span<std::byte>, cudaStream_t);
 std::size_t workspace_bf16(int groups, int sm_count);
 std::size_t workspace_f16(int groups, int sm_count);
-Status dispatch_bf16_gated(const Sm90GroupedGemmArgs&, Sm90Tile, std::span<std::byte>, cudaStream_t);
-std::size_t workspace_bf16_gated(int groups, int sm_count);
 
 int current_sm_count() {
   int device = 0, sms = 0;
@@ -31,26 +29,13 @@ bool sm90_grouped_gemm_applies(const Sm90GroupedGemmArgs& a) {
 
 std::size_t sm90_grouped_gemm_workspace_bytes(int num_groups) {
   const int sms = std::max(1, sm90_detail::current_sm_count());
-  return std::max({sm90_detail::workspace_bf16(num_groups, sms), sm90_detail::workspace_f16(num_groups, sms),
-                   sm90_detail::workspace_bf16_gated(num_groups, sms)});
-}
-
-bool sm90_gated_epilogue_applies(Element16 element, Sm90Tile tile) {
-  return element == Element16::kBF16 && is_prefill(tile);
+  return std::max(sm90_detail::workspace_bf16(num_groups, sms), sm90_detail::workspace_f16(num_groups, sms));
 }
 
 Status sm90_grouped_gemm(const Sm90GroupedGemmArgs& a, Sm90Tile tile, std::span<std::byte> workspace,
                          cudaStream_t stream) {
   if (!sm90_grouped_gemm_applies(a)) {
     return invalid_argument("sm90_grouped_gemm: operands must be 16-byte aligned with n, k and strides multiples of 8");
-  }
-  if (a.gated != GatedEpilogue::kNone) {
-    if (!sm90_gated_epilogue_applies(a.element, tile)) {
-      return unsupported("sm90_grouped_gemm: a gated epilogue runs on bf16 prefill tiles, not ", name(tile));
-    }
-    if (a.n % 2 != 0) return invalid_argument("sm90_grouped_gemm: n: a gated GEMM has gate/up row pairs, got ", a.n);
-    if (a.num_groups == 0) return Status::ok();
-    return sm90_detail::dispatch_bf16_gated(a, tile, workspace, stream);
   }
   if (a.num_groups == 0) return Status::ok();
   return a.element == Element16::kBF16 ? sm90_detail::dispatch_bf16(a, tile, workspace, stream)

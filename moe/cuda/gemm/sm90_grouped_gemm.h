@@ -23,10 +23,6 @@ namespace moe::cuda::gemm {
 
 enum class Element16 { kBF16, kF16 };
 
-// A gated activation applied in GEMM1's epilogue (sm90_gated_epilogue.cuh): the library's
-// built-in ones, picked at run time so one instantiation per tile serves them all.
-enum class GatedEpilogue { kNone, kSiluAndMul, kGeluAndMul, kGeluTanhAndMul, kSwigluOai };
-
 struct Sm90GroupedGemmArgs {
   Element16 element = Element16::kBF16;
   int num_groups = 0;
@@ -37,17 +33,9 @@ struct Sm90GroupedGemmArgs {
   const Index* seg_count = nullptr;   // device [num_groups]: rows of each group
   const void* w = nullptr;            // [num_groups, n, k]: group stride, row stride ldw
   Index w_group_stride = 0, ldw = 0;
-  void* d = nullptr;                  // [rows, n], row stride ldd ([rows, n / 2] when gated)
+  void* d = nullptr;                  // [rows, n], row stride ldd
   Index ldd = 0;
-  // GEMM1 with its activation: w's rows interleaved (gate 2c, up 2c + 1), and d[r, c] the
-  // activated value of the pair, rounded as the activation pass rounds it. bf16, prefill tiles.
-  GatedEpilogue gated = GatedEpilogue::kNone;
-  float swiglu_alpha = 1.702f, swiglu_limit = 7.0f;  // SwigluOai's arguments
 };
-
-// Whether `tile` applies a gated activation in its epilogue for `element` (else the caller runs
-// the activation pass over GEMM1's stored output).
-bool sm90_gated_epilogue_applies(Element16 element, Sm90Tile tile);
 
 // Whether the Hopper mainloop can run these operands: 16-byte aligned bases and rows (TMA).
 bool sm90_grouped_gemm_applies(const Sm90GroupedGemmArgs& args);

@@ -33,15 +33,9 @@ using ColumnMajor = cutlass::layout::ColumnMajor;
 // D^T = W * X^T: A is the expert's weights, B the token rows, D written column-major, i.e.
 // row-major [rows, n]. A cluster of CM x CN CTAs multicasts each operand tile to the CTAs that
 // share it; Pingpong gives each consumer warpgroup its own tile (one's epilogue overlaps the
-// other's mainloop) where Cooperative splits one tile between the two. EpilogueOverride: a
-// collective epilogue in place of CUTLASS's TMA store (sm90_gated_epilogue.cuh: GEMM1 with its
-// activation, D [rows, n / 2]; its arguments set from Sm90GroupedGemmArgs::gated).
-template <class T, int TM, int TN, int TK, bool Swap, int CM = 1, int CN = 1, bool Pingpong = false,
-          class EpilogueOverride = void>
+// other's mainloop) where Cooperative splits one tile between the two.
+template <class T, int TM, int TN, int TK, bool Swap, int CM = 1, int CN = 1, bool Pingpong = false>
 struct GemmType {
-  static constexpr bool kGated = !std::is_void_v<EpilogueOverride>;
-  static_assert(!kGated || (!Swap && std::is_same_v<T, cutlass::bfloat16_t>),
-                "moe sm90 grouped GEMM: the gated epilogue runs on bf16 prefill (token-row) tiles");
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Int<TK>>;
   using ClusterShape = cute::Shape<cute::Int<CM>, cute::Int<CN>, cute::_1>;
   using LayoutA = RowMajor;                                   // both orientations: K contiguous
@@ -53,12 +47,10 @@ struct GemmType {
   using EpilogueSchedule = std::conditional_t<Pingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
                                               cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
 
-  using Epilogue = std::conditional_t<
-      kGated, EpilogueOverride,
-      typename cutlass::epilogue::collective::CollectiveBuilder<
-          cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-          cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlign, T, LayoutD*, kAlign,
-          EpilogueSchedule, cutlass::epilogue::fusion::LinearCombination<T, float, void>>::CollectiveOp>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlign, T, LayoutD*, kAlign,
+      EpilogueSchedule, cutlass::epilogue::fusion::LinearCombination<T, float, void>>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA*, kAlign, T, LayoutB*, kAlign, float, TileShape,
       ClusterShape,
@@ -193,30 +185,9 @@ typename Gemm::Arguments grouped_arguments(int groups, Shapes* shapes,
 }
 
 template <class G, bool Swap>
-typename G::Gemm::Arguments make_arguments(const Descriptors<G>& d, int groups, int sm_count,
-                                           const Sm90GroupedGemmArgs* a = nullptr) {
-  if constexpr (G::kGated) {
-    typename G::Gemm::Arguments args;
-    cutlass::KernelHardwareInfo hw;
-    cudaGetDevice(&hw.device_id);
-    hw.sm_count = sm_count;
-    typename G::Epilogue::Arguments epi;
-    epi.ptr_d = d.ptr_d;
-    epi.stride_d = d.stride_d;
-    if (a != nullptr) {
-      epi.activation = a->gated;
-      epi.swiglu = {a->swiglu_alpha, a->swiglu_limit};
-    }
-    args = typename G::Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGrouped,
-                                       {groups, d.shapes, nullptr},
-                                       {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b},
-                                       epi,
-                                       hw};
-    return args;
-  } else {
-    return grouped_arguments<typename G::Gemm>(groups, d.shapes, {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b}, d.ptr_d,
-                                               d.stride_d, sm_count);
-  }
+typename G::Gemm::Arguments make_arguments(const Descriptors<G>& d, int groups, int sm_count) {
+  return grouped_arguments<typename G::Gemm>(groups, d.shapes, {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b}, d.ptr_d,
+                                             d.stride_d, sm_count);
 }
 
 template <class G, bool Swap>
@@ -250,7 +221,7 @@ Status run(const Sm90GroupedGemmArgs& a, std::span<std::byte> workspace, cudaStr
   if (sm_count <= 0) return make_status(StatusCode::kCudaError, "sm90_grouped_gemm: no device multiprocessor count");
   std::size_t desc_bytes = 0;
   const Descriptors<G> d = carve<G>(reinterpret_cast<std::uintptr_t>(workspace.data()), a.num_groups, &desc_bytes);
-  auto args = make_arguments<G, Swap>(d, a.num_groups, sm_count, &a);
+  auto args = make_arguments<G, Swap>(d, a.num_groups, sm_count);
   const std::size_t need = desc_bytes + align256(G::Gemm::get_workspace_size(args));
   if (workspace.size() < need) {
     return invalid_argument("workspace: ", workspace.size(), " bytes, the sm90 grouped GEMM needs ", need);

@@ -43,8 +43,8 @@ enum class Sm90Tile : int {
   kSwap128x32,
   kSwap128x16,
   // Our own swap mainloop (sm90_swap_mainloop.cuh): one TMA descriptor over all experts, gated
-  // GEMM1 with the activation on the accumulators. Split gate/up and ungated layouts; others
-  // run the CUTLASS swap tile of the same token width.
+  // GEMM1 with the activation on the accumulators. Either gate/up layout and ungated w13; where
+  // the mainloop does not apply (expert count, strides) the CUTLASS swap tile of the same width.
   kFusedSwap128x64,
   kFusedSwap128x32,
   kFusedSwap128x16,

@@ -824,7 +824,7 @@ bool applies(DeviceView<const T, 3> w, Index rows) {
 }
 
 // out[rows, n_out] = Expr(rows x w[e]^T) for the rows of each expert. Gated: w has 2 * n_out rows
-// per expert ([gate; up]). `x` is [num_rows, k] with row stride k. 8-bit operands (codes) come
+// per expert ([gate; up], or interleaved where Activation::kLayout says so). `x` is [num_rows, k] with row stride k. 8-bit operands (codes) come
 // with `scales` (kScales says how they apply).
 // With max_splits > 1, `partial` holds max_splits * num_rows * (gated ? 2 : 1) * n_out floats,
 // `splits_used` one int, and the reduction runs over the rows named by `slot_row` (num_slots

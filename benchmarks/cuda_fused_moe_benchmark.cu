@@ -22,6 +22,8 @@
 // cuda::Options, interleaved on the same allocations (counters us_every, us_fused_swap_only, us_off);
 // --ab_prefill_tiles runs only bf16_ab_prefill_tiles/<shape>/<M> for M >= 1024: the Hopper
 // prefill tiles (schedule.h), interleaved on the same allocations (counters us_<tile name>);
+// --ab_decode_tiles runs only bf16_ab_decode_tiles/<shape>/<M> for M <= 256: the table's choice
+// (counter us_table) and the swap tiles pinned, on the same allocations (us_<tile name>).
 // --ab_splits runs only bf16_ab_splits/<shape>/<M> for M <= 256: the fused swap GEMMs' split-K
 // chosen on the device against none (counters us_device_choice, us_nosplit).
 // --interleaved adds bf16_interleaved_forward_graph: the same SiluAndMul layer with w13's gate and
@@ -433,8 +435,8 @@ void register_row(const std::string& name, Shape s, moe::Index M, bool graph, st
       ->UseManualTime()->Iterations(iterations)->Unit(benchmark::kMicrosecond);
 }
 
-void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_tiles, bool quantized, bool weight_only,
-                  bool interleaved) {
+void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_tiles, bool ab_decode_tiles, bool quantized,
+                  bool weight_only, bool interleaved) {
   benchmark::RegisterBenchmark("ceiling/copy_2GiB", CeilingCopy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("ceiling/gemm_bf16_8192", CeilingGemm)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
   const auto row_name = [](const char* family, const Shape& s, moe::Index M) {
@@ -464,6 +466,24 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         if (M >= 1024) register_row(row_name("bf16_ab_prefill_tiles", s, M), s, M, true, modes, 11);
+      }
+    }
+    return;
+  }
+  if (ab_decode_tiles) {  // only the swap tiles (M <= 256) and the table's choice, same allocations
+    using moe::cuda::gemm::Sm90Tile;
+    std::vector<Variant> modes(1);
+    modes[0].label = "table";
+    for (const Sm90Tile t : {Sm90Tile::kFusedSwap128x16, Sm90Tile::kSwap128x32, Sm90Tile::kFusedSwap128x32,
+                             Sm90Tile::kFusedSwap128x64}) {
+      Variant v;
+      v.label = moe::cuda::gemm::name(t);
+      v.options.sm90_tile = t;
+      modes.push_back(v);
+    }
+    for (const Shape& s : kShapes) {
+      for (const moe::Index M : kTokens) {
+        if (M <= 256) register_row(row_name("bf16_ab_decode_tiles", s, M), s, M, true, modes, 15);
       }
     }
     return;
@@ -559,14 +579,15 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool tune = false, ab_launch = false, ab_splits = false, ab_prefill_tiles = false, quantized = false, weight_only = false,
-       interleaved = false;
+  bool tune = false, ab_launch = false, ab_splits = false, ab_prefill_tiles = false, ab_decode_tiles = false,
+       quantized = false, weight_only = false, interleaved = false;
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--tune_tiles") == 0) tune = true;
     else if (std::strcmp(argv[i], "--ab_launch") == 0) ab_launch = true;
     else if (std::strcmp(argv[i], "--ab_splits") == 0) ab_splits = true;
     else if (std::strcmp(argv[i], "--ab_prefill_tiles") == 0) ab_prefill_tiles = true;
+    else if (std::strcmp(argv[i], "--ab_decode_tiles") == 0) ab_decode_tiles = true;
     else if (std::strcmp(argv[i], "--fresh_weights") == 0) g_fresh_weights = true;
     else if (std::strcmp(argv[i], "--quantized") == 0) quantized = true;
     else if (std::strcmp(argv[i], "--weight_only") == 0) weight_only = true;
@@ -574,7 +595,7 @@ int main(int argc, char** argv) {
     else rest.push_back(argv[i]);
   }
   int n = static_cast<int>(rest.size());
-  register_all(tune, ab_launch, ab_splits, ab_prefill_tiles, quantized, weight_only, interleaved);
+  register_all(tune, ab_launch, ab_splits, ab_prefill_tiles, ab_decode_tiles, quantized, weight_only, interleaved);
   benchmark::Initialize(&n, rest.data());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

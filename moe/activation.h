@@ -131,10 +131,10 @@ struct Relu2 : UngatedActivation {
   }
 };
 
-// Any [gate; up] activation with w13's rows interleaved instead (gate 2c, up 2c + 1): the same
-// function over the same weights, their rows permuted once at load. On Hopper that is the layout
-// whose gate/up pairs land in one thread's accumulators, so the prefill GEMM applies the
-// activation in its epilogue and never stores GEMM1's raw output (moe/cuda/gemm/sm90_gated_epilogue.cuh).
+// Any [gate; up] activation on w13 rows stored interleaved (gate 2c, up 2c + 1): the same function,
+// for weights that come in that order. Every backend and schedule takes it (the CUDA fused swap
+// tiles pair the rows across lanes). An epilogue applying it inside the Hopper prefill GEMM was
+// measured slower than the activation pass (benchmarks/NOTES.md, session 19).
 template <class A>
 struct InterleavedGateUp : A {
   static_assert(A::kGated && A::kLayout == GateUpLayout::kSplit,

@@ -454,10 +454,12 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
     }
     return;
   }
-  if (ab_prefill_tiles) {  // only the prefill tiles (M >= 1024), interleaved on the same allocations
-    using moe::cuda::gemm::Sm90Tile;
-    std::vector<Variant> modes;
-    for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kPingpong64x256}) {
+  // Rows of `family` for the M that `keep` selects, each timing `tiles` pinned (counters
+  // us_<tile name>) after `first` variants, interleaved on the same allocations.
+  using moe::cuda::gemm::Sm90Tile;
+  const auto register_tile_ab = [&](const char* family, std::vector<Variant> modes, std::initializer_list<Sm90Tile> tiles,
+                                    auto keep, int iterations) {
+    for (const Sm90Tile t : tiles) {
       Variant v;
       v.label = moe::cuda::gemm::name(t);
       v.options.sm90_tile = t;
@@ -465,27 +467,23 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
     }
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
-        if (M >= 1024) register_row(row_name("bf16_ab_prefill_tiles", s, M), s, M, true, modes, 11);
+        if (keep(M)) register_row(row_name(family, s, M), s, M, true, modes, iterations);
       }
     }
+  };
+  if (ab_prefill_tiles) {  // only the prefill tiles (M >= 1024)
+    register_tile_ab("bf16_ab_prefill_tiles", {},
+                     {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kPingpong64x256},
+                     [](moe::Index M) { return M >= 1024; }, 11);
     return;
   }
-  if (ab_decode_tiles) {  // only the swap tiles (M <= 256) and the table's choice, same allocations
-    using moe::cuda::gemm::Sm90Tile;
-    std::vector<Variant> modes(1);
-    modes[0].label = "table";
-    for (const Sm90Tile t : {Sm90Tile::kFusedSwap128x16, Sm90Tile::kSwap128x32, Sm90Tile::kFusedSwap128x32,
-                             Sm90Tile::kFusedSwap128x64}) {
-      Variant v;
-      v.label = moe::cuda::gemm::name(t);
-      v.options.sm90_tile = t;
-      modes.push_back(v);
-    }
-    for (const Shape& s : kShapes) {
-      for (const moe::Index M : kTokens) {
-        if (M <= 256) register_row(row_name("bf16_ab_decode_tiles", s, M), s, M, true, modes, 15);
-      }
-    }
+  if (ab_decode_tiles) {  // only the swap tiles (M <= 256), after the table's choice (us_table)
+    std::vector<Variant> table(1);
+    table[0].label = "table";
+    register_tile_ab("bf16_ab_decode_tiles", table,
+                     {Sm90Tile::kFusedSwap128x16, Sm90Tile::kSwap128x32, Sm90Tile::kFusedSwap128x32,
+                      Sm90Tile::kFusedSwap128x64},
+                     [](moe::Index M) { return M <= 256; }, 15);
     return;
   }
   if (ab_launch) {  // only the A/B of the programmatic launch modes, same allocations per row
@@ -560,7 +558,6 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
   for (const Shape& s : kShapes) {  // table tiles, one option changed
     for (const moe::Index M : kTokens) register_row(row_name("bf16_nosplit", s, M), s, M, true, {no_split}, 10);
   }
-  using moe::cuda::gemm::Sm90Tile;
   for (const Sm90Tile t : {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kPingpong64x256,
                            Sm90Tile::kSwap128x64,
                            Sm90Tile::kSwap128x32, Sm90Tile::kSwap128x16, Sm90Tile::kFusedSwap128x64,

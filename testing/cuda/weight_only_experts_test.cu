@@ -245,7 +245,8 @@ TEST_F(WeightOnlyExpertsTest, PrefillShapesMatchTheCpuBackend) {
   expect_cuda_matches_cpu<quant::W4A16>({150, 8, 256, 128, 4, 0, true}, 43);
   expect_cuda_matches_cpu<quant::W4A16>({300, 8, 256, 192, 2, 128, true, true}, 44);
   expect_cuda_matches_cpu<quant::W4A16>({1, 8, 256, 192, 2, 128, false}, 45);
-  // Two's-complement codes: the bf16-scale conversion, every token tile (32, 128, 256).
+  // Two's-complement codes: the bf16-scale conversion, every tile (128x32, 256x128, 128x256 in
+  // clusters of two).
   expect_cuda_matches_cpu<quant::W4A16>({300, 8, 256, 192, 2, 128, false, false, true}, 46);
   expect_cuda_matches_cpu<quant::W4A16>({1200, 4, 384, 320, 2, 64, false, false, true}, 47);
   expect_cuda_matches_cpu<quant::W4A16>({100, 8, 256, 128, 2, 0, false, true, true}, 48);  // per channel, act-order
@@ -355,7 +356,7 @@ TEST_F(WeightOnlyExpertsTest, SwapWgmmaRunsWhereItApplies) {
 
 // The mixed-input GEMM entry point alone (moe/cuda/gemm/sm90_weight_only_gemm.h) against a host
 // product of the rows and the weights dequantized as moe/quant/weight_only.h specifies: three
-// experts with 0, a few and many rows (token tiles 32, 128 and 256), groups of 64, 128 and per
+// experts with 0, a few and many rows (tiles of 32, 128 and 256 tokens), groups of 64, 128 and per
 // channel, with and without zero points, a K whose last group is short.
 TEST_F(WeightOnlyExpertsTest, Sm90WeightOnlyGemmMatchesTheDequantizedProduct) {
   int major = 0;
@@ -424,7 +425,7 @@ TEST_F(WeightOnlyExpertsTest, Sm90WeightOnlyGemmMatchesTheDequantizedProduct) {
     a.group_size = cfg.group;
     a.d = dd.data();
     a.ldd = cfg.n;
-    for (const Index rows_per_expert : {Index{16}, Index{100}, Index{300}}) {  // token tiles 32, 128, 256
+    for (const Index rows_per_expert : {Index{16}, Index{100}, Index{300}}) {  // tiles 128x32, 256x128, 128x256 c2
       a.rows_per_expert = rows_per_expert;
       DeviceBuffer<std::byte> ws(moe::cuda::gemm::sm90_weight_only_gemm_workspace_bytes(
           a.num_experts, a.n, a.k, a.group_size, rows_per_expert, a.codes()));

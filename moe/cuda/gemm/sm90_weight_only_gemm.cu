@@ -1,6 +1,6 @@
 // The mixed-input grouped GEMM's entry points (moe/cuda/gemm/sm90_weight_only_gemm.h): checks, the
-// token tile per problem, and the scale layout kernel. The CUTLASS instantiations live in
-// sm90_weight_only_gemm_n*.cu (sm90_weight_only_gemm_impl.cuh).
+// tile per problem, and the scale layout kernel. The CUTLASS instantiations live in
+// sm90_weight_only_gemm_<codes>_<tile>.cu (sm90_weight_only_gemm_impl.cuh).
 #include "moe/cuda/gemm/sm90_weight_only_gemm.h"
 
 #include <cuda_bf16.h>
@@ -14,9 +14,9 @@
 namespace moe::cuda::gemm {
 namespace sm90_detail {
 
-template <int TN, Sm90WeightOnlyCodes kCodes>
+template <int TM, int TN, int CM, Sm90WeightOnlyCodes kCodes>
 std::size_t weight_only_tile_workspace(int experts, Index n, Index k, Index group_size);
-template <int TN, Sm90WeightOnlyCodes kCodes>
+template <int TM, int TN, int CM, Sm90WeightOnlyCodes kCodes>
 Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream);
 Status write_weight_only_scales(const Sm90WeightOnlyGemmArgs& a, Index groups, float* scales, float* zeros,
                                 cudaStream_t stream);
@@ -122,35 +122,43 @@ const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& a) {
 
 namespace {
 
-// The instantiations: (token tile, code kind).
+// The instantiations (weight rows, tokens, cluster, code kind). Two's-complement codes, from the
+// H200 tile runs of session 20 (benchmarks/NOTES.md, "W4A16 prefill: the tile's weight rows and
+// clusters"): with 128 tokens, 256 weight rows (two 128-row halves, one per consumer warpgroup)
+// convert each code once per 128 tokens as before, and each token tile loaded serves twice the
+// weight rows: 8-12% faster from 32 to 192 rows per expert (qwen3 M = 1024 424 -> 382 µs, gpt-oss M = 4096
+// 2472 -> 2244, deepseek M = 4096 8438 -> 7587, mixtral M = 256 740 -> 650); with 256 tokens,
+// clusters of two CTAs along the weight rows share each token tile, 2-5% faster above 192 rows
+// (mixtral M = 16384 18218 -> 17927, deepseek M = 16384 22787 -> 21669). Offset codes (fp32 scales
+// and zeros, more registers per weight) keep the 128-row tiles, unmeasured with the others.
 template <class F>
 auto with_tile(Index rows_per_expert, Sm90WeightOnlyCodes codes, F&& f) {
   using enum Sm90WeightOnlyCodes;
   const int tn = token_tile(rows_per_expert);
   switch (codes) {
     case kTwosComplement:
-      if (tn == 32) return f.template operator()<32, kTwosComplement>();
-      if (tn == 128) return f.template operator()<128, kTwosComplement>();
-      return f.template operator()<256, kTwosComplement>();
+      if (tn == 32) return f.template operator()<128, 32, 1, kTwosComplement>();
+      if (tn == 128) return f.template operator()<256, 128, 1, kTwosComplement>();
+      return f.template operator()<128, 256, 2, kTwosComplement>();
     case kOffset: break;
   }
-  if (tn == 32) return f.template operator()<32, kOffset>();
-  return f.template operator()<128, kOffset>();
+  if (tn == 32) return f.template operator()<128, 32, 1, kOffset>();
+  return f.template operator()<128, 128, 1, kOffset>();
 }
 
 }  // namespace
 
 std::size_t sm90_weight_only_gemm_workspace_bytes(int num_experts, Index n, Index k, Index group_size,
                                                   Index rows_per_expert, Sm90WeightOnlyCodes codes) {
-  return with_tile(rows_per_expert, codes, [&]<int TN, Sm90WeightOnlyCodes kCodes>() {
-    return sm90_detail::weight_only_tile_workspace<TN, kCodes>(num_experts, n, k, group_size);
+  return with_tile(rows_per_expert, codes, [&]<int TM, int TN, int CM, Sm90WeightOnlyCodes kCodes>() {
+    return sm90_detail::weight_only_tile_workspace<TM, TN, CM, kCodes>(num_experts, n, k, group_size);
   });
 }
 
 Status sm90_weight_only_gemm(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream) {
   if (const char* why = sm90_weight_only_gemm_refusal(a)) return invalid_argument("sm90_weight_only_gemm: ", why);
-  return with_tile(a.rows_per_expert, a.codes(), [&]<int TN, Sm90WeightOnlyCodes kCodes>() {
-    return sm90_detail::run_weight_only_tile<TN, kCodes>(a, workspace, stream);
+  return with_tile(a.rows_per_expert, a.codes(), [&]<int TM, int TN, int CM, Sm90WeightOnlyCodes kCodes>() {
+    return sm90_detail::run_weight_only_tile<TM, TN, CM, kCodes>(a, workspace, stream);
   });
 }
 

@@ -12,7 +12,7 @@
 // Why a second weight-only GEMM: our register GEMM (weight_only_gemm.cuh) streams the codes for
 // decode but re-reads and re-dequantizes every weight tile per 16 tokens, so prefill ran at a
 // fraction of bf16's speed. This one is CUTLASS 3's sm90 ptr-array mixed-input collective
-// (TMA loads of the codes, dequantized once per 128-token tile in registers, wgmma with the
+// (TMA loads of the codes, dequantized once per token tile in registers, wgmma with the
 // weights as the register operand), persistent over (expert, tile) pairs whose row counts stay on
 // the device. The collective takes scales and zero points [groups, n] with n contiguous; a small
 // kernel writes them per launch into the workspace from the scheme's [E, n, groups] scales.
@@ -23,7 +23,8 @@
 //    weight);
 //  - two's-complement codes (`signed_codes`, moe/quant/weight_only.h; no zero points): the codes
 //    become bf16 exactly and one bf16 multiply by the bf16 scale rounds once (about 2 per weight),
-//    with a 256-token tile for long segments as well.
+//    with 256 weight rows per 128-token tile and 256-token tiles in clusters of two for long
+//    segments (the tile per problem: sm90_weight_only_gemm.cu).
 // MXFP4 does not run here: the collective takes one scale per row and 64-wide K tile (its
 // smallest), and E8M0 scales cover 32.
 //

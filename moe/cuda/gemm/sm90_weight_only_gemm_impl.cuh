@@ -1,6 +1,6 @@
-// The mixed-input grouped GEMM of moe/cuda/gemm/sm90_weight_only_gemm.h, templated on the token
-// tile. Included by one translation unit per tile (sm90_weight_only_gemm_n*.cu), each holding one
-// CUTLASS instantiation, so that they compile in parallel.
+// The mixed-input grouped GEMM of moe/cuda/gemm/sm90_weight_only_gemm.h, templated on the tile.
+// Included by one translation unit per tile (sm90_weight_only_gemm_<codes>_<tile>.cu), each holding
+// one CUTLASS instantiation, so that they compile in parallel.
 //
 // Per launch: (1) write_weight_only_scales (sm90_weight_only_gemm.cu) lays the scales and zero
 // points out as the collective reads them ([E, groups, n] floats) in the workspace, (2) a
@@ -90,14 +90,18 @@ struct ScaledZeroedMixedInput : Base {
 // least 64, two E8M0 groups.)
 // The epilogue adds the expert's bias row (a column of D^T; -0.0 where there is none, so that
 // sums of -0.0 stay -0.0 as the reference's) to the fp32 sums and rounds once.
-template <int TN, Sm90WeightOnlyCodes kCodes>
+//
+// The tile is TM weight rows x TN tokens x 64 K (128 bytes of bf16 per token row); kClusterM CTAs
+// on neighbouring weight tiles share each token tile through TMA multicast, which halves the token
+// rows' traffic from L2 (at TN = 256 a stage holds 32 KB of tokens against 4 KB of codes).
+template <int TM, int TN, int kClusterM, Sm90WeightOnlyCodes kCodes>
 struct WeightOnlyGemmT {
   static constexpr bool kZeroPoints = kCodes == Sm90WeightOnlyCodes::kOffset;
   using Mma = cutlass::bfloat16_t;
   using Codes = std::conditional_t<kZeroPoints, cutlass::uint4b_t, cutlass::int4b_t>;
   using Scale = std::conditional_t<kZeroPoints, float, cutlass::bfloat16_t>;
-  using TileShape = cute::Shape<cute::_128, cute::Int<TN>, cute::Int<64>>;  // 128 bytes of bf16 per token row
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Int<64>>;
+  using ClusterShape = cute::Shape<cute::Int<kClusterM>, cute::_1, cute::_1>;
   static constexpr int kAlignCodes = 32;  // 16 bytes of 4-bit codes
   static constexpr int kAlignRows = 8;    // 16 bytes of bf16
 
@@ -233,9 +237,9 @@ typename G::Gemm::Arguments make_weight_only_arguments(const WeightOnlyDescripto
                    hw};
 }
 
-template <int TN, Sm90WeightOnlyCodes kCodes>
+template <int TM, int TN, int CM, Sm90WeightOnlyCodes kCodes>
 std::size_t weight_only_tile_workspace(int experts, Index n, Index k, Index group_size) {
-  using G = WeightOnlyGemmT<TN, kCodes>;
+  using G = WeightOnlyGemmT<TM, TN, CM, kCodes>;
   const int sms = std::max(1, sm_count_of_current_device());
   std::size_t desc = 0;
   const auto d = carve_weight_only<G>(0, experts, n, weight_only_groups(k, group_size), &desc);  // sizes only
@@ -243,9 +247,9 @@ std::size_t weight_only_tile_workspace(int experts, Index n, Index k, Index grou
                     make_weight_only_arguments(d, experts, weight_only_chunk(k, group_size), nullptr, n, sms)));
 }
 
-template <int TN, Sm90WeightOnlyCodes kCodes>
+template <int TM, int TN, int CM, Sm90WeightOnlyCodes kCodes>
 Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte> workspace, cudaStream_t stream) {
-  using G = WeightOnlyGemmT<TN, kCodes>;
+  using G = WeightOnlyGemmT<TM, TN, CM, kCodes>;
   const int sm_count = sm_count_of_current_device();
   if (sm_count <= 0) return make_status(StatusCode::kCudaError, "sm90_weight_only_gemm: no device multiprocessor count");
   const Index groups = weight_only_groups(a.k, a.group_size);
@@ -263,10 +267,11 @@ Status run_weight_only_tile(const Sm90WeightOnlyGemmArgs& a, std::span<std::byte
   return run_cutlass<typename G::Gemm>(args, workspace.data() + desc_bytes, stream, "sm90_weight_only_gemm", a.n, a.k);
 }
 
-// One translation unit per token tile and code layout instantiates these (sm90_weight_only_gemm_*.cu).
-#define MOE_SM90_WEIGHT_ONLY_TILE(TN, CODES)                                                                    \
-  template std::size_t weight_only_tile_workspace<TN, Sm90WeightOnlyCodes::CODES>(int, Index, Index, Index);     \
-  template Status run_weight_only_tile<TN, Sm90WeightOnlyCodes::CODES>(const Sm90WeightOnlyGemmArgs&,           \
-                                                                      std::span<std::byte>, cudaStream_t);
+// One translation unit per tile (weight rows x tokens, cluster) and code layout instantiates these
+// (sm90_weight_only_gemm_<codes>_<tile>.cu).
+#define MOE_SM90_WEIGHT_ONLY_TILE(TM, TN, CM, CODES)                                                             \
+  template std::size_t weight_only_tile_workspace<TM, TN, CM, Sm90WeightOnlyCodes::CODES>(int, Index, Index, Index); \
+  template Status run_weight_only_tile<TM, TN, CM, Sm90WeightOnlyCodes::CODES>(const Sm90WeightOnlyGemmArgs&,        \
+                                                                             std::span<std::byte>, cudaStream_t);
 
 }  // namespace moe::cuda::gemm::sm90_detail

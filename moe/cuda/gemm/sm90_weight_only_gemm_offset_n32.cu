@@ -1,6 +1,0 @@
-// The mixed-input grouped GEMM on offset codes (zero points), 32-token tile (sm90_weight_only_gemm_impl.cuh).
-#include "moe/cuda/gemm/sm90_weight_only_gemm_impl.cuh"
-
-namespace moe::cuda::gemm::sm90_detail {
-MOE_SM90_WEIGHT_ONLY_TILE(32, kOffset)
-}  // namespace moe::cuda::gemm::sm90_detail

@@ -1,0 +1,6 @@
+// The mixed-input grouped GEMM on two's-complement codes: 128 weight rows x 32 tokens (sm90_weight_only_gemm_impl.cuh).
+#include "moe/cuda/gemm/sm90_weight_only_gemm_impl.cuh"
+
+namespace moe::cuda::gemm::sm90_detail {
+MOE_SM90_WEIGHT_ONLY_TILE(128, 32, 1, kTwosComplement)
+}  // namespace moe::cuda::gemm::sm90_detail

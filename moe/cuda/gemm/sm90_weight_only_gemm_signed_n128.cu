@@ -1,6 +1,0 @@
-// The mixed-input grouped GEMM on two's-complement codes, 128-token tile (sm90_weight_only_gemm_impl.cuh).
-#include "moe/cuda/gemm/sm90_weight_only_gemm_impl.cuh"
-
-namespace moe::cuda::gemm::sm90_detail {
-MOE_SM90_WEIGHT_ONLY_TILE(128, kTwosComplement)
-}  // namespace moe::cuda::gemm::sm90_detail

@@ -89,9 +89,9 @@ Index groups_of(Index k, Index group_size) { return group_size > 0 ? (k + group_
 // The token tile, from the H200 runs (benchmarks/NOTES.md, "W4A16 prefill on the mixed-input
 // wgmma GEMM"): 32 tokens up to 16 rows per expert (qwen3 M = 256: 367 µs against 457 with 128),
 // 128 from 32 rows (qwen3 M = 1024: 498 against 563 with 64; deepseek M = 1024: 6474 against
-// 7014 with 32). A 64-token tile won no row. 256 (two's-complement codes only; offset codes stay
-// at 128) from 192 rows: 10-20% faster where segments reach 256 rows (mixtral M = 4096: 4718 µs
-// against 5768 with 128; "W4A16 prefill: two's-complement codes and bf16 scales").
+// 7014 with 32). A 64-token tile won no row. 256 from 192 rows: 10-20% faster where segments reach
+// 256 rows (mixtral M = 4096: 4718 µs against 5768 with 128; "W4A16 prefill: two's-complement
+// codes and bf16 scales").
 int token_tile(Index rows_per_expert) {
   return rows_per_expert <= 24 ? 32 : rows_per_expert <= 192 ? 128 : 256;
 }
@@ -122,28 +122,27 @@ const char* sm90_weight_only_gemm_refusal(const Sm90WeightOnlyGemmArgs& a) {
 
 namespace {
 
-// The instantiations (weight rows, tokens, cluster, code kind). Two's-complement codes, from the
-// H200 tile runs of session 20 (benchmarks/NOTES.md, "W4A16 prefill: the tile's weight rows and
-// clusters"): with 128 tokens, 256 weight rows (two 128-row halves, one per consumer warpgroup)
-// convert each code once per 128 tokens as before, and each token tile loaded serves twice the
-// weight rows: 8-12% faster from 32 to 192 rows per expert (qwen3 M = 1024 424 -> 382 µs, gpt-oss M = 4096
-// 2472 -> 2244, deepseek M = 4096 8438 -> 7587, mixtral M = 256 740 -> 650); with 256 tokens,
-// clusters of two CTAs along the weight rows share each token tile, 2-5% faster above 192 rows
-// (mixtral M = 16384 18218 -> 17927, deepseek M = 16384 22787 -> 21669). Offset codes (fp32 scales
-// and zeros, more registers per weight) keep the 128-row tiles, unmeasured with the others.
+// The instantiations (weight rows, tokens, cluster, code kind), from the H200 tile runs of session
+// 20 (benchmarks/NOTES.md, "W4A16 prefill: the tile's weight rows and clusters"). With 128 tokens,
+// 256 weight rows (two 128-row halves, one per consumer warpgroup): each code is still converted
+// once per 128 tokens, and each token tile loaded serves twice the weight rows; 8-12% faster from
+// 32 to 192 rows per expert on two's-complement codes (qwen3 M = 1024 424 -> 382 µs, gpt-oss
+// M = 4096 2472 -> 2244, deepseek M = 4096 8438 -> 7587, mixtral M = 256 740 -> 650), 5-10% on
+// offset codes. With 256 tokens, clusters of two CTAs along the weight rows share each token tile:
+// 2-5% faster above 192 rows on two's-complement codes (mixtral M = 16384 18218 -> 17927,
+// deepseek M = 16384 22787 -> 21669); offset codes ran 128 tokens there before, and this tile is
+// 14-32% faster (mixtral M = 16384 27204 -> 18418).
 template <class F>
 auto with_tile(Index rows_per_expert, Sm90WeightOnlyCodes codes, F&& f) {
   using enum Sm90WeightOnlyCodes;
-  const int tn = token_tile(rows_per_expert);
-  switch (codes) {
-    case kTwosComplement:
-      if (tn == 32) return f.template operator()<128, 32, 1, kTwosComplement>();
-      if (tn == 128) return f.template operator()<256, 128, 1, kTwosComplement>();
-      return f.template operator()<128, 256, 2, kTwosComplement>();
-    case kOffset: break;
-  }
-  if (tn == 32) return f.template operator()<128, 32, 1, kOffset>();
-  return f.template operator()<128, 128, 1, kOffset>();
+  const auto tile = [&]<Sm90WeightOnlyCodes kCodes>() {
+    switch (token_tile(rows_per_expert)) {
+      case 32: return f.template operator()<128, 32, 1, kCodes>();
+      case 128: return f.template operator()<256, 128, 1, kCodes>();
+      default: return f.template operator()<128, 256, 2, kCodes>();
+    }
+  };
+  return codes == kTwosComplement ? tile.template operator()<kTwosComplement>() : tile.template operator()<kOffset>();
 }
 
 }  // namespace

@@ -22,9 +22,9 @@
 //    q * s + z' is the exact product above in fp32 before the one rounding (4-6 instructions per
 //    weight);
 //  - two's-complement codes (`signed_codes`, moe/quant/weight_only.h; no zero points): the codes
-//    become bf16 exactly and one bf16 multiply by the bf16 scale rounds once (about 2 per weight),
-//    with 256 weight rows per 128-token tile and 256-token tiles in clusters of two for long
-//    segments (the tile per problem: sm90_weight_only_gemm.cu).
+//    become bf16 exactly and one bf16 multiply by the bf16 scale rounds once (about 2 per weight).
+// Both run the same tiles: 128 weight rows x 32 tokens for short segments, 256 x 128, and 128 x 256
+// in clusters of two for long ones (the tile per problem: sm90_weight_only_gemm.cu).
 // MXFP4 does not run here: the collective takes one scale per row and 64-wide K tile (its
 // smallest), and E8M0 scales cover 32.
 //

@@ -21,7 +21,10 @@
 // --ab_launch runs only bf16_ab_launch/<shape>/<M>: the programmatic launch modes of
 // cuda::Options, interleaved on the same allocations (counters us_every, us_fused_swap_only, us_off);
 // --ab_prefill_tiles runs only bf16_ab_prefill_tiles/<shape>/<M> for M >= 1024: the Hopper
-// prefill tiles (schedule.h), interleaved on the same allocations (counters us_<tile name>);
+// prefill tiles (schedule.h), interleaved on the same allocations (counters us_<tile name>); with
+// --quantized also fp8_per_tensor_ab_prefill_tiles/<shape>/<M> for M >= 256, the FP8 per-tensor
+// GEMM's two tiles (gemm/sm90_fp8_gemm.h: us_normal_128x256x64 runs its cooperative tile,
+// us_pingpong_64x256x64 its ping-pong tile);
 // --ab_decode_tiles runs only bf16_ab_decode_tiles/<shape>/<M> for M <= 256: the table's choice
 // (counter us_table) and the swap tiles pinned, on the same allocations (us_<tile name>).
 // --ab_splits runs only bf16_ab_splits/<shape>/<M> for M <= 256: the fused swap GEMMs' split-K
@@ -460,14 +463,18 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
   // Rows of `family` for the M that `keep` selects, each timing `tiles` pinned (counters
   // us_<tile name>) after `first` variants, interleaved on the same allocations.
   using moe::cuda::gemm::Sm90Tile;
-  const auto register_tile_ab = [&](const char* family, std::vector<Variant> modes, std::initializer_list<Sm90Tile> tiles,
-                                    auto keep, int iterations) {
+  const auto with_pinned_tiles = [](std::vector<Variant> modes, std::initializer_list<Sm90Tile> tiles) {
     for (const Sm90Tile t : tiles) {
       Variant v;
       v.label = moe::cuda::gemm::name(t);
       v.options.sm90_tile = t;
       modes.push_back(v);
     }
+    return modes;
+  };
+  const auto register_tile_ab = [&](const char* family, const std::vector<Variant>& first,
+                                    std::initializer_list<Sm90Tile> tiles, auto keep, int iterations) {
+    const std::vector<Variant> modes = with_pinned_tiles(first, tiles);
     for (const Shape& s : kShapes) {
       for (const moe::Index M : kTokens) {
         if (keep(M)) register_row(row_name(family, s, M), s, M, true, modes, iterations);
@@ -478,6 +485,17 @@ void register_all(bool tune, bool ab_launch, bool ab_splits, bool ab_prefill_til
     register_tile_ab("bf16_ab_prefill_tiles", {},
                      {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong128x128, Sm90Tile::kPingpong64x256},
                      [](moe::Index M) { return M >= 1024; }, 11);
+    if (quantized) {  // the FP8 per-tensor GEMM's two tiles (a pinned prefill tile picks the nearest)
+      const std::vector<Variant> fp8_tiles = with_pinned_tiles({}, {Sm90Tile::kNormal128x256, Sm90Tile::kPingpong64x256});
+      for (const Shape& s : kShapes) {
+        for (const moe::Index M : kTokens) {
+          if (M >= 256) {
+            register_row<moe::quant::Fp8PerTensor>(row_name("fp8_per_tensor_ab_prefill_tiles", s, M), s, M, true,
+                                                   fp8_tiles, 11);
+          }
+        }
+      }
+    }
     return;
   }
   if (ab_decode_tiles) {  // only the swap tiles (M <= 256), after the table's choice (us_table)

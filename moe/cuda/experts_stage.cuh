@@ -200,6 +200,7 @@ class ExpertsStage {
     Index live_rows = 0;  // a bound on the rows in segments (picks tiles and splits)
     bool sm90 = false;    // the Hopper schedule runs the GEMMs
     gemm::Sm90Tile tile = gemm::Sm90Tile::kNormal128x256;  // its tile (fused swap resolved)
+    gemm::Fp8Tile fp8_tile = gemm::Fp8Tile::kCooperative128x256;  // the FP8 per-tensor prefill GEMM's tile
     int max_splits1 = 1, max_splits2 = 1;  // most K splits of the fused swap GEMMs (chosen on the device)
     std::size_t gemm_ws_bytes = 0;
     std::size_t inter = 0, gemm1_out = 0, gemm_ws = 0, partial = 0, splits_used = 0, total = 0;  // offsets, bytes
@@ -473,7 +474,12 @@ class ExpertsStage {
                                        : sm90_tile_for(static_cast<double>(S) / static_cast<double>(E), w.hidden());
     if constexpr (kQuantized) {
       if (is_prefill(tile) && fp8_prefill_gemm_applies(w)) {
-        l.tile = Sm90Tile::kNormal128x256;  // CUTLASS's FP8 grouped GEMM (gemm/sm90_fp8_gemm.h), its own tiles
+        l.tile = Sm90Tile::kNormal128x256;  // CUTLASS's FP8 grouped GEMMs (gemm/sm90_fp8_gemm.h), their own tiles:
+        // the per-tensor table's, or the pinned prefill tile's nearest (tests, tuning runs).
+        l.fp8_tile = !options_.sm90_tile ? fp8_tensor_tile_for(static_cast<double>(S) / static_cast<double>(E),
+                                                               w.hidden(), w.intermediate())
+                     : tile == Sm90Tile::kPingpong64x256 ? Fp8Tile::kPingpong64x256
+                                                         : Fp8Tile::kCooperative128x256;
         return 0;
       }
       // Elsewhere our swap mainloop takes the 8-bit operands: the nearest fused tile.
@@ -1094,12 +1100,13 @@ class ExpertsStage {
     const auto gemm = [&](const W* codes, const float* scales, Index k, DeviceView<const W, 3> wt,
                           DeviceView<const float, 3> wscales, int halves, IO* out) {
       const Index n = wt.extent(1) / halves;
-      return gemm::sm90_fp8_gemm(
-          {.scales = kFp8Scales, .num_experts = static_cast<int>(E), .halves = halves, .n = n, .k = k, .a = codes,
-           .lda = k, .a_scales = scales, .seg_begin = s.seg_begin, .seg_count = s.seg_count, .w = wt.data(),
-           .w_expert_stride = wt.stride(0), .ldw = wt.stride(1), .w_scales = wscales.data(),
-           .w_scales_expert_stride = wscales.stride(0), .d = out, .ldd = halves * n},
-          ws, stream);
+      gemm::Sm90Fp8GemmArgs args{.scales = kFp8Scales, .num_experts = static_cast<int>(E), .halves = halves, .n = n,
+                                 .k = k, .a = codes, .lda = k, .a_scales = scales, .seg_begin = s.seg_begin,
+                                 .seg_count = s.seg_count, .w = wt.data(), .w_expert_stride = wt.stride(0),
+                                 .ldw = wt.stride(1), .w_scales = wscales.data(),
+                                 .w_scales_expert_stride = wscales.stride(0), .d = out, .ldd = halves * n};
+      args.tile = l.fp8_tile;
+      return gemm::sm90_fp8_gemm(args, ws, stream);
     };
     MOE_RETURN_IF_ERROR(quantize_input(input, tokens, H, s, codes1, {scales1, 1, kb1}, a13, pdl, stream));
     MOE_RETURN_IF_ERROR(gemm(codes1, kPerTensorScales ? a13 : scales1, H, w.w13, w.quant.w13_scale, kFp8Halves, b.gemm1_out));

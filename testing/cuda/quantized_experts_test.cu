@@ -318,7 +318,8 @@ void expect_accurate_over_long_k(moe::cuda::gemm::Sm90Tile tile, const char* nam
 
 TEST_F(QuantizedExpertsTest, Fp8FastAccumulationStaysAccurateOverLongK) {
   using moe::cuda::gemm::Sm90Tile;
-  expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kNormal128x256, "fp8_per_tensor prefill GEMM");
+  expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kNormal128x256, "fp8_per_tensor prefill GEMM, cooperative");
+  expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kPingpong64x256, "fp8_per_tensor prefill GEMM, ping-pong");
   expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kFusedSwap128x16, "fp8_per_tensor swap 128x16");
   expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kFusedSwap128x32, "fp8_per_tensor swap 128x32");
   expect_accurate_over_long_k<quant::Fp8PerTensor>(Sm90Tile::kFusedSwap128x64, "fp8_per_tensor swap 128x64");

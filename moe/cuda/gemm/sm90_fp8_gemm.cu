@@ -12,6 +12,7 @@ int current_sm_count();  // sm90_grouped_gemm.cu
 const char* sm90_fp8_gemm_refusal(const Sm90Fp8GemmArgs& a) {
   const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
   if (a.scales != Fp8GemmScales::kBlock128 && a.scales != Fp8GemmScales::kPerTensor) return "unknown scaling";
+  if (a.tile != Fp8Tile::kCooperative128x256 && a.tile != Fp8Tile::kPingpong64x256) return "unknown tile";
   if (a.halves != 1 && a.halves != 2) return "halves must be 1 or 2";
   if (a.num_experts <= 0 || a.num_experts > (1 << 20)) return "the expert count must be in [1, 2^20]";
   if (a.n <= 0 || a.k <= 0 || a.n > INT32_MAX / 2 || a.k > INT32_MAX) return "n and k must be positive int32 extents";

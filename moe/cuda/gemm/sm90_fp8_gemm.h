@@ -35,6 +35,29 @@ inline constexpr int kFp8ScaleBlock = 128;
 
 enum class Fp8GemmScales { kBlock128, kPerTensor };
 
+// Tiles of the per-tensor GEMM (the block-scaled GEMM has one: 128x128 in clusters of two).
+enum class Fp8Tile : int {
+  kCooperative128x256,  // both consumer warpgroups on one 128-row x 256-column tile
+  kPingpong64x256,      // each consumer warpgroup its own 64 x 256 tile: one's epilogue under the other's mainloop
+};
+
+// The per-tensor GEMM's tile for experts averaging `rows_per_group` rows (a host-side estimate:
+// slots / local experts) of a layer with these hidden and intermediate sizes. From the H200 runs of
+// 2026-12-04 (benchmarks/NOTES.md, "FP8 per-tensor prefill tiles"; five tiles, one process each,
+// two calls): ping-pong 64x256 wins from 128 to 1024 rows per expert where the hidden size is 4096
+// or more (against the cooperative tile: mixtral M = 1024 -4..-14%, M = 4096 -6%, deepseek
+// M = 4096 -2..-6%), as in the bf16 table, and from 64 to 256 rows where the intermediate size is
+// at most 1024 (qwen3 M = 1024 / 4096 -2..-4%: GEMM2's K = 768 makes its epilogue a large share).
+// It loses 3-4% on gpt-oss (hidden and intermediate 2880), 3% on mixtral's 64 rows, 3% on qwen3's
+// 1024 rows, and 2% on deepseek's 512 rows, which this rule gives it (rows per expert alone cannot
+// separate them from mixtral's 1024). Regenerate: `cuda_fused_moe_benchmark --quantized
+// --ab_prefill_tiles` on the GPU machine.
+inline Fp8Tile fp8_tensor_tile_for(double rows_per_group, Index hidden, Index intermediate) {
+  const bool wide_hidden = hidden >= 4096 && rows_per_group >= 96.0 && rows_per_group < 2048.0;
+  const bool short_gemm2 = intermediate <= 1024 && rows_per_group >= 48.0 && rows_per_group < 768.0;
+  return wide_hidden || short_gemm2 ? Fp8Tile::kPingpong64x256 : Fp8Tile::kCooperative128x256;
+}
+
 struct Sm90Fp8GemmArgs {
   Fp8GemmScales scales = Fp8GemmScales::kBlock128;
   int num_experts = 0;
@@ -55,12 +78,13 @@ struct Sm90Fp8GemmArgs {
   Index w_scales_expert_stride = 0;
   void* d = nullptr;                   // bf16 [rows, ldd]; half h writes columns [h * n, h * n + n)
   Index ldd = 0;
+  Fp8Tile tile = Fp8Tile::kCooperative128x256;  // kPerTensor only
 };
 
 // Why the kernels cannot run these operands (TMA needs 16-byte aligned bases and rows), or nullptr.
 const char* sm90_fp8_gemm_refusal(const Sm90Fp8GemmArgs& args);
 
-// Device workspace of one launch over `num_experts * halves` groups.
+// Device workspace of one launch over `num_experts * halves` groups, whichever tile it runs.
 std::size_t sm90_fp8_gemm_workspace_bytes(Fp8GemmScales scales, int num_groups);
 
 // Enqueues the grouped GEMM on `stream`. No allocation, no synchronization.

@@ -4,22 +4,31 @@
 // scale times the expert's weight scale, scales the accumulators in the epilogue.
 #include "moe/cuda/gemm/sm90_fp8_gemm_impl.cuh"
 
+#include <algorithm>
+#include <type_traits>
+
 namespace moe::cuda::gemm {
 namespace sm90_detail {
 namespace {
 
-// One CUTLASS kernel type per tile: TM x TN x 128 tiles in clusters of CN along N, two consumer
-// warpgroups sharing each tile (cooperative).
-template <int TM, int TN, int CN>
+// One CUTLASS kernel type per tile: TM x TN x 128 tiles in clusters of CN along N; the two consumer
+// warpgroups share each tile (cooperative) or own one each (ping-pong: one's epilogue runs under
+// the other's mainloop).
+template <int TM, int TN, int CN, bool Pingpong>
 struct Fp8TensorGemmT {
   using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::_128>;
   using ClusterShape = cute::Shape<cute::_1, cute::Int<CN>, cute::_1>;
-  using Epilogue = Fp8Epilogue<TileShape, ClusterShape, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+  using EpilogueSchedule = std::conditional_t<Pingpong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
+                                              cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+  using KernelSchedule =
+      std::conditional_t<Pingpong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8FastAccum,
+                         cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8FastAccum>;
+  using Epilogue = Fp8Epilogue<TileShape, ClusterShape, EpilogueSchedule>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Fp8Code, RowMajor*, kFp8AlignCodes, Fp8Code, ColumnMajor*,
       kFp8AlignCodes, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8FastAccum>::CollectiveOp;
+      KernelSchedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::InternalStrideA;
@@ -84,20 +93,25 @@ Status run_tensor(const Sm90Fp8GemmArgs& a, std::span<std::byte> workspace, int 
                                        a.k);
 }
 
-// Of the configurations tried on the H200 (benchmarks/NOTES.md, "FP8 per-tensor prefill"): 128x256
-// cooperative tiles in clusters of two along N were the fastest on the prefill rows but one
-// (qwen3 M=1024, a first row); 64x256 ping-pong (vLLM's default) was 1-42% slower at M >= 4096,
-// 256x128 in clusters of two along M up to 2.4x slower.
-using Fp8TensorGemm = Fp8TensorGemmT<128, 256, 2>;
+// The two tiles of fp8_tensor_tile_for (sm90_fp8_gemm.h), single-CTA clusters. Of the
+// configurations tried on the H200 (benchmarks/NOTES.md, "FP8 per-tensor prefill" and "FP8
+// per-tensor prefill tiles"): the cooperative 128x256 tile without clusters was as fast as or
+// 1-6% faster than in clusters of two along N on 9 of 12 prefill rows; 128x128 ping-pong (with and
+// without clusters) won no row by more than the noise; 256x128 in clusters of two along M was up to
+// 2.4x slower.
+using Fp8TensorCooperative = Fp8TensorGemmT<128, 256, 1, false>;
+using Fp8TensorPingpong = Fp8TensorGemmT<64, 256, 1, true>;
 
 }  // namespace
 
 std::size_t fp8_tensor_gemm_workspace_bytes(int num_groups, int sm_count) {
-  return workspace_of<Fp8TensorGemm>(num_groups, sm_count);
+  return std::max(workspace_of<Fp8TensorCooperative>(num_groups, sm_count),
+                  workspace_of<Fp8TensorPingpong>(num_groups, sm_count));
 }
 
 Status fp8_tensor_gemm(const Sm90Fp8GemmArgs& a, std::span<std::byte> workspace, int sm_count, cudaStream_t stream) {
-  return run_tensor<Fp8TensorGemm>(a, workspace, sm_count, stream);
+  return a.tile == Fp8Tile::kPingpong64x256 ? run_tensor<Fp8TensorPingpong>(a, workspace, sm_count, stream)
+                                            : run_tensor<Fp8TensorCooperative>(a, workspace, sm_count, stream);
 }
 
 }  // namespace sm90_detail

@@ -19,6 +19,7 @@ enum class StatusCode {
   kUnsupported,        // valid in principle, but not available in this build or on this device
   kWorkspaceTooSmall,  // the caller's workspace is smaller than workspace_bytes()
   kCudaError,          // a CUDA API call or launch failed
+  kAborted,            // a collective was abandoned: another rank of the group left or failed
   kInternal,
 };
 
@@ -29,6 +30,7 @@ constexpr std::string_view to_string(StatusCode code) {
     case StatusCode::kUnsupported: return "unsupported";
     case StatusCode::kWorkspaceTooSmall: return "workspace too small";
     case StatusCode::kCudaError: return "CUDA error";
+    case StatusCode::kAborted: return "aborted";
     case StatusCode::kInternal: return "internal error";
   }
   return "unknown";
@@ -63,6 +65,10 @@ Status make_status(StatusCode code, const Parts&... parts) {
 template <class... Parts>
 Status invalid_argument(const Parts&... parts) {
   return make_status(StatusCode::kInvalidArgument, parts...);
+}
+template <class... Parts>
+Status aborted(const Parts&... parts) {
+  return make_status(StatusCode::kAborted, parts...);
 }
 template <class... Parts>
 Status unsupported(const Parts&... parts) {

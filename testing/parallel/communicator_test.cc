@@ -1,0 +1,138 @@
+// The in-process group's collectives: every block lands where the layout says, disagreeing
+// arguments are refused on every rank with nothing written, and no misuse hangs.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "moe/parallel/communicator.h"
+#include "moe/parallel/in_process_group.h"
+
+namespace {
+
+using moe::Index;
+using moe::Status;
+using moe::parallel::Communicator;
+using moe::parallel::InProcessGroup;
+
+std::unique_ptr<InProcessGroup> group(int ranks) {
+  std::unique_ptr<InProcessGroup> g;
+  moe::check(InProcessGroup::create(ranks, &g));
+  return g;
+}
+
+// Rank s sends (s + d) % 3 + d elements to rank d; element i of that block is s * 1000 + d * 100 + i.
+Index count(int s, int d) { return (s + d) % 3 + d; }
+
+TEST(InProcessGroup, AllToAllDeliversEveryBlockToItsRank) {
+  for (int ranks : {1, 2, 3, 5}) {
+    auto g = group(ranks);
+    std::vector<std::vector<std::int32_t>> received(static_cast<std::size_t>(ranks));
+    const Status s = g->run([&](Communicator& comm) -> Status {
+      const int me = comm.rank();
+      std::vector<Index> send_counts, recv_counts;
+      std::vector<std::int32_t> send;
+      for (int d = 0; d < ranks; ++d) {
+        send_counts.push_back(count(me, d));
+        for (Index i = 0; i < count(me, d); ++i) send.push_back(me * 1000 + d * 100 + static_cast<std::int32_t>(i));
+      }
+      std::vector<Index> got(static_cast<std::size_t>(ranks));
+      MOE_RETURN_IF_ERROR(moe::parallel::exchange_counts(comm, send_counts, got));
+      for (int r = 0; r < ranks; ++r) {
+        if (got[r] != count(r, me)) return moe::invalid_argument("exchanged count from rank ", r, " is ", got[r]);
+      }
+      std::vector<std::int32_t> recv(static_cast<std::size_t>(std::accumulate(got.begin(), got.end(), Index{0})));
+      MOE_RETURN_IF_ERROR(moe::parallel::all_to_all_rows<std::int32_t>(comm, send, send_counts, recv, got, 1, "test"));
+      received[static_cast<std::size_t>(me)] = recv;
+      return Status::ok();
+    });
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+    for (int d = 0; d < ranks; ++d) {
+      std::vector<std::int32_t> expected;
+      for (int src = 0; src < ranks; ++src) {
+        for (Index i = 0; i < count(src, d); ++i) expected.push_back(src * 1000 + d * 100 + static_cast<std::int32_t>(i));
+      }
+      EXPECT_EQ(received[static_cast<std::size_t>(d)], expected) << "ranks=" << ranks << " rank " << d;
+    }
+  }
+}
+
+TEST(InProcessGroup, AllReduceGivesEveryRankTheSameRankOrderedSum) {
+  constexpr int kRanks = 4;
+  auto g = group(kRanks);
+  std::vector<std::vector<moe::bfloat16>> result(kRanks);
+  std::vector<std::vector<moe::bfloat16>> partial(kRanks);
+  for (int r = 0; r < kRanks; ++r) {
+    for (int i = 0; i < 64; ++i) partial[r].push_back(moe::from_float<moe::bfloat16>(0.37f * static_cast<float>((r + 1) * (i - 20)) + 1e-3f * static_cast<float>(r)));
+  }
+  ASSERT_TRUE(g->run([&](Communicator& comm) {
+                 std::vector<moe::bfloat16> mine = partial[static_cast<std::size_t>(comm.rank())];
+                 MOE_RETURN_IF_ERROR(moe::parallel::all_reduce_sum<moe::bfloat16>(comm, mine));
+                 result[static_cast<std::size_t>(comm.rank())] = mine;
+                 return Status::ok();
+               }).is_ok());
+  for (int i = 0; i < 64; ++i) {
+    float sum = 0.0f;
+    for (int r = 0; r < kRanks; ++r) sum += moe::to_float(partial[r][i]);
+    for (int r = 0; r < kRanks; ++r) {
+      EXPECT_EQ(result[r][i].bits, moe::from_float<moe::bfloat16>(sum).bits) << "element " << i << " rank " << r;
+    }
+  }
+}
+
+TEST(InProcessGroup, DisagreeingCountsAreRefusedOnEveryRankWithNothingWritten) {
+  auto g = group(3);
+  std::atomic<int> refused{0};
+  std::vector<std::vector<std::int32_t>> recv(3, std::vector<std::int32_t>(8, -7));
+  const Status s = g->run([&](Communicator& comm) -> Status {
+    const int me = comm.rank();
+    std::vector<Index> counts(3, 1);
+    std::vector<Index> expect(3, 1);
+    if (me == 2) expect[0] = 2;  // rank 0 sends one element to rank 2; rank 2 expects two
+    std::vector<std::int32_t> send(3, me);
+    const Status st = moe::parallel::all_to_all_rows<std::int32_t>(comm, send, counts, recv[static_cast<std::size_t>(me)], expect, 1, "test");
+    if (!st.is_ok() && st.to_string().find("rank 0 sends 4 bytes to rank 2") != std::string::npos) ++refused;
+    return st;
+  });
+  EXPECT_FALSE(s.is_ok());
+  EXPECT_EQ(refused.load(), 3) << s.to_string();
+  for (const auto& r : recv) EXPECT_EQ(r, std::vector<std::int32_t>(8, -7));
+}
+
+TEST(InProcessGroup, ARankThatLeavesEarlyReleasesTheOthersWithItsError) {
+  auto g = group(4);
+  const Status s = g->run([&](Communicator& comm) -> Status {
+    if (comm.rank() == 1) return moe::invalid_argument("rank 1's own failure");
+    std::vector<std::int32_t> send(4, 0), recv(4, 0);
+    return moe::parallel::all_to_all_rows<std::int32_t>(comm, send, std::vector<Index>(4, 1), recv, std::vector<Index>(4, 1), 1, "test");
+  });
+  EXPECT_NE(s.to_string().find("rank 1's own failure"), std::string::npos) << s.to_string();
+  // Different collectives on different ranks are refused, not deadlocked.
+  const Status mismatch = g->run([&](Communicator& comm) -> Status {
+    std::vector<std::byte> one(4), all(16);
+    if (comm.rank() == 0) return comm.all_gather(one, all);
+    std::vector<std::int32_t> send(4, 0), recv(4, 0);
+    return moe::parallel::all_to_all_rows<std::int32_t>(comm, send, std::vector<Index>(4, 1), recv, std::vector<Index>(4, 1), 1, "test");
+  });
+  EXPECT_NE(mismatch.to_string().find("collective mismatch"), std::string::npos) << mismatch.to_string();
+  // The group is reusable after a failed run.
+  EXPECT_TRUE(g->run([](Communicator& comm) {
+                 std::vector<std::byte> one(2, std::byte{1}), all(8);
+                 return comm.all_gather(one, all);
+               }).is_ok());
+}
+
+TEST(InProcessGroup, BadSizesAreErrors) {
+  std::unique_ptr<InProcessGroup> g;
+  EXPECT_NE(InProcessGroup::create(0, &g).to_string().find("size"), std::string::npos);
+  g = group(2);
+  const Status s = g->run([](Communicator& comm) {
+    std::vector<Index> counts(1, 0);  // one count for two ranks
+    std::vector<Index> recv(1);
+    return moe::parallel::exchange_counts(comm, counts, recv);
+  });
+  EXPECT_NE(s.to_string().find("one per rank"), std::string::npos) << s.to_string();
+}
+
+}  // namespace

@@ -21,6 +21,7 @@
 #include "moe/layer/cuda_registry.h"
 #include "moe/layer/device_layer.h"
 #include "moe/layer/moe_layer.h"
+#include "moe/layer/rank_group_layer.h"
 
 namespace moe::cli {
 namespace {
@@ -30,6 +31,7 @@ constexpr const char* kUsage =
     "  moe run   --model-config CONFIG.json --weights FILE [--weights FILE ...] --layer-prefix PREFIX\n"
     "            --inputs IN.safetensors --output OUT.safetensors [--backend cpu|cuda] [--dtype f32|bf16|f16]\n"
     "            [--ep-size N --ep-rank R --expert-placement linear|round_robin] [--tp-size N --tp-rank R]\n"
+    "            (sizes without ranks: every rank in this process, one full output; with a rank: its partial sum)\n"
     "  moe info  --model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX [layout options]\n"
     "  moe bench (--model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX | --shape NAME)\n"
     "            [--tokens M] [--iterations N] [--dtype f32|bf16|f16] [--backend cpu|cuda] [layout options]\n"
@@ -54,6 +56,7 @@ struct Options {
   bool random_weights = false;      // --weights random
   std::vector<std::string> weights;
   int ep_size = 1, ep_rank = 0, tp_size = 1, tp_rank = 0;
+  bool rank_given = false;  // --ep-rank or --tp-rank: compute that rank's partial only
   long tokens = 64, iterations = 10;
 };
 
@@ -120,9 +123,9 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
       MOE_RETURN_IF_ERROR(parse_choice(flag, v, {{"fused", true}, {"apart", false}}, &o->fuse_shared_experts));
     }
     else if (flag == "--ep-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->ep_size = static_cast<int>(n); }
-    else if (flag == "--ep-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->ep_rank = static_cast<int>(n); }
+    else if (flag == "--ep-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->ep_rank = static_cast<int>(n); o->rank_given = true; }
     else if (flag == "--tp-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->tp_size = static_cast<int>(n); }
-    else if (flag == "--tp-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->tp_rank = static_cast<int>(n); }
+    else if (flag == "--tp-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->tp_rank = static_cast<int>(n); o->rank_given = true; }
     else if (flag == "--tokens") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxTokens, &o->tokens)); }
     else if (flag == "--iterations") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxIterations, &o->iterations)); }
     else return invalid_argument("unknown option ", flag);
@@ -210,11 +213,28 @@ Status check_output(const Options& o, const io::Checkpoint& ckpt) {
   return Status::ok();
 }
 
+// `moe run` with --ep-size/--tp-size and no rank: every rank's shard in this process, the partial
+// sums all-reduced into one full output (moe/layer/rank_group_layer.h).
+bool all_ranks_in_process(const Options& o) { return o.ep_size * o.tp_size > 1 && !o.rank_given; }
+
 Status command_run(const Options& o, std::ostream& out) {
   MOE_RETURN_IF_ERROR(check_backend(o));
   io::Checkpoint ckpt;
-  layer::MoeLayer l;
-  MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l));
+  layer::MoeLayer single;
+  layer::RankGroupLayer group;
+  const bool all_ranks = all_ranks_in_process(o);
+  if (all_ranks) {
+    layer::ModelConfig config;
+    MOE_RETURN_IF_ERROR(layer::load_model_config(o.model_config, &config));
+    MOE_RETURN_IF_ERROR(io::Checkpoint::open(o.weights, &ckpt));
+    MOE_RETURN_IF_ERROR(layer::RankGroupLayer::load(config, o.ep_size, o.tp_size, o.placement, o.dtype, ckpt, o.layer_prefix, &group));
+    for (int r = 0; r < group.size() && o.backend == Backend::kCuda; ++r) {
+      MOE_RETURN_IF_ERROR(layer::make_layer_resident(group.mutable_rank(r)));
+    }
+  } else {
+    MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &single));
+  }
+  const layer::MoeLayer& l = all_ranks ? group.rank(0) : single;
   MOE_RETURN_IF_ERROR(check_output(o, ckpt));
   io::SafetensorsFile in;
   MOE_RETURN_IF_ERROR(io::SafetensorsFile::open(o.inputs, &in));
@@ -228,7 +248,7 @@ Status command_run(const Options& o, std::ostream& out) {
   }
   layer::MoeLayer::Result r;
   const auto t0 = std::chrono::steady_clock::now();
-  const Status fs = l.forward(hidden, logits, &r, {}, finder(o));
+  const Status fs = all_ranks ? group.forward(hidden, logits, &r, {}, finder(o)) : l.forward(hidden, logits, &r, {}, finder(o));
   if (!fs.is_ok()) return make_status(fs.code(), o.inputs, ": ", fs.message());
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const Index M = hidden.extents[0], k = l.config().top_k;
@@ -246,8 +266,13 @@ Status command_run(const Options& o, std::ostream& out) {
     sum_abs += std::abs(v);
   }
   out << "moe run: " << l.config().architecture_name << ", " << M << " tokens, H=" << l.config().hidden
-      << ", E=" << l.config().num_experts << " (top_k " << k << ", " << l.num_local_experts() << " local), dtype "
-      << to_string(l.dtype()) << ", " << to_string(*o.backend) << " backend: " << ms << " ms\n"
+      << ", E=" << l.config().num_experts << " (top_k " << k << ", ";
+  if (all_ranks) {
+    out << "ep " << o.ep_size << " x tp " << o.tp_size << " ranks in this process, all-reduced";
+  } else {
+    out << l.num_local_experts() << " local";
+  }
+  out << "), dtype " << to_string(l.dtype()) << ", " << to_string(*o.backend) << " backend: " << ms << " ms\n"
       << "wrote " << o.output << ": output [" << M << ", " << l.config().hidden << "] (mean |x| "
       << (M > 0 ? sum_abs / static_cast<double>(M * l.config().hidden) : 0.0) << "), topk_ids, topk_weights\n";
   return Status::ok();

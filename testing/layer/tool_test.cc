@@ -22,6 +22,7 @@
 #include "testing/layer/quantized_checkpoint.h"
 #include "testing/layer/weight_only_model.h"
 #include "moe/io/synthetic_checkpoint.h"
+#include "testing/lib/compare.h"
 #include "testing/lib/random.h"
 
 namespace moe {
@@ -271,6 +272,74 @@ TEST(Run, DtypesAndLayouts) {
 }
 
 // router_logits in the inputs file drive the routing; bf16 hidden states are accepted.
+// --ep-size/--tp-size without a rank: every rank in one process, the partials all-reduced (float
+// sums in rank order r = ep_rank * tp_size + tp_rank, one rounding) into one full output, which is
+// close to the single-rank forward (each partial is rounded to the dtype once before the sum).
+TEST(Run, AllRanksInOneProcessGiveOneFullOutput) {
+  const Model m = write_model("run_all_ranks", spec_of("Qwen2MoeForCausalLM"));
+  const Index M = 7, H = m.spec.hidden;
+  const std::string in_path = m.dir + "/in.safetensors";
+  const Inputs in = write_inputs(in_path, M, H, 6);
+  struct Layout {
+    int ep, tp;
+    ExpertPlacement placement;
+    std::vector<std::string> flags;
+  };
+  const Layout layouts[] = {
+      {2, 1, ExpertPlacement::kLinear, {"--ep-size", "2"}},
+      {1, 2, ExpertPlacement::kLinear, {"--tp-size", "2"}},
+      {2, 2, ExpertPlacement::kRoundRobin, {"--ep-size", "2", "--tp-size", "2", "--expert-placement", "round_robin"}},
+  };
+  int i = 0;
+  for (const DType dtype : {DType::kF32, DType::kBF16}) {
+    const MoeLayer::Result full = direct_forward(m, {}, dtype, in, M);
+    for (const Layout& lay : layouts) {
+      std::vector<MoeLayer::Result> partials;
+      for (int e = 0; e < lay.ep; ++e) {
+        for (int t = 0; t < lay.tp; ++t) {
+          ParallelLayout p;
+          p.ep_size = lay.ep;
+          p.ep_rank = e;
+          p.tp_size = lay.tp;
+          p.tp_rank = t;
+          p.placement = lay.placement;
+          partials.push_back(direct_forward(m, p, dtype, in, M));
+        }
+      }
+      MoeLayer::Result want = partials[0];
+      std::vector<double> got_full(static_cast<std::size_t>(M * H)), want_full(got_full.size());
+      for (Index x = 0; x < M * H; ++x) {
+        float sum = 0.0f;
+        for (const MoeLayer::Result& r : partials) {
+          sum += dtype == DType::kF32 ? reinterpret_cast<const float*>(r.output.bytes.data())[x]
+                                      : to_float(reinterpret_cast<const bfloat16*>(r.output.bytes.data())[x]);
+        }
+        if (dtype == DType::kF32) {
+          reinterpret_cast<float*>(want.output.bytes.data())[x] = sum;
+          want_full[x] = reinterpret_cast<const float*>(full.output.bytes.data())[x];
+        } else {
+          reinterpret_cast<bfloat16*>(want.output.bytes.data())[x] = from_float<bfloat16>(sum);
+          want_full[x] = to_float(reinterpret_cast<const bfloat16*>(full.output.bytes.data())[x]);
+        }
+        got_full[x] = dtype == DType::kF32 ? reinterpret_cast<const float*>(want.output.bytes.data())[x]
+                                           : to_float(reinterpret_cast<const bfloat16*>(want.output.bytes.data())[x]);
+      }
+      const std::string out_path = m.dir + "/all" + std::to_string(i++) + ".safetensors";
+      const std::vector<std::string> args = base_args("run", m) + std::vector<std::string>{"--inputs", in_path, "--output", out_path,
+                                                                                            "--dtype", std::string(to_string(dtype))} +
+                                            lay.flags;
+      const ToolResult r = tool(args);
+      ASSERT_EQ(r.rc, 0) << describe(args, r);
+      SCOPED_TRACE(describe(args, r));
+      EXPECT_NE(r.out.find("ranks in this process, all-reduced"), std::string::npos) << r.out;
+      expect_output_file(out_path, want, M, H, m.spec.top_k);
+      // Against the single-rank forward: f32 sums in another order; bf16 one extra rounding per partial.
+      const double tol = dtype == DType::kF32 ? 1e-5 : 2e-2;
+      EXPECT_TRUE(testing::all_close(got_full, want_full, {1e-6, tol}));
+    }
+  }
+}
+
 TEST(Run, RouterLogitsAndBf16Inputs) {
   const Model m = write_model("run_logits", spec_of("DeepseekV3ForCausalLM"));
   const Index M = 7, H = m.spec.hidden, E = m.spec.num_experts;

@@ -1,0 +1,42 @@
+// The layer over ep_size x tp_size ranks in one process, giving one full output: every rank loads
+// its shard (MoeLayer's parallel layout: its experts under EP, its slice of the intermediate
+// dimension under TP) and computes its partial sum on its own thread; an all-reduce over the
+// group (moe/parallel/communicator.h: float sums in rank order, one rounding) adds the partials.
+// What no rank splits (the shared expert under EP, GEMM2's bias under TP) is in rank 0's partial
+// only, so it is counted once. This is vLLM's allgather/reduce-scatter EP and TP's final
+// all-reduce, with the ranks as threads: the single-process multi-rank mode of `moe run`, and
+// the reference the multi-GPU runs are compared against.
+//
+// Rank r = ep_rank * tp_size + tp_rank. Every rank routes all tokens (routing is replicated), so
+// topk_ids and topk_weights are rank 0's. Not reentrant: one forward at a time.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moe/layer/moe_layer.h"
+#include "moe/parallel/in_process_group.h"
+
+namespace moe::layer {
+
+class RankGroupLayer {
+ public:
+  static Status load(const ModelConfig& config, int ep_size, int tp_size, ExpertPlacement placement, DType dtype,
+                     const io::Checkpoint& checkpoint, const std::string& prefix, RankGroupLayer* out);
+
+  // As MoeLayer::forward, for the whole group. Each rank's CPU forward gets an equal share of
+  // options.num_threads.
+  Status forward(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits, MoeLayer::Result* out,
+                 const cpu::Options& options = {}, MoeLayer::KernelFinder find = &find_kernel) const;
+  int size() const { return static_cast<int>(ranks_.size()); }
+  const MoeLayer& rank(int r) const { return ranks_[static_cast<std::size_t>(r)]; }
+  // To make a rank's weights resident on the device (make_layer_resident): the ranks share one GPU.
+  MoeLayer* mutable_rank(int r) { return &ranks_[static_cast<std::size_t>(r)]; }
+
+ private:
+  std::vector<MoeLayer> ranks_;
+  std::unique_ptr<parallel::InProcessGroup> group_;
+};
+
+}  // namespace moe::layer

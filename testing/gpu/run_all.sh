@@ -12,6 +12,13 @@ parts=" ${2:-tests memcheck racecheck bench} "
 wants() { [[ "$parts" == *" $1 "* ]]; }
 mkdir -p "$out"
 export LD_LIBRARY_PATH=.:${LD_LIBRARY_PATH:-}  # libcublas.so.13 (benchmark ceiling) comes from the CUDA image
+# NCCL (nccl_communicator_test) is loaded at run time: from the CUDA image, else PyTorch's
+# nvidia-nccl wheel. NVLink multicast stays off (the device tool's rule).
+export NCCL_NVLS_ENABLE=0
+if [ -z "${MOE_NCCL_LIBRARY:-}" ] && ! ls /usr/local/cuda/lib*/libnccl.so.2 >/dev/null 2>&1; then
+  MOE_NCCL_LIBRARY=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null) &&
+    export MOE_NCCL_LIBRARY
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 summary=()
 for t in *_test; do

@@ -31,6 +31,7 @@ constexpr const char* kUsage =
     "  moe run   --model-config CONFIG.json --weights FILE [--weights FILE ...] --layer-prefix PREFIX\n"
     "            --inputs IN.safetensors --output OUT.safetensors [--backend cpu|cuda] [--dtype f32|bf16|f16]\n"
     "            [--ep-size N --ep-rank R --expert-placement linear|round_robin] [--tp-size N --tp-rank R]\n"
+    "            [--redundant-experts N] (EPLB replicas, linear placement)\n"
     "            (sizes without ranks: every rank in this process, one full output; with a rank: its partial sum)\n"
     "  moe info  --model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX [layout options]\n"
     "  moe bench (--model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX | --shape NAME)\n"
@@ -57,6 +58,7 @@ struct Options {
   std::vector<std::string> weights;
   int ep_size = 1, ep_rank = 0, tp_size = 1, tp_rank = 0;
   bool rank_given = false;  // --ep-rank or --tp-rank: compute that rank's partial only
+  long redundant_experts = 0;
   long tokens = 64, iterations = 10;
 };
 
@@ -126,6 +128,7 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     else if (flag == "--ep-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->ep_rank = static_cast<int>(n); o->rank_given = true; }
     else if (flag == "--tp-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->tp_size = static_cast<int>(n); }
     else if (flag == "--tp-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->tp_rank = static_cast<int>(n); o->rank_given = true; }
+    else if (flag == "--redundant-experts") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, 1 << 16, &o->redundant_experts)); }
     else if (flag == "--tokens") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxTokens, &o->tokens)); }
     else if (flag == "--iterations") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxIterations, &o->iterations)); }
     else return invalid_argument("unknown option ", flag);
@@ -137,7 +140,9 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     if (o->command != "bench" || o->backend != Backend::kCuda) {
       return invalid_argument("--weights random: only for `moe bench` on the cuda backend (weights generated on the GPU)");
     }
-    if (o->ep_size != 1 || o->tp_size != 1) return invalid_argument("--weights random: one rank only (no --ep-size/--tp-size)");
+    if (o->ep_size != 1 || o->tp_size != 1 || o->redundant_experts != 0) {
+      return invalid_argument("--weights random: one rank only (no --ep-size/--tp-size/--redundant-experts)");
+    }
   }
   const bool from_checkpoint = !(o->command == "bench" && !o->shape.empty()) && !random_weights;
   if (random_weights && o->model_config.empty()) return invalid_argument("--model-config: required");
@@ -161,6 +166,7 @@ layer::ParallelLayout layout_of(const Options& o) {
   p.ep_size = o.ep_size;
   p.ep_rank = o.ep_rank;
   p.placement = o.placement;
+  p.redundant_experts = o.redundant_experts;
   return p;
 }
 
@@ -227,7 +233,7 @@ Status command_run(const Options& o, std::ostream& out) {
     layer::ModelConfig config;
     MOE_RETURN_IF_ERROR(layer::load_model_config(o.model_config, &config));
     MOE_RETURN_IF_ERROR(io::Checkpoint::open(o.weights, &ckpt));
-    MOE_RETURN_IF_ERROR(layer::RankGroupLayer::load(config, o.ep_size, o.tp_size, o.placement, o.dtype, ckpt, o.layer_prefix, &group));
+    MOE_RETURN_IF_ERROR(layer::RankGroupLayer::load(config, layout_of(o), o.dtype, ckpt, o.layer_prefix, &group));
     for (int r = 0; r < group.size() && o.backend == Backend::kCuda; ++r) {
       MOE_RETURN_IF_ERROR(layer::make_layer_resident(group.mutable_rank(r)));
     }

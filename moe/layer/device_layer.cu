@@ -403,6 +403,10 @@ Status DeviceLayer::Impl::allocate_workspace() {
 }
 
 Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::unique_ptr<DeviceLayer>* out) {
+  if (layer.has_eplb()) {
+    return unsupported("DeviceLayer: EPLB replicas (redundant_experts) are not supported on the device layer yet; use the "
+                       "per-call path (MoeLayer::make_resident)");
+  }
   auto impl = std::make_unique<Impl>();
   Impl& d = *impl;
   // Quantized layers keep their codes and scales; a scheme the CUDA registry does not build for

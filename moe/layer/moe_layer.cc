@@ -332,6 +332,33 @@ struct ExpertWeights {
 
 }  // namespace
 
+namespace {
+
+// The EPLB placement a layout asks for, checked against the layer: vLLM's constraints (linear
+// placement, physical experts divisible by the EP ranks) and no zero experts.
+Status eplb_placement_for(const ParallelLayout& par, Index E, Index Z, parallel::EplbPlacement* out) {
+  if (par.redundant_experts < 0) return invalid_argument("redundant_experts: expected >= 0, got ", par.redundant_experts);
+  if (par.redundant_experts > E * 64) {
+    return invalid_argument("redundant_experts: ", par.redundant_experts, " is more than 64 replicas per expert (", E, " experts)");
+  }
+  if (par.placement != ExpertPlacement::kLinear) {
+    return invalid_argument("placement: EPLB places physical experts linearly (as vLLM); round_robin is not supported with it");
+  }
+  if (Z > 0) return unsupported("EPLB: a layer with zero experts (num_zero_experts ", Z, ") is not supported");
+  const Index P = par.physical_to_logical.empty() ? E + par.redundant_experts : static_cast<Index>(par.physical_to_logical.size());
+  if (P != E + par.redundant_experts) {
+    return invalid_argument("physical_to_logical: expected num_experts + redundant_experts = ", E + par.redundant_experts,
+                            " entries, got ", P);
+  }
+  if (P % par.ep_size != 0) {
+    return invalid_argument("redundant_experts: the ", P, " physical experts must divide evenly over ep_size ", par.ep_size);
+  }
+  if (par.physical_to_logical.empty()) return parallel::EplbPlacement::initial(E, P, out);
+  return parallel::EplbPlacement::from_physical_to_logical(E, par.physical_to_logical, out);
+}
+
+}  // namespace
+
 Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DType dtype, const io::Checkpoint& ckpt,
                       const std::string& prefix, MoeLayer* out) {
   if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
@@ -379,10 +406,32 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
                        " per byte along K; hidden size ", H, " and the per-rank intermediate sizes ", I / par.tp_size,
                        " (shared ", config.shared_intermediate / par.tp_size, ") must be multiples of ", pack);
   }
-  ExpertMap em;
-  MOE_RETURN_IF_ERROR(determine_expert_map(par.ep_size, par.ep_rank, E, par.placement, &em));
   const Index Z = config.num_zero_experts;
   if (Z < 0) return invalid_argument("num_zero_experts: expected >= 0, got ", Z);
+  // The experts this rank loads: (logical expert, local slot) pairs; the expert map is over the
+  // ids the kernel sees (logical, or physical under EPLB).
+  ExpertMap em;
+  std::optional<Eplb> eplb;
+  std::vector<std::pair<Index, Index>> slots;
+  if (par.eplb()) {
+    eplb.emplace();
+    MOE_RETURN_IF_ERROR(eplb_placement_for(par, E, Z, &eplb->placement));
+    const Index P = eplb->placement.num_physical;
+    eplb->load.assign(static_cast<std::size_t>(P), 0);
+    MOE_RETURN_IF_ERROR(determine_expert_map(par.ep_size, par.ep_rank, P, ExpertPlacement::kLinear, &em));
+    if (em.map.empty()) {  // one rank: every physical expert is local
+      for (Index q = 0; q < P; ++q) em.map.push_back(static_cast<std::int32_t>(q));
+    }
+    for (Index q = 0; q < P; ++q) {
+      if (em.map[q] >= 0) slots.emplace_back(eplb->placement.physical_to_logical[q], em.map[q]);
+    }
+  } else {
+    MOE_RETURN_IF_ERROR(determine_expert_map(par.ep_size, par.ep_rank, E, par.placement, &em));
+    for (Index g = 0; g < E; ++g) {
+      const Index local = em.map.empty() ? g : em.map[g];
+      if (local >= 0) slots.emplace_back(g, local);
+    }
+  }
 
   MoeLayer l;
   l.config_ = config;
@@ -390,6 +439,7 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   l.dtype_ = dtype;
   l.local_experts_ = em.num_local_experts;
   l.expert_map_ = em.map;
+  l.eplb_ = std::move(eplb);
   if (Z > 0) {  // routing covers E + Z experts; the zero experts never reach the kernel
     if (l.expert_map_.empty()) {
       for (Index g = 0; g < E; ++g) l.expert_map_.push_back(static_cast<std::int32_t>(g));
@@ -516,9 +566,9 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     }
   };
   ExpertWeights w;
-  for (Index g = 0; g < E; ++g) {
-    const Index local = em.map.empty() ? g : em.map[g];
-    if (local < 0) continue;
+  std::vector<bool> loaded(static_cast<std::size_t>(E), false);
+  for (const auto& [g, local] : slots) {
+    loaded[static_cast<std::size_t>(g)] = true;
     if (weight_only) {  // codes unpacked, sliced and repacked into moe/quant/weight_only.h's layout
       const std::string e = p + ".experts." + std::to_string(g) + ".";
       MOE_RETURN_IF_ERROR(wo.expert(ckpt, e, {config.gate_name, config.up_name, config.down_name}, I, H, i0, It, local,
@@ -697,7 +747,7 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
       const bool numbered = !idx.empty() && idx.find_first_not_of("0123456789") == std::string::npos && idx.size() < 10;
       if (numbered) {
         const Index g = std::stoll(idx);
-        const bool local = g < E && (l.expert_map_.empty() || l.expert_map_[static_cast<std::size_t>(g)] >= 0);
+        const bool local = g < E && loaded[static_cast<std::size_t>(g)];
         if (!local) continue;
       }
     }
@@ -801,9 +851,24 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   ForwardFn routed = nullptr;
   MOE_RETURN_IF_ERROR(find({config_.activation, dtype_, config_.weight_on_input, weight_scheme_}, &routed));
   Buffer y = make_buffer(dtype_, {M, H});
+  // EPLB: the kernel sees physical ids, chosen per token and counted per physical expert.
+  std::vector<std::int32_t> physical;
+  std::int32_t* kernel_ids = id_ptr;
+  Index kernel_experts = E;
+  if (eplb_) {
+    const parallel::EplbPlacement& pl = eplb_->placement;
+    physical.resize(static_cast<std::size_t>(M * k));
+    MOE_RETURN_IF_ERROR(cpu::eplb_logical_to_physical(
+        HostView<const std::int32_t, 2>(id_ptr, {M, k}),
+        HostView<const std::int32_t, 2>(pl.logical_to_physical.data(), {pl.num_logical, pl.max_replicas}),
+        HostView<const std::int32_t, 1>(pl.replica_count.data(), {pl.num_logical}), pl.num_physical, ReplicaChoice::kTokenHash,
+        HostView<std::int32_t, 2>(physical.data(), {M, k}), HostView<std::int64_t, 1>(eplb_->load.data(), {pl.num_physical})));
+    kernel_ids = physical.data();
+    kernel_experts = pl.num_physical;
+  }
   ForwardRequest req;
   req.hidden_states = x.tensor();
-  req.topk_ids = AnyTensor{id_ptr, DType::kI32, {M, k}, {}};
+  req.topk_ids = AnyTensor{kernel_ids, DType::kI32, {M, k}, {}};
   req.topk_weights = AnyTensor{w_ptr, DType::kF32, {M, k}, {}};
   req.top_k = k;
   std::vector<std::int32_t> map;  // host copy for the request (AnyTensor holds a mutable pointer)
@@ -822,7 +887,7 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
     if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
     map = expert_map_;
-    if (!map.empty()) req.expert_map = AnyTensor{map.data(), DType::kI32, {E}, {}};
+    if (!map.empty()) req.expert_map = AnyTensor{map.data(), DType::kI32, {kernel_experts}, {}};
   }
   req.activation = config_.activation_params;
   req.output = y.tensor();
@@ -982,10 +1047,57 @@ std::string MoeLayer::describe() const {
   os << "parallel          tp " << parallel_.tp_rank << "/" << parallel_.tp_size << ", ep " << parallel_.ep_rank << "/"
      << parallel_.ep_size << " ("
      << (parallel_.placement == ExpertPlacement::kLinear ? "linear" : "round_robin") << "), " << local_experts_
-     << " local experts\n"
-     << "kernel            " << KernelKey{c.activation, dtype_, c.weight_on_input, weight_scheme_}.to_string()
+     << " local experts\n";
+  if (eplb_) {
+    os << "eplb              " << eplb_->placement.num_physical << " physical experts ("
+       << eplb_->placement.num_physical - eplb_->placement.num_logical << " redundant), token-hash replicas\n";
+  }
+  os << "kernel            " << KernelKey{c.activation, dtype_, c.weight_on_input, weight_scheme_}.to_string()
      << "\n";
   return os.str();
+}
+
+Status MoeLayer::move_experts(parallel::Communicator& comm, const parallel::ExpertMoves& moves,
+                              const parallel::EplbPlacement& next) {
+  if (!eplb_) return invalid_argument("move_experts: this layer was loaded without EPLB (ParallelLayout::redundant_experts)");
+  if (resident_) return unsupported("move_experts: the weights are resident on the device; rebalance before make_resident");
+  if (!routed_quant_.a13_scale.shape.empty() || !routed_quant_.a2_scale.shape.empty()) {
+    return unsupported("move_experts: static activation scales are the largest of the rank's experts; moving experts "
+                       "would leave them stale");
+  }
+  const Index n = local_experts_;
+  if (comm.size() != parallel_.ep_size || comm.rank() != parallel_.ep_rank) {
+    return invalid_argument("move_experts: expected the group of the ", parallel_.ep_size, " EP ranks with this layer as rank ",
+                            parallel_.ep_rank, ", got rank ", comm.rank(), " of ", comm.size());
+  }
+  if (next.num_logical != eplb_->placement.num_logical || next.num_physical != eplb_->placement.num_physical ||
+      moves.ranks != parallel_.ep_size || moves.experts_per_rank != n) {
+    return invalid_argument("move_experts: the new placement has ", next.num_logical, " logical and ", next.num_physical,
+                            " physical experts over ", moves.ranks, " ranks; this layer has ", eplb_->placement.num_logical, ", ",
+                            eplb_->placement.num_physical, " and ", parallel_.ep_size);
+  }
+  // Every per-expert buffer (leading dimension: the local experts), in one order on every rank.
+  std::vector<Buffer*> per_expert = {&w13_, &w2_, &w13_bias_, &w2_bias_};
+  SchemeBuffers::each(routed_quant_, [&](Buffer& b) { per_expert.push_back(&b); });
+  std::vector<Buffer> moved;
+  for (Buffer* b : per_expert) {
+    if (b->shape.empty()) continue;
+    if (b->shape[0] != n || b->bytes.size() % static_cast<std::size_t>(n) != 0) {
+      return make_status(StatusCode::kInternal, "move_experts: a buffer of shape ", shape_string(b->shape), " is not per local expert (", n, ")");
+    }
+    Buffer next_buffer{b->dtype, b->shape, std::vector<std::byte>(b->bytes.size())};
+    MOE_RETURN_IF_ERROR(parallel::move_expert_weights(comm, moves, b->bytes.size() / static_cast<std::size_t>(n), b->bytes,
+                                                      next_buffer.bytes));
+    moved.push_back(std::move(next_buffer));
+  }
+  // Every collective succeeded: commit.
+  std::size_t i = 0;
+  for (Buffer* b : per_expert) {
+    if (!b->shape.empty()) *b = std::move(moved[i++]);
+  }
+  eplb_->placement = next;
+  reset_expert_load();
+  return Status::ok();
 }
 
 }  // namespace moe::layer

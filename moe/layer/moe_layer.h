@@ -8,6 +8,14 @@
 // A rank's output is its partial sum: routed experts of this rank only; what is not split (the
 // shared expert under EP, the second GEMM's bias under TP) is added on rank 0 only, so the outputs
 // of all ranks add up to the full layer.
+//
+// EPLB (ParallelLayout::redundant_experts or physical_to_logical): the experts become
+// num_experts + redundant_experts physical experts, split evenly over the EP ranks (linear, as vLLM
+// requires); rank r holds physical experts [r * n, (r + 1) * n), each a copy of its logical
+// expert. The routing maps each token's logical ids to physical ones (eplb_logical_to_physical,
+// token-hash replica choice within a chunk of tokens) and counts the tokens per physical expert
+// (expert_load()); topk_ids still report logical ids. RankGroupLayer::rebalance moves the
+// experts to a placement computed from that load.
 #pragma once
 
 #include <memory>
@@ -19,6 +27,8 @@
 #include "moe/io/safetensors.h"
 #include "moe/layer/model_config.h"
 #include "moe/layer/registry.h"
+#include "moe/parallel/communicator.h"
+#include "moe/parallel/eplb.h"
 
 namespace moe::layer {
 
@@ -26,6 +36,11 @@ struct ParallelLayout {
   int tp_size = 1, tp_rank = 0;
   int ep_size = 1, ep_rank = 0;
   ExpertPlacement placement = ExpertPlacement::kLinear;
+  // EPLB: extra physical experts (replicas), and where each physical expert's logical expert is
+  // ([num_experts + redundant_experts]; empty: vLLM's initial placement, i then i % E).
+  Index redundant_experts = 0;
+  std::vector<std::int32_t> physical_to_logical;
+  bool eplb() const { return redundant_experts != 0 || !physical_to_logical.empty(); }
 };
 
 // Row-major storage of one dtype.
@@ -78,6 +93,20 @@ class MoeLayer {
   Status make_resident(UploadFn upload, KernelFinder device_find);
   bool is_resident() const { return resident_ != nullptr; }
 
+  // EPLB (ParallelLayout::eplb()): the placement in use, and the tokens routed to each physical
+  // expert by the forwards since the last reset (every rank routes all tokens, so every rank
+  // counts the same). Not synchronized: one forward of a layer at a time.
+  bool has_eplb() const { return eplb_.has_value(); }
+  const parallel::EplbPlacement* eplb_placement() const { return eplb_ ? &eplb_->placement : nullptr; }
+  std::vector<std::int64_t> expert_load() const { return eplb_ ? eplb_->load : std::vector<std::int64_t>{}; }
+  void reset_expert_load() {
+    if (eplb_) std::fill(eplb_->load.begin(), eplb_->load.end(), 0);
+  }
+  // Moves this rank's physical experts (weights, biases, scale tensors) to `next`, collective over
+  // `comm`: the EP ranks of one TP rank, in EP rank order (RankGroupLayer::rebalance). Refused for
+  // resident weights and static activation scales (a maximum over the rank's experts).
+  Status move_experts(parallel::Communicator& comm, const parallel::ExpertMoves& moves, const parallel::EplbPlacement& next);
+
   const ModelConfig& config() const { return config_; }
   const ParallelLayout& parallel() const { return parallel_; }
   DType dtype() const { return dtype_; }
@@ -100,7 +129,12 @@ class MoeLayer {
   DType dtype_ = DType::kBF16;
   std::string block_prefix_;
   Index local_experts_ = 0, intermediate_tp_ = 0, shared_tp_ = 0;
-  std::vector<std::int32_t> expert_map_;  // [E]; empty when every expert is local
+  std::vector<std::int32_t> expert_map_;  // [E] (EPLB: [physical]); empty when every expert is local
+  struct Eplb {
+    parallel::EplbPlacement placement;
+    mutable std::vector<std::int64_t> load;  // [num_physical]
+  };
+  std::optional<Eplb> eplb_;
   std::vector<float> router_;             // [E, H]
   std::vector<float> router_bias_;        // [E] or empty
   std::vector<float> correction_bias_;    // [E] or empty

@@ -15,27 +15,50 @@ Status all_reduce_bytes(parallel::Communicator& comm, std::vector<std::byte>& by
 
 }  // namespace
 
-Status RankGroupLayer::load(const ModelConfig& config, int ep_size, int tp_size, ExpertPlacement placement, DType dtype,
-                            const io::Checkpoint& checkpoint, const std::string& prefix, RankGroupLayer* out) {
+Status RankGroupLayer::load(const ModelConfig& config, const ParallelLayout& layout, DType dtype, const io::Checkpoint& checkpoint,
+                            const std::string& prefix, RankGroupLayer* out) {
+  const int ep_size = layout.ep_size, tp_size = layout.tp_size;
   if (ep_size < 1 || tp_size < 1 || ep_size > parallel::InProcessGroup::kMaxRanks / tp_size) {
     return invalid_argument("ep_size x tp_size: expected 1 to ", parallel::InProcessGroup::kMaxRanks, " ranks, got ", ep_size,
                             " x ", tp_size);
   }
   RankGroupLayer g;
+  g.ep_size_ = ep_size;
+  g.tp_size_ = tp_size;
   MOE_RETURN_IF_ERROR(parallel::InProcessGroup::create(ep_size * tp_size, &g.group_));
+  g.ep_groups_.resize(static_cast<std::size_t>(tp_size));
+  for (auto& ep_group : g.ep_groups_) MOE_RETURN_IF_ERROR(parallel::InProcessGroup::create(ep_size, &ep_group));
   g.ranks_.resize(static_cast<std::size_t>(ep_size * tp_size));
   for (int e = 0; e < ep_size; ++e) {
     for (int t = 0; t < tp_size; ++t) {
-      ParallelLayout layout;
-      layout.ep_size = ep_size;
-      layout.ep_rank = e;
-      layout.tp_size = tp_size;
-      layout.tp_rank = t;
-      layout.placement = placement;
-      MOE_RETURN_IF_ERROR(MoeLayer::load(config, layout, dtype, checkpoint, prefix, &g.ranks_[e * tp_size + t]));
+      ParallelLayout rank_layout = layout;
+      rank_layout.ep_rank = e;
+      rank_layout.tp_rank = t;
+      MOE_RETURN_IF_ERROR(MoeLayer::load(config, rank_layout, dtype, checkpoint, prefix, &g.ranks_[e * tp_size + t]));
     }
   }
   *out = std::move(g);
+  return Status::ok();
+}
+
+Status RankGroupLayer::rebalance(Index num_groups, Index num_nodes) {
+  if (ranks_.empty() || !ranks_[0].has_eplb()) {
+    return invalid_argument("rebalance: the layer was loaded without EPLB (ParallelLayout::redundant_experts)");
+  }
+  // Every rank routes every token, so rank 0's count is the group's; per logical expert.
+  const parallel::EplbPlacement& now = *ranks_[0].eplb_placement();
+  const std::vector<std::int64_t> physical_load = ranks_[0].expert_load();
+  std::vector<double> load(static_cast<std::size_t>(now.num_logical), 0.0);
+  for (Index p = 0; p < now.num_physical; ++p) load[now.physical_to_logical[p]] += static_cast<double>(physical_load[p]);
+  parallel::EplbPlacement next;
+  MOE_RETURN_IF_ERROR(parallel::rebalance_experts(load, now.num_physical, num_groups, num_nodes, ep_size_, &next));
+  parallel::ExpertMoves moves;
+  MOE_RETURN_IF_ERROR(parallel::plan_expert_moves(now.physical_to_logical, next.physical_to_logical, ep_size_, &moves));
+  for (int t = 0; t < tp_size_; ++t) {
+    MOE_RETURN_IF_ERROR(ep_groups_[static_cast<std::size_t>(t)]->run([&](parallel::Communicator& comm) {
+      return ranks_[static_cast<std::size_t>(comm.rank() * tp_size_ + t)].move_experts(comm, moves, next);
+    }));
+  }
   return Status::ok();
 }
 

@@ -22,13 +22,19 @@ namespace moe::layer {
 
 class RankGroupLayer {
  public:
-  static Status load(const ModelConfig& config, int ep_size, int tp_size, ExpertPlacement placement, DType dtype,
-                     const io::Checkpoint& checkpoint, const std::string& prefix, RankGroupLayer* out);
+  // `layout`'s sizes, placement and EPLB fields for every rank (its ranks are ignored).
+  static Status load(const ModelConfig& config, const ParallelLayout& layout, DType dtype, const io::Checkpoint& checkpoint,
+                     const std::string& prefix, RankGroupLayer* out);
 
   // As MoeLayer::forward, for the whole group. Each rank's CPU forward gets an equal share of
   // options.num_threads.
   Status forward(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits, MoeLayer::Result* out,
                  const cpu::Options& options = {}, MoeLayer::KernelFinder find = &find_kernel) const;
+  // EPLB: a new placement from the load the forwards recorded (rebalance_experts, vLLM's default
+  // policy; num_groups expert groups over num_nodes nodes), the experts moved between the EP ranks
+  // of each TP rank, and the load reset. Refused for a layer loaded without EPLB.
+  Status rebalance(Index num_groups = 1, Index num_nodes = 1);
+
   int size() const { return static_cast<int>(ranks_.size()); }
   const MoeLayer& rank(int r) const { return ranks_[static_cast<std::size_t>(r)]; }
   // To make a rank's weights resident on the device (make_layer_resident): the ranks share one GPU.
@@ -36,7 +42,9 @@ class RankGroupLayer {
 
  private:
   std::vector<MoeLayer> ranks_;
-  std::unique_ptr<parallel::InProcessGroup> group_;
+  int ep_size_ = 1, tp_size_ = 1;
+  std::unique_ptr<parallel::InProcessGroup> group_;                   // every rank
+  std::vector<std::unique_ptr<parallel::InProcessGroup>> ep_groups_;  // the EP ranks of each TP rank
 };
 
 }  // namespace moe::layer

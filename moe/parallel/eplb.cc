@@ -79,21 +79,37 @@ constexpr Index kMaxExperts = INT32_MAX / 2;
 
 }  // namespace
 
-Status EplbPlacement::initial(Index num_logical, Index num_physical, EplbPlacement* out) {
+Status EplbPlacement::from_physical_to_logical(Index num_logical, std::span<const std::int32_t> p2l, EplbPlacement* out) {
+  const auto P = static_cast<Index>(p2l.size());
   if (num_logical < 1 || num_logical > kMaxExperts) return invalid_argument("num_logical: expected [1, ", kMaxExperts, "], got ", num_logical);
-  if (num_physical < num_logical || num_physical > kMaxExperts) {
-    return invalid_argument("num_physical: expected [num_logical=", num_logical, ", ", kMaxExperts, "], got ", num_physical);
+  if (P < num_logical || P > kMaxExperts) {
+    return invalid_argument("physical_to_logical: expected [num_logical=", num_logical, ", ", kMaxExperts, "] entries, got ", P);
   }
-  std::vector<Index> phy2log(static_cast<std::size_t>(num_physical)), phyrank(static_cast<std::size_t>(num_physical), 0);
+  std::vector<Index> phy2log(static_cast<std::size_t>(P)), phyrank(static_cast<std::size_t>(P), 0);
   std::vector<Index> count(static_cast<std::size_t>(num_logical), 0);
-  for (Index p = 0; p < num_physical; ++p) {
-    phy2log[p] = p % num_logical;
-    phyrank[p] = count[static_cast<std::size_t>(phy2log[p])]++;
+  for (Index p = 0; p < P; ++p) {
+    if (p2l[p] < 0 || p2l[p] >= num_logical) {
+      return invalid_argument("physical_to_logical: entry ", p, " is ", p2l[p], "; expected a logical expert in [0, ", num_logical, ")");
+    }
+    phy2log[p] = p2l[p];
+    phyrank[p] = count[static_cast<std::size_t>(p2l[p])]++;
+  }
+  for (Index e = 0; e < num_logical; ++e) {
+    if (count[e] == 0) return invalid_argument("physical_to_logical: logical expert ", e, " has no physical expert");
   }
   EplbPlacement result;
   fill_maps(num_logical, phy2log, phyrank, &result);
   *out = std::move(result);
   return Status::ok();
+}
+
+Status EplbPlacement::initial(Index num_logical, Index num_physical, EplbPlacement* out) {
+  if (num_physical < num_logical || num_physical > kMaxExperts) {
+    return invalid_argument("num_physical: expected [num_logical=", num_logical, ", ", kMaxExperts, "], got ", num_physical);
+  }
+  std::vector<std::int32_t> p2l(static_cast<std::size_t>(std::max<Index>(num_physical, 0)));
+  for (Index p = 0; p < num_physical; ++p) p2l[p] = static_cast<std::int32_t>(num_logical > 0 ? p % num_logical : 0);
+  return from_physical_to_logical(num_logical, p2l, out);
 }
 
 Status rebalance_experts(std::span<const double> load, Index num_physical, Index num_groups, Index num_nodes, Index num_ranks,

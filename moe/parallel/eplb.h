@@ -39,6 +39,10 @@ struct EplbPlacement {
   std::vector<std::int32_t> replica_count;        // [num_logical], >= 1
   // vLLM's initial placement before any load is recorded: [0 .. L-1] then i % L for the redundant.
   static Status initial(Index num_logical, Index num_physical, EplbPlacement* out);
+  // The maps of a given physical_to_logical: entries in [0, num_logical), every logical expert at
+  // least once; replicas ranked in physical order.
+  static Status from_physical_to_logical(Index num_logical, std::span<const std::int32_t> physical_to_logical,
+                                         EplbPlacement* out);
 };
 
 // `load` [L]: tokens routed to each logical expert (any non-negative finite measure). The physical

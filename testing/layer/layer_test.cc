@@ -33,6 +33,7 @@
 #include "moe/io/safetensors.h"
 #include "moe/layer/model_config.h"
 #include "moe/layer/moe_layer.h"
+#include "moe/layer/rank_group_layer.h"
 #include "testing/layer/hf_reference.h"
 #include "testing/lib/compare.h"
 #include "moe/io/synthetic_checkpoint.h"
@@ -356,6 +357,61 @@ TEST_P(LayerTest, ExpertAndTensorParallelTogether) {
   EXPECT_TRUE(testing::all_close(sum, want, {1e-7, kPartialTol}));
 }
 
+// EPLB over in-process ranks (RankGroupLayer): replicas keep the output (the partial sums of the
+// ranks differ only in float order, as the EP test above); the load counts each routed slot
+// once on its logical expert; rebalancing moves the experts and keeps the output; and the
+// next placement is what rebalance_experts gives for the recorded load.
+TEST_P(LayerTest, EplbReplicasAndRebalancingKeepTheOutput) {
+  const Model& m = *model_;
+  const Index M = 24, H = m.spec.hidden, E = m.config.num_experts;
+  const std::vector<float> x = hidden_states(M, H, 61);
+  MoeLayer full;
+  ASSERT_TRUE(load(m, {}, DType::kF32, &full).is_ok());
+  MoeLayer::Result fr;
+  ASSERT_TRUE(full.forward(f32_tensor(x, M, H), std::nullopt, &fr).is_ok());
+  const std::vector<double> want = output_of(fr);
+  std::vector<std::pair<int, int>> sizes = {{2, 1}};
+  if (m.config.intermediate % 2 == 0 && m.config.shared_intermediate % 2 == 0 && !m.spec.mxfp4) sizes.push_back({2, 2});
+  for (const auto& [ep, tp] : sizes) {
+    SCOPED_TRACE("ep " + std::to_string(ep) + " tp " + std::to_string(tp));
+    ParallelLayout lay;
+    lay.ep_size = ep;
+    lay.tp_size = tp;
+    lay.redundant_experts = 2 * ep - E % ep;  // (E + R) divisible by ep
+    layer::RankGroupLayer g;
+    const Status ls = layer::RankGroupLayer::load(m.config, lay, DType::kF32, m.ckpt, m.prefix, &g);
+    ASSERT_TRUE(ls.is_ok()) << ls.to_string();
+    ASSERT_TRUE(g.rank(0).has_eplb());
+    MoeLayer::Result r;
+    ASSERT_TRUE(g.forward(f32_tensor(x, M, H), std::nullopt, &r).is_ok());
+    EXPECT_EQ(r.topk_ids, fr.topk_ids);  // logical ids, as without EPLB
+    EXPECT_TRUE(testing::all_close(output_of(r), want, {1e-7, kPartialTol}));
+    // The load: every slot of every token once, on a replica of its logical expert.
+    const parallel::EplbPlacement before = *g.rank(0).eplb_placement();
+    const std::vector<std::int64_t> physical = g.rank(0).expert_load();
+    std::vector<std::int64_t> logical(static_cast<std::size_t>(E), 0), routed(static_cast<std::size_t>(E), 0);
+    for (Index p = 0; p < before.num_physical; ++p) logical[before.physical_to_logical[p]] += physical[p];
+    for (std::int32_t id : fr.topk_ids) ++routed[id];
+    EXPECT_EQ(logical, routed);
+    for (int rank = 1; rank < g.size(); ++rank) EXPECT_EQ(g.rank(rank).expert_load(), physical) << "rank " << rank;
+    // Rebalance: the placement rebalance_experts gives for that load, and the same output.
+    const Status rs = g.rebalance();
+    ASSERT_TRUE(rs.is_ok()) << rs.to_string();
+    std::vector<double> load(routed.begin(), routed.end());
+    parallel::EplbPlacement expected;
+    ASSERT_TRUE(parallel::rebalance_experts(load, before.num_physical, 1, 1, ep, &expected).is_ok());
+    EXPECT_NE(expected.physical_to_logical, before.physical_to_logical) << "the test's load moves no expert";
+    for (int rank = 0; rank < g.size(); ++rank) {
+      EXPECT_EQ(g.rank(rank).eplb_placement()->physical_to_logical, expected.physical_to_logical) << "rank " << rank;
+      EXPECT_EQ(g.rank(rank).expert_load(), std::vector<std::int64_t>(static_cast<std::size_t>(before.num_physical), 0));
+    }
+    MoeLayer::Result after;
+    ASSERT_TRUE(g.forward(f32_tensor(x, M, H), std::nullopt, &after).is_ok());
+    EXPECT_EQ(after.topk_ids, fr.topk_ids);
+    EXPECT_TRUE(testing::all_close(output_of(after), want, {1e-7, kPartialTol}));
+  }
+}
+
 // ---- explicit router logits ---------------------------------------------------------------------
 
 TEST_P(LayerTest, ExplicitRouterLogitsMatchComputed) {
@@ -420,6 +476,43 @@ INSTANTIATE_TEST_SUITE_P(Architectures, LayerTest, ::testing::ValuesIn(all_cases
 // gpt-oss under TP: the down-projection bias is added by tp rank 0 only. Against the same
 // checkpoint with down_proj_bias zeroed: rank 1's output is unchanged, rank 0's grows by exactly
 // sum_j w_j * down_bias[e_j].
+// EPLB layouts the layer cannot take are errors naming the field.
+TEST(Eplb, BadLayoutsNameTheField) {
+  auto m = make_model("eplb_bad", spec_of("MixtralForCausalLM"));
+  const Index E = m->config.num_experts;
+  struct Bad {
+    ParallelLayout layout;
+    const char* field;
+  };
+  std::vector<Bad> bad;
+  ParallelLayout p;
+  p.ep_size = 2;
+  p.redundant_experts = -1;
+  bad.push_back({p, "redundant_experts"});
+  p.redundant_experts = 1;  // E + 1 physical experts over 2 ranks
+  bad.push_back({p, "redundant_experts"});
+  p.redundant_experts = 2;
+  p.placement = ExpertPlacement::kRoundRobin;
+  bad.push_back({p, "placement"});
+  p.placement = ExpertPlacement::kLinear;
+  p.physical_to_logical.assign(static_cast<std::size_t>(E + 2), 0);  // only logical expert 0
+  bad.push_back({p, "physical_to_logical"});
+  p.physical_to_logical.assign(static_cast<std::size_t>(E + 1), 0);  // wrong length
+  bad.push_back({p, "physical_to_logical"});
+  for (const Bad& b : bad) {
+    MoeLayer l;
+    const Status s = load(*m, b.layout, DType::kF32, &l);
+    EXPECT_NE(s.to_string().find(b.field), std::string::npos) << b.field << ": " << s.to_string();
+  }
+  // A given placement is used as given.
+  p.physical_to_logical.clear();
+  for (Index q = 0; q < E + 2; ++q) p.physical_to_logical.push_back(static_cast<std::int32_t>((q * 3) % E));
+  MoeLayer l;
+  ASSERT_TRUE(load(*m, p, DType::kF32, &l).is_ok());
+  EXPECT_EQ(l.eplb_placement()->physical_to_logical, p.physical_to_logical);
+  EXPECT_EQ(l.num_local_experts(), (E + 2) / 2);
+}
+
 TEST(GptOss, DownBiasOnlyOnTensorParallelRankZero) {
   auto m = make_model("gpt_oss_tp_bias", spec_of("GptOssForCausalLM"));
   const Index M = 4, H = m->spec.hidden;

@@ -284,11 +284,13 @@ TEST(Run, AllRanksInOneProcessGiveOneFullOutput) {
     int ep, tp;
     ExpertPlacement placement;
     std::vector<std::string> flags;
+    Index redundant = 0;
   };
   const Layout layouts[] = {
       {2, 1, ExpertPlacement::kLinear, {"--ep-size", "2"}},
       {1, 2, ExpertPlacement::kLinear, {"--tp-size", "2"}},
       {2, 2, ExpertPlacement::kRoundRobin, {"--ep-size", "2", "--tp-size", "2", "--expert-placement", "round_robin"}},
+      {2, 1, ExpertPlacement::kLinear, {"--ep-size", "2", "--redundant-experts", "2"}, 2},  // EPLB replicas
   };
   int i = 0;
   for (const DType dtype : {DType::kF32, DType::kBF16}) {
@@ -303,6 +305,7 @@ TEST(Run, AllRanksInOneProcessGiveOneFullOutput) {
           p.tp_size = lay.tp;
           p.tp_rank = t;
           p.placement = lay.placement;
+          p.redundant_experts = lay.redundant;
           partials.push_back(direct_forward(m, p, dtype, in, M));
         }
       }
@@ -411,6 +414,8 @@ TEST(Info, DescribesArchitectureAndRouting) {
        {"DeepseekV3ForCausalLM", "grouped_sigmoid_topk", "correction bias", "ep 1/2 (round_robin), 4 local experts"}},
       {"GptOssForCausalLM", {"--dtype", "f32"}, {"GptOssForCausalLM", "swigluoai", "router bias", "expert biases     yes", "f32"}},
       {"Llama4ForCausalLM", {}, {"Llama4ForCausalLM", "llama4_top1_sigmoid", "router weight on input", "feed_forward"}},
+      {"MixtralForCausalLM", {"--ep-size", "2", "--ep-rank", "1", "--redundant-experts", "2"},
+       {"ep 1/2 (linear), 5 local experts", "eplb              10 physical experts (2 redundant)"}},
   };
   for (const Case& c : cases) {
     const Model m = write_model("info_" + c.arch, spec_of(c.arch));

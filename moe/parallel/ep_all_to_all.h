@@ -31,20 +31,13 @@
 
 #include "moe/detail/validate.h"
 #include "moe/parallel/communicator.h"
+#include "moe/parallel/ep_config.h"
 #include "moe/quant/numeric.h"
 #include "moe/stages.h"
 #include "moe/status.h"
 #include "moe/tensor.h"
 
 namespace moe::parallel {
-
-enum class DispatchMode { kNormal, kLowLatency };
-
-struct EpConfig {
-  Index experts_per_rank = 0;     // physical experts on every rank (> 0)
-  DispatchMode mode = DispatchMode::kNormal;
-  Index max_tokens_per_rank = 0;  // kLowLatency: every rank's token count is at most this (> 0)
-};
 
 // This rank's tokens and their routing (physical expert ids, after any EPLB mapping).
 template <class IO>
@@ -67,38 +60,6 @@ void copy_row(const IO* src, IO* dst, Index H) {
   std::memcpy(dst, src, static_cast<std::size_t>(H) * sizeof(IO));
 }
 
-// a * b * c without overflow (sizes that come from configs and other ranks).
-inline bool product_fits(Index a, Index b, Index c, Index* out) {
-  Index ab = 0;
-  return !__builtin_mul_overflow(a, b, &ab) && !__builtin_mul_overflow(ab, c, out);
-}
-
-inline Status check_config(const EpConfig& c, int ranks, Index M, Index H, Index top_k) {
-  if (c.experts_per_rank < 1) return invalid_argument("experts_per_rank: expected >= 1, got ", c.experts_per_rank);
-  if (c.experts_per_rank > INT32_MAX / ranks) {
-    return invalid_argument("experts_per_rank: ", c.experts_per_rank, " experts on each of ", ranks,
-                            " ranks overflow int32 expert ids");
-  }
-  if (c.mode == DispatchMode::kLowLatency) {
-    if (c.max_tokens_per_rank < 1) {
-      return invalid_argument("max_tokens_per_rank: expected >= 1 in the low-latency mode, got ", c.max_tokens_per_rank);
-    }
-    if (M > c.max_tokens_per_rank) {
-      return invalid_argument("hidden: ", M, " tokens on rank; expected at most max_tokens_per_rank = ", c.max_tokens_per_rank,
-                              " in the low-latency mode");
-    }
-    // The largest buffers: n * ranks * max_tokens batched rows and ranks * max_tokens * min(top_k, n)
-    // sent rows, of H elements each.
-    Index rows = 0, elements = 0;
-    const Index widest = std::max(c.experts_per_rank, std::min(top_k, c.experts_per_rank));
-    if (!product_fits(widest, ranks, c.max_tokens_per_rank, &rows) || !product_fits(rows, H, 16, &elements)) {
-      return invalid_argument("max_tokens_per_rank: ", c.max_tokens_per_rank, " tokens x ", ranks, " ranks x ", widest,
-                              " x H = ", H, " overflows the batched buffer size");
-    }
-  }
-  return Status::ok();
-}
-
 }  // namespace detail_ep
 
 template <class IO>
@@ -115,7 +76,7 @@ Status ep_forward(Communicator& comm, const EpConfig& config, const EpTokens<IO>
     return invalid_argument("hidden, output: expected rows with unit element stride");
   }
   if (k > INT32_MAX) return invalid_argument("topk_ids: top_k ", k, " out of range");
-  MOE_RETURN_IF_ERROR(detail_ep::check_config(config, P, M, H, k));
+  MOE_RETURN_IF_ERROR(check_ep_config(config, P, M, H, k));
   const Index n = config.experts_per_rank;
   const Index num_physical = n * P;
   const bool low_latency = config.mode == DispatchMode::kLowLatency;

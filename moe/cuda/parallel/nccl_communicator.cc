@@ -90,32 +90,49 @@ NcclCommunicator::~NcclCommunicator() {
 
 Status NcclCommunicator::all_to_all_v(const void* send, std::span<const std::size_t> send_bytes, void* recv,
                                       std::span<const std::size_t> recv_bytes, cudaStream_t stream) {
+  // Packed blocks: offsets are the prefix sums (checked for overflow by the general form).
+  std::vector<std::size_t> send_offsets(send_bytes.size()), recv_offsets(recv_bytes.size());
+  std::size_t s = 0, r = 0;
+  for (std::size_t i = 0; i < send_bytes.size(); ++i) {
+    send_offsets[i] = s;
+    s = send_bytes[i] > SIZE_MAX - s ? SIZE_MAX : s + send_bytes[i];
+  }
+  for (std::size_t i = 0; i < recv_bytes.size(); ++i) {
+    recv_offsets[i] = r;
+    r = recv_bytes[i] > SIZE_MAX - r ? SIZE_MAX : r + recv_bytes[i];
+  }
+  return all_to_all_v(send, send_offsets, send_bytes, recv, recv_offsets, recv_bytes, stream);
+}
+
+Status NcclCommunicator::all_to_all_v(const void* send, std::span<const std::size_t> send_offsets,
+                                      std::span<const std::size_t> send_bytes, void* recv,
+                                      std::span<const std::size_t> recv_offsets, std::span<const std::size_t> recv_bytes,
+                                      cudaStream_t stream) {
   const auto n = static_cast<std::size_t>(size_);
-  if (send_bytes.size() != n || recv_bytes.size() != n) {
-    return invalid_argument("all_to_all_v: expected ", n, " send and recv counts (one per rank), got ", send_bytes.size(),
-                            " and ", recv_bytes.size());
+  if (send_bytes.size() != n || recv_bytes.size() != n || send_offsets.size() != n || recv_offsets.size() != n) {
+    return invalid_argument("all_to_all_v: expected ", n, " send and recv counts and offsets (one per rank), got ",
+                            send_bytes.size(), ", ", recv_bytes.size(), ", ", send_offsets.size(), " and ", recv_offsets.size());
   }
-  std::size_t send_total = 0, recv_total = 0;
   for (std::size_t r = 0; r < n; ++r) {
-    if (send_bytes[r] > SIZE_MAX - send_total || recv_bytes[r] > SIZE_MAX - recv_total) {
-      return invalid_argument("all_to_all_v: the counts of block ", r, " overflow");
+    if (send_bytes[r] > SIZE_MAX - send_offsets[r] || recv_bytes[r] > SIZE_MAX - recv_offsets[r]) {
+      return invalid_argument("all_to_all_v: block ", r, " overflows (offset + count)");
     }
-    send_total += send_bytes[r];
-    recv_total += recv_bytes[r];
+    if ((send_bytes[r] > 0 && !send) || (recv_bytes[r] > 0 && !recv)) {
+      return invalid_argument("all_to_all_v: null buffer with a non-zero count for rank ", r);
+    }
   }
-  if ((send_total > 0 && !send) || (recv_total > 0 && !recv)) return invalid_argument("all_to_all_v: null buffer with a non-zero count");
   const NcclRuntime& nccl = NcclRuntime::get();
   const auto* s = static_cast<const std::byte*>(send);
   auto* d = static_cast<std::byte*>(recv);
   MOE_NCCL_TRY(nccl.group_start());
   Status issued;
   for (std::size_t r = 0; r < n && issued.is_ok(); ++r) {
-    if (send_bytes[r] > 0) issued = nccl_status(nccl.send(s, send_bytes[r], ncclUint8, static_cast<int>(r), comm_, stream), "ncclSend");
-    if (issued.is_ok() && recv_bytes[r] > 0) {
-      issued = nccl_status(nccl.recv(d, recv_bytes[r], ncclUint8, static_cast<int>(r), comm_, stream), "ncclRecv");
+    if (send_bytes[r] > 0) {
+      issued = nccl_status(nccl.send(s + send_offsets[r], send_bytes[r], ncclUint8, static_cast<int>(r), comm_, stream), "ncclSend");
     }
-    s += send_bytes[r];
-    d += recv_bytes[r];
+    if (issued.is_ok() && recv_bytes[r] > 0) {
+      issued = nccl_status(nccl.recv(d + recv_offsets[r], recv_bytes[r], ncclUint8, static_cast<int>(r), comm_, stream), "ncclRecv");
+    }
   }
   const Status ended = nccl_status(nccl.group_end(), "ncclGroupEnd");  // always close the group
   MOE_RETURN_IF_ERROR(issued);

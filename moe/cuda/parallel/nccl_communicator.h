@@ -51,6 +51,10 @@ class NcclCommunicator {
   // dispatch does, or use fixed capacities, as the low-latency one does).
   Status all_to_all_v(const void* send, std::span<const std::size_t> send_bytes, void* recv,
                       std::span<const std::size_t> recv_bytes, cudaStream_t stream);
+  // The same with each block's byte offset given (blocks of a fixed capacity, partly filled).
+  Status all_to_all_v(const void* send, std::span<const std::size_t> send_offsets, std::span<const std::size_t> send_bytes,
+                      void* recv, std::span<const std::size_t> recv_offsets, std::span<const std::size_t> recv_bytes,
+                      cudaStream_t stream);
   // Every rank's `bytes` bytes into block r of `recv` (size() * bytes).
   Status all_gather(const void* send, std::size_t bytes, void* recv, cudaStream_t stream);
   // In-place fp32 sum over the ranks (NCCL's reduction order: fixed for a fixed topology).

@@ -1,0 +1,344 @@
+// Expert parallelism by all-to-all on the GPU, over NCCL: the device counterpart of
+// moe/parallel/ep_all_to_all.h (same routing of rows, same order within an expert, same combine,
+// so the same bits as the single-rank forward when the experts stage runs the same schedule).
+// Include from .cu files.
+//
+// Buffers, from the caller's workspace (ep_forward_workspace_bytes), with cap = max_tokens_per_rank
+// * top_k rows per peer (a token sends at most top_k rows to one rank):
+//   send [ranks, cap, H]   this rank's rows, block r for rank r, in ascending (token, slot) order;
+//                          after the dispatch it receives the returned outputs in the same places
+//   recv [ranks, cap, H]   block s from rank s; after the experts it holds their outputs
+//   header [ranks, 1 + cap] int32: a block's row count, then each row's local expert
+//   grouped / grouped_out  the received rows by local expert, and the experts' outputs
+//
+//   1. pack       one thread per destination rank scans the slots in order (deterministic
+//                 positions), then one block per slot copies its row
+//   2. headers    one fixed-size all-to-all of [count, local ids]
+//   3. rows       kNormal: the counts are copied to the host (the one synchronization) and each
+//                 block is sent with its exact size; kLowLatency: every block at full capacity,
+//                 nothing waits for the host (graph-capturable)
+//   4. layout     one thread per local expert scans the received rows in (source, row) order:
+//                 compact segments (kNormal) or the batched layout of ranks * max_tokens_per_rank
+//                 rows per expert (kLowLatency; a row past it, possible only when a token's top-k
+//                 repeats an expert, is dropped and counted in `dropped_slots`)
+//   5. experts    the caller's experts stage on ExpertRows in device memory
+//   6. return     outputs scattered back into `recv`, sent back along the reverse route into `send`
+//   7. combine    out[m] = IO( sum over slots j ascending of IO(w[m, j] * y[m, j]) ), float sums
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <vector>
+
+#include "moe/cuda/check.h"
+#include "moe/cuda/parallel/nccl_communicator.h"
+#include "moe/detail/validate.h"
+#include "moe/detail/workspace.h"
+#include "moe/parallel/ep_config.h"
+#include "moe/quant/numeric.h"
+#include "moe/stages.h"
+
+namespace moe::cuda {
+
+template <class IO>
+struct DeviceEpTokens {
+  DeviceView<const IO, 2> hidden;              // [M, H], rows contiguous
+  DeviceView<const std::int32_t, 2> topk_ids;  // [M, top_k] physical ids; outside [0, ranks * n): no contribution
+  DeviceView<const float, 2> topk_weights;     // [M, top_k]
+};
+
+// Runs this rank's experts stage on rows in device memory, ordered on `stream`.
+template <class IO>
+using DeviceLocalExperts = std::function<Status(const ExpertRows<IO, DeviceSpace>& rows, cudaStream_t stream)>;
+
+namespace ep_detail {
+
+constexpr std::size_t kAlign = 256;
+using Carve = moe::detail::WorkspaceCarver<kAlign>;
+
+struct Layout {
+  Index cap = 0, expert_cap = 0, rows = 0, grouped_rows = 0, header_width = 0;
+  std::size_t send = 0, recv = 0, grouped = 0, grouped_out = 0, send_header = 0, recv_header = 0, slot_row = 0,
+              grouped_row = 0, seg_begin = 0, seg_count = 0, counts_out = 0, total = 0;
+};
+
+inline Status plan(const parallel::EpConfig& c, int ranks, Index H, Index top_k, std::size_t io_bytes, Layout* l) {
+  if (c.experts_per_rank < 1) return invalid_argument("experts_per_rank: expected >= 1, got ", c.experts_per_rank);
+  if (c.max_tokens_per_rank < 1) return invalid_argument("max_tokens_per_rank: expected >= 1 (the workspace bound), got ", c.max_tokens_per_rank);
+  if (top_k < 1 || top_k > INT32_MAX) return invalid_argument("topk_ids: top_k ", top_k, " out of range");
+  const Index n = c.experts_per_rank;
+  Index rows = 0, elements = 0, expert_rows = 0, header = 0;
+  if (!parallel::product_fits(c.max_tokens_per_rank, top_k, ranks, &rows) || !parallel::product_fits(rows, H, 1, &elements) ||
+      !parallel::product_fits(n, ranks, c.max_tokens_per_rank, &expert_rows) || !parallel::product_fits(expert_rows, H, 1, &elements) ||
+      rows > INT32_MAX || expert_rows > INT32_MAX || elements > INT64_MAX / 8 ||
+      !parallel::product_fits(ranks, c.max_tokens_per_rank * top_k + 1, 4, &header)) {
+    return invalid_argument("max_tokens_per_rank: ", c.max_tokens_per_rank, " x top_k ", top_k, " x ", ranks, " ranks x H ", H,
+                            " overflows the all-to-all buffers");
+  }
+  l->cap = c.max_tokens_per_rank * top_k;
+  l->rows = ranks * l->cap;
+  l->expert_cap = c.mode == parallel::DispatchMode::kLowLatency ? ranks * c.max_tokens_per_rank : 0;
+  l->grouped_rows = c.mode == parallel::DispatchMode::kLowLatency ? n * l->expert_cap : l->rows;
+  l->header_width = 1 + l->cap;
+  const auto R = static_cast<std::size_t>(l->rows), G = static_cast<std::size_t>(l->grouped_rows);
+  const auto row_bytes = static_cast<std::size_t>(H) * io_bytes;
+  Carve cv;
+  l->send = cv.take(R * row_bytes);
+  l->recv = cv.take(R * row_bytes);
+  l->grouped = cv.take(G * row_bytes);
+  l->grouped_out = cv.take(G * row_bytes);
+  l->send_header = cv.take(static_cast<std::size_t>(ranks * l->header_width) * 4);
+  l->recv_header = cv.take(static_cast<std::size_t>(ranks * l->header_width) * 4);
+  l->slot_row = cv.take(static_cast<std::size_t>(c.max_tokens_per_rank * top_k) * 4);
+  l->grouped_row = cv.take(R * 4);
+  l->seg_begin = cv.take(static_cast<std::size_t>(n) * 8);
+  l->seg_count = cv.take(static_cast<std::size_t>(n) * 8);
+  l->counts_out = cv.take(8);
+  l->total = cv.total();
+  return Status::ok();
+}
+
+// 1. One thread per destination rank r: the rank's rows in ascending slot order.
+__global__ void pack_plan_kernel(const std::int32_t* ids, Index ld_ids, Index M, Index k, Index n, int ranks, Index cap,
+                                 Index header_width, std::int32_t* slot_row, std::int32_t* header) {
+  const int r = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (r >= ranks) return;
+  const Index first = Index{r} * n, last = first + n;
+  std::int32_t count = 0;
+  for (Index m = 0; m < M; ++m) {
+    for (Index j = 0; j < k; ++j) {
+      const std::int32_t id = ids[m * ld_ids + j];
+      if (id < first || id >= last) continue;
+      // count < cap always: a token sends at most k rows and M <= max_tokens_per_rank.
+      slot_row[m * k + j] = static_cast<std::int32_t>(r * cap + count);
+      header[r * header_width + 1 + count] = static_cast<std::int32_t>(id - first);
+      ++count;
+    }
+  }
+  header[r * header_width] = count;
+}
+
+__global__ void mark_unrouted_kernel(const std::int32_t* ids, Index ld_ids, Index M, Index k, Index num_physical,
+                                     std::int32_t* slot_row) {
+  for (Index s = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; s < M * k; s += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const std::int32_t id = ids[(s / k) * ld_ids + s % k];
+    if (id < 0 || id >= num_physical) slot_row[s] = -1;
+  }
+}
+
+// Row copies: dst[dst_row(i)] = src[src_row(i)] for i in [0, count), a block per row. A row with
+// no destination (-1) is skipped; one with no source (-1: a dropped row) is written as zeros.
+template <class IO>
+__global__ void copy_rows_kernel(const IO* src, const std::int32_t* src_map, Index src_div, IO* dst, const std::int32_t* dst_map,
+                                 Index count, Index H, Index ld_src) {
+  for (Index i = blockIdx.x; i < count; i += gridDim.x) {
+    // src_map: i -> source row (nullptr: i / src_div, the token of slot i); dst_map: i -> dest row.
+    const Index s = src_map ? src_map[i] : i / src_div;
+    const Index d = dst_map ? dst_map[i] : i;
+    if (d < 0) continue;
+    for (Index c = threadIdx.x; c < H; c += blockDim.x) dst[d * H + c] = s < 0 ? from_float<IO>(0.0f) : src[s * ld_src + c];
+  }
+}
+
+// A block's row count from its header, clamped to [0, cap].
+__device__ inline Index header_rows(const std::int32_t* header, Index header_width, int s, Index cap) {
+  const Index c = header[s * header_width];
+  return c < 0 ? 0 : (c > cap ? cap : c);
+}
+
+// 4. One thread per local expert e: the received rows of expert e in (source, row) order.
+__global__ void layout_kernel(const std::int32_t* header, Index header_width, int ranks, Index cap, Index n, Index expert_cap,
+                              std::int32_t* grouped_row, Index* seg_begin, Index* seg_count, Index* dropped) {
+  const Index e = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x;
+  if (e >= n) return;
+  Index count = 0;
+  for (int s = 0; s < ranks; ++s) {
+    const Index rows = header_rows(header, header_width, s, cap);
+    for (Index t = 0; t < rows; ++t) count += header[s * header_width + 1 + t] == e;
+  }
+  Index begin = 0;
+  if (expert_cap > 0) {
+    begin = e * expert_cap;
+  } else {  // compact: the counts of the experts before e (each thread recounts them: n is small)
+    for (int s = 0; s < ranks; ++s) {
+      const Index rows = header_rows(header, header_width, s, cap);
+      for (Index t = 0; t < rows; ++t) {
+        const std::int32_t id = header[s * header_width + 1 + t];
+        begin += id >= 0 && id < e;
+      }
+    }
+  }
+  Index placed = 0, lost = 0;
+  for (int s = 0; s < ranks; ++s) {
+    const Index rows = header_rows(header, header_width, s, cap);
+    for (Index t = 0; t < rows; ++t) {
+      if (header[s * header_width + 1 + t] != e) continue;
+      if (expert_cap > 0 && placed >= expert_cap) {
+        grouped_row[s * cap + t] = -1;
+        ++lost;
+        continue;
+      }
+      grouped_row[s * cap + t] = static_cast<std::int32_t>(begin + placed++);
+    }
+  }
+  seg_begin[e] = begin;
+  seg_count[e] = placed;
+  if (lost > 0) atomicAdd(reinterpret_cast<unsigned long long*>(dropped), static_cast<unsigned long long>(lost));
+}
+
+// 7. out[m, c] = IO( sum_j IO(w[m, j] * y[slot_row[m, j], c]) ).
+template <class IO>
+__global__ void combine_kernel(const IO* returned, Index H, const std::int32_t* slot_row, const float* weights, Index ld_w,
+                               Index M, Index k, IO* out, Index ld_out) {
+  for (Index m = blockIdx.x; m < M; m += gridDim.x) {
+    for (Index c = threadIdx.x; c < H; c += blockDim.x) {
+      float sum = 0.0f;
+      for (Index j = 0; j < k; ++j) {
+        const std::int32_t row = slot_row[m * k + j];
+        if (row < 0) continue;
+        sum = __fadd_rn(sum, round_to<IO>(__fmul_rn(weights[m * ld_w + j], to_float(returned[row * H + c]))));
+      }
+      out[m * ld_out + c] = from_float<IO>(sum);
+    }
+  }
+}
+
+inline unsigned blocks_for(Index n, Index per_block) {
+  return static_cast<unsigned>(std::clamp<Index>((n + per_block - 1) / per_block, 1, Index{1} << 20));
+}
+
+}  // namespace ep_detail
+
+// Workspace bytes of ep_forward for `ranks` ranks, hidden size H and top_k (every rank's the same).
+template <class IO>
+Status ep_forward_workspace_bytes(const parallel::EpConfig& config, int ranks, Index H, Index top_k, std::size_t* bytes) {
+  ep_detail::Layout l;
+  MOE_RETURN_IF_ERROR(ep_detail::plan(config, ranks, H, top_k, sizeof(IO), &l));
+  *bytes = l.total;
+  return Status::ok();
+}
+
+// The forward of this rank's tokens over the communicator's ranks; collective (every rank calls it
+// with the same config, H and top_k). `dropped_slots` (optional, device): slots lost to a full
+// expert batch in the low-latency mode, added on the stream. Refused before anything is enqueued:
+// bad shapes, a token count above max_tokens_per_rank, a small workspace.
+template <class IO>
+Status ep_forward(NcclCommunicator& comm, const parallel::EpConfig& config, const DeviceEpTokens<IO>& tokens,
+                  const DeviceLocalExperts<IO>& experts, DeviceView<IO, 2> output, std::span<std::byte> workspace,
+                  cudaStream_t stream, std::int64_t* dropped_slots = nullptr) {
+  using moe::detail::Dim;
+  using moe::detail::expect_shape;
+  using namespace ep_detail;
+  const int P = comm.size(), me = comm.rank();
+  const Index M = tokens.hidden.extent(0), H = tokens.hidden.extent(1), k = tokens.topk_ids.extent(1);
+  MOE_RETURN_IF_ERROR(expect_shape(tokens.topk_ids, "topk_ids", std::array<Dim, 2>{{{"M", M}, {"top_k", k}}}));
+  MOE_RETURN_IF_ERROR(expect_shape(tokens.topk_weights, "topk_weights", std::array<Dim, 2>{{{"M", M}, {"top_k", k}}}));
+  MOE_RETURN_IF_ERROR(expect_shape(output, "output", std::array<Dim, 2>{{{"M", M}, {"H", H}}}));
+  if (!tokens.hidden.is_row_contiguous() || !output.is_row_contiguous() || tokens.topk_ids.stride(1) != 1 ||
+      tokens.topk_weights.stride(1) != 1) {
+    return invalid_argument("hidden, topk_ids, topk_weights, output: expected rows with unit element stride");
+  }
+  if (M > config.max_tokens_per_rank) {
+    return invalid_argument("hidden: ", M, " tokens on rank ", me, "; expected at most max_tokens_per_rank = ", config.max_tokens_per_rank);
+  }
+  Layout l;
+  MOE_RETURN_IF_ERROR(plan(config, P, H, k, sizeof(IO), &l));
+  MOE_RETURN_IF_ERROR(check_workspace(workspace.size(), l.total));
+  const bool low_latency = config.mode == parallel::DispatchMode::kLowLatency;
+  const Index n = config.experts_per_rank, num_physical = n * P;
+  std::byte* base = Carve::aligned_base(workspace.data());
+  auto* send = reinterpret_cast<IO*>(base + l.send);
+  auto* recv = reinterpret_cast<IO*>(base + l.recv);
+  auto* grouped = reinterpret_cast<IO*>(base + l.grouped);
+  auto* grouped_out = reinterpret_cast<IO*>(base + l.grouped_out);
+  auto* send_header = reinterpret_cast<std::int32_t*>(base + l.send_header);
+  auto* recv_header = reinterpret_cast<std::int32_t*>(base + l.recv_header);
+  auto* slot_row = reinterpret_cast<std::int32_t*>(base + l.slot_row);
+  auto* grouped_row = reinterpret_cast<std::int32_t*>(base + l.grouped_row);
+  auto* seg_begin = reinterpret_cast<Index*>(base + l.seg_begin);
+  auto* seg_count = reinterpret_cast<Index*>(base + l.seg_count);
+  auto* dropped = dropped_slots ? reinterpret_cast<Index*>(dropped_slots) : reinterpret_cast<Index*>(base + l.counts_out);
+  const std::size_t row_bytes = static_cast<std::size_t>(H) * sizeof(IO);
+
+  // 1. Pack.
+  MOE_CUDA_TRY(cudaMemsetAsync(send_header, 0, static_cast<std::size_t>(P * l.header_width) * 4, stream));
+  if (M * k > 0) {
+    mark_unrouted_kernel<<<blocks_for(M * k, 256), 256, 0, stream>>>(tokens.topk_ids.data(), tokens.topk_ids.stride(0), M, k,
+                                                                       num_physical, slot_row);
+    MOE_CUDA_CHECK_LAUNCH();
+  }
+  pack_plan_kernel<<<blocks_for(P, 128), 128, 0, stream>>>(tokens.topk_ids.data(), tokens.topk_ids.stride(0), M, k, n, P, l.cap,
+                                                          l.header_width, slot_row, send_header);
+  MOE_CUDA_CHECK_LAUNCH();
+  if (M * k > 0 && H > 0) {
+    copy_rows_kernel<IO><<<blocks_for(M * k, 1), 128, 0, stream>>>(tokens.hidden.data(), nullptr, k, send, slot_row, M * k, H,
+                                                                     tokens.hidden.stride(0));
+    MOE_CUDA_CHECK_LAUNCH();
+  }
+  // 2. Headers (fixed size).
+  const std::vector<std::size_t> header_bytes(static_cast<std::size_t>(P), static_cast<std::size_t>(l.header_width) * 4);
+  MOE_RETURN_IF_ERROR(comm.all_to_all_v(send_header, header_bytes, recv_header, header_bytes, stream));
+  // 3. Rows.
+  std::vector<std::size_t> offsets(static_cast<std::size_t>(P)), send_bytes(static_cast<std::size_t>(P)),
+      recv_bytes(static_cast<std::size_t>(P));
+  for (int r = 0; r < P; ++r) offsets[r] = static_cast<std::size_t>(r * l.cap) * row_bytes;
+  Index received = 0;  // kNormal: rows received (host), the experts' row bound
+  if (low_latency) {
+    std::fill(send_bytes.begin(), send_bytes.end(), static_cast<std::size_t>(l.cap) * row_bytes);
+    recv_bytes = send_bytes;
+  } else {
+    std::vector<std::int32_t> sent(static_cast<std::size_t>(P)), got(static_cast<std::size_t>(P));
+    MOE_CUDA_TRY(cudaMemcpy2DAsync(sent.data(), 4, send_header, static_cast<std::size_t>(l.header_width) * 4, 4,
+                                   static_cast<std::size_t>(P), cudaMemcpyDeviceToHost, stream));
+    MOE_CUDA_TRY(cudaMemcpy2DAsync(got.data(), 4, recv_header, static_cast<std::size_t>(l.header_width) * 4, 4,
+                                   static_cast<std::size_t>(P), cudaMemcpyDeviceToHost, stream));
+    MOE_CUDA_TRY(cudaStreamSynchronize(stream));
+    for (int r = 0; r < P; ++r) {
+      if (got[r] < 0 || got[r] > l.cap) return invalid_argument("rank ", r, " announced ", got[r], " rows; expected at most ", l.cap);
+      send_bytes[r] = static_cast<std::size_t>(sent[r]) * row_bytes;
+      recv_bytes[r] = static_cast<std::size_t>(got[r]) * row_bytes;
+      received += got[r];
+    }
+  }
+  MOE_RETURN_IF_ERROR(comm.all_to_all_v(send, offsets, send_bytes, recv, offsets, recv_bytes, stream));
+  // 4. Layout by local expert.
+  MOE_CUDA_TRY(cudaMemsetAsync(grouped_row, 0xFF, static_cast<std::size_t>(l.rows) * 4, stream));
+  if (!dropped_slots) MOE_CUDA_TRY(cudaMemsetAsync(dropped, 0, 8, stream));
+  layout_kernel<<<blocks_for(n, 128), 128, 0, stream>>>(recv_header, l.header_width, P, l.cap, n, l.expert_cap, grouped_row,
+                                                        seg_begin, seg_count, dropped);
+  MOE_CUDA_CHECK_LAUNCH();
+  const Index grouped_rows = low_latency ? l.grouped_rows : received;
+  if (low_latency) MOE_CUDA_TRY(cudaMemsetAsync(grouped, 0, static_cast<std::size_t>(l.grouped_rows) * row_bytes, stream));
+  if (l.rows > 0 && H > 0) {
+    // grouped[grouped_row[i]] = recv[i]
+    copy_rows_kernel<IO><<<blocks_for(l.rows, 1), 128, 0, stream>>>(recv, nullptr, 1, grouped, grouped_row, l.rows, H, H);
+    MOE_CUDA_CHECK_LAUNCH();
+  }
+  // 5. Experts.
+  ExpertRows<IO, DeviceSpace> rows;
+  rows.input = DeviceView<const IO, 2>(grouped, {grouped_rows, H});
+  rows.output = DeviceView<IO, 2>(grouped_out, {grouped_rows, H});
+  rows.seg_begin = DeviceView<const Index, 1>(seg_begin, {n});
+  rows.seg_count = DeviceView<const Index, 1>(seg_count, {n});
+  rows.max_rows_per_expert = low_latency ? l.expert_cap : received;
+  MOE_RETURN_IF_ERROR(experts(rows, stream));
+  // 6. Return: recv[i] = grouped_out[grouped_row[i]], then back along the reverse route.
+  if (l.rows > 0 && H > 0) {
+    copy_rows_kernel<IO><<<blocks_for(l.rows, 1), 128, 0, stream>>>(grouped_out, grouped_row, 1, recv, nullptr, l.rows, H, H);
+    MOE_CUDA_CHECK_LAUNCH();
+  }
+  MOE_RETURN_IF_ERROR(comm.all_to_all_v(recv, offsets, recv_bytes, send, offsets, send_bytes, stream));
+  // 7. Combine.
+  if (M > 0 && H > 0) {
+    combine_kernel<IO><<<blocks_for(M, 1), 128, 0, stream>>>(send, H, slot_row, tokens.topk_weights.data(),
+                                                              tokens.topk_weights.stride(0), M, k, output.data(), output.stride(0));
+    MOE_CUDA_CHECK_LAUNCH();
+  }
+  return Status::ok();
+}
+
+}  // namespace moe::cuda

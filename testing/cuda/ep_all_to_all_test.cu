@@ -5,7 +5,9 @@
 // tile, no K splits), and bad arguments are refused before anything is enqueued.
 #include <gtest/gtest.h>
 
+#include <barrier>
 #include <cstring>
+#include <exception>
 #include <thread>
 #include <vector>
 
@@ -34,8 +36,11 @@ class EpAllToAllTest : public ::testing::Test {
     ASSERT_TRUE(a.is_ok()) << a.to_string() << " (a GPU is present, so NCCL must load)";
     int n = 0;
     moe::testing::cuda_ok(cudaGetDeviceCount(&n), "cudaGetDeviceCount");
+    // One rank per GPU, as many as divide the test's 8 experts evenly (1, 2, 4 or 8).
+    int ranks = 1;
+    while (ranks * 2 <= std::min(n, 8)) ranks *= 2;
     std::vector<int> devices;
-    for (int d = 0; d < std::min(n, 8); ++d) devices.push_back(d);
+    for (int d = 0; d < ranks; ++d) devices.push_back(d);
     const Status s = NcclCommunicator::create_all(devices, &comms_);
     ASSERT_TRUE(s.is_ok()) << s.to_string();
   }
@@ -72,6 +77,59 @@ std::vector<IO> single_rank(const moe::testing::Harness<Spec>& h) {
   return out.download();
 }
 
+// Rank r of P: its share of the tokens and of the experts, through ep_forward; writes its output
+// rows into `got`.
+Status run_rank(const moe::testing::Harness<Spec>& h, int r, int P, Index n, DispatchMode mode, NcclCommunicator& comm,
+                std::barrier<>& ready, std::vector<IO>* got) {
+  const moe::testing::Case& c = h.c;
+  moe::testing::cuda_ok(cudaSetDevice(comm.device()), "cudaSetDevice");
+  const Index m0 = c.M * r / P, m1 = c.M * (r + 1) / P, M = m1 - m0;
+  const std::vector<IO> hid(h.hidden.begin() + m0 * c.H, h.hidden.begin() + m1 * c.H);
+  const std::vector<std::int32_t> id(h.ids.begin() + m0 * c.top_k, h.ids.begin() + m1 * c.top_k);
+  const std::vector<float> wt(h.weights.begin() + m0 * c.top_k, h.weights.begin() + m1 * c.top_k);
+  const std::vector<IO> w13(h.w13.begin() + r * n * 2 * c.I * c.H, h.w13.begin() + (r + 1) * n * 2 * c.I * c.H);
+  const std::vector<IO> w2(h.w2.begin() + r * n * c.H * c.I, h.w2.begin() + (r + 1) * n * c.H * c.I);
+  DeviceBuffer<IO> d_hidden(hid), d_w13(w13), d_w2(w2), d_out(static_cast<std::size_t>(M * c.H));
+  DeviceBuffer<std::int32_t> d_ids(id);
+  DeviceBuffer<float> d_weights(wt);
+  moe::cuda::DeviceEpTokens<IO> t;
+  t.hidden = moe::DeviceView<const IO, 2>(d_hidden.data(), {M, c.H});
+  t.topk_ids = moe::DeviceView<const std::int32_t, 2>(d_ids.data(), {M, c.top_k});
+  t.topk_weights = moe::DeviceView<const float, 2>(d_weights.data(), {M, c.top_k});
+  const moe::parallel::EpConfig config{n, mode, c.M};
+  const Stage stage(pinned());
+  Stage::Weights w;
+  w.w13 = moe::DeviceView<const IO, 3>(d_w13.data(), {n, 2 * c.I, c.H});
+  w.w2 = moe::DeviceView<const IO, 3>(d_w2.data(), {n, c.H, c.I});
+  // The stage's workspace for the most rows a rank can receive, allocated before the collectives
+  // (no cudaMalloc while a peer waits in NCCL).
+  const Index most = P * c.M * c.top_k;
+  Stage::Rows bound;
+  bound.input = moe::DeviceView<const IO, 2>(nullptr, {most, c.H});
+  bound.output = moe::DeviceView<IO, 2>(nullptr, {most, c.H});
+  bound.seg_begin = moe::DeviceView<const Index, 1>(nullptr, {n});
+  bound.seg_count = moe::DeviceView<const Index, 1>(nullptr, {n});
+  std::size_t stage_bytes = 0;
+  for (const Index rows_per_expert : {Index{1}, P * c.M, most}) {
+    bound.max_rows_per_expert = rows_per_expert;
+    stage_bytes = std::max(stage_bytes, stage.workspace_bytes(w, bound));
+  }
+  DeviceBuffer<std::byte> stage_ws(stage_bytes);
+  moe::cuda::DeviceLocalExperts<IO> experts = [&](const moe::ExpertRows<IO, moe::DeviceSpace>& rows, cudaStream_t s) {
+    return stage.run(w, rows, std::span<std::byte>(stage_ws.data(), stage_ws.size()), s);
+  };
+  std::size_t bytes = 0;
+  MOE_RETURN_IF_ERROR(moe::cuda::ep_forward_workspace_bytes<IO>(config, P, c.H, c.top_k, &bytes));
+  DeviceBuffer<std::byte> ws(bytes);
+  ready.arrive_and_wait();
+  MOE_RETURN_IF_ERROR(moe::cuda::ep_forward<IO>(comm, config, t, experts, moe::DeviceView<IO, 2>(d_out.data(), {M, c.H}),
+                                                std::span<std::byte>(ws.data(), ws.size()), nullptr));
+  moe::testing::cuda_ok(cudaDeviceSynchronize(), "sync");
+  const std::vector<IO> out = d_out.download();
+  std::copy(out.begin(), out.end(), got->begin() + m0 * c.H);
+  return Status::ok();
+}
+
 TEST_F(EpAllToAllTest, BothModesMatchTheSingleRankForward) {
   const int P = ranks();
   moe::testing::Case c;
@@ -87,44 +145,16 @@ TEST_F(EpAllToAllTest, BothModesMatchTheSingleRankForward) {
   for (const DispatchMode mode : {DispatchMode::kNormal, DispatchMode::kLowLatency}) {
     std::vector<IO> got(expected.size(), moe::from_float<IO>(-5.0f));
     std::vector<Status> results(static_cast<std::size_t>(P));
+    std::barrier ready(P);  // every rank's allocations done before any enters NCCL
     std::vector<std::thread> threads;
     for (int r = 0; r < P; ++r) {
       threads.emplace_back([&, r] {
-        results[r] = [&]() -> Status {
-          moe::testing::cuda_ok(cudaSetDevice(comms_[r]->device()), "cudaSetDevice");
-          const Index m0 = c.M * r / P, m1 = c.M * (r + 1) / P, M = m1 - m0;
-          const std::vector<IO> hid(h.hidden.begin() + m0 * c.H, h.hidden.begin() + m1 * c.H);
-          const std::vector<std::int32_t> id(h.ids.begin() + m0 * c.top_k, h.ids.begin() + m1 * c.top_k);
-          const std::vector<float> wt(h.weights.begin() + m0 * c.top_k, h.weights.begin() + m1 * c.top_k);
-          const std::vector<IO> w13(h.w13.begin() + r * n * 2 * c.I * c.H, h.w13.begin() + (r + 1) * n * 2 * c.I * c.H);
-          const std::vector<IO> w2(h.w2.begin() + r * n * c.H * c.I, h.w2.begin() + (r + 1) * n * c.H * c.I);
-          DeviceBuffer<IO> d_hidden(hid), d_w13(w13), d_w2(w2), d_out(static_cast<std::size_t>(M * c.H));
-          DeviceBuffer<std::int32_t> d_ids(id);
-          DeviceBuffer<float> d_weights(wt);
-          moe::cuda::DeviceEpTokens<IO> t;
-          t.hidden = moe::DeviceView<const IO, 2>(d_hidden.data(), {M, c.H});
-          t.topk_ids = moe::DeviceView<const std::int32_t, 2>(d_ids.data(), {M, c.top_k});
-          t.topk_weights = moe::DeviceView<const float, 2>(d_weights.data(), {M, c.top_k});
-          moe::parallel::EpConfig config{n, mode, c.M};
-          const Stage stage(pinned());
-          Stage::Weights w;
-          w.w13 = moe::DeviceView<const IO, 3>(d_w13.data(), {n, 2 * c.I, c.H});
-          w.w2 = moe::DeviceView<const IO, 3>(d_w2.data(), {n, c.H, c.I});
-          DeviceBuffer<std::byte> stage_ws;
-          moe::cuda::DeviceLocalExperts<IO> experts = [&](const moe::ExpertRows<IO, moe::DeviceSpace>& rows, cudaStream_t s) {
-            stage_ws = DeviceBuffer<std::byte>(stage.workspace_bytes(w, rows));
-            return stage.run(w, rows, std::span<std::byte>(stage_ws.data(), stage_ws.size()), s);
-          };
-          std::size_t bytes = 0;
-          MOE_RETURN_IF_ERROR(moe::cuda::ep_forward_workspace_bytes<IO>(config, P, c.H, c.top_k, &bytes));
-          DeviceBuffer<std::byte> ws(bytes);
-          MOE_RETURN_IF_ERROR(moe::cuda::ep_forward<IO>(*comms_[r], config, t, experts, moe::DeviceView<IO, 2>(d_out.data(), {M, c.H}),
-                                                        std::span<std::byte>(ws.data(), ws.size()), nullptr));
-          moe::testing::cuda_ok(cudaDeviceSynchronize(), "sync");
-          const std::vector<IO> out = d_out.download();
-          std::copy(out.begin(), out.end(), got.begin() + m0 * c.H);
-          return Status::ok();
-        }();
+        try {
+          results[r] = run_rank(h, r, P, n, mode, *comms_[r], ready, &got);
+        } catch (const std::exception& e) {  // cuda_ok throws; a thread must not
+          results[r] = moe::make_status(moe::StatusCode::kCudaError, e.what());
+          ready.arrive_and_drop();
+        }
       });
     }
     for (std::thread& th : threads) th.join();

@@ -24,6 +24,17 @@
 //   5. experts    the caller's experts stage on ExpertRows in device memory
 //   6. return     outputs scattered back into `recv`, sent back along the reverse route into `send`
 //   7. combine    out[m] = IO( sum over slots j ascending of IO(w[m, j] * y[m, j]) ), float sums
+//
+// Where it differs from the host version: a token whose top-k repeats an expert is refused there
+// in the low-latency mode and here its overflow is dropped and counted (the device cannot refuse
+// without a synchronization); top_k must be >= 1 here; and blocks are max_tokens * top_k rows
+// (the host: max_tokens * min(top_k, experts_per_rank)), the bound with repeated ids. Rows past a
+// block's count are sent uninitialized in the low-latency mode (never read; initcheck reports
+// them). Not tuned yet: the pack and the layout scan with one thread per rank and per expert.
+//
+// Errors: arguments are checked before anything is enqueued. After that every rank issues the
+// same collectives whatever fails locally, and returns the first local error at the end with the
+// output untouched, so a failure on one rank does not leave the others waiting.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -71,11 +82,12 @@ inline Status plan(const parallel::EpConfig& c, int ranks, Index H, Index top_k,
   if (c.max_tokens_per_rank < 1) return invalid_argument("max_tokens_per_rank: expected >= 1 (the workspace bound), got ", c.max_tokens_per_rank);
   if (top_k < 1 || top_k > INT32_MAX) return invalid_argument("topk_ids: top_k ", top_k, " out of range");
   const Index n = c.experts_per_rank;
-  Index rows = 0, elements = 0, expert_rows = 0, header = 0;
-  if (!parallel::product_fits(c.max_tokens_per_rank, top_k, ranks, &rows) || !parallel::product_fits(rows, H, 1, &elements) ||
-      !parallel::product_fits(n, ranks, c.max_tokens_per_rank, &expert_rows) || !parallel::product_fits(expert_rows, H, 1, &elements) ||
-      rows > INT32_MAX || expert_rows > INT32_MAX || elements > INT64_MAX / 8 ||
-      !parallel::product_fits(ranks, c.max_tokens_per_rank * top_k + 1, 4, &header)) {
+  // Row indices are int32 on the device; byte counts must fit with room for 8-byte elements.
+  Index rows = 0, row_elements = 0, expert_rows = 0, expert_elements = 0;
+  if (!parallel::product_fits(c.max_tokens_per_rank, top_k, ranks, &rows) || !parallel::product_fits(rows, H, 1, &row_elements) ||
+      !parallel::product_fits(n, ranks, c.max_tokens_per_rank, &expert_rows) ||
+      !parallel::product_fits(expert_rows, H, 1, &expert_elements) || rows >= INT32_MAX || expert_rows >= INT32_MAX ||
+      row_elements > INT64_MAX / 8 || expert_elements > INT64_MAX / 8) {
     return invalid_argument("max_tokens_per_rank: ", c.max_tokens_per_rank, " x top_k ", top_k, " x ", ranks, " ranks x H ", H,
                             " overflows the all-to-all buffers");
   }
@@ -103,7 +115,7 @@ inline Status plan(const parallel::EpConfig& c, int ranks, Index H, Index top_k,
 }
 
 // 1. One thread per destination rank r: the rank's rows in ascending slot order.
-__global__ void pack_plan_kernel(const std::int32_t* ids, Index ld_ids, Index M, Index k, Index n, int ranks, Index cap,
+static __global__ void pack_plan_kernel(const std::int32_t* ids, Index ld_ids, Index M, Index k, Index n, int ranks, Index cap,
                                  Index header_width, std::int32_t* slot_row, std::int32_t* header) {
   const int r = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (r >= ranks) return;
@@ -122,7 +134,7 @@ __global__ void pack_plan_kernel(const std::int32_t* ids, Index ld_ids, Index M,
   header[r * header_width] = count;
 }
 
-__global__ void mark_unrouted_kernel(const std::int32_t* ids, Index ld_ids, Index M, Index k, Index num_physical,
+static __global__ void mark_unrouted_kernel(const std::int32_t* ids, Index ld_ids, Index M, Index k, Index num_physical,
                                      std::int32_t* slot_row) {
   for (Index s = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; s < M * k; s += static_cast<Index>(gridDim.x) * blockDim.x) {
     const std::int32_t id = ids[(s / k) * ld_ids + s % k];
@@ -145,13 +157,13 @@ __global__ void copy_rows_kernel(const IO* src, const std::int32_t* src_map, Ind
 }
 
 // A block's row count from its header, clamped to [0, cap].
-__device__ inline Index header_rows(const std::int32_t* header, Index header_width, int s, Index cap) {
+static __device__ inline Index header_rows(const std::int32_t* header, Index header_width, int s, Index cap) {
   const Index c = header[s * header_width];
   return c < 0 ? 0 : (c > cap ? cap : c);
 }
 
 // 4. One thread per local expert e: the received rows of expert e in (source, row) order.
-__global__ void layout_kernel(const std::int32_t* header, Index header_width, int ranks, Index cap, Index n, Index expert_cap,
+static __global__ void layout_kernel(const std::int32_t* header, Index header_width, int ranks, Index cap, Index n, Index expert_cap,
                               std::int32_t* grouped_row, Index* seg_begin, Index* seg_count, Index* dropped) {
   const Index e = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x;
   if (e >= n) return;
@@ -264,20 +276,39 @@ Status ep_forward(NcclCommunicator& comm, const parallel::EpConfig& config, cons
   auto* dropped = dropped_slots ? reinterpret_cast<Index*>(dropped_slots) : reinterpret_cast<Index*>(base + l.counts_out);
   const std::size_t row_bytes = static_cast<std::size_t>(H) * sizeof(IO);
 
+  // From here on every rank issues the same collectives with the sizes they agreed on, whatever
+  // happens locally: a local failure (a launch, a copy, the experts stage) is kept, the local work
+  // after it is skipped, and it is returned at the end, so no peer is left waiting in a collective.
+  Status failed;
+  const auto local = [&](Status st) {
+    if (failed.is_ok() && !st.is_ok()) failed = std::move(st);
+    return failed.is_ok();
+  };
+  const auto launched = [] {
+    const cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? Status::ok() : make_status(StatusCode::kCudaError, "ep_forward: kernel launch: ", cudaGetErrorString(e));
+  };
+  const auto cuda = [](cudaError_t e, const char* what) {
+    if (e == cudaSuccess) return Status::ok();
+    (void)cudaGetLastError();
+    return make_status(StatusCode::kCudaError, "ep_forward: ", what, ": ", cudaGetErrorString(e));
+  };
+
   // 1. Pack.
-  MOE_CUDA_TRY(cudaMemsetAsync(send_header, 0, static_cast<std::size_t>(P * l.header_width) * 4, stream));
-  if (M * k > 0) {
+  if (local(cuda(cudaMemsetAsync(send_header, 0, static_cast<std::size_t>(P * l.header_width) * 4, stream), "header memset")) && M * k > 0) {
     mark_unrouted_kernel<<<blocks_for(M * k, 256), 256, 0, stream>>>(tokens.topk_ids.data(), tokens.topk_ids.stride(0), M, k,
                                                                        num_physical, slot_row);
-    MOE_CUDA_CHECK_LAUNCH();
+    local(launched());
   }
-  pack_plan_kernel<<<blocks_for(P, 128), 128, 0, stream>>>(tokens.topk_ids.data(), tokens.topk_ids.stride(0), M, k, n, P, l.cap,
-                                                          l.header_width, slot_row, send_header);
-  MOE_CUDA_CHECK_LAUNCH();
-  if (M * k > 0 && H > 0) {
+  if (failed.is_ok()) {
+    pack_plan_kernel<<<blocks_for(P, 128), 128, 0, stream>>>(tokens.topk_ids.data(), tokens.topk_ids.stride(0), M, k, n, P, l.cap,
+                                                            l.header_width, slot_row, send_header);
+    local(launched());
+  }
+  if (failed.is_ok() && M * k > 0 && H > 0) {
     copy_rows_kernel<IO><<<blocks_for(M * k, 1), 128, 0, stream>>>(tokens.hidden.data(), nullptr, k, send, slot_row, M * k, H,
                                                                      tokens.hidden.stride(0));
-    MOE_CUDA_CHECK_LAUNCH();
+    local(launched());
   }
   // 2. Headers (fixed size).
   const std::vector<std::size_t> header_bytes(static_cast<std::size_t>(P), static_cast<std::size_t>(l.header_width) * 4);
@@ -286,57 +317,73 @@ Status ep_forward(NcclCommunicator& comm, const parallel::EpConfig& config, cons
   std::vector<std::size_t> offsets(static_cast<std::size_t>(P)), send_bytes(static_cast<std::size_t>(P)),
       recv_bytes(static_cast<std::size_t>(P));
   for (int r = 0; r < P; ++r) offsets[r] = static_cast<std::size_t>(r * l.cap) * row_bytes;
-  Index received = 0;  // kNormal: rows received (host), the experts' row bound
+  Index received = 0, largest_expert = 0;  // kNormal: rows received and the largest expert's, on the host
   if (low_latency) {
     std::fill(send_bytes.begin(), send_bytes.end(), static_cast<std::size_t>(l.cap) * row_bytes);
     recv_bytes = send_bytes;
   } else {
-    std::vector<std::int32_t> sent(static_cast<std::size_t>(P)), got(static_cast<std::size_t>(P));
-    MOE_CUDA_TRY(cudaMemcpy2DAsync(sent.data(), 4, send_header, static_cast<std::size_t>(l.header_width) * 4, 4,
-                                   static_cast<std::size_t>(P), cudaMemcpyDeviceToHost, stream));
-    MOE_CUDA_TRY(cudaMemcpy2DAsync(got.data(), 4, recv_header, static_cast<std::size_t>(l.header_width) * 4, 4,
-                                   static_cast<std::size_t>(P), cudaMemcpyDeviceToHost, stream));
-    MOE_CUDA_TRY(cudaStreamSynchronize(stream));
+    // The one synchronization: both headers on the host (a failed copy leaves no agreed size: the
+    // communicator is then unusable and the error is returned at once).
+    std::vector<std::int32_t> sent(static_cast<std::size_t>(P)), got(static_cast<std::size_t>(P * l.header_width));
+    MOE_RETURN_IF_ERROR(cuda(cudaMemcpy2DAsync(sent.data(), 4, send_header, static_cast<std::size_t>(l.header_width) * 4, 4,
+                                               static_cast<std::size_t>(P), cudaMemcpyDeviceToHost, stream), "header copy"));
+    MOE_RETURN_IF_ERROR(cuda(cudaMemcpyAsync(got.data(), recv_header, got.size() * 4, cudaMemcpyDeviceToHost, stream), "header copy"));
+    MOE_RETURN_IF_ERROR(cuda(cudaStreamSynchronize(stream), "synchronize"));
+    std::vector<Index> per_expert(static_cast<std::size_t>(n), 0);
     for (int r = 0; r < P; ++r) {
-      if (got[r] < 0 || got[r] > l.cap) return invalid_argument("rank ", r, " announced ", got[r], " rows; expected at most ", l.cap);
+      const std::int32_t c = got[static_cast<std::size_t>(r * l.header_width)];
+      if (c < 0 || c > l.cap) {  // only a corrupted header: no size both sides agree on
+        return make_status(StatusCode::kInternal, "ep_forward: rank ", r, " announced ", c, " rows; expected at most ", l.cap);
+      }
       send_bytes[r] = static_cast<std::size_t>(sent[r]) * row_bytes;
-      recv_bytes[r] = static_cast<std::size_t>(got[r]) * row_bytes;
-      received += got[r];
+      recv_bytes[r] = static_cast<std::size_t>(c) * row_bytes;
+      received += c;
+      for (Index t = 0; t < c; ++t) {
+        const std::int32_t e = got[static_cast<std::size_t>(r * l.header_width + 1 + t)];
+        if (e >= 0 && e < n) largest_expert = std::max(largest_expert, ++per_expert[static_cast<std::size_t>(e)]);
+      }
     }
   }
   MOE_RETURN_IF_ERROR(comm.all_to_all_v(send, offsets, send_bytes, recv, offsets, recv_bytes, stream));
   // 4. Layout by local expert.
-  MOE_CUDA_TRY(cudaMemsetAsync(grouped_row, 0xFF, static_cast<std::size_t>(l.rows) * 4, stream));
-  if (!dropped_slots) MOE_CUDA_TRY(cudaMemsetAsync(dropped, 0, 8, stream));
-  layout_kernel<<<blocks_for(n, 128), 128, 0, stream>>>(recv_header, l.header_width, P, l.cap, n, l.expert_cap, grouped_row,
-                                                        seg_begin, seg_count, dropped);
-  MOE_CUDA_CHECK_LAUNCH();
+  if (failed.is_ok()) local(cuda(cudaMemsetAsync(grouped_row, 0xFF, static_cast<std::size_t>(l.rows) * 4, stream), "memset"));
+  if (failed.is_ok() && !dropped_slots) local(cuda(cudaMemsetAsync(dropped, 0, 8, stream), "memset"));
+  if (failed.is_ok()) {
+    layout_kernel<<<blocks_for(n, 128), 128, 0, stream>>>(recv_header, l.header_width, P, l.cap, n, l.expert_cap, grouped_row,
+                                                          seg_begin, seg_count, dropped);
+    local(launched());
+  }
   const Index grouped_rows = low_latency ? l.grouped_rows : received;
-  if (low_latency) MOE_CUDA_TRY(cudaMemsetAsync(grouped, 0, static_cast<std::size_t>(l.grouped_rows) * row_bytes, stream));
-  if (l.rows > 0 && H > 0) {
-    // grouped[grouped_row[i]] = recv[i]
+  if (failed.is_ok() && low_latency) {
+    local(cuda(cudaMemsetAsync(grouped, 0, static_cast<std::size_t>(l.grouped_rows) * row_bytes, stream), "memset"));
+  }
+  if (failed.is_ok() && l.rows > 0 && H > 0) {  // grouped[grouped_row[i]] = recv[i]
     copy_rows_kernel<IO><<<blocks_for(l.rows, 1), 128, 0, stream>>>(recv, nullptr, 1, grouped, grouped_row, l.rows, H, H);
-    MOE_CUDA_CHECK_LAUNCH();
+    local(launched());
   }
   // 5. Experts.
-  ExpertRows<IO, DeviceSpace> rows;
-  rows.input = DeviceView<const IO, 2>(grouped, {grouped_rows, H});
-  rows.output = DeviceView<IO, 2>(grouped_out, {grouped_rows, H});
-  rows.seg_begin = DeviceView<const Index, 1>(seg_begin, {n});
-  rows.seg_count = DeviceView<const Index, 1>(seg_count, {n});
-  rows.max_rows_per_expert = low_latency ? l.expert_cap : received;
-  MOE_RETURN_IF_ERROR(experts(rows, stream));
-  // 6. Return: recv[i] = grouped_out[grouped_row[i]], then back along the reverse route.
-  if (l.rows > 0 && H > 0) {
+  if (failed.is_ok()) {
+    ExpertRows<IO, DeviceSpace> rows;
+    rows.input = DeviceView<const IO, 2>(grouped, {grouped_rows, H});
+    rows.output = DeviceView<IO, 2>(grouped_out, {grouped_rows, H});
+    rows.seg_begin = DeviceView<const Index, 1>(seg_begin, {n});
+    rows.seg_count = DeviceView<const Index, 1>(seg_count, {n});
+    rows.max_rows_per_expert = low_latency ? l.expert_cap : largest_expert;
+    local(experts(rows, stream));
+  }
+  // 6. Return: recv[i] = grouped_out[grouped_row[i]] (zeros for a dropped row), then back along
+  // the reverse route.
+  if (failed.is_ok() && l.rows > 0 && H > 0) {
     copy_rows_kernel<IO><<<blocks_for(l.rows, 1), 128, 0, stream>>>(grouped_out, grouped_row, 1, recv, nullptr, l.rows, H, H);
-    MOE_CUDA_CHECK_LAUNCH();
+    local(launched());
   }
   MOE_RETURN_IF_ERROR(comm.all_to_all_v(recv, offsets, recv_bytes, send, offsets, send_bytes, stream));
+  MOE_RETURN_IF_ERROR(failed);  // the output is written only when every step succeeded
   // 7. Combine.
   if (M > 0 && H > 0) {
     combine_kernel<IO><<<blocks_for(M, 1), 128, 0, stream>>>(send, H, slot_row, tokens.topk_weights.data(),
                                                               tokens.topk_weights.stride(0), M, k, output.data(), output.stride(0));
-    MOE_CUDA_CHECK_LAUNCH();
+    MOE_RETURN_IF_ERROR(launched());
   }
   return Status::ok();
 }

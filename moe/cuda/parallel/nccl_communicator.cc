@@ -63,11 +63,15 @@ Status NcclCommunicator::create(int size, int rank, const UniqueId& id, int devi
   int count = 0;
   MOE_CUDA_TRY(cudaGetDeviceCount(&count));
   if (device < 0 || device >= count) return invalid_argument("device: expected [0, ", count, "), got ", device);
-  MOE_CUDA_TRY(cudaSetDevice(device));
+  int previous = 0;
+  MOE_CUDA_TRY(cudaGetDevice(&previous));
+  MOE_CUDA_TRY(cudaSetDevice(device));  // NCCL binds the communicator to the current device
   ncclUniqueId u;
   std::memcpy(u.internal, id.data(), id.size());
   ncclComm_t comm = nullptr;
-  MOE_NCCL_TRY(NcclRuntime::get().comm_init_rank(&comm, size, u, rank));
+  const Status made = nccl_status(NcclRuntime::get().comm_init_rank(&comm, size, u, rank), "ncclCommInitRank");
+  MOE_CUDA_TRY(cudaSetDevice(previous));
+  MOE_RETURN_IF_ERROR(made);
   out->reset(new NcclCommunicator(comm, size, rank, device));
   return Status::ok();
 }

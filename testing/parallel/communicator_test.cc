@@ -2,11 +2,20 @@
 // arguments are refused on every rank with nothing written, and no misuse hangs.
 #include <gtest/gtest.h>
 
+#include <stdlib.h>
+
 #include <atomic>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <functional>
 #include <memory>
+#include <numeric>
+#include <stdexcept>
 #include <vector>
 
 #include "moe/parallel/communicator.h"
+#include "moe/parallel/file_group.h"
 #include "moe/parallel/in_process_group.h"
 
 namespace {
@@ -133,6 +142,87 @@ TEST(InProcessGroup, BadSizesAreErrors) {
     return moe::parallel::exchange_counts(comm, counts, recv);
   });
   EXPECT_NE(s.to_string().find("one per rank"), std::string::npos) << s.to_string();
+}
+
+// ---- FileGroup: the same collectives through files in a shared directory -------------------------
+
+std::string fresh_directory() {
+  const char* base = std::getenv("TEST_TMPDIR");
+  std::string pattern = std::string(base ? base : "/tmp") + "/file_group_XXXXXX";
+  if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
+  return pattern;
+}
+
+// Runs body(rank's FileGroup) on one thread per rank (processes in the tool; threads suffice here).
+std::vector<Status> run_file_group(int ranks, double timeout, const std::function<Status(Communicator&)>& body) {
+  const std::string dir = fresh_directory();
+  std::vector<Status> results(static_cast<std::size_t>(ranks));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r) {
+    threads.emplace_back([&, r] {
+      std::unique_ptr<moe::parallel::FileGroup> g;
+      results[r] = moe::parallel::FileGroup::create(dir, ranks, r, timeout, &g);
+      if (results[r].is_ok()) results[r] = body(*g);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  return results;
+}
+
+TEST(FileGroup, AllToAllAndAllReduceMatchTheInProcessGroup) {
+  constexpr int kRanks = 3;
+  std::vector<std::vector<std::int32_t>> received(kRanks);
+  std::vector<std::vector<moe::bfloat16>> reduced(kRanks);
+  const auto body = [&](Communicator& comm) -> Status {
+    const int me = comm.rank();
+    std::vector<Index> send_counts, recv_counts;
+    std::vector<std::int32_t> send;
+    for (int d = 0; d < kRanks; ++d) {
+      send_counts.push_back(count(me, d));
+      recv_counts.push_back(count(d, me));
+      for (Index i = 0; i < count(me, d); ++i) send.push_back(me * 1000 + d * 100 + static_cast<std::int32_t>(i));
+    }
+    std::vector<std::int32_t> recv(static_cast<std::size_t>(std::accumulate(recv_counts.begin(), recv_counts.end(), Index{0})));
+    MOE_RETURN_IF_ERROR(moe::parallel::all_to_all_rows<std::int32_t>(comm, send, send_counts, recv, recv_counts, 1, "test"));
+    received[me] = recv;
+    std::vector<moe::bfloat16> mine;
+    for (int i = 0; i < 16; ++i) mine.push_back(moe::from_float<moe::bfloat16>(0.3f * static_cast<float>((me + 2) * (i - 7))));
+    MOE_RETURN_IF_ERROR(moe::parallel::all_reduce_sum<moe::bfloat16>(comm, mine));
+    reduced[me] = mine;
+    return Status::ok();
+  };
+  for (const Status& s : run_file_group(kRanks, 30.0, body)) ASSERT_TRUE(s.is_ok()) << s.to_string();
+  const auto file_received = received;
+  const auto file_reduced = reduced;
+  auto g = group(kRanks);
+  ASSERT_TRUE(g->run(body).is_ok());
+  EXPECT_EQ(file_received, received);
+  for (int r = 0; r < kRanks; ++r) {
+    ASSERT_EQ(file_reduced[r].size(), reduced[r].size());
+    for (std::size_t i = 0; i < reduced[r].size(); ++i) EXPECT_EQ(file_reduced[r][i].bits, reduced[r][i].bits) << r << " " << i;
+  }
+}
+
+TEST(FileGroup, AWrongSizeAndAMissingPeerAreErrorsNotHangs) {
+  // Rank 1 expects 2 elements from rank 0, which sends 1: rank 1 reports it, naming both.
+  const auto wrong = run_file_group(2, 5.0, [](Communicator& comm) {
+    std::vector<Index> counts(2, 1), expect(2, 1);
+    if (comm.rank() == 1) expect[0] = 2;
+    std::vector<std::int32_t> send(2, comm.rank()), recv(3, -1);
+    return moe::parallel::all_to_all_rows<std::int32_t>(comm, send, counts, recv, expect, 1, "test");
+  });
+  EXPECT_NE(wrong[1].to_string().find("rank 0 sent 4 bytes to rank 1, which expects 8"), std::string::npos) << wrong[1].to_string();
+  // Rank 1 never calls the collective: rank 0 gives up after its timeout.
+  const auto missing = run_file_group(2, 0.2, [](Communicator& comm) -> Status {
+    if (comm.rank() == 1) return Status::ok();
+    std::vector<std::byte> one(4), all(8);
+    return comm.all_gather(one, all);
+  });
+  EXPECT_EQ(missing[0].code(), moe::StatusCode::kAborted) << missing[0].to_string();
+  EXPECT_NE(missing[0].to_string().find("did not deliver"), std::string::npos) << missing[0].to_string();
+  std::unique_ptr<moe::parallel::FileGroup> fg;
+  EXPECT_NE(moe::parallel::FileGroup::create("/nonexistent/dir", 2, 0, 1.0, &fg).to_string().find("directory"), std::string::npos);
+  EXPECT_NE(moe::parallel::FileGroup::create("/tmp", 2, 2, 1.0, &fg).to_string().find("rank"), std::string::npos);
 }
 
 }  // namespace

@@ -22,6 +22,8 @@
 #include "moe/layer/device_layer.h"
 #include "moe/layer/moe_layer.h"
 #include "moe/layer/rank_group_layer.h"
+#include "moe/parallel/file_group.h"
+#include "cli/launch.h"
 
 namespace moe::cli {
 namespace {
@@ -31,8 +33,9 @@ constexpr const char* kUsage =
     "  moe run   --model-config CONFIG.json --weights FILE [--weights FILE ...] --layer-prefix PREFIX\n"
     "            --inputs IN.safetensors --output OUT.safetensors [--backend cpu|cuda] [--dtype f32|bf16|f16]\n"
     "            [--ep-size N --ep-rank R --expert-placement linear|round_robin] [--tp-size N --tp-rank R]\n"
-    "            [--redundant-experts N] (EPLB replicas, linear placement)\n"
-    "            (sizes without ranks: every rank in this process, one full output; with a rank: its partial sum)\n"
+    "            [--redundant-experts N] (EPLB replicas, linear placement) [--launch local]\n"
+    "            (sizes without ranks: every rank in this process, one full output; with --launch local: one\n"
+    "            process per rank, one GPU each on cuda, one full output; with a rank: its partial sum)\n"
     "  moe info  --model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX [layout options]\n"
     "  moe bench (--model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX | --shape NAME)\n"
     "            [--tokens M] [--iterations N] [--dtype f32|bf16|f16] [--backend cpu|cuda] [layout options]\n"
@@ -59,6 +62,8 @@ struct Options {
   int ep_size = 1, ep_rank = 0, tp_size = 1, tp_rank = 0;
   bool rank_given = false;  // --ep-rank or --tp-rank: compute that rank's partial only
   long redundant_experts = 0;
+  bool launch = false;     // --launch local: one process per rank (cli/launch.h)
+  std::string rendezvous;  // set by --launch for its ranks: the directory they add their outputs through
   long tokens = 64, iterations = 10;
 };
 
@@ -128,6 +133,11 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     else if (flag == "--ep-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->ep_rank = static_cast<int>(n); o->rank_given = true; }
     else if (flag == "--tp-size") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxRanks, &n)); o->tp_size = static_cast<int>(n); }
     else if (flag == "--tp-rank") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxRanks - 1, &n)); o->tp_rank = static_cast<int>(n); o->rank_given = true; }
+    else if (flag == "--launch") {
+      if (v != "local") return invalid_argument("--launch: expected local (one process per rank on this machine), got ", v);
+      o->launch = true;
+    }
+    else if (flag == "--rendezvous") o->rendezvous = v;
     else if (flag == "--redundant-experts") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, 1 << 16, &o->redundant_experts)); }
     else if (flag == "--tokens") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxTokens, &o->tokens)); }
     else if (flag == "--iterations") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxIterations, &o->iterations)); }
@@ -154,6 +164,12 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
   if (o->command == "run") {
     if (o->inputs.empty()) return invalid_argument("--inputs: required");
     if (o->output.empty()) return invalid_argument("--output: required");
+  }
+  if (o->launch && (o->command != "run" || o->ep_size * o->tp_size < 2 || o->rank_given || !o->rendezvous.empty())) {
+    return invalid_argument("--launch: only for `moe run` with --ep-size/--tp-size of two or more ranks and no --ep-rank/--tp-rank");
+  }
+  if (!o->rendezvous.empty() && (o->command != "run" || !o->rank_given)) {
+    return invalid_argument("--rendezvous: set by --launch for its ranks (with --ep-rank and --tp-rank)");
   }
   return Status::ok();
 }
@@ -223,6 +239,10 @@ Status check_output(const Options& o, const io::Checkpoint& ckpt) {
 // sums all-reduced into one full output (moe/layer/rank_group_layer.h).
 bool all_ranks_in_process(const Options& o) { return o.ep_size * o.tp_size > 1 && !o.rank_given; }
 
+// How long a launched rank waits for its peers' partial outputs: they load and run the same layer,
+// and the launcher stops every rank when one fails, so this bounds only a stuck peer.
+constexpr double kRendezvousSeconds = 3600.0;
+
 Status command_run(const Options& o, std::ostream& out) {
   MOE_RETURN_IF_ERROR(check_backend(o));
   io::Checkpoint ckpt;
@@ -241,7 +261,14 @@ Status command_run(const Options& o, std::ostream& out) {
     MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &single));
   }
   const layer::MoeLayer& l = all_ranks ? group.rank(0) : single;
-  MOE_RETURN_IF_ERROR(check_output(o, ckpt));
+  // A rank started by --launch: its partial joins the others' through the rendezvous directory,
+  // and rank 0 writes the full output.
+  const int launched_rank = o.ep_rank * o.tp_size + o.tp_rank;
+  std::unique_ptr<parallel::FileGroup> peers;
+  if (!o.rendezvous.empty()) {
+    MOE_RETURN_IF_ERROR(parallel::FileGroup::create(o.rendezvous, o.ep_size * o.tp_size, launched_rank, kRendezvousSeconds, &peers));
+  }
+  if (!peers || launched_rank == 0) MOE_RETURN_IF_ERROR(check_output(o, ckpt));
   io::SafetensorsFile in;
   MOE_RETURN_IF_ERROR(io::SafetensorsFile::open(o.inputs, &in));
   AnyTensor hidden;
@@ -256,6 +283,11 @@ Status command_run(const Options& o, std::ostream& out) {
   const auto t0 = std::chrono::steady_clock::now();
   const Status fs = all_ranks ? group.forward(hidden, logits, &r, {}, finder(o)) : l.forward(hidden, logits, &r, {}, finder(o));
   if (!fs.is_ok()) return make_status(fs.code(), o.inputs, ": ", fs.message());
+  if (peers) {
+    const Status reduced = layer::all_reduce_output(*peers, &r.output);
+    if (!reduced.is_ok()) return make_status(reduced.code(), "rank ", launched_rank, ": ", reduced.message());
+    if (launched_rank != 0) return Status::ok();  // rank 0 writes the output and reports
+  }
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const Index M = hidden.extents[0], k = l.config().top_k;
   std::vector<io::NamedTensor> outs = {
@@ -275,6 +307,8 @@ Status command_run(const Options& o, std::ostream& out) {
       << ", E=" << l.config().num_experts << " (top_k " << k << ", ";
   if (all_ranks) {
     out << "ep " << o.ep_size << " x tp " << o.tp_size << " ranks in this process, all-reduced";
+  } else if (peers) {
+    out << "ep " << o.ep_size << " x tp " << o.tp_size << " ranks in one process each, all-reduced";
   } else {
     out << l.num_local_experts() << " local";
   }
@@ -460,6 +494,18 @@ int run_tool(const std::vector<std::string>& args, std::ostream& out, std::ostre
   if (!p.is_ok()) {  // one line; the usage text is `moe help`
     err << "moe: " << p.message() << " (see `moe help`)\n";
     return 2;
+  }
+  if (o.launch) {  // the ranks re-parse these arguments, the backend pinned to the launcher's choice
+    std::vector<std::string> rank_args;
+    for (std::size_t i = 0; i < args.size(); ++i) {
+      if (args[i] == "--launch") {
+        ++i;
+        continue;
+      }
+      rank_args.push_back(args[i]);
+    }
+    rank_args.insert(rank_args.end(), {"--backend", std::string(to_string(*o.backend))});
+    return launch_local(rank_args, o.ep_size, o.tp_size, o.backend == Backend::kCuda, err);
   }
   Status s;
   // Every failure ends as the one-line error below, exceptions too (an allocation the machine

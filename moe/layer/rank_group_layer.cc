@@ -15,6 +15,15 @@ Status all_reduce_bytes(parallel::Communicator& comm, std::vector<std::byte>& by
 
 }  // namespace
 
+Status all_reduce_output(parallel::Communicator& comm, Buffer* output) {
+  switch (output->dtype) {
+    case DType::kF32: return all_reduce_bytes<float>(comm, output->bytes);
+    case DType::kBF16: return all_reduce_bytes<bfloat16>(comm, output->bytes);
+    case DType::kF16: return all_reduce_bytes<half>(comm, output->bytes);
+    default: return invalid_argument("output dtype ", to_string(output->dtype), ": expected f32, bf16 or f16");
+  }
+}
+
 Status RankGroupLayer::load(const ModelConfig& config, const ParallelLayout& layout, DType dtype, const io::Checkpoint& checkpoint,
                             const std::string& prefix, RankGroupLayer* out) {
   const int ep_size = layout.ep_size, tp_size = layout.tp_size;
@@ -74,12 +83,7 @@ Status RankGroupLayer::forward(const AnyTensor& hidden_states, const std::option
     // and the failing rank's error is the group's.
     const Status forward = ranks_[static_cast<std::size_t>(comm.rank())].forward(hidden_states, router_logits, &r, per_rank, find);
     if (!forward.is_ok()) return forward;
-    switch (r.output.dtype) {
-      case DType::kF32: return all_reduce_bytes<float>(comm, r.output.bytes);
-      case DType::kBF16: return all_reduce_bytes<bfloat16>(comm, r.output.bytes);
-      case DType::kF16: return all_reduce_bytes<half>(comm, r.output.bytes);
-      default: return invalid_argument("output dtype ", to_string(r.output.dtype), ": expected f32, bf16 or f16");
-    }
+    return all_reduce_output(comm, &r.output);
   }));
   *out = std::move(results[0]);
   return Status::ok();

@@ -20,6 +20,10 @@
 
 namespace moe::layer {
 
+// The sum over the ranks of `comm` of every rank's partial `output` (f32, bf16 or f16), in place:
+// float sums in rank order, rounded once (moe/parallel/communicator.h's all_reduce_sum).
+Status all_reduce_output(parallel::Communicator& comm, Buffer* output);
+
 class RankGroupLayer {
  public:
   // `layout`'s sizes, placement and EPLB fields for every rank (its ranks are ignored).

@@ -4,7 +4,12 @@
 // file (neither a partial one nor a temporary left behind).
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -341,6 +346,82 @@ TEST(Run, AllRanksInOneProcessGiveOneFullOutput) {
       EXPECT_TRUE(testing::all_close(got_full, want_full, {1e-6, tol}));
     }
   }
+}
+
+// `moe run --launch local`: the real executable starts one process per rank; their partials meet
+// through files and rank 0 writes the full output, the same bytes as the in-process ranks give
+// (the same rank-ordered all-reduce). A rank that fails stops the run: exit 1, OUT untouched, and
+// no rendezvous directory left behind.
+struct Spawned {
+  int rc = -1;
+  std::string out, err;
+};
+Spawned spawn_tool(const std::vector<std::string>& args, const std::string& tmpdir) {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  const std::string exe = std::string(srcdir ? srcdir : ".") + "/" + (workspace ? workspace : "moe") + "/cli/moe";
+  const std::string out_path = tmpdir + "/stdout.txt", err_path = tmpdir + "/stderr.txt";
+  std::vector<std::string> argv_s = {exe};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const std::string tmp_env = "TMPDIR=" + tmpdir;
+  std::vector<std::string> env_s = {tmp_env, "OMP_NUM_THREADS=1"};
+  std::vector<char*> env;
+  for (std::string& e : env_s) env.push_back(e.data());
+  env.push_back(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int o = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600), e = ::open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::dup2(o, 1);
+    ::dup2(e, 2);
+    ::execve(exe.c_str(), argv.data(), env.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  Spawned r;
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = testing::hf::read_text(out_path);
+  r.err = testing::hf::read_text(err_path);
+  fs::remove(out_path);
+  fs::remove(err_path);
+  return r;
+}
+
+TEST(Run, LaunchLocalStartsOneProcessPerRank) {
+  const Model m = write_model("run_launch", spec_of("Qwen2MoeForCausalLM"));
+  const Index M = 6, H = m.spec.hidden;
+  const std::string in_path = m.dir + "/in.safetensors";
+  write_inputs(in_path, M, H, 8);
+  const std::string tmpdir = m.dir + "/tmp";
+  fs::create_directories(tmpdir);
+  const std::vector<std::string> layout = {"--ep-size", "2", "--tp-size", "2", "--dtype", "bf16", "--backend", "cpu"};
+  const std::string in_process = m.dir + "/in_process.safetensors", launched = m.dir + "/launched.safetensors";
+  const std::vector<std::string> base = base_args("run", m) + std::vector<std::string>{"--inputs", in_path} + layout;
+  const ToolResult ref = tool(base + std::vector<std::string>{"--output", in_process});
+  ASSERT_EQ(ref.rc, 0) << ref.err;
+  const Spawned r = spawn_tool(base + std::vector<std::string>{"--output", launched, "--launch", "local"}, tmpdir);
+  ASSERT_EQ(r.rc, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("ranks in one process each, all-reduced"), std::string::npos) << r.out;
+  EXPECT_EQ(testing::hf::read_text(launched), testing::hf::read_text(in_process));
+  EXPECT_TRUE(fs::is_empty(tmpdir)) << "a rendezvous directory was left in " << tmpdir;
+
+  // A layout every rank refuses (tp_size 3 does not divide the intermediate size): exit 1, the
+  // earlier output untouched, nothing left behind.
+  const std::string before = testing::hf::read_text(launched);
+  const Spawned bad = spawn_tool(base_args("run", m) + std::vector<std::string>{"--inputs", in_path, "--output", launched, "--tp-size", "3",
+                                                                             "--backend", "cpu", "--launch", "local"},
+                                 tmpdir);
+  EXPECT_EQ(bad.rc, 1) << bad.out << bad.err;
+  EXPECT_NE(bad.err.find("tp_size"), std::string::npos) << bad.err;
+  EXPECT_EQ(testing::hf::read_text(launched), before);
+  EXPECT_TRUE(fs::is_empty(tmpdir));
+  // --launch is for the executable and a multi-rank run only.
+  EXPECT_EQ(tool(base + std::vector<std::string>{"--output", launched, "--launch", "local"}).rc, 2);
+  EXPECT_EQ(tool(base_args("run", m) + std::vector<std::string>{"--inputs", in_path, "--output", launched, "--launch", "local"}).rc, 2);
+  EXPECT_EQ(tool(base + std::vector<std::string>{"--output", launched, "--launch", "remote"}).rc, 2);
 }
 
 TEST(Run, RouterLogitsAndBf16Inputs) {

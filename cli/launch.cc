@@ -1,0 +1,153 @@
+#include "cli/launch.h"
+
+#include <dirent.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <sstream>
+
+extern char** environ;
+
+namespace moe::cli {
+namespace {
+
+std::string& executable() {
+  static std::string path;
+  return path;
+}
+
+// The GPU rank r uses: the (r mod count)-th of the caller's CUDA_VISIBLE_DEVICES list, or of all
+// devices when it set none.
+std::string device_for(int rank) {
+  if (const char* visible = std::getenv("CUDA_VISIBLE_DEVICES"); visible && *visible) {
+    std::vector<std::string> ids;
+    std::stringstream ss(visible);
+    for (std::string id; std::getline(ss, id, ',');) {
+      if (!id.empty()) ids.push_back(id);
+    }
+    if (!ids.empty()) return ids[static_cast<std::size_t>(rank) % ids.size()];
+  }
+  // The driver lists one directory per GPU; the launcher itself stays off CUDA (its children
+  // would inherit an initialized context across fork).
+  int count = 0;
+  if (DIR* d = ::opendir("/proc/driver/nvidia/gpus")) {
+    while (const dirent* e = ::readdir(d)) count += e->d_name[0] != '.';
+    ::closedir(d);
+  }
+  return std::to_string(rank % std::max(count, 1));
+}
+
+// Removes the rendezvous directory and the files the ranks wrote in it (nothing else is there:
+// mkdtemp made it, mode 0700).
+void remove_directory(const std::string& dir) {
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (const dirent* e = ::readdir(d)) {
+      const std::string name = e->d_name;
+      if (name != "." && name != "..") ::unlink((dir + "/" + name).c_str());
+    }
+    ::closedir(d);
+  }
+  ::rmdir(dir.c_str());
+}
+
+}  // namespace
+
+void set_tool_executable(std::string path) { executable() = std::move(path); }
+const std::string& tool_executable() { return executable(); }
+
+int launch_local(const std::vector<std::string>& args, int ep_size, int tp_size, bool cuda, std::ostream& err) {
+  if (executable().empty()) {
+    err << "moe run: --launch: only the moe executable can launch its ranks (this program embeds the tool)\n";
+    return 2;
+  }
+  const char* tmp = std::getenv("TMPDIR");
+  std::string dir = std::string(tmp && *tmp ? tmp : "/tmp") + "/moe-launch-XXXXXX";
+  if (!::mkdtemp(dir.data())) {
+    err << "moe run: --launch: cannot make a rendezvous directory under " << (tmp && *tmp ? tmp : "/tmp") << ": "
+        << std::strerror(errno) << "\n";
+    return 1;
+  }
+  const int ranks = ep_size * tp_size;
+  // Every child's argv and environment, built before any fork (only exec follows a fork).
+  std::vector<std::vector<std::string>> argvs(static_cast<std::size_t>(ranks)), envs(static_cast<std::size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) {
+    std::vector<std::string>& a = argvs[static_cast<std::size_t>(r)];
+    a.push_back(executable());
+    a.insert(a.end(), args.begin(), args.end());
+    a.insert(a.end(), {"--ep-rank", std::to_string(r / tp_size), "--tp-rank", std::to_string(r % tp_size), "--rendezvous", dir});
+    std::vector<std::string>& e = envs[static_cast<std::size_t>(r)];
+    for (char** v = environ; *v; ++v) {
+      if (!cuda || std::strncmp(*v, "CUDA_VISIBLE_DEVICES=", 21) != 0) e.push_back(*v);
+    }
+    if (cuda) e.push_back("CUDA_VISIBLE_DEVICES=" + device_for(r));
+  }
+  const auto pointers = [](std::vector<std::string>& v) {
+    std::vector<char*> p;
+    for (std::string& s : v) p.push_back(s.data());
+    p.push_back(nullptr);
+    return p;
+  };
+  std::vector<std::vector<char*>> argv_ptrs, env_ptrs;
+  for (int r = 0; r < ranks; ++r) {
+    argv_ptrs.push_back(pointers(argvs[static_cast<std::size_t>(r)]));
+    env_ptrs.push_back(pointers(envs[static_cast<std::size_t>(r)]));
+  }
+  const pid_t launcher = ::getpid();
+  std::vector<pid_t> pids(static_cast<std::size_t>(ranks), -1);
+  std::vector<bool> running(static_cast<std::size_t>(ranks), false);
+  int exit_code = 0;
+  const auto stop_all = [&] {
+    for (int r = 0; r < ranks; ++r) {
+      if (running[static_cast<std::size_t>(r)]) ::kill(pids[static_cast<std::size_t>(r)], SIGTERM);
+    }
+  };
+  for (int r = 0; r < ranks; ++r) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // the launcher died: stop
+      if (::getppid() != launcher) ::_exit(1);
+      ::execve(argv_ptrs[static_cast<std::size_t>(r)][0], argv_ptrs[static_cast<std::size_t>(r)].data(),
+               env_ptrs[static_cast<std::size_t>(r)].data());
+      ::_exit(127);
+    }
+    if (pid < 0) {
+      err << "moe run: --launch: cannot start rank " << r << ": " << std::strerror(errno) << "\n";
+      exit_code = 1;
+      stop_all();
+      break;
+    }
+    pids[static_cast<std::size_t>(r)] = pid;
+    running[static_cast<std::size_t>(r)] = true;
+  }
+  for (;;) {
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, 0);
+    if (pid < 0) {
+      if (errno == EINTR) continue;
+      break;  // no children left
+    }
+    int r = 0;
+    while (r < ranks && pids[static_cast<std::size_t>(r)] != pid) ++r;
+    if (r == ranks) continue;
+    running[static_cast<std::size_t>(r)] = false;
+    const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if (!ok && exit_code == 0) {
+      exit_code = WIFEXITED(status) && WEXITSTATUS(status) != 0 ? WEXITSTATUS(status) : 1;
+      err << "moe run: rank " << r << " (ep " << r / tp_size << ", tp " << r % tp_size << ") "
+          << (WIFEXITED(status) ? "exited with code " + std::to_string(WEXITSTATUS(status))
+                                : "died of signal " + std::to_string(WTERMSIG(status)))
+          << "; stopping the other ranks\n";
+      stop_all();
+    }
+  }
+  remove_directory(dir);
+  return exit_code;
+}
+
+}  // namespace moe::cli

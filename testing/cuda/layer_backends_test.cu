@@ -69,6 +69,33 @@ TEST_P(LayerBackends, CudaMatchesCpu) {
   }
 }
 
+// EPLB replicas on one EP rank: the CUDA registry runs the physical ids the routing chose (the
+// per-call and resident paths alike) and matches the CPU.
+TEST_P(LayerBackends, EplbReplicasMatchCpu) {
+  const auto [arch, mxfp4] = GetParam();
+  moe::testing::SyntheticLayer l;
+  ASSERT_NO_FATAL_FAILURE(moe::testing::load_synthetic_layer("layer_eplb", arch, mxfp4, &l));
+  moe::layer::ParallelLayout p;
+  p.ep_size = 2;
+  p.ep_rank = 1;
+  p.redundant_experts = 2;
+  moe::layer::MoeLayer layer;
+  const moe::Status ls = moe::layer::MoeLayer::load(l.config, p, moe::DType::kBF16, l.ckpt, l.prefix, &layer);
+  if (!ls.is_ok() && ls.code() == moe::StatusCode::kUnsupported) GTEST_SKIP() << ls.to_string();  // zero experts
+  ASSERT_TRUE(ls.is_ok()) << ls.to_string();
+  const moe::Index M = 40, H = l.spec.hidden;
+  std::vector<float> x;
+  moe::layer::MoeLayer::Result cpu, gpu;
+  ASSERT_NO_FATAL_FAILURE(forward_on_both(layer, M, H, 7, &x, &cpu, &gpu));
+  moe::layer::MoeLayer resident = layer;
+  ASSERT_TRUE(moe::layer::make_layer_resident(&resident).is_ok());
+  moe::layer::MoeLayer::Result res;
+  ASSERT_TRUE(resident.forward(moe::AnyTensor{x.data(), moe::DType::kF32, {M, H}, {}}, std::nullopt, &res).is_ok());
+  EXPECT_EQ(res.output.bytes, gpu.output.bytes);
+  EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
+  EXPECT_TRUE(moe::testing::all_close(floats(gpu.output), floats(cpu.output), moe::testing::layer_tolerance(moe::DType::kBF16)));
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Architectures, LayerBackends,
     ::testing::Values(std::make_tuple("MixtralForCausalLM", false), std::make_tuple("Qwen2MoeForCausalLM", false),

@@ -54,7 +54,11 @@ if wants bench && [ -x ./demo ]; then  # the main job; picks the CUDA backend on
 fi
 for b in *_benchmark; do
   wants bench && [ -x "$b" ] || continue
-  ./"$b" --benchmark_format=json >"$out/$b.json" 2>"$out/$b.log"
+  if [ "$b" = ep_all_to_all_benchmark ]; then  # CSV, one rank per visible GPU
+    ./"$b" >"$out/$b.csv" 2>"$out/$b.log"
+  else
+    ./"$b" --benchmark_format=json >"$out/$b.json" 2>"$out/$b.log"
+  fi
   summary+=("$b: rc=$?")
 done
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

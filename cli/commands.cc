@@ -459,6 +459,32 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
     return report_device_layer(out, config, *dev, M, o.iterations);
   }
   io::Checkpoint ckpt;
+  if (all_ranks_in_process(o)) {  // every rank in this process (CPU, or the per-call CUDA path), all-reduced
+    layer::ModelConfig config;
+    MOE_RETURN_IF_ERROR(layer::load_model_config(o.model_config, &config));
+    MOE_RETURN_IF_ERROR(io::Checkpoint::open(o.weights, &ckpt));
+    layer::RankGroupLayer group;
+    MOE_RETURN_IF_ERROR(layer::RankGroupLayer::load(config, layout_of(o), dt, ckpt, o.layer_prefix, &group));
+    for (int r = 0; r < group.size() && o.backend == Backend::kCuda; ++r) {
+      MOE_RETURN_IF_ERROR(layer::make_layer_resident(group.mutable_rank(r)));
+    }
+    std::vector<float> x(static_cast<std::size_t>(M * config.hidden));
+    for (auto& v : x) v = nd(gen);
+    const AnyTensor hidden{x.data(), DType::kF32, {M, config.hidden}, {}};
+    layer::MoeLayer::Result r;
+    std::vector<double> ms;
+    MOE_RETURN_IF_ERROR(group.forward(hidden, std::nullopt, &r, {}, finder(o)));
+    MOE_RETURN_IF_ERROR(time_calls(o.iterations, err, [&] { return group.forward(hidden, std::nullopt, &r, {}, finder(o)); }, &ms));
+    std::vector<bool> hit(config.num_experts, false);
+    for (auto id : r.topk_ids) {
+      if (id < config.num_experts) hit[id] = true;
+    }
+    report(out, "bench " + config.architecture_name + " (ep " + std::to_string(o.ep_size) + " x tp " + std::to_string(o.tp_size) +
+                    " ranks in this process)",
+           *o.backend, M, config.hidden, config.intermediate, config.top_k, std::count(hit.begin(), hit.end(), true),
+           dt == DType::kF32 ? 4 : 2, ms);
+    return Status::ok();
+  }
   layer::MoeLayer l;
   MOE_RETURN_IF_ERROR(load_layer(o, &ckpt, &l, /*make_resident=*/o.backend != Backend::kCuda || M < 1));
   const Index H = l.config().hidden;

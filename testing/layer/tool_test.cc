@@ -572,6 +572,11 @@ TEST(Bench, TinyCheckpoint) {
   const ToolResult r = tool(args);
   ASSERT_EQ(r.rc, 0) << describe(args, r);
   EXPECT_NE(r.out.find("bench GptOssForCausalLM: M=4, median of 2"), std::string::npos) << r.out;
+  // Sizes without a rank: every rank in this process (the CPU, where the device layer is absent).
+  const std::vector<std::string> group = args + std::vector<std::string>{"--ep-size", "2", "--tp-size", "2", "--backend", "cpu"};
+  const ToolResult g = tool(group);
+  ASSERT_EQ(g.rc, 0) << describe(group, g);
+  EXPECT_NE(g.out.find("bench GptOssForCausalLM (ep 2 x tp 2 ranks in this process): M=4, median of 2"), std::string::npos) << g.out;
 }
 
 // ---- bad inputs ---------------------------------------------------------------------------------

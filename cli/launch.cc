@@ -56,6 +56,11 @@ void remove_directory(const std::string& dir) {
   ::rmdir(dir.c_str());
 }
 
+// A termination signal that reached the launcher while its ranks ran: it stops them, removes the
+// rendezvous directory, then dies of the signal as the tool's own handler would.
+volatile sig_atomic_t g_stop_signal = 0;
+extern "C" void note_stop_signal(int sig) { g_stop_signal = sig; }
+
 }  // namespace
 
 void set_tool_executable(std::string path) { executable() = std::move(path); }
@@ -98,6 +103,14 @@ int launch_local(const std::vector<std::string>& args, int ep_size, int tp_size,
     argv_ptrs.push_back(pointers(argvs[static_cast<std::size_t>(r)]));
     env_ptrs.push_back(pointers(envs[static_cast<std::size_t>(r)]));
   }
+  // Until every rank is reaped, a termination signal is noted (waitpid returns EINTR) instead of
+  // ending the launcher with its ranks and directory left behind.
+  g_stop_signal = 0;
+  struct sigaction note = {}, previous[3];
+  note.sa_handler = note_stop_signal;
+  sigemptyset(&note.sa_mask);
+  const int stop_signals[3] = {SIGINT, SIGTERM, SIGHUP};
+  for (int i = 0; i < 3; ++i) ::sigaction(stop_signals[i], &note, &previous[i]);
   const pid_t launcher = ::getpid();
   std::vector<pid_t> pids(static_cast<std::size_t>(ranks), -1);
   std::vector<bool> running(static_cast<std::size_t>(ranks), false);
@@ -126,6 +139,7 @@ int launch_local(const std::vector<std::string>& args, int ep_size, int tp_size,
     running[static_cast<std::size_t>(r)] = true;
   }
   for (;;) {
+    if (g_stop_signal != 0) stop_all();  // also one noted before the first wait
     int status = 0;
     const pid_t pid = ::waitpid(-1, &status, 0);
     if (pid < 0) {
@@ -147,6 +161,8 @@ int launch_local(const std::vector<std::string>& args, int ep_size, int tp_size,
     }
   }
   remove_directory(dir);
+  for (int i = 0; i < 3; ++i) ::sigaction(stop_signals[i], &previous[i], nullptr);
+  if (g_stop_signal != 0) ::raise(g_stop_signal);  // the tool's handler (or the default) ends the process
   return exit_code;
 }
 

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -19,6 +20,7 @@
 #include "moe/io/synthetic_checkpoint.h"
 #include "moe/layer/model_config.h"
 #include "moe/layer/moe_layer.h"
+#include "moe/layer/rank_group_layer.h"
 #include "moe/quant/numeric.h"
 #include "testing/layer/hf_reference.h"
 #include "testing/layer/quantized_checkpoint.h"
@@ -147,6 +149,51 @@ TEST(Fp8Checkpoint, TensorAndExpertParallelRanksAddUpToTheSingleRankOutput) {
       ASSERT_NEAR(sum[i], expect[i], 1e-5 * max_abs) << (tp ? "tp" : "ep") << " element " << i;
     }
   }
+  }
+}
+
+// EPLB on quantized checkpoints: replicas and a rebalance move the codes and every scale tensor
+// with their experts, so the in-process ranks still give the single-rank output (to the EP test's
+// 1e-5); static activation scales (the largest of a rank's experts) make the rebalance an error
+// that names them.
+TEST(Fp8Checkpoint, EplbReplicasAndRebalancingMoveTheScales) {
+  for (const FormatCase& fc : kFormats) {
+    SCOPED_TRACE(fc.name);
+    const Index H = 128, I = 256, M = 6;
+    const Fp8Model m = write_fp8_model(std::string("eplb_") + fc.name, deepseek(H, I), nullptr, fc.format);
+    MoeLayer full;
+    ASSERT_TRUE(load(m.fp8_config, m.fp8_weights, m.prefix, {}, &full).is_ok());
+    std::vector<float> x = testing::quantized::wavy_hidden_states(M, H);
+    const std::vector<float> expect = forward(full, x, M, H);
+    double max_abs = 0;
+    for (float v : expect) max_abs = std::max(max_abs, std::fabs(double(v)));
+    ModelConfig c;
+    ASSERT_TRUE(load_model_config(m.fp8_config, &c).is_ok());
+    io::Checkpoint ckpt;
+    ASSERT_TRUE(io::Checkpoint::open({m.fp8_weights}, &ckpt).is_ok());
+    ParallelLayout par;
+    par.ep_size = 2;
+    par.redundant_experts = 2;
+    layer::RankGroupLayer g;
+    const Status ls = layer::RankGroupLayer::load(c, par, DType::kF32, ckpt, m.prefix, &g);
+    ASSERT_TRUE(ls.is_ok()) << ls.to_string();
+    const auto expect_full_output = [&](const char* when) {
+      MoeLayer::Result r;
+      const Status s = g.forward(AnyTensor{x.data(), DType::kF32, {M, H}, {}}, std::nullopt, &r);
+      ASSERT_TRUE(s.is_ok()) << s.to_string();
+      const auto* out = reinterpret_cast<const float*>(r.output.bytes.data());
+      for (std::size_t i = 0; i < expect.size(); ++i) ASSERT_NEAR(out[i], expect[i], 1e-5 * max_abs) << when << " element " << i;
+    };
+    expect_full_output("before the rebalance");
+    const std::vector<std::int32_t> before = g.rank(0).eplb_placement()->physical_to_logical;
+    const Status rs = g.rebalance();
+    if (fc.format == Format::kFp8TensorStatic) {
+      EXPECT_NE(rs.to_string().find("static activation scales"), std::string::npos) << rs.to_string();
+      continue;
+    }
+    ASSERT_TRUE(rs.is_ok()) << rs.to_string();
+    EXPECT_NE(g.rank(1).eplb_placement()->physical_to_logical, before) << "the test's load moved no expert";
+    expect_full_output("after the rebalance");
   }
 }
 

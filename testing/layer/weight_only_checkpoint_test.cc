@@ -15,6 +15,7 @@
 #include "moe/io/synthetic_checkpoint.h"
 #include "moe/layer/model_config.h"
 #include "moe/layer/moe_layer.h"
+#include "moe/layer/rank_group_layer.h"
 #include "testing/layer/hf_reference.h"
 #include "testing/layer/weight_only_model.h"
 #include "testing/lib/compare.h"
@@ -143,6 +144,45 @@ TEST(WeightOnlyCheckpoint, TensorAndExpertParallelRanksAddUpToTheSingleRankOutpu
       for (std::size_t i = 0; i < sum.size(); ++i) sum[i] += part[i];
     }
     EXPECT_TRUE(testing::all_close(sum, expect, kBf16));
+  }
+}
+
+// EPLB on weight-only checkpoints: the codes, group scales, zero points and act-order permutations
+// move with their experts in a rebalance; the in-process ranks give the single-rank output.
+TEST(WeightOnlyCheckpoint, EplbReplicasAndRebalancingMoveTheScales) {
+  const Index H = 128, I = 128, M = 6;
+  for (const IntFormat f : {IntFormat{Kind::kGptq, 4, 32, false, true}, IntFormat{Kind::kAwq, 4, 64, true, false},
+                            IntFormat{Kind::kCompressedTensors, 8, 0, false, false}}) {
+    SCOPED_TRACE(testing::weight_only::quantization_config_of(f));
+    const Model m = write_model("eplb", spec_of("DeepseekV3ForCausalLM", H, I), f);
+    MoeLayer full;
+    ASSERT_TRUE(load(m.config, m.weights, m.prefix, {}, DType::kBF16, &full).is_ok());
+    std::vector<float> x = testing::quantized::wavy_hidden_states(M, H);
+    const std::vector<double> expect = forward(full, x, M, H);
+    ModelConfig c;
+    ASSERT_TRUE(load_model_config(m.config, &c).is_ok());
+    io::Checkpoint ckpt;
+    ASSERT_TRUE(io::Checkpoint::open({m.weights}, &ckpt).is_ok());
+    ParallelLayout par;
+    par.ep_size = 2;
+    par.redundant_experts = 2;
+    layer::RankGroupLayer g;
+    const Status ls = layer::RankGroupLayer::load(c, par, DType::kBF16, ckpt, m.prefix, &g);
+    ASSERT_TRUE(ls.is_ok()) << ls.to_string();
+    const auto group_forward = [&] {
+      MoeLayer::Result r;
+      const Status s = g.forward(AnyTensor{x.data(), DType::kF32, {M, H}, {}}, std::nullopt, &r);
+      EXPECT_TRUE(s.is_ok()) << s.to_string();
+      std::vector<double> out(expect.size(), 0.0);
+      for (std::size_t i = 0; s.is_ok() && i < out.size(); ++i) out[i] = to_float(reinterpret_cast<const bfloat16*>(r.output.bytes.data())[i]);
+      return out;
+    };
+    EXPECT_TRUE(testing::all_close(group_forward(), expect, kBf16));
+    const std::vector<std::int32_t> before = g.rank(0).eplb_placement()->physical_to_logical;
+    const Status rs = g.rebalance();
+    ASSERT_TRUE(rs.is_ok()) << rs.to_string();
+    EXPECT_NE(g.rank(1).eplb_placement()->physical_to_logical, before) << "the test's load moved no expert";
+    EXPECT_TRUE(testing::all_close(group_forward(), expect, kBf16));
   }
 }
 

@@ -76,7 +76,7 @@ Status ep_forward(Communicator& comm, const EpConfig& config, const EpTokens<IO>
     return invalid_argument("hidden, output: expected rows with unit element stride");
   }
   if (k > INT32_MAX) return invalid_argument("topk_ids: top_k ", k, " out of range");
-  MOE_RETURN_IF_ERROR(check_ep_config(config, P, M, H, k));
+  MOE_RETURN_IF_ERROR(check_ep_config(config, P, M, H));
   const Index n = config.experts_per_rank;
   const Index num_physical = n * P;
   const bool low_latency = config.mode == DispatchMode::kLowLatency;

@@ -28,7 +28,7 @@ inline bool product_fits(Index a, Index b, Index c, Index* out) {
 
 // The checks every rank can make alone, before any collective: the same verdict on every rank
 // for the arguments they share (the mode and capacity), this rank's own for its token count.
-inline Status check_ep_config(const EpConfig& c, int ranks, Index M, Index H, Index top_k) {
+inline Status check_ep_config(const EpConfig& c, int ranks, Index M, Index H) {
   if (c.experts_per_rank < 1) return invalid_argument("experts_per_rank: expected >= 1, got ", c.experts_per_rank);
   if (c.experts_per_rank > INT32_MAX / ranks) {
     return invalid_argument("experts_per_rank: ", c.experts_per_rank, " experts on each of ", ranks,
@@ -42,13 +42,12 @@ inline Status check_ep_config(const EpConfig& c, int ranks, Index M, Index H, In
       return invalid_argument("hidden: ", M, " tokens on rank; expected at most max_tokens_per_rank = ", c.max_tokens_per_rank,
                               " in the low-latency mode");
     }
-    // The largest buffers: n * ranks * max_tokens batched rows and ranks * max_tokens * min(top_k, n)
-    // sent rows, of H elements each.
+    // The largest buffer: n * ranks * max_tokens batched rows of H elements (the sent rows,
+    // ranks * max_tokens * min(top_k, n), are no more).
     Index rows = 0, elements = 0;
-    const Index widest = std::max(c.experts_per_rank, std::min(top_k, c.experts_per_rank));
-    if (!product_fits(widest, ranks, c.max_tokens_per_rank, &rows) || !product_fits(rows, H, 16, &elements)) {
-      return invalid_argument("max_tokens_per_rank: ", c.max_tokens_per_rank, " tokens x ", ranks, " ranks x ", widest,
-                              " x H = ", H, " overflows the batched buffer size");
+    if (!product_fits(c.experts_per_rank, ranks, c.max_tokens_per_rank, &rows) || !product_fits(rows, H, 16, &elements)) {
+      return invalid_argument("max_tokens_per_rank: ", c.max_tokens_per_rank, " tokens x ", ranks, " ranks x ",
+                              c.experts_per_rank, " experts x H = ", H, " overflows the batched buffer size");
     }
   }
   return Status::ok();

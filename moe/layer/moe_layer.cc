@@ -330,13 +330,10 @@ struct ExpertWeights {
   std::vector<float> gate_bias, up_bias, down_bias;  // [It], [It], [H] (gpt-oss)
 };
 
-}  // namespace
-
-namespace {
-
 // The EPLB placement a layout asks for, checked against the layer: vLLM's constraints (linear
 // placement, physical experts divisible by the EP ranks) and no zero experts.
 Status eplb_placement_for(const ParallelLayout& par, Index E, Index Z, parallel::EplbPlacement* out) {
+  if (par.ep_size < 1) return invalid_argument("ep_size: expected >= 1, got ", par.ep_size);
   if (par.redundant_experts < 0) return invalid_argument("redundant_experts: expected >= 0, got ", par.redundant_experts);
   if (par.redundant_experts > E * 64) {
     return invalid_argument("redundant_experts: ", par.redundant_experts, " is more than 64 replicas per expert (", E, " experts)");

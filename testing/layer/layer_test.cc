@@ -486,6 +486,9 @@ TEST(Eplb, BadLayoutsNameTheField) {
   };
   std::vector<Bad> bad;
   ParallelLayout p;
+  p.ep_size = 0;  // checked before the physical experts are divided over it
+  p.redundant_experts = 2;
+  bad.push_back({p, "ep_size"});
   p.ep_size = 2;
   p.redundant_experts = -1;
   bad.push_back({p, "redundant_experts"});

@@ -53,11 +53,14 @@ Status FileGroup::put(int to, std::span<const std::byte> bytes) const {
     }
     done += static_cast<std::size_t>(n);
   }
-  if (::close(fd) != 0 || ::rename(temporary.c_str(), path.c_str()) != 0) {
+  // link, not rename: a file already at `path` (in a directory that is not the group's own) is
+  // an error, never replaced.
+  if (::close(fd) != 0 || ::link(temporary.c_str(), path.c_str()) != 0) {
     const Status s = io_error("cannot finish", path);
     ::unlink(temporary.c_str());
     return s;
   }
+  ::unlink(temporary.c_str());
   return Status::ok();
 }
 

@@ -6,7 +6,8 @@
 //
 // The directory must be the group's own (the launcher makes it with mkdtemp) and stay for the
 // group's life; files are named c<call>.<from>.<to> and are not removed (the launcher removes the
-// directory). A peer that never writes its file is an error after `timeout_seconds`, not a hang; a
+// directory). A file of that name already there is an error: the group creates files, it never
+// replaces or removes one. A peer that never writes its file is an error after `timeout_seconds`, not a hang; a
 // file of another size than the caller expects is an error naming both ranks.
 #pragma once
 

@@ -8,7 +8,9 @@
 #include <cstdlib>
 #include <string>
 #include <thread>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <numeric>
 #include <stdexcept>
@@ -220,7 +222,16 @@ TEST(FileGroup, AWrongSizeAndAMissingPeerAreErrorsNotHangs) {
   });
   EXPECT_EQ(missing[0].code(), moe::StatusCode::kAborted) << missing[0].to_string();
   EXPECT_NE(missing[0].to_string().find("did not deliver"), std::string::npos) << missing[0].to_string();
+  // A file already where the group would write is left alone: an error, not a replacement.
+  const std::string dir = fresh_directory();
+  { std::ofstream(dir + "/c1.0.0") << "a stranger's file"; }
   std::unique_ptr<moe::parallel::FileGroup> fg;
+  ASSERT_TRUE(moe::parallel::FileGroup::create(dir, 1, 0, 1.0, &fg).is_ok());
+  std::vector<std::byte> one(4), all(4);
+  const Status clash = fg->all_gather(one, all);
+  EXPECT_NE(clash.to_string().find("c1.0.0"), std::string::npos) << clash.to_string();
+  std::ifstream kept(dir + "/c1.0.0");
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(kept), {}), "a stranger's file");
   EXPECT_NE(moe::parallel::FileGroup::create("/nonexistent/dir", 2, 0, 1.0, &fg).to_string().find("directory"), std::string::npos);
   EXPECT_NE(moe::parallel::FileGroup::create("/tmp", 2, 2, 1.0, &fg).to_string().find("rank"), std::string::npos);
 }

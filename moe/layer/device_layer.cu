@@ -407,6 +407,10 @@ Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::u
     return unsupported("DeviceLayer: EPLB replicas (redundant_experts) are not supported on the device layer yet; use the "
                        "per-call path (MoeLayer::make_resident)");
   }
+  if (layer.parallel().dispatch != EpDispatch::kPartialSums) {
+    return unsupported("DeviceLayer: the all-to-all dispatch is not supported on the device layer yet; use the per-call path "
+                       "(MoeLayer::make_resident and forward_all_to_all)");
+  }
   auto impl = std::make_unique<Impl>();
   Impl& d = *impl;
   // Quantized layers keep their codes and scales; a scheme the CUDA registry does not build for

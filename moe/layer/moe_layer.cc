@@ -9,6 +9,7 @@
 
 #include "moe/cpu/ops.h"
 #include "moe/layer/weight_only_loader.h"
+#include "moe/parallel/ep_all_to_all.h"
 
 namespace moe::layer {
 namespace {
@@ -405,6 +406,22 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
   }
   const Index Z = config.num_zero_experts;
   if (Z < 0) return invalid_argument("num_zero_experts: expected >= 0, got ", Z);
+  const bool all_to_all = par.dispatch != EpDispatch::kPartialSums;
+  if (all_to_all) {  // ep_forward's ownership: rank r holds ids [r * n, (r + 1) * n)
+    if (par.tp_size != 1) {
+      return unsupported("dispatch: the all-to-all dispatch replaces tensor parallelism of the experts (as vLLM's all2all "
+                         "backends); expected tp_size 1, got ", par.tp_size);
+    }
+    if (par.ep_size < 1 || par.ep_rank < 0 || par.ep_rank >= par.ep_size) {
+      return invalid_argument("ep_rank: expected 0 <= ep_rank < ep_size=", par.ep_size, ", got ", par.ep_rank);
+    }
+    if (!par.eplb() && (par.placement != ExpertPlacement::kLinear || E % par.ep_size != 0)) {
+      return invalid_argument("dispatch: the all-to-all dispatch needs every rank to own an equal contiguous range of experts: "
+                              "linear placement with num_experts (", E, ") divisible by ep_size (", par.ep_size,
+                              "), or EPLB; got ", par.placement == ExpertPlacement::kLinear ? "linear" : "round_robin",
+                              " placement");
+    }
+  }
   // The experts this rank loads: (logical expert, local slot) pairs; the expert map is over the
   // ids the kernel sees (logical, or physical under EPLB).
   ExpertMap em;
@@ -675,8 +692,9 @@ Status MoeLayer::load(const ModelConfig& config, const ParallelLayout& par, DTyp
     store_element(l.routed_quant_.a2_scale, 0, L > 0 ? a2 : 1.0f);
   }
 
-  // Shared expert(s): one dense gated MLP, split over TP like the experts; rank 0 only under EP.
-  if (config.shared_intermediate > 0 && par.ep_rank == 0) {
+  // Shared expert(s): one dense gated MLP, split over TP like the experts; under EP on rank 0
+  // only (partial sums), or on every rank for its own tokens (all-to-all).
+  if (config.shared_intermediate > 0 && (par.ep_rank == 0 || all_to_all)) {
     const Index S = config.shared_intermediate, St = S / par.tp_size, s0 = par.tp_rank * St;
     const std::string e = p + "." + config.shared_prefix + ".";
     Source gs, us, ds;
@@ -766,12 +784,11 @@ Status route(const RoutingParams& rp, HostView<const float, 2> logits, int top_k
   return cpu::select_experts<Policy>(logits, top_k, a, b, ids, weights);
 }
 
-}  // namespace
 
-Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>& router_logits, Result* out,
-                         const cpu::Options& options, KernelFinder find) const {
-  const Index H = config_.hidden, E = routed_experts_total();
-  const int k = config_.top_k;
+// The checks of a forward's hidden states, and the router logits bound (copied when the file
+// placed them at an odd offset).
+Status bind_forward_inputs(const AnyTensor& hidden, const std::optional<AnyTensor>& router_logits, Index H, Index E,
+                           HostView<const float, 2>* given_logits, std::vector<float>* aligned_logits) {
   if (hidden.extents.size() != 2 || hidden.extents[1] != H) {
     return invalid_argument("hidden_states: expected shape [M, H=", H, "], got ", shape_string(hidden.extents));
   }
@@ -779,25 +796,48 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
     return invalid_argument("hidden_states: expected dtype f32, bf16 or f16, got ", to_string(hidden.dtype));
   }
   if (!hidden.strides.empty()) return invalid_argument("hidden_states: expected a contiguous tensor");
-  if (options.chunk_tokens < 1) return invalid_argument("options.chunk_tokens: expected >= 1, got ", options.chunk_tokens);
-  const Index M = hidden.extents[0];
-  HostView<const float, 2> given_logits;
-  std::vector<float> aligned_logits;  // a copy when the file placed the logits at an odd offset
-  if (router_logits) {
-    AnyTensor lt = *router_logits;
-    if (lt.dtype == DType::kF32 && lt.strides.empty() && reinterpret_cast<std::uintptr_t>(lt.data) % alignof(float) != 0) {
-      Index n = 1;
-      for (Index e : lt.extents) n *= e;
-      aligned_logits.resize(static_cast<std::size_t>(n));
-      std::memcpy(aligned_logits.data(), lt.data, aligned_logits.size() * sizeof(float));
-      lt.data = aligned_logits.data();
-    }
-    MOE_RETURN_IF_ERROR(bind(lt, "router_logits", &given_logits));
-    if (given_logits.extent(0) != M || given_logits.extent(1) != E) {
-      return invalid_argument("router_logits: expected shape [M=", M, ", E=", E, "], got ",
-                              shape_string(router_logits->extents));
-    }
+  if (!router_logits) return Status::ok();
+  AnyTensor lt = *router_logits;
+  if (lt.dtype == DType::kF32 && lt.strides.empty() && reinterpret_cast<std::uintptr_t>(lt.data) % alignof(float) != 0) {
+    Index n = 1;
+    for (Index e : lt.extents) n *= e;
+    aligned_logits->resize(static_cast<std::size_t>(n));
+    std::memcpy(aligned_logits->data(), lt.data, aligned_logits->size() * sizeof(float));
+    lt.data = aligned_logits->data();
   }
+  MOE_RETURN_IF_ERROR(bind(lt, "router_logits", given_logits));
+  if (given_logits->extent(0) != hidden.extents[0] || given_logits->extent(1) != E) {
+    return invalid_argument("router_logits: expected shape [M=", hidden.extents[0], ", E=", E, "], got ",
+                            shape_string(router_logits->extents));
+  }
+  return Status::ok();
+}
+
+// f.template operator()<IO>() for the IO type of `dtype` (f32, bf16 or f16).
+template <class F>
+Status visit_io(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kF32: return f.template operator()<float>();
+    case DType::kBF16: return f.template operator()<bfloat16>();
+    case DType::kF16: return f.template operator()<half>();
+    default: return invalid_argument("dtype ", to_string(dtype), ": expected f32, bf16 or f16");
+  }
+}
+
+}  // namespace
+
+Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>& router_logits, Result* out,
+                         const cpu::Options& options, KernelFinder find) const {
+  const Index H = config_.hidden;
+  const int k = config_.top_k;
+  HostView<const float, 2> given_logits;
+  std::vector<float> aligned_logits;
+  MOE_RETURN_IF_ERROR(bind_forward_inputs(hidden, router_logits, H, routed_experts_total(), &given_logits, &aligned_logits));
+  if (options.chunk_tokens < 1) return invalid_argument("options.chunk_tokens: expected >= 1, got ", options.chunk_tokens);
+  if (parallel_.dispatch != EpDispatch::kPartialSums) {
+    return invalid_argument("forward: this layer's layout dispatches by all-to-all; call forward_all_to_all with its EP group");
+  }
+  const Index M = hidden.extents[0];
   Result r;
   r.output = make_buffer(dtype_, {M, H});
   r.topk_ids.resize(static_cast<std::size_t>(M * k));
@@ -811,8 +851,121 @@ Status MoeLayer::forward(const AnyTensor& hidden, const std::optional<AnyTensor>
   return Status::ok();
 }
 
+Status MoeLayer::forward_all_to_all(parallel::Communicator& comm, Index max_tokens_per_rank, const AnyTensor& hidden,
+                                    const std::optional<AnyTensor>& router_logits, Result* out, const cpu::Options& options,
+                                    KernelFinder find) const {
+  if (parallel_.dispatch == EpDispatch::kPartialSums) {
+    return invalid_argument("forward_all_to_all: this layer's layout dispatches by partial sums (ParallelLayout::dispatch); "
+                            "call forward");
+  }
+  if (comm.size() != parallel_.ep_size || comm.rank() != parallel_.ep_rank) {
+    return invalid_argument("forward_all_to_all: expected the group of the ", parallel_.ep_size,
+                            " EP ranks with this layer as rank ", parallel_.ep_rank, ", got rank ", comm.rank(), " of ",
+                            comm.size());
+  }
+  const Index H = config_.hidden;
+  const int k = config_.top_k;
+  HostView<const float, 2> given_logits;
+  std::vector<float> aligned_logits;
+  MOE_RETURN_IF_ERROR(bind_forward_inputs(hidden, router_logits, H, routed_experts_total(), &given_logits, &aligned_logits));
+  const Index M = hidden.extents[0];
+  if (max_tokens_per_rank < M) {
+    return invalid_argument("max_tokens_per_rank: ", max_tokens_per_rank, " is below this rank's ", M,
+                            " tokens; expected every rank's token count or more");
+  }
+  if (config_.weight_on_input) {
+    return unsupported("forward_all_to_all: apply_router_weight_on_input scales a token's row by its weight before GEMM1, "
+                       "which the all-to-all dispatch does not carry; use the partial-sums dispatch for this model");
+  }
+  if (resident_) find = resident_->find;  // resident weights run on the device registry
+  ForwardFn local = nullptr;
+  MOE_RETURN_IF_ERROR(find({config_.activation, dtype_, false, weight_scheme_}, &local));
+  parallel::EpConfig ep;
+  ep.experts_per_rank = eplb_ ? eplb_->placement.num_physical / parallel_.ep_size : local_experts_;
+  ep.mode = parallel_.dispatch == EpDispatch::kAllToAllLowLatency ? parallel::DispatchMode::kLowLatency
+                                                                   : parallel::DispatchMode::kNormal;
+  ep.max_tokens_per_rank = max_tokens_per_rank;
+
+  // The rows the EP group sends here, grouped by local expert: one call of this rank's kernel with
+  // each row as a token routed to its expert with weight 1, so that the kernel's finalize,
+  // IO(IO(1 * y)), hands back the expert's output y unchanged for the combine to weight.
+  const auto run_rows = [&]<class IO>(const ExpertRows<IO, HostSpace>& rows) -> Status {
+    const Index experts = rows.seg_begin.extent(0);
+    Index R = 0;
+    for (Index e = 0; e < experts; ++e) R += rows.seg_count(e);
+    if (R == 0) return Status::ok();
+    std::vector<IO> in(static_cast<std::size_t>(R * H)), y(static_cast<std::size_t>(R * H));
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(R));
+    std::vector<float> ones(static_cast<std::size_t>(R), 1.0f);
+    for (Index e = 0, i = 0; e < experts; ++e) {
+      for (Index t = 0; t < rows.seg_count(e); ++t, ++i) {
+        std::memcpy(&in[i * H], &rows.input(rows.seg_begin(e) + t, 0), static_cast<std::size_t>(H) * sizeof(IO));
+        ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(e);
+      }
+    }
+    ForwardRequest req;
+    req.hidden_states = AnyTensor{in.data(), dtype_, {R, H}, {}};
+    req.topk_ids = AnyTensor{ids.data(), DType::kI32, {R, 1}, {}};
+    req.topk_weights = AnyTensor{ones.data(), DType::kF32, {R, 1}, {}};
+    req.top_k = 1;
+    bind_routed_weights(&req, nullptr, /*with_expert_map=*/false);  // the ids are local
+    req.activation = config_.activation_params;
+    req.output = AnyTensor{y.data(), dtype_, {R, H}, {}};
+    req.options = options;
+    MOE_RETURN_IF_ERROR(local(req));
+    for (Index e = 0, i = 0; e < experts; ++e) {
+      for (Index t = 0; t < rows.seg_count(e); ++t, ++i) {
+        std::memcpy(&rows.output(rows.seg_begin(e) + t, 0), &y[i * H], static_cast<std::size_t>(H) * sizeof(IO));
+      }
+    }
+    return Status::ok();
+  };
+  // Ids past the routed experts (zero experts) are outside [0, ranks * n): ep_forward leaves them
+  // here, and forward_chunk adds them.
+  const RoutedExperts routed = [&](const Buffer& x, const std::int32_t* ids, const float* weights, Buffer* y) -> Status {
+    return visit_io(dtype_, [&]<class IO>() -> Status {
+      parallel::EpTokens<IO> tokens;
+      tokens.hidden = HostView<const IO, 2>(reinterpret_cast<const IO*>(x.bytes.data()), {M, H});
+      tokens.topk_ids = HostView<const std::int32_t, 2>(ids, {M, Index{k}});
+      tokens.topk_weights = HostView<const float, 2>(weights, {M, Index{k}});
+      const parallel::LocalExperts<IO> experts = [&](const ExpertRows<IO, HostSpace>& rows) { return run_rows(rows); };
+      return parallel::ep_forward<IO>(comm, ep, tokens, experts, HostView<IO, 2>(reinterpret_cast<IO*>(y->bytes.data()), {M, H}));
+    });
+  };
+  Result r;
+  r.output = make_buffer(dtype_, {M, H});
+  r.topk_ids.resize(static_cast<std::size_t>(M * k));
+  r.topk_weights.resize(static_cast<std::size_t>(M * k));
+  MOE_RETURN_IF_ERROR(forward_chunk(hidden, router_logits ? &given_logits : nullptr, 0, M, &r, options, find, &routed));
+  *out = std::move(r);
+  return Status::ok();
+}
+
+void MoeLayer::bind_routed_weights(ForwardRequest* req, std::vector<std::int32_t>* map_storage, bool with_expert_map) const {
+  if (resident_) {
+    req->w13 = resident_->w13;
+    req->w2 = resident_->w2;
+    req->w13_bias = resident_->w13_bias;
+    req->w2_bias = resident_->w2_bias;
+    if (with_expert_map) req->expert_map = resident_->expert_map;
+    req->quant = resident_->quant;
+    req->weights_on_device = true;
+    return;
+  }
+  req->w13 = w13_.tensor();
+  req->w2 = w2_.tensor();
+  req->quant = routed_quant_.tensors(group_size_, signed_codes_);
+  if (!w13_bias_.shape.empty()) req->w13_bias = w13_bias_.tensor();
+  if (!w2_bias_.shape.empty()) req->w2_bias = w2_bias_.tensor();
+  if (with_expert_map && !expert_map_.empty()) {
+    *map_storage = expert_map_;  // AnyTensor holds a mutable pointer
+    req->expert_map = AnyTensor{map_storage->data(), DType::kI32, {static_cast<Index>(map_storage->size())}, {}};
+  }
+}
+
 Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const float, 2>* given_logits, Index m0, Index m1,
-                               Result* r, const cpu::Options& options, KernelFinder find) const {
+                               Result* r, const cpu::Options& options, KernelFinder find,
+                               const RoutedExperts* routed_override) const {
   if (resident_) find = resident_->find;  // resident weights run on the device registry
   const Index H = config_.hidden, E = routed_experts_total(), M = m1 - m0;
   const int k = config_.top_k;
@@ -844,14 +997,10 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     return route<R>(config_.routing_params, lv, k, correction_bias_, ids, wts);
   }));
 
-  // Routed experts (this rank's); zero experts and other ranks' experts map to -1.
-  ForwardFn routed = nullptr;
-  MOE_RETURN_IF_ERROR(find({config_.activation, dtype_, config_.weight_on_input, weight_scheme_}, &routed));
-  Buffer y = make_buffer(dtype_, {M, H});
-  // EPLB: the kernel sees physical ids, chosen per token and counted per physical expert.
+  // Routed experts: the ids the kernel sees are physical under EPLB, chosen per token and counted
+  // per physical expert.
   std::vector<std::int32_t> physical;
-  std::int32_t* kernel_ids = id_ptr;
-  Index kernel_experts = E;
+  const std::int32_t* kernel_ids = id_ptr;
   if (eplb_) {
     const parallel::EplbPlacement& pl = eplb_->placement;
     physical.resize(static_cast<std::size_t>(M * k));
@@ -861,35 +1010,25 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
         HostView<const std::int32_t, 1>(pl.replica_count.data(), {pl.num_logical}), pl.num_physical, ReplicaChoice::kTokenHash,
         HostView<std::int32_t, 2>(physical.data(), {M, k}), HostView<std::int64_t, 1>(eplb_->load.data(), {pl.num_physical})));
     kernel_ids = physical.data();
-    kernel_experts = pl.num_physical;
   }
-  ForwardRequest req;
-  req.hidden_states = x.tensor();
-  req.topk_ids = AnyTensor{kernel_ids, DType::kI32, {M, k}, {}};
-  req.topk_weights = AnyTensor{w_ptr, DType::kF32, {M, k}, {}};
-  req.top_k = k;
-  std::vector<std::int32_t> map;  // host copy for the request (AnyTensor holds a mutable pointer)
-  if (resident_) {
-    req.w13 = resident_->w13;
-    req.w2 = resident_->w2;
-    req.w13_bias = resident_->w13_bias;
-    req.w2_bias = resident_->w2_bias;
-    req.expert_map = resident_->expert_map;
-    req.quant = resident_->quant;
-    req.weights_on_device = true;
-  } else {
-    req.w13 = w13_.tensor();
-    req.w2 = w2_.tensor();
-    req.quant = routed_quant_.tensors(group_size_, signed_codes_);
-    if (!w13_bias_.shape.empty()) req.w13_bias = w13_bias_.tensor();
-    if (!w2_bias_.shape.empty()) req.w2_bias = w2_bias_.tensor();
-    map = expert_map_;
-    if (!map.empty()) req.expert_map = AnyTensor{map.data(), DType::kI32, {kernel_experts}, {}};
+  Buffer y = make_buffer(dtype_, {M, H});
+  if (routed_override) {
+    MOE_RETURN_IF_ERROR((*routed_override)(x, kernel_ids, w_ptr, &y));
+  } else {  // this rank's experts; zero experts and other ranks' experts map to -1
+    ForwardFn routed = nullptr;
+    MOE_RETURN_IF_ERROR(find({config_.activation, dtype_, config_.weight_on_input, weight_scheme_}, &routed));
+    ForwardRequest req;
+    req.hidden_states = x.tensor();
+    req.topk_ids = AnyTensor{const_cast<std::int32_t*>(kernel_ids), DType::kI32, {M, k}, {}};
+    req.topk_weights = AnyTensor{w_ptr, DType::kF32, {M, k}, {}};
+    req.top_k = k;
+    std::vector<std::int32_t> map;
+    bind_routed_weights(&req, &map, /*with_expert_map=*/true);
+    req.activation = config_.activation_params;
+    req.output = y.tensor();
+    req.options = options;
+    MOE_RETURN_IF_ERROR(routed(req));
   }
-  req.activation = config_.activation_params;
-  req.output = y.tensor();
-  req.options = options;
-  MOE_RETURN_IF_ERROR(routed(req));
   std::vector<float> total(static_cast<std::size_t>(M * H));
   for (Index i = 0; i < M * H; ++i) total[i] = load_element(dtype_, y.bytes.data(), i);
 
@@ -921,8 +1060,10 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
     MOE_RETURN_IF_ERROR(shared(sr));
     for (Index i = 0; i < M * H; ++i) total[i] += load_element(dtype_, so.bytes.data(), i);
   }
-  // Zero ("identity") experts: slot weight times the input, once (tp and ep rank 0).
-  if (config_.num_zero_experts > 0 && parallel_.tp_rank == 0 && parallel_.ep_rank == 0) {
+  // Zero ("identity") experts: slot weight times the input, once (tp and ep rank 0; all-to-all:
+  // every rank, for its own tokens).
+  if (config_.num_zero_experts > 0 && parallel_.tp_rank == 0 &&
+      (parallel_.ep_rank == 0 || parallel_.dispatch != EpDispatch::kPartialSums)) {
     for (Index m = 0; m < M; ++m) {
       for (int j = 0; j < k; ++j) {
         if (id_ptr[m * k + j] < config_.num_experts) continue;

@@ -18,6 +18,7 @@
 // experts to a placement computed from that load.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -32,10 +33,27 @@
 
 namespace moe::layer {
 
+// How the EP ranks share the tokens: vLLM's all2all backends.
+enum class EpDispatch {
+  // Every rank routes every token and returns its partial sum (its experts only; the shared
+  // expert on EP rank 0); the partials are added (vLLM's naive and allgather/reduce-scatter
+  // backends). MoeLayer::forward.
+  kPartialSums,
+  // Each rank holds its own tokens; their rows go to the ranks holding the chosen experts and
+  // come back weighted (moe/parallel/ep_all_to_all.h): DeepEP's normal mode, and its low-latency
+  // mode with fixed blocks. Every rank computes the shared expert for its own tokens, and its
+  // output is the full layer's for them. MoeLayer::forward_all_to_all.
+  kAllToAll,
+  kAllToAllLowLatency,
+};
+
 struct ParallelLayout {
   int tp_size = 1, tp_rank = 0;
   int ep_size = 1, ep_rank = 0;
   ExpertPlacement placement = ExpertPlacement::kLinear;
+  // All-to-all needs tp_size 1 and rank r owning experts [r * n, (r + 1) * n): linear placement
+  // with num_experts divisible by ep_size, or EPLB.
+  EpDispatch dispatch = EpDispatch::kPartialSums;
   // EPLB: extra physical experts (replicas), and where each physical expert's logical expert is
   // ([num_experts + redundant_experts]; empty: vLLM's initial placement, i then i % E).
   Index redundant_experts = 0;
@@ -85,6 +103,15 @@ class MoeLayer {
   Status forward(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits, Result* out,
                  const cpu::Options& options = {}, KernelFinder find = &find_kernel) const;
 
+  // The forward of this rank's own tokens for a layout with an all-to-all dispatch
+  // (EpDispatch::kAllToAll*): collective over `comm`, the EP ranks in EP rank order, which all
+  // pass the same max_tokens_per_rank (>= every rank's token count; the low-latency mode's
+  // fixed blocks). `out` is the full layer's output for these tokens, bit for bit what one rank
+  // holding every expert gives. The tokens go in one piece: options.chunk_tokens does not apply.
+  Status forward_all_to_all(parallel::Communicator& comm, Index max_tokens_per_rank, const AnyTensor& hidden_states,
+                            const std::optional<AnyTensor>& router_logits, Result* out, const cpu::Options& options = {},
+                            KernelFinder find = &find_kernel) const;
+
   // Copies the weights once with `upload` (device memory, freed with the layer; quantized codes
   // with their scales) and runs every later forward through `device_find` (the CUDA registry) with
   // weights_on_device set; refused with device_find's reason where it has no kernel for the layer.
@@ -94,8 +121,9 @@ class MoeLayer {
   bool is_resident() const { return resident_ != nullptr; }
 
   // EPLB (ParallelLayout::eplb()): the placement in use, and the tokens routed to each physical
-  // expert by the forwards since the last reset (every rank routes all tokens, so every rank
-  // counts the same). Not synchronized: one forward of a layer at a time.
+  // expert by the forwards since the last reset (partial sums: every rank routes all tokens and
+  // counts the same; all-to-all: each rank counts its own tokens, and the group's load is the sum).
+  // Not synchronized: one forward of a layer at a time.
   bool has_eplb() const { return eplb_.has_value(); }
   const parallel::EplbPlacement* eplb_placement() const { return eplb_ ? &eplb_->placement : nullptr; }
   std::vector<std::int64_t> expert_load() const { return eplb_ ? eplb_->load : std::vector<std::int64_t>{}; }
@@ -121,8 +149,15 @@ class MoeLayer {
  private:
   friend class DeviceLayer;  // reads the loaded weights to upload them
   Index routed_experts_total() const { return config_.num_experts + config_.num_zero_experts; }
+  // The routed experts of one chunk: x [M, H] in dtype(), the ids the kernel sees (logical, or
+  // physical under EPLB; [M, top_k]) and the weights, into y [M, H]: this rank's experts on the
+  // chunk (forward) or the all-to-all over the EP group (forward_all_to_all).
+  using RoutedExperts = std::function<Status(const Buffer& x, const std::int32_t* ids, const float* weights, Buffer* y)>;
   Status forward_chunk(const AnyTensor& hidden, const HostView<const float, 2>* logits, Index m0, Index m1, Result* r,
-                       const cpu::Options& options, KernelFinder find) const;
+                       const cpu::Options& options, KernelFinder find, const RoutedExperts* routed_override = nullptr) const;
+  // A request for this rank's routed experts with their weights (resident or held) bound;
+  // `map_storage` keeps the expert map alive (with_expert_map: the kernel sees global ids).
+  void bind_routed_weights(ForwardRequest* req, std::vector<std::int32_t>* map_storage, bool with_expert_map) const;
 
   ModelConfig config_;
   ParallelLayout parallel_;

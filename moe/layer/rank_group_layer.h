@@ -9,6 +9,11 @@
 //
 // Rank r = ep_rank * tp_size + tp_rank. Every rank routes all tokens (routing is replicated), so
 // topk_ids and topk_weights are rank 0's. Not reentrant: one forward at a time.
+//
+// With an all-to-all dispatch (ParallelLayout::dispatch, tp_size 1) the tokens are dealt to the
+// EP ranks instead, in contiguous shares as data-parallel ranks would hold them (rank r the r-th
+// of ep_size nearly equal shares), each rank runs MoeLayer::forward_all_to_all on its share, and
+// the shares' outputs, ids and weights are put back in token order: the same bits as one rank.
 #pragma once
 
 #include <memory>
@@ -45,6 +50,9 @@ class RankGroupLayer {
   MoeLayer* mutable_rank(int r) { return &ranks_[static_cast<std::size_t>(r)]; }
 
  private:
+  Status forward_all_to_all(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits,
+                            MoeLayer::Result* out, const cpu::Options& options, MoeLayer::KernelFinder find) const;
+
   std::vector<MoeLayer> ranks_;
   int ep_size_ = 1, tp_size_ = 1;
   std::unique_ptr<parallel::InProcessGroup> group_;                   // every rank

@@ -60,6 +60,15 @@ void copy_row(const IO* src, IO* dst, Index H) {
   std::memcpy(dst, src, static_cast<std::size_t>(H) * sizeof(IO));
 }
 
+// w * y rounded to float on its own: with IO = float, round_to is the identity and the compiler
+// may otherwise fuse the product into the sum (an FMA under -march=x86-64-v3), which the kernel's
+// finalize, adding products stored beforehand, never does.
+inline float rounded_product(float w, float y) {
+  float p = w * y;
+  asm volatile("" : "+m"(p));
+  return p;
+}
+
 }  // namespace detail_ep
 
 template <class IO>
@@ -231,7 +240,7 @@ Status ep_forward(Communicator& comm, const EpConfig& config, const EpTokens<IO>
       for (Index j = 0; j < k; ++j) {
         const Index row = slot_row[static_cast<std::size_t>(m * k + j)];
         if (row < 0) continue;
-        sum += round_to<IO>(tokens.topk_weights(m, j) * to_float(returned[static_cast<std::size_t>(row * H + c)]));
+        sum += round_to<IO>(detail_ep::rounded_product(tokens.topk_weights(m, j), to_float(returned[static_cast<std::size_t>(row * H + c)])));
       }
       out[c] = from_float<IO>(sum);
     }

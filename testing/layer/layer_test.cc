@@ -412,6 +412,144 @@ TEST_P(LayerTest, EplbReplicasAndRebalancingKeepTheOutput) {
   }
 }
 
+// All-to-all dispatch (vLLM's all2all backends): each EP rank holds a share of the tokens, its rows
+// travel to the ranks holding their experts and back, and every rank adds the shared expert for
+// its own tokens. The whole output, ids and weights are the single-rank layer's, bit for bit
+// (the combine is the kernel's finalize: same slot order, same roundings), in both modes, with
+// and without EPLB replicas, in f32 and bf16, given the router logits. Logits the layer computes
+// come from a GEMM over each rank's share, whose float order depends on the share's size (Eigen's
+// blocking), so there the ids match and the output within kPartialTol. Rebalancing sums the
+// ranks' own loads.
+TEST_P(LayerTest, AllToAllDispatchMatchesOneRankBitwise) {
+  const Model& m = *model_;
+  const Index M = 19, H = m.spec.hidden, E = m.config.num_experts;  // 19: shares of 5 and 4 tokens at 4 ranks
+  const Index routed_total = E + m.config.num_zero_experts;
+  const std::vector<float> x = hidden_states(M, H, 71);
+  testing::Random rng(73);
+  const std::vector<float> logits = rng.gapped_logits(M, routed_total, 0.3f);
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    MoeLayer full;
+    ASSERT_TRUE(load(m, {}, dt, &full).is_ok());
+    MoeLayer::Result want, want_computed;
+    ASSERT_TRUE(full.forward(f32_tensor(x, M, H), f32_tensor(logits, M, routed_total), &want).is_ok());
+    ASSERT_TRUE(full.forward(f32_tensor(x, M, H), std::nullopt, &want_computed).is_ok());
+    for (int ep : {2, 4}) {
+      for (layer::EpDispatch dispatch : {layer::EpDispatch::kAllToAll, layer::EpDispatch::kAllToAllLowLatency}) {
+        for (Index redundant : {Index{0}, 2 * ep - E % ep}) {
+          SCOPED_TRACE(std::string(to_string(dt)) + " ep " + std::to_string(ep) + (dispatch == layer::EpDispatch::kAllToAll ? " normal" : " low latency") +
+                       " redundant " + std::to_string(redundant));
+          ParallelLayout lay;
+          lay.ep_size = ep;
+          lay.dispatch = dispatch;
+          lay.redundant_experts = redundant;
+          layer::RankGroupLayer g;
+          const Status ls = layer::RankGroupLayer::load(m.config, lay, dt, m.ckpt, m.prefix, &g);
+          if (redundant == 0 && E % ep != 0) {  // ranks would own unequal ranges
+            EXPECT_EQ(ls.code(), StatusCode::kInvalidArgument);
+            EXPECT_NE(ls.message().find("divisible by ep_size"), std::string::npos) << ls.to_string();
+            continue;
+          }
+          if (redundant > 0 && m.config.num_zero_experts > 0) {
+            EXPECT_FALSE(ls.is_ok());  // EPLB refuses zero experts (tested with the EPLB cases)
+            continue;
+          }
+          ASSERT_TRUE(ls.is_ok()) << ls.to_string();
+          MoeLayer::Result r;
+          const Status fs = g.forward(f32_tensor(x, M, H), f32_tensor(logits, M, routed_total), &r);
+          if (m.config.weight_on_input) {
+            EXPECT_EQ(fs.code(), StatusCode::kUnsupported);
+            EXPECT_NE(fs.message().find("apply_router_weight_on_input"), std::string::npos) << fs.to_string();
+            continue;
+          }
+          ASSERT_TRUE(fs.is_ok()) << fs.to_string();
+          EXPECT_EQ(r.topk_ids, want.topk_ids);
+          EXPECT_EQ(r.topk_weights, want.topk_weights);
+          ASSERT_EQ(r.output.bytes.size(), want.output.bytes.size());
+          EXPECT_TRUE(r.output.bytes == want.output.bytes) << "outputs differ in their bits";
+          MoeLayer::Result computed;
+          ASSERT_TRUE(g.forward(f32_tensor(x, M, H), std::nullopt, &computed).is_ok());
+          EXPECT_EQ(computed.topk_ids, want_computed.topk_ids);
+          EXPECT_TRUE(testing::all_close(output_of(computed), output_of(want_computed),
+                                         {1e-7, dt == DType::kF32 ? kPartialTol : kBF16Tol}));
+          if (redundant == 0) continue;
+          for (int rank = 0; rank < g.size(); ++rank) g.mutable_rank(rank)->reset_expert_load();
+          ASSERT_TRUE(g.forward(f32_tensor(x, M, H), f32_tensor(logits, M, routed_total), &r).is_ok());
+          // Each rank counted its own tokens; the group's load is their sum, one per routed slot.
+          const parallel::EplbPlacement before = *g.rank(0).eplb_placement();
+          std::vector<std::int64_t> logical(static_cast<std::size_t>(E), 0), routed(static_cast<std::size_t>(E), 0);
+          for (int rank = 0; rank < g.size(); ++rank) {
+            const std::vector<std::int64_t> physical = g.rank(rank).expert_load();
+            for (Index p = 0; p < before.num_physical; ++p) logical[before.physical_to_logical[p]] += physical[p];
+          }
+          for (std::int32_t id : want.topk_ids) ++routed[id];
+          EXPECT_EQ(logical, routed);
+          ASSERT_TRUE(g.rebalance().is_ok());
+          parallel::EplbPlacement expected;
+          ASSERT_TRUE(parallel::rebalance_experts(std::vector<double>(routed.begin(), routed.end()), before.num_physical, 1, 1, ep,
+                                                  &expected).is_ok());
+          EXPECT_EQ(g.rank(0).eplb_placement()->physical_to_logical, expected.physical_to_logical);
+          MoeLayer::Result after;
+          ASSERT_TRUE(g.forward(f32_tensor(x, M, H), f32_tensor(logits, M, routed_total), &after).is_ok());
+          EXPECT_TRUE(after.output.bytes == want.output.bytes) << "outputs differ in their bits after rebalancing";
+        }
+      }
+    }
+  }
+}
+
+// The all-to-all layout's own refusals, each naming what is wrong, and the two entry points kept
+// apart.
+TEST_P(LayerTest, AllToAllLayoutErrors) {
+  const Model& m = *model_;
+  const Index M = 4, H = m.spec.hidden;
+  const std::vector<float> x = hidden_states(M, H, 72);
+  ParallelLayout lay;
+  lay.dispatch = layer::EpDispatch::kAllToAll;
+  lay.tp_size = 2;
+  MoeLayer l;
+  Status s = load(m, lay, DType::kF32, &l);
+  EXPECT_EQ(s.code(), StatusCode::kUnsupported);
+  EXPECT_NE(s.message().find("tp_size 1"), std::string::npos) << s.to_string();
+  lay.tp_size = 1;
+  lay.ep_size = 2;
+  lay.placement = ExpertPlacement::kRoundRobin;
+  s = load(m, lay, DType::kF32, &l);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("round_robin"), std::string::npos) << s.to_string();
+  // One rank holding every expert: forward refuses, forward_all_to_all over a group of one runs.
+  lay = {};
+  lay.dispatch = layer::EpDispatch::kAllToAll;
+  ASSERT_TRUE(load(m, lay, DType::kF32, &l).is_ok());
+  MoeLayer::Result r;
+  s = l.forward(f32_tensor(x, M, H), std::nullopt, &r);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("forward_all_to_all"), std::string::npos) << s.to_string();
+  std::unique_ptr<parallel::InProcessGroup> one, two;
+  ASSERT_TRUE(parallel::InProcessGroup::create(1, &one).is_ok());
+  ASSERT_TRUE(parallel::InProcessGroup::create(2, &two).is_ok());
+  s = one->run([&](parallel::Communicator& comm) { return l.forward_all_to_all(comm, M - 1, f32_tensor(x, M, H), std::nullopt, &r); });
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("max_tokens_per_rank"), std::string::npos) << s.to_string();
+  s = two->run([&](parallel::Communicator& comm) { return l.forward_all_to_all(comm, M, f32_tensor(x, M, H), std::nullopt, &r); });
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("EP ranks"), std::string::npos) << s.to_string();
+  if (!m.config.weight_on_input) {
+    s = one->run([&](parallel::Communicator& comm) { return l.forward_all_to_all(comm, M, f32_tensor(x, M, H), std::nullopt, &r); });
+    ASSERT_TRUE(s.is_ok()) << s.to_string();
+    MoeLayer full;
+    ASSERT_TRUE(load(m, {}, DType::kF32, &full).is_ok());
+    MoeLayer::Result want;
+    ASSERT_TRUE(full.forward(f32_tensor(x, M, H), std::nullopt, &want).is_ok());
+    EXPECT_TRUE(r.output.bytes == want.output.bytes);
+  }
+  // A partial-sums layer does not take the all-to-all entry.
+  MoeLayer p;
+  ASSERT_TRUE(load(m, {}, DType::kF32, &p).is_ok());
+  s = one->run([&](parallel::Communicator& comm) { return p.forward_all_to_all(comm, M, f32_tensor(x, M, H), std::nullopt, &r); });
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("partial sums"), std::string::npos) << s.to_string();
+}
+
 // ---- explicit router logits ---------------------------------------------------------------------
 
 TEST_P(LayerTest, ExplicitRouterLogitsMatchComputed) {

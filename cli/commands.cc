@@ -34,6 +34,7 @@ constexpr const char* kUsage =
     "            --inputs IN.safetensors --output OUT.safetensors [--backend cpu|cuda] [--dtype f32|bf16|f16]\n"
     "            [--ep-size N --ep-rank R --expert-placement linear|round_robin] [--tp-size N --tp-rank R]\n"
     "            [--redundant-experts N] (EPLB replicas, linear placement) [--launch local]\n"
+    "            [--ep-dispatch partial-sums|all-to-all|low-latency] (how EP ranks share tokens)\n"
     "            (sizes without ranks: every rank in this process, one full output; with --launch local: one\n"
     "            process per rank, one GPU each on cuda, one full output; with a rank: its partial sum)\n"
     "  moe info  --model-config CONFIG.json --weights FILE ... --layer-prefix PREFIX [layout options]\n"
@@ -62,6 +63,7 @@ struct Options {
   int ep_size = 1, ep_rank = 0, tp_size = 1, tp_rank = 0;
   bool rank_given = false;  // --ep-rank or --tp-rank: compute that rank's partial only
   long redundant_experts = 0;
+  layer::EpDispatch dispatch = layer::EpDispatch::kPartialSums;
   bool launch = false;     // --launch local: one process per rank (cli/launch.h)
   std::string rendezvous;  // set by --launch for its ranks: the directory they add their outputs through
   long tokens = 64, iterations = 10;
@@ -80,9 +82,10 @@ Status parse_int(const std::string& flag, const std::string& value, long lo, lon
   return Status::ok();
 }
 
-// Bounds of the integer flags: ranks and sizes fit an int; --tokens bounds the host buffers the
-// tool allocates (--tokens x hidden values), --iterations the time a benchmark may take.
-constexpr long kMaxRanks = 1 << 20;
+// Bounds of the integer flags: ranks and sizes fit an int, and --ep-size x --tp-size ranks fit
+// one group (parse_args checks the product); --tokens bounds the host buffers the tool allocates
+// (--tokens x hidden values), --iterations the time a benchmark may take.
+constexpr long kMaxRanks = parallel::InProcessGroup::kMaxRanks;
 constexpr long kMaxTokens = 1 << 24;
 constexpr long kMaxIterations = 1 << 20;
 
@@ -138,10 +141,28 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
       o->launch = true;
     }
     else if (flag == "--rendezvous") o->rendezvous = v;
+    else if (flag == "--ep-dispatch") {
+      MOE_RETURN_IF_ERROR(parse_choice(flag, v,
+                                       {{"partial-sums", layer::EpDispatch::kPartialSums},
+                                        {"all-to-all", layer::EpDispatch::kAllToAll},
+                                        {"low-latency", layer::EpDispatch::kAllToAllLowLatency}},
+                                       &o->dispatch));
+    }
     else if (flag == "--redundant-experts") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, 1 << 16, &o->redundant_experts)); }
     else if (flag == "--tokens") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 0, kMaxTokens, &o->tokens)); }
     else if (flag == "--iterations") { MOE_RETURN_IF_ERROR(parse_int(flag, v, 1, kMaxIterations, &o->iterations)); }
     else return invalid_argument("unknown option ", flag);
+  }
+  if (static_cast<long>(o->ep_size) * o->tp_size > kMaxRanks) {
+    return invalid_argument("--ep-size x --tp-size: expected at most ", kMaxRanks, " ranks, got ", o->ep_size, " x ", o->tp_size);
+  }
+  if (o->ep_rank >= o->ep_size || o->tp_rank >= o->tp_size) {
+    return invalid_argument("--ep-rank/--tp-rank: expected ranks below --ep-size ", o->ep_size, " and --tp-size ", o->tp_size,
+                            ", got ", o->ep_rank, " and ", o->tp_rank);
+  }
+  if (o->dispatch != layer::EpDispatch::kPartialSums && (o->rank_given || o->launch || o->command == "info")) {
+    return invalid_argument("--ep-dispatch: the all-to-all dispatches run every rank in this process (`moe run` or `moe bench` "
+                            "with --ep-size and no --ep-rank/--tp-rank/--launch); one rank's share means nothing alone");
   }
   if (!o->backend) o->backend = layer::cuda_device_available() ? Backend::kCuda : Backend::kCpu;  // cpu without a GPU
   o->random_weights = o->weights.size() == 1 && o->weights[0] == "random";
@@ -183,6 +204,7 @@ layer::ParallelLayout layout_of(const Options& o) {
   p.ep_rank = o.ep_rank;
   p.placement = o.placement;
   p.redundant_experts = o.redundant_experts;
+  p.dispatch = o.dispatch;
   return p;
 }
 
@@ -306,7 +328,8 @@ Status command_run(const Options& o, std::ostream& out) {
   out << "moe run: " << l.config().architecture_name << ", " << M << " tokens, H=" << l.config().hidden
       << ", E=" << l.config().num_experts << " (top_k " << k << ", ";
   if (all_ranks) {
-    out << "ep " << o.ep_size << " x tp " << o.tp_size << " ranks in this process, all-reduced";
+    out << "ep " << o.ep_size << " x tp " << o.tp_size << " ranks in this process, "
+        << (o.dispatch == layer::EpDispatch::kPartialSums ? "all-reduced" : "tokens dispatched all-to-all");
   } else if (peers) {
     out << "ep " << o.ep_size << " x tp " << o.tp_size << " ranks in one process each, all-reduced";
   } else {
@@ -480,7 +503,7 @@ Status command_bench(const Options& o, std::ostream& out, std::ostream& err) {
       if (id < config.num_experts) hit[id] = true;
     }
     report(out, "bench " + config.architecture_name + " (ep " + std::to_string(o.ep_size) + " x tp " + std::to_string(o.tp_size) +
-                    " ranks in this process)",
+                    " ranks in this process" + (o.dispatch == layer::EpDispatch::kPartialSums ? "" : ", all-to-all") + ")",
            *o.backend, M, config.hidden, config.intermediate, config.top_k, std::count(hit.begin(), hit.end(), true),
            dt == DType::kF32 ? 4 : 2, ms);
     return Status::ok();
@@ -521,22 +544,21 @@ int run_tool(const std::vector<std::string>& args, std::ostream& out, std::ostre
     err << "moe: " << p.message() << " (see `moe help`)\n";
     return 2;
   }
-  if (o.launch) {  // the ranks re-parse these arguments, the backend pinned to the launcher's choice
-    std::vector<std::string> rank_args;
-    for (std::size_t i = 0; i < args.size(); ++i) {
-      if (args[i] == "--launch") {
-        ++i;
-        continue;
-      }
-      rank_args.push_back(args[i]);
-    }
-    rank_args.insert(rank_args.end(), {"--backend", std::string(to_string(*o.backend))});
-    return launch_local(rank_args, o.ep_size, o.tp_size, o.backend == Backend::kCuda, err);
-  }
   Status s;
   // Every failure ends as the one-line error below, exceptions too (an allocation the machine
   // cannot satisfy, say): the tool never aborts.
   try {
+    if (o.launch) {  // the ranks re-parse these arguments, the backend pinned to the launcher's choice
+      // Flag and value pairs (parse_args accepted them so): drop the pair whose flag is --launch,
+      // never a value that happens to read "--launch".
+      std::vector<std::string> rank_args = {args[0]};
+      for (std::size_t i = 1; i + 1 < args.size(); i += 2) {
+        if (args[i] == "--launch") continue;
+        rank_args.insert(rank_args.end(), {args[i], args[i + 1]});
+      }
+      rank_args.insert(rank_args.end(), {"--backend", std::string(to_string(*o.backend))});
+      return launch_local(rank_args, o.ep_size, o.tp_size, o.backend == Backend::kCuda, err);
+    }
     if (o.command == "run") s = command_run(o, out);
     else if (o.command == "info") s = command_info(o, out);
     else s = command_bench(o, out, err);

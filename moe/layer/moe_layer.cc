@@ -1185,7 +1185,11 @@ std::string MoeLayer::describe() const {
   os << "parallel          tp " << parallel_.tp_rank << "/" << parallel_.tp_size << ", ep " << parallel_.ep_rank << "/"
      << parallel_.ep_size << " ("
      << (parallel_.placement == ExpertPlacement::kLinear ? "linear" : "round_robin") << "), " << local_experts_
-     << " local experts\n";
+     << " local experts, "
+     << (parallel_.dispatch == EpDispatch::kPartialSums ? "partial sums"
+         : parallel_.dispatch == EpDispatch::kAllToAll  ? "all-to-all dispatch"
+                                                        : "low-latency all-to-all dispatch")
+     << "\n";
   if (eplb_) {
     os << "eplb              " << eplb_->placement.num_physical << " physical experts ("
        << eplb_->placement.num_physical - eplb_->placement.num_logical << " redundant), token-hash replicas\n";

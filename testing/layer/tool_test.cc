@@ -348,6 +348,48 @@ TEST(Run, AllRanksInOneProcessGiveOneFullOutput) {
   }
 }
 
+// --ep-dispatch all-to-all / low-latency: the tokens are shared out to the EP ranks and their
+// rows dispatched to the experts' ranks; given the router logits, the file is the single-rank
+// run's, byte for byte. The dispatch needs every rank in the process.
+TEST(Run, AllToAllDispatchWritesTheSingleRankBytes) {
+  const Model m = write_model("run_all_to_all", spec_of("Qwen2MoeForCausalLM"));  // a gated shared expert
+  const Index M = 9, H = m.spec.hidden, E = m.spec.num_experts;
+  const std::string in_path = m.dir + "/in.safetensors", single = m.dir + "/single.safetensors";
+  write_inputs(in_path, M, H, 12, E);
+  const std::vector<std::string> base = base_args("run", m) + std::vector<std::string>{"--inputs", in_path, "--dtype", "bf16"};
+  const ToolResult ref = tool(base + std::vector<std::string>{"--output", single});
+  ASSERT_EQ(ref.rc, 0) << ref.err;
+  int i = 0;
+  for (const char* dispatch : {"all-to-all", "low-latency"}) {
+    for (const std::vector<std::string>& layout :
+         {std::vector<std::string>{"--ep-size", "2"}, std::vector<std::string>{"--ep-size", "2", "--redundant-experts", "2"}}) {
+      const std::string out_path = m.dir + "/a2a" + std::to_string(i++) + ".safetensors";
+      const std::vector<std::string> args = base + layout + std::vector<std::string>{"--ep-dispatch", dispatch, "--output", out_path};
+      const ToolResult r = tool(args);
+      ASSERT_EQ(r.rc, 0) << describe(args, r);
+      EXPECT_NE(r.out.find("tokens dispatched all-to-all"), std::string::npos) << r.out;
+      EXPECT_EQ(testing::hf::read_text(out_path), testing::hf::read_text(single)) << describe(args, r);
+    }
+  }
+  // One rank's share, a launched run and `info` are refused; so are an unknown dispatch, more
+  // ranks than a group holds, and a rank past its size.
+  const std::string out_path = m.dir + "/refused.safetensors";
+  const std::vector<std::vector<std::string>> refused = {
+      {"--ep-size", "2", "--ep-rank", "1", "--ep-dispatch", "all-to-all"},
+      {"--ep-size", "2", "--ep-dispatch", "all-to-all", "--launch", "local"},
+      {"--ep-size", "2", "--ep-dispatch", "all_to_all"},
+      {"--ep-size", "1024", "--tp-size", "2"},
+      {"--ep-size", "2", "--ep-rank", "2"},
+  };
+  for (const auto& flags : refused) {
+    const std::vector<std::string> args = base + flags + std::vector<std::string>{"--output", out_path};
+    const ToolResult r = tool(args);
+    EXPECT_EQ(r.rc, 2) << describe(args, r);
+    EXPECT_NE(r.err.find(flags[flags.size() - 2]), std::string::npos) << describe(args, r);  // names the last flag
+    EXPECT_FALSE(fs::exists(out_path));
+  }
+}
+
 // `moe run --launch local`: the real executable starts one process per rank; their partials meet
 // through files and rank 0 writes the full output, the same bytes as the in-process ranks give
 // (the same rank-ordered all-reduce). A rank that fails stops the run: exit 1, OUT untouched, and
@@ -731,11 +773,12 @@ TEST_F(BadInputTest, FailedCommandsExitOne) {
 
   // Layouts the checkpoint cannot take.
   expect_failure(run_args() + std::vector<std::string>{"--tp-size", "3"}, 1, {"tp_size"});
-  expect_failure(run_args() + std::vector<std::string>{"--tp-size", "2", "--tp-rank", "2"}, 1, {"tp_rank"});
-  expect_failure(run_args() + std::vector<std::string>{"--ep-size", "2", "--ep-rank", "2"}, 1, {"ep_rank"});
+  expect_failure(run_args() + std::vector<std::string>{"--tp-size", "2", "--tp-rank", "2"}, 2, {"--tp-rank", "below --ep-size 1 and --tp-size 2"});
+  expect_failure(run_args() + std::vector<std::string>{"--ep-size", "2", "--ep-rank", "2"}, 2, {"--ep-rank", "below --ep-size 2"});
+  expect_failure(run_args() + std::vector<std::string>{"--ep-size", "1024", "--tp-size", "1024"}, 2, {"--ep-size x --tp-size", "at most 1024"});
   expect_failure(run_args() + std::vector<std::string>{"--ep-size", "9"}, 1, {"ep_size"});
   expect_failure(base_args("info", m_) + std::vector<std::string>{"--tp-size", "3"}, 1, {"tp_size"}, false);
-  expect_failure(base_args("bench", m_) + std::vector<std::string>{"--ep-size", "2", "--ep-rank", "5"}, 1, {"ep_rank"}, false);
+  expect_failure(base_args("bench", m_) + std::vector<std::string>{"--ep-size", "2", "--ep-rank", "5"}, 2, {"--ep-rank", "got 5"}, false);
 
   // The output cannot be written.
   const std::vector<std::string> args =

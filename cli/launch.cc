@@ -103,14 +103,21 @@ int launch_local(const std::vector<std::string>& args, int ep_size, int tp_size,
     argv_ptrs.push_back(pointers(argvs[static_cast<std::size_t>(r)]));
     env_ptrs.push_back(pointers(envs[static_cast<std::size_t>(r)]));
   }
-  // Until every rank is reaped, a termination signal is noted (waitpid returns EINTR) instead of
-  // ending the launcher with its ranks and directory left behind.
+  // Until every rank is reaped, a termination signal is noted instead of ending the launcher with
+  // its ranks and directory left behind. A signal the caller ignores (nohup's SIGHUP) stays
+  // ignored, here and in the ranks.
   g_stop_signal = 0;
   struct sigaction note = {}, previous[3];
   note.sa_handler = note_stop_signal;
   sigemptyset(&note.sa_mask);
   const int stop_signals[3] = {SIGINT, SIGTERM, SIGHUP};
-  for (int i = 0; i < 3; ++i) ::sigaction(stop_signals[i], &note, &previous[i]);
+  sigset_t stop_set, unblocked;
+  sigemptyset(&stop_set);
+  for (int i = 0; i < 3; ++i) {
+    sigaddset(&stop_set, stop_signals[i]);
+    ::sigaction(stop_signals[i], nullptr, &previous[i]);
+    if (previous[i].sa_handler != SIG_IGN) ::sigaction(stop_signals[i], &note, nullptr);
+  }
   const pid_t launcher = ::getpid();
   std::vector<pid_t> pids(static_cast<std::size_t>(ranks), -1);
   std::vector<bool> running(static_cast<std::size_t>(ranks), false);
@@ -121,14 +128,28 @@ int launch_local(const std::vector<std::string>& args, int ep_size, int tp_size,
     }
   };
   for (int r = 0; r < ranks; ++r) {
+    // The stop signals are blocked across the fork: the child puts back the caller's dispositions
+    // before it unblocks them, so a stop_all() that reaches it before execve ends it (by default)
+    // instead of being noted by the launcher's handler and lost at execve.
+    ::sigprocmask(SIG_BLOCK, &stop_set, &unblocked);
     const pid_t pid = ::fork();
     if (pid == 0) {
+      for (int i = 0; i < 3; ++i) {
+        struct sigaction restored = {};
+        restored.sa_handler = previous[i].sa_handler == SIG_IGN ? SIG_IGN : SIG_DFL;
+        sigemptyset(&restored.sa_mask);
+        ::sigaction(stop_signals[i], &restored, nullptr);
+      }
+      ::sigprocmask(SIG_SETMASK, &unblocked, nullptr);
       ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // the launcher died: stop
       if (::getppid() != launcher) ::_exit(1);
       ::execve(argv_ptrs[static_cast<std::size_t>(r)][0], argv_ptrs[static_cast<std::size_t>(r)].data(),
                env_ptrs[static_cast<std::size_t>(r)].data());
       ::_exit(127);
     }
+    const int fork_errno = errno;
+    ::sigprocmask(SIG_SETMASK, &unblocked, nullptr);
+    errno = fork_errno;
     if (pid < 0) {
       err << "moe run: --launch: cannot start rank " << r << ": " << std::strerror(errno) << "\n";
       exit_code = 1;
@@ -141,7 +162,13 @@ int launch_local(const std::vector<std::string>& args, int ep_size, int tp_size,
   for (;;) {
     if (g_stop_signal != 0) stop_all();  // also one noted before the first wait
     int status = 0;
-    const pid_t pid = ::waitpid(-1, &status, 0);
+    // Polled, not blocking: a signal that lands between the check above and a blocking wait would
+    // otherwise go unseen until a rank ends by itself.
+    const pid_t pid = ::waitpid(-1, &status, WNOHANG);
+    if (pid == 0) {
+      ::usleep(10000);
+      continue;
+    }
     if (pid < 0) {
       if (errno == EINTR) continue;
       break;  // no children left

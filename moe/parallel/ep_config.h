@@ -29,6 +29,8 @@ inline bool product_fits(Index a, Index b, Index c, Index* out) {
 // The checks every rank can make alone, before any collective: the same verdict on every rank
 // for the arguments they share (the mode and capacity), this rank's own for its token count.
 inline Status check_ep_config(const EpConfig& c, int ranks, Index M, Index H) {
+  if (ranks < 1) return invalid_argument("ranks: expected >= 1, got ", ranks);
+  if (M < 0 || H < 0) return invalid_argument("hidden: expected [M >= 0, H >= 0], got [", M, ", ", H, "]");
   if (c.experts_per_rank < 1) return invalid_argument("experts_per_rank: expected >= 1, got ", c.experts_per_rank);
   if (c.experts_per_rank > INT32_MAX / ranks) {
     return invalid_argument("experts_per_rank: ", c.experts_per_rank, " experts on each of ", ranks,

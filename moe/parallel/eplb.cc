@@ -193,13 +193,16 @@ Status plan_expert_moves(std::span<const std::int32_t> old_p2l, std::span<const 
     if (old_p2l[p] < 0 || new_p2l[p] < 0) {
       return invalid_argument("physical_to_logical: entry ", p, " is negative (old ", old_p2l[p], ", new ", new_p2l[p], ")");
     }
-    L = std::max<Index>({L, Index{old_p2l[p]} + 1, Index{new_p2l[p]} + 1});
+    L = std::max<Index>(L, Index{old_p2l[p]} + 1);
   }
-  if (L > kMaxExperts) return invalid_argument("physical_to_logical: logical id ", L - 1, " out of range");
+  // Every logical expert is held at least once, so a valid placement names fewer than P + 1 ids.
+  if (L > P || L > kMaxExperts) {
+    return invalid_argument("physical_to_logical: logical id ", L - 1, " out of range for ", P, " physical experts");
+  }
   std::vector<Index> first_holder(static_cast<std::size_t>(L), -1);
   for (Index p = P - 1; p >= 0; --p) first_holder[static_cast<std::size_t>(old_p2l[p])] = p;
   for (Index p = 0; p < P; ++p) {
-    if (first_holder[static_cast<std::size_t>(new_p2l[p])] < 0) {
+    if (new_p2l[p] >= L || first_holder[static_cast<std::size_t>(new_p2l[p])] < 0) {
       return invalid_argument("new_physical_to_logical: entry ", p, " places logical expert ", new_p2l[p],
                               ", which no rank holds in the old placement");
     }

@@ -25,51 +25,65 @@ Status FileGroup::create(const std::string& directory, int size, int rank, doubl
   if (!(timeout_seconds > 0) || timeout_seconds > 86400) {
     return invalid_argument("timeout_seconds: expected (0, 86400], got ", timeout_seconds);
   }
+  // Without trailing slashes: "link/" would resolve the link before O_NOFOLLOW could see it.
+  std::string path = directory;
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  if (path.empty()) return invalid_argument("directory: expected a path, got an empty one");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return io_error("directory: expected a directory (not a link or a file); cannot open", directory);
   struct stat st;
-  if (::lstat(directory.c_str(), &st) != 0) return io_error("directory: cannot stat", directory);
-  if (!S_ISDIR(st.st_mode)) return invalid_argument("directory ", directory, ": expected a directory (not a link or a file)");
-  if (st.st_uid != ::geteuid()) return invalid_argument("directory ", directory, ": expected a directory of this user");
-  out->reset(new FileGroup(directory, size, rank, timeout_seconds));
+  const bool stat_ok = ::fstat(fd, &st) == 0;
+  if (!stat_ok || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() || (st.st_mode & 077) != 0) {
+    ::close(fd);
+    return invalid_argument("directory ", directory,
+                            ": expected a directory of this user that no one else may read or write (mode 0700, as mkdtemp makes)");
+  }
+  out->reset(new FileGroup(path, fd, size, rank, timeout_seconds));
   return Status::ok();
 }
 
+FileGroup::~FileGroup() {
+  if (dir_fd_ >= 0) ::close(dir_fd_);
+}
+
 std::string FileGroup::name(int from, int to) const {
-  return dir_ + "/c" + std::to_string(call_) + "." + std::to_string(from) + "." + std::to_string(to);
+  return "c" + std::to_string(call_) + "." + std::to_string(from) + "." + (to < 0 ? std::string("all") : std::to_string(to));
 }
 
 Status FileGroup::put(int to, std::span<const std::byte> bytes) const {
-  const std::string path = name(rank_, to), temporary = path + ".tmp";
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-  if (fd < 0) return io_error("cannot create", temporary);
+  const std::string file = name(rank_, to), temporary = file + ".tmp";
+  const int fd = ::openat(dir_fd_, temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) return io_error("cannot create", dir_ + "/" + temporary);
   std::size_t done = 0;
   while (done < bytes.size()) {
     const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      const Status s = io_error("cannot write", temporary);
+      const Status s = io_error("cannot write", dir_ + "/" + temporary);
       ::close(fd);
-      ::unlink(temporary.c_str());
+      ::unlinkat(dir_fd_, temporary.c_str(), 0);
       return s;
     }
     done += static_cast<std::size_t>(n);
   }
-  // link, not rename: a file already at `path` (in a directory that is not the group's own) is
-  // an error, never replaced.
-  if (::close(fd) != 0 || ::link(temporary.c_str(), path.c_str()) != 0) {
-    const Status s = io_error("cannot finish", path);
-    ::unlink(temporary.c_str());
+  // link, not rename: a file already at `file` is an error, never replaced.
+  if (::close(fd) != 0 || ::linkat(dir_fd_, temporary.c_str(), dir_fd_, file.c_str(), 0) != 0) {
+    const Status s = io_error("cannot finish", dir_ + "/" + file);
+    ::unlinkat(dir_fd_, temporary.c_str(), 0);
     return s;
   }
-  ::unlink(temporary.c_str());
+  ::unlinkat(dir_fd_, temporary.c_str(), 0);
   return Status::ok();
 }
 
-Status FileGroup::take(int from, std::span<std::byte> bytes) const {
-  const std::string path = name(from, rank_);
+Status FileGroup::take(int from, int to, std::span<std::byte> bytes) const {
+  const std::string file = name(from, to), path = dir_ + "/" + file;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_);
   auto pause = std::chrono::microseconds(200);
   int fd = -1;
-  while ((fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC)) < 0) {
+  // O_NONBLOCK: a FIFO planted under the name opens at once (and is refused below) instead of
+  // blocking past the timeout.
+  while ((fd = ::openat(dir_fd_, file.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)) < 0) {
     if (errno != ENOENT) return io_error("cannot open", path);
     if (std::chrono::steady_clock::now() > deadline) {
       return aborted("rank ", rank_, ": rank ", from, " did not deliver ", path, " within ", timeout_, " s");
@@ -125,7 +139,7 @@ Status FileGroup::all_to_all_v(std::span<const std::byte> send, std::span<const 
   std::vector<std::byte> staged(r_total);
   at = 0;
   for (std::size_t s = 0; s < n; ++s) {
-    MOE_RETURN_IF_ERROR(take(static_cast<int>(s), std::span<std::byte>(staged).subspan(at, recv_bytes[s])));
+    MOE_RETURN_IF_ERROR(take(static_cast<int>(s), rank_, std::span<std::byte>(staged).subspan(at, recv_bytes[s])));
     at += recv_bytes[s];
   }
   std::copy(staged.begin(), staged.end(), recv.begin());
@@ -137,12 +151,15 @@ Status FileGroup::all_gather(std::span<const std::byte> send, std::span<std::byt
   if (recv.size() / n < send.size()) {
     return invalid_argument("all_gather: recv holds ", recv.size(), " bytes; expected ranks (", n, ") x ", send.size());
   }
-  std::vector<std::size_t> each(n, send.size());
-  // Every rank's block to every rank: the same bytes, one file per peer.
-  std::vector<std::byte> repeated;
-  repeated.reserve(send.size() * n);
-  for (std::size_t r = 0; r < n; ++r) repeated.insert(repeated.end(), send.begin(), send.end());
-  return all_to_all_v(repeated, each, recv.first(send.size() * n), each);
+  ++call_;
+  // One file per rank that every peer reads: n blocks on disk, not n x n.
+  MOE_RETURN_IF_ERROR(put(-1, send));
+  std::vector<std::byte> staged(send.size() * n);  // `recv` is written only when every block arrived
+  for (std::size_t s = 0; s < n; ++s) {
+    MOE_RETURN_IF_ERROR(take(static_cast<int>(s), -1, std::span<std::byte>(staged).subspan(s * send.size(), send.size())));
+  }
+  std::copy(staged.begin(), staged.end(), recv.begin());
+  return Status::ok();
 }
 
 }  // namespace moe::parallel

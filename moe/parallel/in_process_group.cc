@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
+#include <new>
+#include <system_error>
 #include <thread>
 
 namespace moe::parallel {
@@ -148,17 +151,38 @@ Status InProcessGroup::run(const std::function<Status(Communicator&)>& body) {
     arrived_ = 0;
   }
   std::vector<Status> results(static_cast<std::size_t>(size_));
+  Status not_started;
   {
     std::vector<std::jthread> threads;
+    threads.reserve(static_cast<std::size_t>(size_));
     for (int r = 0; r < size_; ++r) {
-      threads.emplace_back([&, r] {
-        results[static_cast<std::size_t>(r)] = body(*ranks_[static_cast<std::size_t>(r)]);
+      try {
+        threads.emplace_back([&, r] {
+          Status& result = results[static_cast<std::size_t>(r)];
+          // An exception leaves this rank like an error does (a std::jthread would terminate).
+          try {
+            result = body(*ranks_[static_cast<std::size_t>(r)]);
+          } catch (const std::bad_alloc&) {
+            result = make_status(StatusCode::kInvalidArgument, "rank ", r, ": out of memory");
+          } catch (const std::exception& e) {
+            result = make_status(StatusCode::kInternal, "rank ", r, ": ", e.what());
+          }
+          std::lock_guard<std::mutex> lock(mutex_);
+          ++left_;
+          cv_.notify_all();
+        });
+      } catch (const std::system_error& e) {
+        // No thread for ranks r and up: they count as left, so the started ones are released
+        // from their collectives instead of waiting for them.
+        not_started = make_status(StatusCode::kInternal, "cannot start the thread of rank ", r, " of ", size_, ": ", e.what());
         std::lock_guard<std::mutex> lock(mutex_);
-        ++left_;
+        left_ += size_ - r;
         cv_.notify_all();
-      });
+        break;
+      }
     }
   }
+  if (!not_started.is_ok()) return not_started;
   // A rank's own error before one that only reports being released by another rank.
   for (const Status& s : results) {
     if (!s.is_ok() && s.code() != StatusCode::kAborted) return s;

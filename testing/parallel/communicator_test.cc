@@ -3,8 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <string>
 #include <thread>
@@ -146,6 +149,24 @@ TEST(InProcessGroup, BadSizesAreErrors) {
   EXPECT_NE(s.to_string().find("one per rank"), std::string::npos) << s.to_string();
 }
 
+// A rank whose body throws leaves the group as one that returns an error does: the others are
+// released from the collective it never joins, and run() reports the exception as a status.
+TEST(InProcessGroup, AnExceptionInARankIsAnErrorNotATermination) {
+  auto g = group(3);
+  const Status s = g->run([](Communicator& comm) -> Status {
+    if (comm.rank() == 1) throw std::runtime_error("a failure deep in a forward");
+    std::vector<std::byte> one(4), all(12);
+    return comm.all_gather(one, all);
+  });
+  EXPECT_EQ(s.code(), moe::StatusCode::kInternal) << s.to_string();
+  EXPECT_NE(s.to_string().find("rank 1: a failure deep in a forward"), std::string::npos) << s.to_string();
+  // The group is usable again afterwards.
+  EXPECT_TRUE(g->run([](Communicator& comm) {
+                 std::vector<std::byte> one(4), all(12);
+                 return comm.all_gather(one, all);
+               }).is_ok());
+}
+
 // ---- FileGroup: the same collectives through files in a shared directory -------------------------
 
 std::string fresh_directory() {
@@ -224,16 +245,41 @@ TEST(FileGroup, AWrongSizeAndAMissingPeerAreErrorsNotHangs) {
   EXPECT_NE(missing[0].to_string().find("did not deliver"), std::string::npos) << missing[0].to_string();
   // A file already where the group would write is left alone: an error, not a replacement.
   const std::string dir = fresh_directory();
-  { std::ofstream(dir + "/c1.0.0") << "a stranger's file"; }
+  { std::ofstream(dir + "/c1.0.all") << "a stranger's file"; }
   std::unique_ptr<moe::parallel::FileGroup> fg;
   ASSERT_TRUE(moe::parallel::FileGroup::create(dir, 1, 0, 1.0, &fg).is_ok());
   std::vector<std::byte> one(4), all(4);
   const Status clash = fg->all_gather(one, all);
-  EXPECT_NE(clash.to_string().find("c1.0.0"), std::string::npos) << clash.to_string();
-  std::ifstream kept(dir + "/c1.0.0");
+  EXPECT_NE(clash.to_string().find("c1.0.all"), std::string::npos) << clash.to_string();
+  std::ifstream kept(dir + "/c1.0.all");
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(kept), {}), "a stranger's file");
   EXPECT_NE(moe::parallel::FileGroup::create("/nonexistent/dir", 2, 0, 1.0, &fg).to_string().find("directory"), std::string::npos);
-  EXPECT_NE(moe::parallel::FileGroup::create("/tmp", 2, 2, 1.0, &fg).to_string().find("rank"), std::string::npos);
+  EXPECT_NE(moe::parallel::FileGroup::create(dir, 2, 2, 1.0, &fg).to_string().find("rank"), std::string::npos);
+}
+
+// The directory is the group's own: others may not read or write it, and a link to one (also
+// spelled with a trailing slash, which would resolve it) is refused. A FIFO planted under a
+// peer's file name is an error at once, not a reader blocked past the timeout.
+TEST(FileGroup, RefusesSharedDirectoriesLinksAndFifos) {
+  std::unique_ptr<moe::parallel::FileGroup> fg;
+  const std::string shared = fresh_directory();
+  ASSERT_EQ(::chmod(shared.c_str(), 0755), 0);
+  EXPECT_NE(moe::parallel::FileGroup::create(shared, 2, 0, 1.0, &fg).to_string().find("mode 0700"), std::string::npos);
+  const std::string own = fresh_directory(), link = own + ".link";
+  ASSERT_EQ(::symlink(own.c_str(), link.c_str()), 0);
+  for (const std::string& spelled : {link, link + "/", link + "//"}) {
+    const Status s = moe::parallel::FileGroup::create(spelled, 2, 0, 1.0, &fg);
+    EXPECT_FALSE(s.is_ok()) << spelled;
+    EXPECT_NE(s.to_string().find("not a link"), std::string::npos) << s.to_string();
+  }
+  ASSERT_TRUE(moe::parallel::FileGroup::create(own + "/", 2, 0, 30.0, &fg).is_ok());
+  ASSERT_EQ(::mkfifo((own + "/c1.1.all").c_str(), 0600), 0);
+  std::vector<std::byte> one(4), all(8, std::byte{7});
+  const auto t0 = std::chrono::steady_clock::now();
+  const Status s = fg->all_gather(one, all);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10)) << "waited on the FIFO";
+  EXPECT_NE(s.to_string().find("expected a regular file"), std::string::npos) << s.to_string();
+  EXPECT_EQ(all, std::vector<std::byte>(8, std::byte{7})) << "recv written on failure";
 }
 
 }  // namespace

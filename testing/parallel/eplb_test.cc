@@ -146,6 +146,9 @@ TEST(Eplb, BadArgumentsNameTheArgument) {
   const std::vector<std::int32_t> old_p2l = {0, 1, 2, 3}, orphan = {0, 1, 2, 4};
   EXPECT_NE(moe::parallel::plan_expert_moves(old_p2l, orphan, 2, &m).to_string().find("no rank holds"), std::string::npos);
   EXPECT_NE(moe::parallel::plan_expert_moves(old_p2l, old_p2l, 3, &m).to_string().find("ranks"), std::string::npos);
+  // A logical id past the physical count is refused before anything is sized by it.
+  const std::vector<std::int32_t> huge = {(1 << 30) - 1};
+  EXPECT_NE(moe::parallel::plan_expert_moves(huge, huge, 1, &m).to_string().find("out of range for 1 physical"), std::string::npos);
 }
 
 // Each rank's weights after the move are the new placement's experts, and only slots whose expert

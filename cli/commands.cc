@@ -160,9 +160,9 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     return invalid_argument("--ep-rank/--tp-rank: expected ranks below --ep-size ", o->ep_size, " and --tp-size ", o->tp_size,
                             ", got ", o->ep_rank, " and ", o->tp_rank);
   }
-  if (o->dispatch != layer::EpDispatch::kPartialSums && (o->rank_given || o->launch || o->command == "info")) {
-    return invalid_argument("--ep-dispatch: the all-to-all dispatches run every rank in this process (`moe run` or `moe bench` "
-                            "with --ep-size and no --ep-rank/--tp-rank/--launch); one rank's share means nothing alone");
+  if (o->dispatch != layer::EpDispatch::kPartialSums && ((o->rank_given && o->rendezvous.empty()) || o->command == "info")) {
+    return invalid_argument("--ep-dispatch: the all-to-all dispatches run every rank (`moe run` or `moe bench` with --ep-size "
+                            "and no --ep-rank/--tp-rank, or `moe run --launch local`); one rank's share means nothing alone");
   }
   if (!o->backend) o->backend = layer::cuda_device_available() ? Backend::kCuda : Backend::kCpu;  // cpu without a GPU
   o->random_weights = o->weights.size() == 1 && o->weights[0] == "random";
@@ -303,9 +303,14 @@ Status command_run(const Options& o, std::ostream& out) {
   }
   layer::MoeLayer::Result r;
   const auto t0 = std::chrono::steady_clock::now();
-  const Status fs = all_ranks ? group.forward(hidden, logits, &r, {}, finder(o)) : l.forward(hidden, logits, &r, {}, finder(o));
+  const bool dispatched = o.dispatch != layer::EpDispatch::kPartialSums;
+  const Status fs = all_ranks                ? group.forward(hidden, logits, &r, {}, finder(o))
+                    : peers && dispatched    ? layer::forward_share_all_to_all(*peers, l, hidden, logits, &r, {}, finder(o))
+                                             : l.forward(hidden, logits, &r, {}, finder(o));
   if (!fs.is_ok()) return make_status(fs.code(), o.inputs, ": ", fs.message());
-  if (peers) {
+  if (peers && dispatched) {
+    if (launched_rank != 0) return Status::ok();  // every rank has the gathered result; rank 0 writes it
+  } else if (peers) {
     const Status reduced = layer::all_reduce_output(*peers, &r.output);
     if (!reduced.is_ok()) return make_status(reduced.code(), "rank ", launched_rank, ": ", reduced.message());
     if (launched_rank != 0) return Status::ok();  // rank 0 writes the output and reports
@@ -331,7 +336,8 @@ Status command_run(const Options& o, std::ostream& out) {
     out << "ep " << o.ep_size << " x tp " << o.tp_size << " ranks in this process, "
         << (o.dispatch == layer::EpDispatch::kPartialSums ? "all-reduced" : "tokens dispatched all-to-all");
   } else if (peers) {
-    out << "ep " << o.ep_size << " x tp " << o.tp_size << " ranks in one process each, all-reduced";
+    out << "ep " << o.ep_size << " x tp " << o.tp_size << " ranks in one process each, "
+        << (dispatched ? "tokens dispatched all-to-all" : "all-reduced");
   } else {
     out << l.num_local_experts() << " local";
   }

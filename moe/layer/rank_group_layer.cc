@@ -1,6 +1,7 @@
 #include "moe/layer/rank_group_layer.h"
 
 #include <algorithm>
+#include <cstring>
 #include <span>
 
 #include "moe/parallel/communicator.h"
@@ -96,11 +97,20 @@ Status RankGroupLayer::forward(const AnyTensor& hidden_states, const std::option
   return Status::ok();
 }
 
-Status RankGroupLayer::forward_all_to_all(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits,
-                                          MoeLayer::Result* out, const cpu::Options& options, MoeLayer::KernelFinder find) const {
-  const MoeLayer& first = ranks_[0];
-  const Index H = first.config().hidden, E = first.config().num_experts + first.config().num_zero_experts;
-  const int k = first.config().top_k;
+AnyTensor token_rows(const AnyTensor& t, Index m0, Index m1) {
+  AnyTensor v = t;
+  Index row = 1;
+  for (std::size_t d = 1; d < t.extents.size(); ++d) row *= t.extents[d];
+  v.data = static_cast<std::byte*>(t.data) + static_cast<std::size_t>(m0 * row) * io::dtype_size(t.dtype);
+  v.extents[0] = m1 - m0;
+  return v;
+}
+
+namespace {
+
+// The checks both all-to-all entries make on the full inputs before sharing them out.
+Status check_full_inputs(const MoeLayer& layer, const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits) {
+  const Index H = layer.config().hidden, E = layer.config().num_experts + layer.config().num_zero_experts;
   if (hidden_states.extents.size() != 2 || hidden_states.extents[1] != H || !hidden_states.strides.empty()) {
     return invalid_argument("hidden_states: expected a contiguous tensor of shape [M, H=", H, "], got ",
                             detail::format_shape(hidden_states.extents));
@@ -110,39 +120,79 @@ Status RankGroupLayer::forward_all_to_all(const AnyTensor& hidden_states, const 
     return invalid_argument("router_logits: expected a contiguous tensor of shape [M=", hidden_states.extents[0], ", E=", E,
                             "], got ", detail::format_shape(router_logits->extents));
   }
+  return Status::ok();
+}
+
+// The shares' results, in rank order, as one result for all M tokens.
+MoeLayer::Result concatenate(const std::vector<MoeLayer::Result>& shares, DType dtype, Index M, Index H) {
+  MoeLayer::Result all;
+  all.output = Buffer{dtype, {M, H}, {}};
+  for (const MoeLayer::Result& r : shares) {
+    all.output.bytes.insert(all.output.bytes.end(), r.output.bytes.begin(), r.output.bytes.end());
+    all.topk_ids.insert(all.topk_ids.end(), r.topk_ids.begin(), r.topk_ids.end());
+    all.topk_weights.insert(all.topk_weights.end(), r.topk_weights.begin(), r.topk_weights.end());
+  }
+  return all;
+}
+
+}  // namespace
+
+Status RankGroupLayer::forward_all_to_all(const AnyTensor& hidden_states, const std::optional<AnyTensor>& router_logits,
+                                          MoeLayer::Result* out, const cpu::Options& options, MoeLayer::KernelFinder find) const {
+  const MoeLayer& first = ranks_[0];
+  MOE_RETURN_IF_ERROR(check_full_inputs(first, hidden_states, router_logits));
   const Index M = hidden_states.extents[0];
   const int P = size();
-  // Rank r's share: tokens [M * r / P, M * (r + 1) / P).
-  const auto share_begin = [&](int r) { return M / P * r + M % P * r / P; };
-  const Index max_share = (M + P - 1) / P;
-  const auto rows_of = [](const AnyTensor& t, Index m0, Index m1) {
-    AnyTensor v = t;
-    v.data = static_cast<std::byte*>(t.data) + static_cast<std::size_t>(m0 * t.extents[1]) * io::dtype_size(t.dtype);
-    v.extents[0] = m1 - m0;
-    return v;
-  };
   std::vector<MoeLayer::Result> results(ranks_.size());
   cpu::Options per_rank = options;
   per_rank.num_threads = std::max(1, options.num_threads / P);
   MOE_RETURN_IF_ERROR(group_->run([&](parallel::Communicator& comm) -> Status {
     const int r = comm.rank();
-    const Index m0 = share_begin(r), m1 = share_begin(r + 1);
+    const Index m0 = token_share_begin(M, P, r), m1 = token_share_begin(M, P, r + 1);
     std::optional<AnyTensor> logits;
-    if (router_logits) logits = rows_of(*router_logits, m0, m1);
-    return ranks_[static_cast<std::size_t>(r)].forward_all_to_all(comm, std::max<Index>(max_share, 1), rows_of(hidden_states, m0, m1),
-                                                                  logits, &results[static_cast<std::size_t>(r)], per_rank, find);
+    if (router_logits) logits = token_rows(*router_logits, m0, m1);
+    return ranks_[static_cast<std::size_t>(r)].forward_all_to_all(comm, std::max<Index>((M + P - 1) / P, 1),
+                                                                  token_rows(hidden_states, m0, m1), logits,
+                                                                  &results[static_cast<std::size_t>(r)], per_rank, find);
   }));
-  MoeLayer::Result all;
-  all.output = Buffer{first.dtype(), {M, H}, {}};
-  for (const MoeLayer::Result& r : results) {
-    all.output.bytes.insert(all.output.bytes.end(), r.output.bytes.begin(), r.output.bytes.end());
-    all.topk_ids.insert(all.topk_ids.end(), r.topk_ids.begin(), r.topk_ids.end());
-    all.topk_weights.insert(all.topk_weights.end(), r.topk_weights.begin(), r.topk_weights.end());
+  *out = concatenate(results, first.dtype(), M, first.config().hidden);
+  return Status::ok();
+}
+
+Status forward_share_all_to_all(parallel::Communicator& comm, const MoeLayer& layer, const AnyTensor& hidden_states,
+                                const std::optional<AnyTensor>& router_logits, MoeLayer::Result* out, const cpu::Options& options,
+                                MoeLayer::KernelFinder find) {
+  MOE_RETURN_IF_ERROR(check_full_inputs(layer, hidden_states, router_logits));
+  const Index M = hidden_states.extents[0], H = layer.config().hidden, k = layer.config().top_k;
+  const int P = comm.size(), me = comm.rank();
+  const Index max_share = (M + P - 1) / P;
+  const Index m0 = token_share_begin(M, P, me), m1 = token_share_begin(M, P, me + 1);
+  std::optional<AnyTensor> logits;
+  if (router_logits) logits = token_rows(*router_logits, m0, m1);
+  MoeLayer::Result mine;
+  MOE_RETURN_IF_ERROR(layer.forward_all_to_all(comm, std::max<Index>(max_share, 1), token_rows(hidden_states, m0, m1), logits, &mine,
+                                               options, find));
+  // One block per rank, each share padded to max_share tokens: [output | topk_ids | topk_weights].
+  const std::size_t out_bytes = static_cast<std::size_t>(max_share * H) * io::dtype_size(layer.dtype()),
+                    ids_bytes = static_cast<std::size_t>(max_share * k) * sizeof(std::int32_t),
+                    block = out_bytes + 2 * ids_bytes;
+  std::vector<std::byte> send(block), all(block * static_cast<std::size_t>(P));
+  std::memcpy(send.data(), mine.output.bytes.data(), mine.output.bytes.size());
+  std::memcpy(send.data() + out_bytes, mine.topk_ids.data(), mine.topk_ids.size() * sizeof(std::int32_t));
+  std::memcpy(send.data() + out_bytes + ids_bytes, mine.topk_weights.data(), mine.topk_weights.size() * sizeof(float));
+  MOE_RETURN_IF_ERROR(comm.all_gather(send, all));
+  std::vector<MoeLayer::Result> shares(static_cast<std::size_t>(P));
+  for (int r = 0; r < P; ++r) {
+    const Index rows = token_share_begin(M, P, r + 1) - token_share_begin(M, P, r);
+    const std::byte* b = all.data() + block * static_cast<std::size_t>(r);
+    MoeLayer::Result& s = shares[static_cast<std::size_t>(r)];
+    s.output.bytes.assign(b, b + static_cast<std::size_t>(rows * H) * io::dtype_size(layer.dtype()));
+    s.topk_ids.resize(static_cast<std::size_t>(rows * k));
+    s.topk_weights.resize(static_cast<std::size_t>(rows * k));
+    std::memcpy(s.topk_ids.data(), b + out_bytes, s.topk_ids.size() * sizeof(std::int32_t));
+    std::memcpy(s.topk_weights.data(), b + out_bytes + ids_bytes, s.topk_weights.size() * sizeof(float));
   }
-  if (all.topk_ids.size() != static_cast<std::size_t>(M * k)) {
-    return make_status(StatusCode::kInternal, "RankGroupLayer: the ranks returned ", all.topk_ids.size(), " ids for ", M, " tokens");
-  }
-  *out = std::move(all);
+  *out = concatenate(shares, layer.dtype(), M, H);
   return Status::ok();
 }
 

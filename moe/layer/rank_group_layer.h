@@ -29,6 +29,22 @@ namespace moe::layer {
 // float sums in rank order, rounded once (moe/parallel/communicator.h's all_reduce_sum).
 Status all_reduce_output(parallel::Communicator& comm, Buffer* output);
 
+// The first token of rank r's share when M tokens are dealt to `ranks` ranks in contiguous,
+// nearly equal shares (the all-to-all dispatch's data-parallel split): rank r holds
+// [token_share_begin(M, ranks, r), token_share_begin(M, ranks, r + 1)), at most ceil(M / ranks).
+inline Index token_share_begin(Index M, int ranks, int r) { return M / ranks * r + M % ranks * r / ranks; }
+
+// Rows [m0, m1) of a contiguous [M, ...] tensor, as a view.
+AnyTensor token_rows(const AnyTensor& t, Index m0, Index m1);
+
+// The forward of one rank's share under an all-to-all dispatch, gathered: every rank calls it
+// with its MoeLayer and the same full `hidden_states` (and logits) over `comm`, the EP group; each
+// computes its own share (MoeLayer::forward_all_to_all) and every rank receives the whole result
+// in token order, the bits of RankGroupLayer::forward's all-to-all mode.
+Status forward_share_all_to_all(parallel::Communicator& comm, const MoeLayer& layer, const AnyTensor& hidden_states,
+                                const std::optional<AnyTensor>& router_logits, MoeLayer::Result* out,
+                                const cpu::Options& options = {}, MoeLayer::KernelFinder find = &find_kernel);
+
 class RankGroupLayer {
  public:
   // `layout`'s sizes, placement and EPLB fields for every rank (its ranks are ignored).

@@ -371,12 +371,11 @@ TEST(Run, AllToAllDispatchWritesTheSingleRankBytes) {
       EXPECT_EQ(testing::hf::read_text(out_path), testing::hf::read_text(single)) << describe(args, r);
     }
   }
-  // One rank's share, a launched run and `info` are refused; so are an unknown dispatch, more
-  // ranks than a group holds, and a rank past its size.
+  // One rank's share alone is refused; so are an unknown dispatch, more ranks than a group holds,
+  // and a rank past its size.
   const std::string out_path = m.dir + "/refused.safetensors";
   const std::vector<std::vector<std::string>> refused = {
       {"--ep-size", "2", "--ep-rank", "1", "--ep-dispatch", "all-to-all"},
-      {"--ep-size", "2", "--ep-dispatch", "all-to-all", "--launch", "local"},
       {"--ep-size", "2", "--ep-dispatch", "all_to_all"},
       {"--ep-size", "1024", "--tp-size", "2"},
       {"--ep-size", "2", "--ep-rank", "2"},
@@ -449,6 +448,21 @@ TEST(Run, LaunchLocalStartsOneProcessPerRank) {
   EXPECT_NE(r.out.find("ranks in one process each, all-reduced"), std::string::npos) << r.out;
   EXPECT_EQ(testing::hf::read_text(launched), testing::hf::read_text(in_process));
   EXPECT_TRUE(fs::is_empty(tmpdir)) << "a rendezvous directory was left in " << tmpdir;
+  // The all-to-all dispatch over processes: each rank its share of the tokens, their rows sent
+  // through the rendezvous files, rank 0 writing the gathered result: the in-process bytes.
+  for (const char* dispatch : {"all-to-all", "low-latency"}) {
+    const std::vector<std::string> a2a = base_args("run", m) + std::vector<std::string>{"--inputs", in_path, "--ep-size", "2",
+                                                                                        "--dtype", "bf16", "--backend", "cpu",
+                                                                                        "--ep-dispatch", dispatch};
+    const std::string here = m.dir + "/a2a_in_process.safetensors", there = m.dir + "/a2a_launched.safetensors";
+    const ToolResult one = tool(a2a + std::vector<std::string>{"--output", here});
+    ASSERT_EQ(one.rc, 0) << one.err;
+    const Spawned many = spawn_tool(a2a + std::vector<std::string>{"--output", there, "--launch", "local"}, tmpdir);
+    ASSERT_EQ(many.rc, 0) << many.out << many.err;
+    EXPECT_NE(many.out.find("ranks in one process each, tokens dispatched all-to-all"), std::string::npos) << many.out;
+    EXPECT_EQ(testing::hf::read_text(there), testing::hf::read_text(here)) << dispatch;
+    EXPECT_TRUE(fs::is_empty(tmpdir));
+  }
 
   // A layout every rank refuses (tp_size 3 does not divide the intermediate size): exit 1, the
   // earlier output untouched, nothing left behind.

@@ -10,6 +10,7 @@
 
 #include "moe/layer/cuda_registry.h"
 #include "moe/layer/moe_layer.h"
+#include "moe/layer/rank_group_layer.h"
 #include "testing/lib/compare.h"
 #include "testing/lib/gpu.h"
 #include "testing/lib/layer_fixture.h"
@@ -94,6 +95,43 @@ TEST_P(LayerBackends, EplbReplicasMatchCpu) {
   EXPECT_EQ(res.output.bytes, gpu.output.bytes);
   EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
   EXPECT_TRUE(moe::testing::all_close(floats(gpu.output), floats(cpu.output), moe::testing::layer_tolerance(moe::DType::kBF16)));
+}
+
+// The all-to-all dispatch over two in-process EP ranks on the CUDA registry (per call, and with
+// each rank's weights resident) against the same group on the CPU registry: the same routing, and
+// the one-rank tolerance (each dispatched row goes through its rank's kernel once).
+TEST_P(LayerBackends, AllToAllDispatchMatchesCpu) {
+  const auto [arch, mxfp4] = GetParam();
+  moe::testing::SyntheticLayer l;
+  ASSERT_NO_FATAL_FAILURE(moe::testing::load_synthetic_layer("layer_a2a", arch, mxfp4, &l));
+  if (l.config.weight_on_input) GTEST_SKIP() << "apply_router_weight_on_input is refused with this dispatch (tested on the CPU)";
+  for (moe::layer::EpDispatch dispatch : {moe::layer::EpDispatch::kAllToAll, moe::layer::EpDispatch::kAllToAllLowLatency}) {
+    SCOPED_TRACE(dispatch == moe::layer::EpDispatch::kAllToAll ? "normal" : "low latency");
+    moe::layer::ParallelLayout p;
+    p.ep_size = 2;
+    p.dispatch = dispatch;
+    moe::layer::RankGroupLayer group, resident;
+    moe::Status ls = moe::layer::RankGroupLayer::load(l.config, p, moe::DType::kBF16, l.ckpt, l.prefix, &group);
+    ASSERT_TRUE(ls.is_ok()) << ls.to_string();
+    ls = moe::layer::RankGroupLayer::load(l.config, p, moe::DType::kBF16, l.ckpt, l.prefix, &resident);
+    ASSERT_TRUE(ls.is_ok()) << ls.to_string();
+    for (int r = 0; r < resident.size(); ++r) ASSERT_TRUE(moe::layer::make_layer_resident(resident.mutable_rank(r)).is_ok());
+    const moe::Index M = 40, H = l.spec.hidden;
+    std::mt19937 gen(9);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> x(static_cast<std::size_t>(M * H));
+    for (auto& v : x) v = nd(gen);
+    const moe::AnyTensor hidden{x.data(), moe::DType::kF32, {M, H}, {}};
+    moe::layer::MoeLayer::Result cpu, gpu, res;
+    ASSERT_TRUE(group.forward(hidden, std::nullopt, &cpu).is_ok());
+    const moe::Status gs = group.forward(hidden, std::nullopt, &gpu, {}, &moe::layer::find_cuda_kernel);
+    ASSERT_TRUE(gs.is_ok()) << gs.to_string();
+    ASSERT_TRUE(resident.forward(hidden, std::nullopt, &res).is_ok());
+    EXPECT_EQ(res.output.bytes, gpu.output.bytes);
+    EXPECT_EQ(cpu.topk_ids, gpu.topk_ids);
+    EXPECT_GT(moe::testing::max_abs(floats(cpu.output)), 0.0);
+    EXPECT_TRUE(moe::testing::all_close(floats(gpu.output), floats(cpu.output), moe::testing::layer_tolerance(moe::DType::kBF16)));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

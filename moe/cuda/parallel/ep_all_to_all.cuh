@@ -11,13 +11,13 @@
 //   header [ranks, 1 + cap] int32: a block's row count, then each row's local expert
 //   grouped / grouped_out  the received rows by local expert, and the experts' outputs
 //
-//   1. pack       one thread per destination rank scans the slots in order (deterministic
-//                 positions), then one block per slot copies its row
+//   1. pack       one block per destination rank scans the slots in order with block scans
+//                 (deterministic positions), then one block per slot copies its row
 //   2. headers    one fixed-size all-to-all of [count, local ids]
 //   3. rows       kNormal: the counts are copied to the host (the one synchronization) and each
 //                 block is sent with its exact size; kLowLatency: every block at full capacity,
 //                 nothing waits for the host (graph-capturable)
-//   4. layout     one thread per local expert scans the received rows in (source, row) order:
+//   4. layout     one block per local expert scans the received rows in (source, row) order:
 //                 compact segments (kNormal) or the batched layout of ranks * max_tokens_per_rank
 //                 rows per expert (kLowLatency; a row past it, possible only when a token's top-k
 //                 repeats an expert, is dropped and counted in `dropped_slots`)
@@ -30,7 +30,8 @@
 // without a synchronization); top_k must be >= 1 here; and blocks are max_tokens * top_k rows
 // (the host: max_tokens * min(top_k, experts_per_rank)), the bound with repeated ids. Rows past a
 // block's count are sent uninitialized in the low-latency mode (never read; initcheck reports
-// them). Not tuned yet: the pack and the layout scan with one thread per rank and per expert.
+// them). Tuned only as far as block scans: each destination rank's block reads every slot, and
+// each local expert's block every received row (benchmarks/NOTES.md has the sender-sorted plan).
 //
 // Errors: arguments are checked before anything is enqueued. After that every rank issues the
 // same collectives whatever fails locally, and returns the first local error at the end with the
@@ -38,6 +39,9 @@
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -114,24 +118,47 @@ inline Status plan(const parallel::EpConfig& c, int ranks, Index H, Index top_k,
   return Status::ok();
 }
 
-// 1. One thread per destination rank r: the rank's rows in ascending slot order.
-static __global__ void pack_plan_kernel(const std::int32_t* ids, Index ld_ids, Index M, Index k, Index n, int ranks, Index cap,
-                                 Index header_width, std::int32_t* slot_row, std::int32_t* header) {
-  const int r = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (r >= ranks) return;
-  const Index first = Index{r} * n, last = first + n;
-  std::int32_t count = 0;
-  for (Index m = 0; m < M; ++m) {
-    for (Index j = 0; j < k; ++j) {
-      const std::int32_t id = ids[m * ld_ids + j];
-      if (id < first || id >= last) continue;
-      // count < cap always: a token sends at most k rows and M <= max_tokens_per_rank.
-      slot_row[m * k + j] = static_cast<std::int32_t>(r * cap + count);
-      header[r * header_width + 1 + count] = static_cast<std::int32_t>(id - first);
-      ++count;
-    }
+constexpr int kScanThreads = 256;
+
+// Block-wide, in order: for i in [0, count) with keep(i), place(i, carry + k) where k is i's rank
+// among the kept items (0, 1, ...); returns carry plus how many were kept, on every thread. One
+// block scan per kThreads items, so the positions are the serial loop's whatever the schedule.
+template <int kThreads, class Keep, class Place>
+__device__ Index block_stable_filter(Index count, Index carry, Keep keep, Place place) {
+  using Scan = cub::BlockScan<Index, kThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  for (Index base = 0; base < count; base += kThreads) {
+    const Index i = base + static_cast<Index>(threadIdx.x);
+    const Index flag = i < count && keep(i) ? 1 : 0;
+    Index before = 0, total = 0;
+    Scan(temp).ExclusiveSum(flag, before, total);
+    if (flag) place(i, carry + before);
+    carry += total;
+    __syncthreads();  // `temp` is reused by the next chunk
   }
-  header[r * header_width] = count;
+  return carry;
+}
+
+// 1. One block per destination rank r: its rows in ascending slot order (a block scan per chunk
+// of slots; a token sends at most k rows to one rank and M <= max_tokens_per_rank, so the count
+// stays below cap).
+static __global__ void __launch_bounds__(kScanThreads) pack_plan_kernel(const std::int32_t* ids, Index ld_ids, Index M, Index k,
+                                                                       Index n, Index cap, Index header_width,
+                                                                       std::int32_t* slot_row, std::int32_t* header) {
+  const int r = static_cast<int>(blockIdx.x);
+  const Index first = Index{r} * n, last = first + n;
+  const auto id_of = [&](Index s) { return ids[(s / k) * ld_ids + s % k]; };
+  const Index count = block_stable_filter<kScanThreads>(
+      M * k, 0,
+      [&](Index s) {
+        const std::int32_t id = id_of(s);
+        return id >= first && id < last;
+      },
+      [&](Index s, Index position) {
+        slot_row[s] = static_cast<std::int32_t>(r * cap + position);
+        header[r * header_width + 1 + position] = static_cast<std::int32_t>(id_of(s) - first);
+      });
+  if (threadIdx.x == 0) header[r * header_width] = static_cast<std::int32_t>(count);
 }
 
 static __global__ void mark_unrouted_kernel(const std::int32_t* ids, Index ld_ids, Index M, Index k, Index num_physical,
@@ -162,44 +189,47 @@ static __device__ inline Index header_rows(const std::int32_t* header, Index hea
   return c < 0 ? 0 : (c > cap ? cap : c);
 }
 
-// 4. One thread per local expert e: the received rows of expert e in (source, row) order.
-static __global__ void layout_kernel(const std::int32_t* header, Index header_width, int ranks, Index cap, Index n, Index expert_cap,
-                              std::int32_t* grouped_row, Index* seg_begin, Index* seg_count, Index* dropped) {
-  const Index e = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x;
-  if (e >= n) return;
-  Index count = 0;
-  for (int s = 0; s < ranks; ++s) {
-    const Index rows = header_rows(header, header_width, s, cap);
-    for (Index t = 0; t < rows; ++t) count += header[s * header_width + 1 + t] == e;
-  }
-  Index begin = 0;
-  if (expert_cap > 0) {
-    begin = e * expert_cap;
-  } else {  // compact: the counts of the experts before e (each thread recounts them: n is small)
+// 4. One block per local expert e: the received rows of expert e in (source, row) order, visiting
+// only the rows each block's header counts. Compact segments begin after the rows of the experts
+// before e (a block reduction); batched ones at e * expert_cap, where a row past the capacity
+// (possible only when a token's top-k repeats an expert) is dropped and counted.
+static __global__ void __launch_bounds__(kScanThreads) layout_kernel(const std::int32_t* header, Index header_width, int ranks,
+                                                                    Index cap, Index expert_cap, std::int32_t* grouped_row,
+                                                                    Index* seg_begin, Index* seg_count, Index* dropped) {
+  const Index e = blockIdx.x;
+  const auto id_at = [&](int s, Index t) -> Index { return header[s * header_width + 1 + t]; };
+  Index begin = e * expert_cap;
+  if (expert_cap == 0) {
+    using Reduce = cub::BlockReduce<Index, kScanThreads>;
+    __shared__ typename Reduce::TempStorage temp;
+    __shared__ Index before_e;
+    Index mine = 0;
     for (int s = 0; s < ranks; ++s) {
       const Index rows = header_rows(header, header_width, s, cap);
-      for (Index t = 0; t < rows; ++t) {
-        const std::int32_t id = header[s * header_width + 1 + t];
-        begin += id >= 0 && id < e;
+      for (Index t = threadIdx.x; t < rows; t += kScanThreads) {
+        const Index id = id_at(s, t);
+        mine += id >= 0 && id < e;
       }
     }
+    const Index total = Reduce(temp).Sum(mine);  // thread 0's
+    if (threadIdx.x == 0) before_e = total;
+    __syncthreads();
+    begin = before_e;
   }
-  Index placed = 0, lost = 0;
+  Index found = 0;
   for (int s = 0; s < ranks; ++s) {
-    const Index rows = header_rows(header, header_width, s, cap);
-    for (Index t = 0; t < rows; ++t) {
-      if (header[s * header_width + 1 + t] != e) continue;
-      if (expert_cap > 0 && placed >= expert_cap) {
-        grouped_row[s * cap + t] = -1;
-        ++lost;
-        continue;
-      }
-      grouped_row[s * cap + t] = static_cast<std::int32_t>(begin + placed++);
-    }
+    found = block_stable_filter<kScanThreads>(
+        header_rows(header, header_width, s, cap), found, [&](Index t) { return id_at(s, t) == e; },
+        [&](Index t, Index position) {
+          grouped_row[s * cap + t] = expert_cap > 0 && position >= expert_cap ? -1 : static_cast<std::int32_t>(begin + position);
+        });
   }
-  seg_begin[e] = begin;
-  seg_count[e] = placed;
-  if (lost > 0) atomicAdd(reinterpret_cast<unsigned long long*>(dropped), static_cast<unsigned long long>(lost));
+  if (threadIdx.x == 0) {
+    const Index placed = expert_cap > 0 && found > expert_cap ? expert_cap : found;
+    seg_begin[e] = begin;
+    seg_count[e] = placed;
+    if (found > placed) atomicAdd(reinterpret_cast<unsigned long long*>(dropped), static_cast<unsigned long long>(found - placed));
+  }
 }
 
 // 7. out[m, c] = IO( sum_j IO(w[m, j] * y[slot_row[m, j], c]) ).
@@ -301,8 +331,8 @@ Status ep_forward(NcclCommunicator& comm, const parallel::EpConfig& config, cons
     local(launched());
   }
   if (failed.is_ok()) {
-    pack_plan_kernel<<<blocks_for(P, 128), 128, 0, stream>>>(tokens.topk_ids.data(), tokens.topk_ids.stride(0), M, k, n, P, l.cap,
-                                                            l.header_width, slot_row, send_header);
+    pack_plan_kernel<<<static_cast<unsigned>(P), kScanThreads, 0, stream>>>(tokens.topk_ids.data(), tokens.topk_ids.stride(0), M, k,
+                                                                            n, l.cap, l.header_width, slot_row, send_header);
     local(launched());
   }
   if (failed.is_ok() && M * k > 0 && H > 0) {
@@ -349,8 +379,8 @@ Status ep_forward(NcclCommunicator& comm, const parallel::EpConfig& config, cons
   if (failed.is_ok()) local(cuda(cudaMemsetAsync(grouped_row, 0xFF, static_cast<std::size_t>(l.rows) * 4, stream), "memset"));
   if (failed.is_ok() && !dropped_slots) local(cuda(cudaMemsetAsync(dropped, 0, 8, stream), "memset"));
   if (failed.is_ok()) {
-    layout_kernel<<<blocks_for(n, 128), 128, 0, stream>>>(recv_header, l.header_width, P, l.cap, n, l.expert_cap, grouped_row,
-                                                          seg_begin, seg_count, dropped);
+    layout_kernel<<<static_cast<unsigned>(n), kScanThreads, 0, stream>>>(recv_header, l.header_width, P, l.cap, l.expert_cap,
+                                                                          grouped_row, seg_begin, seg_count, dropped);
     local(launched());
   }
   const Index grouped_rows = low_latency ? l.grouped_rows : received;

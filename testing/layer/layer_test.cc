@@ -497,6 +497,35 @@ TEST_P(LayerTest, AllToAllDispatchMatchesOneRankBitwise) {
   }
 }
 
+// Fewer tokens than ranks (empty shares), and none at all: the same bits as one rank.
+TEST_P(LayerTest, AllToAllWithEmptyShares) {
+  const Model& m = *model_;
+  if (m.config.weight_on_input || m.config.num_experts % 4 != 0) GTEST_SKIP() << "covered by the bitwise test's refusals";
+  const Index H = m.spec.hidden, routed_total = m.config.num_experts + m.config.num_zero_experts;
+  MoeLayer full;
+  ASSERT_TRUE(load(m, {}, DType::kBF16, &full).is_ok());
+  for (layer::EpDispatch dispatch : {layer::EpDispatch::kAllToAll, layer::EpDispatch::kAllToAllLowLatency}) {
+    ParallelLayout lay;
+    lay.ep_size = 4;
+    lay.dispatch = dispatch;
+    layer::RankGroupLayer g;
+    ASSERT_TRUE(layer::RankGroupLayer::load(m.config, lay, DType::kBF16, m.ckpt, m.prefix, &g).is_ok());
+    for (Index M : {0, 1, 3}) {
+      SCOPED_TRACE("M = " + std::to_string(M));
+      const std::vector<float> x = hidden_states(M, H, 74);
+      testing::Random rng(75);
+      const std::vector<float> logits = rng.gapped_logits(M, routed_total, 0.3f);
+      MoeLayer::Result want, r;
+      ASSERT_TRUE(full.forward(f32_tensor(x, M, H), f32_tensor(logits, M, routed_total), &want).is_ok());
+      const Status s = g.forward(f32_tensor(x, M, H), f32_tensor(logits, M, routed_total), &r);
+      ASSERT_TRUE(s.is_ok()) << s.to_string();
+      EXPECT_EQ(r.output.shape, want.output.shape);
+      EXPECT_TRUE(r.output.bytes == want.output.bytes);
+      EXPECT_EQ(r.topk_ids, want.topk_ids);
+    }
+  }
+}
+
 // The all-to-all layout's own refusals, each naming what is wrong, and the two entry points kept
 // apart.
 TEST_P(LayerTest, AllToAllLayoutErrors) {

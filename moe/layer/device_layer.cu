@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "moe/cuda/cublas_runtime.h"
+#include "moe/cuda/ops/eplb.cuh"
 #include "moe/cuda/router.cuh"
 #include "moe/detail/workspace.h"
 #include "moe/layer/device_experts.h"
@@ -67,8 +68,8 @@ Status allocate(std::size_t bytes, DeviceMemory* out) {
 
 // Offsets of the per-forward buffers in the layer's workspace (256-byte aligned).
 struct WorkspaceLayout {
-  std::size_t logits = 0, ids = 0, weights = 0, gate = 0, routed_out = 0, shared_out = 0, zeros = 0, experts = 0,
-      shared_experts = 0;
+  std::size_t logits = 0, ids = 0, physical_ids = 0, weights = 0, gate = 0, routed_out = 0, shared_out = 0, zeros = 0,
+      experts = 0, shared_experts = 0;
   std::size_t experts_bytes = 0, shared_experts_bytes = 0, total = 0;
 };
 
@@ -93,6 +94,12 @@ struct DeviceLayer::Impl {
   Scales routed_scales, shared_scales;
   bool shared_apart = false;  // shared expert as a second expert pass
   bool zero_experts_here = false;
+  // EPLB: the routing's logical ids become physical ones (token-hash replica, as MoeLayer) in
+  // ws.physical_ids, which the experts read; the tokens per physical expert add up in
+  // expert_load (int64 atomics: deterministic) until reset.
+  Index num_physical = 0;  // 0: no EPLB
+  Index max_replicas = 0;
+  DeviceMemory eplb_map, eplb_replicas, expert_load;
   Options options;
   // bf16 layers with cuBLAS present: the router as bf16 pieces for a tensor-core GEMM (router.cuh)
   // above kTensorCoreRouterTokens tokens, through a handle with its own workspace (no allocation
@@ -119,6 +126,12 @@ struct DeviceLayer::Impl {
   WorkspaceLayout ws;
 
   int slots() const { return k + appended; }
+  // The first id of the fused shared pieces: right after the ids the expert map covers.
+  int appended_first_id() const { return static_cast<int>(num_physical > 0 ? num_physical : E_router); }
+  // The ids the experts read: the routing's, or their physical replicas under EPLB.
+  const std::int32_t* kernel_ids(std::byte* base) const {
+    return reinterpret_cast<const std::int32_t*>(base + (num_physical > 0 ? ws.physical_ids : ws.ids));
+  }
   bool combine() const { return shared_apart || zero_experts_here; }
 
   // The scale tensors of a quantized call (nothing for unquantized layers).
@@ -227,6 +240,24 @@ Index DeviceLayer::hidden_size() const { return impl_->H; }
 int DeviceLayer::top_k() const { return impl_->k; }
 bool DeviceLayer::shared_experts_fused() const { return impl_->appended > 0; }
 std::size_t DeviceLayer::workspace_bytes() const { return impl_->ws.total; }
+
+Status DeviceLayer::expert_load(std::vector<std::int64_t>* out) const {
+  const Impl& d = *impl_;
+  if (d.num_physical == 0) return invalid_argument("expert_load: the layer was created without EPLB (redundant_experts)");
+  std::vector<std::int64_t> load(static_cast<std::size_t>(d.num_physical));
+  MOE_CUDA_TRY(cudaDeviceSynchronize());  // every forward's counts, on any stream
+  MOE_CUDA_TRY(cudaMemcpy(load.data(), d.expert_load.get(), load.size() * 8, cudaMemcpyDeviceToHost));
+  *out = std::move(load);
+  return Status::ok();
+}
+
+Status DeviceLayer::reset_expert_load() {
+  Impl& d = *impl_;
+  if (d.num_physical == 0) return invalid_argument("reset_expert_load: the layer was created without EPLB (redundant_experts)");
+  MOE_CUDA_TRY(cudaDeviceSynchronize());
+  MOE_CUDA_TRY(cudaMemset(d.expert_load.get(), 0, d.expert_load.bytes));
+  return Status::ok();
+}
 
 Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, DType dt, Index local_experts,
                                Index intermediate_tp, Index shared_tp, const Options& o) {
@@ -371,6 +402,7 @@ Status DeviceLayer::Impl::allocate_workspace() {
   const auto take = [&](std::size_t bytes) { return carver.take(bytes); };
   d.ws.logits = take(static_cast<std::size_t>(Mx) * d.logit_pieces() * d.E_router * 4);
   d.ws.ids = take(static_cast<std::size_t>(Mx) * d.slots() * 4);
+  d.ws.physical_ids = take(d.num_physical > 0 ? static_cast<std::size_t>(Mx) * d.slots() * 4 : 0);
   d.ws.weights = take(static_cast<std::size_t>(Mx) * d.slots() * 4);
   d.ws.gate = take(d.shared_apart ? static_cast<std::size_t>(Mx) * 4 : 0);
   d.ws.routed_out = take(d.combine() ? static_cast<std::size_t>(Mx) * d.H * elem : 0);
@@ -403,10 +435,6 @@ Status DeviceLayer::Impl::allocate_workspace() {
 }
 
 Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::unique_ptr<DeviceLayer>* out) {
-  if (layer.has_eplb()) {
-    return unsupported("DeviceLayer: EPLB replicas (redundant_experts) are not supported on the device layer yet; use the "
-                       "per-call path (MoeLayer::make_resident)");
-  }
   if (layer.parallel().dispatch != EpDispatch::kPartialSums) {
     return unsupported("DeviceLayer: the all-to-all dispatch is not supported on the device layer yet; use the per-call path "
                        "(MoeLayer::make_resident and forward_all_to_all)");
@@ -439,6 +467,15 @@ Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::u
   }
   MOE_RETURN_IF_ERROR(d.plan(layer.config_, layer.parallel_, layer.dtype_, layer.local_experts_,
                              layer.intermediate_tp_, layer.shared_tp_, options));
+  if (layer.eplb_) {  // the placement's maps, and a zeroed load counter per physical expert
+    const parallel::EplbPlacement& pl = layer.eplb_->placement;
+    d.num_physical = pl.num_physical;
+    d.max_replicas = pl.max_replicas;
+    MOE_RETURN_IF_ERROR(upload(pl.logical_to_physical.data(), pl.logical_to_physical.size() * 4, &d.eplb_map));
+    MOE_RETURN_IF_ERROR(upload(pl.replica_count.data(), pl.replica_count.size() * 4, &d.eplb_replicas));
+    MOE_RETURN_IF_ERROR(allocate(static_cast<std::size_t>(pl.num_physical) * 8, &d.expert_load));
+    MOE_CUDA_TRY(cudaMemset(d.expert_load.get(), 0, d.expert_load.bytes));
+  }
   const std::size_t elem = element_bytes(d.dtype);
 
   // Routed (and fused shared) expert weights.
@@ -540,7 +577,7 @@ Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* 
   rp.renormalize = config.routing_params.renormalize;
   rp.routed_scaling_factor = config.routing_params.routed_scaling_factor;
   rp.appended = appended;
-  rp.appended_first_id = static_cast<int>(E_router);
+  rp.appended_first_id = appended_first_id();
   rp.shared_gate = static_cast<const float*>(shared_gate.get());
   rp.H = H;
   rp.ids = ids;
@@ -551,6 +588,21 @@ Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* 
     return launch_kernel(&warp_route_kernel<WarpRouteOf<R>::kScoring, T>, route_blocks, 32 * kWarpRouteWarps, 0,
                          stream, true, rp, x);
   }));
+  // 2b. EPLB: the routed slots' physical replicas (the fused shared slots copied as they are).
+  if (num_physical > 0 && M > 0) {
+    auto* physical = reinterpret_cast<std::int32_t*>(base + ws.physical_ids);
+    const Index ld = slots();
+    MOE_RETURN_IF_ERROR(cuda::eplb_logical_to_physical(
+        DeviceView<const std::int32_t, 2>(ids, {M, Index{k}}, {ld, 1}),
+        DeviceView<const std::int32_t, 2>(static_cast<const std::int32_t*>(eplb_map.get()), {config.num_experts, max_replicas}),
+        DeviceView<const std::int32_t, 1>(static_cast<const std::int32_t*>(eplb_replicas.get()), {config.num_experts}), num_physical,
+        ReplicaChoice::kTokenHash, DeviceView<std::int32_t, 2>(physical, {M, Index{k}}, {ld, 1}),
+        DeviceView<std::int64_t, 1>(static_cast<std::int64_t*>(expert_load.get()), {num_physical}), -1, stream));
+    if (appended > 0) {
+      MOE_CUDA_TRY(cudaMemcpy2DAsync(physical + k, ld * 4, ids + k, ld * 4, static_cast<std::size_t>(appended) * 4,
+                                     static_cast<std::size_t>(M), cudaMemcpyDeviceToDevice, stream));
+    }
+  }
   // 3. A shared expert that could not be fused: its own pass (weight 1 or its gate) on the side
   // stream, concurrent with 4.
   T* shared = nullptr;
@@ -567,7 +619,7 @@ Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* 
   // 4. Experts (and the fused shared experts).
   const std::span<std::byte> experts_ws(base + ws.experts, ws.experts_bytes);
   T* routed = combine() ? reinterpret_cast<T*>(base + ws.routed_out) : out;
-  MOE_RETURN_IF_ERROR(run_device_experts(routed_call(x, M, ids, weights, routed), experts_ws, stream));
+  MOE_RETURN_IF_ERROR(run_device_experts(routed_call(x, M, kernel_ids(base), weights, routed), experts_ws, stream));
   if (shared_apart) MOE_CUDA_TRY(cudaStreamWaitEvent(stream, join, 0));
   // 5. Combine.
   if (combine()) {
@@ -679,8 +731,7 @@ Status DeviceLayer::time_forward(Index tokens, int iterations, Timing* out) cons
     const std::span<std::byte> experts_ws(base + d.ws.experts, d.ws.experts_bytes);
     std::byte* scratch = base + (d.combine() ? d.ws.routed_out : 0);
     void* y = d.combine() ? static_cast<void*>(scratch) : dy.get();
-    return run_device_experts(d.routed_call(dx.get(), tokens, reinterpret_cast<const std::int32_t*>(base + d.ws.ids),
-                                            reinterpret_cast<const float*>(base + d.ws.weights), y),
+    return run_device_experts(d.routed_call(dx.get(), tokens, d.kernel_ids(base), reinterpret_cast<const float*>(base + d.ws.weights), y),
                               experts_ws, stream);
   };
   std::vector<std::int32_t> chosen(static_cast<std::size_t>(tokens) * d.k);

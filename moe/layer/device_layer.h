@@ -76,6 +76,13 @@ class DeviceLayer {
   };
   Status time_forward(Index tokens, int iterations, Timing* out) const;
 
+  // EPLB (a layer loaded with ParallelLayout::redundant_experts): the tokens routed to each
+  // physical expert by the forwards since creation or the last reset, as MoeLayer::expert_load
+  // counts them (token-hash replicas within each chunk of options.max_tokens). Both synchronize
+  // the device; errors for a layer without EPLB.
+  Status expert_load(std::vector<std::int64_t>* out) const;
+  Status reset_expert_load();
+
   DType dtype() const;
   Index hidden_size() const;
   int top_k() const;

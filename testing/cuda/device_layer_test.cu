@@ -7,6 +7,8 @@
 // replays give the bits of the eager forward.
 #include <gtest/gtest.h>
 
+#include <numeric>
+
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -156,6 +158,47 @@ TEST(DeviceLayerParallel, ExpertParallelRanksMatchCpu) {
       expect_same_layer(cpu, gpu, moe::DType::kBF16);
     }
   }
+}
+
+// EPLB replicas on the device layer: the routing's logical ids become physical ones on the GPU
+// (token-hash replicas, as MoeLayer on the host), so the output matches the CPU layer's and the
+// load per physical expert equals the CPU's count exactly; reset_expert_load clears it.
+TEST(DeviceLayerParallel, EplbReplicasMatchCpu) {
+  MOE_SKIP_WITHOUT_GPU();
+  if (!moe::layer::cuda_device_available()) GTEST_SKIP() << "the device layer needs compute capability 9.x";
+  Layer l;
+  ASSERT_NO_FATAL_FAILURE(load("DeepseekV3ForCausalLM", false, &l));  // fused shared experts after the physical ids
+  const moe::layer::Buffer x = random_hidden(moe::DType::kBF16, 24, l.spec.hidden, 10);
+  for (int rank = 0; rank < 2; ++rank) {
+    SCOPED_TRACE(::testing::Message() << "rank " << rank);
+    moe::layer::ParallelLayout par;
+    par.ep_size = 2;
+    par.ep_rank = rank;
+    par.redundant_experts = 2;
+    moe::layer::MoeLayer layer;
+    ASSERT_TRUE(moe::layer::MoeLayer::load(l.config, par, moe::DType::kBF16, l.ckpt, l.prefix, &layer).is_ok());
+    std::unique_ptr<moe::layer::DeviceLayer> dev;
+    const moe::Status cs = moe::layer::DeviceLayer::create(layer, {}, &dev);
+    ASSERT_TRUE(cs.is_ok()) << cs.to_string();
+    moe::layer::MoeLayer::Result cpu, gpu;
+    ASSERT_TRUE(layer.forward(x.tensor(), std::nullopt, &cpu).is_ok());
+    ASSERT_TRUE(dev->forward_host(x.tensor(), &gpu).is_ok());
+    expect_same_layer(cpu, gpu, moe::DType::kBF16);
+    std::vector<std::int64_t> load;
+    ASSERT_TRUE(dev->expert_load(&load).is_ok());
+    EXPECT_EQ(load, layer.expert_load());
+    EXPECT_EQ(std::accumulate(load.begin(), load.end(), std::int64_t{0}), 24 * l.spec.top_k);
+    ASSERT_TRUE(dev->reset_expert_load().is_ok());
+    ASSERT_TRUE(dev->expert_load(&load).is_ok());
+    EXPECT_EQ(load, std::vector<std::int64_t>(load.size(), 0));
+  }
+  // Without EPLB the load is an error that says why.
+  moe::layer::MoeLayer plain;
+  ASSERT_TRUE(moe::layer::MoeLayer::load(l.config, {}, moe::DType::kBF16, l.ckpt, l.prefix, &plain).is_ok());
+  std::unique_ptr<moe::layer::DeviceLayer> dev;
+  ASSERT_TRUE(moe::layer::DeviceLayer::create(plain, {}, &dev).is_ok());
+  std::vector<std::int64_t> load;
+  EXPECT_NE(dev->expert_load(&load).to_string().find("without EPLB"), std::string::npos);
 }
 
 // Quantized checkpoints (DeepSeek-V3 layout, routed and shared experts quantized, I = 192 ragged

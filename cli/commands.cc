@@ -160,9 +160,12 @@ Status parse_args(const std::vector<std::string>& args, Options* o) {
     return invalid_argument("--ep-rank/--tp-rank: expected ranks below --ep-size ", o->ep_size, " and --tp-size ", o->tp_size,
                             ", got ", o->ep_rank, " and ", o->tp_rank);
   }
-  if (o->dispatch != layer::EpDispatch::kPartialSums && ((o->rank_given && o->rendezvous.empty()) || o->command == "info")) {
-    return invalid_argument("--ep-dispatch: the all-to-all dispatches run every rank (`moe run` or `moe bench` with --ep-size "
-                            "and no --ep-rank/--tp-rank, or `moe run --launch local`); one rank's share means nothing alone");
+  if (o->dispatch != layer::EpDispatch::kPartialSums &&
+      ((o->rank_given && o->rendezvous.empty()) || o->command == "info" || o->ep_size < 2 || !o->shape.empty() ||
+       (o->weights.size() == 1 && o->weights[0] == "random"))) {
+    return invalid_argument("--ep-dispatch: the all-to-all dispatches need --ep-size >= 2 and run every rank of a checkpoint's "
+                            "layer (`moe run` or `moe bench` with no --ep-rank/--tp-rank, or `moe run --launch local`); one "
+                            "rank's share means nothing alone");
   }
   if (!o->backend) o->backend = layer::cuda_device_available() ? Backend::kCuda : Backend::kCpu;  // cpu without a GPU
   o->random_weights = o->weights.size() == 1 && o->weights[0] == "random";

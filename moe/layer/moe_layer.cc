@@ -873,9 +873,8 @@ Status MoeLayer::forward_all_to_all(parallel::Communicator& comm, Index max_toke
     return invalid_argument("max_tokens_per_rank: ", max_tokens_per_rank, " is below this rank's ", M,
                             " tokens; expected every rank's token count or more");
   }
-  if (config_.weight_on_input) {
-    return unsupported("forward_all_to_all: apply_router_weight_on_input scales a token's row by its weight before GEMM1, "
-                       "which the all-to-all dispatch does not carry; use the partial-sums dispatch for this model");
+  if (config_.weight_on_input && k != 1) {
+    return invalid_argument("top_k: apply_router_weight_on_input is defined only for top_k == 1, got top_k=", k);
   }
   if (resident_) find = resident_->find;  // resident weights run on the device registry
   ForwardFn local = nullptr;
@@ -924,8 +923,24 @@ Status MoeLayer::forward_all_to_all(parallel::Communicator& comm, Index max_toke
   // here, and forward_chunk adds them.
   const RoutedExperts routed = [&](const Buffer& x, const std::int32_t* ids, const float* weights, Buffer* y) -> Status {
     return visit_io(dtype_, [&]<class IO>() -> Status {
+      const IO* rows = reinterpret_cast<const IO*>(x.bytes.data());
+      // apply_router_weight_on_input (top_k 1): the row is scaled here, before it travels, with
+      // the kernel's own roundings (IO(x * IO(w)), moe/cpu/prepare_finalize_stage.h), and combined
+      // with weight 1, so the expert's rank runs the plain kernel and the bits stay one rank's.
+      std::vector<IO> scaled;
+      std::vector<float> ones;
+      if (config_.weight_on_input) {
+        scaled.resize(static_cast<std::size_t>(M * H));
+        for (Index m = 0; m < M; ++m) {
+          const float w = round_to<IO>(weights[m]);
+          for (Index c = 0; c < H; ++c) scaled[m * H + c] = from_float<IO>(to_float(rows[m * H + c]) * w);
+        }
+        rows = scaled.data();
+        ones.assign(static_cast<std::size_t>(M), 1.0f);
+        weights = ones.data();
+      }
       parallel::EpTokens<IO> tokens;
-      tokens.hidden = HostView<const IO, 2>(reinterpret_cast<const IO*>(x.bytes.data()), {M, H});
+      tokens.hidden = HostView<const IO, 2>(rows, {M, H});
       tokens.topk_ids = HostView<const std::int32_t, 2>(ids, {M, Index{k}});
       tokens.topk_weights = HostView<const float, 2>(weights, {M, Index{k}});
       const parallel::LocalExperts<IO> experts = [&](const ExpertRows<IO, HostSpace>& rows) { return run_rows(rows); };
@@ -1076,7 +1091,9 @@ Status MoeLayer::forward_chunk(const AnyTensor& hidden, const HostView<const flo
   Buffer rows{dtype_, {M, H}, {}};
   rows.bytes.resize(static_cast<std::size_t>(M * H) * elem);
   for (Index i = 0; i < M * H; ++i) store_element(rows, i, total[i]);
-  std::memcpy(r->output.bytes.data() + static_cast<std::size_t>(m0 * H) * elem, rows.bytes.data(), rows.bytes.size());
+  if (M > 0) {  // a rank with no tokens still comes here for the all-to-all's collectives
+    std::memcpy(r->output.bytes.data() + static_cast<std::size_t>(m0 * H) * elem, rows.bytes.data(), rows.bytes.size());
+  }
   return Status::ok();
 }
 

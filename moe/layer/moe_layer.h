@@ -108,6 +108,8 @@ class MoeLayer {
   // pass the same max_tokens_per_rank (>= every rank's token count; the low-latency mode's
   // fixed blocks). `out` is the full layer's output for these tokens, bit for bit what one rank
   // holding every expert gives. The tokens go in one piece: options.chunk_tokens does not apply.
+  // With apply_router_weight_on_input (Llama 4, top_k 1) the token's rank scales its row before
+  // dispatch, as vLLM's DeepEP and pplx prepare do.
   Status forward_all_to_all(parallel::Communicator& comm, Index max_tokens_per_rank, const AnyTensor& hidden_states,
                             const std::optional<AnyTensor>& router_logits, Result* out, const cpu::Options& options = {},
                             KernelFinder find = &find_kernel) const;

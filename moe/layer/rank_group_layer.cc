@@ -177,9 +177,12 @@ Status forward_share_all_to_all(parallel::Communicator& comm, const MoeLayer& la
                     ids_bytes = static_cast<std::size_t>(max_share * k) * sizeof(std::int32_t),
                     block = out_bytes + 2 * ids_bytes;
   std::vector<std::byte> send(block), all(block * static_cast<std::size_t>(P));
-  std::memcpy(send.data(), mine.output.bytes.data(), mine.output.bytes.size());
-  std::memcpy(send.data() + out_bytes, mine.topk_ids.data(), mine.topk_ids.size() * sizeof(std::int32_t));
-  std::memcpy(send.data() + out_bytes + ids_bytes, mine.topk_weights.data(), mine.topk_weights.size() * sizeof(float));
+  const auto put = [](std::byte* dst, const void* src, std::size_t bytes) {  // empty shares have no buffers
+    if (bytes > 0) std::memcpy(dst, src, bytes);
+  };
+  put(send.data(), mine.output.bytes.data(), mine.output.bytes.size());
+  put(send.data() + out_bytes, mine.topk_ids.data(), mine.topk_ids.size() * sizeof(std::int32_t));
+  put(send.data() + out_bytes + ids_bytes, mine.topk_weights.data(), mine.topk_weights.size() * sizeof(float));
   MOE_RETURN_IF_ERROR(comm.all_gather(send, all));
   std::vector<MoeLayer::Result> shares(static_cast<std::size_t>(P));
   for (int r = 0; r < P; ++r) {
@@ -189,8 +192,10 @@ Status forward_share_all_to_all(parallel::Communicator& comm, const MoeLayer& la
     s.output.bytes.assign(b, b + static_cast<std::size_t>(rows * H) * io::dtype_size(layer.dtype()));
     s.topk_ids.resize(static_cast<std::size_t>(rows * k));
     s.topk_weights.resize(static_cast<std::size_t>(rows * k));
-    std::memcpy(s.topk_ids.data(), b + out_bytes, s.topk_ids.size() * sizeof(std::int32_t));
-    std::memcpy(s.topk_weights.data(), b + out_bytes + ids_bytes, s.topk_weights.size() * sizeof(float));
+    if (rows > 0) {
+      std::memcpy(s.topk_ids.data(), b + out_bytes, s.topk_ids.size() * sizeof(std::int32_t));
+      std::memcpy(s.topk_weights.data(), b + out_bytes + ids_bytes, s.topk_weights.size() * sizeof(float));
+    }
   }
   *out = concatenate(shares, layer.dtype(), M, H);
   return Status::ok();

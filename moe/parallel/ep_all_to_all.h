@@ -220,11 +220,13 @@ Status ep_forward(Communicator& comm, const EpConfig& config, const EpTokens<IO>
   rows.seg_begin = HostView<const Index, 1>(seg_begin.data(), {n});
   rows.seg_count = HostView<const Index, 1>(expert_count.data(), {n});
   rows.max_rows_per_expert = low_latency ? expert_cap : *std::max_element(expert_count.begin(), expert_count.end());
-  MOE_RETURN_IF_ERROR(experts(rows));
+  // A failure of this rank's experts still takes part in the combine (its blocks as zeros), so no
+  // peer is left waiting in it; the error is returned after, and the output stays untouched.
+  const Status experts_status = experts(rows);
 
   // ---- combine: outputs back along the reverse route, in the received order ----
   std::vector<IO> back(recv.size(), from_float<IO>(0.0f));
-  for (std::size_t i = 0; i < grouped_row.size(); ++i) {
+  for (std::size_t i = 0; i < grouped_row.size() && experts_status.is_ok(); ++i) {
     if (grouped_row[i] >= 0) detail_ep::copy_row(grouped_out.data() + grouped_row[i] * H, back.data() + i * H, H);
   }
   std::vector<IO> returned(send.size());
@@ -233,6 +235,7 @@ Status ep_forward(Communicator& comm, const EpConfig& config, const EpTokens<IO>
   } else {
     MOE_RETURN_IF_ERROR(all_to_all_rows<IO>(comm, back, fixed, returned, fixed, H, "combine rows"));
   }
+  MOE_RETURN_IF_ERROR(experts_status);
   for (Index m = 0; m < M; ++m) {
     IO* out = &output(m, 0);
     for (Index c = 0; c < H; ++c) {

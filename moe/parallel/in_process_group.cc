@@ -166,15 +166,18 @@ Status InProcessGroup::run(const std::function<Status(Communicator&)>& body) {
             result = make_status(StatusCode::kInvalidArgument, "rank ", r, ": out of memory");
           } catch (const std::exception& e) {
             result = make_status(StatusCode::kInternal, "rank ", r, ": ", e.what());
+          } catch (...) {
+            result = make_status(StatusCode::kInternal, "rank ", r, ": an exception of unknown type");
           }
           std::lock_guard<std::mutex> lock(mutex_);
           ++left_;
           cv_.notify_all();
         });
-      } catch (const std::system_error& e) {
-        // No thread for ranks r and up: they count as left, so the started ones are released
-        // from their collectives instead of waiting for them.
-        not_started = make_status(StatusCode::kInternal, "cannot start the thread of rank ", r, " of ", size_, ": ", e.what());
+      } catch (...) {
+        // No thread for ranks r and up (std::system_error, or bad_alloc in the thread's state):
+        // they count as left, so the started ones are released from their collectives instead
+        // of waiting for them.
+        not_started = make_status(StatusCode::kInternal, "cannot start the thread of rank ", r, " of ", size_);
         std::lock_guard<std::mutex> lock(mutex_);
         left_ += size_ - r;
         cv_.notify_all();

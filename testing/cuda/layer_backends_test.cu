@@ -104,7 +104,6 @@ TEST_P(LayerBackends, AllToAllDispatchMatchesCpu) {
   const auto [arch, mxfp4] = GetParam();
   moe::testing::SyntheticLayer l;
   ASSERT_NO_FATAL_FAILURE(moe::testing::load_synthetic_layer("layer_a2a", arch, mxfp4, &l));
-  if (l.config.weight_on_input) GTEST_SKIP() << "apply_router_weight_on_input is refused with this dispatch (tested on the CPU)";
   for (moe::layer::EpDispatch dispatch : {moe::layer::EpDispatch::kAllToAll, moe::layer::EpDispatch::kAllToAllLowLatency}) {
     SCOPED_TRACE(dispatch == moe::layer::EpDispatch::kAllToAll ? "normal" : "low latency");
     moe::layer::ParallelLayout p;

@@ -456,11 +456,6 @@ TEST_P(LayerTest, AllToAllDispatchMatchesOneRankBitwise) {
           ASSERT_TRUE(ls.is_ok()) << ls.to_string();
           MoeLayer::Result r;
           const Status fs = g.forward(f32_tensor(x, M, H), f32_tensor(logits, M, routed_total), &r);
-          if (m.config.weight_on_input) {
-            EXPECT_EQ(fs.code(), StatusCode::kUnsupported);
-            EXPECT_NE(fs.message().find("apply_router_weight_on_input"), std::string::npos) << fs.to_string();
-            continue;
-          }
           ASSERT_TRUE(fs.is_ok()) << fs.to_string();
           EXPECT_EQ(r.topk_ids, want.topk_ids);
           EXPECT_EQ(r.topk_weights, want.topk_weights);
@@ -500,7 +495,7 @@ TEST_P(LayerTest, AllToAllDispatchMatchesOneRankBitwise) {
 // Fewer tokens than ranks (empty shares), and none at all: the same bits as one rank.
 TEST_P(LayerTest, AllToAllWithEmptyShares) {
   const Model& m = *model_;
-  if (m.config.weight_on_input || m.config.num_experts % 4 != 0) GTEST_SKIP() << "covered by the bitwise test's refusals";
+  if (m.config.num_experts % 4 != 0) GTEST_SKIP() << "four ranks need E divisible by 4 (the bitwise test covers the refusal)";
   const Index H = m.spec.hidden, routed_total = m.config.num_experts + m.config.num_zero_experts;
   MoeLayer full;
   ASSERT_TRUE(load(m, {}, DType::kBF16, &full).is_ok());
@@ -562,15 +557,13 @@ TEST_P(LayerTest, AllToAllLayoutErrors) {
   s = two->run([&](parallel::Communicator& comm) { return l.forward_all_to_all(comm, M, f32_tensor(x, M, H), std::nullopt, &r); });
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("EP ranks"), std::string::npos) << s.to_string();
-  if (!m.config.weight_on_input) {
-    s = one->run([&](parallel::Communicator& comm) { return l.forward_all_to_all(comm, M, f32_tensor(x, M, H), std::nullopt, &r); });
-    ASSERT_TRUE(s.is_ok()) << s.to_string();
-    MoeLayer full;
-    ASSERT_TRUE(load(m, {}, DType::kF32, &full).is_ok());
-    MoeLayer::Result want;
-    ASSERT_TRUE(full.forward(f32_tensor(x, M, H), std::nullopt, &want).is_ok());
-    EXPECT_TRUE(r.output.bytes == want.output.bytes);
-  }
+  s = one->run([&](parallel::Communicator& comm) { return l.forward_all_to_all(comm, M, f32_tensor(x, M, H), std::nullopt, &r); });
+  ASSERT_TRUE(s.is_ok()) << s.to_string();
+  MoeLayer full;
+  ASSERT_TRUE(load(m, {}, DType::kF32, &full).is_ok());
+  MoeLayer::Result want;
+  ASSERT_TRUE(full.forward(f32_tensor(x, M, H), std::nullopt, &want).is_ok());
+  EXPECT_TRUE(r.output.bytes == want.output.bytes);
   // A partial-sums layer does not take the all-to-all entry.
   MoeLayer p;
   ASSERT_TRUE(load(m, {}, DType::kF32, &p).is_ok());

@@ -377,6 +377,7 @@ TEST(Run, AllToAllDispatchWritesTheSingleRankBytes) {
   const std::vector<std::vector<std::string>> refused = {
       {"--ep-size", "2", "--ep-rank", "1", "--ep-dispatch", "all-to-all"},
       {"--ep-size", "2", "--ep-dispatch", "all_to_all"},
+      {"--ep-dispatch", "low-latency"},
       {"--ep-size", "1024", "--tp-size", "2"},
       {"--ep-size", "2", "--ep-rank", "2"},
   };

@@ -195,4 +195,36 @@ TEST(EpAllToAll, BadArgumentsAreErrorsThatWriteNothing) {
   }
 }
 
+// One rank's experts stage fails: that rank still joins the combine (with zeros), so the others
+// finish the forward instead of being released with kAborted; the failing rank returns its own
+// error and writes nothing.
+TEST(EpAllToAll, AFailingExpertsStageStillJoinsTheCombine) {
+  using IO = moe::bfloat16;
+  constexpr Index M = 4, H = 8, k = 2;
+  std::vector<IO> hidden(M * H, moe::from_float<IO>(1.0f));
+  std::vector<float> weights(M * k, 0.5f);
+  std::vector<std::int32_t> ids = {0, 1, 2, 3, 1, 2, 0, 3};
+  std::unique_ptr<moe::parallel::InProcessGroup> group;
+  ASSERT_TRUE(moe::parallel::InProcessGroup::create(2, &group).is_ok());
+  for (DispatchMode mode : {DispatchMode::kNormal, DispatchMode::kLowLatency}) {
+    std::vector<IO> out(2 * M * H, moe::from_float<IO>(7.0f));
+    std::vector<Status> per_rank(2);
+    const Status s = group->run([&](moe::parallel::Communicator& comm) {
+      moe::parallel::EpTokens<IO> t;
+      t.hidden = moe::HostView<const IO, 2>(hidden.data(), {M, H});
+      t.topk_ids = moe::HostView<const std::int32_t, 2>(ids.data(), {M, k});
+      t.topk_weights = moe::HostView<const float, 2>(weights.data(), {M, k});
+      const moe::parallel::LocalExperts<IO> experts = [&](const moe::ExpertRows<IO, moe::HostSpace>&) {
+        return comm.rank() == 1 ? moe::invalid_argument("rank 1's experts failed") : Status::ok();
+      };
+      per_rank[comm.rank()] = moe::parallel::ep_forward<IO>(comm, {2, mode, M}, t, experts,
+                                                             moe::HostView<IO, 2>(out.data() + comm.rank() * M * H, {M, H}));
+      return per_rank[comm.rank()];
+    });
+    EXPECT_NE(s.to_string().find("rank 1's experts failed"), std::string::npos) << s.to_string();
+    EXPECT_TRUE(per_rank[0].is_ok()) << "rank 0 was not left waiting: " << per_rank[0].to_string();
+    for (Index i = M * H; i < 2 * M * H; ++i) ASSERT_EQ(moe::to_float(out[i]), 7.0f) << "the failing rank wrote its output";
+  }
+}
+
 }  // namespace

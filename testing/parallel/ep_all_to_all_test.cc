@@ -149,12 +149,22 @@ TEST(EpAllToAll, BiasesUngatedActivationsAndOtherTypes) {
 
 // Bad arguments: an error naming the argument on the rank that has it, the other ranks released
 // (not hung), and no output written anywhere.
-TEST(EpAllToAll, BadArgumentsAreErrorsThatWriteNothing) {
+// Four tokens of two slots over four experts, for the error tests.
+struct SmallTokens {
   using IO = moe::bfloat16;
-  constexpr Index M = 4, H = 8, k = 2;
-  std::vector<IO> hidden(M * H, moe::from_float<IO>(1.0f));
-  std::vector<float> weights(M * k, 0.5f);
+  static constexpr Index M = 4, H = 8, k = 2;
+  std::vector<IO> hidden = std::vector<IO>(M * H, moe::from_float<IO>(1.0f));
+  std::vector<float> weights = std::vector<float>(M * k, 0.5f);
   std::vector<std::int32_t> ids = {0, 1, 2, 3, 1, 2, 0, 3};
+};
+
+TEST(EpAllToAll, BadArgumentsAreErrorsThatWriteNothing) {
+  using IO = SmallTokens::IO;
+  constexpr Index M = SmallTokens::M, H = SmallTokens::H, k = SmallTokens::k;
+  SmallTokens small;
+  std::vector<IO>& hidden = small.hidden;
+  std::vector<float>& weights = small.weights;
+  std::vector<std::int32_t>& ids = small.ids;
   std::vector<std::int32_t> repeated = {0, 0, 2, 3, 1, 2, 0, 3};
   struct Bad {
     const char* name;
@@ -199,11 +209,9 @@ TEST(EpAllToAll, BadArgumentsAreErrorsThatWriteNothing) {
 // finish the forward instead of being released with kAborted; the failing rank returns its own
 // error and writes nothing.
 TEST(EpAllToAll, AFailingExpertsStageStillJoinsTheCombine) {
-  using IO = moe::bfloat16;
-  constexpr Index M = 4, H = 8, k = 2;
-  std::vector<IO> hidden(M * H, moe::from_float<IO>(1.0f));
-  std::vector<float> weights(M * k, 0.5f);
-  std::vector<std::int32_t> ids = {0, 1, 2, 3, 1, 2, 0, 3};
+  using IO = SmallTokens::IO;
+  constexpr Index M = SmallTokens::M, H = SmallTokens::H, k = SmallTokens::k;
+  const SmallTokens small;
   std::unique_ptr<moe::parallel::InProcessGroup> group;
   ASSERT_TRUE(moe::parallel::InProcessGroup::create(2, &group).is_ok());
   for (DispatchMode mode : {DispatchMode::kNormal, DispatchMode::kLowLatency}) {
@@ -211,9 +219,9 @@ TEST(EpAllToAll, AFailingExpertsStageStillJoinsTheCombine) {
     std::vector<Status> per_rank(2);
     const Status s = group->run([&](moe::parallel::Communicator& comm) {
       moe::parallel::EpTokens<IO> t;
-      t.hidden = moe::HostView<const IO, 2>(hidden.data(), {M, H});
-      t.topk_ids = moe::HostView<const std::int32_t, 2>(ids.data(), {M, k});
-      t.topk_weights = moe::HostView<const float, 2>(weights.data(), {M, k});
+      t.hidden = moe::HostView<const IO, 2>(small.hidden.data(), {M, H});
+      t.topk_ids = moe::HostView<const std::int32_t, 2>(small.ids.data(), {M, k});
+      t.topk_weights = moe::HostView<const float, 2>(small.weights.data(), {M, k});
       const moe::parallel::LocalExperts<IO> experts = [&](const moe::ExpertRows<IO, moe::HostSpace>&) {
         return comm.rank() == 1 ? moe::invalid_argument("rank 1's experts failed") : Status::ok();
       };

@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "moe/cuda/cublas_runtime.h"
 #include "moe/cuda/ops/eplb.cuh"
+#include "moe/cuda/parallel/ep_all_to_all.cuh"
 #include "moe/cuda/router.cuh"
 #include "moe/detail/workspace.h"
 #include "moe/layer/device_experts.h"
@@ -71,6 +73,11 @@ struct WorkspaceLayout {
   std::size_t logits = 0, ids = 0, physical_ids = 0, weights = 0, gate = 0, routed_out = 0, shared_out = 0, zeros = 0,
       experts = 0, shared_experts = 0;
   std::size_t experts_bytes = 0, shared_experts_bytes = 0, total = 0;
+  // The all-to-all dispatch: ep_forward's buffers, and the dispatched rows' kernel call (a local
+  // expert id and weight 1 per row, its own workspace).
+  std::size_t a2a = 0, a2a_ids = 0, a2a_ones = 0, a2a_experts = 0;
+  std::size_t a2a_bytes = 0, a2a_experts_bytes = 0;
+  Index a2a_rows = 0;  // the most rows the experts can receive
 };
 
 }  // namespace
@@ -99,6 +106,15 @@ struct DeviceLayer::Impl {
   // expert_load (int64 atomics: deterministic) until reset.
   Index num_physical = 0;  // 0: no EPLB
   Index max_replicas = 0;
+  bool all_to_all() const { return parallel.dispatch != EpDispatch::kPartialSums; }
+  parallel::EpConfig ep_config() const {
+    parallel::EpConfig c;
+    c.experts_per_rank = num_physical > 0 ? num_physical / parallel.ep_size : L;
+    c.mode = parallel.dispatch == EpDispatch::kAllToAllLowLatency ? parallel::DispatchMode::kLowLatency
+                                                                   : parallel::DispatchMode::kNormal;
+    c.max_tokens_per_rank = options.max_tokens;
+    return c;
+  }
   DeviceMemory eplb_map, eplb_replicas, expert_load;
   Options options;
   // bf16 layers with cuBLAS present: the router as bf16 pieces for a tensor-core GEMM (router.cuh)
@@ -160,6 +176,14 @@ struct DeviceLayer::Impl {
     c.chunk_tokens = options.max_tokens;
     return c;
   }
+  // The rows an all-to-all brings here: each a token routed to its local expert with weight 1,
+  // so the kernel's finalize hands back the expert's output for the sender's combine.
+  DeviceExpertsCall dispatched_call(const void* x, Index R, const std::int32_t* local_ids, const float* ones, void* out) const {
+    DeviceExpertsCall c = routed_call(x, R, local_ids, ones, out);
+    c.top_k = 1;
+    c.expert_map.reset();
+    return c;
+  }
   DeviceExpertsCall shared_call(const void* x, Index M, const std::int32_t* zeros, const float* gate, void* out) const {
     DeviceExpertsCall c;
     c.key = {std::string(SiluAndMul::kName), dtype, false, scheme};
@@ -177,13 +201,116 @@ struct DeviceLayer::Impl {
     return c;
   }
 
+  // The routed experts of a chunk into `routed` ([M, H]): this rank's experts on its routing
+  // (nullptr), or the all-to-all over the EP group (forward_all_to_all).
   template <class T>
-  Status forward_chunk(const T* x, Index M, T* out, std::byte* base, cudaStream_t stream) const;
+  using RoutedPass = std::function<Status(const T* x, Index M, std::byte* base, T* routed, cudaStream_t stream)>;
+  template <class T>
+  Status forward_chunk(const T* x, Index M, T* out, std::byte* base, cudaStream_t stream,
+                       const RoutedPass<T>* routed_pass = nullptr) const;
   // Shapes, routing support and the shared-expert plan from the config; then the workspace.
   Status plan(const ModelConfig& c, const ParallelLayout& par, DType dt, Index local_experts, Index intermediate_tp,
               Index shared_tp, const Options& o);
   Status allocate_workspace();
+  // The all-to-all's workspace pieces, from allocate_workspace's carver.
+  template <class Take>
+  Status plan_all_to_all(Take take);
+  Index ws_rows() const { return ws.a2a_rows; }
+  // The routed slots of a chunk's tokens [m0, m0 + Mc), as MoeLayer::Result reports them.
+  Status copy_routing(std::byte* base, Index m0, Index Mc, const std::optional<AnyTensor>& topk_ids,
+                      const std::optional<AnyTensor>& topk_weights, cudaStream_t stream) const {
+    if (topk_ids && Mc > 0) {
+      MOE_CUDA_TRY(cudaMemcpy2DAsync(static_cast<std::int32_t*>(topk_ids->data) + m0 * k, k * 4, base + ws.ids, slots() * 4, k * 4,
+                                     Mc, cudaMemcpyDeviceToDevice, stream));
+    }
+    if (topk_weights && Mc > 0) {
+      MOE_CUDA_TRY(cudaMemcpy2DAsync(static_cast<float*>(topk_weights->data) + m0 * k, k * 4, base + ws.weights, slots() * 4, k * 4,
+                                     Mc, cudaMemcpyDeviceToDevice, stream));
+    }
+    return Status::ok();
+  }
+  template <class T>
+  Status forward_all_to_all(cuda::NcclCommunicator& comm, const T* x, Index M, T* out, std::byte* base, cudaStream_t stream) const;
 };
+
+namespace {
+
+__global__ void fill_ones_kernel(float* v, Index n) {
+  for (Index i = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; i < n; i += static_cast<Index>(gridDim.x) * blockDim.x) {
+    v[i] = 1.0f;
+  }
+}
+
+// One block per local expert e: the local id of each row of its segment (the other rows, the
+// low-latency layout's padding, keep the -1 they were set to).
+__global__ void segment_ids_kernel(const Index* seg_begin, const Index* seg_count, std::int32_t* ids) {
+  const Index e = blockIdx.x, begin = seg_begin[e], count = seg_count[e];
+  for (Index t = threadIdx.x; t < count; t += blockDim.x) ids[begin + t] = static_cast<std::int32_t>(e);
+}
+
+}  // namespace
+
+template <class Take>
+Status DeviceLayer::Impl::plan_all_to_all(Take take) {
+  const parallel::EpConfig c = ep_config();
+  const int P = parallel.ep_size;
+  std::size_t bytes = 0;
+  const auto ep_bytes = [&]<class T>() {
+    return cuda::ep_forward_workspace_bytes<T>(c, P, H, k, &bytes);
+  };
+  switch (dtype) {
+    case DType::kBF16: MOE_RETURN_IF_ERROR(ep_bytes.template operator()<bfloat16>()); break;
+    case DType::kF16: MOE_RETURN_IF_ERROR(ep_bytes.template operator()<half>()); break;
+    default: MOE_RETURN_IF_ERROR(ep_bytes.template operator()<float>()); break;
+  }
+  ws.a2a_bytes = bytes;
+  ws.a2a = take(bytes);
+  // Received rows: every peer's block in the normal mode, the batched layout in the low-latency one.
+  Index rows = 0;
+  if (!parallel::product_fits(options.max_tokens, k, P, &rows)) return invalid_argument("options.max_tokens: too large for the all-to-all");
+  if (c.mode == parallel::DispatchMode::kLowLatency) rows = c.experts_per_rank * P * options.max_tokens;
+  ws.a2a_rows = rows;
+  ws.a2a_ids = take(static_cast<std::size_t>(rows) * 4);
+  ws.a2a_ones = take(static_cast<std::size_t>(rows) * 4);
+  std::size_t experts = 0;
+  for (Index R = 1; R <= rows; R += R < 4096 ? 1 : R / 64) {  // the kernel's choices change slowly past 4096 rows
+    std::size_t b = 0;
+    MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(dispatched_call(nullptr, R, nullptr, nullptr, nullptr), &b));
+    experts = std::max(experts, b);
+  }
+  std::size_t last = 0;
+  MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(dispatched_call(nullptr, rows, nullptr, nullptr, nullptr), &last));
+  ws.a2a_experts_bytes = std::max(experts, last);
+  ws.a2a_experts = take(ws.a2a_experts_bytes);
+  return Status::ok();
+}
+
+template <class T>
+Status DeviceLayer::Impl::forward_all_to_all(cuda::NcclCommunicator& comm, const T* x, Index M, T* out, std::byte* base,
+                                             cudaStream_t stream) const {
+  const RoutedPass<T> pass = [&](const T* xs, Index Mc, std::byte* b, T* routed, cudaStream_t s) -> Status {
+    const Index ld = slots();
+    cuda::DeviceEpTokens<T> tokens;
+    tokens.hidden = DeviceView<const T, 2>(xs, {Mc, H});
+    tokens.topk_ids = DeviceView<const std::int32_t, 2>(kernel_ids(b), {Mc, Index{k}}, {ld, 1});
+    tokens.topk_weights = DeviceView<const float, 2>(reinterpret_cast<const float*>(b + ws.weights), {Mc, Index{k}}, {ld, 1});
+    auto* ids = reinterpret_cast<std::int32_t*>(b + ws.a2a_ids);
+    const auto* ones = reinterpret_cast<const float*>(b + ws.a2a_ones);
+    const cuda::DeviceLocalExperts<T> experts = [&](const ExpertRows<T, DeviceSpace>& rows, cudaStream_t st) -> Status {
+      const Index R = rows.input.extent(0), n = rows.seg_begin.extent(0);
+      if (R == 0) return Status::ok();
+      if (R > ws.a2a_rows) return make_status(StatusCode::kInternal, "DeviceLayer: ", R, " dispatched rows; planned ", ws.a2a_rows);
+      MOE_CUDA_TRY(cudaMemsetAsync(ids, 0xFF, static_cast<std::size_t>(R) * 4, st));
+      segment_ids_kernel<<<static_cast<unsigned>(n), 256, 0, st>>>(rows.seg_begin.data(), rows.seg_count.data(), ids);
+      MOE_CUDA_CHECK_LAUNCH();
+      return run_device_experts(dispatched_call(rows.input.data(), R, ids, ones, rows.output.data()),
+                                std::span<std::byte>(b + ws.a2a_experts, ws.a2a_experts_bytes), st);
+    };
+    return cuda::ep_forward<T>(comm, ep_config(), tokens, experts, DeviceView<T, 2>(routed, {Mc, H}),
+                               std::span<std::byte>(b + ws.a2a, ws.a2a_bytes), s);
+  };
+  return forward_chunk(x, M, out, base, stream, &pass);
+}
 
 namespace {
 
@@ -276,7 +403,9 @@ Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, 
   It = intermediate_tp;
   St = shared_tp;
   k = c.top_k;
-  zero_experts_here = c.num_zero_experts > 0 && par.tp_rank == 0 && par.ep_rank == 0;
+  // All-to-all: every rank adds the zero experts and the shared expert of its own tokens.
+  const bool own_tokens = par.dispatch != EpDispatch::kPartialSums;
+  zero_experts_here = c.num_zero_experts > 0 && par.tp_rank == 0 && (par.ep_rank == 0 || own_tokens);
   if (E_router > cuda::detail::kWarpRouteMaxExperts) {
     return unsupported("DeviceLayer: routing over ", E_router, " experts; the device routing takes at most ",
                        cuda::detail::kWarpRouteMaxExperts);
@@ -290,8 +419,9 @@ Status DeviceLayer::Impl::plan(const ModelConfig& c, const ParallelLayout& par, 
   // output (Llama-4's weight on the input is defined for one slot per token only).
   const bool has_shared = St > 0;
   // Quantized shared experts run apart: their scale blocks need not line up with the routed ones'.
+  // Under the all-to-all the shared expert runs apart: fused pieces would be dispatched.
   const bool fusable = has_shared && o.fuse_shared_experts && c.activation == SiluAndMul::kName &&
-                       !c.expert_biases && !c.weight_on_input && It > 0 && St % It == 0 && scheme == "none";
+                       !c.expert_biases && !c.weight_on_input && It > 0 && St % It == 0 && scheme == "none" && !own_tokens;
   appended = fusable ? static_cast<int>(St / It) : 0;
   shared_apart = has_shared && !fusable;
   w13_shape = {L + appended, 2 * It, H / pack};
@@ -422,6 +552,7 @@ Status DeviceLayer::Impl::allocate_workspace() {
   d.ws.experts = take(experts);
   d.ws.shared_experts_bytes = shared;  // its own: the two passes run concurrently
   d.ws.shared_experts = take(shared);
+  if (d.all_to_all()) MOE_RETURN_IF_ERROR(d.plan_all_to_all(take));
   d.ws.total = carver.total();
   MOE_RETURN_IF_ERROR(allocate(d.ws.total, &d.workspace));
   if (d.shared_apart) {  // the shared pass routes every token to its one expert: ids stay zero
@@ -430,14 +561,18 @@ Status DeviceLayer::Impl::allocate_workspace() {
     MOE_CUDA_TRY(cudaEventCreateWithFlags(&d.fork, cudaEventDisableTiming));
     MOE_CUDA_TRY(cudaEventCreateWithFlags(&d.join, cudaEventDisableTiming));
   }
+  if (d.all_to_all()) {  // the dispatched rows' weights: 1 each, written once
+    fill_ones_kernel<<<256, 256>>>(reinterpret_cast<float*>(static_cast<std::byte*>(d.workspace.get()) + d.ws.a2a_ones), d.ws_rows());
+    MOE_CUDA_CHECK_LAUNCH();
+  }
   MOE_CUDA_TRY(cudaDeviceSynchronize());
   return Status::ok();
 }
 
 Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::unique_ptr<DeviceLayer>* out) {
-  if (layer.parallel().dispatch != EpDispatch::kPartialSums) {
-    return unsupported("DeviceLayer: the all-to-all dispatch is not supported on the device layer yet; use the per-call path "
-                       "(MoeLayer::make_resident and forward_all_to_all)");
+  if (layer.parallel().dispatch != EpDispatch::kPartialSums && layer.config().weight_on_input) {
+    return unsupported("DeviceLayer: apply_router_weight_on_input with the all-to-all dispatch is not supported on the device "
+                       "layer yet; use the per-call path (MoeLayer::forward_all_to_all)");
   }
   auto impl = std::make_unique<Impl>();
   Impl& d = *impl;
@@ -533,8 +668,11 @@ Status DeviceLayer::create(const MoeLayer& layer, const Options& options, std::u
 }
 
 template <class T>
-Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* base, cudaStream_t stream) const {
+Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* base, cudaStream_t stream,
+                                        const RoutedPass<T>* routed_pass) const {
   using namespace cuda::detail;
+  // A rank with no tokens launches nothing of its own but still takes part in the all-to-all.
+  if (M == 0) return routed_pass ? (*routed_pass)(x, 0, base, out, stream) : Status::ok();
   float* logits = reinterpret_cast<float*>(base + ws.logits);
   auto* ids = reinterpret_cast<std::int32_t*>(base + ws.ids);
   auto* weights = reinterpret_cast<float*>(base + ws.weights);
@@ -619,7 +757,11 @@ Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* 
   // 4. Experts (and the fused shared experts).
   const std::span<std::byte> experts_ws(base + ws.experts, ws.experts_bytes);
   T* routed = combine() ? reinterpret_cast<T*>(base + ws.routed_out) : out;
-  MOE_RETURN_IF_ERROR(run_device_experts(routed_call(x, M, kernel_ids(base), weights, routed), experts_ws, stream));
+  if (routed_pass) {
+    MOE_RETURN_IF_ERROR((*routed_pass)(x, M, base, routed, stream));
+  } else {
+    MOE_RETURN_IF_ERROR(run_device_experts(routed_call(x, M, kernel_ids(base), weights, routed), experts_ws, stream));
+  }
   if (shared_apart) MOE_CUDA_TRY(cudaStreamWaitEvent(stream, join, 0));
   // 5. Combine.
   if (combine()) {
@@ -651,23 +793,25 @@ Status check_device_matrix(const AnyTensor& t, std::string_view name, DType dtyp
 
 }  // namespace
 
+namespace {
+
+// The checks of a forward's device tensors: M rows of H in the layer's dtype, ids and weights of
+// M rows when given, the output not overlapping the input.
+Status check_forward_tensors(const DeviceLayer::Impl& d, const AnyTensor& hidden, const AnyTensor& output,
+                             const std::optional<AnyTensor>& topk_ids, const std::optional<AnyTensor>& topk_weights, Index* rows);
+
+}  // namespace
+
 Status DeviceLayer::forward(const AnyTensor& hidden, const AnyTensor& output, cudaStream_t stream,
                             const std::optional<AnyTensor>& topk_ids, const std::optional<AnyTensor>& topk_weights) const {
   const Impl& d = *impl_;
-  Index M = 0, Mo = 0;
-  MOE_RETURN_IF_ERROR(check_device_matrix(hidden, "hidden_states", d.dtype, d.H, &M));
-  MOE_RETURN_IF_ERROR(check_device_matrix(output, "output", d.dtype, d.H, &Mo));
-  if (Mo != M) return invalid_argument("output: expected ", M, " rows (as hidden_states), got ", Mo);
-  Index Mi = M, Mw = M;
-  if (topk_ids) MOE_RETURN_IF_ERROR(check_device_matrix(*topk_ids, "topk_ids", DType::kI32, d.k, &Mi));
-  if (topk_weights) MOE_RETURN_IF_ERROR(check_device_matrix(*topk_weights, "topk_weights", DType::kF32, d.k, &Mw));
-  if (Mi != M || Mw != M) return invalid_argument("topk_ids/topk_weights: expected ", M, " rows (as hidden_states)");
-  const std::size_t elem = element_bytes(d.dtype), bytes = static_cast<std::size_t>(M) * d.H * elem;
-  const auto* in_lo = static_cast<const std::byte*>(hidden.data);
-  const auto* out_lo = static_cast<const std::byte*>(output.data);
-  if (M > 0 && in_lo < out_lo + bytes && out_lo < in_lo + bytes) {
-    return invalid_argument("output: overlaps hidden_states (the layer reads the input after writing the output)");
+  if (d.all_to_all()) {
+    return invalid_argument("forward: this layer's layout dispatches by all-to-all; call forward_all_to_all with its EP group");
   }
+  Index M = 0;
+  MOE_RETURN_IF_ERROR(check_forward_tensors(d, hidden, output, topk_ids, topk_weights, &M));
+  const std::size_t elem = element_bytes(d.dtype);
+  const auto* in_lo = static_cast<const std::byte*>(hidden.data);
   std::byte* base = static_cast<std::byte*>(d.workspace.get());
   for (Index m0 = 0; m0 < M; m0 += d.options.max_tokens) {
     const Index Mc = std::min(d.options.max_tokens, M - m0);
@@ -680,18 +824,68 @@ Status DeviceLayer::forward(const AnyTensor& hidden, const AnyTensor& output, cu
       case DType::kF32: MOE_RETURN_IF_ERROR(d.forward_chunk(static_cast<const float*>(x), Mc, static_cast<float*>(y), base, stream)); break;
       default: return invalid_argument("dtype: ", to_string(d.dtype));
     }
-    // The routed slots of the chunk, as MoeLayer::Result reports them.
-    if (topk_ids) {
-      MOE_CUDA_TRY(cudaMemcpy2DAsync(static_cast<std::int32_t*>(topk_ids->data) + m0 * d.k, d.k * 4, base + d.ws.ids,
-                                     d.slots() * 4, d.k * 4, Mc, cudaMemcpyDeviceToDevice, stream));
-    }
-    if (topk_weights) {
-      MOE_CUDA_TRY(cudaMemcpy2DAsync(static_cast<float*>(topk_weights->data) + m0 * d.k, d.k * 4, base + d.ws.weights,
-                                     d.slots() * 4, d.k * 4, Mc, cudaMemcpyDeviceToDevice, stream));
-    }
+    MOE_RETURN_IF_ERROR(d.copy_routing(base, m0, Mc, topk_ids, topk_weights, stream));
   }
   return Status::ok();
 }
+
+Status DeviceLayer::forward_all_to_all(cuda::NcclCommunicator& comm, const AnyTensor& hidden, const AnyTensor& output,
+                                       cudaStream_t stream, const std::optional<AnyTensor>& topk_ids,
+                                       const std::optional<AnyTensor>& topk_weights) const {
+  const Impl& d = *impl_;
+  if (!d.all_to_all()) {
+    return invalid_argument("forward_all_to_all: this layer's layout dispatches by partial sums (ParallelLayout::dispatch); "
+                            "call forward");
+  }
+  if (comm.size() != d.parallel.ep_size || comm.rank() != d.parallel.ep_rank) {
+    return invalid_argument("forward_all_to_all: expected the group of the ", d.parallel.ep_size, " EP ranks with this layer as rank ",
+                            d.parallel.ep_rank, ", got rank ", comm.rank(), " of ", comm.size());
+  }
+  Index M = 0;
+  MOE_RETURN_IF_ERROR(check_forward_tensors(d, hidden, output, topk_ids, topk_weights, &M));
+  if (M > d.options.max_tokens) {
+    return invalid_argument("hidden_states: ", M, " tokens; the all-to-all takes at most options.max_tokens = ", d.options.max_tokens,
+                            " per rank and call (every rank's blocks are sized by it)");
+  }
+  std::byte* base = static_cast<std::byte*>(d.workspace.get());
+  switch (d.dtype) {
+    case DType::kBF16:
+      MOE_RETURN_IF_ERROR(d.forward_all_to_all(comm, static_cast<const bfloat16*>(hidden.data), M, static_cast<bfloat16*>(output.data), base, stream));
+      break;
+    case DType::kF16:
+      MOE_RETURN_IF_ERROR(d.forward_all_to_all(comm, static_cast<const half*>(hidden.data), M, static_cast<half*>(output.data), base, stream));
+      break;
+    case DType::kF32:
+      MOE_RETURN_IF_ERROR(d.forward_all_to_all(comm, static_cast<const float*>(hidden.data), M, static_cast<float*>(output.data), base, stream));
+      break;
+    default: return invalid_argument("dtype: ", to_string(d.dtype));
+  }
+  return d.copy_routing(base, 0, M, topk_ids, topk_weights, stream);
+}
+
+namespace {
+
+Status check_forward_tensors(const DeviceLayer::Impl& d, const AnyTensor& hidden, const AnyTensor& output,
+                             const std::optional<AnyTensor>& topk_ids, const std::optional<AnyTensor>& topk_weights, Index* rows) {
+  Index M = 0, Mo = 0;
+  MOE_RETURN_IF_ERROR(check_device_matrix(hidden, "hidden_states", d.dtype, d.H, &M));
+  MOE_RETURN_IF_ERROR(check_device_matrix(output, "output", d.dtype, d.H, &Mo));
+  if (Mo != M) return invalid_argument("output: expected ", M, " rows (as hidden_states), got ", Mo);
+  Index Mi = M, Mw = M;
+  if (topk_ids) MOE_RETURN_IF_ERROR(check_device_matrix(*topk_ids, "topk_ids", DType::kI32, d.k, &Mi));
+  if (topk_weights) MOE_RETURN_IF_ERROR(check_device_matrix(*topk_weights, "topk_weights", DType::kF32, d.k, &Mw));
+  if (Mi != M || Mw != M) return invalid_argument("topk_ids/topk_weights: expected ", M, " rows (as hidden_states)");
+  const std::size_t bytes = static_cast<std::size_t>(M) * d.H * element_bytes(d.dtype);
+  const auto* in_lo = static_cast<const std::byte*>(hidden.data);
+  const auto* out_lo = static_cast<const std::byte*>(output.data);
+  if (M > 0 && in_lo < out_lo + bytes && out_lo < in_lo + bytes) {
+    return invalid_argument("output: overlaps hidden_states (the layer reads the input after writing the output)");
+  }
+  *rows = M;
+  return Status::ok();
+}
+
+}  // namespace
 
 Status DeviceLayer::time_forward(Index tokens, int iterations, Timing* out) const {
   const Impl& d = *impl_;

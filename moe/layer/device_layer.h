@@ -26,6 +26,10 @@
 #include "moe/any_tensor.h"
 #include "moe/layer/moe_layer.h"
 
+namespace moe::cuda {
+class NcclCommunicator;  // moe/cuda/parallel/nccl_communicator.h
+}  // namespace moe::cuda
+
 namespace moe::layer {
 
 // True when a Hopper GPU (compute capability 9.x) is present: the build carries machine code for
@@ -61,6 +65,18 @@ class DeviceLayer {
   Status forward(const AnyTensor& hidden_states, const AnyTensor& output, cudaStream_t stream,
                  const std::optional<AnyTensor>& topk_ids = std::nullopt,
                  const std::optional<AnyTensor>& topk_weights = std::nullopt) const;
+
+  // All-to-all expert parallelism (a layer loaded with ParallelLayout::dispatch kAllToAll or
+  // kAllToAllLowLatency): this rank's tokens (at most options.max_tokens) are routed here, their
+  // rows dispatched over `comm`, the EP group in EP rank order (moe/cuda/parallel/ep_all_to_all.cuh),
+  // run by the ranks holding their experts and combined back; the shared and zero experts of
+  // these tokens are added here, so `output` is the full layer's for them. Collective: every rank
+  // calls it. The normal mode waits for the host once (NCCL needs the block sizes); the
+  // low-latency mode does not and can be captured in a CUDA graph. Refused for
+  // apply_router_weight_on_input (the per-call path takes it).
+  Status forward_all_to_all(cuda::NcclCommunicator& comm, const AnyTensor& hidden_states, const AnyTensor& output,
+                            cudaStream_t stream, const std::optional<AnyTensor>& topk_ids = std::nullopt,
+                            const std::optional<AnyTensor>& topk_weights = std::nullopt) const;
 
   // The host-tensor convenience call for the tool: copies in, forward, copies out (synchronizes).
   Status forward_host(const AnyTensor& hidden_states, MoeLayer::Result* out) const;

@@ -7,7 +7,10 @@
 // replays give the bits of the eager forward.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <barrier>
 #include <numeric>
+#include <thread>
 
 #include <cmath>
 #include <cstdlib>
@@ -15,7 +18,9 @@
 #include <random>
 
 #include "moe/layer/device_layer.h"
+#include "moe/cuda/parallel/nccl_communicator.h"
 #include "moe/layer/moe_layer.h"
+#include "moe/layer/rank_group_layer.h"
 #include "testing/lib/compare.h"
 #include "testing/lib/gpu.h"
 #include "testing/lib/layer_fixture.h"
@@ -23,6 +28,7 @@
 namespace {
 
 using moe::Index;
+using moe::testing::DeviceBuffer;
 using moe::testing::floats;
 
 // Random hidden states already in the layer's dtype, so both backends' routers see the same values.
@@ -199,6 +205,110 @@ TEST(DeviceLayerParallel, EplbReplicasMatchCpu) {
   ASSERT_TRUE(moe::layer::DeviceLayer::create(plain, {}, &dev).is_ok());
   std::vector<std::int64_t> load;
   EXPECT_NE(dev->expert_load(&load).to_string().find("without EPLB"), std::string::npos);
+}
+
+// The all-to-all dispatch on the device layer over NCCL, one EP rank per visible GPU (1, 2, 4 or
+// 8: divisors of the 8 experts; one rank on a one-GPU machine, whose rows then go to itself
+// through NCCL): each rank's DeviceLayer routes its share of the tokens, dispatches the rows and
+// adds its shared expert; the shares put together match the CPU layer of one rank holding every
+// expert, in both modes, and with EPLB replicas.
+TEST(DeviceLayerParallel, AllToAllDispatchOverNcclMatchesCpu) {
+  MOE_SKIP_WITHOUT_GPU();
+  if (!moe::layer::cuda_device_available()) GTEST_SKIP() << "the device layer needs compute capability 9.x";
+  const moe::Status available = moe::cuda::NcclCommunicator::available();
+  ASSERT_TRUE(available.is_ok()) << available.to_string() << " (a GPU is present, so NCCL must load)";
+  int gpus = 0;
+  moe::testing::cuda_ok(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
+  int P = 1;
+  while (P * 2 <= std::min(gpus, 8)) P *= 2;
+  std::vector<int> devices(static_cast<std::size_t>(P));
+  std::iota(devices.begin(), devices.end(), 0);
+  std::vector<std::unique_ptr<moe::cuda::NcclCommunicator>> comms;
+  const moe::Status cs = moe::cuda::NcclCommunicator::create_all(devices, &comms);
+  ASSERT_TRUE(cs.is_ok()) << cs.to_string();
+  Layer l;
+  ASSERT_NO_FATAL_FAILURE(load("DeepseekV3ForCausalLM", false, &l));  // shared experts, grouped routing
+  const Index M = 29, H = l.spec.hidden, k = l.spec.top_k;
+  const moe::layer::Buffer x = random_hidden(moe::DType::kBF16, M, H, 11);
+  moe::layer::MoeLayer full;
+  ASSERT_TRUE(moe::layer::MoeLayer::load(l.config, {}, moe::DType::kBF16, l.ckpt, l.prefix, &full).is_ok());
+  moe::layer::MoeLayer::Result cpu;
+  ASSERT_TRUE(full.forward(x.tensor(), std::nullopt, &cpu).is_ok());
+  for (const auto dispatch : {moe::layer::EpDispatch::kAllToAll, moe::layer::EpDispatch::kAllToAllLowLatency}) {
+    for (const Index redundant : {Index{0}, Index{2 * P}}) {
+      SCOPED_TRACE(::testing::Message() << P << " ranks, " << (dispatch == moe::layer::EpDispatch::kAllToAll ? "normal" : "low latency")
+                                        << ", " << redundant << " redundant experts");
+      moe::layer::MoeLayer::Result gpu;
+      gpu.output = moe::layer::Buffer{moe::DType::kBF16, {M, H}, std::vector<std::byte>(x.bytes.size())};
+      gpu.topk_ids.resize(static_cast<std::size_t>(M * k));
+      gpu.topk_weights.resize(static_cast<std::size_t>(M * k));
+      std::vector<moe::Status> results(static_cast<std::size_t>(P));
+      std::barrier ready(P);  // every rank's layer and buffers in place before any enters NCCL
+      std::atomic<bool> any_failed{false};  // then no rank enters it: a missing peer would hang NCCL
+      std::vector<std::thread> threads;
+      for (int r = 0; r < P; ++r) {
+        threads.emplace_back([&, r] {
+          bool arrived = false;
+          try {  // DeviceBuffer throws on a CUDA error; a thread must not
+          results[r] = [&]() -> moe::Status {
+            const auto arrive = [&] {
+              if (!arrived) ready.arrive_and_wait();
+              arrived = true;
+              return !any_failed.load();
+            };
+            const auto leave = [&](moe::Status st) {
+              any_failed = true;
+              if (!arrived) ready.arrive_and_drop();
+              arrived = true;
+              return st;
+            };
+            if (cudaSetDevice(comms[r]->device()) != cudaSuccess) return leave(moe::make_status(moe::StatusCode::kCudaError, "cudaSetDevice"));
+            moe::layer::ParallelLayout par;
+            par.ep_size = P;
+            par.ep_rank = r;
+            par.dispatch = dispatch;
+            par.redundant_experts = redundant;
+            moe::layer::MoeLayer layer;
+            moe::Status st = moe::layer::MoeLayer::load(l.config, par, moe::DType::kBF16, l.ckpt, l.prefix, &layer);
+            if (!st.is_ok()) return leave(st);
+            moe::layer::DeviceLayer::Options options;
+            options.max_tokens = (M + P - 1) / P;
+            std::unique_ptr<moe::layer::DeviceLayer> dev;
+            st = moe::layer::DeviceLayer::create(layer, options, &dev);
+            if (!st.is_ok()) return leave(st);
+            const Index m0 = moe::layer::token_share_begin(M, P, r), m1 = moe::layer::token_share_begin(M, P, r + 1), Mr = m1 - m0;
+            const std::size_t row = static_cast<std::size_t>(H) * 2;
+            DeviceBuffer<std::byte> d_x(std::vector<std::byte>(x.bytes.begin() + m0 * row, x.bytes.begin() + m1 * row));
+            DeviceBuffer<std::byte> d_y(static_cast<std::size_t>(Mr) * row);
+            DeviceBuffer<std::int32_t> d_ids(static_cast<std::size_t>(std::max<Index>(Mr * k, 1)));
+            DeviceBuffer<float> d_w(static_cast<std::size_t>(std::max<Index>(Mr * k, 1)));
+            if (!arrive()) return moe::make_status(moe::StatusCode::kAborted, "another rank failed before the collectives");
+            st = dev->forward_all_to_all(*comms[r], moe::AnyTensor{d_x.data(), moe::DType::kBF16, {Mr, H}, {}},
+                                         moe::AnyTensor{d_y.data(), moe::DType::kBF16, {Mr, H}, {}}, nullptr,
+                                         moe::AnyTensor{d_ids.data(), moe::DType::kI32, {Mr, k}, {}},
+                                         moe::AnyTensor{d_w.data(), moe::DType::kF32, {Mr, k}, {}});
+            if (!st.is_ok()) return st;
+            if (cudaDeviceSynchronize() != cudaSuccess) return moe::make_status(moe::StatusCode::kCudaError, "synchronize");
+            const std::vector<std::byte> y = d_y.download();
+            const std::vector<std::int32_t> ids = d_ids.download();
+            const std::vector<float> w = d_w.download();
+            std::copy(y.begin(), y.end(), gpu.output.bytes.begin() + m0 * row);
+            std::copy_n(ids.begin(), Mr * k, gpu.topk_ids.begin() + m0 * k);
+            std::copy_n(w.begin(), Mr * k, gpu.topk_weights.begin() + m0 * k);
+            return moe::Status::ok();
+          }();
+          } catch (const std::exception& e) {
+            any_failed = true;
+            if (!arrived) ready.arrive_and_drop();
+            results[r] = moe::make_status(moe::StatusCode::kCudaError, e.what());
+          }
+        });
+      }
+      for (std::thread& t : threads) t.join();
+      for (int r = 0; r < P; ++r) ASSERT_TRUE(results[r].is_ok()) << "rank " << r << ": " << results[r].to_string();
+      expect_same_layer(cpu, gpu, moe::DType::kBF16);
+    }
+  }
 }
 
 // Quantized checkpoints (DeepSeek-V3 layout, routed and shared experts quantized, I = 192 ragged

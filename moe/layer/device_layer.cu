@@ -272,8 +272,10 @@ Status DeviceLayer::Impl::plan_all_to_all(Take take) {
   ws.a2a_rows = rows;
   ws.a2a_ids = take(static_cast<std::size_t>(rows) * 4);
   ws.a2a_ones = take(static_cast<std::size_t>(rows) * 4);
+  // The kernel runs chunks of at most options.max_tokens rows (dispatched_call's chunk_tokens):
+  // every count up to that, and the largest.
   std::size_t experts = 0;
-  for (Index R = 1; R <= rows; R += R < 4096 ? 1 : R / 64) {  // the kernel's choices change slowly past 4096 rows
+  for (Index R = 1; R <= std::min(rows, options.max_tokens); ++R) {
     std::size_t b = 0;
     MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(dispatched_call(nullptr, R, nullptr, nullptr, nullptr), &b));
     experts = std::max(experts, b);
@@ -541,8 +543,10 @@ Status DeviceLayer::Impl::allocate_workspace() {
   std::size_t experts = 0, shared = 0;
   for (Index M = 1; M <= Mx; ++M) {
     std::size_t b = 0;
-    MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(d.routed_call(nullptr, M, nullptr, nullptr, nullptr), &b));
-    experts = std::max(experts, b);
+    if (!d.all_to_all()) {  // the all-to-all runs the received rows instead (plan_all_to_all)
+      MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(d.routed_call(nullptr, M, nullptr, nullptr, nullptr), &b));
+      experts = std::max(experts, b);
+    }
     if (d.shared_apart) {
       MOE_RETURN_IF_ERROR(device_experts_workspace_bytes(d.shared_call(nullptr, M, nullptr, nullptr, nullptr), &b));
       shared = std::max(shared, b);
@@ -677,92 +681,105 @@ Status DeviceLayer::Impl::forward_chunk(const T* x, Index M, T* out, std::byte* 
   auto* ids = reinterpret_cast<std::int32_t*>(base + ws.ids);
   auto* weights = reinterpret_cast<float*>(base + ws.weights);
   const float* bias = static_cast<const float*>(router_bias.get());
-  // 1. Router logits, fp32.
-  if (router_pieces.get() && M > kTensorCoreRouterTokens) {
-    // logits[M, 3E] (row-major) = x [M, H] . pieces [3E, H]^T; cuBLAS is column-major: the
-    // transposed product, pieces^T as op(A) and x^T as B.
-    const cuda::CublasRuntime& cublas = cuda::CublasRuntime::get();
-    const float one = 1.0f, zero = 0.0f;
-    const int n3 = static_cast<int>(3 * E_router);
-    if (cublas.set_stream(blas, stream) != CUBLAS_STATUS_SUCCESS ||
-        cublas.gemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, n3, static_cast<int>(M), static_cast<int>(H), &one,
-                    router_pieces.get(), CUDA_R_16BF, static_cast<int>(H), x, CUDA_R_16BF, static_cast<int>(H), &zero,
-                    logits, CUDA_R_32F, n3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
-      return make_status(StatusCode::kCudaError, "cublasGemmEx (router logits) failed");
-    }
-  } else if (M <= kRouterRowMaxTokens) {
-    const dim3 grid(static_cast<unsigned>(E_router), static_cast<unsigned>((M + kRouterTokensPerBlock - 1) / kRouterTokensPerBlock));
-    MOE_RETURN_IF_ERROR(launch_kernel(&router_logits_rows_kernel<T>, grid, 256, 0, stream, true, x, M, H,
-                                      static_cast<const float*>(router.get()), bias, E_router, logits));
-  } else {
-    const dim3 grid(static_cast<unsigned>((M + kRouterTileM - 1) / kRouterTileM),
-                    static_cast<unsigned>((E_router + kRouterTileE - 1) / kRouterTileE));
-    MOE_RETURN_IF_ERROR(launch_kernel(&router_logits_tiled_kernel<T>, grid, 256, 0, stream, true, x, M, H,
-                                      static_cast<const float*>(router.get()), bias, E_router, logits));
-  }
-  const bool pieces = router_pieces.get() && M > kTensorCoreRouterTokens;
-  // 2. Routing, with the fused shared slots appended.
-  WarpRouteParams rp{};
-  rp.logits = logits;
-  rp.logit_pieces = pieces ? 3 : 1;
-  rp.router_bias = pieces ? bias : nullptr;  // the SIMT kernels add it themselves
-  rp.M = M;
-  rp.E = static_cast<int>(E_router);
-  rp.top_k = k;
-  rp.correction_bias = static_cast<const float*>(correction_bias.get());
-  rp.groups = routes_by_group(config.routing) ? config.routing_params.num_expert_group : 1;
-  rp.topk_group = config.routing_params.topk_group;
-  rp.renormalize = config.routing_params.renormalize;
-  rp.routed_scaling_factor = config.routing_params.routed_scaling_factor;
-  rp.appended = appended;
-  rp.appended_first_id = appended_first_id();
-  rp.shared_gate = static_cast<const float*>(shared_gate.get());
-  rp.H = H;
-  rp.ids = ids;
-  rp.weights = weights;
-  rp.gate_out = shared_apart ? reinterpret_cast<float*>(base + ws.gate) : nullptr;
-  const unsigned route_blocks = static_cast<unsigned>((M + kWarpRouteWarps - 1) / kWarpRouteWarps);
-  MOE_RETURN_IF_ERROR(visit_policy(BuiltRoutings{}, "routing", config.routing, [&]<class R>() {
-    return launch_kernel(&warp_route_kernel<WarpRouteOf<R>::kScoring, T>, route_blocks, 32 * kWarpRouteWarps, 0,
-                         stream, true, rp, x);
-  }));
-  // 2b. EPLB: the routed slots' physical replicas (the fused shared slots copied as they are).
-  if (num_physical > 0 && M > 0) {
-    auto* physical = reinterpret_cast<std::int32_t*>(base + ws.physical_ids);
-    const Index ld = slots();
-    MOE_RETURN_IF_ERROR(cuda::eplb_logical_to_physical(
-        DeviceView<const std::int32_t, 2>(ids, {M, Index{k}}, {ld, 1}),
-        DeviceView<const std::int32_t, 2>(static_cast<const std::int32_t*>(eplb_map.get()), {config.num_experts, max_replicas}),
-        DeviceView<const std::int32_t, 1>(static_cast<const std::int32_t*>(eplb_replicas.get()), {config.num_experts}), num_physical,
-        ReplicaChoice::kTokenHash, DeviceView<std::int32_t, 2>(physical, {M, Index{k}}, {ld, 1}),
-        DeviceView<std::int64_t, 1>(static_cast<std::int64_t*>(expert_load.get()), {num_physical}), -1, stream));
-    if (appended > 0) {
-      MOE_CUDA_TRY(cudaMemcpy2DAsync(physical + k, ld * 4, ids + k, ld * 4, static_cast<std::size_t>(appended) * 4,
-                                     static_cast<std::size_t>(M), cudaMemcpyDeviceToDevice, stream));
-    }
-  }
-  // 3. A shared expert that could not be fused: its own pass (weight 1 or its gate) on the side
-  // stream, concurrent with 4.
   T* shared = nullptr;
-  if (shared_apart) {
-    shared = reinterpret_cast<T*>(base + ws.shared_out);
-    MOE_CUDA_TRY(cudaEventRecord(fork, stream));
-    MOE_CUDA_TRY(cudaStreamWaitEvent(side, fork, 0));
-    MOE_RETURN_IF_ERROR(run_device_experts(
-        shared_call(x, M, reinterpret_cast<const std::int32_t*>(base + ws.zeros), reinterpret_cast<const float*>(base + ws.gate),
-                    shared),
-        std::span<std::byte>(base + ws.shared_experts, ws.shared_experts_bytes), side));
-    MOE_CUDA_TRY(cudaEventRecord(join, side));
-  }
-  // 4. Experts (and the fused shared experts).
+  bool forked = false;  // the side stream took the shared pass and must be joined
+  // Steps 1-3, this rank's own work before the routed experts.
+  const auto prepare = [&]() -> Status {
+    // 1. Router logits, fp32.
+    if (router_pieces.get() && M > kTensorCoreRouterTokens) {
+      // logits[M, 3E] (row-major) = x [M, H] . pieces [3E, H]^T; cuBLAS is column-major: the
+      // transposed product, pieces^T as op(A) and x^T as B.
+      const cuda::CublasRuntime& cublas = cuda::CublasRuntime::get();
+      const float one = 1.0f, zero = 0.0f;
+      const int n3 = static_cast<int>(3 * E_router);
+      if (cublas.set_stream(blas, stream) != CUBLAS_STATUS_SUCCESS ||
+          cublas.gemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, n3, static_cast<int>(M), static_cast<int>(H), &one,
+                      router_pieces.get(), CUDA_R_16BF, static_cast<int>(H), x, CUDA_R_16BF, static_cast<int>(H), &zero,
+                      logits, CUDA_R_32F, n3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+        return make_status(StatusCode::kCudaError, "cublasGemmEx (router logits) failed");
+      }
+    } else if (M <= kRouterRowMaxTokens) {
+      const dim3 grid(static_cast<unsigned>(E_router), static_cast<unsigned>((M + kRouterTokensPerBlock - 1) / kRouterTokensPerBlock));
+      MOE_RETURN_IF_ERROR(launch_kernel(&router_logits_rows_kernel<T>, grid, 256, 0, stream, true, x, M, H,
+                                        static_cast<const float*>(router.get()), bias, E_router, logits));
+    } else {
+      const dim3 grid(static_cast<unsigned>((M + kRouterTileM - 1) / kRouterTileM),
+                      static_cast<unsigned>((E_router + kRouterTileE - 1) / kRouterTileE));
+      MOE_RETURN_IF_ERROR(launch_kernel(&router_logits_tiled_kernel<T>, grid, 256, 0, stream, true, x, M, H,
+                                        static_cast<const float*>(router.get()), bias, E_router, logits));
+    }
+    const bool pieces = router_pieces.get() && M > kTensorCoreRouterTokens;
+    // 2. Routing, with the fused shared slots appended.
+    WarpRouteParams rp{};
+    rp.logits = logits;
+    rp.logit_pieces = pieces ? 3 : 1;
+    rp.router_bias = pieces ? bias : nullptr;  // the SIMT kernels add it themselves
+    rp.M = M;
+    rp.E = static_cast<int>(E_router);
+    rp.top_k = k;
+    rp.correction_bias = static_cast<const float*>(correction_bias.get());
+    rp.groups = routes_by_group(config.routing) ? config.routing_params.num_expert_group : 1;
+    rp.topk_group = config.routing_params.topk_group;
+    rp.renormalize = config.routing_params.renormalize;
+    rp.routed_scaling_factor = config.routing_params.routed_scaling_factor;
+    rp.appended = appended;
+    rp.appended_first_id = appended_first_id();
+    rp.shared_gate = static_cast<const float*>(shared_gate.get());
+    rp.H = H;
+    rp.ids = ids;
+    rp.weights = weights;
+    rp.gate_out = shared_apart ? reinterpret_cast<float*>(base + ws.gate) : nullptr;
+    const unsigned route_blocks = static_cast<unsigned>((M + kWarpRouteWarps - 1) / kWarpRouteWarps);
+    MOE_RETURN_IF_ERROR(visit_policy(BuiltRoutings{}, "routing", config.routing, [&]<class R>() {
+      return launch_kernel(&warp_route_kernel<WarpRouteOf<R>::kScoring, T>, route_blocks, 32 * kWarpRouteWarps, 0,
+                           stream, true, rp, x);
+    }));
+    // 2b. EPLB: the routed slots' physical replicas (the fused shared slots copied as they are).
+    if (num_physical > 0 && M > 0) {
+      auto* physical = reinterpret_cast<std::int32_t*>(base + ws.physical_ids);
+      const Index ld = slots();
+      MOE_RETURN_IF_ERROR(cuda::eplb_logical_to_physical(
+          DeviceView<const std::int32_t, 2>(ids, {M, Index{k}}, {ld, 1}),
+          DeviceView<const std::int32_t, 2>(static_cast<const std::int32_t*>(eplb_map.get()), {config.num_experts, max_replicas}),
+          DeviceView<const std::int32_t, 1>(static_cast<const std::int32_t*>(eplb_replicas.get()), {config.num_experts}), num_physical,
+          ReplicaChoice::kTokenHash, DeviceView<std::int32_t, 2>(physical, {M, Index{k}}, {ld, 1}),
+          DeviceView<std::int64_t, 1>(static_cast<std::int64_t*>(expert_load.get()), {num_physical}), -1, stream));
+      if (appended > 0) {
+        MOE_CUDA_TRY(cudaMemcpy2DAsync(physical + k, ld * 4, ids + k, ld * 4, static_cast<std::size_t>(appended) * 4,
+                                       static_cast<std::size_t>(M), cudaMemcpyDeviceToDevice, stream));
+      }
+    }
+    // 3. A shared expert that could not be fused: its own pass (weight 1 or its gate) on the side
+    // stream, concurrent with 4.
+    if (shared_apart) {
+      shared = reinterpret_cast<T*>(base + ws.shared_out);
+      MOE_CUDA_TRY(cudaEventRecord(fork, stream));
+      MOE_CUDA_TRY(cudaStreamWaitEvent(side, fork, 0));
+      forked = true;
+      MOE_RETURN_IF_ERROR(run_device_experts(
+          shared_call(x, M, reinterpret_cast<const std::int32_t*>(base + ws.zeros), reinterpret_cast<const float*>(base + ws.gate),
+                      shared),
+          std::span<std::byte>(base + ws.shared_experts, ws.shared_experts_bytes), side));
+      MOE_CUDA_TRY(cudaEventRecord(join, side));
+    }
+    return Status::ok();
+  };
+  Status st = prepare();
+  // 4. Experts (and the fused shared experts). The all-to-all's collectives run whatever failed
+  // here, with no tokens from this rank, so no peer is left waiting on it in NCCL.
   const std::span<std::byte> experts_ws(base + ws.experts, ws.experts_bytes);
   T* routed = combine() ? reinterpret_cast<T*>(base + ws.routed_out) : out;
   if (routed_pass) {
-    MOE_RETURN_IF_ERROR((*routed_pass)(x, M, base, routed, stream));
-  } else {
-    MOE_RETURN_IF_ERROR(run_device_experts(routed_call(x, M, kernel_ids(base), weights, routed), experts_ws, stream));
+    const Status pass = (*routed_pass)(x, st.is_ok() ? M : 0, base, routed, stream);
+    if (st.is_ok()) st = pass;
+  } else if (st.is_ok()) {
+    st = run_device_experts(routed_call(x, M, kernel_ids(base), weights, routed), experts_ws, stream);
   }
-  if (shared_apart) MOE_CUDA_TRY(cudaStreamWaitEvent(stream, join, 0));
+  if (forked) {
+    const cudaError_t joined = cudaStreamWaitEvent(stream, join, 0);
+    if (st.is_ok() && joined != cudaSuccess) st = make_status(StatusCode::kCudaError, "cudaStreamWaitEvent: ", cudaGetErrorString(joined));
+  }
+  MOE_RETURN_IF_ERROR(st);
   // 5. Combine.
   if (combine()) {
     const Index n = M * H;
@@ -842,12 +859,22 @@ Status DeviceLayer::forward_all_to_all(cuda::NcclCommunicator& comm, const AnyTe
                             d.parallel.ep_rank, ", got rank ", comm.rank(), " of ", comm.size());
   }
   Index M = 0;
-  MOE_RETURN_IF_ERROR(check_forward_tensors(d, hidden, output, topk_ids, topk_weights, &M));
-  if (M > d.options.max_tokens) {
-    return invalid_argument("hidden_states: ", M, " tokens; the all-to-all takes at most options.max_tokens = ", d.options.max_tokens,
+  Status args = check_forward_tensors(d, hidden, output, topk_ids, topk_weights, &M);
+  if (args.is_ok() && M > d.options.max_tokens) {
+    args = invalid_argument("hidden_states: ", M, " tokens; the all-to-all takes at most options.max_tokens = ", d.options.max_tokens,
                             " per rank and call (every rank's blocks are sized by it)");
   }
   std::byte* base = static_cast<std::byte*>(d.workspace.get());
+  if (!args.is_ok()) {
+    // Refused here, but the peers' rows still come to this rank's experts: it takes part with no
+    // tokens of its own, so no peer is left waiting in NCCL, and writes nothing of the caller's.
+    const auto join_empty = [&]<class T>() { return d.forward_all_to_all<T>(comm, nullptr, 0, nullptr, base, stream); };
+    const Status joined = d.dtype == DType::kBF16  ? join_empty.template operator()<bfloat16>()
+                          : d.dtype == DType::kF16 ? join_empty.template operator()<half>()
+                                                   : join_empty.template operator()<float>();
+    (void)joined;  // the argument error is the one to report
+    return args;
+  }
   switch (d.dtype) {
     case DType::kBF16:
       MOE_RETURN_IF_ERROR(d.forward_all_to_all(comm, static_cast<const bfloat16*>(hidden.data), M, static_cast<bfloat16*>(output.data), base, stream));
@@ -937,7 +964,14 @@ Status DeviceLayer::time_forward(Index tokens, int iterations, Timing* out) cons
     MOE_CUDA_TRY(cudaMemcpy(chosen.data(), di.get(), chosen.size() * 4, cudaMemcpyDeviceToHost));
     return Status::ok();
   };
-  const Status s = measure();
+  // EPLB: the timed replays route tokens too; the load the caller's forwards recorded is kept.
+  std::vector<std::int64_t> load;
+  if (d.num_physical > 0) MOE_RETURN_IF_ERROR(expert_load(&load));
+  Status s = measure();
+  if (d.num_physical > 0) {
+    const cudaError_t restored = cudaMemcpy(d.expert_load.get(), load.data(), load.size() * 8, cudaMemcpyHostToDevice);
+    if (s.is_ok() && restored != cudaSuccess) s = make_status(StatusCode::kCudaError, "expert_load restore: ", cudaGetErrorString(restored));
+  }
   if (layer_graph) cudaGraphExecDestroy(layer_graph);
   if (experts_graph) cudaGraphExecDestroy(experts_graph);
   cudaStreamDestroy(stream);

@@ -73,7 +73,12 @@ class DeviceLayer {
   // these tokens are added here, so `output` is the full layer's for them. Collective: every rank
   // calls it. The normal mode waits for the host once (NCCL needs the block sizes); the
   // low-latency mode does not and can be captured in a CUDA graph. Refused for
-  // apply_router_weight_on_input (the per-call path takes it).
+  // apply_router_weight_on_input (the per-call path takes it). A rank whose arguments or own
+  // steps fail still takes part in the collectives with no tokens, then returns its error, so
+  // its peers finish with correct results for their own tokens.
+  // options.max_tokens sizes every rank's blocks: ranks x max_tokens x top_k rows of H each way
+  // (and experts_per_rank x ranks x max_tokens in the low-latency mode), so set it to the
+  // tokens a rank really holds.
   Status forward_all_to_all(cuda::NcclCommunicator& comm, const AnyTensor& hidden_states, const AnyTensor& output,
                             cudaStream_t stream, const std::optional<AnyTensor>& topk_ids = std::nullopt,
                             const std::optional<AnyTensor>& topk_weights = std::nullopt) const;
@@ -93,9 +98,10 @@ class DeviceLayer {
   Status time_forward(Index tokens, int iterations, Timing* out) const;
 
   // EPLB (a layer loaded with ParallelLayout::redundant_experts): the tokens routed to each
-  // physical expert by the forwards since creation or the last reset, as MoeLayer::expert_load
-  // counts them (token-hash replicas within each chunk of options.max_tokens). Both synchronize
-  // the device; errors for a layer without EPLB.
+  // physical expert by the forwards since creation or the last reset (time_forward's replays are
+  // not counted). The replica is a hash of the token's index within its chunk of
+  // options.max_tokens, so the counts equal MoeLayer::expert_load's where both chunk alike (M up
+  // to both chunk sizes). Both synchronize the device; errors for a layer without EPLB.
   Status expert_load(std::vector<std::int64_t>* out) const;
   Status reset_expert_load();
 

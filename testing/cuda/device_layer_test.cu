@@ -244,6 +244,7 @@ TEST(DeviceLayerParallel, AllToAllDispatchOverNcclMatchesCpu) {
       gpu.topk_weights.resize(static_cast<std::size_t>(M * k));
       std::vector<moe::Status> results(static_cast<std::size_t>(P));
       std::barrier ready(P);  // every rank's layer and buffers in place before any enters NCCL
+      std::barrier finished(P);  // and no rank frees them before every rank is out of it
       std::atomic<bool> any_failed{false};  // then no rank enters it: a missing peer would hang NCCL
       std::vector<std::thread> threads;
       for (int r = 0; r < P; ++r) {
@@ -256,9 +257,12 @@ TEST(DeviceLayerParallel, AllToAllDispatchOverNcclMatchesCpu) {
               arrived = true;
               return !any_failed.load();
             };
-            const auto leave = [&](moe::Status st) {
+            const auto leave = [&](moe::Status st) {  // before the collectives: out of both barriers
               any_failed = true;
-              if (!arrived) ready.arrive_and_drop();
+              if (!arrived) {
+                ready.arrive_and_drop();
+                finished.arrive_and_drop();
+              }
               arrived = true;
               return st;
             };
@@ -282,13 +286,18 @@ TEST(DeviceLayerParallel, AllToAllDispatchOverNcclMatchesCpu) {
             DeviceBuffer<std::byte> d_y(static_cast<std::size_t>(Mr) * row);
             DeviceBuffer<std::int32_t> d_ids(static_cast<std::size_t>(std::max<Index>(Mr * k, 1)));
             DeviceBuffer<float> d_w(static_cast<std::size_t>(std::max<Index>(Mr * k, 1)));
-            if (!arrive()) return moe::make_status(moe::StatusCode::kAborted, "another rank failed before the collectives");
+            if (!arrive()) {
+              finished.arrive_and_drop();
+              return moe::make_status(moe::StatusCode::kAborted, "another rank failed before the collectives");
+            }
             st = dev->forward_all_to_all(*comms[r], moe::AnyTensor{d_x.data(), moe::DType::kBF16, {Mr, H}, {}},
                                          moe::AnyTensor{d_y.data(), moe::DType::kBF16, {Mr, H}, {}}, nullptr,
                                          moe::AnyTensor{d_ids.data(), moe::DType::kI32, {Mr, k}, {}},
                                          moe::AnyTensor{d_w.data(), moe::DType::kF32, {Mr, k}, {}});
+            const bool synced = cudaDeviceSynchronize() == cudaSuccess;
+            finished.arrive_and_wait();  // every rank's collectives done before this one's buffers go
             if (!st.is_ok()) return st;
-            if (cudaDeviceSynchronize() != cudaSuccess) return moe::make_status(moe::StatusCode::kCudaError, "synchronize");
+            if (!synced) return moe::make_status(moe::StatusCode::kCudaError, "synchronize");
             const std::vector<std::byte> y = d_y.download();
             const std::vector<std::int32_t> ids = d_ids.download();
             const std::vector<float> w = d_w.download();
@@ -297,9 +306,12 @@ TEST(DeviceLayerParallel, AllToAllDispatchOverNcclMatchesCpu) {
             std::copy_n(w.begin(), Mr * k, gpu.topk_weights.begin() + m0 * k);
             return moe::Status::ok();
           }();
-          } catch (const std::exception& e) {
+          } catch (const std::exception& e) {  // a DeviceBuffer allocation or copy failed
             any_failed = true;
-            if (!arrived) ready.arrive_and_drop();
+            if (!arrived) {
+              ready.arrive_and_drop();
+              finished.arrive_and_drop();
+            }
             results[r] = moe::make_status(moe::StatusCode::kCudaError, e.what());
           }
         });

@@ -889,30 +889,37 @@ Status MoeLayer::forward_all_to_all(parallel::Communicator& comm, Index max_toke
   // each row as a token routed to its expert with weight 1, so that the kernel's finalize,
   // IO(IO(1 * y)), hands back the expert's output y unchanged for the combine to weight.
   const auto run_rows = [&]<class IO>(const ExpertRows<IO, HostSpace>& rows) -> Status {
-    const Index experts = rows.seg_begin.extent(0);
+    const Index total = rows.input.extent(0), experts = rows.seg_begin.extent(0);
     Index R = 0;
     for (Index e = 0; e < experts; ++e) R += rows.seg_count(e);
     if (R == 0) return Status::ok();
-    std::vector<IO> in(static_cast<std::size_t>(R * H)), y(static_cast<std::size_t>(R * H));
+    // Compact segments (the normal mode) run in place; the low-latency layout's padding rows have
+    // no expert, which the kernel's ids may not say, so its real rows are gathered first.
+    const bool in_place = R == total;
+    std::vector<IO> in, y;
+    if (!in_place) {
+      in.resize(static_cast<std::size_t>(R * H));
+      y.resize(static_cast<std::size_t>(R * H));
+    }
     std::vector<std::int32_t> ids(static_cast<std::size_t>(R));
-    std::vector<float> ones(static_cast<std::size_t>(R), 1.0f);
     for (Index e = 0, i = 0; e < experts; ++e) {
       for (Index t = 0; t < rows.seg_count(e); ++t, ++i) {
-        std::memcpy(&in[i * H], &rows.input(rows.seg_begin(e) + t, 0), static_cast<std::size_t>(H) * sizeof(IO));
+        if (!in_place) std::memcpy(&in[i * H], &rows.input(rows.seg_begin(e) + t, 0), static_cast<std::size_t>(H) * sizeof(IO));
         ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(e);
       }
     }
+    std::vector<float> ones(static_cast<std::size_t>(R), 1.0f);
     ForwardRequest req;
-    req.hidden_states = AnyTensor{in.data(), dtype_, {R, H}, {}};
+    req.hidden_states = AnyTensor{in_place ? const_cast<IO*>(rows.input.data()) : in.data(), dtype_, {R, H}, {}};  // read only
     req.topk_ids = AnyTensor{ids.data(), DType::kI32, {R, 1}, {}};
     req.topk_weights = AnyTensor{ones.data(), DType::kF32, {R, 1}, {}};
     req.top_k = 1;
     bind_routed_weights(&req, nullptr, /*with_expert_map=*/false);  // the ids are local
     req.activation = config_.activation_params;
-    req.output = AnyTensor{y.data(), dtype_, {R, H}, {}};
+    req.output = AnyTensor{in_place ? rows.output.data() : y.data(), dtype_, {R, H}, {}};
     req.options = options;
     MOE_RETURN_IF_ERROR(local(req));
-    for (Index e = 0, i = 0; e < experts; ++e) {
+    for (Index e = 0, i = 0; e < experts && !in_place; ++e) {
       for (Index t = 0; t < rows.seg_count(e); ++t, ++i) {
         std::memcpy(&rows.output(rows.seg_begin(e) + t, 0), &y[i * H], static_cast<std::size_t>(H) * sizeof(IO));
       }

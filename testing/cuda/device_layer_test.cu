@@ -251,7 +251,7 @@ TEST(DeviceLayerParallel, AllToAllDispatchOverNcclMatchesCpu) {
         threads.emplace_back([&, r] {
           bool arrived = false;
           try {  // DeviceBuffer throws on a CUDA error; a thread must not
-          results[r] = [&]() -> moe::Status {
+          (void)(results[r] = [&]() -> moe::Status {
             const auto arrive = [&] {
               if (!arrived) ready.arrive_and_wait();
               arrived = true;
@@ -273,13 +273,13 @@ TEST(DeviceLayerParallel, AllToAllDispatchOverNcclMatchesCpu) {
             par.dispatch = dispatch;
             par.redundant_experts = redundant;
             moe::layer::MoeLayer layer;
-            moe::Status st = moe::layer::MoeLayer::load(l.config, par, moe::DType::kBF16, l.ckpt, l.prefix, &layer);
-            if (!st.is_ok()) return leave(st);
+            const moe::Status loaded = moe::layer::MoeLayer::load(l.config, par, moe::DType::kBF16, l.ckpt, l.prefix, &layer);
+            if (!loaded.is_ok()) return leave(loaded);
             moe::layer::DeviceLayer::Options options;
             options.max_tokens = (M + P - 1) / P;
             std::unique_ptr<moe::layer::DeviceLayer> dev;
-            st = moe::layer::DeviceLayer::create(layer, options, &dev);
-            if (!st.is_ok()) return leave(st);
+            const moe::Status created = moe::layer::DeviceLayer::create(layer, options, &dev);
+            if (!created.is_ok()) return leave(created);
             const Index m0 = moe::layer::token_share_begin(M, P, r), m1 = moe::layer::token_share_begin(M, P, r + 1), Mr = m1 - m0;
             const std::size_t row = static_cast<std::size_t>(H) * 2;
             DeviceBuffer<std::byte> d_x(std::vector<std::byte>(x.bytes.begin() + m0 * row, x.bytes.begin() + m1 * row));
@@ -290,7 +290,7 @@ TEST(DeviceLayerParallel, AllToAllDispatchOverNcclMatchesCpu) {
               finished.arrive_and_drop();
               return moe::make_status(moe::StatusCode::kAborted, "another rank failed before the collectives");
             }
-            st = dev->forward_all_to_all(*comms[r], moe::AnyTensor{d_x.data(), moe::DType::kBF16, {Mr, H}, {}},
+            const moe::Status st = dev->forward_all_to_all(*comms[r], moe::AnyTensor{d_x.data(), moe::DType::kBF16, {Mr, H}, {}},
                                          moe::AnyTensor{d_y.data(), moe::DType::kBF16, {Mr, H}, {}}, nullptr,
                                          moe::AnyTensor{d_ids.data(), moe::DType::kI32, {Mr, k}, {}},
                                          moe::AnyTensor{d_w.data(), moe::DType::kF32, {Mr, k}, {}});
@@ -305,14 +305,14 @@ TEST(DeviceLayerParallel, AllToAllDispatchOverNcclMatchesCpu) {
             std::copy_n(ids.begin(), Mr * k, gpu.topk_ids.begin() + m0 * k);
             std::copy_n(w.begin(), Mr * k, gpu.topk_weights.begin() + m0 * k);
             return moe::Status::ok();
-          }();
+          }());
           } catch (const std::exception& e) {  // a DeviceBuffer allocation or copy failed
             any_failed = true;
             if (!arrived) {
               ready.arrive_and_drop();
               finished.arrive_and_drop();
             }
-            results[r] = moe::make_status(moe::StatusCode::kCudaError, e.what());
+            (void)(results[r] = moe::make_status(moe::StatusCode::kCudaError, e.what()));
           }
         });
       }

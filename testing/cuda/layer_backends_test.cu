@@ -110,10 +110,10 @@ TEST_P(LayerBackends, AllToAllDispatchMatchesCpu) {
     p.ep_size = 2;
     p.dispatch = dispatch;
     moe::layer::RankGroupLayer group, resident;
-    moe::Status ls = moe::layer::RankGroupLayer::load(l.config, p, moe::DType::kBF16, l.ckpt, l.prefix, &group);
+    const moe::Status ls = moe::layer::RankGroupLayer::load(l.config, p, moe::DType::kBF16, l.ckpt, l.prefix, &group);
     ASSERT_TRUE(ls.is_ok()) << ls.to_string();
-    ls = moe::layer::RankGroupLayer::load(l.config, p, moe::DType::kBF16, l.ckpt, l.prefix, &resident);
-    ASSERT_TRUE(ls.is_ok()) << ls.to_string();
+    const moe::Status rs = moe::layer::RankGroupLayer::load(l.config, p, moe::DType::kBF16, l.ckpt, l.prefix, &resident);
+    ASSERT_TRUE(rs.is_ok()) << rs.to_string();
     for (int r = 0; r < resident.size(); ++r) ASSERT_TRUE(moe::layer::make_layer_resident(resident.mutable_rank(r)).is_ok());
     const moe::Index M = 40, H = l.spec.hidden;
     std::mt19937 gen(9);
